@@ -1,0 +1,348 @@
+"""Configuration: attrs classes, one cattrs converter, TOML file < environment < command line.
+
+Precedence (lowest first): built-in defaults, the TOML file, ``TRIO_RELAY_<SECTION>_<KEY>``
+environment variables (and ``FMP_API_KEY``), command-line flags. A ``.env`` file in the working
+directory is read as if its lines were environment variables (the real environment wins).
+
+Every problem is reported as :class:`ConfigError` whose message names the key, e.g.
+``config error: server.port: must be between 0 and 65535 (got 70000)``.
+"""
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ServerConfig",
+    "UpstreamConfig",
+    "FmpConfig",
+    "SimConfig",
+    "ClientsConfig",
+    "LoggingConfig",
+    "load_config",
+    "read_dotenv",
+]
+
+ENV_PREFIX = "TRIO_RELAY_"
+
+FMP_URLS = {
+    "stocks": "wss://websockets.financialmodelingprep.com",
+    "crypto": "wss://crypto.financialmodelingprep.com",
+    "forex": "wss://forex.financialmodelingprep.com",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+class _FieldError(ValueError):
+    """Raised by a validator: carries the field name so the message can name the full key."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value <= 0:
+        raise _FieldError(attr.name, f"must be > 0 (got {value!r})")
+
+
+def _non_negative(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value < 0:
+        raise _FieldError(attr.name, f"must be >= 0 (got {value!r})")
+
+
+def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise _FieldError(attr.name, f"must be between 0 and 65535 (got {value!r})")
+
+
+def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value and not value.startswith(("ws://", "wss://")):
+        raise _FieldError(attr.name, f"must start with ws:// or wss:// (got {value!r})")
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8000, validator=_port)
+    # Seconds hypercorn waits for open requests when shutting down.
+    graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
+
+
+@attrs.frozen
+class FmpConfig:
+    # Never logged or shown: repr=False keeps it out of every repr and error.
+    api_key: str = attrs.field(default="", repr=False)
+    endpoint: Literal["stocks", "crypto", "forex"] = "stocks"
+    # Overrides the endpoint's URL (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Seconds to wait for the (optional, undocumented) login reply before carrying on.
+    login_timeout: float = attrs.field(default=3.0, validator=_positive)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FMP_URLS[self.endpoint]
+
+
+@attrs.frozen
+class SimConfig:
+    # Updates per second per subscribed symbol.
+    rate: float = attrs.field(default=4.0, validator=_positive)
+    seed: int = 42
+    # Share of updates that are trades (the rest are quotes).
+    trade_ratio: float = attrs.field(default=0.4, validator=_non_negative)
+
+
+@attrs.frozen
+class UpstreamConfig:
+    # "auto": fmp when an FMP API key is set, else the embedded simulator.
+    provider: Literal["auto", "sim", "fmp"] = "auto"
+    connect_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # No frame at all (heartbeats count) for this long while symbols are subscribed: reconnect.
+    stale_after: float = attrs.field(default=30.0, validator=_positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    backoff_max: float = attrs.field(default=30.0, validator=_positive)
+    # A connection that stayed up this long resets the backoff to its initial value.
+    backoff_reset_after: float = attrs.field(default=60.0, validator=_non_negative)
+    # Wait after a rejected API key before trying again (never hammer a provider with a bad key).
+    auth_retry_delay: float = attrs.field(default=300.0, validator=_positive)
+    # 0 = retry forever. Otherwise the daemon exits (non-zero) after this many failed attempts.
+    max_retries: int = attrs.field(default=0, validator=_non_negative)
+    # Seconds a symbol stays subscribed upstream after its last client left (avoids churn).
+    unsubscribe_linger: float = attrs.field(default=5.0, validator=_non_negative)
+    # Bound of the upstream → hub channel (in frames); when full the upstream reader waits.
+    queue_size: int = attrs.field(default=1024, validator=_positive)
+    # Symbols subscribed upstream from the start, whatever the clients want.
+    pinned: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class ClientsConfig:
+    max_symbols_per_request: int = attrs.field(default=50, validator=_positive)
+    max_symbols_per_client: int = attrs.field(default=500, validator=_positive)
+    # Pending updates per client before its outbox conflates to the latest update per symbol.
+    outbox_size: int = attrs.field(default=256, validator=_positive)
+    # A client with pending data that completes no send for this long is closed (code 4008).
+    stall_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # Largest text frame accepted from a client, in bytes.
+    max_message_size: int = attrs.field(default=65536, validator=_positive)
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
+    fmp: FmpConfig = attrs.Factory(FmpConfig)
+    sim: SimConfig = attrs.Factory(SimConfig)
+    clients: ClientsConfig = attrs.Factory(ClientsConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+
+    @property
+    def provider(self) -> str:
+        """The provider actually used: ``auto`` resolved by the presence of an FMP key."""
+        if self.upstream.provider == "auto":
+            return "fmp" if self.fmp.api_key else "sim"
+        return self.upstream.provider
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def structure_bool(value: object, _t: type) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+
+    def structure_int(value: object, _t: type) -> int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)  # type: ignore[call-overload, no-any-return]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+
+    def structure_float(value: object, _t: type) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+
+    def structure_str(value: object, _t: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+
+    conv.register_structure_hook(bool, structure_bool)
+    conv.register_structure_hook(int, structure_int)
+    conv.register_structure_hook(float, structure_float)
+    conv.register_structure_hook(str, structure_str)
+    for cls in (Config, ServerConfig, UpstreamConfig, FmpConfig, SimConfig, ClientsConfig, LoggingConfig):
+        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
+    return conv
+
+
+_CONVERTER = _make_converter()  # stateless after construction
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in attrs.fields(Config)}  # type: ignore[misc]
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a ``.env`` file (comments, blanks and ``export`` allowed)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return values
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _env_value(raw: str, field_type: Any) -> object:
+    """An environment string shaped for its field: lists are comma-separated."""
+    if get_origin(field_type) is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in overrides.items():
+        base.setdefault(section, {})
+        if not isinstance(base[section], dict):
+            raise ConfigError(f"config error: {section}: must be a table")
+        base[section].update(values)
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, _FieldError):
+        return f"{exc.field}\x00{exc.problem}"
+    if get_origin(type_) is Literal:
+        choices = ", ".join(repr(c) for c in get_args(type_))
+        return f"must be one of {choices}"
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, (ValueError, TypeError)) and str(exc):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _format_cattrs_error(exc: Exception) -> str:
+    messages = cattrs.transform_error(exc, path="config", format_exception=_describe)
+    cleaned = []
+    for msg in messages:
+        # "must be > 0 @ config.upstream" → "upstream.stale_after: must be > 0"
+        text, _, where = msg.rpartition(" @ ")
+        key = where.removeprefix("config").lstrip(".")
+        field, sep, problem = text.partition("\x00")
+        if sep:
+            key, text = f"{key}.{field}".lstrip("."), problem
+        cleaned.append(f"{key or 'config'}: {text}")
+    return "config error: " + "; ".join(cleaned)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> Config:
+    """Build the configuration; raise :class:`ConfigError` naming the bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+
+    env: dict[str, str] = dict(read_dotenv(dotenv)) if dotenv is not None else {}
+    env.update(os.environ if environ is None else environ)
+
+    sections = _sections()
+    from_env: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section, cls in sections.items():
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                fields = {f.name: f.type for f in attrs.fields(cls)}
+                if key not in fields:
+                    raise ConfigError(f"config error: {name}: unknown key {section}.{key}")
+                from_env.setdefault(section, {})[key] = _env_value(value, fields[key])
+                break
+        else:
+            raise ConfigError(f"config error: {name}: unknown section (known: {', '.join(sections)})")
+    if env.get("FMP_API_KEY") and "api_key" not in from_env.get("fmp", {}):
+        from_env.setdefault("fmp", {})["api_key"] = env["FMP_API_KEY"]
+
+    _merge(data, from_env)
+    if overrides:
+        _merge(data, overrides)
+    try:
+        config = _CONVERTER.structure(data, Config)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            raise ConfigError(_format_cattrs_error(exc)) from None
+        raise ConfigError(f"config error: {exc}") from None
+    return _validate(config)
+
+
+def _validate(config: Config) -> Config:
+    from .model import SYMBOL_RE
+
+    pinned = [s.upper() for s in config.upstream.pinned]
+    bad = [s for s in pinned if not SYMBOL_RE.match(s)]
+    if bad:
+        raise ConfigError(f"config error: upstream.pinned: invalid symbol(s) {', '.join(map(repr, bad))}")
+    if config.upstream.backoff_max < config.upstream.backoff_initial:
+        raise ConfigError("config error: upstream.backoff_max: must be >= upstream.backoff_initial")
+    if config.upstream.provider == "fmp" and not config.fmp.api_key:
+        raise ConfigError(
+            "config error: fmp.api_key: provider 'fmp' needs an API key "
+            "(set FMP_API_KEY in the environment or in .env)"
+        )
+    if config.sim.trade_ratio > 1:
+        raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
+    return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
+
