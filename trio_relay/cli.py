@@ -1,0 +1,107 @@
+"""Command line: ``trio-relay serve`` runs the daemon, ``trio-relay fake-fmp`` a local FMP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .config import Config, ConfigError, load_config
+from .logsetup import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("trio_relay.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trio-relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the relay daemon")
+    serve.add_argument("--config", help="TOML config file (see config/trio-relay.toml)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--provider", choices=["auto", "sim", "fmp"], help="upstream provider (default: fmp if FMP_API_KEY is set, else sim)")
+    serve.add_argument("--upstream-url", help="override the provider's WebSocket URL (e.g. a local fake-fmp)")
+    serve.add_argument("--symbols", help="comma-separated symbols pinned upstream from the start")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    fake = sub.add_parser("fake-fmp", help="run a local server that speaks FMP's protocol (for demos and tests)")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8765)
+    fake.add_argument("--key", action="append", help="accepted API key (repeatable; default: demo-key)")
+    fake.add_argument("--rate", type=float, default=5.0, help="frames per second per subscribed symbol")
+    fake.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if args.host is not None:
+        out.setdefault("server", {})["host"] = args.host
+    if args.port is not None:
+        out.setdefault("server", {})["port"] = args.port
+    if args.provider is not None:
+        out.setdefault("upstream", {})["provider"] = args.provider
+    if args.upstream_url is not None:
+        out.setdefault("fmp", {})["url"] = args.upstream_url
+    if args.symbols is not None:
+        out.setdefault("upstream", {})["pinned"] = [s for s in args.symbols.split(",") if s.strip()]
+    if args.log_level is not None:
+        out.setdefault("logging", {})["level"] = args.log_level
+    return out
+
+
+async def _serve(config: Config) -> None:
+    from .daemon import run_relay
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(run_relay, config)
+            # If run_relay fails on its own, the nursery cancels this wait.
+            async for signum in signals:
+                log.info("[SIGNAL] %s received; shutting down", signal.Signals(signum).name)
+                relay.shutdown()
+                break
+
+
+async def _fake_fmp(args: argparse.Namespace) -> None:
+    from .testing.fake_fmp import FakeFmpServer
+
+    server = FakeFmpServer(api_keys=args.key or ["demo-key"], rate=args.rate, seed=args.seed)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, args.host, args.port)
+            print(f"fake FMP server listening on {server.url} (keys: {len(server.api_keys)})", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "fake-fmp":
+        configure_logging("INFO")
+        trio.run(_fake_fmp, args)
+        return 0
+    try:
+        config = load_config(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"trio-relay: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, secrets=[config.fmp.api_key])
+    from .upstream import UpstreamGaveUp
+
+    gave_up = False
+    try:
+        trio.run(_serve, config)
+    except* UpstreamGaveUp as group:
+        log.error("[EXIT] upstream gave up: %s", group.exceptions[0])
+        gave_up = True
+    return 1 if gave_up else 0

@@ -1,0 +1,543 @@
+"""The hub: the single place where an upstream update becomes a client message.
+
+For each update it merges the symbol's cache entry, bumps its sequence number, encodes the
+``price_update`` frame ONCE and hands that same string to the :class:`Outbox` of every
+subscribed client. It never awaits a client: an outbox that is full conflates to the latest
+update per symbol, and a client whose sender makes no progress for ``stall_timeout`` is closed.
+
+Demand for upstream symbols is reference-counted in :class:`Demand`: a symbol is wanted while a
+client subscribes to it, while it is pinned (REST or config), or for ``linger`` seconds after
+the last client left.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import math
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import msgspec
+import trio
+
+from .config import ClientsConfig
+from .model import BREAK, Encoder, PriceState, Update, control
+
+__all__ = ["Hub", "Outbox", "Client", "Demand", "Stats", "SubscriptionError"]
+
+log = logging.getLogger("trio_relay.hub")
+
+# WebSocket close codes the hub uses.
+CLOSE_GOING_AWAY = 1001  # shutdown
+CLOSE_POLICY = 1008  # too many unread replies
+CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
+
+SyncCallback = Callable[[Update], object]
+AsyncCallback = Callable[[Update], Awaitable[object]]
+
+
+class SubscriptionError(Exception):
+    """A subscribe request breaks a limit; nothing was changed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define
+class Stats:
+    """Message counters shown by /status (and later metrics)."""
+
+    updates_in: int = 0  # normalized updates the hub received
+    messages_out: int = 0  # price_update messages handed to client outboxes
+    dropped: int = 0  # updates for unwanted symbols + updates lost with a closed client
+    conflated: int = 0  # updates replaced by a newer one in a full outbox (closed clients)
+    malformed: int = 0  # upstream frames that could not be decoded
+    callback_errors: int = 0
+    callback_dropped: int = 0  # updates an async callback was too slow to take
+    slow_clients_closed: int = 0
+    clients_total: int = 0
+
+
+class Outbox:
+    """A client's bounded queue of encoded frames.
+
+    Up to ``capacity`` frames queue in order. When full it switches to conflation: one pending
+    frame per symbol (the latest), so its size is bounded by the client's symbol count, and the
+    client always gets the newest price of every symbol it wants, never a backlog. Replies
+    (acks, errors, pongs) are never conflated; more than ``capacity`` unread replies is a
+    protocol abuse and :meth:`put_control` returns False.
+    """
+
+    __slots__ = (
+        "capacity",
+        "_queue",
+        "_latest",
+        "_lot",
+        "_controls",
+        "_keys",
+        "conflated",
+        "sent",
+        "idle",
+        "last_progress",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._queue: deque[tuple[object, str]] = deque()
+        self._latest: dict[object, str] | None = None  # not None while conflating
+        self._lot = trio.lowlevel.ParkingLot()
+        self._controls = 0
+        self._keys = itertools.count()
+        self.conflated = 0
+        self.sent = 0
+        self.idle = True  # the sender is waiting for data (so it cannot be stalled)
+        self.last_progress = trio.current_time()
+
+    def __len__(self) -> int:
+        return len(self._queue) if self._latest is None else len(self._latest)
+
+    def put(self, key: object, msg: str) -> None:
+        """Queue ``msg`` for symbol ``key``; never blocks."""
+        latest = self._latest
+        if latest is None:
+            queue = self._queue
+            if len(queue) < self.capacity:
+                queue.append((key, msg))
+                if self._lot:
+                    self._lot.unpark()
+                return
+            latest = self._latest = {}
+            for k, m in queue:
+                if k in latest:
+                    self.conflated += 1
+                latest[k] = m
+            queue.clear()
+        if key in latest:
+            self.conflated += 1
+        latest[key] = msg
+        if self._lot:
+            self._lot.unpark()
+
+    def put_control(self, msg: str) -> bool:
+        """Queue a reply; False if the client already has ``capacity`` unread replies."""
+        if self._controls >= self.capacity:
+            return False
+        self._controls += 1
+        # An int key never equals a symbol, so a reply is never conflated away.
+        self.put(-1 - next(self._keys), msg)
+        return True
+
+    def discard(self, symbols: set[str]) -> None:
+        """Forget pending updates of ``symbols`` (called on unsubscribe, before its ack)."""
+        if self._latest is not None:
+            for s in symbols:
+                self._latest.pop(s, None)
+        else:
+            kept = [(k, m) for k, m in self._queue if k not in symbols]
+            self._queue = deque(kept)
+
+    async def get(self) -> list[str]:
+        """Wait for pending frames and take all of them, in order."""
+        if not (self._queue or self._latest):
+            self.idle = True
+            while not (self._queue or self._latest):
+                await self._lot.park()
+        self.idle = False
+        self.last_progress = trio.current_time()
+        self._controls = 0
+        if self._latest is not None:
+            items = list(self._latest.values())
+            self._latest = None
+        else:
+            items = [m for _k, m in self._queue]
+            self._queue.clear()
+        return items
+
+    def progressed(self, n: int = 1) -> None:
+        """The sender delivered ``n`` frames."""
+        self.sent += n
+        self.last_progress = trio.current_time()
+
+
+@attrs.define(eq=False)
+class Client:
+    """One connected WebSocket client, as the hub sees it."""
+
+    id: int
+    outbox: Outbox
+    batch: bool = False
+    remote: str = ""
+    symbols: set[str] = attrs.Factory(set)
+    connected_at: float = 0.0
+    close_code: int | None = None
+    close_reason: str = ""
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the client's handler to close the socket with ``code``; idempotent."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.cancel_scope.cancel()
+
+
+class Demand:
+    """Reference-counted upstream demand: client subscriptions, pins, and a linger period."""
+
+    def __init__(self, linger: float, pinned: Iterable[str] = ()) -> None:
+        self.linger = linger
+        self._refs: Counter[str] = Counter()
+        self._pinned: set[str] = set(pinned)
+        self._lingering: dict[str, float] = {}  # symbol → trio time it stops being wanted
+        self.wanted: set[str] = set(self._pinned)
+        self._changed = trio.Event()
+        self.on_removed: Callable[[str], None] | None = None
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pinned)
+
+    def refcount(self, symbol: str) -> int:
+        return self._refs[symbol]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _add(self, symbols: Iterable[str]) -> None:
+        changed = False
+        for s in symbols:
+            self._lingering.pop(s, None)
+            if s not in self.wanted:
+                self.wanted.add(s)
+                changed = True
+        if changed:
+            self._notify()
+
+    def _maybe_release(self, symbols: Iterable[str]) -> None:
+        now = trio.current_time()
+        removed = []
+        for s in symbols:
+            if self._refs[s] > 0 or s in self._pinned or s not in self.wanted:
+                continue
+            if self.linger > 0:
+                self._lingering[s] = now + self.linger
+            else:
+                removed.append(s)
+        self._remove(removed)
+        if self._lingering:
+            self._notify()  # the reconciler re-computes its next deadline
+
+    def _remove(self, symbols: list[str]) -> None:
+        for s in symbols:
+            self.wanted.discard(s)
+            self._refs.pop(s, None)
+            if self.on_removed is not None:
+                self.on_removed(s)
+        if symbols:
+            self._notify()
+
+    def acquire(self, symbols: Iterable[str]) -> None:
+        symbols = list(symbols)
+        for s in symbols:
+            self._refs[s] += 1
+        self._add(symbols)
+
+    def release(self, symbols: Iterable[str]) -> None:
+        symbols = list(symbols)
+        for s in symbols:
+            if self._refs[s] > 0:
+                self._refs[s] -= 1
+        self._maybe_release(symbols)
+
+    def pin(self, symbols: Iterable[str]) -> None:
+        symbols = list(symbols)
+        self._pinned.update(symbols)
+        self._add(symbols)
+
+    def unpin(self, symbols: Iterable[str]) -> list[str]:
+        """Unpin; returns the symbols that were pinned."""
+        was = [s for s in symbols if s in self._pinned]
+        self._pinned.difference_update(was)
+        self._maybe_release(was)
+        return was
+
+    def expire(self) -> None:
+        """Drop lingering symbols whose time is up."""
+        now = trio.current_time()
+        done = [s for s, t in self._lingering.items() if t <= now]
+        for s in done:
+            del self._lingering[s]
+        self._remove(done)
+
+    def next_expiry(self) -> float:
+        return min(self._lingering.values(), default=math.inf)
+
+    def changed_event(self) -> trio.Event:
+        """An event set at the next change of :attr:`wanted` (take it before reading ``wanted``)."""
+        return self._changed
+
+
+class Hub:
+    """Cache, sequence numbers, routing to outboxes, callbacks. Open with :meth:`open`."""
+
+    def __init__(self, config: ClientsConfig, demand: Demand, stats: Stats | None = None) -> None:
+        self.config = config
+        self.demand = demand
+        self.stats = stats if stats is not None else Stats()
+        self.cache: dict[str, PriceState] = {}
+        self.clients: dict[int, Client] = {}
+        self._subs: dict[str, set[Outbox]] = {}
+        self._enc = Encoder()
+        self._ids = itertools.count(1)
+        self._sync_callbacks: list[SyncCallback] = []
+        self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
+        self._nursery: trio.Nursery | None = None
+        demand.on_removed = self._evict
+
+    # ----------------------------------------------------------------- lifetime
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None
+    ) -> AsyncIterator[Hub]:
+        """Run the hub's own tasks (stall reaper, async callbacks) for the block's duration."""
+        hub = cls(config, demand, stats)
+        async with trio.open_nursery() as nursery:
+            hub._nursery = nursery
+            nursery.start_soon(hub._reap_stalled)
+            try:
+                yield hub
+            finally:
+                hub._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def consume(self, receive: trio.MemoryReceiveChannel[list[Update]]) -> None:
+        """Publish every batch from the upstream channel until it is closed."""
+        publish = self.publish
+        async with receive:
+            async for batch in receive:
+                for update in batch:
+                    publish(update)
+
+    # ----------------------------------------------------------------- hot path
+    def publish(self, update: Update) -> None:
+        """Cache, number, encode once, route. Never blocks."""
+        stats = self.stats
+        stats.updates_in += 1
+        symbol = update.symbol
+        if symbol not in self.demand.wanted:
+            stats.dropped += 1  # late data for a symbol nobody wants any more
+            return
+        state = self.cache.get(symbol)
+        if state is None:
+            state = self.cache[symbol] = PriceState(symbol=symbol)
+        if update.kind == BREAK:
+            # A break corrects an earlier print; it does not become the last trade.
+            state.seq += 1
+            msg = self._enc.price_update(
+                msgspec.structs.replace(
+                    state,
+                    data_type=BREAK,
+                    timestamp=update.timestamp,
+                    last_price=update.last_price,
+                    last_size=update.last_size,
+                    cached_at=self._enc.now_iso(),
+                )
+            )
+        else:
+            state.apply(update, self._enc.now_iso())
+            msg = self._enc.price_update(state)
+        outboxes = self._subs.get(symbol)
+        if outboxes:
+            for outbox in outboxes:
+                outbox.put(symbol, msg)
+            stats.messages_out += len(outboxes)
+        if self._sync_callbacks:
+            self._run_sync_callbacks(update)
+        if self._async_callbacks:
+            self._feed_async_callbacks(update)
+
+    # ----------------------------------------------------------------- callbacks
+    def _run_sync_callbacks(self, update: Update) -> None:
+        for cb in list(self._sync_callbacks):
+            try:
+                cb(update)
+            except Exception:
+                self.stats.callback_errors += 1
+                log.exception("[CALLBACK] %r raised; update of %s skipped for it", cb, update.symbol)
+
+    def _feed_async_callbacks(self, update: Update) -> None:
+        for send in self._async_callbacks.values():
+            try:
+                send.send_nowait(update)
+            except trio.WouldBlock:
+                self.stats.callback_dropped += 1
+
+    def add_callback(self, fn: SyncCallback | AsyncCallback, *, queue_size: int = 1024) -> Callable[[], None]:
+        """Call ``fn(update)`` for every update; returns a function that unregisters it.
+
+        A sync ``fn`` runs inline and must be quick. An async ``fn`` runs in its own task fed by
+        a channel of ``queue_size`` updates: when it falls that far behind, updates are dropped
+        for it (counted in ``callback_dropped``) so it can never stall delivery. Exceptions are
+        logged and counted; they never reach the hub.
+        """
+        if _is_async(fn):
+            if self._nursery is None:
+                raise RuntimeError("the hub is not open")
+            key = next(self._ids)
+            send, receive = trio.open_memory_channel[Update](queue_size)
+            scope = trio.CancelScope()
+            self._async_callbacks[key] = send
+            self._nursery.start_soon(self._run_async_callback, fn, receive, scope)
+
+            def unregister_async() -> None:
+                self._async_callbacks.pop(key, None)
+                scope.cancel()
+
+            return unregister_async
+        self._sync_callbacks.append(fn)
+
+        def unregister_sync() -> None:
+            if fn in self._sync_callbacks:
+                self._sync_callbacks.remove(fn)
+
+        return unregister_sync
+
+    async def _run_async_callback(
+        self, fn: AsyncCallback, receive: trio.MemoryReceiveChannel[Update], scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            async with receive:
+                async for update in receive:
+                    try:
+                        await fn(update)
+                    except Exception:
+                        self.stats.callback_errors += 1
+                        log.exception("[CALLBACK] %r raised; update of %s skipped for it", fn, update.symbol)
+
+    # ----------------------------------------------------------------- clients
+    def connect(self, *, batch: bool = False, remote: str = "") -> Client:
+        client = Client(
+            id=next(self._ids),
+            outbox=Outbox(self.config.outbox_size),
+            batch=batch,
+            remote=remote,
+            connected_at=trio.current_time(),
+        )
+        self.clients[client.id] = client
+        self.stats.clients_total += 1
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        if self.clients.pop(client.id, None) is None:
+            return
+        self._unsubscribe(client, list(client.symbols))
+        self.stats.dropped += len(client.outbox)
+        self.stats.conflated += client.outbox.conflated
+
+    def subscribe(self, client: Client, symbols: list[str]) -> list[str]:
+        """Add ``symbols`` to the client's set; queue the ack and the cached snapshot of each.
+
+        Raises :class:`SubscriptionError` (and changes nothing) past the per-client cap.
+        Returns the symbols that were new for this client.
+        """
+        new = [s for s in dict.fromkeys(symbols) if s not in client.symbols]
+        cap = self.config.max_symbols_per_client
+        if len(client.symbols) + len(new) > cap:
+            raise SubscriptionError(
+                "symbol_limit",
+                f"subscribing {len(new)} more symbol(s) would exceed the limit of {cap} per client "
+                f"(currently {len(client.symbols)})",
+            )
+        outbox = client.outbox
+        for s in new:
+            client.symbols.add(s)
+            self._subs.setdefault(s, set()).add(outbox)
+        self.demand.acquire(new)
+        self.send_control(client, control("subscribed", symbols=list(dict.fromkeys(symbols))))
+        for s in new:
+            state = self.cache.get(s)
+            if state is not None and state.seq:
+                outbox.put(s, self._enc.price_update(state))
+        return new
+
+    def unsubscribe(self, client: Client, symbols: list[str]) -> list[str]:
+        """Remove symbols; pending updates of them are discarded before the ack is queued."""
+        removed = self._unsubscribe(client, symbols)
+        client.outbox.discard(set(removed))
+        self.send_control(client, control("unsubscribed", symbols=list(dict.fromkeys(symbols))))
+        return removed
+
+    def _unsubscribe(self, client: Client, symbols: list[str]) -> list[str]:
+        removed = [s for s in dict.fromkeys(symbols) if s in client.symbols]
+        for s in removed:
+            client.symbols.discard(s)
+            outboxes = self._subs.get(s)
+            if outboxes is not None:
+                outboxes.discard(client.outbox)
+                if not outboxes:
+                    del self._subs[s]
+        self.demand.release(removed)
+        return removed
+
+    def send_control(self, client: Client, message: dict[str, Any]) -> None:
+        """Queue a reply to one client; a client that never reads its replies is closed."""
+        if not client.outbox.put_control(self._enc.encode(message)):
+            client.close(CLOSE_POLICY, "too many unread replies")
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        for client in list(self.clients.values()):
+            client.close(code, reason)
+
+    # ----------------------------------------------------------------- pins, cache
+    def pin(self, symbols: list[str]) -> None:
+        self.demand.pin(symbols)
+
+    def unpin(self, symbols: list[str]) -> list[str]:
+        return self.demand.unpin(symbols)
+
+    def snapshot(self, symbol: str) -> PriceState | None:
+        state = self.cache.get(symbol)
+        return state if state is not None and state.seq else None
+
+    def _evict(self, symbol: str) -> None:
+        # Nobody wants it upstream any more: its price would only go stale.
+        self.cache.pop(symbol, None)
+
+    def subscriber_count(self, symbol: str) -> int:
+        return len(self._subs.get(symbol, ()))
+
+    def conflated_total(self) -> int:
+        return self.stats.conflated + sum(c.outbox.conflated for c in self.clients.values())
+
+    # ----------------------------------------------------------------- stalls
+    async def _reap_stalled(self) -> None:
+        timeout = self.config.stall_timeout
+        period = min(1.0, timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for client in list(self.clients.values()):
+                outbox = client.outbox
+                if not outbox.idle and now - outbox.last_progress > timeout and client.close_code is None:
+                    self.stats.slow_clients_closed += 1
+                    log.warning(
+                        "[SLOW] client %d (%s) made no progress for %.0fs with %d pending; closing",
+                        client.id,
+                        client.remote,
+                        now - outbox.last_progress,
+                        len(outbox),
+                    )
+                    client.close(CLOSE_SLOW_CONSUMER, f"slow consumer: no progress for {timeout:g}s")
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

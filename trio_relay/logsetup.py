@@ -1,0 +1,58 @@
+"""Logging in the spec's format, with every known secret masked on the way out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+__all__ = ["configure_logging", "RedactSecrets", "LOG_FORMAT"]
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces each secret in a record's final text (message and traceback) with ``***``.
+
+    Defence in depth: no code path logs a key on purpose, but an exception text from a library
+    could quote one.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        # Very short "secrets" would mask ordinary words; real keys are long.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        masked = self._mask(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._mask(record.exc_text)
+        return True
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), stream: object = None) -> logging.Handler:
+    """Install one stderr handler on the root logger (replacing earlier ones of ours)."""
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RedactSecrets(secrets))
+    handler.set_name("trio_relay")
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if old.get_name() == "trio_relay":
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
