@@ -14,6 +14,7 @@ HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHU
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from functools import partial
 
@@ -76,10 +77,32 @@ class Relay:
         self._shutdown.set()
 
 
-def _hypercorn_config(config: Config) -> hypercorn.config.Config:
+def _listening_fd(config: Config) -> int:
+    """Bind the server socket ourselves so its accepted connections carry TCP_USER_TIMEOUT.
+
+    Hypercorn shields its socket writes from cancellation, so a peer that stops reading would
+    pin its connection's sender forever. With TCP_USER_TIMEOUT (inherited by accepted sockets)
+    the kernel aborts a connection whose sent data stays unacknowledged, zero-window probes
+    included, for ``stall_timeout``; the blocked write then fails and the client is released.
+    """
+    host, port = config.server.host, config.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(config.clients.stall_timeout * 1000))
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()  # hypercorn owns the descriptor from here on
+
+
+def _hypercorn_config(config: Config, fd: int) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
-    host = config.server.host
-    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    hc.bind = [f"fd://{fd}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.clients.max_message_size
     hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
@@ -104,7 +127,12 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             nursery.start_soon(hub.consume, receive)
             await nursery.start(upstream.run)
             binds = await nursery.start(
-                partial(hypercorn.trio.serve, create_app(ctx), _hypercorn_config(config), shutdown_trigger=stop_server.wait)
+                partial(
+                    hypercorn.trio.serve,
+                    create_app(ctx),
+                    _hypercorn_config(config, _listening_fd(config)),
+                    shutdown_trigger=stop_server.wait,
+                )
             )
             relay = Relay(config, hub, upstream, binds, shutdown)
             _banner(relay, provider)

@@ -135,14 +135,16 @@ class SimSession:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue  # a subscribe arrived: serve the fresh symbols first
-            self._owed += self._rate * n * interval
+            symbols = self._symbols
+            if not symbols:
+                continue  # everything was unsubscribed while we waited
+            self._owed += self._rate * len(symbols) * interval
             count = int(self._owed)
             self._owed -= count
             if count == 0:
                 continue
             ts = time.time_ns() // 1_000_000
             pick = self._pick.choice
-            symbols = self._symbols
             return [self._market.next(pick(symbols), ts) for _ in range(count)]
 
 

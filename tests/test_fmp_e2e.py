@@ -1,0 +1,116 @@
+"""The relay on the FMP provider, against the fake FMP server, over real loopback sockets."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from conftest import FMP_KEY, api, fmp_sections
+
+
+async def test_upstream_subscription_follows_demand(start_relay, fake_fmp, ws_connect):
+    relay = await start_relay(**fmp_sections(fake_fmp))
+    a = await ws_connect(relay)
+    b = await ws_connect(relay)
+    with trio.fail_after(10):
+        await a.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL", "MSFT"})
+        await b.request({"action": "subscribe", "symbols": ["MSFT", "TSLA"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL", "MSFT", "TSLA"})
+        # MSFT is still wanted by b: only AAPL goes.
+        await a.request({"action": "unsubscribe", "symbols": ["AAPL", "MSFT"]}, "unsubscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"MSFT", "TSLA"})
+        # A client that disconnects releases its symbols.
+        await b.ws.aclose()
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == set())
+    # Tickers went upstream in lower case, once each.
+    assert ("subscribe", ("AAPL", "MSFT")) in fake_fmp.history
+    assert [h for h in fake_fmp.history if h[0] == "subscribe" and "MSFT" in h[1]] == [("subscribe", ("AAPL", "MSFT"))]
+
+
+async def test_fmp_frames_are_normalised_for_clients(start_relay, fake_fmp, ws_connect):
+    relay = await start_relay(**fmp_sections(fake_fmp))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+        await fake_fmp.inject(
+            '{"s":"aapl","t":1699564800123456789,"type":"T","lp":189.45,"ls":1000,"ap":null,"as":null,"bp":null,"bs":null}'
+        )
+        msg, _ = await client.recv_until(lambda m: m.get("last_price") == 189.45)
+    assert msg["symbol"] == "AAPL" and msg["timestamp"] == 1699564800123 and msg["data_type"] == "T"
+    assert msg["last_size"] == 1000
+
+
+async def test_drop_mid_stream_reconnects_and_resubscribes(start_relay, fake_fmp, ws_connect, http):
+    relay = await start_relay(**fmp_sections(fake_fmp, backoff_initial=0.05, backoff_max=0.2, pinned=["IBM"]))
+    client = await ws_connect(relay)
+    with trio.fail_after(15):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        before, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL", "IBM"})
+        assert await fake_fmp.drop_all() == 1
+        await fake_fmp.wait_until(lambda: fake_fmp.logins == 2 and fake_fmp.subscriptions == {"AAPL", "IBM"})
+        # The same client connection keeps receiving, with seq continuing upwards.
+        after, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL" and m["seq"] > before["seq"] + 5)
+        status = (await http.get(api(relay, "/status"))).json()
+    assert after["type"] == "price_update"
+    assert status["upstream"]["reconnects"] == 1 and status["upstream"]["state"] == "connected"
+    assert fake_fmp.connections_total == 2
+
+
+async def test_wrong_key_reports_auth_failed_and_never_logs_the_key(start_relay, fake_fmp, http, all_logs):
+    sections = fmp_sections(fake_fmp)
+    sections["fmp"]["api_key"] = "wrong-key-8c1d2e3f4a5b"
+    relay = await start_relay(**sections)
+    with trio.fail_after(10):
+        await fake_fmp.wait_until(lambda: fake_fmp.failed_logins >= 1)
+        while relay.upstream.state != "auth_failed":
+            await trio.testing.wait_all_tasks_blocked()
+        health = await http.get(api(relay, "/health"))
+        status = await http.get(api(relay, "/status"))
+    assert health.status_code == 503
+    body = health.json()
+    assert body["state"] == "auth_failed" and body["status"] == "unavailable"
+    assert "auth_failed" in body["reason"] and "Unauthorized" in body["reason"]
+    # The relay did send the key upstream...
+    assert fake_fmp.received_keys == ["wrong-key-8c1d2e3f4a5b"]
+    # ...and it appears nowhere else.
+    for text in [health.text, status.text, *[r.getMessage() for r in all_logs.records], all_logs.text]:
+        assert "wrong-key-8c1d2e3f4a5b" not in text
+    assert any("[AUTH]" in r.getMessage() and r.levelno == logging.ERROR for r in all_logs.records)
+
+
+async def test_malformed_upstream_frames_are_counted_not_fatal(start_relay, fake_fmp, ws_connect, http):
+    relay = await start_relay(**fmp_sections(fake_fmp))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+        fake_fmp.send_malformed(6)
+        first, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL")
+        while relay.hub.stats.malformed < 6:
+            await client.recv()
+        later, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL" and m["seq"] > first["seq"])
+        status = (await http.get(api(relay, "/status"))).json()
+    assert status["messages"]["malformed"] == 6
+    assert status["upstream"]["reconnects"] == 0 and fake_fmp.connections_total == 1
+
+
+async def test_health_is_503_while_upstream_is_down(start_relay, http):
+    # Nothing listens on this port: the relay keeps retrying and says so.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    relay = await start_relay(
+        upstream={"provider": "fmp", "backoff_initial": 0.05, "backoff_max": 0.1},
+        fmp={"api_key": FMP_KEY, "url": f"ws://127.0.0.1:{port}"},
+    )
+    with trio.fail_after(10):
+        while relay.upstream.reconnects < 2:
+            await trio.testing.wait_all_tasks_blocked()
+        health = await http.get(api(relay, "/health"))
+    assert health.status_code == 503
+    assert health.json()["state"] in ("backoff", "connecting")
+    assert "reason" in health.json()
