@@ -1,0 +1,93 @@
+"""Clean shutdown: clients get 1001, the upstream closes cleanly, no task outlives the relay."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import trio
+import trio_websocket
+
+from conftest import fmp_sections, make_config
+from trio_relay.daemon import run_relay
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    tasks, todo = [], [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        tasks.append(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return tasks
+
+
+def _relay_tasks() -> list[str]:
+    names = [t.name for t in _all_tasks()]
+    return [n for n in names if ("trio_relay" in n and "testing" not in n) or "hypercorn" in n]
+
+
+async def test_shutdown_closes_clients_with_1001_and_leaves_no_task(fake_fmp):
+    assert _relay_tasks() == []
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(run_relay, make_config(**fmp_sections(fake_fmp)))
+        ws = await trio_websocket.connect_websocket_url(nursery, relay.ws_url)
+        await ws.send_message('{"action":"subscribe","symbols":["AAPL"]}')
+        await ws.get_message()
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL"})
+        assert _relay_tasks(), "the relay's tasks should be visible while it runs"
+        with trio.fail_after(5):
+            relay.shutdown()
+            try:
+                while True:
+                    await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason.code == 1001
+            # The upstream said goodbye with a close frame (the fake saw its connection end).
+            await fake_fmp.wait_until(lambda: not fake_fmp.connections)
+        # run_relay has returned once the nursery can exit; the client socket is ours to close.
+        await ws.aclose()
+    assert _relay_tasks() == []
+    assert relay.upstream.state == "stopped"
+
+
+async def test_sigterm_exits_zero_within_five_seconds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIO_RELAY_", "FMP_"))}
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--provider", "sim"],
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        url = None
+        buffered = b""
+        with trio.fail_after(20):
+            while url is None:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, f"relay exited early: {buffered.decode()}"
+                buffered += chunk
+                match = re.search(rb"client WebSocket: (ws://\S+)", buffered)
+                url = match.group(1).decode() if match else None
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message('{"action":"subscribe","symbols":["AAPL"]}')
+            assert "subscribed" in await ws.get_message()
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(5):
+                try:
+                    while True:
+                        await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    assert exc.reason.code == 1001
+                assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    rest = await proc.stderr.receive_some(65536)
+    log = (buffered + rest).decode()
+    assert "[SIGNAL] SIGTERM received" in log and "[SHUTDOWN] done" in log
+    assert "Traceback" not in log
