@@ -120,6 +120,7 @@ class Upstream:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, rng)
         self._rng = rng if rng is not None else random.Random()
         self._stop = trio.Event()
+        self._connect_scope = trio.CancelScope()
         self.state = UpstreamState.STARTING
         self.connected_since: float | None = None  # wall clock, for /status
         self.connected_at: float | None = None  # trio clock
@@ -133,8 +134,13 @@ class Upstream:
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
-        """Close the connection cleanly and make :meth:`run` return."""
+        """Close the connection cleanly and make :meth:`run` return.
+
+        A connect or login still in progress is abandoned at once (nothing to close cleanly).
+        """
         self._stop.set()
+        if self.state != UpstreamState.CONNECTED:
+            self._connect_scope.cancel()
 
     def message_age(self) -> float | None:
         if self.last_message_at is None:
@@ -161,7 +167,8 @@ class Upstream:
                 error: BaseException | None = None
                 auth_error: BaseException | None = None
                 try:
-                    await self._attempt()
+                    with self._connect_scope:
+                        await self._attempt()
                 except* AuthFailed as group:
                     auth_error = _leaf(group)
                 except* RETRYABLE as group:
@@ -180,6 +187,14 @@ class Upstream:
                 if auth_error is not None:
                     self.state = UpstreamState.AUTH_FAILED
                     self.last_error = str(auth_error)
+                else:
+                    self.state = UpstreamState.BACKOFF
+                    self.last_error = _describe(error) if error is not None else "connection ended"
+                if self.config.max_retries and failures >= self.config.max_retries:
+                    self.state = UpstreamState.FAILED
+                    log.error("[GIVE UP] %d consecutive attempts failed (last: %s); stopping", failures, self.last_error)
+                    raise UpstreamGaveUp(self.last_error)
+                if auth_error is not None:
                     # Slow and slightly jittered, so a fleet with one bad key does not sync up.
                     delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
                     log.error(
@@ -188,8 +203,6 @@ class Upstream:
                         delay,
                     )
                 else:
-                    self.state = UpstreamState.BACKOFF
-                    self.last_error = _describe(error) if error is not None else "connection ended"
                     delay = self._backoff.next_delay()
                     log.warning(
                         "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)",
@@ -197,16 +210,13 @@ class Upstream:
                         delay,
                         self.attempts + 1,
                     )
-                if self.config.max_retries and failures > self.config.max_retries:
-                    self.state = UpstreamState.FAILED
-                    log.error("[GIVE UP] %d consecutive attempts failed; stopping", failures)
-                    raise UpstreamGaveUp(self.last_error)
                 self.next_attempt_at = trio.current_time() + delay
                 with trio.move_on_after(delay):
                     await self._stop.wait()
                 self.next_attempt_at = None
                 if not self._stop.is_set():
                     self.reconnects += 1
+                    self._connect_scope = trio.CancelScope()
         self.state = UpstreamState.STOPPED
         log.info("[STOP] upstream closed")
 

@@ -22,7 +22,7 @@ import trio_websocket
 
 from ..config import FmpConfig
 from ..model import SYMBOL_RE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame
+from .base import AuthFailed, MalformedFrame, ProviderError
 
 __all__ = ["FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
 
@@ -150,15 +150,33 @@ class FmpProvider:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[FmpSession]:
-        async with trio_websocket.open_websocket_url(
-            self.config.resolved_url,
-            connect_timeout=self.connect_timeout,
-            disconnect_timeout=2,
-            message_queue_size=MESSAGE_QUEUE,
-            max_message_size=MAX_FRAME,
-        ) as ws:
-            early = await self._login(ws)
-            yield FmpSession(ws, early)
+        # Not open_websocket_url(connect_timeout=...): on a timeout it leaves its reader task
+        # waiting on a silent peer forever (trio-websocket 0.12), so a black-holed upstream
+        # would hang the relay. Here the reader lives in our nursery, which the timeout cancels.
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    ws = await trio_websocket.connect_websocket_url(
+                        nursery,
+                        self.config.resolved_url,
+                        message_queue_size=MESSAGE_QUEUE,
+                        max_message_size=MAX_FRAME,
+                    )
+            except trio.TooSlowError:
+                raise ProviderError(f"connect timed out after {self.connect_timeout:g}s") from None
+            except OSError as exc:
+                raise ProviderError(f"cannot connect: {exc.strerror or exc}") from None
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    early = await self._login(ws)
+                yield FmpSession(ws, early)
+            except trio.TooSlowError:
+                raise ProviderError(f"login timed out after {self.connect_timeout:g}s") from None
+            finally:
+                # A clean close frame when we can; bounded, and skipped if we are being cancelled.
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
 
     async def _login(self, ws: trio_websocket.WebSocketConnection) -> list[str | bytes]:
         # The key goes only into this frame: never into a URL, a log line or an exception.

@@ -196,8 +196,8 @@ class FakeFmpServer:
                     nursery.start_soon(self._heartbeat, conn)
                     await self._read(conn)
                     nursery.cancel_scope.cancel()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # from the nursery these arrive grouped: a client going away is not an error
         finally:
             self.connections.remove(conn)
             self._notify()
