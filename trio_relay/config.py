@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, override
 
 __all__ = [
     "Config",
@@ -195,12 +195,31 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"expected a string, got {value!r}")
         return value
 
+    def structure_secret(value: object, _t: type) -> str:
+        # Never echo the value: a mistyped key (e.g. unquoted digits in TOML) is still a secret.
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got a value of type {type(value).__name__}")
+        return value
+
     conv.register_structure_hook(bool, structure_bool)
     conv.register_structure_hook(int, structure_int)
     conv.register_structure_hook(float, structure_float)
     conv.register_structure_hook(str, structure_str)
-    for cls in (Config, ServerConfig, UpstreamConfig, FmpConfig, SimConfig, ClientsConfig, LoggingConfig):
-        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
+    structure_str_list = conv.get_structure_hook(list[str])
+
+    def structure_list(value: object, t: Any) -> list[str]:
+        # cattrs would iterate a string: pinned = "SPY" must not become ["S", "P", "Y"].
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return structure_str_list(value, t)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook_func(lambda t: t == list[str], structure_list)
+    overrides: dict[type, dict[str, Any]] = {FmpConfig: {"api_key": override(struct_hook=structure_secret)}}
+    # Sections first: Config's hook resolves theirs when it is made.
+    for cls in (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, ClientsConfig, LoggingConfig, Config):
+        conv.register_structure_hook(
+            cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
+        )
     return conv
 
 
