@@ -537,6 +537,9 @@ class Hub:
                         len(outbox),
                     )
                     client.close(CLOSE_SLOW_CONSUMER, f"slow consumer: no progress for {timeout:g}s")
+                    # Stop routing to it now: its socket write may stay blocked until the kernel
+                    # gives up on the peer (TCP_USER_TIMEOUT), and it must not hold demand.
+                    self.disconnect(client)
 
 
 def _is_async(fn: object) -> bool:
