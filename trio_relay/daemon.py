@@ -129,7 +129,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             binds = await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    create_app(ctx),
+                    create_app(ctx),  # type: ignore[arg-type]
                     _hypercorn_config(config, _listening_fd(config)),
                     shutdown_trigger=stop_server.wait,
                 )

@@ -396,7 +396,7 @@ class Hub:
             send, receive = trio.open_memory_channel[Update](queue_size)
             scope = trio.CancelScope()
             self._async_callbacks[key] = send
-            self._nursery.start_soon(self._run_async_callback, fn, receive, scope)
+            self._nursery.start_soon(self._run_async_callback, fn, receive, scope)  # type: ignore[arg-type]
 
             def unregister_async() -> None:
                 self._async_callbacks.pop(key, None)

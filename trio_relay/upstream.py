@@ -70,7 +70,7 @@ class Backoff:
         self._rng = rng if rng is not None else random.Random()
 
     def ceiling(self) -> float:
-        return min(self.maximum, self.initial * 2 ** min(self.attempt, 64))
+        return min(self.maximum, self.initial * float(2 ** min(self.attempt, 64)))
 
     def next_delay(self) -> float:
         delay = self._rng.uniform(0, self.ceiling())
@@ -92,6 +92,8 @@ def _describe(exc: BaseException) -> str:
         return f"handshake rejected with HTTP {exc.status_code}"
     if isinstance(exc, trio_websocket.ConnectionClosed):
         reason = exc.reason
+        if reason is None:
+            return "connection closed"
         return f"connection closed (code {reason.code}{', ' + reason.reason if reason.reason else ''})"
     if isinstance(exc, trio_websocket.ConnectionTimeout):
         return "connect timed out"

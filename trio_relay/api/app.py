@@ -37,7 +37,7 @@ class RelayApp:
         if scope["type"] == "websocket" and scope["path"].rstrip("/") == WS_PATH:
             await self.ws(scope, receive, send)
         else:
-            await self.rest(scope, receive, send)
+            await self.rest(scope, receive, send)  # type: ignore[arg-type]
 
 
 def create_app(ctx: RelayContext) -> RelayApp:
