@@ -16,7 +16,7 @@ import inspect
 import itertools
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -91,7 +91,7 @@ class Outbox:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._queue: deque[tuple[object, str]] = deque()
-        self._latest: dict[object, str] | None = None  # not None while conflating
+        self._latest: OrderedDict[object, str] | None = None  # not None while conflating
         self._lot = trio.lowlevel.ParkingLot()
         self._controls = 0
         self._keys = itertools.count()
@@ -113,7 +113,7 @@ class Outbox:
                 if self._lot:
                     self._lot.unpark()
                 return
-            latest = self._latest = {}
+            latest = self._latest = OrderedDict()
             for k, m in queue:
                 if k in latest:
                     self.conflated += 1
@@ -143,22 +143,35 @@ class Outbox:
             kept = [(k, m) for k, m in self._queue if k not in symbols]
             self._queue = deque(kept)
 
-    async def get(self) -> list[str]:
-        """Wait for pending frames and take all of them, in order."""
+    async def get(self, limit: int = 0) -> list[str]:
+        """Wait for pending frames and take them in order: all of them, or at most ``limit``.
+
+        A sender that writes one frame at a time should take one at a time: what it leaves
+        here can still be conflated, what it took can only go stale in its hands.
+        """
         if not (self._queue or self._latest):
             self.idle = True
             while not (self._queue or self._latest):
                 await self._lot.park()
         self.idle = False
         self.last_progress = trio.current_time()
-        self._controls = 0
-        if self._latest is not None:
-            items = list(self._latest.values())
-            self._latest = None
+        latest = self._latest
+        if latest is not None:
+            if limit and len(latest) > limit:
+                pairs = [latest.popitem(last=False) for _ in range(limit)]
+            else:
+                pairs = list(latest.items())
+                self._latest = None
         else:
-            items = [m for _k, m in self._queue]
-            self._queue.clear()
-        return items
+            queue = self._queue
+            if limit and len(queue) > limit:
+                pairs = [queue.popleft() for _ in range(limit)]
+            else:
+                pairs = list(queue)
+                queue.clear()
+        if self._controls:
+            self._controls -= sum(1 for k, _m in pairs if type(k) is int)
+        return [m for _k, m in pairs]
 
     def progressed(self, n: int = 1) -> None:
         """The sender delivered ``n`` frames."""
@@ -323,9 +336,20 @@ class Hub:
         """Publish every batch from the upstream channel until it is closed."""
         publish = self.publish
         async with receive:
-            async for batch in receive:
-                for update in batch:
-                    publish(update)
+            while True:
+                try:
+                    batch = await receive.receive()
+                    while True:
+                        for update in batch:
+                            publish(update)
+                        # Take everything already queued in this same turn: with thousands of
+                        # client senders each taking one scheduler turn per round, ingesting one
+                        # frame per turn would let the cache fall behind the feed.
+                        batch = receive.receive_nowait()
+                except trio.WouldBlock:
+                    continue
+                except trio.EndOfChannel:
+                    return
 
     # ----------------------------------------------------------------- hot path
     def publish(self, update: Update) -> None:

@@ -230,7 +230,7 @@ class Upstream:
     async def _attempt(self) -> None:
         self.state = UpstreamState.CONNECTING
         log.info("[CONNECT] connecting to %s", self.provider.describe())
-        async with self.provider.session() as session:
+        async with self.provider.session(self._malformed) as session:
             now = trio.current_time()
             self.connected_at = now
             self.connected_since = time.time()
@@ -252,11 +252,7 @@ class Upstream:
     async def _read(self, session: Session) -> None:
         send = self._send
         while True:
-            try:
-                batch = await session.receive()
-            except MalformedFrame as exc:
-                self._malformed(exc)
-                continue
+            batch = await session.receive()
             self.last_message_at = trio.current_time()
             if batch:
                 # May wait when the hub is behind: backpressure towards the provider is fine.

@@ -115,14 +115,18 @@ class ClientProtocol:
     async def _send_loop(self, client: Client, send: Send) -> None:
         outbox = client.outbox
         while True:
-            items = await outbox.get()
             if client.batch:
+                # Everything pending, as one frame: the frame, not the message, is the cost.
+                items = await outbox.get()
                 await send({"type": "websocket.send", "text": "[" + ",".join(items) + "]"})
                 outbox.progressed(len(items))
             else:
-                for text in items:
-                    await send({"type": "websocket.send", "text": text})
-                    outbox.progressed()
+                # One at a time: what stays queued can still be conflated to the latest price.
+                (text,) = await outbox.get(1)
+                if client.batch:  # switched on by the subscribe this reply answers
+                    text = "[" + text + "]"
+                await send({"type": "websocket.send", "text": text})
+                outbox.progressed()
 
     async def _read_loop(self, client: Client, receive: Receive) -> None:
         while True:

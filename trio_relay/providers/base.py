@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from ..model import Update
 
-__all__ = ["Provider", "Session", "ProviderError", "AuthFailed", "MalformedFrame"]
+__all__ = ["Provider", "Session", "ProviderError", "AuthFailed", "MalformedFrame", "MalformedSink"]
 
 
 class ProviderError(Exception):
@@ -33,6 +33,9 @@ class MalformedFrame(Exception):
         self.frame = frame
 
 
+MalformedSink = Callable[[MalformedFrame], None]
+
+
 class Session(Protocol):
     """One logged-in connection. Methods raise the transport's errors when it drops."""
 
@@ -41,10 +44,10 @@ class Session(Protocol):
     async def unsubscribe(self, symbols: Sequence[str]) -> None: ...
 
     async def receive(self) -> list[Update]:
-        """The next frame's updates (empty for heartbeats and control frames).
+        """The updates of the next frame(s) read (empty for heartbeats and control frames).
 
-        Raises :class:`MalformedFrame` for a frame it cannot decode (the session stays usable),
-        :class:`AuthFailed` / :class:`ProviderError` for fatal provider messages.
+        A frame it cannot decode goes to the session's ``on_malformed`` sink and is skipped;
+        fatal provider messages raise :class:`AuthFailed` / :class:`ProviderError`.
         """
         ...
 
@@ -54,7 +57,7 @@ class Provider(Protocol):
     #: True when silence on a subscribed feed means a dead connection (providers with heartbeats).
     detects_stale: bool
 
-    def session(self) -> AbstractAsyncContextManager[Session]:
+    def session(self, on_malformed: MalformedSink) -> AbstractAsyncContextManager[Session]:
         """Connect and log in; the context's exit closes the connection cleanly."""
         ...
 

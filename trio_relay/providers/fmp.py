@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 
 import msgspec
 import trio
-import trio_websocket
 
 from ..config import FmpConfig
 from ..model import SYMBOL_RE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame, ProviderError
+from .base import AuthFailed, MalformedFrame, MalformedSink, ProviderError
+from .wsclient import WsClient
 
 __all__ = ["FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
 
@@ -30,9 +30,13 @@ log = logging.getLogger("trio_relay.providers.fmp")
 
 # Subscribe in chunks so no single frame grows without bound.
 SUBSCRIBE_CHUNK = 100
-# Frames trio-websocket may buffer before its reader stops reading the socket (backpressure).
-MESSAGE_QUEUE = 256
+# Data frames kept while waiting for the login reply (they are delivered after it).
+MAX_EARLY = 1024
 MAX_FRAME = 1 << 20
+
+
+def _ignore(_exc: MalformedFrame) -> None:
+    pass
 
 
 class FmpFrame(msgspec.Struct, gc=False):
@@ -105,14 +109,15 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
 
 
 class FmpSession:
-    def __init__(self, ws: trio_websocket.WebSocketConnection, early: list[str | bytes]) -> None:
+    def __init__(self, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
         self._ws = ws
         self._early = early  # frames that arrived while we waited for the login reply
+        self._on_malformed = on_malformed
 
     async def _send(self, event: str, symbols: Sequence[str]) -> None:
         for i in range(0, len(symbols), SUBSCRIBE_CHUNK):
             chunk = [s.lower() for s in symbols[i : i + SUBSCRIBE_CHUNK]]
-            await self._ws.send_message(_ENCODER.encode({"event": event, "data": {"ticker": chunk}}).decode())
+            await self._ws.send_text(_ENCODER.encode({"event": event, "data": {"ticker": chunk}}).decode())
 
     async def subscribe(self, symbols: Sequence[str]) -> None:
         await self._send("subscribe", symbols)
@@ -121,16 +126,27 @@ class FmpSession:
         await self._send("unsubscribe", symbols)
 
     async def receive(self) -> list[Update]:
-        raw = self._early.pop(0) if self._early else await self._ws.get_message()
-        frame, update = decode_frame(raw, wall_ms())
-        if update is not None:
-            return [update]
-        reason = _fatal(frame)
-        if reason is not None:
-            raise AuthFailed(f"FMP refused the session: {reason}")
-        if frame.event not in ("heartbeat", None):
-            log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, frame.message)
-        return []
+        if self._early:
+            raws, self._early = self._early, []
+        else:
+            raws = await self._ws.receive_batch()
+        now = wall_ms()
+        updates: list[Update] = []
+        for raw in raws:
+            try:
+                frame, update = decode_frame(raw, now)
+            except MalformedFrame as exc:
+                self._on_malformed(exc)  # counted and logged; the rest of the batch goes on
+                continue
+            if update is not None:
+                updates.append(update)
+                continue
+            reason = _fatal(frame)
+            if reason is not None:
+                raise AuthFailed(f"FMP refused the session: {reason}")
+            if frame.event != "heartbeat":
+                log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, frame.message)
+        return updates
 
 
 def wall_ms() -> int:
@@ -149,53 +165,41 @@ class FmpProvider:
         return f"FMP {self.config.endpoint} at {self.config.resolved_url}"
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[FmpSession]:
-        # Not open_websocket_url(connect_timeout=...): on a timeout it leaves its reader task
-        # waiting on a silent peer forever (trio-websocket 0.12), so a black-holed upstream
-        # would hang the relay. Here the reader lives in our nursery, which the timeout cancels.
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(self.connect_timeout):
-                    ws = await trio_websocket.connect_websocket_url(
-                        nursery,
-                        self.config.resolved_url,
-                        message_queue_size=MESSAGE_QUEUE,
-                        max_message_size=MAX_FRAME,
-                    )
-            except trio.TooSlowError:
-                raise ProviderError(f"connect timed out after {self.connect_timeout:g}s") from None
-            except OSError as exc:
-                raise ProviderError(f"cannot connect: {exc.strerror or exc}") from None
-            try:
-                with trio.fail_after(self.connect_timeout):
-                    early = await self._login(ws)
-                yield FmpSession(ws, early)
-            except trio.TooSlowError:
-                raise ProviderError(f"login timed out after {self.connect_timeout:g}s") from None
-            finally:
-                # A clean close frame when we can; bounded, and skipped if we are being cancelled.
-                with trio.move_on_after(2):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FmpSession]:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                ws = await WsClient.connect(self.config.resolved_url, max_message=MAX_FRAME)
+                early = await self._login(ws)
+        except trio.TooSlowError:
+            raise ProviderError(f"connect timed out after {self.connect_timeout:g}s") from None
+        try:
+            yield FmpSession(ws, early, on_malformed)
+        finally:
+            # A close frame when we can; skipped at once if we are being cancelled.
+            await ws.aclose()
 
-    async def _login(self, ws: trio_websocket.WebSocketConnection) -> list[str | bytes]:
+    async def _login(self, ws: WsClient) -> list[str]:
         # The key goes only into this frame: never into a URL, a log line or an exception.
-        await ws.send_message(_ENCODER.encode({"event": "login", "data": {"apiKey": self.config.api_key}}).decode())
-        early: list[str | bytes] = []
-        with trio.move_on_after(self.config.login_timeout):
-            while len(early) < MESSAGE_QUEUE:
-                raw = await ws.get_message()
-                try:
-                    frame = _DECODER.decode(raw)
-                except (msgspec.ValidationError, msgspec.DecodeError):
-                    early.append(raw)  # counted as malformed by the normal path
-                    continue
-                reason = _fatal(frame)
-                if reason is not None:
-                    raise AuthFailed(f"FMP rejected the API key: {reason}")
-                if frame.event == "login":
-                    log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
-                    return early
-                early.append(raw)
-        log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
-        return early
+        try:
+            await ws.send_text(_ENCODER.encode({"event": "login", "data": {"apiKey": self.config.api_key}}).decode())
+            early: list[str] = []
+            with trio.move_on_after(self.config.login_timeout):
+                while len(early) < MAX_EARLY:
+                    for raw in await ws.receive_batch():
+                        try:
+                            frame = _DECODER.decode(raw)
+                        except (msgspec.ValidationError, msgspec.DecodeError):
+                            early.append(raw)  # counted as malformed by the normal path
+                            continue
+                        reason = _fatal(frame)
+                        if reason is not None:
+                            raise AuthFailed(f"FMP rejected the API key: {reason}")
+                        if frame.event == "login":
+                            log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
+                            return early
+                        early.append(raw)
+            log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
+            return early
+        except BaseException:
+            await ws.aclose()
+            raise

@@ -159,5 +159,5 @@ class SimProvider:
         return f"simulated market (seed {self.config.seed}, {self.config.rate:g} updates/s per symbol)"
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[SimSession]:
+    async def session(self, on_malformed: object = None) -> AsyncIterator[SimSession]:
         yield SimSession(self.config)
