@@ -222,7 +222,7 @@ async def test_peer_closing_before_the_handshake_fails_at_once_then_backs_off(au
             await peer.wait_accepts(1)
             await trio.sleep(expected[0] / 2)
             assert up.state == UpstreamState.BACKOFF
-            assert up.last_error == "connection closed (code 1006, closed during the handshake)"
+            assert up.last_error.startswith("connection closed (code 1006")  # EOF or reset
             await peer.wait_accepts(n)
     # Not connect_timeout: the EOF is noticed at once (trio-websocket 0.12 waited for the timeout).
     assert gaps(peer.accepts) == pytest.approx(expected, abs=EXACT)

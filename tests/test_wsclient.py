@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
+import ssl
+
 import pytest
 import trio
+import trustme
 import wsproto
 import wsproto.events as wse
 
@@ -22,15 +25,24 @@ Script = Callable[[trio.SocketStream, wsproto.WSConnection], Awaitable[None]]
 
 
 class Peer:
-    def __init__(self, script: Script, reject: int | None = None) -> None:
+    def __init__(self, script: Script, reject: int | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.script = script
         self.reject = reject
+        self.tls = tls
         self.received: list[str] = []
         self.pongs = 0
         self.closed_with: int | None = None
         self.done = trio.Event()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._handle(stream)
+        except* trio.BrokenResourceError:
+            self.done.set()  # the client went away without a TLS goodbye (or refused our cert)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_side=True)
         conn = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         async with stream:
             while True:
@@ -65,11 +77,14 @@ class Peer:
 
 
 @asynccontextmanager
-async def peer(script: Script, reject: int | None = None) -> AsyncIterator[tuple[Peer, str]]:
-    p = Peer(script, reject)
+async def peer(
+    script: Script, reject: int | None = None, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[Peer, str]]:
+    p = Peer(script, reject, tls)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), p.handle, 0)
-        yield p, f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/feed?x=1"
+        scheme = "wss" if tls else "ws"
+        yield p, f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}/feed?x=1"
         nursery.cancel_scope.cancel()
 
 
@@ -155,3 +170,31 @@ async def test_bad_urls_and_closed_ports_are_provider_errors():
         port = sock.getsockname()[1]
     with pytest.raises(ProviderError, match="cannot connect"):
         await WsClient.connect(f"ws://127.0.0.1:{port}")
+
+
+async def test_wss_reads_in_bulk_over_tls_and_checks_the_certificate():
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def script(stream: trio.abc.Stream, conn: wsproto.WSConnection) -> None:
+        big = "y" * 20_000  # spans several TLS records
+        await stream.send_all(b"".join(conn.send(wse.Message(data=f"{i}:{big}")) for i in range(50)))
+
+    async with peer(script, tls=server_ctx) as (p, url):
+        with trio.fail_after(10):
+            ws = await WsClient.connect(url, ssl_context=client_ctx)
+            got: list[str] = []
+            while len(got) < 50:
+                got += await ws.receive_batch()
+            await ws.send_text("over tls")
+            await ws.aclose()
+            await p.done.wait()
+        # An untrusted certificate is refused.
+        with trio.fail_after(10), pytest.raises(ProviderError, match="TLS"):
+            await WsClient.connect(url)
+    assert [m.split(":")[0] for m in got] == [str(i) for i in range(50)]
+    assert all(len(m) == len(str(i)) + 1 + 20_000 for i, m in enumerate(got))
+    assert p.received == ["over tls"]

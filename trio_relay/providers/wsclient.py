@@ -6,11 +6,15 @@ every one of their sender tasks takes a turn between two of those checkpoints, s
 was read at a few thousand frames/s and the cache fell seconds behind the feed (measured with
 bench/: 2,400 frames/s ingested of 10,000 sent, p50 latency 5.8 s). :meth:`WsClient.receive_batch`
 instead parses everything one ``receive_some`` brought (up to 256 KiB, thousands of frames) in a
-single turn. The connection is driven by its one reader (the caller): no background task.
+single turn. The socket is read until the kernel has nothing more (not one fixed-size chunk), so
+however long the scheduler's rounds get, each turn of the reader catches up with the feed; TLS is
+done with :class:`ssl.SSLObject` on memory BIOs so ``wss://`` gets the same bulk reads. The
+connection is driven by its one reader (the caller): no background task.
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from urllib.parse import urlsplit
 
@@ -23,7 +27,9 @@ from .base import ProviderError
 
 __all__ = ["WsClient", "UpstreamClosed", "HandshakeRejected"]
 
-RECEIVE_BYTES = 1 << 18  # a whole backlog per turn: a busy relay gives the reader few turns
+RECEIVE_BYTES = 1 << 18
+# Most bytes taken in one turn: bounds the work (and the pause) of a single turn after a long stall.
+MAX_DRAIN = 1 << 23
 
 
 class UpstreamClosed(ProviderError):
@@ -43,21 +49,159 @@ class HandshakeRejected(ProviderError):
         self.status = status
 
 
+
+class _Transport:
+    """A connected non-blocking socket, optionally wrapped in TLS, read in bulk."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
+        self._sock = sock
+        self._tls = tls
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._send_lock = trio.Lock()
+        self._eof = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, tls_context: ssl.SSLContext | None) -> _Transport:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError | None = None
+        for family, type_, proto, _name, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await trio.socket.from_stdlib_socket(sock).connect(addr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport = cls(sock)
+            if tls_context is not None:
+                try:
+                    await transport._start_tls(tls_context, host)
+                except BaseException:
+                    transport.close()
+                    raise
+            return transport
+        raise error or OSError(f"no address for {host}")
+
+    async def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush_tls()
+                raw = await self._receive_raw()
+                if not raw:
+                    raise UpstreamClosed(1006, "closed during the TLS handshake")
+                self._incoming.write(raw)
+        await self._flush_tls()
+
+    async def _flush_tls(self) -> None:
+        pending = self._outgoing.read()
+        if pending:
+            await self._send_raw(pending)
+
+    async def _receive_raw(self) -> bytes:
+        """Everything the kernel holds for us (waiting if nothing), b"" at EOF."""
+        chunks: list[bytes] = []
+        size = 0
+        waited = False
+        while size < MAX_DRAIN:
+            try:
+                data = self._sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                if chunks:
+                    break
+                await trio.lowlevel.wait_readable(self._sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise UpstreamClosed(1006, exc.strerror or "connection lost") from None
+            if not data:
+                self._eof = True
+                break
+            chunks.append(data)
+            size += len(data)
+        if not waited:
+            await trio.lowlevel.checkpoint()  # an async call always yields, even with data ready
+        return b"".join(chunks)
+
+    async def receive(self) -> bytes:
+        """Plaintext bytes: everything available now (waiting if nothing); b"" at EOF."""
+        if self._tls is None:
+            return b"" if self._eof else await self._receive_raw()
+        while True:
+            plain: list[bytes] = []
+            try:
+                while True:
+                    chunk = self._tls.read(RECEIVE_BYTES)
+                    if not chunk:
+                        self._eof = True
+                        break
+                    plain.append(chunk)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                raise UpstreamClosed(1006, f"TLS error: {exc.reason or exc}") from None
+            await self._flush_tls()
+            if plain or self._eof:
+                return b"".join(plain)
+            raw = await self._receive_raw()
+            if not raw:
+                self._eof = True
+                return b""
+            self._incoming.write(raw)
+
+    async def _send_raw(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sock)
+                continue
+            except OSError as exc:
+                raise UpstreamClosed(1006, exc.strerror or "connection lost") from None
+            view = view[sent:]
+        await trio.lowlevel.checkpoint()
+
+    async def send_all(self, data: bytes) -> None:
+        async with self._send_lock:
+            if self._tls is None:
+                await self._send_raw(data)
+            else:
+                self._tls.write(data)
+                await self._flush_tls()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class WsClient:
     """One client WebSocket connection. Not safe for two concurrent readers (by design)."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: wsproto.WSConnection, max_message: int) -> None:
-        self._stream = stream
+    def __init__(self, transport: _Transport, conn: wsproto.WSConnection, max_message: int) -> None:
+        self._transport = transport
         self._conn = conn
         self._max_message = max_message
         self._partial: list[str] = []
         self._partial_len = 0
         self._closed: UpstreamClosed | None = None
-        self._send_lock = trio.Lock()
 
     @classmethod
     async def connect(
-        cls, url: str, *, max_message: int = 1 << 20, extra_headers: list[tuple[bytes, bytes]] | None = None
+        cls,
+        url: str,
+        *,
+        max_message: int = 1 << 20,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> WsClient:
         """Open TCP (TLS for wss://), do the upgrade. The caller bounds the time it may take."""
         parts = urlsplit(url)
@@ -65,23 +209,23 @@ class WsClient:
             raise ProviderError(f"not a WebSocket URL: {parts.scheme}://{parts.hostname}")
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
+        context = (ssl_context or ssl.create_default_context()) if secure else None
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
+            transport = await _Transport.connect(parts.hostname, port, context)
+        except ssl.SSLError as exc:
+            raise ProviderError(f"TLS with {parts.hostname}:{port} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise ProviderError(f"cannot connect to {parts.hostname}:{port}: {exc.strerror or exc}") from None
         try:
-            if secure:
-                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=parts.hostname)
-                await stream.do_handshake()
             conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-            await stream.send_all(conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or [])))
-            client = cls(stream, conn, max_message)
+            await transport.send_all(conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or [])))
+            client = cls(transport, conn, max_message)
             await client._await_accept()
             return client
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            transport.close()
             raise
 
     async def _await_accept(self) -> None:
@@ -100,19 +244,11 @@ class WsClient:
                     raise HandshakeRejected(event.status_code)
 
     async def _read(self) -> bytes:
-        try:
-            return bytes(await self._stream.receive_some(RECEIVE_BYTES))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise UpstreamClosed(1006, str(exc) or "connection lost") from None
+        return await self._transport.receive()
 
     async def _write(self, data: bytes) -> None:
-        if not data:
-            return
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise UpstreamClosed(1006, str(exc) or "connection lost") from None
+        if data:
+            await self._transport.send_all(data)
 
     async def send_text(self, text: str) -> None:
         if self._closed is not None:
@@ -124,8 +260,12 @@ class WsClient:
         await self._write(data)
 
     async def receive_batch(self) -> list[str]:
-        """Every complete text message of the next read (at least one); raises UpstreamClosed."""
+        """Every complete text message received so far (at least one); raises UpstreamClosed."""
         while True:
+            # Bytes already fed to wsproto (e.g. frames that came with the handshake reply) first.
+            out = await self._process_events()
+            if out:
+                return out  # a close frame after data: the next call raises
             if self._closed is not None:
                 raise self._closed
             data = await self._read()
@@ -134,30 +274,33 @@ class WsClient:
             except RemoteProtocolError as exc:
                 self._closed = UpstreamClosed(1002, f"protocol error: {exc}")
                 raise self._closed from None
-            out: list[str] = []
-            reply = b""
-            for event in self._conn.events():
-                if isinstance(event, wse.TextMessage):
-                    self._collect(event.data, event.message_finished, out)
-                elif isinstance(event, wse.BytesMessage):
-                    self._collect(bytes(event.data).decode("utf-8", "replace"), event.message_finished, out)
-                elif isinstance(event, wse.Ping):
-                    reply += self._conn.send(event.response())
-                elif isinstance(event, wse.CloseConnection):
-                    self._closed = UpstreamClosed(event.code, event.reason or "")
-                    try:
-                        reply += self._conn.send(event.response())
-                    except LocalProtocolError:
-                        pass
-            if reply:
+            if not data:
+                await self._process_events()
+                if self._closed is None:
+                    self._closed = UpstreamClosed(1006, "connection lost (EOF)")
+
+    async def _process_events(self) -> list[str]:
+        out: list[str] = []
+        reply = b""
+        for event in self._conn.events():
+            if isinstance(event, wse.TextMessage):
+                self._collect(event.data, event.message_finished, out)
+            elif isinstance(event, wse.BytesMessage):
+                self._collect(bytes(event.data).decode("utf-8", "replace"), event.message_finished, out)
+            elif isinstance(event, wse.Ping):
+                reply += self._conn.send(event.response())
+            elif isinstance(event, wse.CloseConnection) and self._closed is None:
+                self._closed = UpstreamClosed(event.code, event.reason or "")
                 try:
-                    await self._write(reply)
-                except UpstreamClosed:
+                    reply += self._conn.send(event.response())
+                except LocalProtocolError:
                     pass
-            if out:
-                return out  # a close frame after data: the next call raises
-            if not data and self._closed is None:
-                self._closed = UpstreamClosed(1006, "connection lost (EOF)")
+        if reply:
+            try:
+                await self._write(reply)
+            except UpstreamClosed:
+                pass
+        return out
 
     def _collect(self, piece: str, finished: bool, out: list[str]) -> None:
         if not finished or self._partial:
@@ -184,4 +327,4 @@ class WsClient:
         except (UpstreamClosed, LocalProtocolError):
             pass
         finally:
-            await trio.aclose_forcefully(self._stream)
+            self._transport.close()
