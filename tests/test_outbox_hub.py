@@ -15,7 +15,7 @@ import trio.testing
 
 from trio_relay.config import ClientsConfig
 from trio_relay.hub import Client, Demand, Hub, Outbox, Stats, SubscriptionError
-from trio_relay.model import Update, control
+from trio_relay.model import Update, control, ws_payload
 
 SYMBOLS20 = [f"S{i:02d}" for i in range(20)]
 
@@ -44,7 +44,7 @@ def quote(symbol: str, bid: float, ask: float, ts: int = 1_700_000_000_000) -> U
 async def drain(client: Client) -> list[dict[str, Any]]:
     """Take everything pending (must not block: there has to be something)."""
     with trio.fail_after(1):
-        return [json.loads(m) for m in await client.outbox.get()]
+        return [json.loads(ws_payload(m)) for m in await client.outbox.get()]
 
 
 def prices(messages: list[dict[str, Any]], symbol: str | None = None) -> list[dict[str, Any]]:

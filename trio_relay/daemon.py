@@ -5,7 +5,9 @@ Reading :func:`run_relay` tells the whole story:
 - the hub (``Hub.open``) owns the stall reaper and the async-callback runners;
 - ``hub.consume`` drains the bounded upstream → hub channel;
 - ``upstream.run`` holds the provider connection (reconnecting under backoff);
-- ``hypercorn.trio.serve`` serves the ASGI app (client WebSocket + REST).
+- ``serve_front`` owns the public socket: the price WebSocket is served natively, everything
+  else is relayed to ``hypercorn.trio.serve``, which serves the Quart-Trio REST app on a
+  private Unix socket.
 
 Shutdown (``Relay.shutdown()``, SIGINT/SIGTERM in the CLI): close every client with 1001, stop the
 HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHUTDOWN_GRACE``.
@@ -14,7 +16,10 @@ HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHU
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import time
 from functools import partial
 
@@ -23,7 +28,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from .api import RelayContext, WS_PATH, create_app
+from .api import WS_PATH, FrontDoor, RelayContext
 from .config import Config
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .model import Update
@@ -77,13 +82,12 @@ class Relay:
         self._shutdown.set()
 
 
-def _listening_fd(config: Config) -> int:
-    """Bind the server socket ourselves so its accepted connections carry TCP_USER_TIMEOUT.
+def _listening_socket(config: Config) -> socket.socket:
+    """The public socket. Accepted connections inherit TCP_NODELAY and TCP_USER_TIMEOUT.
 
-    Hypercorn shields its socket writes from cancellation, so a peer that stops reading would
-    pin its connection's sender forever. With TCP_USER_TIMEOUT (inherited by accepted sockets)
-    the kernel aborts a connection whose sent data stays unacknowledged, zero-window probes
-    included, for ``stall_timeout``; the blocked write then fails and the client is released.
+    TCP_USER_TIMEOUT makes the kernel abort a connection whose sent data stays unacknowledged,
+    zero-window probes included, for ``stall_timeout``: a peer that vanished without a FIN is
+    released even when no write of ours is pending to notice it.
     """
     host, port = config.server.host, config.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -94,15 +98,16 @@ def _listening_fd(config: Config) -> int:
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(config.clients.stall_timeout * 1000))
         sock.bind((host, port))
+        sock.listen(1024)
     except OSError:
         sock.close()
         raise
-    return sock.detach()  # hypercorn owns the descriptor from here on
+    return sock
 
 
-def _hypercorn_config(config: Config, fd: int) -> hypercorn.config.Config:
+def _hypercorn_config(config: Config, unix_path: str) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
-    hc.bind = [f"fd://{fd}"]
+    hc.bind = [f"unix:{unix_path}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.clients.max_message_size
     hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
@@ -120,30 +125,55 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     send, receive = trio.open_memory_channel[list[Update]](config.upstream.queue_size)
     shutdown = trio.Event()
     stop_server = trio.Event()
-    async with Hub.open(config.clients, demand, stats) as hub:
-        upstream = Upstream(provider, demand, send, config.upstream, stats)
-        ctx = RelayContext(hub=hub, upstream=upstream, config=config, provider_name=config.provider, started_at=time.time())
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hub.consume, receive)
-            await nursery.start(upstream.run)
-            binds = await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    create_app(ctx),  # type: ignore[arg-type]
-                    _hypercorn_config(config, _listening_fd(config)),
-                    shutdown_trigger=stop_server.wait,
-                )
+    listener = _listening_socket(config)
+    # Hypercorn serves the REST app on a private Unix socket behind the front door.
+    private_dir = tempfile.mkdtemp(prefix="trio-relay-")
+    try:
+        async with Hub.open(config.clients, demand, stats) as hub:
+            upstream = Upstream(provider, demand, send, config.upstream, stats)
+            ctx = RelayContext(
+                hub=hub, upstream=upstream, config=config, provider_name=config.provider, started_at=time.time()
             )
-            relay = Relay(config, hub, upstream, binds, shutdown)
-            _banner(relay, provider)
-            task_status.started(relay)
+            front = FrontDoor(ctx, os.path.join(private_dir, "rest.sock"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hub.consume, receive)
+                await nursery.start(upstream.run)
+                await nursery.start(
+                    partial(
+                        hypercorn.trio.serve,
+                        front.rest,
+                        _hypercorn_config(config, front.backend_socket),
+                        shutdown_trigger=stop_server.wait,
+                    )
+                )
+                host, port = listener.getsockname()[:2]
+                bind = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+                front_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+                front_scope = trio.CancelScope()
 
-            await shutdown.wait()
-            log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
-            nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
-            hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
-            stop_server.set()
-            upstream.stop()
+                async def serve_front(
+                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    with front_scope:
+                        await trio.serve_listeners(front.handle, [front_listener], task_status=task_status)
+
+                await nursery.start(serve_front)
+                relay = Relay(config, hub, upstream, [bind], shutdown)
+                _banner(relay, provider)
+                task_status.started(relay)
+
+                await shutdown.wait()
+                log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
+                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+                upstream.stop()
+                # Let the clients' handlers send their close frames, then stop accepting.
+                with trio.move_on_after(SHUTDOWN_GRACE / 2):
+                    await hub.wait_no_clients()
+                front_scope.cancel()
+                stop_server.set()
+    finally:
+        shutil.rmtree(private_dir, ignore_errors=True)
     log.info("[SHUTDOWN] done")
 
 

@@ -66,7 +66,7 @@ class Stats:
 
 
 class Outbox:
-    """A client's bounded queue of encoded frames.
+    """A client's bounded queue of encoded WebSocket frames (bytes, shared between clients).
 
     Up to ``capacity`` frames queue in order. When full it switches to conflation: one pending
     frame per symbol (the latest), so its size is bounded by the client's symbol count, and the
@@ -90,8 +90,8 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._queue: deque[tuple[object, str]] = deque()
-        self._latest: OrderedDict[object, str] | None = None  # not None while conflating
+        self._queue: deque[tuple[object, bytes]] = deque()
+        self._latest: OrderedDict[object, bytes] | None = None  # not None while conflating
         self._lot = trio.lowlevel.ParkingLot()
         self._controls = 0
         self._keys = itertools.count()
@@ -103,7 +103,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue) if self._latest is None else len(self._latest)
 
-    def put(self, key: object, msg: str) -> None:
+    def put(self, key: object, msg: bytes) -> None:
         """Queue ``msg`` for symbol ``key``; never blocks."""
         latest = self._latest
         if latest is None:
@@ -125,7 +125,7 @@ class Outbox:
         if self._lot:
             self._lot.unpark()
 
-    def put_control(self, msg: str) -> bool:
+    def put_control(self, msg: bytes) -> bool:
         """Queue a reply; False if the client already has ``capacity`` unread replies."""
         if self._controls >= self.capacity:
             return False
@@ -143,7 +143,7 @@ class Outbox:
             kept = [(k, m) for k, m in self._queue if k not in symbols]
             self._queue = deque(kept)
 
-    async def get(self, limit: int = 0) -> list[str]:
+    async def get(self, limit: int = 0) -> list[bytes]:
         """Wait for pending frames and take them in order: all of them, or at most ``limit``.
 
         A sender that writes one frame at a time should take one at a time: what it leaves
@@ -313,6 +313,7 @@ class Hub:
         self._sync_callbacks: list[SyncCallback] = []
         self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
         self._nursery: trio.Nursery | None = None
+        self._no_clients = trio.Event()
         demand.on_removed = self._evict
 
     # ----------------------------------------------------------------- lifetime
@@ -463,6 +464,9 @@ class Hub:
     def disconnect(self, client: Client) -> None:
         if self.clients.pop(client.id, None) is None:
             return
+        if not self.clients:
+            self._no_clients.set()
+            self._no_clients = trio.Event()
         self._unsubscribe(client, list(client.symbols))
         self.stats.dropped += len(client.outbox)
         self.stats.conflated += client.outbox.conflated
@@ -516,6 +520,11 @@ class Hub:
         """Queue a reply to one client; a client that never reads its replies is closed."""
         if not client.outbox.put_control(self._enc.encode(message)):
             client.close(CLOSE_POLICY, "too many unread replies")
+
+    async def wait_no_clients(self) -> None:
+        """Return once no client is connected."""
+        if self.clients:
+            await self._no_clients.wait()
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         for client in list(self.clients.values()):

@@ -26,6 +26,8 @@ __all__ = [
     "SYMBOL_RE",
     "normalize_epoch_ms",
     "control",
+    "ws_text_frame",
+    "ws_payload",
 ]
 
 # Upper-case letters and digits, then also . - / ^ = (BRK.B, BRK-B, BTC/USD, ^GSPC, EURUSD=X).
@@ -114,11 +116,33 @@ class Encoder:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._prefix}.{rem // 1_000_000:03d}Z"
 
-    def price_update(self, state: PriceState) -> str:
-        return self._enc.encode(state).decode()
+    def price_update(self, state: PriceState) -> bytes:
+        """The state as a complete WebSocket text frame, ready to be written to any client."""
+        return ws_text_frame(self._enc.encode(state))
 
-    def encode(self, obj: object) -> str:
-        return self._enc.encode(obj).decode()
+    def encode(self, obj: object) -> bytes:
+        """Any message as a complete WebSocket text frame."""
+        return ws_text_frame(self._enc.encode(obj))
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked (server → client) WebSocket text frame around ``payload`` (RFC 6455 §5.2).
+
+    Built once per message and shared by every client that gets it: a per-frame client's send
+    is then one concatenation and one socket write for everything it has pending.
+    """
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + n.to_bytes(1, "big") + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def ws_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by :func:`ws_text_frame`."""
+    marker = frame[1]
+    return frame[2:] if marker < 126 else frame[4:] if marker == 126 else frame[10:]
 
 
 def control(kind: str, **fields: object) -> dict[str, object]:
