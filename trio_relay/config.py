@@ -77,7 +77,7 @@ def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8000, validator=_port)
-    # Seconds hypercorn waits for open requests when shutting down.
+    # Seconds open REST requests get to finish when the daemon stops.
     graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
 
 

@@ -109,7 +109,6 @@ def _hypercorn_config(config: Config, unix_path: str) -> hypercorn.config.Config
     hc = hypercorn.config.Config()
     hc.bind = [f"unix:{unix_path}"]
     hc.graceful_timeout = config.server.graceful_timeout
-    hc.websocket_max_message_size = config.clients.max_message_size
     hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
