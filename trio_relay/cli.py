@@ -28,8 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (see config/trio-relay.toml)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--provider", choices=["auto", "sim", "fmp"], help="upstream provider (default: fmp if FMP_API_KEY is set, else sim)")
-    serve.add_argument("--upstream-url", help="override the provider's WebSocket URL (e.g. a local fake-fmp)")
+    serve.add_argument(
+        "--provider",
+        choices=["auto", "sim", "fmp", "relay"],
+        help="upstream provider (default: fmp if FMP_API_KEY is set, else sim; relay = another trio-relay)",
+    )
+    serve.add_argument("--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing one upstream connection (default 1)")
     serve.add_argument("--symbols", help="comma-separated symbols pinned upstream from the start")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -56,7 +61,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.provider is not None:
         out.setdefault("upstream", {})["provider"] = args.provider
     if args.upstream_url is not None:
-        out.setdefault("fmp", {})["url"] = args.upstream_url
+        section = "relay" if args.provider == "relay" else "fmp"
+        out.setdefault(section, {})["url"] = args.upstream_url
+    if args.workers is not None:
+        out.setdefault("server", {})["workers"] = args.workers
     if args.symbols is not None:
         out.setdefault("upstream", {})["pinned"] = [s for s in args.symbols.split(",") if s.strip()]
     if args.log_level is not None:

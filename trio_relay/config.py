@@ -25,6 +25,7 @@ __all__ = [
     "UpstreamConfig",
     "FmpConfig",
     "SimConfig",
+    "RelayConfig",
     "ClientsConfig",
     "LoggingConfig",
     "load_config",
@@ -79,6 +80,11 @@ class ServerConfig:
     port: int = attrs.field(default=8000, validator=_port)
     # Seconds open REST requests get to finish when the daemon stops.
     graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
+    # Worker processes serving clients. With more than one, this process holds the ONE upstream
+    # connection and feeds the workers over loopback; they share the port (SO_REUSEPORT).
+    workers: int = attrs.field(default=1, validator=_positive)
+    # Bind with SO_REUSEPORT (set for workers; lets several processes share the port).
+    reuse_port: bool = False
 
 
 @attrs.frozen
@@ -106,9 +112,16 @@ class SimConfig:
 
 
 @attrs.frozen
+class RelayConfig:
+    # The price WebSocket of another trio-relay to use as the upstream (provider "relay"),
+    # e.g. "ws://127.0.0.1:8000/api/v2/realtime/ws/prices".
+    url: str = attrs.field(default="", validator=_ws_url)
+
+
+@attrs.frozen
 class UpstreamConfig:
     # "auto": fmp when an FMP API key is set, else the embedded simulator.
-    provider: Literal["auto", "sim", "fmp"] = "auto"
+    provider: Literal["auto", "sim", "fmp", "relay"] = "auto"
     connect_timeout: float = attrs.field(default=30.0, validator=_positive)
     # No frame at all (heartbeats count) for this long while symbols are subscribed: reconnect.
     stale_after: float = attrs.field(default=30.0, validator=_positive)
@@ -151,6 +164,7 @@ class Config:
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
     fmp: FmpConfig = attrs.Factory(FmpConfig)
     sim: SimConfig = attrs.Factory(SimConfig)
+    relay: RelayConfig = attrs.Factory(RelayConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
 
@@ -216,7 +230,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(lambda t: t == list[str], structure_list)
     overrides: dict[type, dict[str, Any]] = {FmpConfig: {"api_key": override(struct_hook=structure_secret)}}
     # Sections first: Config's hook resolves theirs when it is made.
-    for cls in (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, ClientsConfig, LoggingConfig, Config):
+    for cls in (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, ClientsConfig, LoggingConfig, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
         )
@@ -361,6 +375,8 @@ def _validate(config: Config) -> Config:
             "config error: fmp.api_key: provider 'fmp' needs an API key "
             "(set FMP_API_KEY in the environment or in .env)"
         )
+    if config.upstream.provider == "relay" and not config.relay.url:
+        raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
     if config.sim.trade_ratio > 1:
         raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))

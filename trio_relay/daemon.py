@@ -53,6 +53,10 @@ def make_provider(config: Config) -> Provider:
         from .providers.fmp import FmpProvider
 
         return FmpProvider(config.fmp, connect_timeout=config.upstream.connect_timeout)
+    if name == "relay":
+        from .providers.relay import RelayProvider
+
+        return RelayProvider(config.relay.url, connect_timeout=config.upstream.connect_timeout)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -94,6 +98,8 @@ def _listening_socket(config: Config) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.server.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(config.clients.stall_timeout * 1000))

@@ -50,6 +50,9 @@ class Update(msgspec.Struct, gc=False):
     ask_size: float | None = None
     bid_price: float | None = None
     bid_size: float | None = None
+    # True when the update carries a symbol's whole state (from an upstream relay): every known
+    # field is applied, whatever ``kind`` says, so a first snapshot loses nothing.
+    merged: bool = False
 
 
 class PriceState(msgspec.Struct, gc=False, kw_only=True):
@@ -74,7 +77,14 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
         self.timestamp = update.timestamp
         self.data_type = update.kind
         self.cached_at = cached_at
-        if update.kind == TRADE:
+        if update.merged:
+            if update.last_price is not None:
+                self.last_price, self.last_size = update.last_price, update.last_size
+            if update.bid_price is not None:
+                self.bid_price, self.bid_size = update.bid_price, update.bid_size
+            if update.ask_price is not None:
+                self.ask_price, self.ask_size = update.ask_price, update.ask_size
+        elif update.kind == TRADE:
             self.last_price = update.last_price
             self.last_size = update.last_size
         elif update.kind == QUOTE:
