@@ -72,12 +72,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def _serve(config: Config) -> None:
+async def serve_until_signalled(config: Config) -> None:
+    """Run the relay (or the feeder and its workers) until SIGINT/SIGTERM, then shut down cleanly."""
     from .daemon import run_relay
+    from .workers import run_workers
 
+    runner: Any = run_workers if config.server.workers > 1 else run_relay
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            relay = await nursery.start(run_relay, config)
+            relay = await nursery.start(runner, config)
             # If run_relay fails on its own, the nursery cancels this wait.
             async for signum in signals:
                 log.info("[SIGNAL] %s received; shutting down", signal.Signals(signum).name)
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gave_up = False
     try:
-        trio.run(_serve, config)
+        trio.run(serve_until_signalled, config)
     except* UpstreamGaveUp as group:
         log.error("[EXIT] upstream gave up: %s", group.exceptions[0])
         gave_up = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 "callback_dropped": stats.callback_dropped,
             },
             "cache": {"symbols": len(hub.cache)},
+            "pid": os.getpid(),
             "started_at": _iso(ctx.started_at),
             "uptime_s": round(now - ctx.started_at, 1),
         }
