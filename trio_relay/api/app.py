@@ -77,8 +77,11 @@ class FrontDoor:
                 await self.ws.serve(stream, head)
             else:
                 await self._relay_to_rest(stream, head)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; grouped when it happened inside a connection's nursery
+        except* Exception as group:
+            # One connection's failure must never take the relay (and every other client) down.
+            log.error("[CONNECTION] handler failed; connection dropped", exc_info=group)
         finally:
             await trio.aclose_forcefully(stream)
 

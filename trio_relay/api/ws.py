@@ -126,7 +126,8 @@ class ClientProtocol:
                         nursery.start_soon(self._send_loop, client, writer)
                         peer_gone = await self._read_loop(client, stream, conn, writer)
                         nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                # Reset or gone mid-write/read; from the nursery these arrive grouped.
                 peer_gone = True
             if client.close_code is not None and not peer_gone:
                 # Bounded: a peer that stopped reading may never take the close frame.
