@@ -58,6 +58,7 @@ class Stats:
     messages_out: int = 0  # price_update messages handed to client outboxes
     dropped: int = 0  # updates for unwanted symbols + updates lost with a closed client
     conflated: int = 0  # updates replaced by a newer one in a full outbox (closed clients)
+    coalesced: int = 0  # backlogged upstream updates merged into a later one before routing
     malformed: int = 0  # upstream frames that could not be decoded
     callback_errors: int = 0
     callback_dropped: int = 0  # updates an async callback was too slow to take
@@ -301,8 +302,11 @@ class Demand:
 class Hub:
     """Cache, sequence numbers, routing to outboxes, callbacks. Open with :meth:`open`."""
 
-    def __init__(self, config: ClientsConfig, demand: Demand, stats: Stats | None = None) -> None:
+    def __init__(
+        self, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 1000
+    ) -> None:
         self.config = config
+        self.coalesce_above = coalesce_above
         self.demand = demand
         self.stats = stats if stats is not None else Stats()
         self.cache: dict[str, PriceState] = {}
@@ -320,10 +324,10 @@ class Hub:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None
+        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 1000
     ) -> AsyncIterator[Hub]:
         """Run the hub's own tasks (stall reaper, async callbacks) for the block's duration."""
-        hub = cls(config, demand, stats)
+        hub = cls(config, demand, stats, coalesce_above=coalesce_above)
         async with trio.open_nursery() as nursery:
             hub._nursery = nursery
             nursery.start_soon(hub._reap_stalled)
@@ -334,61 +338,112 @@ class Hub:
                 nursery.cancel_scope.cancel()
 
     async def consume(self, receive: trio.MemoryReceiveChannel[list[Update]]) -> None:
-        """Publish every batch from the upstream channel until it is closed."""
-        publish = self.publish
+        """Publish every batch from the upstream channel until it is closed.
+
+        Each turn takes everything already queued: with thousands of client senders each taking
+        one scheduler turn per round, ingesting one frame per turn would let the cache fall
+        behind the feed. A turn that finds more than ``coalesce_above`` updates waiting is a
+        backlog: every update still goes into the cache (and to callbacks), but each symbol's
+        resulting state is encoded and routed once, so fan-out work stays proportional to the
+        symbols that changed, not to the size of the backlog.
+        """
         async with receive:
             while True:
                 try:
-                    batch = await receive.receive()
-                    while True:
+                    batches = [await receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                total = len(batches[0])
+                ended = False
+                while True:
+                    try:
+                        batch = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        ended = True
+                        break
+                    batches.append(batch)
+                    total += len(batch)
+                if total > self.coalesce_above:
+                    self._publish_coalesced(batches, total)
+                else:
+                    publish = self.publish
+                    for batch in batches:
                         for update in batch:
                             publish(update)
-                        # Take everything already queued in this same turn: with thousands of
-                        # client senders each taking one scheduler turn per round, ingesting one
-                        # frame per turn would let the cache fall behind the feed.
-                        batch = receive.receive_nowait()
-                except trio.WouldBlock:
-                    continue
-                except trio.EndOfChannel:
+                if ended:
                     return
 
     # ----------------------------------------------------------------- hot path
     def publish(self, update: Update) -> None:
         """Cache, number, encode once, route. Never blocks."""
-        stats = self.stats
-        stats.updates_in += 1
-        symbol = update.symbol
-        if symbol not in self.demand.wanted:
-            stats.dropped += 1  # late data for a symbol nobody wants any more
+        self.stats.updates_in += 1
+        if update.symbol not in self.demand.wanted:
+            self.stats.dropped += 1  # late data for a symbol nobody wants any more
             return
-        state = self.cache.get(symbol)
-        if state is None:
-            state = self.cache[symbol] = PriceState(symbol=symbol)
-        if update.kind == BREAK:
-            # A break corrects an earlier print; it does not become the last trade.
-            state.seq += 1
-            msg = self._enc.price_update(
-                msgspec.structs.replace(
-                    state,
-                    data_type=BREAK,
-                    timestamp=update.timestamp,
-                    last_price=update.last_price,
-                    last_size=update.last_size,
-                    cached_at=self._enc.now_iso(),
-                )
-            )
-        else:
-            state.apply(update, self._enc.now_iso())
-            msg = self._enc.price_update(state)
-        outboxes = self._subs.get(symbol)
-        if outboxes:
-            for outbox in outboxes:
-                outbox.put(symbol, msg)
-            stats.messages_out += len(outboxes)
+        state = self._apply(update)
+        if state is not None:
+            self._route(update.symbol, self._enc.price_update(state))
         if self._sync_callbacks:
             self._run_sync_callbacks(update)
         if self._async_callbacks:
             self._feed_async_callbacks(update)
+
+    def _publish_coalesced(self, batches: list[list[Update]], total: int) -> None:
+        self.stats.updates_in += total
+        changed: dict[str, PriceState] = {}
+        wanted = self.demand.wanted
+        for batch in batches:
+            for update in batch:
+                if update.symbol not in wanted:
+                    self.stats.dropped += 1
+                    continue
+                state = self._apply(update)
+                if state is not None:
+                    changed[update.symbol] = state
+                if self._sync_callbacks:
+                    self._run_sync_callbacks(update)
+                if self._async_callbacks:
+                    self._feed_async_callbacks(update)
+        self.stats.coalesced += total - len(changed)
+        encode = self._enc.price_update
+        for symbol, state in changed.items():
+            self._route(symbol, encode(state))
+
+    def _apply(self, update: Update) -> PriceState | None:
+        """Merge a wanted symbol's update into the cache; the state to send (None: already routed)."""
+        symbol = update.symbol
+        state = self.cache.get(symbol)
+        if state is None:
+            state = self.cache[symbol] = PriceState(symbol=symbol)
+        if update.kind == BREAK:
+            # A break corrects an earlier print; it does not become the last trade. It is
+            # routed at once, on its own: it must never be coalesced away.
+            state.seq += 1
+            self._route(
+                symbol,
+                self._enc.price_update(
+                    msgspec.structs.replace(
+                        state,
+                        data_type=BREAK,
+                        timestamp=update.timestamp,
+                        last_price=update.last_price,
+                        last_size=update.last_size,
+                        cached_at=self._enc.now_iso(),
+                    )
+                ),
+            )
+            return None
+        state.apply(update, self._enc.now_iso())
+        return state
+
+    def _route(self, symbol: str, msg: bytes) -> None:
+        outboxes = self._subs.get(symbol)
+        if outboxes:
+            for outbox in outboxes:
+                outbox.put(symbol, msg)
+            self.stats.messages_out += len(outboxes)
 
     # ----------------------------------------------------------------- callbacks
     def _run_sync_callbacks(self, update: Update) -> None:

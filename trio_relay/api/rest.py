@@ -133,6 +133,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 "out": stats.messages_out,
                 "dropped": stats.dropped,
                 "conflated": hub.conflated_total(),
+                "coalesced": stats.coalesced,
                 "malformed": stats.malformed,
                 "callback_errors": stats.callback_errors,
                 "callback_dropped": stats.callback_dropped,
