@@ -17,5 +17,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# One benchmark scenario (see bench/README.md for the others): make bench PRESET=heavy-batch
+PRESET ?= heavy
+bench: $(STAMP)
+	$(VENV)/bin/python bench/fanout.py --preset $(PRESET)
+
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
