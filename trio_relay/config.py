@@ -139,6 +139,10 @@ class UpstreamConfig:
     queue_size: int = attrs.field(default=1024, validator=_positive)
     # Symbols subscribed upstream from the start, whatever the clients want.
     pinned: list[str] = attrs.Factory(list)
+    # When the hub finds more than this many upstream updates waiting at once (it is behind), it
+    # routes each symbol's latest state once instead of every update (all still reach the cache).
+    # 0 = never coalesce.
+    coalesce_above: int = attrs.field(default=5000, validator=_non_negative)
 
 
 @attrs.frozen

@@ -134,7 +134,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     # Hypercorn serves the REST app on a private Unix socket behind the front door.
     private_dir = tempfile.mkdtemp(prefix="trio-relay-")
     try:
-        async with Hub.open(config.clients, demand, stats) as hub:
+        async with Hub.open(config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above) as hub:
             upstream = Upstream(provider, demand, send, config.upstream, stats)
             ctx = RelayContext(
                 hub=hub, upstream=upstream, config=config, provider_name=config.provider, started_at=time.time()

@@ -303,7 +303,7 @@ class Hub:
     """Cache, sequence numbers, routing to outboxes, callbacks. Open with :meth:`open`."""
 
     def __init__(
-        self, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 1000
+        self, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 5000
     ) -> None:
         self.config = config
         self.coalesce_above = coalesce_above
@@ -324,7 +324,7 @@ class Hub:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 1000
+        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 5000
     ) -> AsyncIterator[Hub]:
         """Run the hub's own tasks (stall reaper, async callbacks) for the block's duration."""
         hub = cls(config, demand, stats, coalesce_above=coalesce_above)
@@ -365,7 +365,7 @@ class Hub:
                         break
                     batches.append(batch)
                     total += len(batch)
-                if total > self.coalesce_above:
+                if self.coalesce_above and total > self.coalesce_above:
                     self._publish_coalesced(batches, total)
                 else:
                     publish = self.publish
