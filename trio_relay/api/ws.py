@@ -19,7 +19,6 @@ as the previous frame went out (no timer).
 from __future__ import annotations
 
 import logging
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec

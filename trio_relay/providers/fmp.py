@@ -21,7 +21,7 @@ import trio
 
 from ..config import FmpConfig
 from ..model import SYMBOL_RE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame, MalformedSink, ProviderError
+from .base import AuthFailed, MalformedFrame, MalformedSink
 from .wsclient import WsClient
 
 __all__ = ["FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
@@ -166,40 +166,28 @@ class FmpProvider:
 
     @asynccontextmanager
     async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FmpSession]:
-        try:
-            with trio.fail_after(self.connect_timeout):
-                ws = await WsClient.connect(self.config.resolved_url, max_message=MAX_FRAME)
-                early = await self._login(ws)
-        except trio.TooSlowError:
-            raise ProviderError(f"connect timed out after {self.connect_timeout:g}s") from None
-        try:
-            yield FmpSession(ws, early, on_malformed)
-        finally:
-            # A close frame when we can; skipped at once if we are being cancelled.
-            await ws.aclose()
+        url = self.config.resolved_url
+        async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
+            yield FmpSession(ws, await self._login(ws), on_malformed)
 
     async def _login(self, ws: WsClient) -> list[str]:
         # The key goes only into this frame: never into a URL, a log line or an exception.
-        try:
-            await ws.send_text(_ENCODER.encode({"event": "login", "data": {"apiKey": self.config.api_key}}).decode())
-            early: list[str] = []
-            with trio.move_on_after(self.config.login_timeout):
-                while len(early) < MAX_EARLY:
-                    for raw in await ws.receive_batch():
-                        try:
-                            frame = _DECODER.decode(raw)
-                        except (msgspec.ValidationError, msgspec.DecodeError):
-                            early.append(raw)  # counted as malformed by the normal path
-                            continue
-                        reason = _fatal(frame)
-                        if reason is not None:
-                            raise AuthFailed(f"FMP rejected the API key: {reason}")
-                        if frame.event == "login":
-                            log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
-                            return early
-                        early.append(raw)
-            log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
-            return early
-        except BaseException:
-            await ws.aclose()
-            raise
+        await ws.send_text(_ENCODER.encode({"event": "login", "data": {"apiKey": self.config.api_key}}).decode())
+        early: list[str] = []
+        with trio.move_on_after(self.config.login_timeout):
+            while len(early) < MAX_EARLY:
+                for raw in await ws.receive_batch():
+                    try:
+                        frame = _DECODER.decode(raw)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        early.append(raw)  # counted as malformed by the normal path
+                        continue
+                    reason = _fatal(frame)
+                    if reason is not None:
+                        raise AuthFailed(f"FMP rejected the API key: {reason}")
+                    if frame.event == "login":
+                        log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
+                        return early
+                    early.append(raw)
+        log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
+        return early

@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import msgspec
-import trio
 
 from ..model import Update
-from .base import MalformedFrame, MalformedSink, ProviderError
+from .base import MalformedFrame, MalformedSink
 from .wsclient import WsClient
 
 __all__ = ["RelayProvider"]
@@ -103,12 +102,5 @@ class RelayProvider:
     @asynccontextmanager
     async def session(self, on_malformed: MalformedSink) -> AsyncIterator[RelaySession]:
         url = self.url + ("&" if "?" in self.url else "?") + "batch=1"
-        try:
-            with trio.fail_after(self.connect_timeout):
-                ws = await WsClient.connect(url)
-        except trio.TooSlowError:
-            raise ProviderError(f"connect timed out after {self.connect_timeout:g}s") from None
-        try:
+        async with WsClient.open(url, connect_timeout=self.connect_timeout) as ws:
             yield RelaySession(ws, on_malformed)
-        finally:
-            await ws.aclose()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import trio
@@ -98,7 +100,7 @@ class _Transport:
                 await self._flush_tls()
                 raw = await self._receive_raw()
                 if not raw:
-                    raise UpstreamClosed(1006, "closed during the TLS handshake")
+                    raise UpstreamClosed(1006, "closed during the TLS handshake") from None
                 self._incoming.write(raw)
         await self._flush_tls()
 
@@ -227,6 +229,20 @@ class WsClient:
         except BaseException:
             transport.close()
             raise
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, *, connect_timeout: float, max_message: int = 1 << 20) -> AsyncIterator[WsClient]:
+        """Connect within ``connect_timeout`` (else ProviderError); close (with a close frame) on exit."""
+        try:
+            with trio.fail_after(connect_timeout):
+                ws = await cls.connect(url, max_message=max_message)
+        except trio.TooSlowError:
+            raise ProviderError(f"connect timed out after {connect_timeout:g}s") from None
+        try:
+            yield ws
+        finally:
+            await ws.aclose()
 
     async def _await_accept(self) -> None:
         while True:
