@@ -584,13 +584,13 @@ async def test_stuck_sender_is_closed_after_stall_timeout(autojump_clock: trio.t
         await client.outbox.get()  # the sender took the ack and is now "sending" forever
         hub.publish(trade("AAPL", 1.0))
         start = trio.current_time()
-        await trio.sleep(9.5)
+        await trio.sleep(9.5)  # virtual time (MockClock)
         assert client.close_code is None
-        await trio.sleep(2.0)
+        await trio.sleep(2.0)  # virtual time (MockClock)
         assert client.close_code == 4008
         assert hub.stats.slow_clients_closed == 1
         assert client.cancel_scope.cancel_called
-        await trio.sleep(100)
+        await trio.sleep(100)  # virtual time (MockClock)
         assert hub.stats.slow_clients_closed == 1  # counted once
         assert trio.current_time() - start >= 111
 
@@ -613,7 +613,7 @@ async def test_progressing_or_idle_clients_are_not_closed(autojump_clock: trio.t
             for i in range(60):
                 # Each send takes 4 s (slow but moving): never 10 s without progress.
                 hub.publish(trade("AAPL", float(i)))
-                await trio.sleep(4)
+                await trio.sleep(4)  # virtual time (MockClock)
                 busy.outbox.progressed()
                 await busy.outbox.get()
             nursery.cancel_scope.cancel()
@@ -633,12 +633,12 @@ async def test_progress_within_one_batch_keeps_client_alive(autojump_clock: trio
         assert len(batch) == 31
         hub.publish(trade("AAPL", 99.0))  # more is pending meanwhile
         for _ in batch:
-            await trio.sleep(6)
+            await trio.sleep(6)  # virtual time (MockClock)
             client.outbox.progressed()
         assert client.close_code is None
         assert client.outbox.sent == 31
         # Then it stops making progress altogether.
-        await trio.sleep(12)
+        await trio.sleep(12)  # virtual time (MockClock)
         assert client.close_code == 4008
 
 
@@ -647,7 +647,7 @@ async def test_client_that_never_started_reading_is_idle(autojump_clock: trio.te
     async with open_hub(pinned=["AAPL"], stall_timeout=5.0) as hub:
         client = hub.connect()
         hub.subscribe(client, ["AAPL"])
-        await trio.sleep(60)
+        await trio.sleep(60)  # virtual time (MockClock)
         assert client.close_code is None
 
 
@@ -724,10 +724,10 @@ async def test_demand_linger_until_expire(autojump_clock: trio.testing.MockClock
     demand.release(["AAPL"])
     assert "AAPL" in demand.wanted
     assert demand.next_expiry() == start + 5.0
-    await trio.sleep(4.0)
+    await trio.sleep(4.0)  # virtual time (MockClock)
     demand.expire()
     assert "AAPL" in demand.wanted and removed == []
-    await trio.sleep(1.0)
+    await trio.sleep(1.0)  # virtual time (MockClock)
     demand.expire()
     assert "AAPL" not in demand.wanted and removed == ["AAPL"]
     assert demand.next_expiry() == float("inf")
@@ -737,10 +737,10 @@ async def test_demand_reacquire_during_linger_cancels_removal(autojump_clock: tr
     demand = Demand(linger=5.0)
     demand.acquire(["AAPL"])
     demand.release(["AAPL"])
-    await trio.sleep(3.0)
+    await trio.sleep(3.0)  # virtual time (MockClock)
     demand.acquire(["AAPL"])
     assert demand.next_expiry() == float("inf")
-    await trio.sleep(10.0)
+    await trio.sleep(10.0)  # virtual time (MockClock)
     demand.expire()
     assert "AAPL" in demand.wanted and demand.refcount("AAPL") == 1
 
@@ -753,6 +753,6 @@ async def test_hub_keeps_cache_while_lingering(autojump_clock: trio.testing.Mock
         hub.unsubscribe(client, ["AAPL"])
         hub.publish(trade("AAPL", 2.0))  # still wanted while it lingers: cached
         assert hub.cache["AAPL"].last_price == 2.0
-        await trio.sleep(5.0)
+        await trio.sleep(5.0)  # virtual time (MockClock)
         hub.demand.expire()
         assert "AAPL" not in hub.cache

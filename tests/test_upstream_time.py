@@ -239,7 +239,7 @@ async def test_silent_feed_reconnects_at_stale_after(autojump_clock):
             await fake.wait_until(lambda: "AAPL" in fake.subscriptions)
             # Half-way between two heartbeats (they come every second from the login): no frame
             # is in flight, so the last one the upstream saw is the last it will see.
-            await trio.sleep(3.5)
+            await trio.sleep(3.5)  # virtual time (MockClock)
             last = up.last_message_at
             assert last is not None and last < trio.current_time()
             fake.stall()
@@ -282,7 +282,7 @@ async def test_rejected_key_waits_auth_retry_delay_and_never_leaks(autojump_cloc
                 await fake.wait_until(lambda: fake.failed_logins >= i)
                 failed_at.append(trio.current_time())
                 if i == 1:
-                    await trio.sleep(100.0)  # far past any normal backoff, well short of the delay
+                    await trio.sleep(100.0)  # far past any normal backoff, well short of the delay  # virtual time (MockClock)
                     assert up.state == UpstreamState.AUTH_FAILED
                     assert "rejected" in up.last_error and "Unauthorized" in up.last_error
                     assert up.next_attempt_at == pytest.approx(failed_at[0] + expected[0], abs=EXACT)
@@ -316,7 +316,7 @@ async def test_reconnect_resubscribes_pinned_and_client_symbols(autojump_clock):
             assert fake.history[before:] == [("subscribe", ("AAPL", "MSFT", "TSLA"))]
             assert fake.subscriptions == {"AAPL", "MSFT", "TSLA"}
             sink.symbols = set()
-            await trio.sleep(1.0)
+            await trio.sleep(1.0)  # virtual time (MockClock)
             assert sink.symbols == {"AAPL", "MSFT", "TSLA"}  # data flows again for all of them
             assert up.subscribed == {"AAPL", "MSFT", "TSLA"}
             assert up.reconnects == 1
@@ -328,7 +328,7 @@ async def test_release_unsubscribes_exactly_after_the_linger(autojump_clock):
         async with run_upstream(fake.url, unsubscribe_linger=5.0) as (up, _):
             up.demand.acquire(["AAPL"])
             await fake.wait_until(lambda: "AAPL" in fake.subscriptions)
-            await trio.sleep(2.0)
+            await trio.sleep(2.0)  # virtual time (MockClock)
             released = trio.current_time()
             up.demand.release(["AAPL"])
             await fake.wait_until(lambda: ("unsubscribe", ("AAPL",)) in fake.history)
@@ -344,7 +344,7 @@ async def test_reacquire_within_the_linger_causes_no_churn(autojump_clock):
             up.demand.acquire(["AAPL"])
             await fake.wait_until(lambda: "AAPL" in fake.subscriptions)
             up.demand.release(["AAPL"])
-            await trio.sleep(3.0)
+            await trio.sleep(3.0)  # virtual time (MockClock)
             up.demand.acquire(["AAPL"])
             await trio.sleep(4 * 5.0)
             assert fake.history == [("subscribe", ("AAPL",))]
@@ -390,13 +390,13 @@ async def test_malformed_frames_are_counted_and_the_connection_stays(autojump_cl
     async with fake_fmp(rate=20.0, heartbeat_interval=1.0) as fake:
         async with run_upstream(fake.url, pinned=["AAPL"]) as (up, sink):
             await fake.wait_until(lambda: "AAPL" in fake.subscriptions)
-            await trio.sleep(1.0)
+            await trio.sleep(1.0)  # virtual time (MockClock)
             assert sink.updates > 0 and up.stats.malformed == 0
             fake.send_malformed()
-            await trio.sleep(0.5)
+            await trio.sleep(0.5)  # virtual time (MockClock)
             assert up.stats.malformed == len(MALFORMED_FRAMES)
             after = sink.updates
-            await trio.sleep(1.0)
+            await trio.sleep(1.0)  # virtual time (MockClock)
             assert sink.updates >= after + 10  # 20 a second on the same connection
             assert up.state == UpstreamState.CONNECTED
             assert up.reconnects == 0
