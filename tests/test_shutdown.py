@@ -91,3 +91,33 @@ async def test_sigterm_exits_zero_within_five_seconds(tmp_path):
     log = (buffered + rest).decode()
     assert "[SIGNAL] SIGTERM received" in log and "[SHUTDOWN] done" in log
     assert "Traceback" not in log
+
+
+async def test_shutdown_mid_stream_gives_every_reading_client_a_clean_1001(fake_fmp):
+    """Closing never cuts a frame in half: busy readers get 1001, a stuck one is dropped in time."""
+    from test_slow_client import open_stuck_client
+
+    symbols = [f"B{i}" for i in range(20)]
+    subscribe = '{"action":"subscribe","symbols":[' + ",".join(f'"{s}"' for s in symbols) + "]}"
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(run_relay, make_config(sim={"rate": 500.0}, clients={"outbox_size": 64}))
+        readers = []
+        for _ in range(20):
+            ws = await trio_websocket.connect_websocket_url(nursery, relay.ws_url, message_queue_size=100_000)
+            await ws.send_message(subscribe)
+            readers.append(ws)
+        stuck = await open_stuck_client(relay.port, subscribe)
+        for ws in readers:  # everybody is receiving
+            for _ in range(50):
+                await ws.get_message()
+        codes = []
+        with trio.fail_after(5):
+            relay.shutdown()
+            for ws in readers:
+                try:
+                    while True:
+                        await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    codes.append(exc.reason.code)
+        assert codes == [1001] * len(readers)
+        await stuck.aclose()

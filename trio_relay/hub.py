@@ -37,6 +37,9 @@ CLOSE_GOING_AWAY = 1001  # shutdown
 CLOSE_POLICY = 1008  # too many unread replies
 CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
 
+# Seconds a write in progress may still take once its client is being closed.
+CLOSE_GRACE = 1.0
+
 SyncCallback = Callable[[Update], object]
 AsyncCallback = Callable[[Update], Awaitable[object]]
 
@@ -193,12 +196,21 @@ class Client:
     close_code: int | None = None
     close_reason: str = ""
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    # The (shielded) scope of the socket write in progress, if any: see close().
+    write_scope: trio.CancelScope | None = None
 
     def close(self, code: int, reason: str) -> None:
-        """Ask the client's handler to close the socket with ``code``; idempotent."""
+        """Ask the client's handler to close the socket with ``code``; idempotent.
+
+        A write in progress gets ``CLOSE_GRACE`` seconds to finish, so the close frame follows a
+        whole frame (a clean close for a client that is reading); after that it is abandoned and
+        the connection is simply dropped (a client that is not reading).
+        """
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+        if self.write_scope is not None:
+            self.write_scope.deadline = min(self.write_scope.deadline, trio.current_time() + CLOSE_GRACE)
         self.cancel_scope.cancel()
 
 

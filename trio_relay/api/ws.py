@@ -28,7 +28,7 @@ import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..config import ClientsConfig
-from ..hub import Client, Hub, SubscriptionError
+from ..hub import CLOSE_GRACE, Client, Hub, SubscriptionError
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 
 __all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols"]
@@ -116,7 +116,7 @@ class ClientProtocol:
             remote = "?"
         client = self.hub.connect(batch=batch, remote=remote)
         log.info("[CLIENT] #%d connected from %s%s", client.id, client.remote, " (batch)" if batch else "")
-        writer = _Writer(stream)
+        writer = _Writer(stream, client)
         peer_gone = False
         try:
             try:
@@ -247,14 +247,35 @@ class ClientProtocol:
 
 
 class _Writer:
-    """Serialises writes to one client socket (the sender and the reader's pongs share it)."""
+    """Serialises writes to one client socket (the sender and the reader's pongs share it).
 
-    __slots__ = ("_stream", "_lock")
+    A write is never cut mid-frame by the client's own cancellation: it runs shielded, and
+    :meth:`Client.close` gives it ``CLOSE_GRACE`` to finish. One that does not finish in time is
+    abandoned, and the stream is then unusable (``broken``): no close frame can follow it.
+    """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    __slots__ = ("_stream", "_lock", "_client", "broken")
+
+    def __init__(self, stream: trio.SocketStream, client: Client) -> None:
         self._stream = stream
         self._lock = trio.Lock()
+        self._client = client
+        self.broken = False
 
     async def write(self, data: bytes) -> None:
         async with self._lock:
-            await self._stream.send_all(data)
+            if self.broken:
+                raise trio.ClosedResourceError("an earlier write was abandoned mid-frame")
+            client = self._client
+            scope = trio.CancelScope(shield=True)
+            if client.close_code is not None:
+                scope.deadline = trio.current_time() + CLOSE_GRACE
+            client.write_scope = scope
+            try:
+                with scope:
+                    await self._stream.send_all(data)
+            finally:
+                client.write_scope = None
+            if scope.cancelled_caught:
+                self.broken = True
+                raise trio.ClosedResourceError("write abandoned: the client is not reading")
