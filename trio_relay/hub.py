@@ -90,6 +90,7 @@ class Outbox:
         "sent",
         "idle",
         "last_progress",
+        "stopped",
     )
 
     def __init__(self, capacity: int) -> None:
@@ -103,6 +104,7 @@ class Outbox:
         self.sent = 0
         self.idle = True  # the sender is waiting for data (so it cannot be stalled)
         self.last_progress = trio.current_time()
+        self.stopped = False
 
     def __len__(self) -> int:
         return len(self._queue) if self._latest is None else len(self._latest)
@@ -156,6 +158,8 @@ class Outbox:
         if not (self._queue or self._latest):
             self.idle = True
             while not (self._queue or self._latest):
+                if self.stopped:
+                    return []
                 await self._lot.park()
         self.idle = False
         self.last_progress = trio.current_time()
@@ -177,6 +181,11 @@ class Outbox:
             self._controls -= sum(1 for k, _m in pairs if type(k) is int)
         return [m for _k, m in pairs]
 
+    def stop(self) -> None:
+        """No more sending: a sender waiting in :meth:`get` gets ``[]``."""
+        self.stopped = True
+        self._lot.unpark_all()
+
     def progressed(self, n: int = 1) -> None:
         """The sender delivered ``n`` frames."""
         self.sent += n
@@ -196,21 +205,16 @@ class Client:
     close_code: int | None = None
     close_reason: str = ""
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    # The (shielded) scope of the socket write in progress, if any: see close().
-    write_scope: trio.CancelScope | None = None
 
     def close(self, code: int, reason: str) -> None:
         """Ask the client's handler to close the socket with ``code``; idempotent.
 
-        A write in progress gets ``CLOSE_GRACE`` seconds to finish, so the close frame follows a
-        whole frame (a clean close for a client that is reading); after that it is abandoned and
-        the connection is simply dropped (a client that is not reading).
+        The handler's reader stops at once; a write in progress gets ``CLOSE_GRACE`` seconds to
+        finish, so the close frame follows a whole frame.
         """
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        if self.write_scope is not None:
-            self.write_scope.deadline = min(self.write_scope.deadline, trio.current_time() + CLOSE_GRACE)
         self.cancel_scope.cancel()
 
 

@@ -116,15 +116,18 @@ class ClientProtocol:
             remote = "?"
         client = self.hub.connect(batch=batch, remote=remote)
         log.info("[CLIENT] #%d connected from %s%s", client.id, client.remote, " (batch)" if batch else "")
-        writer = _Writer(stream, client)
+        writer = _Writer(stream)
         peer_gone = False
         try:
             try:
-                with client.cancel_scope:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._send_loop, client, writer)
+                async with trio.open_nursery() as nursery:
+                    sender = trio.CancelScope()
+                    nursery.start_soon(self._send_loop, client, writer, sender)
+                    # close() cancels only the reader: the sender must not be cut mid-frame.
+                    with client.cancel_scope:
                         peer_gone = await self._read_loop(client, stream, conn, writer)
-                        nursery.cancel_scope.cancel()
+                    client.outbox.stop()  # the sender ends after the write it is doing...
+                    sender.deadline = trio.current_time() + CLOSE_GRACE  # ...if that ends in time
             except* (trio.BrokenResourceError, trio.ClosedResourceError):
                 # Reset or gone mid-write/read; from the nursery these arrive grouped.
                 peer_gone = True
@@ -145,18 +148,21 @@ class ClientProtocol:
             f"closed {client.close_code}: {client.close_reason}" if client.close_code and not peer_gone else "by peer",
         )
 
-    async def _send_loop(self, client: Client, writer: _Writer) -> None:
+    async def _send_loop(self, client: Client, writer: _Writer, scope: trio.CancelScope) -> None:
         outbox = client.outbox
-        while True:
-            frames = await outbox.get()
-            if client.batch:
-                # One frame holding a JSON array of everything pending.
-                body = b"[" + b",".join([ws_payload(f) for f in frames]) + b"]"
-                await writer.write(ws_text_frame(body))
-            else:
-                # Every pending message as its own frame, all in one socket write.
-                await writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
-            outbox.progressed(len(frames))
+        with scope:
+            while True:
+                frames = await outbox.get()
+                if not frames:
+                    return  # stopped
+                if client.batch:
+                    # One frame holding a JSON array of everything pending.
+                    body = b"[" + b",".join([ws_payload(f) for f in frames]) + b"]"
+                    await writer.write(ws_text_frame(body))
+                else:
+                    # Every pending message as its own frame, all in one socket write.
+                    await writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                outbox.progressed(len(frames))
 
     async def _read_loop(
         self, client: Client, stream: trio.SocketStream, conn: wsproto.WSConnection, writer: _Writer
@@ -249,33 +255,21 @@ class ClientProtocol:
 class _Writer:
     """Serialises writes to one client socket (the sender and the reader's pongs share it).
 
-    A write is never cut mid-frame by the client's own cancellation: it runs shielded, and
-    :meth:`Client.close` gives it ``CLOSE_GRACE`` to finish. One that does not finish in time is
-    abandoned, and the stream is then unusable (``broken``): no close frame can follow it.
+    A write cancelled half-way leaves a torn frame on the wire: the writer is then ``broken`` and
+    refuses further writes (no close frame may follow a torn one; the connection is just dropped).
     """
 
-    __slots__ = ("_stream", "_lock", "_client", "broken")
+    __slots__ = ("_stream", "_lock", "_in_write")
 
-    def __init__(self, stream: trio.SocketStream, client: Client) -> None:
+    def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._lock = trio.Lock()
-        self._client = client
-        self.broken = False
+        self._in_write = False
 
     async def write(self, data: bytes) -> None:
         async with self._lock:
-            if self.broken:
+            if self._in_write:
                 raise trio.ClosedResourceError("an earlier write was abandoned mid-frame")
-            client = self._client
-            scope = trio.CancelScope(shield=True)
-            if client.close_code is not None:
-                scope.deadline = trio.current_time() + CLOSE_GRACE
-            client.write_scope = scope
-            try:
-                with scope:
-                    await self._stream.send_all(data)
-            finally:
-                client.write_scope = None
-            if scope.cancelled_caught:
-                self.broken = True
-                raise trio.ClosedResourceError("write abandoned: the client is not reading")
+            self._in_write = True
+            await self._stream.send_all(data)
+            self._in_write = False
