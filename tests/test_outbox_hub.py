@@ -756,3 +756,21 @@ async def test_hub_keeps_cache_while_lingering(autojump_clock: trio.testing.Mock
         await trio.sleep(5.0)  # virtual time (MockClock)
         hub.demand.expire()
         assert "AAPL" not in hub.cache
+
+
+async def test_stopped_outbox_gives_nothing_more_even_with_frames_pending() -> None:
+    outbox = Outbox(8)
+    outbox.put("A", b"a1")
+    outbox.stop()
+    assert await outbox.get() == []  # the sender ends after its current write, pending or not
+    waiting = Outbox(8)
+    got: list[list[bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def sender() -> None:
+            got.append(await waiting.get())
+
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        waiting.stop()
+    assert got == [[]]

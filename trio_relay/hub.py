@@ -155,12 +155,14 @@ class Outbox:
         A sender that writes one frame at a time should take one at a time: what it leaves
         here can still be conflated, what it took can only go stale in its hands.
         """
+        if self.stopped:
+            return []
         if not (self._queue or self._latest):
             self.idle = True
             while not (self._queue or self._latest):
+                await self._lot.park()
                 if self.stopped:
                     return []
-                await self._lot.park()
         self.idle = False
         self.last_progress = trio.current_time()
         latest = self._latest
@@ -182,7 +184,7 @@ class Outbox:
         return [m for _k, m in pairs]
 
     def stop(self) -> None:
-        """No more sending: a sender waiting in :meth:`get` gets ``[]``."""
+        """No more sending: :meth:`get` returns ``[]`` from now on, pending frames or not."""
         self.stopped = True
         self._lot.unpark_all()
 
