@@ -15,6 +15,7 @@ import trio
 
 from .config import Config, ConfigError, load_config
 from .logsetup import configure_logging
+from .systemd import Notifier, run_watchdog, watchdog_interval
 
 __all__ = ["main"]
 
@@ -91,15 +92,36 @@ async def serve_until_signalled(config: Config) -> None:
     from .workers import run_workers
 
     runner: Any = run_workers if config.server.workers > 1 else run_relay
+    notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             relay = await nursery.start(runner, config)
             _tune_gc()
-            # If run_relay fails on its own, the nursery cancels this wait.
+            hub_relay = relay.feeder if config.server.workers > 1 else relay  # who holds the upstream
+
+            def status() -> str:
+                hub = hub_relay.hub
+                return f"upstream {hub_relay.upstream.state}; {len(hub.clients)} clients; {len(hub.cache)} symbols"
+
+            notifier.notify("READY=1", f"STATUS={status()}", f"MAINPID={os.getpid()}")
+            watchdog = trio.CancelScope()
+            interval = watchdog_interval()
+            if notifier.enabled and interval:
+                log.info("[SYSTEMD] watchdog pings every %.1fs while the hub makes progress", interval)
+
+                async def ping() -> None:
+                    with watchdog:
+                        await run_watchdog(notifier, interval, hub_relay.hub.making_progress, status)
+
+                nursery.start_soon(ping)
+            # If the relay fails on its own, the nursery cancels this wait.
             async for signum in signals:
                 log.info("[SIGNAL] %s received; shutting down", signal.Signals(signum).name)
+                notifier.notify("STOPPING=1", "STATUS=shutting down")
+                watchdog.cancel()
                 relay.shutdown()
                 break
+    notifier.close()
 
 
 FAKE_COMMANDS = "drop | stall | resume | malformed [N] | status"

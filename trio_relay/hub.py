@@ -336,6 +336,9 @@ class Hub:
         self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
         self._nursery: trio.Nursery | None = None
         self._no_clients = trio.Event()
+        self._receive: trio.MemoryReceiveChannel[list[Update]] | None = None
+        self._turns = 0  # consume turns taken (the watchdog's measure of progress)
+        self._turns_seen = 0
         demand.on_removed = self._evict
 
     # ----------------------------------------------------------------- lifetime
@@ -365,12 +368,14 @@ class Hub:
         resulting state is encoded and routed once, so fan-out work stays proportional to the
         symbols that changed, not to the size of the backlog.
         """
+        self._receive = receive
         async with receive:
             while True:
                 try:
                     batches = [await receive.receive()]
                 except trio.EndOfChannel:
                     return
+                self._turns += 1
                 total = len(batches[0])
                 ended = False
                 while True:
@@ -392,6 +397,17 @@ class Hub:
                             publish(update)
                 if ended:
                     return
+
+    def making_progress(self) -> bool:
+        """True if the hub took upstream data since the last call, or none is waiting for it.
+
+        False means updates are queued and the hub has not taken any since the last call: it is
+        wedged (the systemd watchdog stops pinging, so systemd restarts the service).
+        """
+        progressed = self._turns != self._turns_seen
+        self._turns_seen = self._turns
+        waiting = self._receive is not None and self._receive.statistics().current_buffer_used > 0
+        return progressed or not waiting
 
     # ----------------------------------------------------------------- hot path
     def publish(self, update: Update) -> None:

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from .config import Config, FmpConfig, RelayConfig
-from .daemon import SHUTDOWN_GRACE, run_relay
+from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
 
 __all__ = ["run_workers", "Workers"]
@@ -58,6 +58,8 @@ def _worker_main(config: Config) -> None:
     from .cli import serve_until_signalled
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the feeder, which stops us
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)  # only the feeder talks to systemd
     configure_logging(config.logging.level)
     trio.run(serve_until_signalled, config)
 
@@ -68,7 +70,7 @@ class Workers:
 
     port: int
     http_url: str
-    feeder_ws_url: str
+    feeder: Relay
     processes: dict[int, Any]
     _shutdown: trio.Event
 
@@ -127,7 +129,7 @@ async def run_workers(config: Config, *, task_status: trio.TaskStatus[Workers] =
             feeder = await nursery.start(run_relay, _feeder_config(config))
             worker_config = _worker_config(config, port, feeder.ws_url)
             url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            workers = Workers(port, url, feeder.ws_url, {}, shutdown)
+            workers = Workers(port, url, feeder, {}, shutdown)
             async with trio.open_nursery() as supervisors:
                 for i in range(config.server.workers):
                     supervisors.start_soon(_supervise, i, worker_config, workers, stopping)
