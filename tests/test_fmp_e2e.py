@@ -114,3 +114,24 @@ async def test_health_is_503_while_upstream_is_down(start_relay, http):
     assert health.status_code == 503
     assert health.json()["state"] in ("backoff", "connecting")
     assert "reason" in health.json()
+
+
+async def test_live_and_ready_follow_the_upstream(start_relay, fake_fmp, http):
+    sections = fmp_sections(fake_fmp)
+    sections["fmp"]["api_key"] = "wrong-key-1234567890"
+    relay = await start_relay(**sections)
+    with trio.fail_after(10):
+        await fake_fmp.wait_until(lambda: fake_fmp.failed_logins >= 1)
+        while relay.upstream.state != "auth_failed":
+            await trio.testing.wait_all_tasks_blocked()
+        live = await http.get(api(relay, "/health/live"))
+        ready = await http.get(api(relay, "/health/ready"))
+    assert live.status_code == 200 and live.json()["status"] == "ok"
+    assert ready.status_code == 503
+    assert ready.json()["code"] == "auth_failed" and "Unauthorized" in ready.json()["reason"]
+    good = await start_relay(**fmp_sections(fake_fmp))
+    with trio.fail_after(10):
+        while good.upstream.state != "connected":
+            await trio.testing.wait_all_tasks_blocked()
+        ok = await http.get(api(good, "/health/ready"))
+    assert ok.status_code == 200 and "code" not in ok.json()

@@ -75,6 +75,8 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             "clients": len(hub.clients),
         }
         if not fresh:
+            # "code" is for machines (alert rules), "reason" for people.
+            body["code"] = "stale" if upstream.state == "connected" else upstream.state
             if upstream.state == "connected":
                 body["reason"] = f"stale: no upstream message for {age or 0:.0f}s"
             elif upstream.state == "auth_failed":
@@ -91,6 +93,17 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def health() -> Response:
         body, fresh = health_body()
         return _json(body, 200 if fresh else 503)
+
+    @app.get(PREFIX + "/health/ready")
+    async def ready() -> Response:
+        """Ready to serve prices: the upstream is connected and fresh (always, for the simulator)."""
+        body, fresh = health_body()
+        return _json(body, 200 if fresh else 503)
+
+    @app.get(PREFIX + "/health/live")
+    async def live() -> Response:
+        """The process answers (its event loop runs), whatever the upstream does."""
+        return _json({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1)})
 
     @app.get(PREFIX + "/status")
     async def status() -> Response:
