@@ -12,6 +12,7 @@ the last client left.
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import itertools
 import logging
@@ -91,6 +92,9 @@ class Outbox:
         "idle",
         "last_progress",
         "stopped",
+        "oldest",
+        "_taken_oldest",
+        "latency",
     )
 
     def __init__(self, capacity: int) -> None:
@@ -105,6 +109,9 @@ class Outbox:
         self.idle = True  # the sender is waiting for data (so it cannot be stalled)
         self.last_progress = trio.current_time()
         self.stopped = False
+        self.oldest = 0.0  # when the oldest pending frame was queued (trio clock)
+        self._taken_oldest = 0.0
+        self.latency: LatencyHistogram | None = None  # set by the hub: queued → written
 
     def __len__(self) -> int:
         return len(self._queue) if self._latest is None else len(self._latest)
@@ -115,6 +122,8 @@ class Outbox:
         if latest is None:
             queue = self._queue
             if len(queue) < self.capacity:
+                if not queue:
+                    self.oldest = trio.current_time()  # for the relay-latency histogram
                 queue.append((key, msg))
                 if self._lot:
                     self._lot.unpark()
@@ -164,7 +173,9 @@ class Outbox:
                 if self.stopped:
                     return []
         self.idle = False
-        self.last_progress = trio.current_time()
+        self.last_progress = now = trio.current_time()
+        self._taken_oldest = self.oldest
+        self.oldest = now  # what stays behind was queued no earlier than... close enough
         latest = self._latest
         if latest is not None:
             if limit and len(latest) > limit:
@@ -189,9 +200,36 @@ class Outbox:
         self._lot.unpark_all()
 
     def progressed(self, n: int = 1) -> None:
-        """The sender delivered ``n`` frames."""
+        """The sender delivered ``n`` frames (the oldest of them queued at ``_taken_oldest``)."""
         self.sent += n
-        self.last_progress = trio.current_time()
+        self.last_progress = now = trio.current_time()
+        if self.latency is not None:
+            self.latency.observe(now - self._taken_oldest)
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram, cheap enough for the hot path (one bisect per flush)."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*map(str, self.BUCKETS), "+Inf"), self.counts):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 @attrs.define(eq=False)
@@ -337,6 +375,7 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self._no_clients = trio.Event()
         self._receive: trio.MemoryReceiveChannel[list[Update]] | None = None
+        self.latency = LatencyHistogram()  # queued in an outbox → written to the socket, per flush
         self._turns = 0  # consume turns taken (the watchdog's measure of progress)
         self._turns_seen = 0
         demand.on_removed = self._evict
@@ -539,9 +578,11 @@ class Hub:
 
     # ----------------------------------------------------------------- clients
     def connect(self, *, batch: bool = False, remote: str = "") -> Client:
+        outbox = Outbox(self.config.outbox_size)
+        outbox.latency = self.latency
         client = Client(
             id=next(self._ids),
-            outbox=Outbox(self.config.outbox_size),
+            outbox=outbox,
             batch=batch,
             remote=remote,
             connected_at=trio.current_time(),

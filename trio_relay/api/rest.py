@@ -13,6 +13,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .metrics import make_registry, render
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -99,6 +102,12 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         """Ready to serve prices: the upstream is connected and fresh (always, for the simulator)."""
         body, fresh = health_body()
         return _json(body, 200 if fresh else 503)
+
+    registry = make_registry(ctx)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get(PREFIX + "/health/live")
     async def live() -> Response:
