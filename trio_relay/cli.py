@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trio-relay: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.logging.level, secrets=[config.fmp.api_key])
+    configure_logging(config.logging.level, secrets=[config.fmp.api_key], fmt=config.logging.format)
     from .upstream import UpstreamGaveUp
 
     gave_up = False

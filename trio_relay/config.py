@@ -160,6 +160,8 @@ class ClientsConfig:
 @attrs.frozen
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text": the spec's "2024-11-10 12:00:00,000 - logger - LEVEL - message"; "json": one object per line.
+    format: Literal["text", "json"] = "text"
 
 
 @attrs.frozen

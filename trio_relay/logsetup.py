@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
-__all__ = ["configure_logging", "RedactSecrets", "LOG_FORMAT"]
+import msgspec
+
+__all__ = ["configure_logging", "RedactSecrets", "JsonFormatter", "LOG_FORMAT"]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
@@ -43,10 +46,29 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), stream: object = None) -> logging.Handler:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald and log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        return msgspec.json.encode(entry).decode()
+
+
+def configure_logging(
+    level: str = "INFO", secrets: Iterable[str] = (), stream: object = None, fmt: str = "text"
+) -> logging.Handler:
     """Install one stderr handler on the root logger (replacing earlier ones of ours)."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
     handler.addFilter(RedactSecrets(secrets))
     handler.set_name("trio_relay")
     root = logging.getLogger()

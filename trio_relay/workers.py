@@ -60,7 +60,7 @@ def _worker_main(config: Config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the feeder, which stops us
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)  # only the feeder talks to systemd
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, fmt=config.logging.format)
     trio.run(serve_until_signalled, config)
 
 
