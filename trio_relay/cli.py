@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -86,14 +86,18 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve_until_signalled(config: Config) -> None:
-    """Run the relay (or the feeder and its workers) until SIGINT/SIGTERM, then shut down cleanly."""
+async def serve_until_signalled(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run the relay (or the feeder and its workers) until SIGINT/SIGTERM, then shut down cleanly.
+
+    SIGHUP calls ``reload()`` (the config file and flags, read again) and applies the result
+    without dropping clients; a config that does not load is refused and the old one stays.
+    """
     from .daemon import run_relay
     from .workers import run_workers
 
     runner: Any = run_workers if config.server.workers > 1 else run_relay
     notifier = Notifier()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             relay = await nursery.start(runner, config)
             _tune_gc()
@@ -116,12 +120,32 @@ async def serve_until_signalled(config: Config) -> None:
                 nursery.start_soon(ping)
             # If the relay fails on its own, the nursery cancels this wait.
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload(relay, reload, notifier)
+                    continue
                 log.info("[SIGNAL] %s received; shutting down", signal.Signals(signum).name)
                 notifier.notify("STOPPING=1", "STATUS=shutting down")
                 watchdog.cancel()
                 relay.shutdown()
                 break
     notifier.close()
+
+
+def _reload(relay: Any, reload: Callable[[], Config] | None, notifier: Notifier) -> None:
+    if reload is None:
+        log.warning("[RELOAD] SIGHUP ignored: nothing to reload from")
+        return
+    notifier.notify("RELOADING=1")
+    try:
+        new = reload()
+    except ConfigError as exc:
+        log.error("[RELOAD] rejected, keeping the running configuration: %s", exc)
+    else:
+        old_key = relay.config.fmp.api_key
+        configure_logging(new.logging.level, secrets=[old_key, new.fmp.api_key], fmt=new.logging.format)
+        changes = relay.reload(new)
+        log.info("[RELOAD] applied: %s", "; ".join(changes) or "nothing changed")
+    notifier.notify("READY=1")
 
 
 FAKE_COMMANDS = "drop | stall | resume | malformed [N] | status"
@@ -168,7 +192,7 @@ async def _fake_fmp(args: argparse.Namespace) -> None:
     from .testing.fake_fmp import FakeFmpServer
 
     server = FakeFmpServer(api_keys=args.key or ["demo-key"], rate=args.rate, seed=args.seed)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, args.host, args.port)
             print(f"fake FMP server listening on {server.url} (keys: {len(server.api_keys)})", flush=True)
@@ -196,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gave_up = False
     try:
-        trio.run(serve_until_signalled, config)
+        trio.run(serve_until_signalled, config, lambda: load_config(args.config, overrides=_overrides(args)))
     except* UpstreamGaveUp as group:
         log.error("[EXIT] upstream gave up: %s", group.exceptions[0])
         gave_up = True

@@ -85,6 +85,47 @@ class Relay:
     def shutdown(self) -> None:
         self._shutdown.set()
 
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without dropping clients; returns what changed.
+
+        Live: pinned symbols, client limits, linger, coalescing, and the provider settings (the
+        upstream reconnects at once with them; clients stay and everything wanted is subscribed
+        again). ``server`` settings need a restart and are kept as they are.
+        """
+        old = self.config
+        changes: list[str] = []
+        if new.server != old.server:
+            changes.append("server settings need a restart: kept as they were")
+            new = attrs.evolve(new, server=old.server)
+        hub = self.hub
+        added = [s for s in new.upstream.pinned if s not in old.upstream.pinned]
+        removed = [s for s in old.upstream.pinned if s not in new.upstream.pinned]
+        if added:
+            hub.pin(added)
+            changes.append(f"pinned +{','.join(added)}")
+        if removed:
+            hub.unpin(removed)
+            changes.append(f"pinned -{','.join(removed)}")
+        if new.clients != old.clients:
+            hub.config = new.clients
+            for client in hub.clients.values():
+                client.outbox.capacity = new.clients.outbox_size
+            changes.append("client limits")
+        hub.demand.linger = new.upstream.unsubscribe_linger
+        hub.coalesce_above = new.upstream.coalesce_above
+        if _upstream_settings(new) != _upstream_settings(old):
+            self.upstream.restart(make_provider(new), new.upstream)
+            changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
+        if new.logging != old.logging:
+            changes.append("logging")
+        self.config = new
+        return changes
+
+
+def _upstream_settings(config: Config) -> tuple[object, ...]:
+    """Everything whose change needs a new upstream session (pins do not)."""
+    return (attrs.evolve(config.upstream, pinned=[]), config.provider, config.fmp, config.sim, config.relay)
+
 
 def _listening_socket(config: Config) -> socket.socket:
     """The public socket. Accepted connections inherit TCP_NODELAY and TCP_USER_TIMEOUT.

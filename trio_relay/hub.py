@@ -683,10 +683,9 @@ class Hub:
 
     # ----------------------------------------------------------------- stalls
     async def _reap_stalled(self) -> None:
-        timeout = self.config.stall_timeout
-        period = min(1.0, timeout / 4)
         while True:
-            await trio.sleep(period)
+            timeout = self.config.stall_timeout  # read each round: a reload may change it
+            await trio.sleep(min(1.0, timeout / 4))
             now = trio.current_time()
             for client in list(self.clients.values()):
                 outbox = client.outbox

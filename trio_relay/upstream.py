@@ -122,6 +122,8 @@ class Upstream:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, rng)
         self._rng = rng if rng is not None else random.Random()
         self._stop = trio.Event()
+        self._wake = trio.Event()  # set by stop() and restart(): ends the current session
+        self._restart = False
         self._connect_scope = trio.CancelScope()
         self.state = UpstreamState.STARTING
         self.connected_since: float | None = None  # wall clock, for /status
@@ -141,6 +143,20 @@ class Upstream:
         A connect or login still in progress is abandoned at once (nothing to close cleanly).
         """
         self._stop.set()
+        self._wake.set()
+        if self.state != UpstreamState.CONNECTED:
+            self._connect_scope.cancel()
+
+    def restart(self, provider: Provider, config: UpstreamConfig) -> None:
+        """Switch to new provider settings: close the session cleanly, reconnect at once.
+
+        Demand is kept, so everything wanted is subscribed again on the new session.
+        """
+        self.provider = provider
+        self.config = config
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max, self._rng)
+        self._restart = True
+        self._wake.set()
         if self.state != UpstreamState.CONNECTED:
             self._connect_scope.cancel()
 
@@ -182,6 +198,13 @@ class Upstream:
                 self._disconnected()
                 if self._stop.is_set():
                     break
+                if self._restart:
+                    # New settings: reconnect now, with no backoff and no failure counted.
+                    self._restart = False
+                    self._wake = trio.Event()
+                    self._connect_scope = trio.CancelScope()
+                    log.info("[RELOAD] reconnecting with the new upstream settings")
+                    continue
                 if stable:
                     self._backoff.reset()
                     failures = 0
@@ -214,11 +237,13 @@ class Upstream:
                     )
                 self.next_attempt_at = trio.current_time() + delay
                 with trio.move_on_after(delay):
-                    await self._stop.wait()
+                    await self._wake.wait()  # stop() ends the wait; so does restart()
                 self.next_attempt_at = None
                 if not self._stop.is_set():
                     self.reconnects += 1
                     self._connect_scope = trio.CancelScope()
+                    self._restart = False
+                    self._wake = trio.Event()
         self.state = UpstreamState.STOPPED
         log.info("[STOP] upstream closed")
 
@@ -245,7 +270,7 @@ class Upstream:
                 nursery.start_soon(self._reconcile, session)
                 if self.provider.detects_stale:
                     nursery.start_soon(self._watch_stale)
-                await self._stop.wait()
+                await self._wake.wait()
                 nursery.cancel_scope.cancel()
             # Leaving the session block closes the socket cleanly (close frame, not a reset).
 

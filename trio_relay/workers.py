@@ -77,6 +77,16 @@ class Workers:
     def shutdown(self) -> None:
         self._shutdown.set()
 
+    @property
+    def config(self) -> Config:
+        return self.feeder.config
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply to the feeder (pins, upstream settings); workers keep theirs until a restart."""
+        changes = self.feeder.reload(_feeder_config(new))
+        changes = [c for c in changes if not c.startswith("server settings")]
+        return [*changes, "worker processes keep their client settings until restarted"]
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values() if p.pid is not None]
 

@@ -58,7 +58,7 @@ def _wants_price_socket(head: bytes) -> bool:
 class FrontDoor:
     def __init__(self, ctx: RelayContext, backend_socket: str) -> None:
         self.rest: QuartTrio = create_rest_app(ctx)
-        self.ws = ClientProtocol(ctx.hub, ctx.config.clients)
+        self.ws = ClientProtocol(ctx.hub)
         self.backend_socket = backend_socket
 
     async def handle(self, stream: trio.SocketStream) -> None:

@@ -176,7 +176,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         if isinstance(body, dict):
             body = body.get("symbols")
         try:
-            return parse_symbols(body, ctx.config.clients.max_symbols_per_request, field="body")
+            return parse_symbols(body, hub.config.max_symbols_per_request, field="body")
         except ProtocolError as exc:
             return _error(422, exc.code, exc.message)
 

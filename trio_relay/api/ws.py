@@ -27,7 +27,6 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..config import ClientsConfig
 from ..hub import CLOSE_GRACE, Client, Hub, SubscriptionError
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 
@@ -84,9 +83,8 @@ class ClientProtocol:
     sender writes everything it has pending with ONE socket write.
     """
 
-    def __init__(self, hub: Hub, config: ClientsConfig) -> None:
-        self.hub = hub
-        self.config = config
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub  # hub.config holds the client limits (and changes on reload)
         self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.SocketStream, head: bytes) -> None:
@@ -168,7 +166,7 @@ class ClientProtocol:
         self, client: Client, stream: trio.SocketStream, conn: wsproto.WSConnection, writer: _Writer
     ) -> bool:
         """Apply client messages until the peer closes; True if the peer ended the connection."""
-        limit = self.config.max_message_size
+        limit = self.hub.config.max_message_size
         parts: list[str] = []
         size = 0
         while True:
@@ -227,7 +225,7 @@ class ClientProtocol:
         action = msg.get("action")
         try:
             if action == "subscribe":
-                symbols = parse_symbols(msg.get("symbols"), self.config.max_symbols_per_request)
+                symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
                 try:
@@ -235,7 +233,7 @@ class ClientProtocol:
                 except SubscriptionError as exc:
                     raise ProtocolError(exc.code, exc.message) from None
             elif action == "unsubscribe":
-                symbols = parse_symbols(msg.get("symbols"), self.config.max_symbols_per_request)
+                symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
                 self.hub.unsubscribe(client, symbols)
             elif action == "ping":
                 self.hub.send_control(client, control("pong"))
