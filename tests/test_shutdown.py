@@ -46,6 +46,14 @@ async def test_shutdown_closes_clients_with_1001_and_leaves_no_task(fake_fmp):
                     await ws.get_message()
             except trio_websocket.ConnectionClosed as exc:
                 assert exc.reason.code == 1001
+            # Draining: no new connection is accepted any more.
+            try:
+                late = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            except OSError:
+                pass
+            else:
+                await late.aclose()
+                raise AssertionError("a new connection was accepted during shutdown")
             # The upstream said goodbye with a close frame (the fake saw its connection end).
             await fake_fmp.wait_until(lambda: not fake_fmp.connections)
         # run_relay has returned once the nursery can exit; the client socket is ours to close.

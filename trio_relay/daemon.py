@@ -195,13 +195,18 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 host, port = listener.getsockname()[:2]
                 bind = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
                 front_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
-                front_scope = trio.CancelScope()
+                accepting = trio.CancelScope()  # the accept loop only
+                connections = trio.CancelScope()  # every accepted connection's handler
 
                 async def serve_front(
                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
                 ) -> None:
-                    with front_scope:
-                        await trio.serve_listeners(front.handle, [front_listener], task_status=task_status)
+                    with connections:
+                        async with trio.open_nursery() as handlers:
+                            with accepting:
+                                await trio.serve_listeners(
+                                    front.handle, [front_listener], handler_nursery=handlers, task_status=task_status
+                                )
 
                 await nursery.start(serve_front)
                 relay = Relay(config, hub, upstream, [bind], shutdown)
@@ -209,15 +214,19 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 task_status.started(relay)
 
                 await shutdown.wait()
+                # Drain: stop accepting, close every client with 1001 (each handler finishes the
+                # frame it is writing, then sends the close), stop the upstream cleanly, then end
+                # whatever is left (REST requests get the server's graceful_timeout).
                 log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                accepting.cancel()
+                await front_listener.aclose()  # new connections are refused from here on
                 hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
                 upstream.stop()
-                # Let the clients' handlers send their close frames, then stop accepting.
                 with trio.move_on_after(SHUTDOWN_GRACE / 2):
                     await hub.wait_no_clients()
-                front_scope.cancel()
                 stop_server.set()
+                connections.cancel()
     finally:
         shutil.rmtree(private_dir, ignore_errors=True)
     log.info("[SHUTDOWN] done")
