@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 
 import trio
-import trio_websocket
 
 from .config import UpstreamConfig
 from .hub import Demand, Stats
@@ -49,11 +48,8 @@ class UpstreamGaveUp(Exception):
 
 # What a network peer or provider can do to one attempt; anything else is a bug and propagates.
 RETRYABLE: tuple[type[BaseException], ...] = (
-    ProviderError,
+    ProviderError,  # includes the WebSocket client's UpstreamClosed and HandshakeRejected
     StaleFeed,
-    trio_websocket.ConnectionClosed,
-    trio_websocket.HandshakeError,
-    trio_websocket.DisconnectionTimeout,
     trio.BrokenResourceError,
     trio.TooSlowError,
     OSError,
@@ -88,15 +84,6 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return f"handshake rejected with HTTP {exc.status_code}"
-    if isinstance(exc, trio_websocket.ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "connection closed"
-        return f"connection closed (code {reason.code}{', ' + reason.reason if reason.reason else ''})"
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return "connect timed out"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text
 
