@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import trio.testing
 
 from trio_relay.config import Config, load_config
 from trio_relay.daemon import Relay, run_relay
@@ -127,3 +128,18 @@ async def wait_cached(relay: Relay, symbol: str) -> None:
         await arrived.wait()
     finally:
         unregister()
+
+
+async def close_code(ws: trio_websocket.WebSocketConnection) -> int:
+    """Read (and drop) messages until the server closes; the close code it sent."""
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed as exc:
+        return exc.reason.code
+
+
+async def wait_state(relay: Relay, state: str) -> None:
+    """Wait until the relay's upstream is in ``state`` (re-checked whenever the run loop idles)."""
+    while relay.upstream.state != state:
+        await trio.testing.wait_all_tasks_blocked()

@@ -6,7 +6,7 @@ import logging
 
 import trio
 
-from conftest import FMP_KEY, api, fmp_sections
+from conftest import FMP_KEY, api, fmp_sections, wait_state
 
 
 async def test_upstream_subscription_follows_demand(start_relay, fake_fmp, ws_connect):
@@ -66,8 +66,7 @@ async def test_wrong_key_reports_auth_failed_and_never_logs_the_key(start_relay,
     relay = await start_relay(**sections)
     with trio.fail_after(10):
         await fake_fmp.wait_until(lambda: fake_fmp.failed_logins >= 1)
-        while relay.upstream.state != "auth_failed":
-            await trio.testing.wait_all_tasks_blocked()
+        await wait_state(relay, "auth_failed")
         health = await http.get(api(relay, "/health"))
         status = await http.get(api(relay, "/status"))
     assert health.status_code == 503
@@ -122,8 +121,7 @@ async def test_live_and_ready_follow_the_upstream(start_relay, fake_fmp, http):
     relay = await start_relay(**sections)
     with trio.fail_after(10):
         await fake_fmp.wait_until(lambda: fake_fmp.failed_logins >= 1)
-        while relay.upstream.state != "auth_failed":
-            await trio.testing.wait_all_tasks_blocked()
+        await wait_state(relay, "auth_failed")
         live = await http.get(api(relay, "/health/live"))
         ready = await http.get(api(relay, "/health/ready"))
     assert live.status_code == 200 and live.json()["status"] == "ok"
@@ -131,7 +129,6 @@ async def test_live_and_ready_follow_the_upstream(start_relay, fake_fmp, http):
     assert ready.json()["code"] == "auth_failed" and "Unauthorized" in ready.json()["reason"]
     good = await start_relay(**fmp_sections(fake_fmp))
     with trio.fail_after(10):
-        while good.upstream.state != "connected":
-            await trio.testing.wait_all_tasks_blocked()
+        await wait_state(good, "connected")
         ok = await http.get(api(good, "/health/ready"))
     assert ok.status_code == 200 and "code" not in ok.json()

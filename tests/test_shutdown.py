@@ -11,7 +11,7 @@ import sys
 import trio
 import trio_websocket
 
-from conftest import fmp_sections, make_config
+from conftest import close_code, fmp_sections, make_config
 from trio_relay.daemon import run_relay
 
 
@@ -41,11 +41,7 @@ async def test_shutdown_closes_clients_with_1001_and_leaves_no_task(fake_fmp):
         assert _relay_tasks(), "the relay's tasks should be visible while it runs"
         with trio.fail_after(5):
             relay.shutdown()
-            try:
-                while True:
-                    await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                assert exc.reason.code == 1001
+            assert await close_code(ws) == 1001
             # Draining: no new connection is accepted any more.
             try:
                 late = await trio.open_tcp_stream("127.0.0.1", relay.port)
@@ -85,11 +81,7 @@ async def test_sigterm_exits_zero_within_five_seconds(tmp_path):
             assert "subscribed" in await ws.get_message()
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(5):
-                try:
-                    while True:
-                        await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    assert exc.reason.code == 1001
+                assert await close_code(ws) == 1001
                 assert await proc.wait() == 0
     finally:
         if proc.returncode is None:
@@ -122,10 +114,6 @@ async def test_shutdown_mid_stream_gives_every_reading_client_a_clean_1001(fake_
         with trio.fail_after(5):
             relay.shutdown()
             for ws in readers:
-                try:
-                    while True:
-                        await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    codes.append(exc.reason.code)
+                codes.append(await close_code(ws))
         assert codes == [1001] * len(readers)
         await stuck.aclose()

@@ -12,7 +12,7 @@ import httpx
 import trio
 import trio_websocket
 
-from conftest import FMP_KEY
+from conftest import FMP_KEY, close_code
 
 
 async def test_two_workers_share_one_upstream_connection_and_stop_cleanly(fake_fmp, tmp_path):
@@ -64,11 +64,7 @@ async def test_two_workers_share_one_upstream_connection_and_stop_cleanly(fake_f
                 proc.send_signal(signal.SIGTERM)
                 codes = []
                 for ws in clients:
-                    try:
-                        while True:
-                            await ws.get_message()
-                    except trio_websocket.ConnectionClosed as exc:
-                        codes.append(exc.reason.code)
+                    codes.append(await close_code(ws))
                 assert codes == [1001] * len(clients)
                 assert await proc.wait() == 0
                 nursery.cancel_scope.cancel()

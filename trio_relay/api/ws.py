@@ -265,9 +265,17 @@ class _Writer:
         self._in_write = False
 
     async def write(self, data: bytes) -> None:
-        async with self._lock:
+        # Uncontended (nearly always: only pongs race the sender), take the lock without the
+        # scheduler round-trip `async with` costs; send_all is this call's checkpoint.
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             if self._in_write:
                 raise trio.ClosedResourceError("an earlier write was abandoned mid-frame")
             self._in_write = True
             await self._stream.send_all(data)
             self._in_write = False
+        finally:
+            self._lock.release()
