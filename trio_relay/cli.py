@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument(
         "--provider",
-        choices=["auto", "sim", "fmp", "relay"],
+        choices=["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"],
         help="upstream provider (default: fmp if FMP_API_KEY is set, else sim; relay = another trio-relay)",
     )
     serve.add_argument("--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)")
@@ -63,8 +63,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.provider is not None:
         out.setdefault("upstream", {})["provider"] = args.provider
     if args.upstream_url is not None:
-        section = "relay" if args.provider == "relay" else "fmp"
-        out.setdefault(section, {})["url"] = args.upstream_url
+        section = {"relay": "relay", "finnhub": "finnhub", "alpaca": "alpaca", "polygon": "polygon", "massive": "polygon"}
+        out.setdefault(section.get(args.provider or "", "fmp"), {})["url"] = args.upstream_url
     if args.workers is not None:
         out.setdefault("server", {})["workers"] = args.workers
     if args.symbols is not None:

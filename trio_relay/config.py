@@ -26,6 +26,10 @@ __all__ = [
     "FmpConfig",
     "SimConfig",
     "RelayConfig",
+    "FinnhubConfig",
+    "AlpacaConfig",
+    "PolygonConfig",
+    "PROVIDERS",
     "ClientsConfig",
     "LoggingConfig",
     "load_config",
@@ -39,6 +43,15 @@ FMP_URLS = {
     "crypto": "wss://crypto.financialmodelingprep.com",
     "forex": "wss://forex.financialmodelingprep.com",
 }
+
+
+FINNHUB_URL = "wss://ws.finnhub.io"
+ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
+POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
+
+# Every upstream the relay can use. "massive" is accepted as another name for "polygon".
+PROVIDERS = ("sim", "fmp", "finnhub", "alpaca", "polygon", "relay")
+ProviderName = Literal["sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"]
 
 
 class ConfigError(ValueError):
@@ -102,6 +115,73 @@ class FmpConfig:
         return self.url or FMP_URLS[self.endpoint]
 
 
+def _symbol_map(_inst: object, attr: "attrs.Attribute[Any]", value: dict[str, str]) -> None:
+    from .model import SYMBOL_RE
+
+    for canonical, native in value.items():
+        if not SYMBOL_RE.match(canonical):
+            raise _FieldError(attr.name, f"{canonical!r} is not a valid client-facing symbol")
+        if not native or not isinstance(native, str):
+            raise _FieldError(attr.name, f"{canonical!r} maps to an empty provider symbol")
+
+
+@attrs.frozen
+class FinnhubConfig:
+    # Finnhub's token travels in the URL query: the relay never logs a URL with it.
+    api_key: str = attrs.field(default="", repr=False)
+    # Overrides wss://ws.finnhub.io (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Extra client symbol → Finnhub symbol entries (e.g. "BTCUSD" = "BINANCE:BTCUSDT"); they win
+    # over the built-in table.
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FINNHUB_URL
+
+
+@attrs.frozen
+class AlpacaConfig:
+    key_id: str = attrs.field(default="", repr=False)
+    secret_key: str = attrs.field(default="", repr=False)
+    # Stocks: iex (free), sip (paid), delayed_sip, test (FAKEPACA, open at all hours); or crypto.
+    feed: Literal["iex", "sip", "delayed_sip", "test", "crypto"] = "iex"
+    # Crypto venue: us (Alpaca), us-1 (Kraken US), eu-1 (Kraken EU).
+    crypto_location: Literal["us", "us-1", "eu-1"] = "us"
+    sandbox: bool = False
+    # Overrides the URL built from feed/sandbox (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Alpaca closes a connection that has not authenticated within 10 s.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        if self.url:
+            return self.url
+        host = ALPACA_HOSTS[self.sandbox]
+        if self.feed == "crypto":
+            return f"{host}/v1beta3/crypto/{self.crypto_location}"
+        return f"{host}/v2/{self.feed}"
+
+
+@attrs.frozen
+class PolygonConfig:
+    api_key: str = attrs.field(default="", repr=False)
+    market: Literal["stocks", "crypto", "forex"] = "stocks"
+    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
+    delayed: bool = False
+    # Overrides the URL built from market/delayed (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Seconds to wait for auth_success after sending the key.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+
+
 @attrs.frozen
 class SimConfig:
     # Updates per second per subscribed symbol.
@@ -121,7 +201,15 @@ class RelayConfig:
 @attrs.frozen
 class UpstreamConfig:
     # "auto": fmp when an FMP API key is set, else the embedded simulator.
-    provider: Literal["auto", "sim", "fmp", "relay"] = "auto"
+    provider: Literal["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"] = "auto"
+    # Failover: providers in priority order (e.g. ["fmp", "finnhub"]); when set, it replaces
+    # ``provider``. The relay uses the first healthy one and returns to a preferred one once that
+    # has been healthy for ``failback_after`` seconds.
+    providers: list[str] = attrs.Factory(list)
+    # Seconds the active provider may be down (or stale) before the relay fails over.
+    failover_after: float = attrs.field(default=10.0, validator=_positive)
+    # Seconds a preferred provider must stay healthy (probed in the background) before failing back.
+    failback_after: float = attrs.field(default=60.0, validator=_positive)
     connect_timeout: float = attrs.field(default=30.0, validator=_positive)
     # No frame at all (heartbeats count) for this long while symbols are subscribed: reconnect.
     stale_after: float = attrs.field(default=30.0, validator=_positive)
@@ -171,15 +259,29 @@ class Config:
     fmp: FmpConfig = attrs.Factory(FmpConfig)
     sim: SimConfig = attrs.Factory(SimConfig)
     relay: RelayConfig = attrs.Factory(RelayConfig)
+    finnhub: FinnhubConfig = attrs.Factory(FinnhubConfig)
+    alpaca: AlpacaConfig = attrs.Factory(AlpacaConfig)
+    polygon: PolygonConfig = attrs.Factory(PolygonConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
 
     @property
     def provider(self) -> str:
         """The provider actually used: ``auto`` resolved by the presence of an FMP key."""
+        return self.provider_chain[0]
+
+    @property
+    def provider_chain(self) -> list[str]:
+        """The providers in priority order (one unless failover is configured)."""
+        if self.upstream.providers:
+            return [_canonical_provider(p) for p in self.upstream.providers]
         if self.upstream.provider == "auto":
-            return "fmp" if self.fmp.api_key else "sim"
-        return self.upstream.provider
+            return ["fmp" if self.fmp.api_key else "sim"]
+        return [_canonical_provider(self.upstream.provider)]
+
+
+def _canonical_provider(name: str) -> str:
+    return "polygon" if name == "massive" else name
 
 
 def _make_converter() -> cattrs.Converter:
@@ -234,9 +336,22 @@ def _make_converter() -> cattrs.Converter:
         return structure_str_list(value, t)  # type: ignore[no-any-return]
 
     conv.register_structure_hook_func(lambda t: t == list[str], structure_list)
-    overrides: dict[type, dict[str, Any]] = {FmpConfig: {"api_key": override(struct_hook=structure_secret)}}
+    def structure_str_map(value: object, _t: Any) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError("expected a table of strings (client symbol = provider symbol)")
+        return {k.upper(): v for k, v in value.items()}
+
+    conv.register_structure_hook_func(lambda t: t == dict[str, str], structure_str_map)
+    secret = override(struct_hook=structure_secret)
+    overrides: dict[type, dict[str, Any]] = {
+        FmpConfig: {"api_key": secret},
+        FinnhubConfig: {"api_key": secret},
+        AlpacaConfig: {"key_id": secret, "secret_key": secret},
+        PolygonConfig: {"api_key": secret},
+    }
+    sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
     # Sections first: Config's hook resolves theirs when it is made.
-    for cls in (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, ClientsConfig, LoggingConfig, Config):
+    for cls in (*sections, PolygonConfig, ClientsConfig, LoggingConfig, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
         )
@@ -313,6 +428,16 @@ def _format_cattrs_error(exc: Exception) -> str:
     return "config error: " + "; ".join(cleaned)
 
 
+VENDOR_ENV = (
+    ("FMP_API_KEY", "fmp", "api_key"),
+    ("FINNHUB_API_KEY", "finnhub", "api_key"),
+    ("APCA_API_KEY_ID", "alpaca", "key_id"),
+    ("APCA_API_SECRET_KEY", "alpaca", "secret_key"),
+    ("POLYGON_API_KEY", "polygon", "api_key"),
+    ("MASSIVE_API_KEY", "polygon", "api_key"),
+)
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -352,8 +477,10 @@ def load_config(
                 break
         else:
             raise ConfigError(f"config error: {name}: unknown section (known: {', '.join(sections)})")
-    if env.get("FMP_API_KEY") and "api_key" not in from_env.get("fmp", {}):
-        from_env.setdefault("fmp", {})["api_key"] = env["FMP_API_KEY"]
+    # The vendors' own conventional variables, when the TRIO_RELAY_ form is not set.
+    for var, section, key in VENDOR_ENV:
+        if env.get(var) and key not in from_env.get(section, {}):
+            from_env.setdefault(section, {})[key] = env[var]
 
     _merge(data, from_env)
     if overrides:
@@ -367,6 +494,25 @@ def load_config(
     return _validate(config)
 
 
+_CREDENTIALS = {
+    "fmp": (("fmp", "api_key", "FMP_API_KEY"),),
+    "finnhub": (("finnhub", "api_key", "FINNHUB_API_KEY"),),
+    "alpaca": (("alpaca", "key_id", "APCA_API_KEY_ID"), ("alpaca", "secret_key", "APCA_API_SECRET_KEY")),
+    "polygon": (("polygon", "api_key", "POLYGON_API_KEY"),),
+}
+
+
+def _check_credentials(config: Config, name: str) -> None:
+    for section, key, var in _CREDENTIALS.get(name, ()):
+        if not getattr(getattr(config, section), key):
+            raise ConfigError(
+                f"config error: {section}.{key}: provider {name!r} needs it "
+                f"(set {var} in the environment or in .env)"
+            )
+    if name == "relay" and not config.relay.url:
+        raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
+
+
 def _validate(config: Config) -> Config:
     from .model import SYMBOL_RE
 
@@ -376,13 +522,15 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"config error: upstream.pinned: invalid symbol(s) {', '.join(map(repr, bad))}")
     if config.upstream.backoff_max < config.upstream.backoff_initial:
         raise ConfigError("config error: upstream.backoff_max: must be >= upstream.backoff_initial")
-    if config.upstream.provider == "fmp" and not config.fmp.api_key:
-        raise ConfigError(
-            "config error: fmp.api_key: provider 'fmp' needs an API key "
-            "(set FMP_API_KEY in the environment or in .env)"
-        )
-    if config.upstream.provider == "relay" and not config.relay.url:
-        raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
+    chain = config.upstream.providers
+    for name in chain:
+        if name not in get_args(ProviderName):
+            choices = ", ".join(repr(c) for c in get_args(ProviderName))
+            raise ConfigError(f"config error: upstream.providers: unknown provider {name!r} (known: {choices})")
+    if len(set(config.provider_chain)) != len(config.provider_chain):
+        raise ConfigError("config error: upstream.providers: a provider is listed twice")
+    for name in config.provider_chain:
+        _check_credentials(config, name)
     if config.sim.trade_ratio > 1:
         raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))

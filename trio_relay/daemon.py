@@ -43,8 +43,10 @@ log = logging.getLogger("trio_relay.daemon")
 SHUTDOWN_GRACE = 4.0
 
 
-def make_provider(config: Config) -> Provider:
-    name = config.provider
+def make_provider(config: Config, name: str | None = None) -> Provider:
+    """The provider ``name`` (default: the first of the config's chain) built from its section."""
+    name = name or config.provider
+    timeout = config.upstream.connect_timeout
     if name == "sim":
         from .providers.sim import SimProvider
 
@@ -52,11 +54,23 @@ def make_provider(config: Config) -> Provider:
     if name == "fmp":
         from .providers.fmp import FmpProvider
 
-        return FmpProvider(config.fmp, connect_timeout=config.upstream.connect_timeout)
+        return FmpProvider(config.fmp, connect_timeout=timeout)
+    if name == "finnhub":
+        from .providers.finnhub import FinnhubProvider
+
+        return FinnhubProvider(config.finnhub, connect_timeout=timeout)
+    if name == "alpaca":
+        from .providers.alpaca import AlpacaProvider
+
+        return AlpacaProvider(config.alpaca, connect_timeout=timeout)
+    if name == "polygon":
+        from .providers.polygon import PolygonProvider
+
+        return PolygonProvider(config.polygon, connect_timeout=timeout)
     if name == "relay":
         from .providers.relay import RelayProvider
 
-        return RelayProvider(config.relay.url, connect_timeout=config.upstream.connect_timeout)
+        return RelayProvider(config.relay.url, connect_timeout=timeout)
     raise ValueError(f"unknown provider {name!r}")
 
 
