@@ -8,7 +8,7 @@ from conftest import api, wait_cached
 
 PRICE_FIELDS = {
     "type", "symbol", "timestamp", "data_type", "last_price", "last_size",
-    "ask_price", "ask_size", "bid_price", "bid_size", "cached_at", "seq",
+    "ask_price", "ask_size", "bid_price", "bid_size", "cached_at", "seq", "provider",
 }
 
 
@@ -27,6 +27,7 @@ async def test_subscribe_ack_snapshot_then_live_updates(start_relay, ws_connect)
         assert set(snapshot) == PRICE_FIELDS
         live = await client.recv()
         assert live["symbol"] == "AAPL" and live["seq"] > snapshot["seq"]
+        assert snapshot["provider"] == live["provider"] == "sim"
         assert live["data_type"] in ("T", "Q")
         assert live["bid_price"] < live["ask_price"]
 

@@ -31,11 +31,10 @@ import trio
 from .api import WS_PATH, FrontDoor, RelayContext
 from .config import Config
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
-from .model import Update
 from .providers.base import Provider
-from .upstream import Upstream
+from .upstream import Item, Upstream
 
-__all__ = ["Relay", "run_relay", "make_provider", "SHUTDOWN_GRACE"]
+__all__ = ["Relay", "run_relay", "make_provider", "make_providers", "SHUTDOWN_GRACE"]
 
 log = logging.getLogger("trio_relay.daemon")
 
@@ -72,6 +71,11 @@ def make_provider(config: Config, name: str | None = None) -> Provider:
 
         return RelayProvider(config.relay.url, connect_timeout=timeout)
     raise ValueError(f"unknown provider {name!r}")
+
+
+def make_providers(config: Config) -> list[Provider]:
+    """The failover chain, in priority order (one provider without failover)."""
+    return [make_provider(config, name) for name in config.provider_chain]
 
 
 @attrs.define(eq=False)
@@ -128,7 +132,7 @@ class Relay:
         hub.demand.linger = new.upstream.unsubscribe_linger
         hub.coalesce_above = new.upstream.coalesce_above
         if _upstream_settings(new) != _upstream_settings(old):
-            self.upstream.restart(make_provider(new), new.upstream)
+            self.upstream.restart(make_providers(new), new.upstream)
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
         if new.logging != old.logging:
             changes.append("logging")
@@ -138,7 +142,16 @@ class Relay:
 
 def _upstream_settings(config: Config) -> tuple[object, ...]:
     """Everything whose change needs a new upstream session (pins do not)."""
-    return (attrs.evolve(config.upstream, pinned=[]), config.provider, config.fmp, config.sim, config.relay)
+    return (
+        attrs.evolve(config.upstream, pinned=[]),
+        config.provider_chain,
+        config.fmp,
+        config.sim,
+        config.relay,
+        config.finnhub,
+        config.alpaca,
+        config.polygon,
+    )
 
 
 def _listening_socket(config: Config) -> socket.socket:
@@ -179,20 +192,23 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     """Run the relay until :meth:`Relay.shutdown`; started() hands over the :class:`Relay`."""
     stats = Stats()
     demand = Demand(config.upstream.unsubscribe_linger, config.upstream.pinned)
-    provider = make_provider(config)
+    providers = make_providers(config)
     # Upstream → hub, in frames. When full, the upstream reader waits (backpressure towards the
     # provider, whose own buffer absorbs it); the hub side never waits on clients.
-    send, receive = trio.open_memory_channel[list[Update]](config.upstream.queue_size)
+    send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
     shutdown = trio.Event()
     stop_server = trio.Event()
     listener = _listening_socket(config)
     # Hypercorn serves the REST app on a private Unix socket behind the front door.
     private_dir = tempfile.mkdtemp(prefix="trio-relay-")
     try:
-        async with Hub.open(config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above) as hub:
-            upstream = Upstream(provider, demand, send, config.upstream, stats)
+        hub_open = Hub.open(
+            config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
+        )
+        async with hub_open as hub:
+            upstream = Upstream(providers, demand, send, config.upstream, stats)
             ctx = RelayContext(
-                hub=hub, upstream=upstream, config=config, provider_name=config.provider, started_at=time.time()
+                hub=hub, upstream=upstream, config=config, started_at=time.time()
             )
             front = FrontDoor(ctx, os.path.join(private_dir, "rest.sock"))
             async with trio.open_nursery() as nursery:
@@ -224,7 +240,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
 
                 await nursery.start(serve_front)
                 relay = Relay(config, hub, upstream, [bind], shutdown)
-                _banner(relay, provider)
+                _banner(relay, providers)
                 task_status.started(relay)
 
                 await shutdown.wait()
@@ -246,10 +262,12 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     log.info("[SHUTDOWN] done")
 
 
-def _banner(relay: Relay, provider: Provider) -> None:
+def _banner(relay: Relay, providers: list[Provider]) -> None:
     log.info("[START] trio-relay listening on %s", relay.http_url)
     log.info("[START] client WebSocket: %s", relay.ws_url)
-    log.info("[START] upstream: %s", provider.describe())
+    log.info("[START] upstream: %s", providers[0].describe())
+    for fallback in providers[1:]:
+        log.info("[START] failover: %s", fallback.describe())
     if relay.config.provider == "sim":
         log.warning("[SIM] ******************************************************************")
         log.warning("[SIM] No FMP_API_KEY set: serving SIMULATED market data, not real prices.")

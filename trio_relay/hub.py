@@ -359,9 +359,17 @@ class Hub:
     """Cache, sequence numbers, routing to outboxes, callbacks. Open with :meth:`open`."""
 
     def __init__(
-        self, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 5000
+        self,
+        config: ClientsConfig,
+        demand: Demand,
+        stats: Stats | None = None,
+        *,
+        coalesce_above: int = 5000,
+        source: str = "",
     ) -> None:
         self.config = config
+        # The provider the updates come from (the upstream names a new one on a failover).
+        self.source = source
         self.coalesce_above = coalesce_above
         self.demand = demand
         self.stats = stats if stats is not None else Stats()
@@ -374,7 +382,7 @@ class Hub:
         self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
         self._nursery: trio.Nursery | None = None
         self._no_clients = trio.Event()
-        self._receive: trio.MemoryReceiveChannel[list[Update]] | None = None
+        self._receive: trio.MemoryReceiveChannel[list[Update] | str] | None = None
         self.latency = LatencyHistogram()  # queued in an outbox → written to the socket, per flush
         self._turns = 0  # consume turns taken (the watchdog's measure of progress)
         self._turns_seen = 0
@@ -384,10 +392,16 @@ class Hub:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: ClientsConfig, demand: Demand, stats: Stats | None = None, *, coalesce_above: int = 5000
+        cls,
+        config: ClientsConfig,
+        demand: Demand,
+        stats: Stats | None = None,
+        *,
+        coalesce_above: int = 5000,
+        source: str = "",
     ) -> AsyncIterator[Hub]:
         """Run the hub's own tasks (stall reaper, async callbacks) for the block's duration."""
-        hub = cls(config, demand, stats, coalesce_above=coalesce_above)
+        hub = cls(config, demand, stats, coalesce_above=coalesce_above, source=source)
         async with trio.open_nursery() as nursery:
             hub._nursery = nursery
             nursery.start_soon(hub._reap_stalled)
@@ -397,7 +411,7 @@ class Hub:
                 hub._nursery = None
                 nursery.cancel_scope.cancel()
 
-    async def consume(self, receive: trio.MemoryReceiveChannel[list[Update]]) -> None:
+    async def consume(self, receive: trio.MemoryReceiveChannel[list[Update] | str]) -> None:
         """Publish every batch from the upstream channel until it is closed.
 
         Each turn takes everything already queued: with thousands of client senders each taking
@@ -411,31 +425,42 @@ class Hub:
         async with receive:
             while True:
                 try:
-                    batches = [await receive.receive()]
+                    first = await receive.receive()
                 except trio.EndOfChannel:
                     return
                 self._turns += 1
-                total = len(batches[0])
+                batches: list[list[Update]] = []
+                total = 0
+                item: list[Update] | str = first
                 ended = False
                 while True:
+                    if isinstance(item, str):
+                        # Everything before the switch is published under the old name.
+                        self._publish_all(batches, total)
+                        batches, total = [], 0
+                        self.source = item
+                    else:
+                        batches.append(item)
+                        total += len(item)
                     try:
-                        batch = receive.receive_nowait()
+                        item = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
                     except trio.EndOfChannel:
                         ended = True
                         break
-                    batches.append(batch)
-                    total += len(batch)
-                if self.coalesce_above and total > self.coalesce_above:
-                    self._publish_coalesced(batches, total)
-                else:
-                    publish = self.publish
-                    for batch in batches:
-                        for update in batch:
-                            publish(update)
+                self._publish_all(batches, total)
                 if ended:
                     return
+
+    def _publish_all(self, batches: list[list[Update]], total: int) -> None:
+        if self.coalesce_above and total > self.coalesce_above:
+            self._publish_coalesced(batches, total)
+        else:
+            publish = self.publish
+            for batch in batches:
+                for update in batch:
+                    publish(update)
 
     def making_progress(self) -> bool:
         """True if the hub took upstream data since the last call, or none is waiting for it.
@@ -490,6 +515,7 @@ class Hub:
         state = self.cache.get(symbol)
         if state is None:
             state = self.cache[symbol] = PriceState(symbol=symbol)
+        state.provider = update.provider or self.source
         if update.kind == BREAK:
             # A break corrects an earlier print; it does not become the last trade. It is
             # routed at once, on its own: it must never be coalesced away.

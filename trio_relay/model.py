@@ -53,6 +53,9 @@ class Update(msgspec.Struct, gc=False):
     # True when the update carries a symbol's whole state (from an upstream relay): every known
     # field is applied, whatever ``kind`` says, so a first snapshot loses nothing.
     merged: bool = False
+    # The provider that produced it, when it is not the upstream session's own (an upstream relay
+    # passes on its provider's name). None: the hub's current source.
+    provider: str | None = None
 
 
 class PriceState(msgspec.Struct, gc=False, kw_only=True):
@@ -70,6 +73,7 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
     bid_size: float | None = None
     cached_at: str = ""
     seq: int = 0
+    provider: str = ""  # which upstream provider the latest update came from
 
     def apply(self, update: Update, cached_at: str) -> None:
         """Merge ``update`` into this state (a break does not replace the last trade)."""

@@ -7,14 +7,22 @@ reconnect), and the stale-feed watchdog. Between attempts it waits under a cance
 exponential backoff with full jitter, reset once a connection has stayed up for
 ``backoff_reset_after``; a rejected key waits ``auth_retry_delay`` instead. By default it never
 gives up.
+
+Failover: given several providers (priority order), the upstream uses one at a time. When the
+active one has been down, or stale, for ``failover_after`` seconds it switches to the next one
+with the same demand (clients keep their connections; a ``str`` item on the hub channel names the
+provider of the batches that follow). While a less preferred one is active, a prober keeps trying
+the preferred ones in the background (login only, no subscriptions); one that stays up for
+``failback_after`` seconds is switched back to.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -23,7 +31,7 @@ from .hub import Demand, Stats
 from .model import Update
 from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
 
-__all__ = ["Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState"]
+__all__ = ["Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
 
 log = logging.getLogger("trio_relay.upstream")
 
@@ -88,20 +96,50 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text
 
 
+# What the upstream hands the hub: a batch of updates, or the name of the provider whose batches
+# follow (sent only on a failover switch).
+Item = list[Update] | str
+
+
+class ProviderHealth:
+    """What the failover logic knows about one provider of the chain (shown in /status)."""
+
+    __slots__ = ("provider", "state", "last_error", "healthy_since", "auth_failed_at", "probes")
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.state = "standby"
+        self.last_error = ""
+        self.healthy_since: float | None = None  # trio clock; set while a probe holds up
+        self.auth_failed_at: float | None = None  # trio clock
+        self.probes = 0
+
+
 class Upstream:
     """Runs the provider connection; its attributes are the upstream's health and status."""
 
     def __init__(
         self,
-        provider: Provider,
+        providers: Provider | Sequence[Provider],
         demand: Demand,
-        send: trio.MemorySendChannel[list[Update]],
+        send: trio.MemorySendChannel[Item],
         config: UpstreamConfig,
         stats: Stats,
         *,
         rng: random.Random | None = None,
     ) -> None:
-        self.provider = provider
+        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        if not chain:
+            raise ValueError("no provider")
+        self.chain = [ProviderHealth(p) for p in chain]
+        self.active = 0
+        self.switches = 0
+        self.switch_reason = ""  # why the active provider is the active one (after a switch)
+        self._unhealthy_since: float | None = None  # trio clock; None while connected and fresh
+        self._switch_to: int | None = None  # set by the prober: fail back to this index
+        self._chain_changed = trio.Event()
+        self._state_changed = trio.Event()
+        self._state = UpstreamState.STARTING
         self.demand = demand
         self.config = config
         self.stats = stats
@@ -112,7 +150,6 @@ class Upstream:
         self._wake = trio.Event()  # set by stop() and restart(): ends the current session
         self._restart = False
         self._connect_scope = trio.CancelScope()
-        self.state = UpstreamState.STARTING
         self.connected_since: float | None = None  # wall clock, for /status
         self.connected_at: float | None = None  # trio clock
         self.last_message_at: float | None = None  # trio clock
@@ -121,7 +158,32 @@ class Upstream:
         self.reconnects = 0
         self.last_error = ""
         self.subscribed: set[str] = set()
+        self._marker_pending = False
         self._active_since = 0.0  # staleness is measured from max(last message, last subscribe)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds after some change of state (or of active provider)."""
+        while not predicate():
+            await self._state_changed.wait()
+
+    @property
+    def provider(self) -> Provider:
+        """The active provider."""
+        return self.chain[self.active].provider
+
+    @property
+    def failover(self) -> bool:
+        return len(self.chain) > 1
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -134,12 +196,22 @@ class Upstream:
         if self.state != UpstreamState.CONNECTED:
             self._connect_scope.cancel()
 
-    def restart(self, provider: Provider, config: UpstreamConfig) -> None:
+    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
         """Switch to new provider settings: close the session cleanly, reconnect at once.
 
-        Demand is kept, so everything wanted is subscribed again on the new session.
+        Demand is kept, so everything wanted is subscribed again on the new session. The first
+        provider of a new chain becomes the active one.
         """
-        self.provider = provider
+        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        old = self.provider.name
+        self.chain = [ProviderHealth(p) for p in chain]
+        self.active = 0
+        self._switch_to = None
+        self._unhealthy_since = None
+        self._chain_changed.set()
+        self._chain_changed = trio.Event()
+        if self.provider.name != old:
+            self._announce()
         self.config = config
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, self._rng)
         self._restart = True
@@ -164,8 +236,21 @@ class Upstream:
     # ------------------------------------------------------------------ lifetime
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect forever (or until ``max_retries``), until :meth:`stop`."""
-        task_status.started()
+        gave_up: UpstreamGaveUp | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_preferred)
+            task_status.started()
+            try:
+                await self._run()
+            except UpstreamGaveUp as exc:
+                gave_up = exc  # raised bare, not wrapped in the nursery's group
+            nursery.cancel_scope.cancel()
+        if gave_up is not None:
+            raise gave_up
+
+    async def _run(self) -> None:
         failures = 0
+        self._unhealthy_since = trio.current_time()
         async with self._send:
             while not self._stop.is_set():
                 self.attempts += 1
@@ -173,6 +258,7 @@ class Upstream:
                 auth_error: BaseException | None = None
                 try:
                     with self._connect_scope:
+                        self._arm_failover()
                         await self._attempt()
                 except* AuthFailed as group:
                     auth_error = _leaf(group)
@@ -185,6 +271,11 @@ class Upstream:
                 self._disconnected()
                 if self._stop.is_set():
                     break
+                if self._switch_to is not None:
+                    # The prober found a preferred provider healthy: fail back to it now.
+                    self._switch(self._switch_to, self.switch_reason)
+                    failures = 0
+                    continue
                 if self._restart:
                     # New settings: reconnect now, with no backoff and no failure counted.
                     self._restart = False
@@ -196,16 +287,25 @@ class Upstream:
                     self._backoff.reset()
                     failures = 0
                 failures += 1
+                health = self.chain[self.active]
                 if auth_error is not None:
                     self.state = UpstreamState.AUTH_FAILED
                     self.last_error = str(auth_error)
+                    health.auth_failed_at = trio.current_time()
+                elif error is None and self._failover_due():
+                    self.state = UpstreamState.BACKOFF
+                    self.last_error = f"no healthy connection for {self.config.failover_after:g}s"
                 else:
                     self.state = UpstreamState.BACKOFF
                     self.last_error = _describe(error) if error is not None else "connection ended"
+                health.state, health.last_error = self.state, self.last_error
                 if self.config.max_retries and failures >= self.config.max_retries:
                     self.state = UpstreamState.FAILED
                     log.error("[GIVE UP] %d consecutive attempts failed (last: %s); stopping", failures, self.last_error)
                     raise UpstreamGaveUp(self.last_error)
+                if self.failover and self._failover_due():
+                    self._fail_over()
+                    continue
                 if auth_error is not None:
                     # Slow and slightly jittered, so a fleet with one bad key does not sync up.
                     delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
@@ -223,18 +323,154 @@ class Upstream:
                         self.attempts + 1,
                     )
                 self.next_attempt_at = trio.current_time() + delay
-                with trio.move_on_after(delay):
+                wait_until = self.next_attempt_at
+                if self.failover and self._unhealthy_since is not None:
+                    wait_until = min(wait_until, self._unhealthy_since + self.config.failover_after)
+                with trio.move_on_at(wait_until):
                     await self._wake.wait()  # stop() ends the wait; so does restart()
                 self.next_attempt_at = None
-                if not self._stop.is_set():
-                    self.reconnects += 1
-                    self._connect_scope = trio.CancelScope()
-                    self._restart = False
-                    self._wake = trio.Event()
+                if self._stop.is_set():
+                    break
+                if self._switch_to is not None:
+                    self._switch(self._switch_to, self.switch_reason)
+                    failures = 0
+                    continue
+                if self.failover and self._failover_due():
+                    self._fail_over()
+                    continue
+                self.reconnects += 1
+                self._connect_scope = trio.CancelScope()
+                self._restart = False
+                self._wake = trio.Event()
         self.state = UpstreamState.STOPPED
+        for health in self.chain:
+            health.state = UpstreamState.STOPPED
         log.info("[STOP] upstream closed")
 
+    # ------------------------------------------------------------------ failover
+    def _failover_due(self) -> bool:
+        since = self._unhealthy_since
+        return since is not None and trio.current_time() - since >= self.config.failover_after
+
+    def _arm_failover(self) -> None:
+        """With a chain, a connect or login that hangs is cut when failover is due."""
+        if self.failover and self._unhealthy_since is not None:
+            self._connect_scope.deadline = self._unhealthy_since + self.config.failover_after
+
+    def _fail_over(self) -> None:
+        """Switch to the next provider of the chain (wrapping round to the most preferred)."""
+        old = self.chain[self.active]
+        target = (self.active + 1) % len(self.chain)
+        reason = f"{old.provider.name} unhealthy for {self.config.failover_after:g}s ({self.last_error or self.state})"
+        self._switch(target, reason)
+
+    def _switch(self, target: int, reason: str) -> None:
+        old = self.chain[self.active]
+        if old.state not in (UpstreamState.AUTH_FAILED,):
+            old.state = "standby"
+        self.active = target
+        self._switch_to = None
+        self.switches += 1
+        self.switch_reason = reason
+        self._backoff.reset()
+        self._unhealthy_since = trio.current_time()
+        self._connect_scope = trio.CancelScope()
+        self._restart = False
+        self._wake = trio.Event()
+        self._chain_changed.set()
+        self._chain_changed = trio.Event()
+        log.warning("[FAILOVER] %s -> %s: %s", old.provider.name, self.provider.name, reason)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the hub which provider the next batches come from (in order with the data)."""
+        try:
+            self._send.send_nowait(self.provider.name)
+        except trio.WouldBlock:
+            # The channel is full of the old provider's data; the first batch waits anyway, so
+            # the marker is sent by the reader before its first batch instead.
+            self._marker_pending = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def _probe_preferred(self) -> None:
+        """While a less preferred provider is active, probe the preferred ones in order.
+
+        A probe logs in (no subscriptions) and holds the session; one that stays up for
+        ``failback_after`` (with messages, for providers that send heartbeats) triggers the
+        switch back. Failed probes are retried under their own backoff; a provider that
+        rejected the key waits ``auth_retry_delay`` first.
+        """
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        while True:
+            changed = self._chain_changed
+            if self.active == 0 or self._switch_to is not None:
+                await changed.wait()
+                backoff.reset()
+                continue
+            with trio.CancelScope() as scope:
+                # A switch (or a reload) while probing makes this probe moot.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on, changed, scope)
+                    index = await self._probe_round()
+                    nursery.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                continue
+            if index is not None:
+                health = self.chain[index]
+                self._switch_to = index
+                self.switch_reason = f"{health.provider.name} healthy again for {self.config.failback_after:g}s"
+                self._wake.set()  # ends the active session cleanly (or the backoff wait)
+                if self.state != UpstreamState.CONNECTED:
+                    self._connect_scope.cancel()
+                await changed.wait()
+                backoff.reset()
+                continue
+            await trio.sleep(backoff.next_delay())
+
+    async def _probe_round(self) -> int | None:
+        """Probe each provider preferred to the active one; the first that holds up, or None."""
+        now = trio.current_time()
+        for index in range(self.active):
+            health = self.chain[index]
+            if health.auth_failed_at is not None and now - health.auth_failed_at < self.config.auth_retry_delay:
+                continue
+            if await self._probe(health):
+                return index
+        return None
+
+    async def _probe(self, health: ProviderHealth) -> bool:
+        provider = health.provider
+        health.probes += 1
+        health.state = "probing"
+        try:
+            async with provider.session(_ignore_malformed) as session:
+                health.healthy_since = trio.current_time()
+                last = trio.current_time()
+                with trio.move_on_after(self.config.failback_after):
+                    while True:
+                        if provider.detects_stale:
+                            with trio.move_on_at(last + self.config.stale_after) as silent:
+                                await session.receive()
+                            if silent.cancelled_caught:
+                                raise StaleFeed(f"silent for {self.config.stale_after:g}s")
+                        else:
+                            await session.receive()
+                        last = trio.current_time()
+                health.state = "healthy"
+                return True
+        except AuthFailed as exc:
+            health.auth_failed_at = trio.current_time()
+            health.state, health.last_error = UpstreamState.AUTH_FAILED, str(exc)
+        except RETRYABLE as exc:
+            health.state, health.last_error = "down", _describe(exc)
+        health.healthy_since = None
+        log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
+        return False
+
     def _disconnected(self) -> None:
+        if self._unhealthy_since is None:
+            self._unhealthy_since = trio.current_time()
         self.connected_at = None
         self.connected_since = None
         self.subscribed = set()
@@ -251,6 +487,13 @@ class Upstream:
             self.subscribed = set()
             self.state = UpstreamState.CONNECTED
             self.last_error = ""
+            self._connect_scope.deadline = math.inf
+            if not self.provider.detects_stale:
+                # Nothing proves a quiet provider alive but the connection itself. One that sends
+                # heartbeats is healthy from its first message (see _read).
+                self._unhealthy_since = None
+            health = self.chain[self.active]
+            health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
             log.info("[CONNECT] connected to %s", self.provider.describe())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, session)
@@ -263,10 +506,15 @@ class Upstream:
 
     async def _read(self, session: Session) -> None:
         send = self._send
+        if self._marker_pending:
+            await send.send(self.provider.name)
+            self._marker_pending = False
         while True:
             batch = await session.receive()
             self.last_message_at = trio.current_time()
             if batch:
+                if self._unhealthy_since is not None:
+                    self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
                 # May wait when the hub is behind: backpressure towards the provider is fine.
                 await send.send(batch)
 
@@ -304,12 +552,42 @@ class Upstream:
         while True:
             since = max(self.last_message_at or 0.0, self._active_since)
             deadline = since + limit
-            if trio.current_time() >= deadline:
+            now = trio.current_time()
+            if self._unhealthy_since is not None and self.connected_at is not None:
+                # A connection that has carried no data yet is healthy once it has stayed
+                # fresh for the stale limit (heartbeats only, nothing subscribed)...
+                proven = self.connected_at + limit
+                if now >= proven:
+                    self._unhealthy_since = None
+                else:
+                    deadline = min(deadline, proven)
+                    if self.failover:
+                        # ...but a peer that accepts, logs in and sends no data since the
+                        # failure is still down as far as failover is concerned.
+                        cutoff = self._unhealthy_since + self.config.failover_after
+                        if now < cutoff:
+                            deadline = min(deadline, cutoff)
+                        elif self.subscribed:
+                            log.warning("[STALE] no data from %s since it failed; failing over", self.provider.name)
+                            raise StaleFeed(f"no data for {now - self._unhealthy_since:g}s")
+            if now >= deadline:
                 if self.subscribed:
+                    # Stale since the last message: that is when failover's clock starts.
+                    if self._unhealthy_since is None:
+                        self._unhealthy_since = since
                     log.warning("[STALE] no message for %.0fs with %d symbol(s) subscribed", limit, len(self.subscribed))
                     raise StaleFeed(f"feed silent for {limit:g}s")
-                deadline = trio.current_time() + limit
+                deadline = now + limit
             await trio.sleep_until(deadline)
+
+
+def _ignore_malformed(_exc: MalformedFrame) -> None:
+    pass
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _short(symbols: Sequence[str], limit: int = 10) -> str:

@@ -36,8 +36,12 @@ class RelayContext:
     hub: Hub
     upstream: Upstream
     config: Config
-    provider_name: str
     started_at: float
+
+    @property
+    def provider_name(self) -> str:
+        """The active provider (it changes on a failover)."""
+        return self.upstream.provider.name
 
 
 def _wants_price_socket(head: bytes) -> bool:

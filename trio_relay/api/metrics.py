@@ -48,8 +48,15 @@ class RelayCollector(Collector):
             "trio_relay_upstream_last_message_age_seconds", "Seconds since the last upstream frame", value=age if age is not None else float("nan")
         )
         yield GaugeMetricFamily("trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed))
+        active = GaugeMetricFamily(
+            "trio_relay_upstream_provider_active", "1 for the provider in use (failover chain order)", labels=["provider"]
+        )
+        for i, health in enumerate(upstream.chain):
+            active.add_metric([health.provider.name], int(i == upstream.active))
+        yield active
         for name, doc, value in (
             ("upstream_reconnects", "Upstream reconnections", upstream.reconnects),
+            ("upstream_failovers", "Switches between providers of the failover chain", upstream.switches),
             ("updates_in", "Normalized upstream updates received by the hub", stats.updates_in),
             ("messages_out", "price_update messages handed to client queues", stats.messages_out),
             ("dropped", "Updates dropped (unwanted symbol, or lost with a closed client)", stats.dropped),

@@ -88,9 +88,21 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 body["reason"] = f"{upstream.state}: {upstream.last_error}"
             else:
                 body["reason"] = upstream.state
+        if upstream.failover:
+            body["failover"] = failover_body()
         if ctx.provider_name == "sim":
             body["note"] = "simulated market data (no FMP_API_KEY set)"
         return body, fresh
+
+    def failover_body() -> dict[str, Any]:
+        chain = upstream.chain
+        return {
+            "active": upstream.provider.name,
+            "preferred": chain[0].provider.name,
+            "on_preferred": upstream.active == 0,
+            "switches": upstream.switches,
+            "reason": upstream.switch_reason or None,
+        }
 
     @app.get(PREFIX + "/health")
     async def health() -> Response:
@@ -119,7 +131,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         now = time.time()
         clients = list(hub.clients.values())
         stats = hub.stats
-        body = {
+        body: dict[str, Any] = {
             "provider": ctx.provider_name,
             "upstream": {
                 "state": upstream.state,
@@ -131,7 +143,19 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 "last_message_age_s": _round(upstream.message_age()),
                 "subscribed": sorted(upstream.subscribed),
                 "wanted": sorted(hub.demand.wanted),
+                "providers": [
+                    {
+                        "name": h.provider.name,
+                        "active": i == upstream.active,
+                        "state": upstream.state if i == upstream.active else h.state,
+                        "source": h.provider.describe(),
+                        "last_error": (upstream.last_error if i == upstream.active else h.last_error) or None,
+                        "probes": h.probes,
+                    }
+                    for i, h in enumerate(upstream.chain)
+                ],
             },
+            "failover": failover_body() if upstream.failover else None,
             "pinned": sorted(hub.demand.pinned),
             "clients": {
                 "count": len(clients),

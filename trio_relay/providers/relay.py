@@ -38,6 +38,7 @@ class _Message(msgspec.Struct, gc=False):
     bid_size: float | None = None
     code: str | None = None
     message: str | None = None
+    provider: str | None = None
 
 
 _DECODER = msgspec.json.Decoder(list[_Message])
@@ -81,6 +82,7 @@ class RelaySession:
                             bid_price=m.bid_price,
                             bid_size=m.bid_size,
                             merged=True,
+                            provider=m.provider or None,
                         )
                     )
                 elif m.type == "error":

@@ -1,0 +1,260 @@
+"""Failover between providers, in virtual time, against a real fake FMP that is killed and revived.
+
+The chain is ``fmp`` (the fake FMP server on loopback) then ``sim`` (the embedded simulator).
+Killing the fake means leaving its ``async with`` (its listener and every connection close);
+reviving it means opening a new one on the same port. Under ``MockClock(autojump_threshold=0)``
+every switch happens at an exact virtual time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import FMP_KEY
+from trio_relay.config import Config, load_config
+from trio_relay.daemon import make_providers
+from trio_relay.hub import Demand, Stats
+from trio_relay.testing.fake_fmp import FakeFmpServer
+from trio_relay.upstream import Item, Upstream, UpstreamState
+
+SEED = 99
+EXACT = 1e-6  # virtual seconds: loopback I/O takes none
+GUARD = 3600.0
+
+
+def make_config(url: str, **upstream: Any) -> Config:
+    return load_config(
+        environ={},
+        overrides={
+            "upstream": {
+                "providers": ["fmp", "sim"],
+                "unsubscribe_linger": 0.0,
+                "pinned": ["AAPL"],
+                "backoff_initial": 0.5,
+                "backoff_max": 2.0,
+                "failover_after": 10.0,
+                "failback_after": 60.0,
+                "stale_after": 5.0,
+                **upstream,
+            },
+            "fmp": {"api_key": FMP_KEY, "url": url, "login_timeout": 1.0},
+            "sim": {"rate": 2.0},
+        },
+        dotenv=None,
+    )
+
+
+class Sink:
+    """The hub's place: records which provider each update came from, in channel order."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sources: list[str] = [source]  # the sequence of providers seen, in order
+        self.counts: dict[str, int] = {}
+        self._changed = trio.Event()
+
+    async def drain(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
+        async with receive:
+            async for item in receive:
+                if isinstance(item, str):
+                    self.source = item
+                    self.sources.append(item)
+                else:
+                    self.counts[self.source] = self.counts.get(self.source, 0) + len(item)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def wait_data_from(self, name: str, at_least: int = 1) -> None:
+        while self.counts.get(name, 0) < at_least:
+            await self._changed.wait()
+
+
+@asynccontextmanager
+async def run_upstream(url: str, **upstream: Any) -> AsyncIterator[tuple[Upstream, Sink]]:
+    config = make_config(url, **upstream)
+    cfg = config.upstream
+    send, receive = trio.open_memory_channel[Item](cfg.queue_size)
+    up = Upstream(make_providers(config), Demand(0.0, cfg.pinned), send, cfg, Stats(), rng=random.Random(SEED))
+    sink = Sink(up.provider.name)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink.drain, receive)
+            await nursery.start(up.run)
+            yield up, sink
+            up.stop()
+
+
+async def wait_active(up: Upstream, name: str, state: str = UpstreamState.CONNECTED) -> float:
+    """Wait until ``name`` is the active provider in ``state``; the virtual time it happened."""
+    await up.wait_for(lambda: up.provider.name == name and up.state == state)
+    return trio.current_time()
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_a_rejected_key_fails_over_and_is_not_probed_before_auth_retry_delay(autojump_clock):
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, auth_retry_delay=300.0) as (up, sink):
+            await fake.wait_until(lambda: fake.subscriptions == {"AAPL"})
+            await sink.wait_data_from("fmp")
+            assert up.provider.name == "fmp" and up.switches == 0
+            # The session is kicked out and the key refused from now on.
+            fake.api_keys = set()
+            killed_at = trio.current_time()
+            await fake.drop_all()
+            switched_at = await wait_active(up, "sim")
+            assert switched_at - killed_at == pytest.approx(10.0, abs=EXACT)
+            await sink.wait_data_from("sim")
+            assert up.switches == 1 and up.subscribed == {"AAPL"}
+            assert up.switch_reason.startswith("fmp unhealthy for 10s (FMP rejected the API key")
+            assert up.chain[0].state == UpstreamState.AUTH_FAILED
+            assert sink.sources == ["fmp", "sim"]
+            # No probe hammers the provider that refused the key before auth_retry_delay...
+            refused = fake.failed_logins
+            await trio.sleep_until(killed_at + 299.0)  # virtual time (MockClock)
+            assert fake.failed_logins == refused and up.chain[0].probes == 0
+            # ...then it is probed again, refused, and the relay stays on sim.
+            await fake.wait_until(lambda: fake.failed_logins == refused + 1)
+            assert trio.current_time() - killed_at == pytest.approx(300.0, abs=1.0)
+            assert up.provider.name == "sim" and up.chain[0].probes == 1
+
+
+async def _revive_and_wait_failback(up: Upstream, sink: Sink, port: int) -> None:
+    async with FakeFmpServer.open(port=port, api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        await fake.wait_until(lambda: fake.logins >= 1)
+        probe_logged_in = trio.current_time()
+        assert fake.subscriptions == set()  # a probe subscribes nothing
+        back_at = await wait_active(up, "fmp")
+        assert back_at - probe_logged_in == pytest.approx(60.0, abs=EXACT)
+        await fake.wait_until(lambda: fake.subscriptions == {"AAPL"})
+        await sink.wait_data_from("fmp", sink.counts["fmp"] + 1)
+        assert sink.sources == ["fmp", "sim", "fmp"]
+        assert up.switches == 2 and up.switch_reason == "fmp healthy again for 60s"
+        # The probe's connection was closed; only the active one remains.
+        assert len(fake.connections) == 1
+
+
+async def test_kill_and_revive_round_trip(autojump_clock):
+    port = 0
+    up: Upstream | None = None
+    async with trio.open_nursery() as outer:
+        # The fake lives in its own task so that it can be killed (cancelled) and revived.
+        killed = trio.Event()
+        ready: list[FakeFmpServer] = []
+
+        async def first_fake(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+                ready.append(fake)
+                task_status.started()
+                await killed.wait()
+
+        await outer.start(first_fake)
+        fake = ready[0]
+        port = fake.port
+        async with run_upstream(fake.url) as (up, sink):
+            await sink.wait_data_from("fmp")
+            killed_at = trio.current_time()
+            killed.set()
+            switched_at = await wait_active(up, "sim")
+            assert switched_at - killed_at == pytest.approx(10.0, abs=EXACT)
+            await sink.wait_data_from("sim")
+            await trio.sleep(30.0)  # virtual time (MockClock): down for a while; probes fail
+            assert up.provider.name == "sim" and up.chain[0].probes >= 2
+            await _revive_and_wait_failback(up, sink, port)
+
+
+async def test_a_silent_provider_fails_over_at_failover_after_from_its_last_message(autojump_clock):
+    """Stalled (connects and logs in, then sends nothing): stale at 5 s, switched at exactly 10 s."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url) as (up, sink):
+            await sink.wait_data_from("fmp")
+            fake.stall()
+            await trio.sleep(0.5)  # virtual time (MockClock): the stall is in force
+            last = up.last_message_at
+            assert last is not None
+            switched_at = await wait_active(up, "sim")
+            # The reconnect after the stale verdict logs in but hears nothing: still down.
+            assert fake.logins == 2
+            assert switched_at - last == pytest.approx(10.0, abs=EXACT)
+            assert "fmp unhealthy for 10s" in up.switch_reason
+
+
+async def test_a_flapping_preferred_provider_is_not_switched_back(autojump_clock):
+    """Probes that drop before failback_after never bring fmp back; one that holds does."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url) as (up, sink):
+            await sink.wait_data_from("fmp")
+            await fake.drop_all()
+            fake.api_keys = set()  # refused while down
+            await wait_active(up, "sim")
+            fake.api_keys = {FMP_KEY}
+            for i in range(3):
+                # Each probe is killed 30 s into its 60 s trial.
+                await fake.wait_until(lambda: fake.logins >= 2 + i)
+                await trio.sleep(30.0)  # virtual time (MockClock)
+                assert up.provider.name == "sim"
+                await fake.drop_all()
+            assert up.chain[0].probes == 3 and up.switches == 1
+            await fake.wait_until(lambda: fake.logins >= 5)
+            held_from = trio.current_time()
+            back_at = await wait_active(up, "fmp")
+            assert back_at - held_from == pytest.approx(60.0, abs=EXACT)
+            assert up.switches == 2
+
+
+async def test_clients_keep_their_connection_across_failover_and_failback(start_relay, ws_connect, http):
+    """The real daemon: fmp → sim → fmp while a client stays subscribed; /status and /health say why."""
+    from conftest import api
+
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], rate=50.0, heartbeat_interval=0.2) as fake:
+        relay = await start_relay(
+            upstream={
+                "providers": ["fmp", "sim"],
+                "failover_after": 0.3,
+                "failback_after": 0.5,
+                "backoff_initial": 0.05,
+                "backoff_max": 0.1,
+                "auth_retry_delay": 0.2,
+            },
+            fmp={"api_key": FMP_KEY, "url": fake.url, "login_timeout": 0.5},
+        )
+        client = await ws_connect(relay)
+        with trio.fail_after(15):
+            await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+            first, _ = await client.recv_until(lambda m: m.get("provider") == "fmp")
+            health = (await http.get(api(relay, "/health"))).json()
+            assert health["provider"] == "fmp" and health["failover"]["on_preferred"] is True
+            # fmp goes down (connections dropped, logins refused).
+            fake.api_keys = set()
+            await fake.drop_all()
+            failed_over, _ = await client.recv_until(lambda m: m.get("provider") == "sim")
+            status = (await http.get(api(relay, "/status"))).json()
+            health = (await http.get(api(relay, "/health"))).json()
+            # fmp comes back: after failback_after of a healthy probe the relay returns to it.
+            fake.api_keys = {FMP_KEY}
+            back, seen = await client.recv_until(lambda m: m.get("provider") == "fmp")
+    assert first["seq"] < failed_over["seq"] < back["seq"]  # one sequence across providers
+    assert {m["provider"] for m in seen if m.get("type") == "price_update"} == {"sim"}
+    assert status["provider"] == "sim" and status["failover"]["active"] == "sim"
+    assert status["failover"]["reason"].startswith("fmp unhealthy for 0.3s")
+    assert [(p["name"], p["active"]) for p in status["upstream"]["providers"]] == [("fmp", False), ("sim", True)]
+    assert status["upstream"]["providers"][0]["state"] == "auth_failed"
+    assert health["status"] == "ok" and health["provider"] == "sim"
+    assert health["failover"] == {
+        "active": "sim",
+        "preferred": "fmp",
+        "on_preferred": False,
+        "switches": 1,
+        "reason": status["failover"]["reason"],
+    }
+    assert relay.upstream.switches == 2 and relay.upstream.switch_reason == "fmp healthy again for 0.5s"
