@@ -23,7 +23,14 @@ from typing import Any
 import attrs
 import trio
 
-from .config import Config, FmpConfig, RelayConfig
+from .config import (
+    AlpacaConfig,
+    Config,
+    FinnhubConfig,
+    FmpConfig,
+    PolygonConfig,
+    RelayConfig,
+)
 from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
 
@@ -38,9 +45,13 @@ def _worker_config(config: Config, port: int, feeder_url: str) -> Config:
     return attrs.evolve(
         config,
         server=attrs.evolve(config.server, port=port, workers=1, reuse_port=True),
-        upstream=attrs.evolve(config.upstream, provider="relay", pinned=[]),
+        upstream=attrs.evolve(config.upstream, provider="relay", providers=[], pinned=[]),
         relay=RelayConfig(url=feeder_url),
-        fmp=FmpConfig(),  # a worker never sees the provider's key
+        # A worker never sees a provider's key.
+        fmp=FmpConfig(),
+        finnhub=FinnhubConfig(),
+        alpaca=AlpacaConfig(),
+        polygon=PolygonConfig(),
     )
 
 
