@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+
+import pytest
 
 import trio
 
@@ -132,3 +135,77 @@ async def test_live_and_ready_follow_the_upstream(start_relay, fake_fmp, http):
         await wait_state(good, "connected")
         ok = await http.get(api(good, "/health/ready"))
     assert ok.status_code == 200 and "code" not in ok.json()
+
+
+async def test_connected_from_another_location_is_fatal_with_a_long_cooldown(start_relay, fake_fmp, ws_connect, http):
+    """FMP kicks the session (same key used elsewhere): auth_failed, subscriptions cleared, no quick retry."""
+    relay = await start_relay(**fmp_sections(fake_fmp, auth_retry_delay=300.0, backoff_initial=0.01))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL"})
+        await fake_fmp.inject('{"event":"login","status":401,"message":"Connected from another location"}')
+        await wait_state(relay, "auth_failed")
+        await fake_fmp.wait_until(lambda: not fake_fmp.connections)
+        health = (await http.get(api(relay, "/health"))).json()
+    upstream = relay.upstream
+    assert upstream.subscribed == set()  # the session's state is gone; the next one subscribes afresh
+    assert "Connected from another location" in upstream.last_error
+    assert health["code"] == "auth_failed" and "Connected from another location" in health["reason"]
+    # The next attempt waits auth_retry_delay (±10% jitter), not the 10 ms backoff.
+    assert upstream.next_attempt_at is not None
+    assert 270.0 <= upstream.next_attempt_at - trio.current_time() <= 330.0
+    assert fake_fmp.connections_total == 1
+    # The client is still connected and still subscribed, waiting for data to resume.
+    assert relay.hub.demand.wanted == {"AAPL"} and len(relay.hub.clients) == 1
+
+
+@pytest.mark.parametrize(
+    "endpoint, symbol, frame",
+    [
+        (
+            "crypto",
+            "BTCUSD",
+            '{"s":"btcusd","t":1699564800123,"e":"binance","type":"Q","ap":37010.5,"as":0.25,"bp":37010.1,"bs":1.5}',
+        ),
+        ("forex", "EURUSD", '{"s":"eurusd","t":1699564800123,"type":"Q","ap":1.0712,"as":1000000,"bp":1.0711,"bs":2000000}'),
+    ],
+)
+async def test_crypto_and_forex_endpoints(start_relay, fake_fmp, ws_connect, endpoint, symbol, frame):
+    sections = fmp_sections(fake_fmp)
+    sections["fmp"]["endpoint"] = endpoint  # the URL override still points at the fake
+    relay = await start_relay(**sections)
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": [symbol]}, "subscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {symbol})
+        await fake_fmp.inject(frame)
+        msg, _ = await client.recv_until(lambda m: m.get("timestamp") == 1699564800123)
+    assert ("subscribe", (symbol,)) in fake_fmp.history  # sent as FMP spells it: lower case
+    sent = json.loads(frame)
+    assert msg["symbol"] == symbol and msg["data_type"] == "Q" and msg["provider"] == "fmp"
+    assert (msg["ask_price"], msg["ask_size"], msg["bid_price"], msg["bid_size"]) == (
+        sent["ap"],
+        sent["as"],
+        sent["bp"],
+        sent["bs"],
+    )
+
+
+async def test_trade_break_reaches_clients_as_a_correction(start_relay, fake_fmp, ws_connect):
+    """A B frame is sent as data_type B with its price, and does not become the last trade."""
+    fake_fmp.rate = 0.0  # only the frames injected here
+    relay = await start_relay(**fmp_sections(fake_fmp))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["IBM"]}, "subscribed")
+        await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"IBM"})
+        await fake_fmp.inject('{"s":"ibm","t":1699564800100,"type":"T","lp":150.0,"ls":100}')
+        await fake_fmp.inject('{"s":"ibm","t":1699564800200,"type":"B","lp":149.0,"ls":7}')
+        trade, _ = await client.recv_until(lambda m: m.get("data_type") == "T")
+        brk, _ = await client.recv_until(lambda m: m.get("data_type") == "B")
+    assert (trade["last_price"], trade["last_size"]) == (150.0, 100)
+    assert (brk["last_price"], brk["last_size"], brk["timestamp"]) == (149.0, 7, 1699564800200)
+    assert brk["seq"] == trade["seq"] + 1
+    cached = relay.hub.snapshot("IBM")
+    assert cached is not None and cached.last_price == 150.0 and cached.data_type == "T"
