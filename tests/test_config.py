@@ -356,3 +356,90 @@ async def test_cli_does_not_echo_the_key(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert SECRET not in result.stderr.decode() + result.stdout.decode()
+
+
+# --------------------------------------------------------------------------- providers and failover
+
+
+def test_vendor_environment_variables_fill_each_provider_section() -> None:
+    env = {
+        "FINNHUB_API_KEY": "fh-" + SECRET,
+        "APCA_API_KEY_ID": "id-" + SECRET,
+        "APCA_API_SECRET_KEY": "sk-" + SECRET,
+        "MASSIVE_API_KEY": "pg-" + SECRET,
+    }
+    config = load(env=env, overrides={"upstream": {"providers": ["finnhub", "alpaca", "massive", "sim"]}})
+    assert config.provider_chain == ["finnhub", "alpaca", "polygon", "sim"]
+    assert config.provider == "finnhub"
+    assert config.finnhub.api_key == "fh-" + SECRET
+    assert (config.alpaca.key_id, config.alpaca.secret_key) == ("id-" + SECRET, "sk-" + SECRET)
+    assert config.polygon.api_key == "pg-" + SECRET
+    assert SECRET not in repr(config)
+    # The TRIO_RELAY_ form wins over the vendor's variable.
+    config = load(env={"FINNHUB_API_KEY": "a", "TRIO_RELAY_FINNHUB_API_KEY": "b"}, overrides={"upstream": {"provider": "finnhub"}})
+    assert config.finnhub.api_key == "b"
+
+
+@pytest.mark.parametrize(
+    "provider, key, var",
+    [
+        ("finnhub", "finnhub.api_key", "FINNHUB_API_KEY"),
+        ("alpaca", "alpaca.key_id", "APCA_API_KEY_ID"),
+        ("polygon", "polygon.api_key", "POLYGON_API_KEY"),
+        ("massive", "polygon.api_key", "POLYGON_API_KEY"),
+    ],
+)
+def test_a_provider_without_its_credentials_fails_naming_the_key(provider: str, key: str, var: str) -> None:
+    message = error_of(overrides={"upstream": {"provider": provider}})
+    assert message.startswith(f"config error: {key}: provider ") and var in message
+    # The same check applies to every provider of a failover chain.
+    message = error_of(overrides={"upstream": {"providers": ["sim", provider]}})
+    assert message.startswith(f"config error: {key}: ")
+
+
+def test_alpaca_needs_the_secret_too() -> None:
+    message = error_of(env={"APCA_API_KEY_ID": "x"}, overrides={"upstream": {"provider": "alpaca"}})
+    assert message.startswith("config error: alpaca.secret_key: ") and "APCA_API_SECRET_KEY" in message
+
+
+@pytest.mark.parametrize(
+    "providers, problem",
+    [
+        (["fmp", "bloomberg"], "upstream.providers: unknown provider 'bloomberg'"),
+        (["sim", "sim"], "upstream.providers: a provider is listed twice"),
+        (["polygon", "massive"], "upstream.providers: a provider is listed twice"),
+        ("sim", "upstream.providers: expected a list of strings"),
+    ],
+)
+def test_bad_failover_chains(providers: Any, problem: str) -> None:
+    env = {"POLYGON_API_KEY": "x", "FMP_API_KEY": "y"}
+    assert problem in error_of(env=env, overrides={"upstream": {"providers": providers}})
+
+
+def test_provider_urls_from_their_settings() -> None:
+    config = load(overrides={"alpaca": {"feed": "sip"}, "polygon": {"market": "crypto", "delayed": True}})
+    assert config.finnhub.resolved_url == "wss://ws.finnhub.io"
+    assert config.alpaca.resolved_url == "wss://stream.data.alpaca.markets/v2/sip"
+    assert config.polygon.resolved_url == "wss://delayed.massive.com/crypto"
+    config = load(overrides={"alpaca": {"feed": "crypto", "crypto_location": "eu-1", "sandbox": True}})
+    assert config.alpaca.resolved_url == "wss://stream.data.sandbox.alpaca.markets/v1beta3/crypto/eu-1"
+
+
+def test_symbol_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, '[finnhub.symbols]\nbtcusdt = "BINANCE:BTCUSDT"\n')
+    assert load(path).finnhub.symbols == {"BTCUSDT": "BINANCE:BTCUSDT"}
+    path = write(tmp_path, '[finnhub.symbols]\n"BAD SYMBOL" = "X"\n')
+    assert "finnhub.symbols: 'BAD SYMBOL' is not a valid client-facing symbol" in error_of(path)
+    path = write(tmp_path, "[polygon]\nsymbols = 3\n")
+    assert "polygon.symbols: expected a table of strings" in error_of(path)
+
+
+def test_the_example_config_documents_every_key() -> None:
+    import attrs
+
+    text = (Path(__file__).parent.parent / "config" / "trio-relay.toml").read_text()
+    assert load(Path(__file__).parent.parent / "config" / "trio-relay.toml") == load()
+    for section in attrs.fields(Config):
+        assert f"[{section.name}]" in text
+        for field in attrs.fields(section.type):
+            assert f"# {field.name} = " in text, f"{section.name}.{field.name} is not in config/trio-relay.toml"
