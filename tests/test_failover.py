@@ -212,6 +212,10 @@ async def test_a_flapping_preferred_provider_is_not_switched_back(autojump_clock
             assert up.switches == 2
 
 
+def price_from(message: dict[str, Any], provider: str) -> bool:
+    return message.get("type") == "price_update" and message["provider"] == provider
+
+
 async def test_clients_keep_their_connection_across_failover_and_failback(start_relay, ws_connect, http):
     """The real daemon: fmp → sim → fmp while a client stays subscribed; /status and /health say why."""
     from conftest import api
@@ -231,20 +235,26 @@ async def test_clients_keep_their_connection_across_failover_and_failback(start_
         client = await ws_connect(relay)
         with trio.fail_after(15):
             await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
-            first, _ = await client.recv_until(lambda m: m.get("provider") == "fmp")
+            first, _ = await client.recv_until(lambda m: price_from(m, "fmp"))
             health = (await http.get(api(relay, "/health"))).json()
             assert health["provider"] == "fmp" and health["failover"]["on_preferred"] is True
             # fmp goes down (connections dropped, logins refused).
             fake.api_keys = set()
             await fake.drop_all()
-            failed_over, _ = await client.recv_until(lambda m: m.get("provider") == "sim")
+            failed_over, before_sim = await client.recv_until(lambda m: price_from(m, "sim"))
             status = (await http.get(api(relay, "/status"))).json()
             health = (await http.get(api(relay, "/health"))).json()
             # fmp comes back: after failback_after of a healthy probe the relay returns to it.
             fake.api_keys = {FMP_KEY}
-            back, seen = await client.recv_until(lambda m: m.get("provider") == "fmp")
+            back, seen = await client.recv_until(lambda m: price_from(m, "fmp"))
     assert first["seq"] < failed_over["seq"] < back["seq"]  # one sequence across providers
     assert {m["provider"] for m in seen if m.get("type") == "price_update"} == {"sim"}
+    # The client was told: the upstream went down, then failed over to sim (then came back up).
+    signals = [(m["state"], m["provider"]) for m in before_sim if m.get("type") == "status"]
+    assert signals[:2] == [("down", "fmp"), ("failover", "sim")]
+    assert all(m["symbols"] == ["AAPL"] for m in before_sim if m.get("type") == "status")
+    back_signals = [(m["state"], m["provider"]) for m in seen if m.get("type") == "status"]
+    assert back_signals[-2:] == [("failover", "fmp"), ("up", "fmp")]
     assert status["provider"] == "sim" and status["failover"]["active"] == "sim"
     assert status["failover"]["reason"].startswith("fmp unhealthy for 0.3s")
     assert [(p["name"], p["active"]) for p in status["upstream"]["providers"]] == [("fmp", False), ("sim", True)]

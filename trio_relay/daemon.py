@@ -126,6 +126,8 @@ class Relay:
             changes.append(f"pinned -{','.join(removed)}")
         if new.clients != old.clients:
             hub.config = new.clients
+            if new.clients.resume_history != old.clients.resume_history:
+                hub.set_resume_history(new.clients.resume_history)
             for client in hub.clients.values():
                 client.outbox.capacity = new.clients.outbox_size
             changes.append("client limits")
@@ -207,6 +209,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
         )
         async with hub_open as hub:
             upstream = Upstream(providers, demand, send, config.upstream, stats)
+            upstream.on_event = hub.upstream_event
             ctx = RelayContext(
                 hub=hub, upstream=upstream, config=config, started_at=time.time()
             )

@@ -17,6 +17,8 @@ import inspect
 import itertools
 import logging
 import math
+import secrets
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -37,6 +39,9 @@ log = logging.getLogger("trio_relay.hub")
 CLOSE_GOING_AWAY = 1001  # shutdown
 CLOSE_POLICY = 1008  # too many unread replies
 CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
+
+# Suggested wait before a client reconnects after a shutdown (a restart takes about this long).
+RECONNECT_HINT_MS = 1000
 
 # Seconds a write in progress may still take once its client is being closed.
 CLOSE_GRACE = 1.0
@@ -68,6 +73,11 @@ class Stats:
     callback_dropped: int = 0  # updates an async callback was too slow to take
     slow_clients_closed: int = 0
     clients_total: int = 0
+
+
+def new_epoch() -> str:
+    """A short id for one run's sequence space: start time plus randomness, e.g. ``6745c1a0-9f3b2c``."""
+    return f"{int(time.time()):x}-{secrets.token_hex(3)}"
 
 
 class Outbox:
@@ -149,14 +159,21 @@ class Outbox:
         self.put(-1 - next(self._keys), msg)
         return True
 
+    def put_replay(self, symbol: str, msg: bytes) -> None:
+        """Queue a replayed update: in order, never conflated (bounded by the resume history)."""
+        self.put((symbol, next(self._keys)), msg)
+
     def discard(self, symbols: set[str]) -> None:
         """Forget pending updates of ``symbols`` (called on unsubscribe, before its ack)."""
+
+        def of(key: object) -> bool:
+            return key in symbols or (type(key) is tuple and key[0] in symbols)
+
         if self._latest is not None:
-            for s in symbols:
-                self._latest.pop(s, None)
+            for k in [k for k in self._latest if of(k)]:
+                del self._latest[k]
         else:
-            kept = [(k, m) for k, m in self._queue if k not in symbols]
-            self._queue = deque(kept)
+            self._queue = deque((k, m) for k, m in self._queue if not of(k))
 
     async def get(self, limit: int = 0) -> list[bytes]:
         """Wait for pending frames and take them in order: all of them, or at most ``limit``.
@@ -374,6 +391,13 @@ class Hub:
         self.demand = demand
         self.stats = stats if stats is not None else Stats()
         self.cache: dict[str, PriceState] = {}
+        # Names this run's sequence space: a client may resume with "since" only within it.
+        self.epoch = new_epoch()
+        # Per symbol, the last ``resume_history`` frames routed, with their seq (for resume).
+        self._history: dict[str, deque[tuple[int, bytes]]] = {}
+        self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
+        # The upstream's last state signal while it is not "up" (sent to new subscribers too).
+        self.upstream_status: dict[str, Any] | None = None
         self.clients: dict[int, Client] = {}
         self._subs: dict[str, set[Outbox]] = {}
         self._enc = Encoder()
@@ -405,6 +429,7 @@ class Hub:
         async with trio.open_nursery() as nursery:
             hub._nursery = nursery
             nursery.start_soon(hub._reap_stalled)
+            nursery.start_soon(hub._watch_symbols)
             try:
                 yield hub
             finally:
@@ -482,7 +507,10 @@ class Hub:
             return
         state = self._apply(update)
         if state is not None:
-            self._route(update.symbol, self._enc.price_update(state))
+            frame = self._enc.price_update(state)
+            self._route(update.symbol, frame)
+            if self.config.resume_history:
+                self._remember(update.symbol, state.seq, frame)
         if self._sync_callbacks:
             self._run_sync_callbacks(update)
         if self._async_callbacks:
@@ -506,36 +534,60 @@ class Hub:
                     self._feed_async_callbacks(update)
         self.stats.coalesced += total - len(changed)
         encode = self._enc.price_update
+        keep = self.config.resume_history
         for symbol, state in changed.items():
-            self._route(symbol, encode(state))
+            frame = encode(state)
+            self._route(symbol, frame)
+            if keep:
+                self._remember(symbol, state.seq, frame)
 
     def _apply(self, update: Update) -> PriceState | None:
         """Merge a wanted symbol's update into the cache; the state to send (None: already routed)."""
         symbol = update.symbol
         state = self.cache.get(symbol)
+        if update.epoch is not None and update.epoch != self.epoch:
+            self._adopt_epoch(update.epoch)
         if state is None:
-            state = self.cache[symbol] = PriceState(symbol=symbol)
+            state = self.cache[symbol] = PriceState(symbol=symbol, epoch=self.epoch)
         state.provider = update.provider or self.source
         if update.kind == BREAK:
             # A break corrects an earlier print; it does not become the last trade. It is
             # routed at once, on its own: it must never be coalesced away.
-            state.seq += 1
-            self._route(
-                symbol,
-                self._enc.price_update(
-                    msgspec.structs.replace(
-                        state,
-                        data_type=BREAK,
-                        timestamp=update.timestamp,
-                        last_price=update.last_price,
-                        last_size=update.last_size,
-                        cached_at=self._enc.now_iso(),
-                    )
-                ),
+            state.seq = update.seq or state.seq + 1
+            frame = self._enc.price_update(
+                msgspec.structs.replace(
+                    state,
+                    data_type=BREAK,
+                    timestamp=update.timestamp,
+                    last_price=update.last_price,
+                    last_size=update.last_size,
+                    cached_at=self._enc.now_iso(),
+                )
             )
+            self._route(symbol, frame)
+            if self.config.resume_history:
+                self._remember(symbol, state.seq, frame)
             return None
         state.apply(update, self._enc.now_iso())
         return state
+
+    def _remember(self, symbol: str, seq: int, frame: bytes) -> None:
+        history = self._history.get(symbol)
+        if history is None:
+            history = self._history[symbol] = deque(maxlen=self.config.resume_history)
+        history.append((seq, frame))
+
+    def _adopt_epoch(self, epoch: str) -> None:
+        """Take an upstream relay's sequence space (workers share their feeder's numbering)."""
+        log.info("[EPOCH] sequence space %s (was %s)", epoch, self.epoch)
+        self.epoch = epoch
+        self._history.clear()
+        for state in self.cache.values():
+            state.epoch = epoch
+
+    def set_resume_history(self, size: int) -> None:
+        """A new history length (reload): the kept frames are trimmed or given room to grow."""
+        self._history = {s: deque(h, maxlen=size) for s, h in self._history.items()} if size else {}
 
     def _route(self, symbol: str, msg: bytes) -> None:
         outboxes = self._subs.get(symbol)
@@ -627,8 +679,21 @@ class Hub:
         self.stats.dropped += len(client.outbox)
         self.stats.conflated += client.outbox.conflated
 
-    def subscribe(self, client: Client, symbols: list[str]) -> list[str]:
+    def subscribe(
+        self,
+        client: Client,
+        symbols: list[str],
+        *,
+        since: dict[str, int] | None = None,
+        epoch: str | None = None,
+    ) -> list[str]:
         """Add ``symbols`` to the client's set; queue the ack and the cached snapshot of each.
+
+        With ``since`` (the last seq the client saw, per symbol, in ``epoch``), a symbol whose
+        missed updates are all still in its history gets exactly those, in order, instead of a
+        snapshot; the ack then says ``"recovered": true``. When the epoch differs (the relay
+        restarted) or the gap is older than the history, the client gets the snapshot and
+        ``"recovered": false`` with the symbols concerned in ``"unrecovered"``.
 
         Raises :class:`SubscriptionError` (and changes nothing) past the per-client cap.
         Returns the symbols that were new for this client.
@@ -646,12 +711,50 @@ class Hub:
             client.symbols.add(s)
             self._subs.setdefault(s, set()).add(outbox)
         self.demand.acquire(new)
-        self.send_control(client, control("subscribed", symbols=list(dict.fromkeys(symbols))))
+        replay: dict[str, list[bytes]] = {}
+        unrecovered: list[str] = []
+        if since is not None:
+            for s in new:
+                if s in since:
+                    frames = self._missed(s, since[s]) if epoch == self.epoch else None
+                    if frames is None:
+                        unrecovered.append(s)
+                    else:
+                        replay[s] = frames
+        ack: dict[str, Any] = {"symbols": list(dict.fromkeys(symbols))}
+        if since is not None:
+            ack["epoch"] = self.epoch
+            ack["recovered"] = not unrecovered
+            if unrecovered:
+                ack["unrecovered"] = unrecovered
+        self.send_control(client, control("subscribed", **ack))
         for s in new:
+            frames = replay.get(s)
+            if frames is not None:
+                for frame in frames:
+                    outbox.put_replay(s, frame)
+                continue
             state = self.cache.get(s)
             if state is not None and state.seq:
                 outbox.put(s, self._enc.price_update(state))
+        stale = [s for s in new if s in self.stale_symbols]
+        if stale:
+            self.send_control(client, self._symbol_status("stale", stale))
+        if self.upstream_status is not None and new:
+            self.send_control(client, {**self.upstream_status, "symbols": new})
         return new
+
+    def _missed(self, symbol: str, seen: int) -> list[bytes] | None:
+        """The frames routed after seq ``seen``; None when some may be gone from the history."""
+        state = self.cache.get(symbol)
+        if state is None or not state.seq:
+            return [] if seen == 0 else None
+        if seen >= state.seq:
+            return [] if seen == state.seq else None  # ahead of us: not our sequence
+        history = self._history.get(symbol)
+        if not history or history[0][0] > seen + 1:
+            return None
+        return [frame for seq, frame in history if seq > seen]
 
     def unsubscribe(self, client: Client, symbols: list[str]) -> list[str]:
         """Remove symbols; pending updates of them are discarded before the ack is queued."""
@@ -683,8 +786,92 @@ class Hub:
             await self._no_clients.wait()
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Close every client; on a shutdown (1001) each first gets a status saying to come back."""
+        notice = None
+        if code == CLOSE_GOING_AWAY:
+            notice = self._enc.encode(
+                control(
+                    "status",
+                    scope="relay",
+                    state="closing",
+                    reason=reason,
+                    reconnect=True,
+                    epoch=self.epoch,
+                    retry_after_ms=RECONNECT_HINT_MS,
+                )
+            )
         for client in list(self.clients.values()):
+            if notice is not None:
+                client.outbox.put_control(notice)
             client.close(code, reason)
+
+    # ----------------------------------------------------------------- state signals
+    def upstream_event(self, state: str, provider: str, reason: str = "") -> None:
+        """Tell every subscribed client that the upstream went down, stale, failed over or up.
+
+        ``state`` is ``up``, ``down``, ``stale`` or ``failover``; each client's message lists the
+        symbols of its own that are concerned (all of them: one upstream serves them all).
+        """
+        message: dict[str, Any] = control("status", scope="upstream", state=state, provider=provider)
+        if reason:
+            message["reason"] = reason
+        self.upstream_status = None if state == "up" else message
+        for client in list(self.clients.values()):
+            if client.symbols:
+                self.send_control(client, {**message, "symbols": sorted(client.symbols)})
+
+    def _symbol_status(self, state: str, symbols: list[str]) -> dict[str, Any]:
+        return control(
+            "status", scope="symbols", state=state, symbols=symbols, stale_after=self.config.symbol_stale_after
+        )
+
+    async def _watch_symbols(self) -> None:
+        """Flag subscribed symbols with no update for ``symbol_stale_after`` (and unflag them).
+
+        Reads each symbol's seq once per round instead of timing every update: the hot path
+        pays nothing, and a flag comes at most a quarter of the limit (or 1 s) late.
+        """
+        seen: dict[str, int] = {}
+        changed_at: dict[str, float] = {}
+        while True:
+            limit = self.config.symbol_stale_after  # read each round: a reload may change it
+            await trio.sleep(min(1.0, limit / 4) if limit else 1.0)
+            if not limit:
+                if self.stale_symbols:
+                    self._notify_symbols("fresh", set(self.stale_symbols))
+                    self.stale_symbols.clear()
+                seen.clear()
+                changed_at.clear()
+                continue
+            now = trio.current_time()
+            went_stale: set[str] = set()
+            came_back: set[str] = set()
+            cache = self.cache
+            for symbol in self._subs:
+                state = cache.get(symbol)
+                seq = state.seq if state is not None else 0
+                if seen.get(symbol) != seq:
+                    if symbol in seen and symbol in self.stale_symbols:
+                        came_back.add(symbol)
+                    seen[symbol] = seq
+                    changed_at[symbol] = now
+                elif now - changed_at[symbol] >= limit and symbol not in self.stale_symbols:
+                    went_stale.add(symbol)
+            for symbol in [s for s in seen if s not in self._subs]:
+                del seen[symbol], changed_at[symbol]
+                self.stale_symbols.discard(symbol)
+            self.stale_symbols -= came_back
+            self.stale_symbols |= went_stale
+            if went_stale:
+                self._notify_symbols("stale", went_stale)
+            if came_back:
+                self._notify_symbols("fresh", came_back)
+
+    def _notify_symbols(self, state: str, symbols: set[str]) -> None:
+        for client in list(self.clients.values()):
+            mine = client.symbols & symbols
+            if mine:
+                self.send_control(client, self._symbol_status(state, sorted(mine)))
 
     # ----------------------------------------------------------------- pins, cache
     def pin(self, symbols: list[str]) -> None:
@@ -700,6 +887,8 @@ class Hub:
     def _evict(self, symbol: str) -> None:
         # Nobody wants it upstream any more: its price would only go stale.
         self.cache.pop(symbol, None)
+        self._history.pop(symbol, None)
+        self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:
         return len(self._subs.get(symbol, ()))

@@ -56,6 +56,10 @@ class Update(msgspec.Struct, gc=False):
     # The provider that produced it, when it is not the upstream session's own (an upstream relay
     # passes on its provider's name). None: the hub's current source.
     provider: str | None = None
+    # An upstream relay's own numbering (its seq and epoch), kept so that the clients of every
+    # worker of one relay see the same sequence and can resume on any of them. 0 / None: none.
+    seq: int = 0
+    epoch: str | None = None
 
 
 class PriceState(msgspec.Struct, gc=False, kw_only=True):
@@ -74,10 +78,11 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
     cached_at: str = ""
     seq: int = 0
     provider: str = ""  # which upstream provider the latest update came from
+    epoch: str = ""  # the relay's sequence space: seq values compare only within one epoch
 
     def apply(self, update: Update, cached_at: str) -> None:
         """Merge ``update`` into this state (a break does not replace the last trade)."""
-        self.seq += 1
+        self.seq = update.seq or self.seq + 1
         self.timestamp = update.timestamp
         self.data_type = update.kind
         self.cached_at = cached_at

@@ -159,6 +159,10 @@ class Upstream:
         self.last_error = ""
         self.subscribed: set[str] = set()
         self._marker_pending = False
+        # Told of each change the clients should see: ("up" | "down" | "stale" | "failover",
+        # provider name, reason). Wired to the hub, which sends {"type":"status"} messages.
+        self.on_event: Callable[[str, str, str], None] | None = None
+        self._signal = "starting"
         self._active_since = 0.0  # staleness is measured from max(last message, last subscribe)
 
     @property
@@ -271,6 +275,10 @@ class Upstream:
                 self._disconnected()
                 if self._stop.is_set():
                     break
+                if not self._restart and self._switch_to is None:
+                    lost = auth_error or error
+                    kind = "stale" if isinstance(lost, StaleFeed) else "down"
+                    self._emit(kind, _describe(lost) if lost is not None else "connection ended")
                 if self._switch_to is not None:
                     # The prober found a preferred provider healthy: fail back to it now.
                     self._switch(self._switch_to, self.switch_reason)
@@ -381,6 +389,17 @@ class Upstream:
         self._chain_changed = trio.Event()
         log.warning("[FAILOVER] %s -> %s: %s", old.provider.name, self.provider.name, reason)
         self._announce()
+        self._signal = "failover"
+        if self.on_event is not None:
+            self.on_event("failover", self.provider.name, f"{old.provider.name} -> {self.provider.name}: {reason}")
+
+    def _emit(self, signal: str, reason: str) -> None:
+        """Report a change of what clients should believe (only changes: not every retry)."""
+        if signal == self._signal or (signal == "down" and self._signal in ("stale", "starting")):
+            return
+        self._signal = signal
+        if self.on_event is not None:
+            self.on_event(signal, self.provider.name, reason)
 
     def _announce(self) -> None:
         """Tell the hub which provider the next batches come from (in order with the data)."""
@@ -494,6 +513,7 @@ class Upstream:
                 self._unhealthy_since = None
             health = self.chain[self.active]
             health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
+            self._emit("up", "")
             log.info("[CONNECT] connected to %s", self.provider.describe())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, session)

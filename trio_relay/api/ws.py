@@ -6,6 +6,12 @@ Served natively (see :class:`ClientProtocol`): one reader loop (client → hub) 
 - ``{"action":"subscribe","symbols":["AAPL"]}`` → ``{"type":"subscribed","symbols":[...]}`` then the
   cached ``price_update`` of each newly subscribed symbol that has one, then live updates.
   An optional ``"batch": true`` switches the connection to batched frames (see below).
+  A reconnecting client adds ``"since": {"AAPL": 1234}, "epoch": "..."`` (the last ``seq`` and
+  the ``epoch`` it saw): it gets exactly the updates it missed instead of a snapshot, and the ack
+  says ``"recovered": true`` (or ``false`` + ``"unrecovered"`` with a snapshot for those).
+- ``{"type":"status",...}`` messages come unasked: the upstream went down / stale / failed over /
+  came back (``scope: "upstream"``), symbols stopped or resumed ticking (``scope: "symbols"``),
+  the relay is shutting down and the client should reconnect (``scope: "relay"``).
 - ``{"action":"unsubscribe","symbols":[...]}`` → ``{"type":"unsubscribed","symbols":[...]}``; no update
   of those symbols follows the ack.
 - ``{"action":"ping"}`` → ``{"type":"pong"}``; ``{"action":"list"}`` → ``{"type":"subscriptions","symbols":[...]}``.
@@ -70,6 +76,26 @@ def parse_symbols(raw: object, max_per_request: int, field: str = "symbols") -> 
 
 def _flag(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
+
+
+def _resume_fields(msg: dict[str, object], symbols: list[str]) -> tuple[dict[str, int] | None, str | None]:
+    """``since`` ({symbol: last seq seen}) and ``epoch`` of a resuming subscribe, validated."""
+    raw = msg.get("since")
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and type(v) is int and v >= 0 for k, v in raw.items()
+    ):
+        raise ProtocolError("invalid_since", "'since' must be an object of symbol: last seq seen (an integer >= 0)")
+    epoch = msg.get("epoch")
+    if not isinstance(epoch, str):
+        raise ProtocolError("missing_field", "'epoch' is required with 'since': the epoch of the updates you saw")
+    wanted = set(symbols)
+    since = {k.strip().upper(): v for k, v in raw.items()}
+    extra = [k for k in since if k not in wanted]
+    if extra:
+        raise ProtocolError("invalid_since", f"'since' names symbols not in 'symbols': {', '.join(extra[:5])}")
+    return since, epoch
 
 
 class ClientProtocol:
@@ -228,8 +254,9 @@ class ClientProtocol:
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
+                since, epoch = _resume_fields(msg, symbols)
                 try:
-                    self.hub.subscribe(client, symbols)
+                    self.hub.subscribe(client, symbols, since=since, epoch=epoch)
                 except SubscriptionError as exc:
                     raise ProtocolError(exc.code, exc.message) from None
             elif action == "unsubscribe":

@@ -39,6 +39,8 @@ class _Message(msgspec.Struct, gc=False):
     code: str | None = None
     message: str | None = None
     provider: str | None = None
+    seq: int = 0
+    epoch: str | None = None
 
 
 _DECODER = msgspec.json.Decoder(list[_Message])
@@ -83,6 +85,8 @@ class RelaySession:
                             bid_size=m.bid_size,
                             merged=True,
                             provider=m.provider or None,
+                            seq=m.seq,
+                            epoch=m.epoch or None,
                         )
                     )
                 elif m.type == "error":
