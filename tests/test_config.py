@@ -443,3 +443,9 @@ def test_the_example_config_documents_every_key() -> None:
         assert f"[{section.name}]" in text
         for field in attrs.fields(section.type):
             assert f"# {field.name} = " in text, f"{section.name}.{field.name} is not in config/trio-relay.toml"
+
+
+def test_a_token_in_the_finnhub_url_is_refused_without_echoing_it() -> None:
+    message = error_of(overrides={"finnhub": {"url": f"wss://ws.finnhub.io?token={SECRET}"}})
+    assert message.startswith("config error: finnhub.url: must not have a query")
+    assert SECRET not in message

@@ -87,6 +87,11 @@ def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
         raise _FieldError(attr.name, f"must start with ws:// or wss:// (got {value!r})")
 
 
+def _no_query(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if "?" in value:
+        raise _FieldError(attr.name, "must not have a query (put the token in api_key / FINNHUB_API_KEY)")
+
+
 @attrs.frozen
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -129,8 +134,9 @@ def _symbol_map(_inst: object, attr: "attrs.Attribute[Any]", value: dict[str, st
 class FinnhubConfig:
     # Finnhub's token travels in the URL query: the relay never logs a URL with it.
     api_key: str = attrs.field(default="", repr=False)
-    # Overrides wss://ws.finnhub.io (tests and the local fake server use this).
-    url: str = attrs.field(default="", validator=_ws_url)
+    # Overrides wss://ws.finnhub.io (tests and the local fake server use this). No query: the
+    # relay adds the token itself, and a URL is not a place for a secret.
+    url: str = attrs.field(default="", validator=[_no_query, _ws_url])
     # Extra client symbol → Finnhub symbol entries (e.g. "BTCUSD" = "BINANCE:BTCUSDT"); they win
     # over the built-in table.
     symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
