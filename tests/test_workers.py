@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -48,9 +49,15 @@ async def test_two_workers_share_one_upstream_connection_and_stop_cleanly(fake_f
                     ws = await trio_websocket.connect_websocket_url(nursery, ws_url)
                     await ws.send_message('{"action":"subscribe","symbols":["AAPL","MSFT"]}')
                     clients.append(ws)
+                first_prices = []
                 for ws in clients:
-                    while '"price_update"' not in await ws.get_message():
+                    while '"price_update"' not in (message := await ws.get_message()):
                         pass
+                    first_prices.append(json.loads(message))
+                # Every worker passes on the feeder's numbering and provider: a client can
+                # resume on whichever worker it reaches next time.
+                assert len({m["epoch"] for m in first_prices}) == 1
+                assert {m["provider"] for m in first_prices} == {"fmp"}
                 await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"AAPL", "MSFT"})
                 clients_seen: dict[int, int] = {}
                 for _ in range(40):
