@@ -80,6 +80,11 @@ __all__ = [
 
 log = logging.getLogger("trio_relay.providers.alpaca")
 
+# WebSocket keepalive: Alpaca sends nothing while nothing trades, so only pings can tell a quiet feed
+# from a half-open connection. alpaca-py pings every 10 s too (ping_interval=10 in
+# alpaca/data/live/websocket.py); it waits up to 180 s for the pong, we give up after 20 s of silence.
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 20.0
 # Symbols per subscribe/unsubscribe request, so no single frame grows without bound.
 SUBSCRIBE_CHUNK = 200
 MAX_FRAME = 1 << 22  # a busy batch can be large: many ticks in one array
@@ -440,7 +445,13 @@ class AlpacaProvider:
     @asynccontextmanager
     async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[AlpacaSession]:
         url = self.config.resolved_url
-        async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
+        async with WsClient.open(
+            url,
+            connect_timeout=self.connect_timeout,
+            max_message=MAX_FRAME,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+        ) as ws:
             early = await self._login(ws, on_malformed)
             yield AlpacaSession(
                 ws,

@@ -66,6 +66,11 @@ log = logging.getLogger("trio_relay.providers.polygon")
 CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {"stocks": ("T", "Q"), "crypto": ("XT", "XQ"), "forex": ("C",)}
 #: One subscribe/unsubscribe message stays below this many bytes (a few thousand entries).
 MAX_SUBSCRIBE_BYTES: Final = 32 * 1024
+# WebSocket keepalive: Polygon sends nothing while nothing trades, so only pings can tell a quiet feed
+# from a half-open connection. The official client relies on the websockets library's 20 s pings;
+# a user saw pongs delayed in busy hours (polygon-io/issues #134), so we wait longer than its 20 s.
+PING_INTERVAL: Final = 20.0
+PING_TIMEOUT: Final = 60.0
 # Polygon batches many events per frame; a busy second on many tickers makes big frames.
 MAX_FRAME: Final = 8 << 20
 # Frames kept while waiting for auth_success (they are decoded after it); more is a broken peer.
@@ -375,7 +380,13 @@ class PolygonProvider:
     @asynccontextmanager
     async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[PolygonSession]:
         url = self.config.resolved_url
-        async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
+        async with WsClient.open(
+            url,
+            connect_timeout=self.connect_timeout,
+            max_message=MAX_FRAME,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+        ) as ws:
             yield PolygonSession(self, ws, await self._login(ws), on_malformed)
 
     async def _login(self, ws: WsClient) -> list[str]:

@@ -10,6 +10,11 @@ single turn. The socket is read until the kernel has nothing more (not one fixed
 however long the scheduler's rounds get, each turn of the reader catches up with the feed; TLS is
 done with :class:`ssl.SSLObject` on memory BIOs so ``wss://`` gets the same bulk reads. The
 connection is driven by its one reader (the caller): no background task.
+
+Keepalive follows from that: with ``ping_interval`` set, :meth:`WsClient.receive_batch` itself
+sends a Ping once it has waited that long without receiving a single byte, and raises
+:class:`KeepaliveTimeout` if nothing at all arrives ``ping_timeout`` seconds after it. Providers
+that send nothing while nothing trades need this to tell a quiet feed from a half-open connection.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .base import ProviderError
 
-__all__ = ["WsClient", "UpstreamClosed", "HandshakeRejected"]
+__all__ = ["WsClient", "UpstreamClosed", "HandshakeRejected", "KeepaliveTimeout"]
 
 RECEIVE_BYTES = 1 << 18
 # Most bytes taken in one turn: bounds the work (and the pause) of a single turn after a long stall.
@@ -50,6 +55,13 @@ class HandshakeRejected(ProviderError):
         super().__init__(f"handshake rejected with HTTP {status}")
         self.status = status
 
+
+class KeepaliveTimeout(ProviderError):
+    """Nothing at all (not even a pong) came back within ``timeout`` seconds of our ping."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no pong within {timeout:g}s")
+        self.timeout = timeout
 
 
 class _Transport:
@@ -131,11 +143,18 @@ class _Transport:
             chunks.append(data)
             size += len(data)
         if not waited:
-            await trio.lowlevel.checkpoint()  # an async call always yields, even with data ready
+            # An async call always yields, even with data ready; but a cancellation here would lose
+            # bytes already taken from the kernel, so (like trio's own sockets) this yield is shielded.
+            # A read under a deadline that has just passed still returns what was waiting.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return b"".join(chunks)
 
     async def receive(self) -> bytes:
-        """Plaintext bytes: everything available now (waiting if nothing); b"" at EOF."""
+        """Plaintext bytes: everything available now (waiting if nothing); b"" at EOF.
+
+        Cancel-safe: a cancellation only lands while nothing has been taken from the socket, so no
+        bytes are lost (receive_batch's keepalive deadlines rely on this).
+        """
         if self._tls is None:
             return b"" if self._eof else await self._receive_raw()
         while True:
@@ -151,9 +170,13 @@ class _Transport:
                 pass
             except ssl.SSLError as exc:
                 raise UpstreamClosed(1006, f"TLS error: {exc.reason or exc}") from None
-            await self._flush_tls()
             if plain or self._eof:
-                return b"".join(plain)
+                return b"".join(plain)  # anything reading produced to send goes out next time or with a send
+            if self._outgoing.pending:
+                # Before waiting, as the peer may wait for it; under the lock, so it cannot land in the
+                # middle of a frame another task is sending.
+                async with self._send_lock:
+                    await self._flush_tls()
             raw = await self._receive_raw()
             if not raw:
                 self._eof = True
@@ -186,15 +209,32 @@ class _Transport:
 
 
 class WsClient:
-    """One client WebSocket connection. Not safe for two concurrent readers (by design)."""
+    """One client WebSocket connection. Not safe for two concurrent readers (by design).
 
-    def __init__(self, transport: _Transport, conn: wsproto.WSConnection, max_message: int) -> None:
+    Sending (:meth:`send_text`) from other tasks while one task reads is fine: every write,
+    pongs and keepalive pings included, goes through the transport's send lock.
+    """
+
+    def __init__(
+        self,
+        transport: _Transport,
+        conn: wsproto.WSConnection,
+        max_message: int,
+        ping_interval: float | None = None,
+        ping_timeout: float = 20.0,
+    ) -> None:
         self._transport = transport
         self._conn = conn
         self._max_message = max_message
         self._partial: list[str] = []
         self._partial_len = 0
         self._closed: UpstreamClosed | None = None
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._heard_at = trio.current_time()  # when we last received any bytes at all
+        self._ping_sent_at: float | None = None  # our unanswered ping, if we sent one since then
+        self._ping_payload = b""
+        self._pings = 0
 
     @classmethod
     async def connect(
@@ -204,8 +244,18 @@ class WsClient:
         max_message: int = 1 << 20,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        ping_interval: float | None = None,
+        ping_timeout: float = 20.0,
     ) -> WsClient:
-        """Open TCP (TLS for wss://), do the upgrade. The caller bounds the time it may take."""
+        """Open TCP (TLS for wss://), do the upgrade. The caller bounds the time it may take.
+
+        ``ping_interval`` (seconds, None for no keepalive) and ``ping_timeout``: see
+        :meth:`receive_batch`.
+        """
+        if ping_interval is not None and not ping_interval > 0:
+            raise ValueError(f"ping_interval must be > 0 or None, not {ping_interval!r}")
+        if not ping_timeout > 0:
+            raise ValueError(f"ping_timeout must be > 0, not {ping_timeout!r}")
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ProviderError(f"not a WebSocket URL: {parts.scheme}://{parts.hostname}")
@@ -223,7 +273,7 @@ class WsClient:
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
             await transport.send_all(conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or [])))
-            client = cls(transport, conn, max_message)
+            client = cls(transport, conn, max_message, ping_interval, ping_timeout)
             await client._await_accept()
             return client
         except BaseException:
@@ -232,11 +282,22 @@ class WsClient:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, *, connect_timeout: float, max_message: int = 1 << 20) -> AsyncIterator[WsClient]:
-        """Connect within ``connect_timeout`` (else ProviderError); close (with a close frame) on exit."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float,
+        max_message: int = 1 << 20,
+        ping_interval: float | None = None,
+        ping_timeout: float = 20.0,
+    ) -> AsyncIterator[WsClient]:
+        """Connect within ``connect_timeout`` (else ProviderError); close (with a close frame) on exit.
+
+        ``ping_interval`` / ``ping_timeout``: keepalive, see :meth:`receive_batch`.
+        """
         try:
             with trio.fail_after(connect_timeout):
-                ws = await cls.connect(url, max_message=max_message)
+                ws = await cls.connect(url, max_message=max_message, ping_interval=ping_interval, ping_timeout=ping_timeout)
         except trio.TooSlowError:
             raise ProviderError(f"connect timed out after {connect_timeout:g}s") from None
         try:
@@ -260,7 +321,34 @@ class WsClient:
                     raise HandshakeRejected(event.status_code)
 
     async def _read(self) -> bytes:
-        return await self._transport.receive()
+        data = await self._transport.receive()
+        if data:
+            self._heard_at = trio.current_time()
+            self._ping_sent_at = None  # the peer is alive: whatever came counts as the pong
+        return data
+
+    async def _read_or_ping(self) -> bytes:
+        """:meth:`_read`, keeping the connection alive meanwhile when ``ping_interval`` is set."""
+        if self._ping_interval is None:
+            return await self._read()
+        while True:
+            if self._ping_sent_at is None:
+                with trio.move_on_at(self._heard_at + self._ping_interval):
+                    return await self._read()
+                self._ping_sent_at = trio.current_time()
+                self._pings += 1
+                self._ping_payload = b"trio-relay %d" % self._pings
+                try:
+                    ping = self._conn.send(wse.Ping(payload=self._ping_payload))
+                except LocalProtocolError:
+                    raise UpstreamClosed(1006, "connection is closing") from None
+            else:
+                ping = b""  # sent by an earlier call, cancelled while it waited for the answer
+            # The ping's send is under the deadline too: a dead peer may have let the send buffer fill.
+            with trio.move_on_at(self._ping_sent_at + self._ping_timeout):
+                await self._write(ping)
+                return await self._read()
+            raise KeepaliveTimeout(self._ping_timeout)
 
     async def _write(self, data: bytes) -> None:
         if data:
@@ -276,7 +364,13 @@ class WsClient:
         await self._write(data)
 
     async def receive_batch(self) -> list[str]:
-        """Every complete text message received so far (at least one); raises UpstreamClosed."""
+        """Every complete text message received so far (at least one); raises UpstreamClosed.
+
+        With ``ping_interval`` set, once this has waited ``ping_interval`` seconds without
+        receiving anything (no frame of any kind), it sends a Ping and waits on; if still nothing
+        has arrived ``ping_timeout`` seconds after that, it raises :class:`KeepaliveTimeout`. Any
+        bytes received reset the clock, so a busy feed is never pinged. Pongs are never returned.
+        """
         while True:
             # Bytes already fed to wsproto (e.g. frames that came with the handshake reply) first.
             out = await self._process_events()
@@ -284,7 +378,7 @@ class WsClient:
                 return out  # a close frame after data: the next call raises
             if self._closed is not None:
                 raise self._closed
-            data = await self._read()
+            data = await self._read_or_ping()
             try:
                 self._conn.receive_data(data or None)
             except RemoteProtocolError as exc:
@@ -305,6 +399,9 @@ class WsClient:
                 self._collect(bytes(event.data).decode("utf-8", "replace"), event.message_finished, out)
             elif isinstance(event, wse.Ping):
                 reply += self._conn.send(event.response())
+            elif isinstance(event, wse.Pong):
+                if event.payload == self._ping_payload:
+                    self._ping_payload = b""  # ours; any other pong is unsolicited, and ignored too
             elif isinstance(event, wse.CloseConnection) and self._closed is None:
                 self._closed = UpstreamClosed(event.code, event.reason or "")
                 try:
