@@ -295,7 +295,7 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict:
         s: dict = {"t": time.time(), "cpus": cpu_times()}
-        for name, pid in self.pids.items():
+        for name, pid in list(self.pids.items()):  # the runner adds pids as it starts them
             s[name] = (proc_cpu_ticks(pid), proc_rss(pid))
         if self.tcp_ports:
             s["tcpq"] = tcp_queues(self.tcp_ports)

@@ -29,7 +29,7 @@ import msgspec
 import trio
 
 from .config import ClientsConfig
-from .model import BREAK, Encoder, PriceState, Update, control
+from .model import BREAK, Encoder, PriceState, Update, control, ws_payload
 
 __all__ = ["Hub", "Outbox", "Client", "Demand", "Stats", "SubscriptionError"]
 
@@ -73,6 +73,18 @@ class Stats:
     callback_dropped: int = 0  # updates an async callback was too slow to take
     slow_clients_closed: int = 0
     clients_total: int = 0
+
+
+class _Seq(msgspec.Struct):
+    seq: int
+
+
+_SEQ_DECODER = msgspec.json.Decoder(_Seq)
+
+
+def _seq_of(frame: bytes) -> int:
+    """The seq of a routed price_update frame (read back only on a resume)."""
+    return _SEQ_DECODER.decode(ws_payload(frame)).seq
 
 
 def new_epoch() -> str:
@@ -393,8 +405,10 @@ class Hub:
         self.cache: dict[str, PriceState] = {}
         # Names this run's sequence space: a client may resume with "since" only within it.
         self.epoch = new_epoch()
-        # Per symbol, the last ``resume_history`` frames routed, with their seq (for resume).
-        self._history: dict[str, deque[tuple[int, bytes]]] = {}
+        # Per symbol, the last ``resume_history`` frames routed (for resume). Only the frames: a
+        # resume (rare) reads their seq back, so the hot path makes no tuple per update.
+        self._history: dict[str, deque[bytes]] = {}
+        self._keep = config.resume_history
         self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
@@ -509,8 +523,11 @@ class Hub:
         if state is not None:
             frame = self._enc.price_update(state)
             self._route(update.symbol, frame)
-            if self.config.resume_history:
-                self._remember(update.symbol, state.seq, frame)
+            if self._keep:
+                history = self._history.get(update.symbol)
+                if history is None:
+                    history = self._history[update.symbol] = deque(maxlen=self._keep)
+                history.append(frame)
         if self._sync_callbacks:
             self._run_sync_callbacks(update)
         if self._async_callbacks:
@@ -534,12 +551,11 @@ class Hub:
                     self._feed_async_callbacks(update)
         self.stats.coalesced += total - len(changed)
         encode = self._enc.price_update
-        keep = self.config.resume_history
         for symbol, state in changed.items():
             frame = encode(state)
             self._route(symbol, frame)
-            if keep:
-                self._remember(symbol, state.seq, frame)
+            if self._keep:
+                self._remember(symbol, frame)
 
     def _apply(self, update: Update) -> PriceState | None:
         """Merge a wanted symbol's update into the cache; the state to send (None: already routed)."""
@@ -565,17 +581,17 @@ class Hub:
                 )
             )
             self._route(symbol, frame)
-            if self.config.resume_history:
-                self._remember(symbol, state.seq, frame)
+            if self._keep:
+                self._remember(symbol, frame)
             return None
         state.apply(update, self._enc.now_iso())
         return state
 
-    def _remember(self, symbol: str, seq: int, frame: bytes) -> None:
+    def _remember(self, symbol: str, frame: bytes) -> None:
         history = self._history.get(symbol)
         if history is None:
-            history = self._history[symbol] = deque(maxlen=self.config.resume_history)
-        history.append((seq, frame))
+            history = self._history[symbol] = deque(maxlen=self._keep)
+        history.append(frame)
 
     def _adopt_epoch(self, epoch: str) -> None:
         """Take an upstream relay's sequence space (workers share their feeder's numbering)."""
@@ -587,6 +603,7 @@ class Hub:
 
     def set_resume_history(self, size: int) -> None:
         """A new history length (reload): the kept frames are trimmed or given room to grow."""
+        self._keep = size
         self._history = {s: deque(h, maxlen=size) for s, h in self._history.items()} if size else {}
 
     def _route(self, symbol: str, msg: bytes) -> None:
@@ -752,9 +769,9 @@ class Hub:
         if seen >= state.seq:
             return [] if seen == state.seq else None  # ahead of us: not our sequence
         history = self._history.get(symbol)
-        if not history or history[0][0] > seen + 1:
+        if not history or _seq_of(history[0]) > seen + 1:
             return None
-        return [frame for seq, frame in history if seq > seen]
+        return [frame for frame in history if _seq_of(frame) > seen]
 
     def unsubscribe(self, client: Client, symbols: list[str]) -> list[str]:
         """Remove symbols; pending updates of them are discarded before the ack is queued."""
