@@ -250,7 +250,7 @@ class ClientsConfig:
     # Largest text frame accepted from a client, in bytes.
     max_message_size: int = attrs.field(default=65536, validator=_positive)
     # Updates kept per symbol so a client that reconnects can resume where it left off
-    # ("since" in its subscribe). Memory: about 250 bytes per kept update per symbol. 0 = no resume.
+    # ("since" in its subscribe). Memory: about 370 bytes per kept update per symbol. 0 = no resume.
     resume_history: int = attrs.field(default=128, validator=_non_negative)
     # A subscribed symbol with no update for this long is reported stale to its clients (a
     # {"type":"status"} message), and fresh again at its next update. 0 = never.
