@@ -268,3 +268,51 @@ async def test_clients_keep_their_connection_across_failover_and_failback(start_
         "reason": status["failover"]["reason"],
     }
     assert relay.upstream.switches == 2 and relay.upstream.switch_reason == "fmp healthy again for 0.5s"
+
+
+async def test_fmp_to_finnhub_and_back_when_the_fmp_server_dies_and_revives(start_relay, ws_connect, nursery):
+    """Two real provider protocols: the FMP server is killed (listener gone) and revived on its port."""
+    from trio_relay.testing.fake_finnhub import FakeFinnhubServer
+
+    finnhub_key = "fh-failover-key-51c9"
+    kill = trio.Event()
+    fmp_servers: list[FakeFmpServer] = []
+
+    async def run_fmp(port: int, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with FakeFmpServer.open(port=port, api_keys=[FMP_KEY], rate=50.0, heartbeat_interval=0.2) as fake:
+            fmp_servers.append(fake)
+            task_status.started()
+            await stop.wait()
+
+    await nursery.start(run_fmp, 0, kill)
+    port = fmp_servers[0].port
+    async with FakeFinnhubServer.open(api_keys=[finnhub_key], rate=50.0) as finnhub:
+        relay = await start_relay(
+            upstream={
+                "providers": ["fmp", "finnhub"],
+                "failover_after": 0.3,
+                "failback_after": 0.5,
+                "backoff_initial": 0.05,
+                "backoff_max": 0.1,
+            },
+            fmp={"api_key": FMP_KEY, "url": fmp_servers[0].url, "login_timeout": 0.5},
+            finnhub={"api_key": finnhub_key, "url": finnhub.url},
+        )
+        client = await ws_connect(relay)
+        with trio.fail_after(15):
+            await client.request({"action": "subscribe", "symbols": ["AAPL", "BTCUSD"]}, "subscribed")
+            await client.recv_until(lambda m: price_from(m, "fmp"))
+            assert finnhub.connections_total == 0  # the standby provider is not touched while fmp is fine
+            kill.set()  # the FMP server is gone: its listener and every connection close
+            await finnhub.wait_until(lambda: finnhub.subscriptions == {"AAPL", "COINBASE:BTC-USD"})
+            btc, _ = await client.recv_until(lambda m: price_from(m, "finnhub") and m["symbol"] == "BTCUSD")
+            aapl, _ = await client.recv_until(lambda m: price_from(m, "finnhub") and m["symbol"] == "AAPL")
+            # FMP comes back on the same port; after failback_after the relay returns to it.
+            await nursery.start(run_fmp, port, trio.Event())
+            revived = fmp_servers[1]
+            await revived.wait_until(lambda: revived.subscriptions == {"AAPL", "BTCUSD"})
+            back, _ = await client.recv_until(lambda m: price_from(m, "fmp"))
+            await finnhub.wait_until(lambda: not finnhub.connections)
+    assert btc["last_price"] > 0 and aapl["last_price"] > 0
+    assert relay.upstream.switches == 2 and relay.upstream.provider.name == "fmp"
+    assert len(relay.hub.clients) == 1  # the same client connection all along
