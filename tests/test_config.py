@@ -65,6 +65,9 @@ def test_toml_file(tmp_path: Path) -> None:
 host = "0.0.0.0"
 port = 9001
 
+[auth]
+allow_insecure = true
+
 [upstream]
 provider = "sim"
 pinned = ["aapl", "BRK.B"]
@@ -104,7 +107,7 @@ def test_path_may_be_a_string(tmp_path: Path) -> None:
 
 
 def test_env_overrides_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\n[upstream]\npinned = ["IBM"]\n')
+    path = write(tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\n[auth]\nallow_insecure = true\n[upstream]\npinned = ["IBM"]\n')
     config = load(path, env={"TRIO_RELAY_SERVER_PORT": "9002", "TRIO_RELAY_UPSTREAM_PINNED": "aapl, msft,"})
     assert config.server.port == 9002
     assert config.server.host == "0.0.0.0"  # untouched by the environment
@@ -167,6 +170,7 @@ def test_dotenv_is_read_and_real_environment_wins(tmp_path: Path) -> None:
         f'export FMP_API_KEY="{SECRET}"\n'
         "TRIO_RELAY_SERVER_PORT=9100\n"
         "TRIO_RELAY_SERVER_HOST = '10.0.0.1'\n"
+        "TRIO_RELAY_AUTH_ALLOW_INSECURE=yes\n"
         "not a setting line\n",
         name=".env",
     )
@@ -449,3 +453,50 @@ def test_a_token_in_the_finnhub_url_is_refused_without_echoing_it() -> None:
     message = error_of(overrides={"finnhub": {"url": f"wss://ws.finnhub.io?token={SECRET}"}})
     assert message.startswith("config error: finnhub.url: must not have a query")
     assert SECRET not in message
+
+
+# --------------------------------------------------------------------------- security settings
+
+
+def test_auth_off_on_a_public_address_is_refused_unless_explicitly_allowed() -> None:
+    message = error_of(overrides={"server": {"host": "0.0.0.0"}})
+    assert message.startswith("config error: auth.enabled: the relay would listen on 0.0.0.0 (not loopback)")
+    assert "auth.allow_insecure" in message
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.9"):
+        assert load(overrides={"server": {"host": host}}).auth.enabled is False
+    assert load(overrides={"server": {"host": "0.0.0.0"}, "auth": {"allow_insecure": True}}).server.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    "auth, problem",
+    [
+        ({"enabled": True}, "auth.secret: HS* tokens need a secret of at least 32 characters"),
+        ({"enabled": True, "secret": "short"}, "auth.secret: HS* tokens need a secret of at least 32"),
+        ({"enabled": True, "algorithms": ["none"]}, "auth.algorithms: unsupported algorithm 'none'"),
+        ({"enabled": True, "algorithms": ["RS256"]}, "auth.public_key_file: RS*/ES* tokens need"),
+        ({"enabled": True, "algorithms": ["RS256"], "public_key_file": "/nonexistent.pem"}, "file not found"),
+        ({"enabled": True, "algorithms": ["HS256", "RS256"], "secret": "x" * 32}, "mix HMAC"),
+        ({"enabled": True, "algorithms": []}, "at least one algorithm"),
+    ],
+)
+def test_bad_auth_settings(auth: dict[str, Any], problem: str) -> None:
+    message = error_of(overrides={"auth": auth})
+    assert problem in message
+    assert "x" * 32 not in message and "short" not in message.split(":", 2)[-1].replace("'short'", "")
+
+
+def test_the_jwt_secret_is_never_shown() -> None:
+    config = load(env={"TRIO_RELAY_AUTH_SECRET": SECRET * 2}, overrides={"auth": {"enabled": True}})
+    assert config.auth.secret == SECRET * 2 and SECRET not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "server, problem",
+    [
+        ({"tls_certfile": "/etc/hostname"}, "server.tls_keyfile: TLS needs both"),
+        ({"tls_certfile": "/nonexistent.pem", "tls_keyfile": "/nonexistent.key"}, "server.tls_certfile: file not found"),
+        ({"allowed_origins": ["app.example.com"]}, "server.allowed_origins: 'app.example.com' is not an origin"),
+    ],
+)
+def test_bad_tls_and_origin_settings(server: dict[str, Any], problem: str) -> None:
+    assert problem in error_of(overrides={"server": server})

@@ -31,6 +31,8 @@ __all__ = [
     "PolygonConfig",
     "PROVIDERS",
     "ClientsConfig",
+    "AuthConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "load_config",
     "read_dotenv",
@@ -103,6 +105,13 @@ class ServerConfig:
     workers: int = attrs.field(default=1, validator=_positive)
     # Bind with SO_REUSEPORT (set for workers; lets several processes share the port).
     reuse_port: bool = False
+    # TLS: with both set, the port serves https:// and wss:// (PEM files; the key is never logged).
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    # Origins allowed to open the price WebSocket from a browser (cross-site WebSocket hijacking),
+    # e.g. ["https://app.example.com"]. Empty: any origin while auth is off, same host only
+    # while it is on. Non-browser clients send no Origin and are not affected.
+    allowed_origins: list[str] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -258,6 +267,49 @@ class ClientsConfig:
 
 
 @attrs.frozen
+class AuthConfig:
+    # JWT authentication of WebSocket clients and REST calls. It may be off only while the relay
+    # listens on a loopback address, unless allow_insecure says so explicitly.
+    enabled: bool = False
+    # Accepted algorithms: HS256/HS384/HS512 with `secret`, or RS256/ES256... with `public_key_file`.
+    algorithms: list[str] = attrs.Factory(lambda: ["HS256"])
+    # The HMAC secret (HS*). Prefer TRIO_RELAY_AUTH_SECRET in the environment; never logged.
+    secret: str = attrs.field(default="", repr=False)
+    # PEM public key for RS*/ES*/PS* tokens.
+    public_key_file: str = ""
+    # Required "iss" and "aud" claims (empty: not checked).
+    issuer: str = ""
+    audience: str = ""
+    # Seconds of clock skew tolerated on exp/nbf/iat.
+    leeway: float = attrs.field(default=30.0, validator=_non_negative)
+    # A WebSocket client without a token in the URL or header must send
+    # {"action":"auth","token":...} within this many seconds, else it is closed (1008).
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # The scope (in the "scope" claim, space-separated, or the "scopes" list) REST pins need.
+    admin_scope: str = "relay:admin"
+    # Start on a non-loopback address with auth off anyway (a loud warning is logged).
+    allow_insecure: bool = False
+
+
+@attrs.frozen
+class LimitsConfig:
+    # Client messages per second per WebSocket connection (token bucket: rate and burst).
+    messages_per_second: float = attrs.field(default=20.0, validator=_positive)
+    messages_burst: int = attrs.field(default=60, validator=_positive)
+    # Subscribe/unsubscribe requests per second per connection (a subset of the messages).
+    subscribes_per_second: float = attrs.field(default=5.0, validator=_positive)
+    subscribes_burst: int = attrs.field(default=20, validator=_positive)
+    # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
+    strikes: int = attrs.field(default=10, validator=_positive)
+    # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
+    connections_per_ip: int = attrs.field(default=100, validator=_non_negative)
+    connections_per_user: int = attrs.field(default=20, validator=_non_negative)
+    # REST requests per second per client IP (token bucket); over it: 429 with Retry-After.
+    rest_per_second: float = attrs.field(default=20.0, validator=_positive)
+    rest_burst: int = attrs.field(default=40, validator=_positive)
+
+
+@attrs.frozen
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "text": the spec's "2024-11-10 12:00:00,000 - logger - LEVEL - message"; "json": one object per line.
@@ -275,6 +327,8 @@ class Config:
     alpaca: AlpacaConfig = attrs.Factory(AlpacaConfig)
     polygon: PolygonConfig = attrs.Factory(PolygonConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
+    auth: AuthConfig = attrs.Factory(AuthConfig)
+    limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
 
     @property
@@ -360,10 +414,11 @@ def _make_converter() -> cattrs.Converter:
         FinnhubConfig: {"api_key": secret},
         AlpacaConfig: {"key_id": secret, "secret_key": secret},
         PolygonConfig: {"api_key": secret},
+        AuthConfig: {"secret": secret},
     }
     sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
     # Sections first: Config's hook resolves theirs when it is made.
-    for cls in (*sections, PolygonConfig, ClientsConfig, LoggingConfig, Config):
+    for cls in (*sections, PolygonConfig, ClientsConfig, AuthConfig, LimitsConfig, LoggingConfig, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
         )
@@ -525,6 +580,59 @@ def _check_credentials(config: Config, name: str) -> None:
         raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
 
 
+HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
+KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+
+
+def _check_security(config: Config) -> None:
+    server, auth = config.server, config.auth
+    if bool(server.tls_certfile) != bool(server.tls_keyfile):
+        raise ConfigError("config error: server.tls_keyfile: TLS needs both server.tls_certfile and server.tls_keyfile")
+    for key in ("tls_certfile", "tls_keyfile"):
+        path = getattr(server, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"config error: server.{key}: file not found: {path}")
+    for origin in server.allowed_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com")
+    for alg in auth.algorithms:
+        if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
+            raise ConfigError(f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)")
+    if not auth.enabled:
+        if not is_loopback(server.host) and not auth.allow_insecure:
+            raise ConfigError(
+                f"config error: auth.enabled: the relay would listen on {server.host} (not loopback) with "
+                "authentication off, so anyone who can reach the port could subscribe and pin symbols; "
+                "turn auth on, or set auth.allow_insecure = true to accept that"
+            )
+        return
+    if not auth.algorithms:
+        raise ConfigError("config error: auth.algorithms: at least one algorithm is needed")
+    if HMAC_ALGORITHMS & set(auth.algorithms) and KEY_ALGORITHMS & set(auth.algorithms):
+        raise ConfigError("config error: auth.algorithms: mix HMAC (HS*) and public-key algorithms in one relay is refused")
+    if HMAC_ALGORITHMS & set(auth.algorithms):
+        if len(auth.secret) < 32:
+            raise ConfigError(
+                "config error: auth.secret: HS* tokens need a secret of at least 32 characters "
+                "(set TRIO_RELAY_AUTH_SECRET in the environment or in .env)"
+            )
+    elif not auth.public_key_file:
+        raise ConfigError("config error: auth.public_key_file: RS*/ES* tokens need the issuer's public key (PEM)")
+    elif not os.path.isfile(auth.public_key_file):
+        raise ConfigError(f"config error: auth.public_key_file: file not found: {auth.public_key_file}")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _validate(config: Config) -> Config:
     from .model import SYMBOL_RE
 
@@ -543,6 +651,7 @@ def _validate(config: Config) -> Config:
         raise ConfigError("config error: upstream.providers: a provider is listed twice")
     for name in config.provider_chain:
         _check_credentials(config, name)
+    _check_security(config)
     if config.sim.trade_ratio > 1:
         raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
