@@ -19,10 +19,8 @@ a condition without sleeping.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -32,6 +30,7 @@ import trio_websocket
 
 from ..model import Update
 from ..providers.sim import SimMarket
+from .base import Connection, FakeServer
 
 __all__ = [
     "FakeAlpacaServer",
@@ -42,8 +41,6 @@ __all__ = [
     "correction_msg",
     "frame",
 ]
-
-log = logging.getLogger("trio_relay.testing.fake_alpaca")
 
 STOCK_CHANNELS = ("trades", "quotes", "bars", "updatedBars", "dailyBars", "statuses", "lulds")
 CRYPTO_CHANNELS = ("trades", "quotes", "bars", "updatedBars", "dailyBars", "orderbooks")
@@ -109,21 +106,17 @@ def frame(*messages: Mapping[str, Any]) -> str:
 
 
 @attrs.define(eq=False)
-class _Conn:
-    id: int
-    ws: trio_websocket.WebSocketConnection
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    key: str | None = None
-    authenticated: bool = False
+class _Conn(Connection):
     channels: dict[str, set[str]] = attrs.Factory(dict)  # Alpaca channel → symbols
-    wake: trio.Event = attrs.Factory(trio.Event)
 
     def symbols(self, channel: str) -> set[str]:
         return self.channels.setdefault(channel, set())
 
 
-class FakeAlpacaServer:
+class FakeAlpacaServer(FakeServer[_Conn]):
     """Run with ``async with FakeAlpacaServer.open(...) as fake:``; ``fake.url`` is its address."""
+
+    malformed_frames = MALFORMED_FRAMES
 
     def __init__(
         self,
@@ -141,11 +134,10 @@ class FakeAlpacaServer:
         ignore_auth: bool = False,
         unknown_symbols: Iterable[str] = (),
     ) -> None:
+        super().__init__(rate=rate, tick=tick)
         self.credentials = dict(credentials if credentials is not None else {"test-key-id": "test-secret"})
         self.crypto = crypto
         self.channel_names = CRYPTO_CHANNELS if crypto else STOCK_CHANNELS
-        self.rate = rate  # messages per second per subscribed symbol
-        self.tick = tick
         self.batch = batch  # most messages in one streamed array
         self.auth_deadline = auth_deadline
         self.connection_limit = connection_limit
@@ -154,34 +146,18 @@ class FakeAlpacaServer:
         self.ignore_auth = ignore_auth
         self.unknown_symbols = set(unknown_symbols)
         self.market = SimMarket(seed)
-        self.port = 0
-        self.connections: list[_Conn] = []
-        self.connections_total = 0
         self.logins = 0
         self.failed_logins = 0
         self.errors_sent: list[int] = []  # every error code sent, in order
-        self.frames_sent = 0  # streamed data frames (arrays)
         self.messages_sent = 0  # streamed data messages (array elements)
         # (action, trades, quotes) of every subscribe/unsubscribe, in Alpaca spelling.
         self.history: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         self.received_credentials: list[tuple[str, str]] = []  # what clients sent (tests check no leak)
-        self.stalled = False
-        self._resume = trio.Event()
-        self._ids = itertools.count(1)
         self._trade_ids = itertools.count(1)
-        self._changed = trio.Event()
-
-    # ------------------------------------------------------------------ observe
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        self._sub_ms = itertools.count(1)
 
     def _union(self, channel: str) -> set[str]:
-        out: set[str] = set()
-        for conn in self.connections:
-            if conn.authenticated:
-                out |= conn.channels.get(channel, set())
-        return out
+        return {symbol for conn in self._logged_in() for symbol in conn.channels.get(channel, ())}
 
     @property
     def subscriptions(self) -> set[str]:
@@ -192,95 +168,19 @@ class FakeAlpacaServer:
     def quote_subscriptions(self) -> set[str]:
         return self._union("quotes")
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (no polling) until ``predicate()`` is true after some server-side change."""
-        while not predicate():
-            await self._changed.wait()
-
-    # ------------------------------------------------------------------ faults
-    async def drop_all(self) -> int:
-        """Abruptly close every connection (TCP close, no WebSocket close frame)."""
-        conns = list(self.connections)
-        for conn in conns:
-            conn.scope.cancel()
-            conn.authenticated = False  # no longer counts against the connection limit
-            self.connections.remove(conn)
-            # trio-websocket has no public abort; a fake may reach for the socket.
-            await trio.aclose_forcefully(conn.ws._stream)
-        self._notify()
-        return len(conns)
-
-    def stall(self) -> None:
-        """Stream nothing until :meth:`resume` (control replies still go out)."""
-        self.stalled = True
-
-    def resume(self) -> None:
-        self.stalled = False
-        self._resume.set()
-        self._resume = trio.Event()
-
-    async def inject(self, raw: str) -> None:
-        """Send one raw frame to every authenticated connection."""
-        for conn in list(self.connections):
-            if conn.authenticated:
-                await conn.ws.send_message(raw)
-
     async def send_error(self, code: int, msg: str, *, close: bool = True) -> None:
         """Send ``[{"T":"error","code":code,"msg":msg}]`` to every authenticated connection."""
-        for conn in list(self.connections):
-            if conn.authenticated:
-                await self._error(conn, code, msg)
-                if close:
-                    await conn.ws.aclose(1008, msg)
+        for conn in self._logged_in():
+            await self._error(conn, code, msg)
+            if close:
+                await conn.ws.aclose(1008, msg)
 
     async def send_correction(self, symbol: str, **fields: Any) -> None:
         """Inject a trade correction (keyword arguments of :func:`correction_msg`)."""
         await self.inject(frame(correction_msg(symbol, **fields)))
 
-    # ------------------------------------------------------------------ serve
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> AsyncIterator[FakeAlpacaServer]:
-        server = cls(**kwargs)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, host, port)
-            yield server
-            nursery.cancel_scope.cancel()
-
-    async def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            ws_server = await nursery.start(trio_websocket.serve_websocket, self._handle, host, port, None)
-            self.port = ws_server.port
-            log.info("fake Alpaca server on %s", self.url)
-            task_status.started()
-
-    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        conn = _Conn(next(self._ids), ws)
-        self.connections.append(conn)
-        self.connections_total += 1
-        self._notify()
-        try:
-            with conn.scope:
-                await ws.send_message(frame({"T": "success", "msg": "connected"}))
-                if not await self._login(conn):
-                    return
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._stream, conn)
-                    await self._read(conn)
-                    nursery.cancel_scope.cancel()
-        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # from the nursery these arrive grouped: a client going away is not an error
-        finally:
-            if conn in self.connections:
-                self.connections.remove(conn)
-            self._notify()
+    async def _accept(self, request: trio_websocket.WebSocketRequest) -> _Conn:
+        return _Conn(await request.accept())
 
     async def _error(self, conn: _Conn, code: int, msg: str) -> None:
         self.errors_sent.append(code)
@@ -288,6 +188,7 @@ class FakeAlpacaServer:
         await conn.ws.send_message(frame({"T": "error", "code": code, "msg": msg}))
 
     async def _login(self, conn: _Conn) -> bool:
+        await conn.ws.send_message(frame({"T": "success", "msg": "connected"}))
         with trio.move_on_after(self.auth_deadline):
             while True:
                 raw = await conn.ws.get_message()
@@ -312,13 +213,11 @@ class FakeAlpacaServer:
                     await self._error(conn, *self.auth_error)
                     await conn.ws.aclose(1008, self.auth_error[1])
                     return False
-                open_sessions = sum(1 for c in self.connections if c.authenticated and c.key == key)
-                if open_sessions >= self.connection_limit:
+                if len(self._with_key(key)) >= self.connection_limit:
                     await self._error(conn, 406, "connection limit exceeded")
                     await conn.ws.aclose(1008, "connection limit exceeded")
                     return False
                 conn.key = key
-                conn.authenticated = True
                 self.logins += 1
                 self._notify()
                 await conn.ws.send_message(frame({"T": "success", "msg": "authenticated"}))
@@ -387,43 +286,22 @@ class FakeAlpacaServer:
             crypto=self.crypto,
         )  # fmt: skip
 
-    async def _stream(self, conn: _Conn) -> None:
-        owed = 0.0
-        turn = 0
-        while True:
-            while self.stalled:
-                await self._resume.wait()
-            trades, quotes = conn.symbols("trades"), conn.symbols("quotes")
-            symbols = sorted(trades | quotes)
-            if not symbols:
-                conn.wake = trio.Event()
-                await conn.wake.wait()
-                continue
-            owed += self.rate * len(symbols) * self.tick
-            batch: list[dict[str, Any]] = []
-            for _ in range(int(owed)):
-                owed -= 1
-                turn += 1
-                symbol = symbols[turn % len(symbols)]
-                update = self.market.next(symbol)
-                if symbol not in (trades if update.kind == "T" else quotes):
-                    continue
-                # Sub-millisecond digits too, so clients must cut nanoseconds correctly.
-                batch.append(self._message(update, update.timestamp * 1_000_000 + turn % 1_000_000))
-                if len(batch) >= self.batch:
-                    await self._send_batch(conn, batch)
-                    batch = []
-            if batch:
-                await self._send_batch(conn, batch)
-            with trio.move_on_after(self.tick):
-                conn.wake = trio.Event()
-                await conn.wake.wait()
+    def _streamed(self, conn: _Conn) -> list[str]:
+        return sorted(conn.symbols("trades") | conn.symbols("quotes"))
 
-    async def _send_batch(self, conn: _Conn, batch: list[dict[str, Any]]) -> None:
-        await conn.ws.send_message(frame(*batch))
-        self.frames_sent += 1
-        self.messages_sent += len(batch)
-        self._notify()
+    async def _send_ticks(self, conn: _Conn, symbols: list[str]) -> None:
+        trades, quotes = conn.symbols("trades"), conn.symbols("quotes")
+        batch: list[dict[str, Any]] = []
+        for symbol in symbols:
+            update = self.market.next(symbol)
+            if symbol in (trades if update.kind == "T" else quotes):
+                # Sub-millisecond digits too, so clients must cut nanoseconds correctly.
+                batch.append(self._message(update, update.timestamp * 1_000_000 + next(self._sub_ms) % 1_000_000))
+        for i in range(0, len(batch), self.batch):
+            await conn.ws.send_message(frame(*batch[i : i + self.batch]))
+            self.frames_sent += 1
+            self.messages_sent += len(batch[i : i + self.batch])
+            self._notify()
 
 
 def _is_symbol_list(value: object) -> bool:

@@ -18,9 +18,7 @@ sleeping.
 from __future__ import annotations
 
 import itertools
-import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
@@ -30,10 +28,9 @@ import trio_websocket
 
 from ..model import QUOTE, TRADE, Update
 from ..providers.sim import SimMarket
+from .base import Connection, FakeServer
 
 __all__ = ["FakePolygonServer", "polygon_events", "MAX_CONNECTIONS_MESSAGE"]
-
-log = logging.getLogger("trio_relay.testing.fake_polygon")
 
 Market = Literal["stocks", "crypto", "forex"]
 
@@ -85,21 +82,15 @@ def polygon_events(update: Update, ticker: str, market: str, seq: int) -> list[d
 
 
 @attrs.define(eq=False)
-class _Conn:
-    id: int
-    ws: trio_websocket.WebSocketConnection
-    path: str
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    key: str | None = None  # set once authenticated
+class _Conn(Connection):
     subscribed: set[str] = attrs.Factory(set)  # "T.AAPL", "Q.AAPL"...
-    wake: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def tickers(self) -> list[str]:
         return sorted({entry.partition(".")[2] for entry in self.subscribed})
 
 
-class FakePolygonServer:
+class FakePolygonServer(FakeServer[_Conn]):
     """Run with ``async with FakePolygonServer.open(...) as fake:``; ``fake.url`` is its address."""
 
     def __init__(
@@ -114,124 +105,37 @@ class FakePolygonServer:
         limit_drops: Literal["new", "old"] = "new",
         auth_reply: bool = True,
     ) -> None:
+        super().__init__(rate=rate, tick=tick)
         self.api_keys = set(api_keys)
         self.market = market
-        self.rate = rate  # events per second per subscribed ticker
-        self.tick = tick
         # Connections per key (0 = no limit); which one goes when a key goes over it.
         self.max_connections = max_connections
         self.limit_drops = limit_drops
         self.auth_reply = auth_reply  # False: never answer the auth message (a login that hangs)
         self.sim = SimMarket(seed)
-        self.port = 0
-        self.connections: list[_Conn] = []
-        self.connections_total = 0
         self.logins = 0
         self.failed_logins = 0
         self.refused_over_limit = 0  # connections closed with max_connections (new or old)
         self.events_sent = 0
-        self.frames_sent = 0
         self.history: list[tuple[str, tuple[str, ...]]] = []  # ("subscribe", ("T.AAPL", "Q.AAPL")), ...
         self.largest_message = 0  # bytes of the largest client message received
         self.received_keys: list[str] = []  # what clients sent as params of auth (tests check no leak)
-        self.stalled = False
-        self._resume = trio.Event()
-        self._ids = itertools.count(1)
         self._seq = itertools.count(1)
-        self._changed = trio.Event()
 
-    # ------------------------------------------------------------------ observe
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/{self.market}"
+        return f"{super().url}/{self.market}"
 
     @property
     def subscriptions(self) -> set[str]:
         """Entries (``T.AAPL``, ``XQ.BTC-USD``, ``C.EUR/USD``) subscribed on the authenticated connections."""
-        out: set[str] = set()
-        for conn in self.connections:
-            if conn.key is not None:
-                out |= conn.subscribed
-        return out
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (no polling) until ``predicate()`` is true after some server-side change."""
-        while not predicate():
-            await self._changed.wait()
-
-    # ------------------------------------------------------------------ faults
-    async def drop_all(self) -> int:
-        """Abruptly close every connection (TCP close, no WebSocket close frame)."""
-        conns = list(self.connections)
-        for conn in conns:
-            conn.scope.cancel()
-            # trio-websocket has no public abort; a fake may reach for the socket.
-            await trio.aclose_forcefully(conn.ws._stream)
-        return len(conns)
-
-    def stall(self) -> None:
-        """Send no data until :meth:`resume` (acknowledgements still go out)."""
-        self.stalled = True
-
-    def resume(self) -> None:
-        self.stalled = False
-        self._resume.set()
-        self._resume = trio.Event()
-
-    async def inject(self, frame: str) -> None:
-        """Send one raw frame to every authenticated connection."""
-        for conn in list(self.connections):
-            if conn.key is not None:
-                await conn.ws.send_message(frame)
-
-    # ------------------------------------------------------------------ serve
-    @classmethod
-    @asynccontextmanager
-    async def open(
-        cls, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-    ) -> AsyncIterator[FakePolygonServer]:
-        server = cls(**kwargs)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, host, port)
-            yield server
-            nursery.cancel_scope.cancel()
-
-    async def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            ws_server = await nursery.start(trio_websocket.serve_websocket, self._handle, host, port, None)
-            self.port = ws_server.port
-            log.info("fake Polygon %s server on %s", self.market, self.url)
-            task_status.started()
+        return {entry for conn in self._logged_in() for entry in conn.subscribed}
 
     async def _send(self, conn: _Conn, events: list[dict[str, Any]]) -> None:
         await conn.ws.send_message(_enc.encode(events).decode())
 
-    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        conn = _Conn(next(self._ids), ws, request.path)
-        self.connections.append(conn)
-        self.connections_total += 1
-        self._notify()
-        try:
-            with conn.scope:
-                await self._send(conn, [_status("connected", "Connected Successfully")])
-                if not await self._auth(conn):
-                    return
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._stream, conn)
-                    await self._read(conn)
-                    nursery.cancel_scope.cancel()
-        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # from the nursery these arrive grouped: a client going away is not an error
-        finally:
-            self.connections.remove(conn)
-            self._notify()
+    async def _accept(self, request: trio_websocket.WebSocketRequest) -> _Conn:
+        return _Conn(await request.accept())
 
     async def _refuse_over_limit(self, conn: _Conn) -> None:
         self.refused_over_limit += 1
@@ -243,7 +147,8 @@ class FakePolygonServer:
             pass
         conn.scope.cancel()
 
-    async def _auth(self, conn: _Conn) -> bool:
+    async def _login(self, conn: _Conn) -> bool:
+        await self._send(conn, [_status("connected", "Connected Successfully")])
         with trio.move_on_after(30):
             while True:
                 raw = await conn.ws.get_message()
@@ -265,7 +170,7 @@ class FakePolygonServer:
                     await self._send(conn, [_status("auth_failed", "authentication failed")])
                     await conn.ws.aclose(1008, "authentication failed")
                     return False
-                same_key = [c for c in self.connections if c.key == key]
+                same_key = self._with_key(key)
                 if self.max_connections and len(same_key) >= self.max_connections:
                     if self.limit_drops == "new":
                         await self._refuse_over_limit(conn)
@@ -309,31 +214,17 @@ class FakePolygonServer:
             conn.wake.set()
             self._notify()
 
-    async def _stream(self, conn: _Conn) -> None:
-        owed = 0.0
-        turn = 0
-        while True:
-            while self.stalled:
-                await self._resume.wait()
-            tickers = conn.tickers
-            if not tickers or self.rate <= 0:
-                conn.wake = trio.Event()
-                await conn.wake.wait()
-                continue
-            owed += self.rate * len(tickers) * self.tick
-            events: list[dict[str, Any]] = []
-            for _ in range(int(owed)):
-                owed -= 1
-                turn += 1
-                ticker = tickers[turn % len(tickers)]
-                for event in polygon_events(self.sim.next(ticker), ticker, self.market, next(self._seq)):
-                    channel = event["ev"]
-                    if f"{channel}.{ticker}" in conn.subscribed:
-                        events.append(event)
-            for i in range(0, len(events), MAX_BATCH):
-                await self._send(conn, events[i : i + MAX_BATCH])
-                self.frames_sent += 1
-            self.events_sent += len(events)
-            with trio.move_on_after(self.tick):
-                conn.wake = trio.Event()
-                await conn.wake.wait()
+    def _streamed(self, conn: _Conn) -> list[str]:
+        return conn.tickers
+
+    async def _send_ticks(self, conn: _Conn, tickers: list[str]) -> None:
+        events = [
+            event
+            for ticker in tickers
+            for event in polygon_events(self.sim.next(ticker), ticker, self.market, next(self._seq))
+            if f"{event['ev']}.{ticker}" in conn.subscribed
+        ]
+        for i in range(0, len(events), MAX_BATCH):
+            await self._send(conn, events[i : i + MAX_BATCH])
+            self.frames_sent += 1
+        self.events_sent += len(events)
