@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import trio
 import wsproto
 import wsproto.events as wse
@@ -95,3 +96,30 @@ async def test_bad_upgrade_gets_400_and_plain_http_goes_to_rest(start_relay, htt
         # Keep-alive through the relay: several requests on one connection.
         for _ in range(3):
             assert (await http.get(relay.http_url + "/api/v2/realtime/health")).status_code == 200
+
+
+async def test_rest_sees_the_real_client_address(start_relay, http):
+    relay = await start_relay()
+    with trio.fail_after(5):
+        live = await http.get(relay.http_url + "/api/v2/realtime/health/live")
+        assert live.status_code == 200 and live.json()["client_ip"] == "127.0.0.1"
+        # From another loopback address: the REST app's own peer (the front door, 127.0.0.1) is
+        # not what it reports, the client behind it is.
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(transport=transport, timeout=5) as other:
+            for _ in range(2):  # keep-alive: the same backend connection, still attributed
+                live = await other.get(relay.http_url + "/api/v2/realtime/health/live")
+                assert live.json()["client_ip"] == "127.0.0.2"
+        assert (await http.get(relay.http_url + "/api/v2/realtime/health/live")).json()["client_ip"] == "127.0.0.1"
+
+
+def test_client_ip_falls_back_to_the_scope():
+    from types import SimpleNamespace
+
+    from trio_relay.api import RelayContext
+
+    ctx = SimpleNamespace(rest_peers={40001: "203.0.113.7"})
+    assert RelayContext.client_ip(ctx, ("127.0.0.1", 40001)) == "203.0.113.7"  # type: ignore[arg-type]
+    assert RelayContext.client_ip(ctx, ("127.0.0.1", 40002)) == "127.0.0.1"  # type: ignore[arg-type]
+    assert RelayContext.client_ip(ctx, ("198.51.100.4", 40001)) == "198.51.100.4"  # type: ignore[arg-type]
+    assert RelayContext.client_ip(ctx, None) == "?"  # type: ignore[arg-type]

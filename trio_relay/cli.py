@@ -141,8 +141,8 @@ def _reload(relay: Any, reload: Callable[[], Config] | None, notifier: Notifier)
     except ConfigError as exc:
         log.error("[RELOAD] rejected, keeping the running configuration: %s", exc)
     else:
-        old_key = relay.config.fmp.api_key
-        configure_logging(new.logging.level, secrets=[old_key, new.fmp.api_key], fmt=new.logging.format)
+        secrets = [*relay.config.secrets(), *new.secrets()]
+        configure_logging(new.logging.level, secrets=secrets, fmt=new.logging.format)
         changes = relay.reload(new)
         log.info("[RELOAD] applied: %s", "; ".join(changes) or "nothing changed")
     notifier.notify("READY=1")
@@ -215,13 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trio-relay: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.logging.level, secrets=[config.fmp.api_key], fmt=config.logging.format)
+    configure_logging(config.logging.level, secrets=config.secrets(), fmt=config.logging.format)
     from .upstream import UpstreamGaveUp
 
-    gave_up = False
+    code = 0
     try:
         trio.run(serve_until_signalled, config, lambda: load_config(args.config, overrides=_overrides(args)))
     except* UpstreamGaveUp as group:
         log.error("[EXIT] upstream gave up: %s", group.exceptions[0])
-        gave_up = True
-    return 1 if gave_up else 0
+        code = 1
+    except* ConfigError as group:
+        # Found while starting (e.g. TLS files that do not load): same exit as a bad config.
+        print(f"trio-relay: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    return code

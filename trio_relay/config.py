@@ -294,11 +294,11 @@ class AuthConfig:
 @attrs.frozen
 class LimitsConfig:
     # Client messages per second per WebSocket connection (token bucket: rate and burst).
-    messages_per_second: float = attrs.field(default=20.0, validator=_positive)
-    messages_burst: int = attrs.field(default=60, validator=_positive)
+    messages_per_second: float = attrs.field(default=50.0, validator=_positive)
+    messages_burst: int = attrs.field(default=200, validator=_positive)
     # Subscribe/unsubscribe requests per second per connection (a subset of the messages).
-    subscribes_per_second: float = attrs.field(default=5.0, validator=_positive)
-    subscribes_burst: int = attrs.field(default=20, validator=_positive)
+    subscribes_per_second: float = attrs.field(default=10.0, validator=_positive)
+    subscribes_burst: int = attrs.field(default=50, validator=_positive)
     # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
     strikes: int = attrs.field(default=10, validator=_positive)
     # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
@@ -335,6 +335,18 @@ class Config:
     def provider(self) -> str:
         """The provider actually used: ``auto`` resolved by the presence of an FMP key."""
         return self.provider_chain[0]
+
+    def secrets(self) -> list[str]:
+        """Every secret value set (provider keys, the JWT secret): masked in every log line."""
+        values = (
+            self.fmp.api_key,
+            self.finnhub.api_key,
+            self.alpaca.key_id,
+            self.alpaca.secret_key,
+            self.polygon.api_key,
+            self.auth.secret,
+        )
+        return [v for v in values if v]
 
     @property
     def provider_chain(self) -> list[str]:

@@ -7,7 +7,7 @@ Reading :func:`run_relay` tells the whole story:
 - ``upstream.run`` holds the provider connection (reconnecting under backoff);
 - ``serve_front`` owns the public socket: the price WebSocket is served natively, everything
   else is relayed to ``hypercorn.trio.serve``, which serves the Quart-Trio REST app on a
-  private Unix socket.
+  private loopback port (TLS, when configured, ends at the front door).
 
 Shutdown (``Relay.shutdown()``, SIGINT/SIGTERM in the CLI): close every client with 1001, stop the
 HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHUTDOWN_GRACE``.
@@ -16,10 +16,7 @@ HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHU
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
-import tempfile
 import time
 from functools import partial
 
@@ -29,6 +26,8 @@ import hypercorn.trio
 import trio
 
 from .api import WS_PATH, FrontDoor, RelayContext
+from .api.app import BACKEND_HOST, tls_context
+from .auth import Security
 from .config import Config
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .providers.base import Provider
@@ -181,9 +180,32 @@ def _listening_socket(config: Config) -> socket.socket:
     return sock
 
 
-def _hypercorn_config(config: Config, unix_path: str) -> hypercorn.config.Config:
+def _private_socket() -> socket.socket:
+    """Where Hypercorn serves the REST app: a loopback port that only the front door connects to.
+
+    TCP, not a Unix socket: the REST app's peer is then the front door's (host, port), which
+    the front door maps back to the real client (``RelayContext.client_ip``).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((BACKEND_HOST, 0))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _hypercorn_config(config: Config, fd: int) -> hypercorn.config.Config:
+    """Hypercorn serving on the listening socket ``fd``, which it takes over.
+
+    A ``fd://`` bind makes Hypercorn wrap the descriptor in a socket object of its own and close
+    it when it stops serving, so the descriptor must be handed over (``socket.detach()``), not
+    shared with a socket object that would close it again.
+    """
     hc = hypercorn.config.Config()
-    hc.bind = [f"unix:{unix_path}"]
+    hc.bind = [f"fd://{fd}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -200,9 +222,10 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
     shutdown = trio.Event()
     stop_server = trio.Event()
+    ssl_context = tls_context(config.server)  # bad certificate or key files: fail before binding anything
     listener = _listening_socket(config)
-    # Hypercorn serves the REST app on a private Unix socket behind the front door.
-    private_dir = tempfile.mkdtemp(prefix="trio-relay-")
+    # Hypercorn serves the REST app on a private loopback port behind the front door.
+    private = _private_socket()
     try:
         hub_open = Hub.open(
             config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
@@ -211,9 +234,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             upstream = Upstream(providers, demand, send, config.upstream, stats)
             upstream.on_event = hub.upstream_event
             ctx = RelayContext(
-                hub=hub, upstream=upstream, config=config, started_at=time.time()
+                hub=hub, upstream=upstream, config=config, started_at=time.time(), security=Security(config)
             )
-            front = FrontDoor(ctx, os.path.join(private_dir, "rest.sock"))
+            front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.consume, receive)
                 await nursery.start(upstream.run)
@@ -221,12 +244,13 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     partial(
                         hypercorn.trio.serve,
                         front.rest,
-                        _hypercorn_config(config, front.backend_socket),
+                        _hypercorn_config(config, private.detach()),  # Hypercorn's from here on
                         shutdown_trigger=stop_server.wait,
                     )
                 )
                 host, port = listener.getsockname()[:2]
-                bind = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+                scheme = "https" if ssl_context is not None else "http"
+                bind = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
                 front_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
                 accepting = trio.CancelScope()  # the accept loop only
                 connections = trio.CancelScope()  # every accepted connection's handler
@@ -261,13 +285,17 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 stop_server.set()
                 connections.cancel()
     finally:
-        shutil.rmtree(private_dir, ignore_errors=True)
+        # Hypercorn closed it when it stopped serving (from then on the front door answers 503);
+        # this closes it only when the relay failed before handing it over.
+        private.close()
     log.info("[SHUTDOWN] done")
 
 
 def _banner(relay: Relay, providers: list[Provider]) -> None:
     log.info("[START] trio-relay listening on %s", relay.http_url)
     log.info("[START] client WebSocket: %s", relay.ws_url)
+    if relay.config.server.tls_certfile:
+        log.info("[START] TLS on (cert: %s)", relay.config.server.tls_certfile)
     log.info("[START] upstream: %s", providers[0].describe())
     for fallback in providers[1:]:
         log.info("[START] failover: %s", fallback.describe())

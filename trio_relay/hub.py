@@ -39,6 +39,7 @@ log = logging.getLogger("trio_relay.hub")
 CLOSE_GOING_AWAY = 1001  # shutdown
 CLOSE_POLICY = 1008  # too many unread replies
 CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
+CLOSE_TOKEN_EXPIRED = 4001  # the client's token expired (auth on)
 
 # Suggested wait before a client reconnects after a shutdown (a restart takes about this long).
 RECONNECT_HINT_MS = 1000
@@ -114,6 +115,7 @@ class Outbox:
         "idle",
         "last_progress",
         "stopped",
+        "finishing",
         "oldest",
         "_taken_oldest",
         "latency",
@@ -131,6 +133,7 @@ class Outbox:
         self.idle = True  # the sender is waiting for data (so it cannot be stalled)
         self.last_progress = trio.current_time()
         self.stopped = False
+        self.finishing = False  # set by finish(): hand out what is pending, then stop
         self.oldest = 0.0  # when the oldest pending frame was queued (trio clock)
         self._taken_oldest = 0.0
         self.latency: LatencyHistogram | None = None  # set by the hub: queued → written
@@ -196,10 +199,14 @@ class Outbox:
         if self.stopped:
             return []
         if not (self._queue or self._latest):
+            if self.finishing:
+                self.stopped = True
+                return []
             self.idle = True
             while not (self._queue or self._latest):
                 await self._lot.park()
-                if self.stopped:
+                if self.stopped or (self.finishing and not (self._queue or self._latest)):
+                    self.stopped = True
                     return []
         self.idle = False
         self.last_progress = now = trio.current_time()
@@ -226,6 +233,11 @@ class Outbox:
     def stop(self) -> None:
         """No more sending: :meth:`get` returns ``[]`` from now on, pending frames or not."""
         self.stopped = True
+        self._lot.unpark_all()
+
+    def finish(self) -> None:
+        """Hand out what is pending (a last error or notice before a close), then stop."""
+        self.finishing = True
         self._lot.unpark_all()
 
     def progressed(self, n: int = 1) -> None:
@@ -273,6 +285,8 @@ class Client:
     connected_at: float = 0.0
     close_code: int | None = None
     close_reason: str = ""
+    user: str = ""  # the token's subject (auth on)
+    max_symbols: int | None = None  # the token's own cap, below the relay's
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
     def close(self, code: int, reason: str) -> None:
@@ -717,6 +731,8 @@ class Hub:
         """
         new = [s for s in dict.fromkeys(symbols) if s not in client.symbols]
         cap = self.config.max_symbols_per_client
+        if client.max_symbols is not None:
+            cap = min(cap, client.max_symbols)
         if len(client.symbols) + len(new) > cap:
             raise SubscriptionError(
                 "symbol_limit",

@@ -25,6 +25,8 @@ import trio
 
 from .config import (
     AlpacaConfig,
+    AuthConfig,
+    LimitsConfig,
     Config,
     FinnhubConfig,
     FmpConfig,
@@ -58,9 +60,29 @@ def _worker_config(config: Config, port: int, feeder_url: str) -> Config:
 def _feeder_config(config: Config) -> Config:
     return attrs.evolve(
         config,
-        server=attrs.evolve(config.server, host="127.0.0.1", port=0, workers=1, reuse_port=False),
-        # A worker asks for everything its clients want: no per-client symbol cap between us.
+        # Private, on loopback, plain: the workers do TLS, origins and auth for their clients.
+        server=attrs.evolve(
+            config.server,
+            host="127.0.0.1",
+            port=0,
+            workers=1,
+            reuse_port=False,
+            tls_certfile="",
+            tls_keyfile="",
+            allowed_origins=[],
+        ),
+        auth=AuthConfig(),
+        # A worker asks for everything its clients want: no per-client symbol cap or request
+        # rate between us.
         clients=attrs.evolve(config.clients, max_symbols_per_client=1_000_000, outbox_size=4096),
+        limits=LimitsConfig(
+            messages_per_second=1e6,
+            messages_burst=1_000_000,
+            subscribes_per_second=1e6,
+            subscribes_burst=1_000_000,
+            connections_per_ip=0,
+            connections_per_user=0,
+        ),
     )
 
 
@@ -149,7 +171,8 @@ async def run_workers(config: Config, *, task_status: trio.TaskStatus[Workers] =
         async with trio.open_nursery() as nursery:
             feeder = await nursery.start(run_relay, _feeder_config(config))
             worker_config = _worker_config(config, port, feeder.ws_url)
-            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            scheme = "https" if config.server.tls_certfile else "http"
+            url = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
             workers = Workers(port, url, feeder, {}, shutdown)
             async with trio.open_nursery() as supervisors:
                 for i in range(config.server.workers):

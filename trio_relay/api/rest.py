@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from quart import Response, request
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
+from ..auth import OPEN, AuthError, bearer_token
 from .metrics import make_registry, render
 from .ws import ProtocolError, parse_symbols
 
@@ -40,6 +42,12 @@ def _error(status: int, code: str, message: str) -> Response:
     return _json({"error": code, "message": message}, status)
 
 
+def _unauthorized(message: str) -> Response:
+    response = _error(401, "unauthorized", message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="trio-relay", error="invalid_token"'
+    return response
+
+
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -60,6 +68,53 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
         return _error(exc.code or 500, code, exc.description or exc.name or "error")
+
+    security = ctx.security
+    # Routes monitoring must always reach: never rate limited, never behind a token.
+    open_paths = (PREFIX + "/health", "/metrics")
+    # Routes that change what the relay holds upstream for everybody, or show every client.
+    admin_paths = (PREFIX + "/subscribe", PREFIX + "/unsubscribe", PREFIX + "/status")
+
+    def client_ip() -> str:
+        return ctx.client_ip(request.scope.get("client"))
+
+    @app.before_request
+    async def guard() -> Response | None:
+        """Rate limit per client IP, then (auth on) a valid Bearer token and, for pins, the admin scope."""
+        path = request.path
+        g.principal = OPEN
+        if path.startswith(open_paths):
+            return None
+        wait = security.rest_allowed(client_ip(), trio.current_time())
+        if wait:
+            response = _error(429, "rate_limited", "too many requests; slow down")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
+        if not security.auth.enabled:
+            return None
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            return _unauthorized("a Bearer token is required (Authorization: Bearer <JWT>)")
+        try:
+            g.principal = security.auth.verify(token)
+        except AuthError as exc:
+            log.info("[AUTH] REST %s %s refused: %s", request.method, path, exc.reason)
+            return _unauthorized(exc.reason)
+        if path.startswith(admin_paths) and not g.principal.has_scope(security.config.auth.admin_scope):
+            return _error(403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope")
+        return None
+
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        headers.setdefault("Cache-Control", "no-store")
+        if security.config.server.tls_certfile:
+            headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
@@ -124,7 +179,8 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     @app.get(PREFIX + "/health/live")
     async def live() -> Response:
         """The process answers (its event loop runs), whatever the upstream does."""
-        return _json({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1)})
+        ip = ctx.client_ip(request.scope.get("client"))  # the real client's, through the front door
+        return _json({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip})
 
     @app.get(PREFIX + "/status")
     async def status() -> Response:
@@ -209,6 +265,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         symbols = await _symbols_from_body()
         if isinstance(symbols, Response):
             return symbols
+        refused = g.principal.refused(symbols)
+        if refused:
+            return _error(403, "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}")
         hub.pin(symbols)
         log.info("[SUBSCRIBE] REST pinned %s", ",".join(symbols))
         return _json({"status": "subscribed", "symbols": symbols, "pinned": sorted(hub.demand.pinned)})
@@ -231,12 +290,15 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.get(PREFIX + "/cache")
     async def cache_all() -> Response:
-        data = {s: st for s, st in sorted(hub.cache.items()) if st.seq}
+        allowed = g.principal.may_subscribe
+        data = {s: st for s, st in sorted(hub.cache.items()) if st.seq and allowed(s)}
         return _json({"count": len(data), "data": data})
 
     @app.get(PREFIX + "/cache/<symbol>")
     async def cache_one(symbol: str) -> Response:
         symbol = symbol.upper()
+        if not g.principal.may_subscribe(symbol):
+            return _error(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
         state = hub.snapshot(symbol)
         if state is None:
             return _error(404, "not_found", f"no cached data for {symbol[:24]!r}")

@@ -25,6 +25,9 @@ as the previous frame went out (no timer).
 from __future__ import annotations
 
 import logging
+import math
+import time
+from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -33,7 +36,16 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..hub import CLOSE_GRACE, Client, Hub, SubscriptionError
+from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
+from ..config import Config
+from ..hub import (
+    CLOSE_GRACE,
+    CLOSE_POLICY,
+    CLOSE_TOKEN_EXPIRED,
+    Client,
+    Hub,
+    SubscriptionError,
+)
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 
 __all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols"]
@@ -109,8 +121,9 @@ class ClientProtocol:
     sender writes everything it has pending with ONE socket write.
     """
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, security: Security | None = None) -> None:
         self.hub = hub  # hub.config holds the client limits (and changes on reload)
+        self.security = security if security is not None else Security(Config())
         self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.SocketStream, head: bytes) -> None:
@@ -122,24 +135,65 @@ class ClientProtocol:
         except RemoteProtocolError:
             request = None
         if request is None:
-            body = b'{"error":"bad_request","message":"not a valid WebSocket upgrade request"}'
-            await stream.send_all(
-                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
-            )
+            await _reject(stream, 400, "bad_request", "not a valid WebSocket upgrade request")
             return
-        # No extensions offered back: permessage-deflate stays off (it would cost a compression
-        # per client per frame, and our frames are encoded once for every client).
-        await stream.send_all(conn.send(wse.AcceptConnection()))
         query = parse_qs(urlsplit(request.target).query)
         batch = _flag(query.get("batch", [""])[-1])
+        headers = {bytes(k).lower(): bytes(v).decode("latin-1") for k, v in request.extra_headers}
+        security = self.security
+        if not security.origin_allowed(headers.get(b"origin"), request.host):
+            log.warning("[CLIENT] refused: origin %.100r is not allowed", headers.get(b"origin"))
+            await _reject(stream, 403, "forbidden_origin", "this page's origin may not open the price socket")
+            return
+        session = _Session(security)
+        if not security.auth.enabled:
+            session.principal = OPEN
+        else:
+            token = query.get("token", [""])[-1] or bearer_token(headers.get(b"authorization"))
+            if token:
+                try:
+                    session.principal = security.auth.verify(token)
+                except AuthError as exc:
+                    log.info("[AUTH] WebSocket refused: %s", exc.reason)
+                    await _reject(stream, 401, "unauthorized", exc.reason, bearer=True)
+                    return
+        ip = _peer_ip(stream)
+        if not security.per_ip.acquire(ip):
+            await _reject(stream, 429, "too_many_connections", f"at most {security.per_ip.cap} connections per address")
+            return
         try:
-            host, port = stream.socket.getpeername()[:2]
+            if session.principal is not None and not session.claim_user():
+                cap = security.per_user.cap
+                await _reject(stream, 429, "too_many_connections", f"at most {cap} connections per user")
+                return
+            # No extensions offered back: permessage-deflate stays off (it would cost a
+            # compression per client per frame, and our frames are encoded once for everyone).
+            await stream.send_all(conn.send(wse.AcceptConnection()))
+            await self._serve_accepted(stream, conn, session, batch)
+        finally:
+            security.per_ip.release(ip)
+            session.release_user()
+
+    async def _serve_accepted(
+        self, stream: trio.SocketStream, conn: wsproto.WSConnection, session: _Session, batch: bool
+    ) -> None:
+        try:
+            host, port = getattr(stream, "transport_stream", stream).socket.getpeername()[:2]  # SSLStream or SocketStream
             remote = f"{host}:{port}"
         except OSError:
             remote = "?"
         client = self.hub.connect(batch=batch, remote=remote)
-        log.info("[CLIENT] #%d connected from %s%s", client.id, client.remote, " (batch)" if batch else "")
+        session.client = client
+        if session.principal is not None:
+            client.user = session.principal.subject
+            client.max_symbols = session.principal.max_symbols
+        log.info(
+            "[CLIENT] #%d connected from %s%s%s",
+            client.id,
+            client.remote,
+            f" as {client.user}" if client.user else "",
+            " (batch)" if batch else "",
+        )
         writer = _Writer(stream)
         peer_gone = False
         try:
@@ -147,10 +201,16 @@ class ClientProtocol:
                 async with trio.open_nursery() as nursery:
                     sender = trio.CancelScope()
                     nursery.start_soon(self._send_loop, client, writer, sender)
+                    if self.security.auth.enabled:
+                        nursery.start_soon(self._guard, session)
                     # close() cancels only the reader: the sender must not be cut mid-frame.
                     with client.cancel_scope:
-                        peer_gone = await self._read_loop(client, stream, conn, writer)
-                    client.outbox.stop()  # the sender ends after the write it is doing...
+                        peer_gone = await self._read_loop(client, stream, conn, writer, session)
+                    session.guard.cancel()
+                    if peer_gone:
+                        client.outbox.stop()
+                    else:  # the sender writes what is pending (a last error or notice), ends...
+                        client.outbox.finish()
                     sender.deadline = trio.current_time() + CLOSE_GRACE  # ...if that ends in time
             except* (trio.BrokenResourceError, trio.ClosedResourceError):
                 # Reset or gone mid-write/read; from the nursery these arrive grouped.
@@ -188,8 +248,36 @@ class ClientProtocol:
                     await writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
                 outbox.progressed(len(frames))
 
+    async def _guard(self, session: _Session) -> None:
+        """Close the connection when its authentication runs out.
+
+        Until the client authenticates it has ``auth.auth_timeout`` (then 1008); after, until
+        its token expires (then 4001), unless a refreshed token moves the deadline first.
+        """
+        client = session.client
+        assert client is not None
+        with session.guard:
+            if session.principal is None:
+                session.guard.deadline = trio.current_time() + self.security.config.auth.auth_timeout
+            else:
+                session.arm_expiry()
+            await trio.sleep_forever()
+        if not session.guard.cancelled_caught or client.close_code is not None:
+            return
+        if session.principal is None:
+            self._error(client, "unauthenticated", "no token received in time")
+            client.close(CLOSE_POLICY, "authentication required")
+        else:
+            self._error(client, "token_expired", "the token expired; reconnect with a fresh one")
+            client.close(CLOSE_TOKEN_EXPIRED, "token expired")
+
     async def _read_loop(
-        self, client: Client, stream: trio.SocketStream, conn: wsproto.WSConnection, writer: _Writer
+        self,
+        client: Client,
+        stream: trio.SocketStream,
+        conn: wsproto.WSConnection,
+        writer: _Writer,
+        session: _Session,
     ) -> bool:
         """Apply client messages until the peer closes; True if the peer ended the connection."""
         limit = self.hub.config.max_message_size
@@ -220,7 +308,7 @@ class ClientProtocol:
                         text = "".join(parts)
                         parts.clear()
                         size = 0
-                        self.handle_message(client, text)
+                        self.handle_message(client, text, session)
                 elif isinstance(event, wse.Ping):
                     await writer.write(conn.send(event.response()))
                 elif isinstance(event, wse.CloseConnection):
@@ -238,8 +326,31 @@ class ClientProtocol:
             fields["action"] = action
         self.hub.send_control(client, control("error", **fields))
 
-    def handle_message(self, client: Client, text: str) -> None:
+    def _limited(self, client: Client, session: _Session, wait: float, what: str) -> None:
+        session.strikes += 1
+        if session.strikes >= self.security.limits.strikes:
+            log.warning("[LIMIT] client #%d (%s) kept sending past its rate limit; closing", client.id, client.remote)
+            client.close(CLOSE_POLICY, "rate limit exceeded")
+            return
+        self.hub.send_control(
+            client,
+            control(
+                "error",
+                code="rate_limited",
+                message=f"too many {what}; slow down",
+                retry_after_ms=max(1, math.ceil(wait * 1000)),
+            ),
+        )
+
+    def handle_message(self, client: Client, text: str, session: _Session | None = None) -> None:
         """Apply one client message (sync: the hub never awaits)."""
+        if session is None:
+            session = _Session(self.security, principal=OPEN)
+        now = trio.current_time()
+        wait = session.messages.take(now)
+        if wait:
+            self._limited(client, session, wait, "messages")
+            return
         try:
             msg = self._decoder.decode(text)
         except msgspec.DecodeError:
@@ -250,8 +361,24 @@ class ClientProtocol:
             return
         action = msg.get("action")
         try:
+            if action == "auth":
+                self._authenticate(client, session, msg.get("token"))
+                return
+            if session.principal is None:
+                raise ProtocolError("unauthenticated", 'authenticate first: {"action":"auth","token":"<JWT>"}')
+            if action in ("subscribe", "unsubscribe"):
+                wait = session.subscribes.take(now)
+                if wait:
+                    self._limited(client, session, wait, "subscribe/unsubscribe requests")
+                    return
+            session.strikes = 0
             if action == "subscribe":
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
+                refused = session.principal.refused(symbols)
+                if refused:
+                    raise ProtocolError(
+                        "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}"
+                    )
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
                 since, epoch = _resume_fields(msg, symbols)
@@ -275,6 +402,104 @@ class ClientProtocol:
                 )
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
+
+    def _authenticate(self, client: Client, session: _Session, token: object) -> None:
+        """``{"action":"auth","token":...}``: first authentication, or a refresh before expiry."""
+        security = self.security
+        if not security.auth.enabled:
+            self.hub.send_control(client, control("authenticated", subject=OPEN.subject, expires_at=None))
+            return
+        if not isinstance(token, str) or not token:
+            raise_first = session.principal is None
+            self._error(client, "missing_field", "'token' is required: a JWT", "auth")
+            if raise_first:
+                client.close(CLOSE_POLICY, "authentication failed")
+            return
+        try:
+            principal = security.auth.verify(token)
+        except AuthError as exc:
+            log.info("[AUTH] client #%d: %s", client.id, exc.reason)
+            self._error(client, "unauthorized", exc.reason, "auth")
+            if session.principal is None:
+                client.close(CLOSE_POLICY, "authentication failed")
+            return
+        if session.principal is None:
+            session.principal = principal
+            if not session.claim_user():
+                self._error(client, "too_many_connections", f"at most {security.per_user.cap} connections per user", "auth")
+                client.close(CLOSE_POLICY, "too many connections for this user")
+                return
+            client.user = principal.subject
+            client.max_symbols = principal.max_symbols
+            log.info("[AUTH] client #%d authenticated as %s", client.id, principal.subject)
+        elif principal.subject != session.principal.subject:
+            self._error(client, "unauthorized", "a refreshed token must be for the same user", "auth")
+            return
+        else:
+            session.principal = principal  # new claims apply to the next requests
+            client.max_symbols = principal.max_symbols
+        session.arm_expiry()
+        self.hub.send_control(
+            client, control("authenticated", subject=principal.subject, expires_at=principal.expires_at)
+        )
+
+
+class _Session:
+    """What one connection's security state is: who it is, its buckets, its auth deadline."""
+
+    __slots__ = ("security", "principal", "client", "messages", "subscribes", "strikes", "guard", "_user")
+
+    def __init__(self, security: Security, principal: Principal | None = None) -> None:
+        now = trio.current_time()
+        limits = security.limits
+        self.security = security
+        self.principal = principal
+        self.client: Client | None = None
+        self.messages = TokenBucket(limits.messages_per_second, limits.messages_burst, now)
+        self.subscribes = TokenBucket(limits.subscribes_per_second, limits.subscribes_burst, now)
+        self.strikes = 0  # over-limit messages in a row
+        self.guard = trio.CancelScope()  # its deadline: auth_timeout, then the token's expiry
+        self._user: str | None = None
+
+    def claim_user(self) -> bool:
+        """Count this connection against its user's cap (auth on only)."""
+        if self.principal is None or not self.security.auth.enabled:
+            return True
+        if not self.security.per_user.acquire(self.principal.subject):
+            return False
+        self._user = self.principal.subject
+        return True
+
+    def release_user(self) -> None:
+        if self._user is not None:
+            self.security.per_user.release(self._user)
+            self._user = None
+
+    def arm_expiry(self) -> None:
+        expires = self.principal.expires_at if self.principal is not None else None
+        if expires is None:
+            self.guard.deadline = math.inf
+        else:
+            self.guard.deadline = trio.current_time() + max(0.0, expires - time.time())
+
+
+async def _reject(stream: trio.abc.Stream, status: int, code: str, message: str, *, bearer: bool = False) -> None:
+    """Refuse a WebSocket upgrade with an HTTP error and a JSON body."""
+    body = msgspec.json.encode({"error": code, "message": message})
+    extra = b'www-authenticate: Bearer realm="trio-relay"\r\n' if bearer else b""
+    reason = HTTPStatus(status).phrase.encode()
+    await stream.send_all(
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n%s"
+        b"content-length: %d\r\n\r\n%s" % (status, reason, extra, len(body), body)
+    )
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else "?"
+    except OSError:
+        return "?"
 
 
 class _Writer:
