@@ -86,6 +86,7 @@ class Relay:
     upstream: Upstream
     binds: list[str]
     _shutdown: trio.Event
+    security: Security | None = None
 
     @property
     def port(self) -> int:
@@ -135,6 +136,11 @@ class Relay:
         if _upstream_settings(new) != _upstream_settings(old):
             self.upstream.restart(make_providers(new), new.upstream)
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
+        if self.security is not None and (
+            new.auth != old.auth or new.limits != old.limits or new.server.allowed_origins != old.server.allowed_origins
+        ):
+            self.security.update(new)
+            changes.append("auth, limits and origins (for new connections and requests)")
         if new.logging != old.logging:
             changes.append("logging")
         self.config = new
@@ -266,7 +272,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                                 )
 
                 await nursery.start(serve_front)
-                relay = Relay(config, hub, upstream, [bind], shutdown)
+                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security)
                 _banner(relay, providers)
                 task_status.started(relay)
 
@@ -299,6 +305,14 @@ def _banner(relay: Relay, providers: list[Provider]) -> None:
     log.info("[START] upstream: %s", providers[0].describe())
     for fallback in providers[1:]:
         log.info("[START] failover: %s", fallback.describe())
+    config = relay.config
+    if not config.auth.enabled and config.auth.allow_insecure:
+        log.warning("[SECURITY] ******************************************************************")
+        log.warning("[SECURITY] Authentication is OFF on %s (auth.allow_insecure = true):", config.server.host)
+        log.warning("[SECURITY] anyone who can reach this port can subscribe and pin upstream symbols.")
+        log.warning("[SECURITY] ******************************************************************")
+    elif config.auth.enabled:
+        log.info("[START] auth: JWT (%s)", ", ".join(config.auth.algorithms))
     if relay.config.provider == "sim":
         log.warning("[SIM] ******************************************************************")
         log.warning("[SIM] No FMP_API_KEY set: serving SIMULATED market data, not real prices.")

@@ -26,10 +26,10 @@ import trio
 from .config import (
     AlpacaConfig,
     AuthConfig,
-    LimitsConfig,
     Config,
     FinnhubConfig,
     FmpConfig,
+    LimitsConfig,
     PolygonConfig,
     RelayConfig,
 )

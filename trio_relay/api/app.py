@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import cast
 
 import attrs
 import trio
@@ -29,7 +28,7 @@ from ..config import Config, ConfigError, ServerConfig
 from ..hub import Hub
 from ..upstream import Upstream
 from .rest import create_rest_app
-from .ws import WS_PATH, ClientProtocol
+from .ws import WS_PATH, ClientProtocol, peer_ip
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
 
@@ -150,7 +149,7 @@ class FrontDoor:
                         await tls.do_handshake()
                     except trio.BrokenResourceError as exc:
                         # Plain HTTP on the TLS port, an untrusted certificate, a scanner: routine.
-                        log.debug("[TLS] handshake with %s failed: %s", _peer_ip(stream), _tls_problem(exc))
+                        log.debug("[TLS] handshake with %s failed: %s", peer_ip(stream), _tls_problem(exc))
                         return
                 while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
                     chunk = await conn.receive_some(MAX_HEAD)
@@ -162,9 +161,9 @@ class FrontDoor:
             if _wants_price_socket(head):
                 # serve() uses only the Stream interface, plus the peer address, which it reads
                 # from an SSLStream's transport.
-                await self.ws.serve(cast("trio.SocketStream", conn), head)
+                await self.ws.serve(conn, head)
             else:
-                await self._relay_to_rest(conn, head, _peer_ip(stream))
+                await self._relay_to_rest(conn, head, peer_ip(stream))
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; grouped when it happened inside a connection's nursery
         except* Exception as group:
@@ -196,13 +195,6 @@ class FrontDoor:
                     nursery.start_soon(_pump, backend, stream, nursery.cancel_scope)
             finally:
                 del self.ctx.rest_peers[port]
-
-
-def _peer_ip(stream: trio.SocketStream) -> str:
-    try:
-        return str(stream.socket.getpeername()[0])
-    except OSError:
-        return "?"
 
 
 def _tls_problem(exc: BaseException) -> str:

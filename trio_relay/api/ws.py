@@ -48,7 +48,7 @@ from ..hub import (
 )
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 
-__all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols"]
+__all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
 
 log = logging.getLogger("trio_relay.api.ws")
 
@@ -126,7 +126,7 @@ class ClientProtocol:
         self.security = security if security is not None else Security(Config())
         self._decoder = msgspec.json.Decoder()
 
-    async def serve(self, stream: trio.SocketStream, head: bytes) -> None:
+    async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
         """Take over a connection whose request head (already read) asks for the price socket."""
         conn = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
@@ -157,7 +157,7 @@ class ClientProtocol:
                     log.info("[AUTH] WebSocket refused: %s", exc.reason)
                     await _reject(stream, 401, "unauthorized", exc.reason, bearer=True)
                     return
-        ip = _peer_ip(stream)
+        ip = peer_ip(stream)
         if not security.per_ip.acquire(ip):
             await _reject(stream, 429, "too_many_connections", f"at most {security.per_ip.cap} connections per address")
             return
@@ -175,13 +175,10 @@ class ClientProtocol:
             session.release_user()
 
     async def _serve_accepted(
-        self, stream: trio.SocketStream, conn: wsproto.WSConnection, session: _Session, batch: bool
+        self, stream: trio.abc.Stream, conn: wsproto.WSConnection, session: _Session, batch: bool
     ) -> None:
-        try:
-            host, port = getattr(stream, "transport_stream", stream).socket.getpeername()[:2]  # SSLStream or SocketStream
-            remote = f"{host}:{port}"
-        except OSError:
-            remote = "?"
+        address = peer(stream)
+        remote = f"{address[0]}:{address[1]}" if address else "?"
         client = self.hub.connect(batch=batch, remote=remote)
         session.client = client
         if session.principal is not None:
@@ -274,7 +271,7 @@ class ClientProtocol:
     async def _read_loop(
         self,
         client: Client,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         conn: wsproto.WSConnection,
         writer: _Writer,
         session: _Session,
@@ -286,7 +283,7 @@ class ClientProtocol:
         while True:
             data = await stream.receive_some(65536)
             try:
-                conn.receive_data(data or None)
+                conn.receive_data(bytes(data) if data else None)  # bytes(bytes) is no copy
                 events = list(conn.events())
             except RemoteProtocolError as exc:
                 client.close(1002, f"protocol error: {exc}"[:120])
@@ -494,12 +491,22 @@ async def _reject(stream: trio.abc.Stream, status: int, code: str, message: str,
     )
 
 
-def _peer_ip(stream: trio.abc.Stream) -> str:
-    sock = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
+def peer(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The remote (host, port) of a socket stream, or of the socket under a TLS stream."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
     try:
-        return str(sock.getpeername()[0]) if sock is not None else "?"
+        host, port = stream.socket.getpeername()[:2]
     except OSError:
-        return "?"
+        return None
+    return str(host), int(port)
+
+
+def peer_ip(stream: trio.abc.Stream) -> str:
+    address = peer(stream)
+    return address[0] if address else "?"
 
 
 class _Writer:
@@ -511,7 +518,7 @@ class _Writer:
 
     __slots__ = ("_stream", "_lock", "_in_write")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._lock = trio.Lock()
         self._in_write = False
