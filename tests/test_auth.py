@@ -335,3 +335,16 @@ async def test_security_headers(start_relay, http):
     assert response.headers["Referrer-Policy"] == "no-referrer"
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
+
+
+async def test_a_reload_applies_new_limits_to_new_connections(start_relay, nursery):
+    import attrs
+
+    relay = await start_relay()
+    first = await connect(relay, nursery)
+    new = attrs.evolve(relay.config, limits=attrs.evolve(relay.config.limits, connections_per_ip=1))
+    changes = relay.reload(new)
+    with trio.fail_after(10):
+        assert await rejected_status(relay, nursery) == 429
+        assert (await first.request({"action": "ping"}, "pong")) == {"type": "pong"}  # kept
+    assert "auth, limits and origins (for new connections and requests)" in changes

@@ -51,3 +51,25 @@ def test_text_format_is_the_specs_and_masks_the_secret(restore_root):
     first = stream.getvalue().splitlines()[0]
     assert " - trio_relay.upstream - INFO - [CONNECT] connecting with key ***" in first
     assert SECRET not in stream.getvalue()
+
+
+def test_every_configured_secret_is_masked(restore_root):
+    from trio_relay.config import load_config
+
+    values = {
+        "FMP_API_KEY": "fmp-0123456789abcdef",
+        "FINNHUB_API_KEY": "fh-0123456789abcdef",
+        "APCA_API_KEY_ID": "apca-id-0123456789",
+        "APCA_API_SECRET_KEY": "apca-sk-0123456789",
+        "POLYGON_API_KEY": "pg-0123456789abcdef",
+        "TRIO_RELAY_AUTH_SECRET": "jwt-secret-0123456789abcdef-0123456789",
+    }
+    config = load_config(environ=values, dotenv=None)
+    assert sorted(config.secrets()) == sorted(values.values())
+    stream = io.StringIO()
+    configure_logging("INFO", secrets=config.secrets(), stream=stream)
+    log = logging.getLogger("trio_relay.test")
+    for value in values.values():
+        log.info("leaking %s", value)
+    assert all(line.endswith("leaking ***") for line in stream.getvalue().splitlines())
+    assert not any(value in stream.getvalue() for value in values.values())
