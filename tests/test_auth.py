@@ -348,3 +348,13 @@ async def test_a_reload_applies_new_limits_to_new_connections(start_relay, nurse
         assert await rejected_status(relay, nursery) == 429
         assert (await first.request({"action": "ping"}, "pong")) == {"type": "pong"}  # kept
     assert "auth, limits and origins (for new connections and requests)" in changes
+
+
+def test_a_public_key_file_that_is_not_a_key_fails_naming_the_key(tmp_path) -> None:
+    from trio_relay.config import ConfigError
+
+    path = tmp_path / "not-a-key.pem"
+    path.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(ConfigError) as info:
+        Authenticator(AuthConfig(enabled=True, algorithms=["RS256"], public_key_file=str(path)))
+    assert str(info.value) == f"config error: auth.public_key_file: {path}: not a PEM public key"

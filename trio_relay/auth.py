@@ -26,8 +26,9 @@ from typing import Any
 
 import attrs
 import jwt
+from cryptography.hazmat.primitives import serialization
 
-from .config import AuthConfig, Config
+from .config import AuthConfig, Config, ConfigError
 
 __all__ = ["AuthError", "Authenticator", "Principal", "Security", "TokenBucket", "ConnectionCounter", "bearer_token", "OPEN"]
 
@@ -79,10 +80,15 @@ class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
         self.enabled = config.enabled
-        self._key: str | bytes = ""
+        self._key: Any = ""
         if config.enabled:
             if config.public_key_file:
-                self._key = Path(config.public_key_file).read_bytes()
+                # Parsed once: PyJWT would parse a PEM on every verify (~100 µs).
+                try:
+                    self._key = serialization.load_pem_public_key(Path(config.public_key_file).read_bytes())
+                except (OSError, ValueError, TypeError) as exc:
+                    problem = exc.strerror if isinstance(exc, OSError) else "not a PEM public key"
+                    raise ConfigError(f"config error: auth.public_key_file: {config.public_key_file}: {problem}") from None
             else:
                 self._key = config.secret
         self._options: jwt.types.Options = {"require": ["exp", "sub"]}
