@@ -26,6 +26,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
         "server": {"port": 0, "graceful_timeout": 1.0},
         "upstream": {"provider": "sim", "unsubscribe_linger": 0.0},
         "sim": {"rate": 50.0},
+        "history": {"backend": "off"},  # a test that wants history sets it (with a tmp data_dir)
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

@@ -32,6 +32,8 @@ __all__ = [
     "PROVIDERS",
     "ClientsConfig",
     "AuthConfig",
+    "HistoryConfig",
+    "ReplayConfig",
     "LimitsConfig",
     "LoggingConfig",
     "load_config",
@@ -52,8 +54,8 @@ ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.d
 POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
 
 # Every upstream the relay can use. "massive" is accepted as another name for "polygon".
-PROVIDERS = ("sim", "fmp", "finnhub", "alpaca", "polygon", "relay")
-ProviderName = Literal["sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"]
+PROVIDERS = ("sim", "fmp", "finnhub", "alpaca", "polygon", "relay", "replay")
+ProviderName = Literal["sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"]
 
 
 class ConfigError(ValueError):
@@ -216,7 +218,7 @@ class RelayConfig:
 @attrs.frozen
 class UpstreamConfig:
     # "auto": fmp when an FMP API key is set, else the embedded simulator.
-    provider: Literal["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"] = "auto"
+    provider: Literal["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"] = "auto"
     # Failover: providers in priority order (e.g. ["fmp", "finnhub"]); when set, it replaces
     # ``provider``. The relay uses the first healthy one and returns to a preferred one once that
     # has been healthy for ``failback_after`` seconds.
@@ -264,6 +266,35 @@ class ClientsConfig:
     # A subscribed symbol with no update for this long is reported stale to its clients (a
     # {"type":"status"} message), and fresh again at its next update. 0 = never.
     symbol_stale_after: float = attrs.field(default=60.0, validator=_non_negative)
+
+
+@attrs.frozen
+class HistoryConfig:
+    # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
+    # "sqlite" (embedded, a file in data_dir), "postgres" (postgres_dsn), or "off".
+    backend: Literal["sqlite", "postgres", "off"] = "sqlite"
+    # Where the SQLite file lives (created if missing); relative to the working directory.
+    data_dir: str = "data"
+    # e.g. "postgresql://relay@127.0.0.1:5432/ticks". May hold a password: never logged or shown.
+    postgres_dsn: str = attrs.field(default="", repr=False)
+    # Ticks older than this many days are deleted (checked every few minutes). 0 = keep forever.
+    retention_days: float = attrs.field(default=7.0, validator=_non_negative)
+    # Updates waiting for the database. When it is slow or down and this fills, new updates are
+    # dropped (counted, /health says degraded): live relaying never waits on the database.
+    queue_size: int = attrs.field(default=200_000, validator=_positive)
+    # Most updates written in one transaction, and the longest a written update waits.
+    batch_size: int = attrs.field(default=10_000, validator=_positive)
+    flush_interval: float = attrs.field(default=0.5, validator=_positive)
+
+
+@attrs.frozen
+class ReplayConfig:
+    # For provider "replay": a recording made by `trio-relay record` ("demo": the one shipped).
+    file: str = "demo"
+    # Playback speed: 1 = the original timing, 10 = ten times faster.
+    speed: float = attrs.field(default=1.0, validator=_positive)
+    # Start again from the beginning at the end of the file.
+    loop: bool = False
 
 
 @attrs.frozen
@@ -327,6 +358,8 @@ class Config:
     alpaca: AlpacaConfig = attrs.Factory(AlpacaConfig)
     polygon: PolygonConfig = attrs.Factory(PolygonConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
+    history: HistoryConfig = attrs.Factory(HistoryConfig)
+    replay: ReplayConfig = attrs.Factory(ReplayConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
@@ -345,6 +378,7 @@ class Config:
             self.alpaca.secret_key,
             self.polygon.api_key,
             self.auth.secret,
+            self.history.postgres_dsn,
         )
         return [v for v in values if v]
 
@@ -427,10 +461,12 @@ def _make_converter() -> cattrs.Converter:
         AlpacaConfig: {"key_id": secret, "secret_key": secret},
         PolygonConfig: {"api_key": secret},
         AuthConfig: {"secret": secret},
+        HistoryConfig: {"postgres_dsn": secret},
     }
     sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
     # Sections first: Config's hook resolves theirs when it is made.
-    for cls in (*sections, PolygonConfig, ClientsConfig, AuthConfig, LimitsConfig, LoggingConfig, Config):
+    later = (PolygonConfig, ClientsConfig, HistoryConfig, ReplayConfig, AuthConfig, LimitsConfig, LoggingConfig)
+    for cls in (*sections, *later, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
         )
@@ -664,6 +700,11 @@ def _validate(config: Config) -> Config:
     for name in config.provider_chain:
         _check_credentials(config, name)
     _check_security(config)
+    if config.history.backend == "postgres" and not config.history.postgres_dsn:
+        raise ConfigError(
+            "config error: history.postgres_dsn: backend 'postgres' needs a DSN "
+            "(e.g. TRIO_RELAY_HISTORY_POSTGRES_DSN=postgresql://relay@127.0.0.1:5432/ticks)"
+        )
     if config.sim.trade_ratio > 1:
         raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
