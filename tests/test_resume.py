@@ -330,3 +330,18 @@ async def test_shutdown_tells_clients_to_reconnect_then_closes_1001(start_relay,
     }
     assert code == 1001
 
+
+
+async def test_a_relay_that_never_connects_tells_its_clients(start_relay, fake_fmp, ws_connect):
+    """A wrong key from the start: a subscriber learns the upstream is down (not silence)."""
+    sections = fmp_sections(fake_fmp, auth_retry_delay=300.0)
+    sections["fmp"]["api_key"] = "wrong-key-0123456789"
+    relay = await start_relay(**sections)
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await fake_fmp.wait_until(lambda: fake_fmp.failed_logins >= 1)
+        while relay.hub.upstream_status is None:
+            await trio.testing.wait_all_tasks_blocked()
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        status, _ = await client.recv_until(lambda m: m.get("type") == "status")
+    assert status["scope"] == "upstream" and status["state"] == "down" and "Unauthorized" in status["reason"]

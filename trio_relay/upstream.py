@@ -395,7 +395,7 @@ class Upstream:
 
     def _emit(self, signal: str, reason: str) -> None:
         """Report a change of what clients should believe (only changes: not every retry)."""
-        if signal == self._signal or (signal == "down" and self._signal in ("stale", "starting")):
+        if signal == self._signal or (signal == "down" and self._signal == "stale"):
             return
         self._signal = signal
         if self.on_event is not None:
