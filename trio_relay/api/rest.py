@@ -17,7 +17,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
+from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .metrics import make_registry, render
+from .openapi import OPENAPI_PATH, add_openapi_route
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     app = QuartTrio("trio_relay")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    register_dashboard(app)  # the web page at / and its files at /static/
     hub, upstream = ctx.hub, ctx.upstream
 
     @app.errorhandler(HTTPException)
@@ -70,8 +73,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         return _error(exc.code or 500, code, exc.description or exc.name or "error")
 
     security = ctx.security
-    # Routes monitoring must always reach: never rate limited, never behind a token.
-    open_paths = (PREFIX + "/health", "/metrics")
+    # Routes monitoring must always reach, and the dashboard's page and files (they carry no
+    # data): never rate limited, never behind a token.
+    open_paths = (PREFIX + "/health", "/metrics", OPENAPI_PATH, *OPEN_PREFIXES)
     # Routes that change what the relay holds upstream for everybody, or show every client.
     admin_paths = (PREFIX + "/subscribe", PREFIX + "/unsubscribe", PREFIX + "/status")
 
@@ -83,7 +87,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         """Rate limit per client IP, then (auth on) a valid Bearer token and, for pins, the admin scope."""
         path = request.path
         g.principal = OPEN
-        if path.startswith(open_paths):
+        if path == PAGE_PATH or path.startswith(open_paths):
             return None
         wait = security.rest_allowed(client_ip(), trio.current_time())
         if wait:
@@ -161,6 +165,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.get(PREFIX + "/health")
     async def health() -> Response:
+        """Upstream health: 200 when it is connected and fresh, 503 with the reason otherwise.
+
+        For monitoring: never behind a token, never rate limited. Same body as /health/ready.
+        """
         body, fresh = health_body()
         return _json(body, 200 if fresh else 503)
 
@@ -174,6 +182,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus metrics: upstream, messages, clients, latency (no per-client or per-symbol labels)."""
         return Response(render(registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get(PREFIX + "/health/live")
@@ -184,6 +193,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.get(PREFIX + "/status")
     async def status() -> Response:
+        """The relay's state: upstream and failover chain, pins, every client, message counters.
+
+        With auth on it needs the admin scope (it lists every client).
+        """
         now = time.time()
         clients = list(hub.clients.values())
         stats = hub.stats
@@ -262,6 +275,11 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.post(PREFIX + "/subscribe")
     async def subscribe() -> Response:
+        """Pin symbols upstream, whatever clients want (admin scope with auth on).
+
+        Body: a JSON list of symbols or {"symbols": [...]}. Pins hold the upstream subscription
+        for everybody until unpinned; clients still subscribe on their WebSocket to get prices.
+        """
         symbols = await _symbols_from_body()
         if isinstance(symbols, Response):
             return symbols
@@ -274,6 +292,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.post(PREFIX + "/unsubscribe")
     async def unsubscribe() -> Response:
+        """Unpin symbols (admin scope with auth on); clients' own subscriptions stay."""
         symbols = await _symbols_from_body()
         if isinstance(symbols, Response):
             return symbols
@@ -290,12 +309,14 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     @app.get(PREFIX + "/cache")
     async def cache_all() -> Response:
+        """Every cached price_update, by symbol (with auth on: the symbols the token allows)."""
         allowed = g.principal.may_subscribe
         data = {s: st for s, st in sorted(hub.cache.items()) if st.seq and allowed(s)}
         return _json({"count": len(data), "data": data})
 
     @app.get(PREFIX + "/cache/<symbol>")
     async def cache_one(symbol: str) -> Response:
+        """One symbol's cached price_update (its full current state); 404 when none is cached."""
         symbol = symbol.upper()
         if not g.principal.may_subscribe(symbol):
             return _error(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
@@ -304,4 +325,5 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             return _error(404, "not_found", f"no cached data for {symbol[:24]!r}")
         return _json(state)
 
+    add_openapi_route(app, security, open_paths=open_paths, open_exact=(PAGE_PATH,), admin_paths=admin_paths)
     return app

@@ -1,0 +1,340 @@
+"""The web dashboard, in a real browser: Debian's Chromium driven by Playwright's sync API.
+
+The relay runs as a real subprocess (``python -m trio_relay serve``) on a fixed port, so "kill the
+daemon and start it again" is real: the page sees its socket die, backs off, and resumes on the
+new process. These tests are plain sync tests (Playwright's async API needs asyncio), and every
+wait is on a condition in the page (``expect``, ``wait_for_function``), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from conftest import api
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from trio_relay.api.dashboard import CSP
+from trio_relay.daemon import Relay
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+SECRET = "dashboard-test-secret-0123456789abcdef"  # HS256 needs at least 32 characters
+READY_LINE = "[START] trio-relay listening on"
+
+expect.set_options(timeout=10_000)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Daemon:
+    """``trio-relay serve --provider sim`` in a subprocess; ``start()`` again after ``kill()``."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: collections.deque[str] = collections.deque(maxlen=200)
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "trio_relay", "serve", "--port", str(self.port), "--provider", "sim"]
+        proc = self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        ready = threading.Event()
+
+        def drain() -> None:  # reads the log to its end, so the relay never blocks on a full pipe
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                self.log.append(line)
+                if READY_LINE in line:
+                    ready.set()
+            ready.set()  # it exited
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(20) or proc.poll() is not None:
+            self.kill()
+            raise AssertionError("the relay did not start:\n" + "".join(self.log))
+
+    def kill(self) -> None:
+        """SIGKILL: no close frame, no goodbye; the browser sees the connection drop."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM: the relay sends a ``closing`` status, closes clients with 1001 and exits."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(10) == 0
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} is missing (apt-get install chromium); the dashboard tests drive Debian's Chromium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # .ci/run installs it: missing there is a broken CI, not a skip
+        pytest.skip(reason)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _environ(**env: str) -> dict[str, str]:
+    """This environment without relay settings or provider keys, plus a fast sim and ``env``."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TRIO_RELAY_", "FMP_", "FINNHUB_", "APCA_", "POLYGON_", "MASSIVE_"))
+    }
+    base |= {"TRIO_RELAY_SIM_RATE": "50", "TRIO_RELAY_HISTORY_BACKEND": "off", "TRIO_RELAY_UPSTREAM_UNSUBSCRIBE_LINGER": "0"}
+    return base | env
+
+
+@pytest.fixture(scope="module")
+def sim_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One plain relay shared by the tests that neither stop it nor need settings of their own."""
+    # A temporary working directory: no .env is read and no data directory is left behind.
+    daemon = Daemon(tmp_path_factory.mktemp("relay"), _environ())
+    daemon.start()
+    yield daemon
+    daemon.kill()
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """``daemon = relay(TRIO_RELAY_X="...")``: a relay of the test's own, killed at its end."""
+    started: list[Daemon] = []
+
+    def start(**env: str) -> Daemon:
+        daemon = Daemon(tmp_path, _environ(**env))
+        started.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def errors() -> list[str]:
+    """Script errors and console errors (CSP violations among them) of the test's page."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Browser, errors: list[str]) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield page
+    context.close()
+
+
+def add(page: Page, symbols: str) -> None:
+    page.fill("#symbol-input", symbols)
+    page.click("#add")
+
+
+def row(page: Page, symbol: str) -> Locator:
+    return page.locator(f'#rows tr[data-symbol="{symbol}"]')
+
+
+def wait_updates(page: Page, symbol: str, more_than: int) -> int:
+    """Wait until the page applied more than ``more_than`` updates of ``symbol``; the count."""
+    page.wait_for_function("([s, n]) => window.relayDashboard.updates(s) > n", arg=[symbol, more_than])
+    count: int = page.evaluate("(s) => window.relayDashboard.updates(s)", symbol)
+    return count
+
+
+def wait_prices_change(page: Page, symbol: str) -> None:
+    """Wait until the row's displayed prices (last, bid, ask) differ from what they are now."""
+    cells = f'#rows tr[data-symbol="{symbol}"] td'
+    script = f"() => [...document.querySelectorAll('{cells}.last, {cells}.bid, {cells}.ask')].map(c => c.textContent).join(' ')"
+    before = page.evaluate(script)
+    page.wait_for_function(f"(before) => ({script})() !== before", arg=before)
+
+
+@pytest.mark.parametrize("auth", [False, True])
+async def test_files_are_served_with_their_own_policy(
+    start_relay: Callable[..., Awaitable[Relay]], http: httpx.AsyncClient, auth: bool
+) -> None:
+    """No browser needed: the page and its files, their types and headers; open when auth is on."""
+    sections = {"auth": {"enabled": True, "secret": SECRET}} if auth else {}
+    relay = await start_relay(**sections)
+    base = relay.http_url
+    for path, content_type in [
+        ("/", "text/html"),
+        ("/static/app.js", "text/javascript"),
+        ("/static/feed.js", "text/javascript"),
+        ("/static/style.css", "text/css"),
+        ("/static/favicon.svg", "image/svg+xml"),
+    ]:
+        response = await http.get(base + path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith(content_type)
+        assert response.headers["content-security-policy"] == CSP
+        assert response.headers["x-frame-options"] == "DENY"
+    for path in ("/static/index.html", "/static/__init__.py", "/static/..%2f__init__.py", "/static/nope.js"):
+        assert (await http.get(base + path)).status_code == 404, path
+    # The data is still guarded, and keeps the REST policy.
+    cache = await http.get(api(relay, "/cache"))
+    assert cache.status_code == (401 if auth else 200)
+    assert cache.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+
+
+def test_page_loads_and_goes_live(page: Page, errors: list[str], sim_relay: Daemon) -> None:
+    daemon = sim_relay
+    response = page.goto(daemon.url)
+    assert response is not None and response.ok
+    assert response.headers["content-security-policy"] == CSP
+    expect(page).to_have_title("trio-relay")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    expect(page.locator("#conn-text")).to_have_text("live")
+    expect(page.locator("#empty")).to_be_visible()
+
+    script = page.request.get(daemon.url + "static/app.js")
+    assert script.status == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert script.headers["content-security-policy"] == CSP
+    assert script.headers["x-content-type-options"] == "nosniff"
+    missing = page.request.get(daemon.url + "static/nope.js")
+    assert missing.status == 404 and missing.json()["error"] == "not_found"
+    # No script error and no CSP violation (Chromium reports both on the console).
+    assert errors == []
+
+
+def test_add_watch_chart_and_remove_symbols(page: Page, sim_relay: Daemon) -> None:
+    daemon = sim_relay
+    page.goto(daemon.url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    add(page, "AAPL")
+    add(page, "msft")  # upper-cased by the page
+    expect(page.locator("#rows tr")).to_have_count(2)
+    for symbol in ("AAPL", "MSFT"):
+        wait_updates(page, symbol, 5)
+        wait_prices_change(page, symbol)
+        expect(row(page, symbol).locator("td.provider")).to_have_text("sim")
+        expect(row(page, symbol).locator("td.change")).to_have_text(re.compile(r"\d\.\d+ \(.*%\)"))
+
+    # A chart per selected row, drawn on a canvas.
+    row(page, "AAPL").locator("th.symbol").click()
+    canvas = page.locator('figure.chart[data-symbol="AAPL"] canvas')
+    expect(canvas).to_be_visible()
+    page.wait_for_function(
+        """() => {
+            const c = document.querySelector('figure.chart[data-symbol="AAPL"] canvas');
+            const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let drawn = 0;
+            for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) drawn++;
+            return drawn > 500;
+        }"""
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
+
+    # Removing MSFT: its row goes, and the relay sends nothing more of it after its ack.
+    row(page, "MSFT").locator("button.drop").click()
+    expect(row(page, "MSFT")).to_have_count(0)
+    page.wait_for_function("() => 'MSFT' in window.relayDashboard.unsubscribedAt")
+    aapl = page.evaluate("() => window.relayDashboard.received.AAPL")
+    page.wait_for_function("(n) => window.relayDashboard.received.AAPL > n + 25", arg=aapl)
+    received, acked = page.evaluate("() => [window.relayDashboard.received.MSFT, window.relayDashboard.unsubscribedAt.MSFT]")
+    assert received == acked
+
+    # The list survives a reload (localStorage).
+    page.reload()
+    expect(page.locator("#rows tr")).to_have_count(1)
+    expect(row(page, "AAPL")).to_have_count(1)
+    wait_updates(page, "AAPL", 1)
+
+
+def test_reconnects_when_the_relay_dies_and_comes_back(page: Page, relay: Callable[..., Daemon]) -> None:
+    daemon = relay()
+    page.goto(daemon.url)
+    add(page, "AAPL")
+    wait_updates(page, "AAPL", 3)
+    conn = page.locator("#conn")
+
+    daemon.kill()
+    expect(conn).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#conn-text")).to_contain_text(re.compile(r"reconnecting in \d+s"))
+    expect(page.locator("#quotes")).to_have_class(re.compile(r"\boffline\b"))
+    count = page.evaluate("() => window.relayDashboard.updates('AAPL')")
+
+    daemon.start()  # same port, new process, new epoch
+    expect(conn).to_have_attribute("data-state", "live", timeout=15_000)
+    count = wait_updates(page, "AAPL", count + 3)
+    wait_prices_change(page, "AAPL")
+
+    # A clean shutdown: a "closing" status, close code 1001, a pause, then the same again.
+    daemon.terminate()
+    expect(conn).to_have_attribute("data-state", "reconnecting")
+    daemon.start()
+    expect(conn).to_have_attribute("data-state", "live", timeout=15_000)
+    wait_updates(page, "AAPL", count + 3)
+
+
+def test_stale_symbol_is_greyed(page: Page, relay: Callable[..., Daemon]) -> None:
+    # The sim ticks every symbol alike; at 0.01 updates/s a symbol gets its first quote on
+    # subscribe and then nothing for ~100 s, so with a 1 s limit the relay reports it stale.
+    daemon = relay(TRIO_RELAY_SIM_RATE="0.01", TRIO_RELAY_CLIENTS_SYMBOL_STALE_AFTER="1")
+    page.goto(daemon.url)
+    add(page, "IBM")
+    wait_updates(page, "IBM", 0)
+    expect(row(page, "IBM")).to_have_class(re.compile(r"\bstale\b"))
+    opacity = row(page, "IBM").evaluate("(tr) => Number(getComputedStyle(tr).opacity)")
+    assert opacity < 1
+
+
+def test_asks_for_a_token_when_auth_is_on(page: Page, relay: Callable[..., Daemon]) -> None:
+    daemon = relay(TRIO_RELAY_AUTH_ENABLED="true", TRIO_RELAY_AUTH_SECRET=SECRET)
+    # The page and its files are served without a token; the data still needs one.
+    assert page.request.get(daemon.url + "api/v2/realtime/cache").status == 401
+    page.goto(daemon.url)
+    token_form = page.locator("#token-form")
+    expect(token_form).to_be_visible()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "token")
+
+    page.fill("#token-input", "not-a-jwt")
+    page.click("#token-form button")
+    expect(token_form).to_be_visible()
+    expect(page.locator("#token-reason")).to_contain_text("token refused")
+
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    page.fill("#token-input", token)
+    page.click("#token-form button")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    expect(token_form).to_be_hidden()
+    expect(page.locator("#who")).to_have_text("as alice")
+    add(page, "AAPL")
+    wait_updates(page, "AAPL", 3)
+
+    # The token is kept for the tab (sessionStorage): a reload connects without asking.
+    page.reload()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    wait_updates(page, "AAPL", 1)
+    expect(token_form).to_be_hidden()

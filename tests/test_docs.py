@@ -1,0 +1,797 @@
+"""The documentation is tested, so that it cannot rot.
+
+- ``GET /openapi.json`` from the real app: a structurally valid OpenAPI 3.1 document that lists
+  every route the app serves (compared with the app's ``url_map``: a new route without a
+  docstring, or an API route without a documented response schema, fails here), and whose
+  schemas match what the routes really send (live bodies decoded with unknown fields forbidden).
+- Examples run against a real relay: ``docs/examples/python_client.py`` (as a program, and in
+  process through a forced disconnect that it must resume from), every ```` ```python ```` block
+  of ``docs/*.md`` marked ``<!-- test -->``, every marked ``curl`` example (the same request
+  made with httpx; the documented status, headers and fields checked), and the JavaScript
+  client under Node when Node is installed (``node --check`` for every ``.js`` file).
+- Every error code and close code the code can send is in the API guide; the configuration
+  reference lists every key of ``config/trio-relay.toml`` with its real default.
+- Relative links between the docs resolve, anchors included.
+
+Markers, on the line before a fenced block: ``<!-- test -->``; ``<!-- test: auth -->`` (run
+against a relay with auth on; ``$TOKEN`` and ``$ADMIN_TOKEN`` are replaced by real tokens);
+``<!-- test: expect="text" -->`` (a Python block's output must contain the text). The docs use
+``127.0.0.1:8000``; the tests replace it with the test relay's address.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import attrs
+import httpx
+import jwt
+import msgspec
+import pytest
+import trio
+import trio.testing
+from conftest import api, fmp_sections, wait_cached, wait_state
+
+from trio_relay.api.app import RelayContext
+from trio_relay.api.openapi import ENDPOINTS, OPENAPI_PATH
+from trio_relay.api.rest import PREFIX, create_rest_app
+from trio_relay.api.ws import WS_PATH
+from trio_relay.config import Config
+from trio_relay.daemon import Relay
+from trio_relay.model import PriceState
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples"
+DOC_BASE = "127.0.0.1:8000"
+SECRET = "docs-test-secret-0123456789abcdef-XYZ"
+TIMEOUT = 10
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int
+    lang: str
+    code: str
+    marker: list[str] | None  # the options of a <!-- test --> marker; None: not marked
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+_FENCE = re.compile(r"^\s*```(\S*)\s*$")
+_MARKER = re.compile(r"^\s*<!--\s*test(?::\s*(.*?))?\s*-->\s*$")
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, with the test marker before each, if any."""
+    found: list[Block] = []
+    lines = path.read_text().splitlines()
+    i = 0
+    marker: list[str] | None = None
+    while i < len(lines):
+        m = _MARKER.match(lines[i])
+        if m:
+            marker = shlex.split(m.group(1) or "")
+            i += 1
+            continue
+        fence = _FENCE.match(lines[i])
+        if fence:
+            start, body = i + 1, []
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            i += 1
+            while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
+                body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i])
+                i += 1
+            options = {}
+            for word in marker or []:
+                key, _, value = word.partition("=")
+                options[key] = value
+            found.append(Block(path, start, fence.group(1), "\n".join(body) + "\n", marker, options))
+            marker = None
+        elif lines[i].strip():
+            marker = None
+        i += 1
+    return found
+
+
+def doc_files() -> list[Path]:
+    return sorted(DOCS.rglob("*.md"))
+
+
+def marked(lang: str) -> list[Block]:
+    return [b for p in doc_files() for b in blocks(p) if b.marker is not None and b.lang == lang]
+
+
+def localize(text: str, relay: Relay) -> str:
+    """The docs' 127.0.0.1:8000 replaced by the test relay's address."""
+    host = relay.http_url.split("://", 1)[1]
+    return text.replace(DOC_BASE, host)
+
+
+async def start_docs_relay(start_relay: Any, **sections: Any) -> Relay:
+    """A relay with AAPL and MSFT pinned and cached (the examples' symbols)."""
+    upstream = sections.pop("upstream", {})
+    relay: Relay = await start_relay(upstream={"pinned": ["AAPL", "MSFT"], **upstream}, **sections)
+    with trio.fail_after(TIMEOUT):
+        await wait_cached(relay, "AAPL")
+        await wait_cached(relay, "MSFT")
+    return relay
+
+
+def rest_app_of(relay: Relay) -> Any:
+    """A REST app built by the same factory, from the running relay's parts (for its url_map)."""
+    assert relay.security is not None
+    ctx = RelayContext(
+        hub=relay.hub, upstream=relay.upstream, config=relay.config, started_at=time.time(), security=relay.security
+    )
+    return create_rest_app(ctx)
+
+
+def served_operations(app: Any) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every route the app really serves."""
+    ops = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" and not app.has_static_folder:
+            continue  # Quart's static route without a folder can only answer 404
+        path = re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule.rule)
+        for method in rule.methods or ():
+            if method == "HEAD" or (method == "OPTIONS" and rule.provide_automatic_options):
+                continue
+            ops.add((path, method.lower()))
+    return ops
+
+
+def tokens() -> dict[str, str]:
+    now = int(time.time())
+    user = jwt.encode({"sub": "alice", "exp": now + 600}, SECRET, algorithm="HS256")
+    admin = jwt.encode({"sub": "root", "exp": now + 600, "scope": "relay:admin"}, SECRET, algorithm="HS256")
+    return {"$ADMIN_TOKEN": admin, "$TOKEN": user}
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+
+def check_openapi_structure(doc: dict[str, Any]) -> None:
+    """The parts of OpenAPI 3.1 a viewer or a generator relies on."""
+    assert doc["openapi"].startswith("3.1."), doc["openapi"]
+    assert doc["info"]["title"] and doc["info"]["version"]
+    schemas = doc["components"]["schemas"]
+    declared_tags = {t["name"] for t in doc.get("tags", [])}
+    operation_ids: set[str] = set()
+    refs: list[str] = []
+
+    def collect_refs(node: Any) -> None:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.append(node["$ref"])
+            for value in node.values():
+                collect_refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect_refs(value)
+
+    for path, item in doc["paths"].items():
+        assert path.startswith("/"), path
+        for method, op in item.items():
+            assert method in {"get", "put", "post", "delete", "options", "head", "patch", "trace"}, method
+            where = f"{method.upper()} {path}"
+            assert op["operationId"] not in operation_ids, f"duplicate operationId {op['operationId']}"
+            operation_ids.add(op["operationId"])
+            assert op["responses"], f"{where}: no response"
+            for code, response in op["responses"].items():
+                assert code == "default" or re.fullmatch(r"[1-5]\d\d", code), f"{where}: response {code}"
+                assert isinstance(response.get("description"), str), f"{where} {code}: no description"
+            in_path = set(re.findall(r"{([^}]+)}", path))
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert in_path == declared, f"{where}: path parameters {in_path} declared {declared}"
+            for p in op.get("parameters", []):
+                assert p["in"] in {"path", "query", "header", "cookie"} and "schema" in p
+                assert p["in"] != "path" or p["required"] is True
+            assert set(op.get("tags", [])) <= declared_tags, f"{where}: undeclared tag"
+            for requirement in op.get("security", []):
+                assert set(requirement) <= set(doc["components"].get("securitySchemes", {}))
+    collect_refs(doc)
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schemas, f"dangling $ref {ref}"
+
+
+def validate_if_available(doc: dict[str, Any]) -> None:
+    """The full OpenAPI 3.1 meta-schema check, when openapi-spec-validator is installed.
+
+    It is not a dependency (it pulls in pydantic and jsonschema): without it the structural
+    checks of :func:`check_openapi_structure` stand in.
+    """
+    try:
+        from openapi_spec_validator import validate
+    except ImportError:
+        return
+    validate(doc)
+
+
+async def test_openapi_document_lists_every_route_with_schemas(start_relay: Any, http: httpx.AsyncClient) -> None:
+    relay = await start_relay()
+    with trio.fail_after(TIMEOUT):
+        response = await http.get(relay.http_url + OPENAPI_PATH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    doc = response.json()
+    check_openapi_structure(doc)
+
+    app = rest_app_of(relay)
+    served = served_operations(app)
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    missing = served - documented
+    assert not missing, f"served but not in /openapi.json: {sorted(missing)}"
+    phantom = documented - served - {(WS_PATH, "get")}
+    assert not phantom, f"in /openapi.json but not served: {sorted(phantom)}"
+    assert (OPENAPI_PATH, "get") in served
+
+    for path, method in sorted(served):
+        op = doc["paths"][path][method]
+        assert op.get("summary"), f"{method.upper()} {path} has no summary: give its view a docstring (see docs/openapi.md)"
+        if path.startswith(PREFIX) or path in ("/metrics", OPENAPI_PATH):
+            ok = op["responses"].get("200", {})
+            schemas = [media.get("schema") for media in ok.get("content", {}).values()]
+            assert schemas and all(schemas), (
+                f"{method.upper()} {path}: no documented 200 body: add it to ENDPOINTS in trio_relay/api/openapi.py"
+            )
+
+    schemas = doc["components"]["schemas"]
+    for name in ("PriceState", "ErrorBody", "Health", "Live", "Status", "CacheBody", "Subscribed", "Unsubscribed"):
+        assert name in schemas, name
+    assert set(schemas["PriceState"]["properties"]) == set(PriceState.__struct_fields__)
+    cache_one = doc["paths"][PREFIX + "/cache/{symbol}"]["get"]
+    assert cache_one["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PriceState"}
+    assert cache_one["responses"]["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    subscribe = doc["paths"][PREFIX + "/subscribe"]["post"]
+    assert "requestBody" in subscribe and "429" in subscribe["responses"]
+    # Auth is off: no operation asks for a token; open routes say so explicitly.
+    assert all(not op.get("security") for item in doc["paths"].values() for op in item.values())
+    assert doc["paths"][WS_PATH]["get"]["x-websocket"] is True
+    validate_if_available(doc)
+
+
+async def test_openapi_follows_auth_and_stays_public(start_relay: Any, http: httpx.AsyncClient) -> None:
+    relay = await start_relay(auth={"enabled": True, "secret": SECRET})
+    with trio.fail_after(TIMEOUT):
+        response = await http.get(relay.http_url + OPENAPI_PATH)  # no token
+    assert response.status_code == 200
+    doc = response.json()
+    check_openapi_structure(doc)
+    paths = doc["paths"]
+    assert paths[PREFIX + "/status"]["get"]["security"] == [{"bearerAuth": ["relay:admin"]}]
+    assert {"401", "403", "429"} <= set(paths[PREFIX + "/subscribe"]["post"]["responses"])
+    assert paths[PREFIX + "/cache"]["get"]["security"] == [{"bearerAuth": []}]
+    assert "403" in paths[PREFIX + "/cache/{symbol}"]["get"]["responses"]  # forbidden_symbols
+    for open_path in (PREFIX + "/health", PREFIX + "/health/live", "/metrics", OPENAPI_PATH):
+        assert paths[open_path]["get"]["security"] == [], open_path
+        assert "401" not in paths[open_path]["get"]["responses"]
+    validate_if_available(doc)
+
+
+def _documented_type(endpoint: str, status: int) -> Any:
+    reply = ENDPOINTS[endpoint].responses.get(status)
+    assert reply is not None, f"{endpoint} answered {status}, which ENDPOINTS does not document"
+    return reply.body
+
+
+def _check_body(endpoint: str, status: int, body: Any) -> None:
+    kind = _documented_type(endpoint, status)
+    converted = msgspec.convert(body, kind)  # the Structs forbid unknown fields
+    if kind is PriceState:
+        assert set(body) == set(PriceState.__struct_fields__)
+    assert converted is not None
+
+
+async def test_live_responses_match_the_documented_types(
+    start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient, ws_connect: Any
+) -> None:
+    # Two providers, so that the failover blocks of /health and /status are there too.
+    sections = fmp_sections(fake_fmp, providers=["fmp", "sim"], pinned=["AAPL", "MSFT"])
+    relay = await start_relay(**sections)
+    client = await ws_connect(relay, "?batch=1")
+    with trio.fail_after(TIMEOUT):
+        await wait_cached(relay, "AAPL")
+        await client.send({"action": "subscribe", "symbols": ["AAPL"]})
+        await client.recv()
+        app = rest_app_of(relay)
+        checked = set()
+        for rule in app.url_map.iter_rules():
+            endpoint = rule.endpoint
+            if not rule.rule.startswith(PREFIX) or endpoint not in ENDPOINTS:
+                continue
+            url = relay.http_url + rule.rule.replace("<symbol>", "aapl")
+            if "POST" in (rule.methods or ()):
+                response = await http.post(url, content=b'["AAPL","MSFT"]')
+            else:
+                response = await http.get(url)
+            _check_body(endpoint, response.status_code, response.json())
+            checked.add(endpoint)
+        response = await http.get(api(relay, "/cache/NOPE"))
+        _check_body("cache_one", response.status_code, response.json())
+        health = (await http.get(api(relay, "/health"))).json()
+    assert "failover" in health
+    assert {"health", "ready", "live", "status", "subscribe", "unsubscribe", "cache_all", "cache_one"} <= checked
+
+
+async def test_health_503_body_matches_its_type(start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient) -> None:
+    sections = fmp_sections(fake_fmp)
+    sections["fmp"]["api_key"] = "a-wrong-key-0123456789"
+    relay = await start_relay(**sections)
+    with trio.fail_after(TIMEOUT):
+        await wait_state(relay, "auth_failed")
+        response = await http.get(api(relay, "/health"))
+    assert response.status_code == 503
+    _check_body("health", 503, response.json())
+    assert response.json()["code"] == "auth_failed"
+
+
+# ----------------------------------------------------------------------------- curl examples
+
+
+@dataclass
+class Exchange:
+    block: Block
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    status: int
+    response_headers: dict[str, str]
+    response_body: str
+
+
+def curl_examples(auth: bool) -> list[Exchange]:
+    """Every marked ``curl`` block and the ``http`` block that follows it, in document order."""
+    found = []
+    for path in doc_files():
+        all_blocks = blocks(path)
+        for i, block in enumerate(all_blocks):
+            if block.lang != "sh" or block.marker is None or ("auth" in block.options) != auth:
+                continue
+            assert i + 1 < len(all_blocks) and all_blocks[i + 1].lang == "http", f"{block}: no ```http response follows"
+            found.append(parse_exchange(block, all_blocks[i + 1].code))
+    return found
+
+
+def parse_exchange(block: Block, http_text: str) -> Exchange:
+    command = " ".join(line.rstrip("\\") for line in block.code.strip().splitlines())
+    words = shlex.split(command)
+    assert words[0] == "curl", f"{block}: a marked sh block must be one curl command"
+    method, url, body, headers = "", "", None, {}
+    it = iter(words[1:])
+    for word in it:
+        if word in ("-X", "--request"):
+            method = next(it)
+        elif word in ("-d", "--data", "--data-raw"):
+            body = next(it).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")  # as curl does
+        elif word in ("-H", "--header"):
+            name, _, value = next(it).partition(":")
+            headers[name.strip()] = value.strip()
+        elif word.startswith("-"):
+            continue  # -s, -i, -S...
+        else:
+            url = word if "://" in word else "http://" + word
+    head, _, response_body = http_text.partition("\n\n")
+    status_line, *header_lines = head.splitlines()
+    status = int(status_line.split()[1])
+    response_headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    method = method or ("POST" if body else "GET")
+    return Exchange(block, method, url, headers, body, status, response_headers, response_body.strip())
+
+
+async def run_exchange(exchange: Exchange, relay: Relay, http: httpx.AsyncClient, secrets: dict[str, str]) -> None:
+    where = str(exchange.block)
+
+    def real(text: str) -> str:
+        text = localize(text, relay)
+        for name, value in secrets.items():
+            text = text.replace(name, value)
+        return text
+
+    response = await http.request(
+        exchange.method,
+        real(exchange.url),
+        headers={k: real(v) for k, v in exchange.headers.items()},
+        content=exchange.body,
+    )
+    assert response.status_code == exchange.status, f"{where}: documented {exchange.status}, got {response.status_code}"
+    for name, value in exchange.response_headers.items():
+        actual = response.headers.get(name)
+        assert actual is not None, f"{where}: no {name} header"
+        if name == "content-type":
+            assert actual.split(";")[0] == value.split(";")[0], f"{where}: content-type {actual}"
+        else:
+            assert actual == value, f"{where}: {name}: {actual}"
+    documented = exchange.response_body
+    try:
+        shown = json.loads(documented)
+    except ValueError:
+        for line in documented.splitlines():  # text (metrics): the documented lines exist
+            if line.startswith("#"):
+                assert line in response.text, f"{where}: {line!r} not in the response"
+        return
+    actual_body = response.json()
+    assert isinstance(shown, dict) and isinstance(actual_body, dict), where
+    assert set(shown) - {"..."} <= set(actual_body), f"{where}: documented fields not in the response"
+    for key in ("status", "error", "type", "openapi"):
+        if key in shown and isinstance(shown[key], str):
+            assert actual_body[key] == shown[key], f"{where}: {key} is {actual_body[key]!r}"
+
+
+async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient) -> None:
+    examples = curl_examples(auth=False)
+    assert len(examples) >= 10
+    relay = await start_docs_relay(start_relay)
+    with trio.fail_after(TIMEOUT):
+        for exchange in examples:
+            await run_exchange(exchange, relay, http, {})
+
+
+async def test_curl_examples_with_auth_on(start_relay: Any, http: httpx.AsyncClient) -> None:
+    examples = curl_examples(auth=True)
+    assert examples
+    relay = await start_relay(auth={"enabled": True, "secret": SECRET})
+    with trio.fail_after(TIMEOUT):
+        for exchange in examples:
+            await run_exchange(exchange, relay, http, tokens())
+
+
+# ----------------------------------------------------------------------------- Python examples
+
+
+async def run_python(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(TIMEOUT):
+        result: subprocess.CompletedProcess[bytes] = await trio.run_process(
+            [sys.executable, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=cwd
+        )
+    assert result.returncode == 0, f"{args} failed:\n{result.stderr.decode(errors='replace')[-3000:]}"
+    return result
+
+
+PYTHON_BLOCKS = marked("python")
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[str(b) for b in PYTHON_BLOCKS])
+async def test_python_blocks_in_the_docs_run(block: Block, start_relay: Any, tmp_path: Path) -> None:
+    relay = await start_docs_relay(start_relay)
+    script = tmp_path / "example.py"
+    script.write_text(localize(block.code, relay))
+    result = await run_python([str(script)], cwd=tmp_path)
+    out = result.stdout.decode()
+    assert out.strip(), f"{block}: printed nothing"
+    if "expect" in block.options:
+        assert block.options["expect"] in out, f"{block}: {block.options['expect']!r} not in its output:\n{out}"
+
+
+def test_there_are_runnable_python_blocks() -> None:
+    assert len(PYTHON_BLOCKS) >= 2
+    for block in PYTHON_BLOCKS:
+        compile(block.code, str(block), "exec")
+
+
+async def test_python_client_example_runs_as_a_program(start_relay: Any) -> None:
+    relay = await start_docs_relay(start_relay)
+    result = await run_python(
+        [str(EXAMPLES / "python_client.py"), "--url", relay.ws_url, "--symbols", "aapl,MSFT", "--count", "6", "--batch"]
+    )
+    messages = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert messages[0] == {"type": "subscribed", "symbols": ["AAPL", "MSFT"]}
+    prices = [m for m in messages if m["type"] == "price_update"]
+    assert len(prices) == 6 and {p["symbol"] for p in prices} <= {"AAPL", "MSFT"}
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"docs_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_no_gap(prices: list[dict[str, Any]]) -> None:
+    """Each symbol's seq goes up by exactly one: nothing missed, nothing repeated."""
+    last: dict[str, int] = {}
+    for p in prices:
+        if p["symbol"] in last:
+            assert p["seq"] == last[p["symbol"]] + 1, f"{p['symbol']}: seq {last[p['symbol']]} then {p['seq']}"
+        last[p["symbol"]] = p["seq"]
+
+
+async def test_python_client_example_resumes_after_a_disconnect(start_relay: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = await start_docs_relay(start_relay)
+    example = load_example("python_client")
+    monkeypatch.setattr(example, "reconnect_delay", lambda *args: 0.0)  # no real wait in a test
+    feed = example.PriceFeed(relay.ws_url, ["AAPL", "MSFT"])
+    messages: list[dict[str, Any]] = []
+    three = trio.Event()
+
+    def on_message(msg: dict[str, Any]) -> None:
+        messages.append(msg)
+        if sum(m["type"] == "price_update" for m in messages) == 3:
+            three.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed.run, on_message, 12)
+            await three.wait()
+            relay.hub.close_all()  # a restart: a "closing" notice, then 1001
+    kinds = [m["type"] for m in messages]
+    assert {"type": "disconnected", "code": 1001, "reason": "server shutting down"} in messages
+    acks = [m for m in messages if m["type"] == "subscribed"]
+    assert len(acks) == 2 and acks[1]["recovered"] is True, acks
+    assert kinds.index("disconnected") < messages.index(acks[1])
+    assert feed.connections == 2
+    assert_no_gap([m for m in messages if m["type"] == "price_update"])
+
+
+# ----------------------------------------------------------------------------- JavaScript
+
+
+def node_command() -> list[str] | None:
+    """``node`` (with the flag Node 20 needs for WebSocket), or None when Node is missing."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    return [node]
+
+
+def require_node() -> list[str]:
+    node = node_command()
+    if node is None:
+        pytest.skip("node is not installed: the JavaScript examples are not checked (install Node >= 20)")
+    return node
+
+
+def js_sources(tmp_path: Path) -> Iterator[Path]:
+    yield from sorted(EXAMPLES.glob("*.js"))
+    yield from sorted(EXAMPLES.glob("*.mjs"))
+    html = (EXAMPLES / "index.html").read_text()
+    for i, script in enumerate(re.findall(r'<script type="module">(.*?)</script>', html, re.S)):
+        path = tmp_path / f"index-html-{i}.mjs"
+        path.write_text(script)
+        yield path
+    for i, block in enumerate(b for p in doc_files() for b in blocks(p) if b.lang in ("js", "javascript")):
+        path = tmp_path / f"doc-block-{i}.js"  # browser console snippets: plain scripts
+        path.write_text(block.code)
+        yield path
+
+
+async def test_javascript_examples_parse(tmp_path: Path) -> None:
+    node = require_node()
+    sources = list(js_sources(tmp_path))
+    assert len(sources) >= 5
+    failures: list[str] = []
+
+    async def check(source: Path) -> None:
+        result = await trio.run_process([*node, "--check", str(source)], capture_stderr=True, check=False)
+        if result.returncode != 0:
+            failures.append(f"{source.name}: {result.stderr.decode()}")
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:  # Node takes a while to start: all at once
+            for source in sources:
+                nursery.start_soon(check, source)
+    assert not failures, "\n".join(failures)
+
+
+async def node_with_websocket(node: list[str]) -> list[str] | None:
+    for flags in (["--experimental-websocket"], []):  # Node 20 needs the flag; later ones have WebSocket
+        probe = await trio.run_process(
+            [*node, *flags, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"],
+            capture_stderr=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return [*node, *flags]
+    return None
+
+
+DRIVER = """
+import { RelayClient } from %s;
+const [url, count] = [process.argv[2], Number(process.argv[3])];
+let prices = 0;
+const client = new RelayClient(url, {
+  symbols: ["AAPL", "MSFT"],
+  backoffInitial: 1,
+  onMessage: (m) => console.log(JSON.stringify(m)),
+  onState: (state, detail) => console.log(JSON.stringify({ type: "state", state, ...detail })),
+  onPrice: () => { if (++prices >= count) client.stop(); },
+});
+client.start();
+"""
+
+
+async def test_javascript_client_resumes_under_node(start_relay: Any, tmp_path: Path) -> None:
+    node = require_node()
+    with trio.fail_after(TIMEOUT):
+        command = await node_with_websocket(node)
+    if command is None:
+        pytest.skip("this Node has no WebSocket (Node >= 22, or 20 with --experimental-websocket)")
+    relay = await start_docs_relay(start_relay)
+    driver = tmp_path / "driver.mjs"
+    driver.write_text(DRIVER % json.dumps((EXAMPLES / "relay-client.js").as_uri()))
+    messages: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                partial(trio.run_process, [*command, str(driver), relay.ws_url, "12"], stdout=subprocess.PIPE, check=False)
+            )
+            buffer = b""
+            closed = False
+            while True:
+                chunk = await process.stdout.receive_some()
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                messages.extend(json.loads(line) for line in lines if line.strip())
+                if not closed and sum(m["type"] == "price_update" for m in messages) >= 3:
+                    relay.hub.close_all(4008, "slow consumer")  # no notice: the client's own backoff
+                    closed = True
+        assert process.returncode == 0
+    states = [m for m in messages if m["type"] == "state"]
+    assert {"type": "state", "state": "closed", "code": 4008, "reason": "slow consumer"} in states
+    acks = [m for m in messages if m["type"] == "subscribed"]
+    assert len(acks) == 2 and acks[1]["recovered"] is True, acks
+    prices = [m for m in messages if m["type"] == "price_update"]
+    assert len(prices) >= 12
+    assert_no_gap(prices)
+
+
+def test_html_example_is_self_contained() -> None:
+    html = (EXAMPLES / "index.html").read_text()
+    assert "<script src" not in html and "<link" not in html and "@import" not in html and "url(" not in html
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html), "the page must load nothing from another site"
+    assert re.search(r'http-equiv="Content-Security-Policy"\s+content="default-src \'none\'', html)
+    for hook in ('id="url"', 'id="symbols"', 'id="connect"', 'id="state"', 'id="prices"', 'id="log"'):
+        assert hook in html, hook
+
+
+# ----------------------------------------------------------------------------- completeness
+
+
+API_GUIDE = DOCS / "api.md"
+
+
+def _source(name: str) -> str:
+    return (ROOT / "trio_relay" / name).read_text()
+
+
+def test_every_error_code_is_documented() -> None:
+    ws, hub, rest, app = _source("api/ws.py"), _source("hub.py"), _source("api/rest.py"), _source("api/app.py")
+    codes = set()
+    codes |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'_error\(\s*client,\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'code="(\w+)"', ws))
+    codes |= set(re.findall(r'_reject\(\s*stream,\s*\d+,\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'SubscriptionError\(\s*"(\w+)"', hub))
+    codes |= set(re.findall(r'_error\(\s*\d+,\s*"(\w+)"', rest))
+    codes |= set(re.findall(r'"error":"(\w+)"', app))
+    expected_ws = {
+        "invalid_json", "invalid_message", "missing_field", "unknown_action", "invalid_symbols", "too_many_symbols",
+        "symbol_limit", "invalid_since", "unauthenticated", "unauthorized", "forbidden_symbols", "token_expired",
+        "rate_limited", "too_many_connections",
+    }  # fmt: skip
+    assert expected_ws <= codes, f"the extraction missed {expected_ws - codes}"
+    guide = API_GUIDE.read_text()
+    undocumented = {c for c in codes if f"`{c}`" not in guide}
+    assert not undocumented, f"error codes missing from docs/api.md: {sorted(undocumented)}"
+
+
+def test_every_close_code_is_documented() -> None:
+    codes = set(re.findall(r"^CLOSE_\w+ = (\d+)", _source("hub.py"), re.M))
+    codes |= set(re.findall(r"client\.close\((\d+)", _source("api/ws.py")))
+    assert {"1001", "1002", "1008", "1009", "4001", "4008"} <= codes
+    guide = API_GUIDE.read_text()
+    table = guide[guide.index("### Close codes") :]
+    undocumented = {c for c in codes if f"| `{c}` |" not in table}
+    assert not undocumented, f"close codes missing from the table in docs/api.md: {sorted(undocumented)}"
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return json.dumps(value, separators=(", ", ": "))
+    if isinstance(value, dict):
+        return "{}" if not value else json.dumps(value)
+    raise AssertionError(f"no literal for {value!r}")
+
+
+def test_config_reference_lists_every_key_with_its_default() -> None:
+    toml_keys: dict[str, set[str]] = {}
+    section = None
+    for line in (ROOT / "config" / "trio-relay.toml").read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]", line):
+            section = m.group(1)
+            toml_keys[section] = set()
+        elif (m := re.match(r"^#\s*([a-z_][a-z0-9_]*)\s*=", line)) and section:
+            toml_keys[section].add(m.group(1))
+    guide = API_GUIDE.read_text()
+    reference = guide[guide.index("## Configuration reference") :]
+    documented: dict[str, dict[str, str]] = {}
+    for part in re.split(r"^### ", reference, flags=re.M)[1:]:
+        m = re.match(r"`\[(\w+)\]`", part)
+        assert m, f"unexpected heading in the configuration reference: {part.splitlines()[0]}"
+        documented[m.group(1)] = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", part, re.M))
+    assert {s: set(k) for s, k in documented.items()} == toml_keys
+    defaults = Config()
+    for section_name, keys in documented.items():
+        values = getattr(defaults, section_name)
+        for key, shown in keys.items():
+            real = _toml_literal(getattr(values, key))
+            assert shown == real, f"docs/api.md: {section_name}.{key} default shown {shown}, really {real}"
+        assert set(keys) == {f.name for f in attrs.fields(type(values))}, section_name
+
+
+# ----------------------------------------------------------------------------- links
+
+
+def github_slug(heading: str) -> str:
+    text = re.sub(r"[`*_]{2,}|`", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^\s*```.*?^\s*```", "", path.read_text(), flags=re.S | re.M)
+    found: dict[str, int] = {}
+    result = set()
+    for heading in re.findall(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, re.M):
+        slug = github_slug(heading)
+        n = found.get(slug, 0)
+        found[slug] = n + 1
+        result.add(slug if n == 0 else f"{slug}-{n}")
+    return result
+
+
+def test_links_between_docs_resolve() -> None:
+    checked = 0
+    for path in doc_files():
+        text = re.sub(r"^\s*```.*?^\s*```", "", path.read_text(), flags=re.S | re.M)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            resolved = (path.parent / file_part).resolve() if file_part else path
+            assert resolved.exists(), f"{path.relative_to(ROOT)}: broken link {target}"
+            if anchor and resolved.suffix == ".md":
+                assert anchor in anchors(resolved), f"{path.relative_to(ROOT)}: no #{anchor} in {file_part or path.name}"
+            checked += 1
+    assert checked >= 20
+
+
+def test_docs_exist() -> None:
+    for name in ("quickstart.md", "api.md", "faq.md", "openapi.md", "examples/README.md"):
+        assert (DOCS / name).is_file(), name
+    assert os.access(EXAMPLES / "python_client.py", os.R_OK)
