@@ -81,7 +81,7 @@ def parse_symbols(raw: object, max_per_request: int, field: str = "symbols") -> 
         shown = ", ".join(repr(s[:24]) for s in bad[:5])
         raise ProtocolError(
             "invalid_symbols",
-            f"invalid symbol(s): {shown}; a symbol is 1-20 of A-Z 0-9 . - / ^ = starting with a letter or digit",
+            f"invalid symbol(s): {shown}; a symbol is 1-20 of A-Z 0-9 . - / ^ = starting with a letter, a digit or ^",
         )
     return symbols
 
