@@ -345,3 +345,17 @@ async def test_a_relay_that_never_connects_tells_its_clients(start_relay, fake_f
         await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
         status, _ = await client.recv_until(lambda m: m.get("type") == "status")
     assert status["scope"] == "upstream" and status["state"] == "down" and "Unauthorized" in status["reason"]
+
+
+async def test_a_symbol_that_comes_back_keeps_counting_in_the_same_epoch() -> None:
+    async with open_hub() as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["AAPL"])
+        for i in range(5):
+            hub.publish(trade("AAPL", 100 + i))
+        hub.unsubscribe(client, ["AAPL"])  # linger 0: evicted with its history
+        assert hub.snapshot("AAPL") is None
+        hub.subscribe(client, ["AAPL"])
+        hub.publish(trade("AAPL", 200))
+        state = hub.snapshot("AAPL")
+    assert state is not None and state.seq == 6  # not 1 again: never a repeat within an epoch

@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read fault commands from stdin even when it is not a terminal (drop, stall, resume, malformed N, status)",
     )
+
+    watch = sub.add_parser("watch", help="show live prices from a relay in a terminal table (Ctrl-C to quit)")
+    watch.add_argument("symbols", nargs="+", help="symbols to watch: AAPL MSFT (or AAPL,MSFT)")
+    watch.add_argument(
+        "--url",
+        default="ws://127.0.0.1:8000/api/v2/realtime/ws/prices",
+        help="the relay's price WebSocket (default: %(default)s)",
+    )
+    watch.add_argument("--token", help="JWT for a relay with auth on (default: $TRIO_RELAY_TOKEN)")
+    watch.add_argument("--batch", action="store_true", help="ask for batched frames (many symbols, high rates)")
+    watch.add_argument("--count", type=int, metavar="N", help="exit after N price updates")
     return parser
 
 
@@ -206,6 +217,10 @@ async def _fake_fmp(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "watch":
+        from .watch import main as watch_main
+
+        return watch_main(args)
     if args.command == "fake-fmp":
         configure_logging("INFO")
         trio.run(_fake_fmp, args)

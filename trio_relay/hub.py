@@ -41,6 +41,9 @@ CLOSE_POLICY = 1008  # too many unread replies
 CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
 CLOSE_TOKEN_EXPIRED = 4001  # the client's token expired (auth on)
 
+# Evicted symbols whose last seq is remembered (to carry numbering on when they come back).
+MAX_EVICTED_SEQS = 100_000
+
 # Suggested wait before a client reconnects after a shutdown (a restart takes about this long).
 RECONNECT_HINT_MS = 1000
 
@@ -423,6 +426,10 @@ class Hub:
         # resume (rare) reads their seq back, so the hot path makes no tuple per update.
         self._history: dict[str, deque[bytes]] = {}
         self._keep = config.resume_history
+        # The last seq of each symbol evicted in this epoch: numbering carries on from it when
+        # the symbol comes back, so a seq never repeats or steps back within an epoch.
+        self._evicted_seq: dict[str, int] = {}
+        self._seq_floor = 0  # new symbols start above it: it covers the evicted seqs forgotten
         self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
@@ -578,7 +585,8 @@ class Hub:
         if update.epoch is not None and update.epoch != self.epoch:
             self._adopt_epoch(update.epoch)
         if state is None:
-            state = self.cache[symbol] = PriceState(symbol=symbol, epoch=self.epoch)
+            seq = self._evicted_seq.pop(symbol, self._seq_floor)
+            state = self.cache[symbol] = PriceState(symbol=symbol, epoch=self.epoch, seq=seq)
         state.provider = update.provider or self.source
         if update.kind == BREAK:
             # A break corrects an earlier print; it does not become the last trade. It is
@@ -612,6 +620,8 @@ class Hub:
         log.info("[EPOCH] sequence space %s (was %s)", epoch, self.epoch)
         self.epoch = epoch
         self._history.clear()
+        self._evicted_seq.clear()
+        self._seq_floor = 0
         for state in self.cache.values():
             state.epoch = epoch
 
@@ -919,7 +929,13 @@ class Hub:
 
     def _evict(self, symbol: str) -> None:
         # Nobody wants it upstream any more: its price would only go stale.
-        self.cache.pop(symbol, None)
+        state = self.cache.pop(symbol, None)
+        if state is not None and state.seq:
+            self._evicted_seq[symbol] = state.seq
+            if len(self._evicted_seq) > MAX_EVICTED_SEQS:
+                # Bounded: forget the oldest half; every symbol now starts above their seqs.
+                forget = list(self._evicted_seq)[: MAX_EVICTED_SEQS // 2]
+                self._seq_floor = max(self._seq_floor, *(self._evicted_seq.pop(s) for s in forget))
         self._history.pop(symbol, None)
         self.stale_symbols.discard(symbol)
 

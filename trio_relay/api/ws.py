@@ -323,21 +323,20 @@ class ClientProtocol:
             fields["action"] = action
         self.hub.send_control(client, control("error", **fields))
 
-    def _limited(self, client: Client, session: _Session, wait: float, what: str) -> None:
+    def _limited(self, client: Client, session: _Session, wait: float, what: str, action: str | None = None) -> None:
         session.strikes += 1
         if session.strikes >= self.security.limits.strikes:
             log.warning("[LIMIT] client #%d (%s) kept sending past its rate limit; closing", client.id, client.remote)
             client.close(CLOSE_POLICY, "rate limit exceeded")
             return
-        self.hub.send_control(
-            client,
-            control(
-                "error",
-                code="rate_limited",
-                message=f"too many {what}; slow down",
-                retry_after_ms=max(1, math.ceil(wait * 1000)),
-            ),
-        )
+        fields: dict[str, object] = {
+            "code": "rate_limited",
+            "message": f"too many {what}; slow down",
+            "retry_after_ms": max(1, math.ceil(wait * 1000)),
+        }
+        if action is not None:
+            fields["action"] = action  # known for subscribe/unsubscribe, not for a message never read
+        self.hub.send_control(client, control("error", **fields))
 
     def handle_message(self, client: Client, text: str, session: _Session | None = None) -> None:
         """Apply one client message (sync: the hub never awaits)."""
@@ -366,7 +365,7 @@ class ClientProtocol:
             if action in ("subscribe", "unsubscribe"):
                 wait = session.subscribes.take(now)
                 if wait:
-                    self._limited(client, session, wait, "subscribe/unsubscribe requests")
+                    self._limited(client, session, wait, "subscribe/unsubscribe requests", action)
                     return
             session.strikes = 0
             if action == "subscribe":
