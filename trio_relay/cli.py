@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from .config import Config, ConfigError, load_config
+from .recording import add_record_parser
 from .logsetup import configure_logging
 from .systemd import Notifier, run_watchdog, watchdog_interval
 
@@ -32,10 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument(
         "--provider",
-        choices=["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay"],
+        choices=["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"],
         help="upstream provider (default: fmp if FMP_API_KEY is set, else sim; relay = another trio-relay)",
     )
     serve.add_argument("--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)")
+    serve.add_argument("--replay-file", help='for --provider replay: a recording (default "demo", the one shipped)')
+    serve.add_argument("--speed", type=float, help="for --provider replay: playback speed (10 = ten times faster)")
+    serve.add_argument("--loop", action="store_true", default=None, help="for --provider replay: start again at the end")
     serve.add_argument("--workers", type=int, help="worker processes sharing one upstream connection (default 1)")
     serve.add_argument("--symbols", help="comma-separated symbols pinned upstream from the start")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -51,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read fault commands from stdin even when it is not a terminal (drop, stall, resume, malformed N, status)",
     )
+
+    add_record_parser(sub)
 
     watch = sub.add_parser("watch", help="show live prices from a relay in a terminal table (Ctrl-C to quit)")
     watch.add_argument("symbols", nargs="+", help="symbols to watch: AAPL MSFT (or AAPL,MSFT)")
@@ -78,6 +84,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault(section.get(args.provider or "", "fmp"), {})["url"] = args.upstream_url
     if args.workers is not None:
         out.setdefault("server", {})["workers"] = args.workers
+    for flag, key in (("replay_file", "file"), ("speed", "speed"), ("loop", "loop")):
+        if getattr(args, flag, None) is not None:
+            out.setdefault("replay", {})[key] = getattr(args, flag)
     if args.symbols is not None:
         out.setdefault("upstream", {})["pinned"] = [s for s in args.symbols.split(",") if s.strip()]
     if args.log_level is not None:
@@ -154,8 +163,12 @@ def _reload(relay: Any, reload: Callable[[], Config] | None, notifier: Notifier)
     else:
         secrets = [*relay.config.secrets(), *new.secrets()]
         configure_logging(new.logging.level, secrets=secrets, fmt=new.logging.format)
-        changes = relay.reload(new)
-        log.info("[RELOAD] applied: %s", "; ".join(changes) or "nothing changed")
+        try:
+            changes = relay.reload(new)
+        except ConfigError as exc:  # e.g. a replay file that does not load
+            log.error("[RELOAD] rejected, keeping the running configuration: %s", exc)
+        else:
+            log.info("[RELOAD] applied: %s", "; ".join(changes) or "nothing changed")
     notifier.notify("READY=1")
 
 
@@ -217,6 +230,10 @@ async def _fake_fmp(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "record":
+        from .recording import run_record
+
+        return run_record(args)
     if args.command == "watch":
         from .watch import main as watch_main
 

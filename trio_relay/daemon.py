@@ -69,6 +69,10 @@ def make_provider(config: Config, name: str | None = None) -> Provider:
         from .providers.relay import RelayProvider
 
         return RelayProvider(config.relay.url, connect_timeout=timeout)
+    if name == "replay":
+        from .providers.replay import ReplayProvider
+
+        return ReplayProvider(config.replay)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -112,6 +116,9 @@ class Relay:
         """
         old = self.config
         changes: list[str] = []
+        # Built first: a provider that cannot be made (a replay file that does not load) refuses
+        # the whole reload before anything changed.
+        providers = make_providers(new) if _upstream_settings(new) != _upstream_settings(old) else None
         if new.server != old.server:
             changes.append("server settings need a restart: kept as they were")
             new = attrs.evolve(new, server=old.server)
@@ -133,8 +140,8 @@ class Relay:
             changes.append("client limits")
         hub.demand.linger = new.upstream.unsubscribe_linger
         hub.coalesce_above = new.upstream.coalesce_above
-        if _upstream_settings(new) != _upstream_settings(old):
-            self.upstream.restart(make_providers(new), new.upstream)
+        if providers is not None:
+            self.upstream.restart(providers, new.upstream)
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
         if self.security is not None and (
             new.auth != old.auth or new.limits != old.limits or new.server.allowed_origins != old.server.allowed_origins
@@ -158,6 +165,7 @@ def _upstream_settings(config: Config) -> tuple[object, ...]:
         config.finnhub,
         config.alpaca,
         config.polygon,
+        config.replay,
     )
 
 
