@@ -28,6 +28,7 @@ import attrs
 import msgspec
 import trio
 
+from .barchannel import BarChannel
 from .config import ClientsConfig
 from .model import BREAK, Encoder, PriceState, Update, control, ws_payload
 
@@ -288,6 +289,7 @@ class Client:
     connected_at: float = 0.0
     close_code: int | None = None
     close_reason: str = ""
+    bars: set[tuple[str, str]] = attrs.Factory(set)  # (symbol, interval) of the bars channel
     user: str = ""  # the token's subject (auth on)
     max_symbols: int | None = None  # the token's own cap, below the relay's
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -435,6 +437,7 @@ class Hub:
         self.upstream_status: dict[str, Any] | None = None
         self.clients: dict[int, Client] = {}
         self._subs: dict[str, set[Outbox]] = {}
+        self.bars = BarChannel(self)
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -465,6 +468,7 @@ class Hub:
             hub._nursery = nursery
             nursery.start_soon(hub._reap_stalled)
             nursery.start_soon(hub._watch_symbols)
+            nursery.start_soon(hub.bars.run)
             try:
                 yield hub
             finally:
@@ -549,6 +553,9 @@ class Hub:
                 if history is None:
                     history = self._history[update.symbol] = deque(maxlen=self._keep)
                 history.append(frame)
+        bar_symbols = self.bars.symbols
+        if bar_symbols and update.symbol in bar_symbols:
+            self.bars.feed(update)
         if self._sync_callbacks:
             self._run_sync_callbacks(update)
         if self._async_callbacks:
@@ -566,6 +573,8 @@ class Hub:
                 state = self._apply(update)
                 if state is not None:
                     changed[update.symbol] = state
+                if self.bars.symbols and update.symbol in self.bars.symbols:
+                    self.bars.feed(update)
                 if self._sync_callbacks:
                     self._run_sync_callbacks(update)
                 if self._async_callbacks:
@@ -717,6 +726,7 @@ class Hub:
             self._no_clients.set()
             self._no_clients = trio.Event()
         self._unsubscribe(client, list(client.symbols))
+        self.bars.disconnect(client)
         self.stats.dropped += len(client.outbox)
         self.stats.conflated += client.outbox.conflated
 
@@ -740,15 +750,7 @@ class Hub:
         Returns the symbols that were new for this client.
         """
         new = [s for s in dict.fromkeys(symbols) if s not in client.symbols]
-        cap = self.config.max_symbols_per_client
-        if client.max_symbols is not None:
-            cap = min(cap, client.max_symbols)
-        if len(client.symbols) + len(new) > cap:
-            raise SubscriptionError(
-                "symbol_limit",
-                f"subscribing {len(new)} more symbol(s) would exceed the limit of {cap} per client "
-                f"(currently {len(client.symbols)})",
-            )
+        self.check_capacity(client, len(new))
         outbox = client.outbox
         for s in new:
             client.symbols.add(s)
@@ -786,6 +788,18 @@ class Hub:
         if self.upstream_status is not None and new:
             self.send_control(client, {**self.upstream_status, "symbols": new})
         return new
+
+    def check_capacity(self, client: Client, more: int) -> None:
+        """Raise :class:`SubscriptionError` if ``more`` subscriptions (ticks or bars) exceed the cap."""
+        cap = self.config.max_symbols_per_client
+        if client.max_symbols is not None:
+            cap = min(cap, client.max_symbols)
+        held = len(client.symbols) + len(client.bars)
+        if held + more > cap:
+            raise SubscriptionError(
+                "symbol_limit",
+                f"subscribing {more} more symbol(s) would exceed the limit of {cap} per client (currently {held})",
+            )
 
     def _missed(self, symbol: str, seen: int) -> list[bytes] | None:
         """The frames routed after seq ``seen``; None when some may be gone from the history."""

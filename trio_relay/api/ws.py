@@ -12,6 +12,8 @@ Served natively (see :class:`ClientProtocol`): one reader loop (client → hub) 
 - ``{"type":"status",...}`` messages come unasked: the upstream went down / stale / failed over /
   came back (``scope: "upstream"``), symbols stopped or resumed ticking (``scope: "symbols"``),
   the relay is shutting down and the client should reconnect (``scope: "relay"``).
+- ``"channel": "bars", "interval": "1m"`` in a subscribe/unsubscribe: live OHLCV bars
+  (``{"type":"bar",...}``) instead of ticks; see :mod:`trio_relay.barchannel`.
 - ``{"action":"unsubscribe","symbols":[...]}`` → ``{"type":"unsubscribed","symbols":[...]}``; no update
   of those symbols follows the ack.
 - ``{"action":"ping"}`` → ``{"type":"pong"}``; ``{"action":"list"}`` → ``{"type":"subscriptions","symbols":[...]}``.
@@ -37,6 +39,7 @@ import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
+from ..bars import INTERVALS
 from ..config import Config
 from ..hub import (
     CLOSE_GRACE,
@@ -88,6 +91,27 @@ def parse_symbols(raw: object, max_per_request: int, field: str = "symbols") -> 
 
 def _flag(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
+
+
+CHANNELS = ("ticks", "bars")
+
+
+def _channel(msg: dict[str, object]) -> str:
+    channel = msg.get("channel", "ticks")
+    if channel not in CHANNELS:
+        raise ProtocolError("invalid_channel", f"'channel' must be one of {', '.join(CHANNELS)} (got {channel!r:.40})")
+    return str(channel)
+
+
+def _interval(msg: dict[str, object], *, required: bool) -> str | None:
+    interval = msg.get("interval")
+    if interval is None and not required:
+        return None
+    if interval not in INTERVALS:
+        raise ProtocolError(
+            "invalid_interval", f"'interval' must be one of {', '.join(INTERVALS)} for the bars channel (got {interval!r:.40})"
+        )
+    return str(interval)
 
 
 def _resume_fields(msg: dict[str, object], symbols: list[str]) -> tuple[dict[str, int] | None, str | None]:
@@ -377,18 +401,31 @@ class ClientProtocol:
                     )
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
-                since, epoch = _resume_fields(msg, symbols)
+                channel = _channel(msg)
                 try:
-                    self.hub.subscribe(client, symbols, since=since, epoch=epoch)
+                    if channel == "bars":
+                        self.hub.bars.subscribe(client, symbols, _interval(msg, required=True) or "")
+                    else:
+                        since, epoch = _resume_fields(msg, symbols)
+                        self.hub.subscribe(client, symbols, since=since, epoch=epoch)
                 except SubscriptionError as exc:
                     raise ProtocolError(exc.code, exc.message) from None
             elif action == "unsubscribe":
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
-                self.hub.unsubscribe(client, symbols)
+                if _channel(msg) == "bars":
+                    self.hub.bars.unsubscribe(client, symbols, _interval(msg, required=False))
+                else:
+                    self.hub.unsubscribe(client, symbols)
             elif action == "ping":
                 self.hub.send_control(client, control("pong"))
             elif action == "list":
-                self.hub.send_control(client, control("subscriptions", symbols=sorted(client.symbols)))
+                listing = control("subscriptions", symbols=sorted(client.symbols))
+                if client.bars:  # only then: a ticks-only client sees the seed's reply
+                    bars: dict[str, list[str]] = {}
+                    for symbol, interval in sorted(client.bars):
+                        bars.setdefault(interval, []).append(symbol)
+                    listing["bars"] = bars
+                self.hub.send_control(client, listing)
             elif action is None:
                 raise ProtocolError("missing_field", "'action' is required: subscribe, unsubscribe, ping or list")
             else:

@@ -1,0 +1,151 @@
+"""Live bars over the client WebSocket ("channel": "bars"), at the hub and through the real relay."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trio_relay.config import ClientsConfig
+from trio_relay.hub import Client, Demand, Hub, Stats
+from trio_relay.model import Update, ws_payload
+
+SECOND = 1_000
+
+
+@asynccontextmanager
+async def open_hub(**clients: Any) -> AsyncIterator[Hub]:
+    async with Hub.open(ClientsConfig(**clients), Demand(linger=0.0), Stats()) as hub:
+        yield hub
+
+
+def trade(ts: int, price: float, size: float = 10, symbol: str = "AAPL") -> Update:
+    return Update(symbol, "T", ts, last_price=price, last_size=size)
+
+
+async def pending(client: Client) -> list[dict[str, Any]]:
+    if not len(client.outbox):
+        return []
+    with trio.fail_after(1):
+        return [json.loads(ws_payload(m)) for m in await client.outbox.get()]
+
+
+def future_second() -> int:
+    """A whole second a little ahead of the wall clock (so the clock-based close leaves it open)."""
+    return (time.time_ns() // 1_000_000 // SECOND + 30) * SECOND
+
+
+async def test_completed_bars_reach_bar_subscribers_only() -> None:
+    async with open_hub() as hub:
+        bars_client, ticks_client = hub.connect(), hub.connect()
+        hub.bars.subscribe(bars_client, ["AAPL"], "1s")
+        hub.subscribe(ticks_client, ["AAPL"])
+        assert hub.demand.wanted == {"AAPL"}
+        ack = await pending(bars_client)
+        await pending(ticks_client)
+        t0 = future_second()
+        hub.publish(trade(t0 - 300, 99.0))  # first trade seen: its second may have missed trades
+        hub.publish(trade(t0, 100.0, 5))  # opens the first whole bar
+        hub.publish(trade(t0 + 400, 103.0, 10))
+        hub.publish(trade(t0 + 600, 98.0, 5))
+        hub.publish(Update("AAPL", "Q", t0 + 700, bid_price=1.0, ask_price=2.0))  # no effect on bars
+        hub.publish(trade(t0 + 999, 101.0, 20))
+        hub.publish(trade(t0 + 1000, 102.0, 1))  # closes [t0, t0+1s)
+        got = await pending(bars_client)
+        ticks = await pending(ticks_client)
+    assert ack == [{"type": "subscribed", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}]
+    assert got == [
+        {
+            "type": "bar",
+            "symbol": "AAPL",
+            "interval": "1s",
+            "start_ms": t0,
+            "open": 100.0,
+            "high": 103.0,
+            "low": 98.0,
+            "close": 101.0,
+            "volume": 40.0,
+            "trades": 4,
+            "vwap": (100 * 5 + 103 * 10 + 98 * 5 + 101 * 20) / 40,
+            "complete": True,
+        }
+    ]  # the partial bar of the first trade's second was never sent
+    assert all(m["type"] != "bar" for m in ticks) and len(ticks) == 7
+
+
+async def test_the_open_bar_is_sent_once_a_second_while_it_changes(autojump_clock) -> None:
+    async with open_hub() as hub:
+        client = hub.connect()
+        hub.bars.subscribe(client, ["AAPL"], "1m")
+        await pending(client)
+        t0 = (future_second() // 60_000 + 1) * 60_000
+        hub.publish(trade(t0 - 1, 1.0))
+        hub.publish(trade(t0, 50.0))
+        await trio.sleep(1.5)  # virtual time (MockClock): half a beat off the channel's 1 s rounds
+        first = await pending(client)
+        await trio.sleep(1.0)  # virtual time (MockClock): nothing changed, nothing sent
+        unchanged = await pending(client)
+        hub.publish(trade(t0 + 5_000, 51.0))
+        await trio.sleep(1.0)  # virtual time (MockClock)
+        second = await pending(client)
+    assert [(m["complete"], m["close"], m["trades"]) for m in first] == [(False, 50.0, 1)]
+    assert unchanged == []
+    assert [(m["complete"], m["close"], m["trades"]) for m in second] == [(False, 51.0, 2)]
+
+
+async def test_unsubscribing_bars_releases_the_symbol() -> None:
+    async with open_hub() as hub:
+        client = hub.connect()
+        hub.bars.subscribe(client, ["AAPL", "MSFT"], "1m")
+        hub.bars.subscribe(client, ["AAPL"], "5m")
+        assert client.bars == {("AAPL", "1m"), ("MSFT", "1m"), ("AAPL", "5m")}
+        hub.bars.unsubscribe(client, ["AAPL"], None)  # every interval
+        assert client.bars == {("MSFT", "1m")} and hub.demand.wanted == {"MSFT"}
+        assert "AAPL" not in hub.bars.symbols
+        hub.disconnect(client)
+        assert hub.demand.wanted == set() and hub.bars.symbols == {} and hub.bars.subs == {}
+
+
+async def test_bars_count_towards_the_symbol_limit() -> None:
+    from trio_relay.hub import SubscriptionError
+
+    async with open_hub(max_symbols_per_client=3) as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["A", "B"])
+        hub.bars.subscribe(client, ["A"], "1m")
+        try:
+            hub.bars.subscribe(client, ["B"], "1m")
+        except SubscriptionError as exc:
+            assert exc.code == "symbol_limit"
+        else:
+            raise AssertionError("the 4th subscription should exceed the limit of 3")
+
+
+async def test_bars_channel_through_the_relay(start_relay, ws_connect):
+    relay = await start_relay(sim={"rate": 400.0, "trade_ratio": 1.0})
+    client = await ws_connect(relay)
+    with trio.fail_after(15):
+        ack = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}, "subscribed")
+        bar, before = await client.recv_until(lambda m: m.get("type") == "bar" and m["complete"])
+        listing = await client.request({"action": "list"}, "subscriptions")
+        bad = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "2m"}, "subscribed")
+        other = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "candles"}, "subscribed")
+        gone = await client.request({"action": "unsubscribe", "symbols": ["AAPL"], "channel": "bars"}, "unsubscribed")
+    assert ack == {"type": "subscribed", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}
+    assert bar["symbol"] == "AAPL" and bar["start_ms"] % 1000 == 0 and bar["trades"] > 0
+    assert bar["low"] <= bar["open"] <= bar["high"] and bar["low"] <= bar["close"] <= bar["high"]
+    assert all(m.get("type") != "price_update" for m in before)  # ticks were not asked for
+    assert listing == {"type": "subscriptions", "symbols": [], "bars": {"1s": ["AAPL"]}}
+    assert bad["code"] == "invalid_interval" and other["code"] == "invalid_channel"
+    assert gone["channel"] == "bars" and relay.hub.demand.wanted == set()
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
