@@ -268,6 +268,13 @@ class ClientsConfig:
     symbol_stale_after: float = attrs.field(default=60.0, validator=_non_negative)
 
 
+def _identifier(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,39}", value):
+        raise _FieldError(attr.name, f"must be a plain SQL name: letters, digits, _ (got {value!r:.50})")
+
+
 @attrs.frozen
 class HistoryConfig:
     # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
@@ -277,6 +284,8 @@ class HistoryConfig:
     data_dir: str = "data"
     # e.g. "postgresql://relay@127.0.0.1:5432/ticks". May hold a password: never logged or shown.
     postgres_dsn: str = attrs.field(default="", repr=False)
+    # The table (created if missing), in either backend.
+    table: str = attrs.field(default="ticks", validator=_identifier)
     # Ticks older than this many days are deleted (checked every few minutes). 0 = keep forever.
     retention_days: float = attrs.field(default=7.0, validator=_non_negative)
     # Updates waiting for the database. When it is slow or down and this fills, new updates are
@@ -379,6 +388,7 @@ class Config:
             self.polygon.api_key,
             self.auth.secret,
             self.history.postgres_dsn,
+            _dsn_password(self.history.postgres_dsn),
         )
         return [v for v in values if v]
 
@@ -390,6 +400,19 @@ class Config:
         if self.upstream.provider == "auto":
             return ["fmp" if self.fmp.api_key else "sim"]
         return [_canonical_provider(self.upstream.provider)]
+
+
+def _dsn_password(dsn: str) -> str:
+    """The password inside a PostgreSQL DSN ("" if none): masked in logs on its own too."""
+    if not dsn:
+        return ""
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return str(conninfo_to_dict(dsn).get("password") or "")
+    except Error:
+        return ""
 
 
 def _canonical_provider(name: str) -> str:

@@ -28,7 +28,8 @@ import trio
 from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import BACKEND_HOST, tls_context
 from .auth import Security
-from .config import Config
+from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
+from .config import Config, ConfigError
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .providers.base import Provider
 from .upstream import Item, Upstream
@@ -39,6 +40,8 @@ log = logging.getLogger("trio_relay.daemon")
 
 # Everything must be down this long after a shutdown request (the spec asks for < 5 s).
 SHUTDOWN_GRACE = 4.0
+# Of which the tick history writer gets this long to write what is pending.
+HISTORY_DRAIN = 1.0
 
 
 def make_provider(config: Config, name: str | None = None) -> Provider:
@@ -91,6 +94,7 @@ class Relay:
     binds: list[str]
     _shutdown: trio.Event
     security: Security | None = None
+    history_writer: HistoryWriter | None = None
 
     @property
     def port(self) -> int:
@@ -231,6 +235,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     stats = Stats()
     demand = Demand(config.upstream.unsubscribe_linger, config.upstream.pinned)
     providers = make_providers(config)
+    history_backend = _history_backend(config)
     # Upstream → hub, in frames. When full, the upstream reader waits (backpressure towards the
     # provider, whose own buffer absorbs it); the hub side never waits on clients.
     send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
@@ -253,6 +258,14 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.consume, receive)
+                if history_backend is not None:
+                    writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
+                    await nursery.start(writer.run)
+                    offer = writer.offer
+                    hub.add_callback(lambda update: offer(update, time.time_ns() // 1_000_000))
+                    ctx.history_writer = writer
+                    ctx.history_store = HistoryStore(history_backend)
+                    log.info("[START] tick history: %s", history_backend.description)
                 await nursery.start(upstream.run)
                 await nursery.start(
                     partial(
@@ -280,7 +293,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                                 )
 
                 await nursery.start(serve_front)
-                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security)
+                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security, ctx.history_writer)
                 _banner(relay, providers)
                 task_status.started(relay)
 
@@ -296,13 +309,25 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 upstream.stop()
                 with trio.move_on_after(SHUTDOWN_GRACE / 2):
                     await hub.wait_no_clients()
+                if ctx.history_writer is not None:
+                    await ctx.history_writer.aclose()  # writes what is pending, within HISTORY_DRAIN
                 stop_server.set()
                 connections.cancel()
+                if ctx.history_store is not None:
+                    with trio.move_on_after(0.5):
+                        await ctx.history_store.aclose()
     finally:
         # Hypercorn closed it when it stopped serving (from then on the front door answers 503);
         # this closes it only when the relay failed before handing it over.
         private.close()
     log.info("[SHUTDOWN] done")
+
+
+def _history_backend(config: Config) -> HistoryBackend | None:
+    try:
+        return make_backend(config.history)
+    except ValueError as exc:  # a DSN that does not parse (its text is never shown: it may hold a password)
+        raise ConfigError(f"config error: history.postgres_dsn: not a valid PostgreSQL DSN ({type(exc).__name__})") from None
 
 
 def _banner(relay: Relay, providers: list[Provider]) -> None:

@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 
 from ..auth import Security
 from ..config import Config, ConfigError, ServerConfig
+from ..history import HistoryStore, HistoryWriter
 from ..hub import Hub
 from ..upstream import Upstream
 from .rest import create_rest_app
@@ -48,6 +49,9 @@ class RelayContext:
     config: Config
     started_at: float
     security: Security
+    # Tick history (None when history.backend = "off").
+    history_writer: HistoryWriter | None = None
+    history_store: HistoryStore | None = None
     # The front door's open connections to the REST server: backend local port → the client's
     # ip. One entry per REST connection in flight, removed when it ends.
     rest_peers: dict[int, str] = attrs.field(factory=dict, init=False)

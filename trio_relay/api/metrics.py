@@ -48,6 +48,19 @@ class RelayCollector(Collector):
             "trio_relay_upstream_last_message_age_seconds", "Seconds since the last upstream frame", value=age if age is not None else float("nan")
         )
         yield GaugeMetricFamily("trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed))
+        writer = self.ctx.history_writer
+        if writer is not None:
+            yield CounterMetricFamily("trio_relay_history_written", "Updates written to the tick history", value=writer.written)
+            yield CounterMetricFamily(
+                "trio_relay_history_dropped", "Updates the tick history could not take (database slow or down)", value=writer.dropped
+            )
+            yield GaugeMetricFamily("trio_relay_history_pending", "Updates waiting for the database", value=writer.pending)
+            history_state = GaugeMetricFamily(
+                "trio_relay_history_state", "Tick history writer state (1 for the current one)", labels=["state"]
+            )
+            for name in ("ok", "degraded", "down"):
+                history_state.add_metric([name], int(writer.state == name))
+            yield history_state
         active = GaugeMetricFamily(
             "trio_relay_upstream_provider_active", "1 for the provider in use (failover chain order)", labels=["provider"]
         )

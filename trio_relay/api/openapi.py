@@ -40,6 +40,7 @@ from quart_trio import QuartTrio
 
 from ..model import PriceState
 from . import ws
+from .history_routes import BarsPage, TicksPage
 
 if TYPE_CHECKING:
     from werkzeug.routing import Rule
@@ -84,6 +85,27 @@ class FailoverInfo(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str | None, Meta(description="why the last switch happened")]
 
 
+class HistoryHealth(msgspec.Struct, forbid_unknown_fields=True):
+    """The tick history writer, in short (only with history on)."""
+
+    state: Annotated[Literal["ok", "degraded", "down"], Meta(description="down: the database cannot be used")]
+    dropped: Annotated[int, Meta(description="updates not stored because the database was slow or down")]
+    pending: Annotated[int, Meta(description="updates waiting for the database")]
+
+
+class HistoryStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """The tick history writer (never shows a DSN or password)."""
+
+    backend: str
+    state: Literal["ok", "degraded", "down"]
+    written: int
+    dropped: int
+    rejected: Annotated[int, Meta(description="rows the database refused (bad values)")]
+    pending: int
+    deleted: Annotated[int, Meta(description="rows removed by retention")]
+    last_error: str | None
+
+
 class Health(msgspec.Struct, forbid_unknown_fields=True):
     """The upstream's health: 200 when it is connected and fresh, 503 otherwise."""
 
@@ -99,6 +121,10 @@ class Health(msgspec.Struct, forbid_unknown_fields=True):
     ] = UNSET
     reason: Annotated[str | UnsetType, Meta(description="only when not ready: why, in words")] = UNSET
     failover: FailoverInfo | UnsetType = UNSET
+    history: HistoryHealth | UnsetType = UNSET
+    degraded: Annotated[
+        list[str] | UnsetType, Meta(description='parts not working fully while prices flow, e.g. ["history"]')
+    ] = UNSET
     note: Annotated[str | UnsetType, Meta(description="present while serving simulated data")] = UNSET
 
 
@@ -171,6 +197,7 @@ class Status(msgspec.Struct, forbid_unknown_fields=True):
     provider: str
     upstream: UpstreamInfo
     failover: FailoverInfo | None
+    history: HistoryStatus | None
     pinned: list[str]
     clients: ClientsInfo
     messages: MessageCounters
@@ -240,6 +267,11 @@ class Endpoint:
     summary: str = ""  # for views without a docstring (Quart's own)
 
 
+_HISTORY_ERRORS = {
+    404: Reply("Tick history is off (`history_off`).", ErrorBody),
+    503: Reply("The history database cannot be reached now (`history_unavailable`).", ErrorBody),
+    403: Reply("The token does not allow that symbol (`forbidden_symbols`).", ErrorBody, auth_only=True),
+}
 _NOT_READY = Reply("Not ready: `code` says why (for alert rules), `reason` in words.", Health)
 _BAD_SYMBOLS = {
     400: Reply("The body is not JSON (`invalid_json`).", ErrorBody),
@@ -275,6 +307,22 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
             },
         ),
         "openapi": Endpoint("docs", {200: Reply("This document (OpenAPI 3.1).", dict)}),
+        "history_ticks": Endpoint(
+            "history",
+            {
+                200: Reply("A page of ticks, oldest first; `next_cursor` continues it.", TicksPage),
+                **_HISTORY_ERRORS,
+                400: Reply("Bad symbol, time, window, limit or cursor (`invalid_range`, `invalid_cursor`...).", ErrorBody),
+            },
+        ),
+        "history_bars": Endpoint(
+            "history",
+            {
+                200: Reply("Bars, oldest first; `next_start` continues them.", BarsPage),
+                **_HISTORY_ERRORS,
+                400: Reply("Bad symbol, interval, time, window or limit (`invalid_interval`, `invalid_range`...).", ErrorBody),
+            },
+        ),
         # Views without a docstring of their own: Quart's static files and the dashboard's.
         "static": Endpoint(
             "dashboard", {200: Reply("The file.", None, "application/octet-stream")}, summary="Quart's static files route"
@@ -295,6 +343,7 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
 _TAGS = {
     "health": "Liveness and readiness probes (never behind a token, never rate limited).",
     "prices": "The cache: the latest price_update of every symbol.",
+    "history": "The tick history: stored ticks and OHLCV bars built from them (history.backend).",
     "admin": "Pins and the relay's state (the admin scope when auth is on).",
     "monitoring": "Prometheus metrics.",
     "websocket": "The client WebSocket (served by the front door; see docs/api.md).",

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from ..auth import OPEN, AuthError, bearer_token
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .metrics import make_registry, render
+from .history_routes import register_history
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .ws import ProtocolError, parse_symbols
 
@@ -65,6 +66,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_dashboard(app)  # the web page at / and its files at /static/
+    register_history(app, ctx)  # /history/{symbol} and /bars/{symbol}
     hub, upstream = ctx.hub, ctx.upstream
 
     @app.errorhandler(HTTPException)
@@ -149,6 +151,12 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 body["reason"] = upstream.state
         if upstream.failover:
             body["failover"] = failover_body()
+        writer = ctx.history_writer
+        if writer is not None:
+            # Live relaying does not depend on the database: a slow or down one degrades, never 503s.
+            body["history"] = {"state": writer.state, "dropped": writer.dropped, "pending": writer.pending}
+            if writer.state != "ok":
+                body["degraded"] = ["history"]
         if ctx.provider_name == "sim":
             body["note"] = "simulated market data (no FMP_API_KEY set)"
         return body, fresh
@@ -225,6 +233,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 ],
             },
             "failover": failover_body() if upstream.failover else None,
+            "history": ctx.history_writer.status() if ctx.history_writer is not None else None,
             "pinned": sorted(hub.demand.pinned),
             "clients": {
                 "count": len(clients),

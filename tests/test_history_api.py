@@ -1,0 +1,189 @@
+"""Tick history through the real relay: stored as it streams, queried over REST, never in the way."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import pytest
+import trio
+
+from conftest import api, wait_cached
+from trio_relay.bars import bars_from_trades
+from trio_relay.model import Update
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def sqlite_sections(tmp_path: Any, **history: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "history": {"backend": "sqlite", "data_dir": str(tmp_path / "data"), "flush_interval": 0.05, **history},
+        "upstream": {"pinned": ["AAPL"]},
+        "sim": {"rate": 200.0, "trade_ratio": 0.5},
+    }
+
+
+async def written_at_least(relay: Any, n: int) -> None:
+    writer = relay.history_writer
+    while writer.written < n:
+        await writer.changed()
+
+
+async def test_ticks_are_stored_and_paginated(start_relay, http, tmp_path):
+    relay = await start_relay(**sqlite_sections(tmp_path))
+    with trio.fail_after(15):
+        await written_at_least(relay, 300)
+        first = (await http.get(api(relay, "/history/AAPL"), params={"limit": 100})).json()
+        pages = [first]
+        while pages[-1]["next_cursor"] and len(pages) < 3:
+            params = {"limit": 100, "start": first["start"], "end": first["end"], "cursor": pages[-1]["next_cursor"]}
+            pages.append((await http.get(api(relay, "/history/AAPL"), params=params)).json())
+        everything = (
+            await http.get(api(relay, "/history/AAPL"), params={"limit": 10000, "start": first["start"], "end": first["end"]})
+        ).json()
+    ticks = [t for page in pages for t in page["ticks"]]
+    assert len(ticks) == 300 and ticks == everything["ticks"][:300]  # pages join with no gap, no repeat
+    assert [t["timestamp"] for t in ticks] == sorted(t["timestamp"] for t in ticks)
+    assert {t["symbol"] for t in ticks} == {"AAPL"} and {t["kind"] for t in ticks} <= {"T", "Q"}
+    trade = next(t for t in ticks if t["kind"] == "T")
+    assert trade["last_price"] > 0 and trade["bid_price"] is None and trade["recv_ms"] >= trade["timestamp"] - 5_000
+
+
+async def test_bars_from_history_equal_bars_built_from_the_stored_trades(start_relay, http, tmp_path):
+    relay = await start_relay(**sqlite_sections(tmp_path))
+    with trio.fail_after(15):
+        await written_at_least(relay, 600)
+        ticks = (await http.get(api(relay, "/history/AAPL"), params={"limit": 10000})).json()
+        start, end = ticks["start"], ticks["end"]
+        bars = (await http.get(api(relay, "/bars/AAPL"), params={"interval": "1s", "start": start, "end": end})).json()
+    trades = [
+        Update("AAPL", "T", t["timestamp"], last_price=t["last_price"], last_size=t["last_size"])
+        for t in ticks["ticks"]
+        if t["kind"] == "T"
+    ]
+    expected = bars_from_trades(trades, "1s", start - start % 1000, end)
+    assert bars["count"] == len(expected) > 0
+    assert [(b["start_ms"], b["open"], b["high"], b["low"], b["close"], b["trades"]) for b in bars["bars"]] == [
+        (b.start_ms, b.open, b.high, b.low, b.close, b.trades) for b in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    "path, params, code, message",
+    [
+        ("/history/AAPL", {"start": "2024-11-10T15:00:00Z", "end": "2024-11-10T14:00:00Z"}, "invalid_range", "must be before 'end'"),
+        ("/history/AAPL", {"start": "1731249000"}, "invalid_range", "looks like seconds"),
+        ("/history/AAPL", {"end": "yesterday"}, "invalid_range", "'end'='yesterday' is not a time"),
+        ("/history/AAPL", {"limit": "0"}, "invalid_range", "'limit' must be an integer from 1 to 10000"),
+        ("/history/AAPL", {"cursor": "nonsense"}, "invalid_cursor", "not a next_cursor"),
+        ("/history/BAD!", {}, "invalid_symbols", "invalid symbol"),
+        ("/bars/AAPL", {"interval": "2m"}, "invalid_interval", "'interval' must be one of 1s, 1m, 5m, 1h"),
+    ],
+)
+async def test_bad_queries_get_400_with_a_clear_message(start_relay, http, tmp_path, path, params, code, message):
+    relay = await start_relay(**sqlite_sections(tmp_path))
+    with trio.fail_after(10):
+        response = await http.get(api(relay, path), params=params)
+    assert response.status_code == 400
+    assert response.json()["error"] == code and message in response.json()["message"]
+
+
+async def test_history_off_answers_404(start_relay, http):
+    relay = await start_relay()
+    with trio.fail_after(10):
+        response = await http.get(api(relay, "/history/AAPL"))
+    assert response.status_code == 404 and response.json()["error"] == "history_off"
+
+
+async def test_a_database_that_is_down_never_stops_the_prices(start_relay, http, ws_connect, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the data directory should be")
+    relay = await start_relay(**sqlite_sections(tmp_path, data_dir=str(blocker), queue_size=50))
+    writer = relay.history_writer
+    client = await ws_connect(relay)
+    with trio.fail_after(15):
+        await client.request({"action": "subscribe", "symbols": ["MSFT"]}, "subscribed")
+        while writer.dropped == 0 or writer.state != "down":
+            await writer.changed()
+        # Prices keep flowing while the database is down and updates are dropped.
+        seqs = [(await client.recv_until(lambda m: m.get("type") == "price_update"))[0]["seq"] for _ in range(20)]
+        health = await http.get(api(relay, "/health"))
+        status = (await http.get(api(relay, "/status"))).json()
+        query = await http.get(api(relay, "/history/MSFT"))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["degraded"] == ["history"] and body["history"]["state"] == "down"
+    assert body["history"]["dropped"] > 0 and body["history"]["pending"] <= 50
+    assert status["history"]["state"] == "down" and status["history"]["last_error"]
+    assert query.status_code == 503 and query.json()["error"] == "history_unavailable"
+
+
+async def test_shutdown_writes_everything_pending(nursery, tmp_path):
+    from conftest import make_config
+    from trio_relay.daemon import run_relay
+    from trio_relay.history import HistoryStore, SqliteBackend
+
+    config = make_config(**sqlite_sections(tmp_path, flush_interval=30.0))  # nothing written before the stop
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await run_relay(config, task_status=task_status)
+        done.set()
+
+    relay = await nursery.start(run)
+    with trio.fail_after(15):
+        await wait_cached(relay, "AAPL")
+        published = trio.Event()
+        seen = 0
+
+        def count(_update: Update) -> None:
+            nonlocal seen
+            seen += 1
+            if seen >= 50:
+                published.set()
+
+        relay.hub.add_callback(count)
+        await published.wait()  # the writer holds them: its flush interval is 30 s
+        relay.shutdown()
+        await done.wait()
+    writer = relay.history_writer
+    assert writer.dropped == 0 and writer.pending == 0 and writer.written >= 50
+    async with HistoryStore(SqliteBackend(str(tmp_path / "data"))) as store:
+        ticks, _ = await store.ticks("AAPL", 0, 1 << 50, 10_000)
+    assert len(ticks) == writer.written
+
+
+def _postgres_reachable() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+async def test_postgres_backend_end_to_end(start_relay, http):
+    if not _postgres_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is unreachable, and CI requires it")
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 is unreachable")
+    import psycopg
+
+    table = f"ticks_test_{uuid.uuid4().hex[:12]}"
+    try:
+        relay = await start_relay(
+            history={"backend": "postgres", "postgres_dsn": PG_DSN, "table": table, "flush_interval": 0.05},
+            upstream={"pinned": ["AAPL"]},
+            sim={"rate": 200.0},
+        )
+        with trio.fail_after(15):
+            await written_at_least(relay, 200)
+            ticks = (await http.get(api(relay, "/history/AAPL"), params={"limit": 5000})).json()
+            bars = (await http.get(api(relay, "/bars/AAPL"), params={"interval": "1s"})).json()
+        assert ticks["count"] >= 200 and bars["count"] >= 1
+        assert relay.history_writer.status()["backend"].lower().startswith("postgres")
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
