@@ -346,6 +346,8 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_") and k != "FMP_API_KEY"}
         env["FMP_API_KEY"] = "bench"
         env["TRIO_RELAY_CLIENTS_MAX_SYMBOLS_PER_CLIENT"] = str(max(500, cfg["symbols_per_client"]))
+        # Every load-generator client comes from 127.0.0.1: no per-address cap in a benchmark.
+        env["TRIO_RELAY_LIMITS_CONNECTIONS_PER_IP"] = "0"
         if args.outbox:
             env["TRIO_RELAY_CLIENTS_OUTBOX_SIZE"] = str(args.outbox)
         for item in args.relay_env or []:

@@ -342,7 +342,7 @@ class LimitsConfig:
     # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
     strikes: int = attrs.field(default=10, validator=_positive)
     # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
-    connections_per_ip: int = attrs.field(default=100, validator=_non_negative)
+    connections_per_ip: int = attrs.field(default=1000, validator=_non_negative)
     connections_per_user: int = attrs.field(default=20, validator=_non_negative)
     # REST requests per second per client IP (token bucket); over it: 429 with Retry-After.
     rest_per_second: float = attrs.field(default=20.0, validator=_positive)
