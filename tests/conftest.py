@@ -27,6 +27,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
         "upstream": {"provider": "sim", "unsubscribe_linger": 0.0},
         "sim": {"rate": 50.0},
         "history": {"backend": "off"},  # a test that wants history sets it (with a tmp data_dir)
+        "alerts": {"enabled": False},  # likewise (they write data_dir/app.sqlite3)
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

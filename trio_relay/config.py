@@ -33,6 +33,8 @@ __all__ = [
     "ClientsConfig",
     "AuthConfig",
     "HistoryConfig",
+    "AlertsConfig",
+    "PortfolioConfig",
     "ReplayConfig",
     "LimitsConfig",
     "LoggingConfig",
@@ -307,6 +309,32 @@ class ReplayConfig:
 
 
 @attrs.frozen
+class AlertsConfig:
+    # Price alerts and portfolios (REST and WebSocket). Their rules, fired alerts and positions
+    # live in data_dir/app.sqlite3 and survive restarts.
+    enabled: bool = True
+    data_dir: str = "data"
+    # Per user (the token's "sub"; everyone is "anonymous" with auth off).
+    max_rules_per_user: int = attrs.field(default=200, validator=_positive)
+    # Webhooks: an alert rule may name an http(s) URL to POST fired alerts to. Hosts allowed
+    # ([] = any; set it on a shared relay: a webhook is a request the relay makes for a user).
+    webhook_allowed_hosts: list[str] = attrs.Factory(list)
+    webhook_timeout: float = attrs.field(default=5.0, validator=_positive)
+    # Attempts per alert (capped exponential backoff between them), then it is given up (counted).
+    webhook_attempts: int = attrs.field(default=5, validator=_positive)
+    # Fired alerts waiting for their webhook; beyond, new ones are dropped (counted), never blocking.
+    webhook_queue: int = attrs.field(default=1000, validator=_positive)
+
+
+@attrs.frozen
+class PortfolioConfig:
+    max_portfolios_per_user: int = attrs.field(default=20, validator=_positive)
+    max_positions_per_portfolio: int = attrs.field(default=500, validator=_positive)
+    # A portfolio subscriber gets at most one valuation per this many seconds.
+    update_interval: float = attrs.field(default=0.5, validator=_positive)
+
+
+@attrs.frozen
 class AuthConfig:
     # JWT authentication of WebSocket clients and REST calls. It may be off only while the relay
     # listens on a loopback address, unless allow_insecure says so explicitly.
@@ -369,6 +397,8 @@ class Config:
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
     history: HistoryConfig = attrs.Factory(HistoryConfig)
     replay: ReplayConfig = attrs.Factory(ReplayConfig)
+    alerts: AlertsConfig = attrs.Factory(AlertsConfig)
+    portfolio: PortfolioConfig = attrs.Factory(PortfolioConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
@@ -488,7 +518,17 @@ def _make_converter() -> cattrs.Converter:
     }
     sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
     # Sections first: Config's hook resolves theirs when it is made.
-    later = (PolygonConfig, ClientsConfig, HistoryConfig, ReplayConfig, AuthConfig, LimitsConfig, LoggingConfig)
+    later = (
+        PolygonConfig,
+        ClientsConfig,
+        HistoryConfig,
+        ReplayConfig,
+        AlertsConfig,
+        PortfolioConfig,
+        AuthConfig,
+        LimitsConfig,
+        LoggingConfig,
+    )
     for cls in (*sections, *later, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
