@@ -321,11 +321,16 @@ async def test_live_responses_match_the_documented_types(
             endpoint = rule.endpoint
             if not rule.rule.startswith(PREFIX) or endpoint not in ENDPOINTS:
                 continue
-            url = relay.http_url + rule.rule.replace("<symbol>", "aapl")
-            if "POST" in (rule.methods or ()):
+            url = relay.http_url + rule.rule.replace("<symbol>", "aapl").replace("<name>", "main")
+            methods = rule.methods or set()
+            if "POST" in methods:
                 response = await http.post(url, content=b'["AAPL","MSFT"]')
-            else:
+            elif "GET" in methods:
                 response = await http.get(url)
+            elif "PUT" in methods:
+                response = await http.put(url, content=b'{"quantity":1,"cost_basis":1}')
+            else:
+                response = await http.delete(url)
             _check_body(endpoint, response.status_code, response.json())
             checked.add(endpoint)
         response = await http.get(api(relay, "/cache/NOPE"))

@@ -27,10 +27,13 @@ import trio
 
 from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import BACKEND_HOST, tls_context
+from .appstore import AppStore
 from .auth import Security
 from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
 from .config import Config, ConfigError
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
+from .portfolio import PortfolioStore
+from .portfolio_service import PortfolioService
 from .providers.base import Provider
 from .upstream import Item, Upstream
 
@@ -255,9 +258,17 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             ctx = RelayContext(
                 hub=hub, upstream=upstream, config=config, started_at=time.time(), security=Security(config)
             )
+            app_store = AppStore(config.alerts.data_dir) if config.alerts.enabled else None
+            if app_store is not None:
+                portfolio_store = PortfolioStore(app_store, config.portfolio)
+                await portfolio_store.migrate()
+                ctx.portfolios = PortfolioService(hub, portfolio_store, config.portfolio.update_interval)
+                hub.add_callback(ctx.portfolios.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.consume, receive)
+                if ctx.portfolios is not None:
+                    await nursery.start(ctx.portfolios.run)
                 if history_backend is not None:
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
@@ -316,6 +327,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 if ctx.history_store is not None:
                     with trio.move_on_after(0.5):
                         await ctx.history_store.aclose()
+                if app_store is not None:
+                    with trio.move_on_after(0.5):
+                        await app_store.aclose()
     finally:
         # Hypercorn closed it when it stopped serving (from then on the front door answers 503);
         # this closes it only when the relay failed before handing it over.

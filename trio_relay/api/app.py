@@ -26,6 +26,7 @@ from quart_trio import QuartTrio
 from ..auth import Security
 from ..config import Config, ConfigError, ServerConfig
 from ..history import HistoryStore, HistoryWriter
+from ..portfolio_service import PortfolioService
 from ..hub import Hub
 from ..upstream import Upstream
 from .rest import create_rest_app
@@ -52,6 +53,8 @@ class RelayContext:
     # Tick history (None when history.backend = "off").
     history_writer: HistoryWriter | None = None
     history_store: HistoryStore | None = None
+    # Portfolios (None when alerts.enabled = false).
+    portfolios: PortfolioService | None = None
     # The front door's open connections to the REST server: backend local port → the client's
     # ip. One entry per REST connection in flight, removed when it ends.
     rest_peers: dict[int, str] = attrs.field(factory=dict, init=False)
@@ -136,6 +139,7 @@ class FrontDoor:
         self.ctx = ctx
         self.rest: QuartTrio = create_rest_app(ctx)
         self.ws = ClientProtocol(ctx.hub, ctx.security)
+        self.ws.portfolios = ctx.portfolios
         self.backend = backend  # where Hypercorn serves the REST app
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
 

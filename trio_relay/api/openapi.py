@@ -39,8 +39,10 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from ..model import PriceState
+from ..portfolio import Valuation
 from . import ws
 from .history_routes import BarsPage, TicksPage
+from .portfolio_routes import PortfolioBody, PortfolioList
 
 if TYPE_CHECKING:
     from werkzeug.routing import Rule
@@ -267,6 +269,15 @@ class Endpoint:
     summary: str = ""  # for views without a docstring (Quart's own)
 
 
+_PORTFOLIO_ERRORS = {
+    404: Reply("No such portfolio, or portfolios are off (`not_found`).", ErrorBody),
+    409: Reply("A portfolio of that name exists (`portfolio_exists`).", ErrorBody),
+    422: Reply(
+        "Invalid name, symbol, quantity or cost basis, or a limit reached "
+        "(`invalid_name`, `invalid_symbols`, `invalid_quantity`, `invalid_cost_basis`, `portfolio_limit`, `position_limit`).",
+        ErrorBody,
+    ),
+}
 _HISTORY_ERRORS = {
     404: Reply("Tick history is off (`history_off`).", ErrorBody),
     503: Reply("The history database cannot be reached now (`history_unavailable`).", ErrorBody),
@@ -307,6 +318,22 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
             },
         ),
         "openapi": Endpoint("docs", {200: Reply("This document (OpenAPI 3.1).", dict)}),
+        "portfolios_list": Endpoint("portfolio", {200: Reply("The caller's portfolios.", PortfolioList), **_PORTFOLIO_ERRORS}),
+        "portfolios_create": Endpoint(
+            "portfolio",
+            {200: Reply("Created.", PortfolioBody), **_PORTFOLIO_ERRORS},
+            request=PortfolioBody,
+        ),
+        "portfolio_value": Endpoint(
+            "portfolio", {200: Reply("The portfolio valued now.", Valuation), **_PORTFOLIO_ERRORS}
+        ),
+        "portfolio_delete": Endpoint("portfolio", {200: Reply("Deleted.", dict), **_PORTFOLIO_ERRORS}),
+        "position_put": Endpoint(
+            "portfolio", {200: Reply("The portfolio after the change.", PortfolioBody), **_PORTFOLIO_ERRORS}
+        ),
+        "position_delete": Endpoint(
+            "portfolio", {200: Reply("The portfolio after the change.", PortfolioBody), **_PORTFOLIO_ERRORS}
+        ),
         "history_ticks": Endpoint(
             "history",
             {
@@ -344,6 +371,7 @@ _TAGS = {
     "health": "Liveness and readiness probes (never behind a token, never rate limited).",
     "prices": "The cache: the latest price_update of every symbol.",
     "history": "The tick history: stored ticks and OHLCV bars built from them (history.backend).",
+    "portfolio": "Portfolios per user: positions, and their value at the relay's prices.",
     "admin": "Pins and the relay's state (the admin scope when auth is on).",
     "monitoring": "Prometheus metrics.",
     "websocket": "The client WebSocket (served by the front door; see docs/api.md).",

@@ -20,6 +20,7 @@ from ..auth import OPEN, AuthError, bearer_token
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .metrics import make_registry, render
 from .history_routes import register_history
+from .portfolio_routes import register_portfolios
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .ws import ProtocolError, parse_symbols
 
@@ -67,6 +68,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_dashboard(app)  # the web page at / and its files at /static/
     register_history(app, ctx)  # /history/{symbol} and /bars/{symbol}
+    register_portfolios(app, ctx)  # /portfolios...
     hub, upstream = ctx.hub, ctx.upstream
 
     @app.errorhandler(HTTPException)

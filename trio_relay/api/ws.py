@@ -50,6 +50,8 @@ from ..hub import (
     SubscriptionError,
 )
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
+from ..portfolio import PortfolioError, check_name
+from ..portfolio_service import PortfolioService
 
 __all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
 
@@ -93,7 +95,7 @@ def _flag(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
 
 
-CHANNELS = ("ticks", "bars")
+CHANNELS = ("ticks", "bars", "portfolio")
 
 
 def _channel(msg: dict[str, object]) -> str:
@@ -148,6 +150,7 @@ class ClientProtocol:
     def __init__(self, hub: Hub, security: Security | None = None) -> None:
         self.hub = hub  # hub.config holds the client limits (and changes on reload)
         self.security = security if security is not None else Security(Config())
+        self.portfolios: PortfolioService | None = None  # set by the front door when portfolios run
         self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
@@ -246,6 +249,8 @@ class ClientProtocol:
                         pass
         finally:
             # Only now: shutdown waits for the last client to be gone before it stops serving.
+            if self.portfolios is not None:
+                self.portfolios.disconnect(client)
             self.hub.disconnect(client)
         log.info(
             "[CLIENT] #%d disconnected (%s)",
@@ -392,7 +397,9 @@ class ClientProtocol:
                     self._limited(client, session, wait, "subscribe/unsubscribe requests", action)
                     return
             session.strikes = 0
-            if action == "subscribe":
+            if action in ("subscribe", "unsubscribe") and msg.get("channel") == "portfolio":
+                self._portfolio(client, action, msg.get("portfolio"))
+            elif action == "subscribe":
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
                 refused = session.principal.refused(symbols)
                 if refused:
@@ -435,6 +442,19 @@ class ClientProtocol:
                 )
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
+
+    def _portfolio(self, client: Client, action: str, raw: object) -> None:
+        """Subscribe or unsubscribe the ``portfolio`` channel: live valuations of one portfolio."""
+        if self.portfolios is None:
+            raise ProtocolError("unavailable", "portfolios are off on this relay (alerts.enabled = false)")
+        try:
+            name = check_name(raw)
+        except PortfolioError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        if action == "subscribe":
+            self.portfolios.subscribe(client, name)
+        else:
+            self.portfolios.unsubscribe(client, name)
 
     def _authenticate(self, client: Client, session: _Session, token: object) -> None:
         """``{"action":"auth","token":...}``: first authentication, or a refresh before expiry."""
