@@ -14,8 +14,8 @@ from typing import Any
 import trio
 
 from .config import Config, ConfigError, load_config
-from .recording import add_record_parser
 from .logsetup import configure_logging
+from .recording import add_record_parser
 from .systemd import Notifier, run_watchdog, watchdog_interval
 
 __all__ = ["main"]

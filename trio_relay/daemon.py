@@ -25,12 +25,14 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .alert_service import AlertService
+from .alerts import AlertEngine, AlertStore, WebhookSender
 from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import BACKEND_HOST, tls_context
 from .appstore import AppStore
 from .auth import Security
-from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
 from .config import Config, ConfigError
+from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
@@ -264,11 +266,23 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 await portfolio_store.migrate()
                 ctx.portfolios = PortfolioService(hub, portfolio_store, config.portfolio.update_interval)
                 hub.add_callback(ctx.portfolios.on_update)
+                alert_store = AlertStore(app_store)
+                await alert_store.migrate()
+
+                def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
+                    (hub.demand.acquire if on else hub.demand.release)([symbol])
+
+                engine = AlertEngine(config.alerts, on_watch=watch)
+                engine.load(await alert_store.load())
+                ctx.alerts = AlertService(hub, engine, alert_store, WebhookSender(config.alerts))
+                hub.add_callback(ctx.alerts.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.consume, receive)
                 if ctx.portfolios is not None:
                     await nursery.start(ctx.portfolios.run)
+                if ctx.alerts is not None:
+                    await nursery.start(ctx.alerts.run)
                 if history_backend is not None:
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
@@ -322,6 +336,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     await hub.wait_no_clients()
                 if ctx.history_writer is not None:
                     await ctx.history_writer.aclose()  # writes what is pending, within HISTORY_DRAIN
+                if ctx.alerts is not None:
+                    with trio.move_on_after(HISTORY_DRAIN):
+                        await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
                 stop_server.set()
                 connections.cancel()
                 if ctx.history_store is not None:

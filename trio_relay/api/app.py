@@ -23,11 +23,12 @@ import attrs
 import trio
 from quart_trio import QuartTrio
 
+from ..alert_service import AlertService
 from ..auth import Security
 from ..config import Config, ConfigError, ServerConfig
 from ..history import HistoryStore, HistoryWriter
-from ..portfolio_service import PortfolioService
 from ..hub import Hub
+from ..portfolio_service import PortfolioService
 from ..upstream import Upstream
 from .rest import create_rest_app
 from .ws import WS_PATH, ClientProtocol, peer_ip
@@ -55,6 +56,7 @@ class RelayContext:
     history_store: HistoryStore | None = None
     # Portfolios (None when alerts.enabled = false).
     portfolios: PortfolioService | None = None
+    alerts: AlertService | None = None
     # The front door's open connections to the REST server: backend local port → the client's
     # ip. One entry per REST connection in flight, removed when it ends.
     rest_peers: dict[int, str] = attrs.field(factory=dict, init=False)
@@ -140,6 +142,7 @@ class FrontDoor:
         self.rest: QuartTrio = create_rest_app(ctx)
         self.ws = ClientProtocol(ctx.hub, ctx.security)
         self.ws.portfolios = ctx.portfolios
+        self.ws.alerts = ctx.alerts
         self.backend = backend  # where Hypercorn serves the REST app
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
 

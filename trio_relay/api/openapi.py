@@ -41,6 +41,7 @@ from quart_trio import QuartTrio
 from ..model import PriceState
 from ..portfolio import Valuation
 from . import ws
+from .alert_routes import AlertsBody
 from .history_routes import BarsPage, TicksPage
 from .portfolio_routes import PortfolioBody, PortfolioList
 
@@ -269,6 +270,10 @@ class Endpoint:
     summary: str = ""  # for views without a docstring (Quart's own)
 
 
+_ALERT_ERRORS = {
+    404: Reply("No such rule, or alerts are off (`not_found`).", ErrorBody),
+    422: Reply("A rule that does not validate, or too many (`invalid_rule`, `rule_limit`...).", ErrorBody),
+}
 _PORTFOLIO_ERRORS = {
     404: Reply("No such portfolio, or portfolios are off (`not_found`).", ErrorBody),
     409: Reply("A portfolio of that name exists (`portfolio_exists`).", ErrorBody),
@@ -318,6 +323,9 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
             },
         ),
         "openapi": Endpoint("docs", {200: Reply("This document (OpenAPI 3.1).", dict)}),
+        "alerts_list": Endpoint("alerts", {200: Reply("Rules and latest fired alerts.", AlertsBody), **_ALERT_ERRORS}),
+        "alerts_create": Endpoint("alerts", {200: Reply("The rule, with its id and state.", dict), **_ALERT_ERRORS}),
+        "alerts_delete": Endpoint("alerts", {200: Reply("Deleted.", dict), **_ALERT_ERRORS}),
         "portfolios_list": Endpoint("portfolio", {200: Reply("The caller's portfolios.", PortfolioList), **_PORTFOLIO_ERRORS}),
         "portfolios_create": Endpoint(
             "portfolio",
@@ -372,6 +380,7 @@ _TAGS = {
     "prices": "The cache: the latest price_update of every symbol.",
     "history": "The tick history: stored ticks and OHLCV bars built from them (history.backend).",
     "portfolio": "Portfolios per user: positions, and their value at the relay's prices.",
+    "alerts": "Price alerts per user: rules evaluated on every update, fired alerts.",
     "admin": "Pins and the relay's state (the admin scope when auth is on).",
     "monitoring": "Prometheus metrics.",
     "websocket": "The client WebSocket (served by the front door; see docs/api.md).",

@@ -17,11 +17,12 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
+from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
-from .metrics import make_registry, render
 from .history_routes import register_history
-from .portfolio_routes import register_portfolios
+from .metrics import make_registry, render
 from .openapi import OPENAPI_PATH, add_openapi_route
+from .portfolio_routes import register_portfolios
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     register_dashboard(app)  # the web page at / and its files at /static/
     register_history(app, ctx)  # /history/{symbol} and /bars/{symbol}
     register_portfolios(app, ctx)  # /portfolios...
+    register_alerts(app, ctx)  # /alerts...
     hub, upstream = ctx.hub, ctx.upstream
 
     @app.errorhandler(HTTPException)

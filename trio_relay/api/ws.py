@@ -38,6 +38,8 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from ..alert_service import AlertService
+from ..alerts import RuleError
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
 from ..bars import INTERVALS
 from ..config import Config
@@ -51,7 +53,7 @@ from ..hub import (
 )
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
-from ..portfolio_service import PortfolioService
+from ..portfolio_service import PortfolioService, owner_of
 
 __all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
 
@@ -151,6 +153,7 @@ class ClientProtocol:
         self.hub = hub  # hub.config holds the client limits (and changes on reload)
         self.security = security if security is not None else Security(Config())
         self.portfolios: PortfolioService | None = None  # set by the front door when portfolios run
+        self.alerts: AlertService | None = None  # likewise for alerts
         self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
@@ -423,6 +426,8 @@ class ClientProtocol:
                     self.hub.bars.unsubscribe(client, symbols, _interval(msg, required=False))
                 else:
                     self.hub.unsubscribe(client, symbols)
+            elif action in ("alert_create", "alert_delete", "alerts"):
+                self._alerts(client, action, msg)
             elif action == "ping":
                 self.hub.send_control(client, control("pong"))
             elif action == "list":
@@ -438,10 +443,36 @@ class ClientProtocol:
             else:
                 shown = action if isinstance(action, str) else repr(action)
                 raise ProtocolError(
-                    "unknown_action", f"unknown action {shown[:40]!r}; expected subscribe, unsubscribe, ping or list"
+                    "unknown_action",
+                    f"unknown action {shown[:40]!r}; expected subscribe, unsubscribe, ping, list, auth, alert_create, "
+                    "alert_delete or alerts",
                 )
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
+
+    def _alerts(self, client: Client, action: str, msg: dict[str, object]) -> None:
+        """``alert_create`` {"rule":{...}}, ``alert_delete`` {"id":...}, ``alerts`` (list): the user's rules."""
+        if self.alerts is None:
+            raise ProtocolError("unavailable", "alerts are off on this relay (alerts.enabled = false)")
+        owner = owner_of(client)
+        try:
+            if action == "alert_create":
+                rule = msg.get("rule")
+                if not isinstance(rule, dict):
+                    raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
+                created = self.alerts.create(owner, rule)
+                self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+            elif action == "alert_delete":
+                rule_id = msg.get("id")
+                if not isinstance(rule_id, str):
+                    raise ProtocolError("missing_field", "'id' is required: the rule's id")
+                self.alerts.delete(owner, rule_id)
+                self.hub.send_control(client, control("alert_deleted", id=rule_id))
+            else:
+                rules = [msgspec.to_builtins(r) for r in self.alerts.rules(owner)]
+                self.hub.send_control(client, control("alerts", rules=rules))
+        except RuleError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
 
     def _portfolio(self, client: Client, action: str, raw: object) -> None:
         """Subscribe or unsubscribe the ``portfolio`` channel: live valuations of one portfolio."""

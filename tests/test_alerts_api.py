@@ -1,0 +1,109 @@
+"""Alerts through the real relay: rules over REST and WebSocket, firing to the owner, webhooks, restarts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from conftest import api, fmp_sections
+
+
+def sections(fake: Any, tmp_path: Any) -> dict[str, dict[str, Any]]:
+    out = fmp_sections(fake)
+    out["alerts"] = {"enabled": True, "data_dir": str(tmp_path / "data"), "webhook_attempts": 2}
+    return out
+
+
+def trade(symbol: str, price: float, t: int) -> str:
+    return f'{{"s":"{symbol.lower()}","t":{t},"type":"T","lp":{price},"ls":10}}'
+
+
+class Receiver:
+    """A loopback HTTP server that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.port = 0
+        self._got = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        async with stream:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            self.bodies.append(json.loads(body))
+            self._got.set()
+            await stream.send_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    async def wait(self, n: int) -> None:
+        while len(self.bodies) < n:
+            self._got = trio.Event()
+            await self._got.wait()
+
+
+async def test_a_rule_fires_once_at_the_crossing_to_its_owner_and_its_webhook(
+    start_relay, fake_fmp, ws_connect, http, tmp_path, nursery
+):
+    fake_fmp.rate = 0.0
+    receiver = Receiver()
+    listeners = await nursery.start(trio.serve_tcp, receiver.handle, 0)
+    receiver.port = listeners[0].socket.getsockname()[1]
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    owner = await ws_connect(relay)
+    with trio.fail_after(10):
+        created = await owner.request(
+            {
+                "action": "alert_create",
+                "rule": {
+                    "type": "above",
+                    "symbol": "aapl",
+                    "level": 190,
+                    "webhook": f"http://127.0.0.1:{receiver.port}/hook",
+                },
+            },
+            "alert_created",
+        )
+        await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)  # a rule's symbol is wanted upstream
+        for i, price in enumerate([185.0, 189.99, 192.5, 195.0, 188.0, 191.0]):  # a gap jumps over 190
+            await fake_fmp.inject(trade("AAPL", price, 1_700_000_000_000 + i * 1000))
+        alert, seen = await owner.recv_until(lambda m: m.get("type") == "alert")
+        listed = await owner.request({"action": "alerts"}, "alerts")
+        await receiver.wait(1)
+        rest = (await http.get(api(relay, "/alerts"))).json()
+    rule = created["rule"]
+    assert rule["type"] == "above" and rule["symbol"] == "AAPL" and rule["id"]
+    assert alert["rule_id"] == rule["id"] and alert["price"] == 192.5 and alert["symbol"] == "AAPL"
+    assert receiver.bodies[0]["id"] == alert["id"] and receiver.bodies[0]["price"] == 192.5
+    assert [r["id"] for r in listed["rules"]] == [rule["id"]]
+    assert [f["id"] for f in rest["fired"]] == [alert["id"]]
+
+
+async def test_rules_over_rest_validation_and_restart(start_relay, fake_fmp, http, tmp_path):
+    fake_fmp.rate = 0.0
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    with trio.fail_after(10):
+        bad = await http.post(api(relay, "/alerts"), json={"type": "sideways", "symbol": "AAPL"})
+        missing = await http.post(api(relay, "/alerts"), json={"type": "below", "symbol": "AAPL"})
+        ok = await http.post(api(relay, "/alerts"), json={"type": "below", "symbol": "MSFT", "level": 300})
+        rule_id = ok.json()["id"]
+        relay.shutdown()
+        again = await start_relay(**sections(fake_fmp, tmp_path))
+        listed = (await http.get(api(again, "/alerts"))).json()
+        deleted = await http.delete(api(again, f"/alerts/{rule_id}"))
+        gone = await http.delete(api(again, f"/alerts/{rule_id}"))
+    assert bad.status_code == 422 and bad.json()["error"] == "unknown_type"
+    assert missing.status_code == 422 and missing.json()["error"] == "missing_field"
+    assert ok.status_code == 200
+    assert [r["id"] for r in listed["rules"]] == [rule_id]  # survived the restart
+    assert deleted.status_code == 200 and gone.status_code == 404
