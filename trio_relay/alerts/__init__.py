@@ -3,16 +3,18 @@
 The pieces, wired by the daemon (not here)::
 
     store = AlertStore(app_store)
-    engine = AlertEngine(config.alerts)
+    engine = AlertEngine(config.alerts, on_watch=keep_subscribed)  # (symbol, True/False)
     engine.load(await store.load())
     sender = WebhookSender(config.alerts)
     await nursery.start(sender.run)
-    # hub sync callback, per update (a dict lookup for symbols without rules):
-    #     for alert in engine.on_update(update, hub.cache[update.symbol]): ...
-    # and every second: engine.check_stale() (or nursery.start(engine.run_stale_checks, deliver))
-    # For each fired alert: push it to the owner's clients, queue
-    # store.record_fired(alert, engine.get(alert.rule_id)) for a writer task, and
-    # sender.offer(alert, rule.webhook) when the rule has one.
+    # REST: rule = engine.create(owner, body, cache=hub.cache)  (RuleError -> 400 {code, message})
+    #       await store.save_rule(rule); engine.remove(owner, id) + await store.delete_rule(id)
+    # hub sync callback, per update (one dict lookup for a symbol without rules):
+    #     alerts = engine.on_update(update, hub.cache[update.symbol])
+    # and engine.run_stale_checks(deliver) in the nursery (or engine.check_stale() every second).
+    # For each fired alert: push it to the owner's clients, hand
+    # store.record_fired(alert, engine.get(alert.rule_id)) to a writer task (the callback is
+    # sync), and sender.offer(alert, rule.webhook) when the rule has a webhook.
 
 Semantics a client may rely on (see also :mod:`.engine`):
 
