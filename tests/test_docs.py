@@ -696,7 +696,7 @@ def test_every_error_code_is_documented() -> None:
     codes |= set(re.findall(r'code="(\w+)"', ws))
     codes |= set(re.findall(r'_reject\(\s*stream,\s*\d+,\s*"(\w+)"', ws))
     codes |= set(re.findall(r'SubscriptionError\(\s*"(\w+)"', hub))
-    codes |= set(re.findall(r'_error\(\s*\d+,\s*"(\w+)"', rest))
+    codes |= set(re.findall(r'(?:_error|error_response)\(\s*\d+,\s*"(\w+)"', rest))
     codes |= set(re.findall(r'"error":"(\w+)"', app))
     expected_ws = {
         "invalid_json", "invalid_message", "missing_field", "unknown_action", "invalid_symbols", "too_many_symbols",

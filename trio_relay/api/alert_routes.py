@@ -14,14 +14,12 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ..alerts import FiredAlert, RuleError
+from .responses import error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
 
 __all__ = ["register_alerts", "AlertsBody"]
-
-_encoder = msgspec.json.Encoder()
-
 
 class AlertsBody(msgspec.Struct):
     """The caller's rules (with their state) and latest fired alerts, newest first."""
@@ -30,13 +28,9 @@ class AlertsBody(msgspec.Struct):
     fired: list[FiredAlert]
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(body), status=status, mimetype="application/json")
-
-
 def _error(exc: RuleError) -> Response:
     status = 404 if exc.code == "not_found" else 422
-    return _json({"error": exc.code, "message": exc.message}, status)
+    return error_response(status, exc.code, exc.message)
 
 
 def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
@@ -58,17 +52,18 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             fired = await svc.store.fired(owner, limit=limit)
         except RuleError as exc:
             return _error(exc)
-        return _json(AlertsBody([msgspec.to_builtins(r) for r in svc.rules(owner)], fired))
+        return json_response(AlertsBody([msgspec.to_builtins(r) for r in svc.rules(owner)], fired))
 
     @app.post(prefix)
     async def alerts_create() -> Response:
-        """Create a rule: above / below (level, field), move (pct, window_s), spread (max_spread or max_spread_bps), stale (seconds)."""
+        """Create a rule: above / below (level, field), move (pct, window_s), spread (max_spread or
+        max_spread_bps), stale (seconds)."""
         try:
             body = await request.get_data()
             rule = service().create(str(g.principal.subject), body)
         except RuleError as exc:
             return _error(exc)
-        return _json(msgspec.to_builtins(rule))
+        return json_response(msgspec.to_builtins(rule))
 
     @app.delete(prefix + "/<rule_id>")
     async def alerts_delete(rule_id: str) -> Response:
@@ -77,4 +72,4 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             service().delete(str(g.principal.subject), rule_id)
         except RuleError as exc:
             return _error(exc)
-        return _json({"status": "deleted", "id": rule_id})
+        return json_response({"status": "deleted", "id": rule_id})

@@ -19,6 +19,7 @@ from ..bars import INTERVALS, Bar, bars_from_trades
 from ..history import HistoryUnavailable, InvalidCursor, Tick
 from ..model import SYMBOL_RE
 from ..timeparse import TimeError, parse_time
+from .responses import error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -30,9 +31,6 @@ DEFAULT_LIMIT = 1_000
 DEFAULT_TICKS_WINDOW_MS = 3_600_000
 # Trades read to build one page of bars; beyond, the request must ask for a narrower window.
 MAX_TRADES = 2_000_000
-
-_encoder = msgspec.json.Encoder()
-
 
 class TicksPage(msgspec.Struct, forbid_unknown_fields=True):
     """One page of stored ticks, oldest first."""
@@ -63,12 +61,6 @@ class _BadRequest(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(body), status=status, mimetype="application/json")
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": code, "message": message}, status)
 
 
 def _symbol(raw: str) -> str:
@@ -103,7 +95,7 @@ def _window(default_span_ms: int) -> tuple[int, int]:
 def register_history(app: QuartTrio, ctx: RelayContext) -> None:
     prefix = "/api/v2/realtime"
 
-    def store_or_error() -> Any:
+    def store_orerror_response() -> Any:
         if ctx.history_store is None:
             raise _BadRequest(404, "history_off", "tick history is off (history.backend = \"off\")")
         return ctx.history_store
@@ -119,15 +111,15 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             name = _symbol(symbol)
             start, end = _window(DEFAULT_TICKS_WINDOW_MS)
             limit = _limit()
-            store = store_or_error()
+            store = store_orerror_response()
             ticks, cursor = await store.ticks(name, start, end, limit, after=request.args.get("cursor"))
         except _BadRequest as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message)
         except InvalidCursor:
-            return _error(400, "invalid_cursor", "'cursor' is not a next_cursor this relay gave (same window)")
+            return error_response(400, "invalid_cursor", "'cursor' is not a next_cursor this relay gave (same window)")
         except HistoryUnavailable:
-            return _error(503, "history_unavailable", "the history database cannot be reached now; try again")
-        return _json(TicksPage(name, start, end, len(ticks), ticks, cursor))
+            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+        return json_response(TicksPage(name, start, end, len(ticks), ticks, cursor))
 
     @app.get(prefix + "/bars/<symbol>")
     async def history_bars(symbol: str) -> Response:
@@ -146,15 +138,15 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             step = INTERVALS[interval]
             limit = _limit()
             start, end = _window(step * limit)
-            store = store_or_error()
+            store = store_orerror_response()
             first = start - start % step  # whole intervals: the first bar starts on its boundary
             rows = await store.trades(name, first, end, limit=MAX_TRADES + 1)
         except _BadRequest as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message)
         except HistoryUnavailable:
-            return _error(503, "history_unavailable", "the history database cannot be reached now; try again")
+            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
         if len(rows) > MAX_TRADES:
-            return _error(
+            return error_response(
                 400, "invalid_range", f"more than {MAX_TRADES} trades in that window; ask for a shorter one"
             )
         bars = bars_from_trades(rows, interval, first, end)
@@ -162,4 +154,4 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
         if len(bars) > limit:
             next_start = bars[limit].start_ms
             del bars[limit:]
-        return _json(BarsPage(name, interval, start, end, len(bars), bars, next_start))
+        return json_response(BarsPage(name, interval, start, end, len(bars), bars, next_start))

@@ -17,6 +17,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ..portfolio import Portfolio, PortfolioError, check_name, check_symbol, make_position, valuate
+from .responses import error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["register_portfolios", "PortfolioBody", "PortfolioList"]
 
 MAX_BODY_POSITIONS = 1000
-
-_encoder = msgspec.json.Encoder()
-
 
 class PositionBody(msgspec.Struct, forbid_unknown_fields=True):
     symbol: str
@@ -45,12 +43,8 @@ class PortfolioList(msgspec.Struct, forbid_unknown_fields=True):
     portfolios: list[PortfolioBody]
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(body), status=status, mimetype="application/json")
-
-
 def _error(exc: PortfolioError) -> Response:
-    return _json({"error": exc.code, "message": exc.message}, exc.status)
+    return error_response(exc.status, exc.code, exc.message)
 
 
 def _body(portfolio: Portfolio) -> PortfolioBody:
@@ -87,7 +81,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
             found = await service().store.list_portfolios(owner())
         except PortfolioError as exc:
             return _error(exc)
-        return _json(PortfolioList([_body(p) for p in found]))
+        return json_response(PortfolioList([_body(p) for p in found]))
 
     @app.post(prefix)
     async def portfolios_create() -> Response:
@@ -105,7 +99,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
             created = await service().store.create(owner(), check_name(body.get("name")), positions)
         except PortfolioError as exc:
             return _error(exc)
-        return _json(_body(created))
+        return json_response(_body(created))
 
     @app.get(prefix + "/<name>")
     async def portfolio_value(name: str) -> Response:
@@ -117,7 +111,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                 raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
         except PortfolioError as exc:
             return _error(exc)
-        return _json(valuate(portfolio, ctx.hub.cache, svc.day_open))
+        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open))
 
     @app.delete(prefix + "/<name>")
     async def portfolio_delete(name: str) -> Response:
@@ -130,7 +124,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         except PortfolioError as exc:
             return _error(exc)
         svc.changed(owner(), checked, None)
-        return _json({"status": "deleted", "name": checked})
+        return json_response({"status": "deleted", "name": checked})
 
     @app.put(prefix + "/<name>/positions/<symbol>")
     async def position_put(name: str, symbol: str) -> Response:
@@ -144,7 +138,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         except PortfolioError as exc:
             return _error(exc)
         svc.changed(owner(), checked, portfolio)
-        return _json(_body(portfolio))
+        return json_response(_body(portfolio))
 
     @app.delete(prefix + "/<name>/positions/<symbol>")
     async def position_delete(name: str, symbol: str) -> Response:
@@ -156,4 +150,4 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         except PortfolioError as exc:
             return _error(exc)
         svc.changed(owner(), checked, portfolio)
-        return _json(_body(portfolio))
+        return json_response(_body(portfolio))

@@ -23,6 +23,7 @@ from .history_routes import register_history
 from .metrics import make_registry, render
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .portfolio_routes import register_portfolios
+from .responses import error_response, json_response
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -36,19 +37,12 @@ PREFIX = "/api/v2/realtime"
 MAX_BODY = 64 * 1024
 MAX_CLIENTS_LISTED = 1000
 
-_encoder = msgspec.json.Encoder()
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_encoder.encode(body), status=status, mimetype="application/json")
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": code, "message": message}, status)
 
 
 def _unauthorized(message: str) -> Response:
-    response = _error(401, "unauthorized", message)
+    response = error_response(401, "unauthorized", message)
     response.headers["WWW-Authenticate"] = 'Bearer realm="trio-relay", error="invalid_token"'
     return response
 
@@ -74,9 +68,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     hub, upstream = ctx.hub, ctx.upstream
 
     @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
+    async def httperror_response(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return _error(exc.code or 500, code, exc.description or exc.name or "error")
+        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
 
     security = ctx.security
     # Routes monitoring must always reach, and the dashboard's page and files (they carry no
@@ -97,7 +91,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             return None
         wait = security.rest_allowed(client_ip(), trio.current_time())
         if wait:
-            response = _error(429, "rate_limited", "too many requests; slow down")
+            response = error_response(429, "rate_limited", "too many requests; slow down")
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
         if not security.auth.enabled:
@@ -111,7 +105,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             log.info("[AUTH] REST %s %s refused: %s", request.method, path, exc.reason)
             return _unauthorized(exc.reason)
         if path.startswith(admin_paths) and not g.principal.has_scope(security.config.auth.admin_scope):
-            return _error(403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope")
+            return error_response(403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope")
         return None
 
     @app.after_request
@@ -127,9 +121,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         return response
 
     @app.errorhandler(Exception)
-    async def internal_error(exc: Exception) -> Response:
+    async def internalerror_response(exc: Exception) -> Response:
         log.exception("[REST] %s %s failed", request.method, request.path)
-        return _error(500, "internal_error", "internal error; see the relay's log")
+        return error_response(500, "internal_error", "internal error; see the relay's log")
 
     def health_body() -> tuple[dict[str, Any], bool]:
         fresh = upstream.is_fresh()
@@ -182,13 +176,13 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         For monitoring: never behind a token, never rate limited. Same body as /health/ready.
         """
         body, fresh = health_body()
-        return _json(body, 200 if fresh else 503)
+        return json_response(body, 200 if fresh else 503)
 
     @app.get(PREFIX + "/health/ready")
     async def ready() -> Response:
         """Ready to serve prices: the upstream is connected and fresh (always, for the simulator)."""
         body, fresh = health_body()
-        return _json(body, 200 if fresh else 503)
+        return json_response(body, 200 if fresh else 503)
 
     registry = make_registry(ctx)
 
@@ -201,7 +195,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def live() -> Response:
         """The process answers (its event loop runs), whatever the upstream does."""
         ip = ctx.client_ip(request.scope.get("client"))  # the real client's, through the front door
-        return _json({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip})
+        return json_response({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip})
 
     @app.get(PREFIX + "/status")
     async def status() -> Response:
@@ -271,20 +265,20 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             "started_at": _iso(ctx.started_at),
             "uptime_s": round(now - ctx.started_at, 1),
         }
-        return _json(body)
+        return json_response(body)
 
     async def _symbols_from_body() -> list[str] | Response:
         raw = await request.get_data()
         try:
             body = msgspec.json.decode(raw) if raw else None
         except msgspec.DecodeError:
-            return _error(400, "invalid_json", 'body must be JSON: a list of symbols like ["AAPL","MSFT"]')
+            return error_response(400, "invalid_json", 'body must be JSON: a list of symbols like ["AAPL","MSFT"]')
         if isinstance(body, dict):
             body = body.get("symbols")
         try:
             return parse_symbols(body, hub.config.max_symbols_per_request, field="body")
         except ProtocolError as exc:
-            return _error(422, exc.code, exc.message)
+            return error_response(422, exc.code, exc.message)
 
     @app.post(PREFIX + "/subscribe")
     async def subscribe() -> Response:
@@ -298,10 +292,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             return symbols
         refused = g.principal.refused(symbols)
         if refused:
-            return _error(403, "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}")
+            return error_response(403, "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}")
         hub.pin(symbols)
         log.info("[SUBSCRIBE] REST pinned %s", ",".join(symbols))
-        return _json({"status": "subscribed", "symbols": symbols, "pinned": sorted(hub.demand.pinned)})
+        return json_response({"status": "subscribed", "symbols": symbols, "pinned": sorted(hub.demand.pinned)})
 
     @app.post(PREFIX + "/unsubscribe")
     async def unsubscribe() -> Response:
@@ -311,7 +305,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             return symbols
         was = hub.unpin(symbols)
         log.info("[UNSUBSCRIBE] REST unpinned %s", ",".join(was) or "(none were pinned)")
-        return _json(
+        return json_response(
             {
                 "status": "unsubscribed",
                 "symbols": was,
@@ -325,18 +319,18 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         """Every cached price_update, by symbol (with auth on: the symbols the token allows)."""
         allowed = g.principal.may_subscribe
         data = {s: st for s, st in sorted(hub.cache.items()) if st.seq and allowed(s)}
-        return _json({"count": len(data), "data": data})
+        return json_response({"count": len(data), "data": data})
 
     @app.get(PREFIX + "/cache/<symbol>")
     async def cache_one(symbol: str) -> Response:
         """One symbol's cached price_update (its full current state); 404 when none is cached."""
         symbol = symbol.upper()
         if not g.principal.may_subscribe(symbol):
-            return _error(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
+            return error_response(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
         state = hub.snapshot(symbol)
         if state is None:
-            return _error(404, "not_found", f"no cached data for {symbol[:24]!r}")
-        return _json(state)
+            return error_response(404, "not_found", f"no cached data for {symbol[:24]!r}")
+        return json_response(state)
 
     add_openapi_route(app, security, open_paths=open_paths, open_exact=(PAGE_PATH,), admin_paths=admin_paths)
     return app
