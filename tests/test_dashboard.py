@@ -338,3 +338,77 @@ def test_asks_for_a_token_when_auth_is_on(page: Page, relay: Callable[..., Daemo
     expect(page.locator("#conn")).to_have_attribute("data-state", "live")
     wait_updates(page, "AAPL", 1)
     expect(token_form).to_be_hidden()
+
+
+def test_alerts_panel_creates_lists_fires_and_deletes(
+    page: Page, errors: list[str], relay: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_ENABLED="true", TRIO_RELAY_ALERTS_DATA_DIR=str(tmp_path / "alerts"))
+    page.goto(daemon.url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    add(page, "AAPL")
+    wait_updates(page, "AAPL", 3)
+    expect(page.locator("#alert-rules-empty")).to_be_visible()
+    expect(page.locator("#fired-empty")).to_be_visible()
+
+    # Refused by the relay (no level): its message is shown by the form, and no rule is made.
+    page.fill("#alert-symbol", "aapl")
+    page.select_option("#alert-type", "above")
+    page.click("#alert-create")
+    error = page.locator("#alert-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("needs 'level'")
+    expect(page.locator("#alert-rows tr")).to_have_count(0)
+
+    # A spread rule that fires within a few quotes: the sim's spread wanders between about 1 and
+    # 6 basis points of the mid on every quote (50 updates/s here), so it soon goes from 3.5 bps
+    # or less (the rule becomes active) to wider (it fires).
+    page.select_option("#alert-type", "spread")
+    expect(page.locator("#alert-level")).to_be_hidden()
+    page.fill("#alert-spread", "3.5")
+    page.select_option("#alert-spread-unit", "max_spread_bps")
+    page.click("#alert-create")
+    expect(error).to_be_hidden()
+    rules = page.locator("#alert-rows tr")
+    expect(rules).to_have_count(1)
+    expect(rules.locator("th.symbol")).to_have_text("AAPL")
+    expect(rules.locator("td.rule")).to_have_text("spread > 3.5 bps")
+
+    fired = page.locator("#fired li")
+    expect(fired.first).to_be_visible()
+    expect(fired.first.locator(".symbol")).to_have_text("AAPL")
+    expect(fired.first.locator(".message")).to_contain_text("AAPL spread")
+    expect(fired.first.locator(".time")).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
+    expect(fired.first.locator(".price")).to_have_text(re.compile(r"^\d+\.\d+$"))
+    expect(page.locator("#fired-empty")).to_be_hidden()
+    # One-shot (the default): fired once, for good, as the relay's list says after the alert.
+    expect(rules.locator("td.state")).to_have_text("fired")
+    expect(rules.locator("td.count")).to_have_text("1")
+    assert fired.count() == 1
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "dashboard-alerts.png", full_page=True)
+
+    # The rules survive a reload: the page asks for them on every connection.
+    page.reload()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    expect(rules).to_have_count(1)
+    expect(rules.locator("td.state")).to_have_text("fired")
+
+    rules.locator("button.drop").click()
+    expect(rules).to_have_count(0)
+    expect(page.locator("#alert-rules-empty")).to_be_visible()
+    page.reload()
+    page.wait_for_function("() => window.relayDashboard.alertLists > 0")
+    expect(page.locator("#alert-rules-empty")).to_be_visible()
+    assert page.evaluate("() => window.relayDashboard.alertRules") == []
+    assert errors == []
+
+
+def test_alerts_panel_says_when_alerts_are_off(page: Page, relay: Callable[..., Daemon]) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_ENABLED="false")
+    page.goto(daemon.url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    expect(page.locator("#alerts-off")).to_contain_text("alerts are off")
+    expect(page.locator("#alert-form")).to_be_hidden()
+    expect(page.locator("#notice")).to_be_hidden()

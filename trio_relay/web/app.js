@@ -1,5 +1,5 @@
 // The dashboard page: a symbol list (kept in localStorage), a live table, a chart per selected
-// row, and the connection's state. Messages are applied to plain objects (Quote) and the DOM is
+// row, the user's alert rules and the alerts they fired, and the connection's state. Messages are applied to plain objects (Quote) and the DOM is
 // touched once per animation frame, only where something changed: 50 symbols updating many
 // times a second cost one small render per frame, not one per message.
 
@@ -11,6 +11,8 @@ const SYMBOLS_KEY = "trio-relay.symbols";  // localStorage: the list survives re
 const TOKEN_KEY = "trio-relay.token";  // sessionStorage: the token does not outlive the tab
 const MAX_SYMBOLS = 500;  // clients.max_symbols_per_client (default)
 const FLASH_MS = 400;
+const MAX_FIRED = 50;  // fired alerts listed (newest first); older ones drop off the end
+const REFRESH_AFTER_FIRE_MS = 500;  // re-read the rules (states, counts) this long after an alert
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -29,6 +31,27 @@ const ui = {
   empty: $("empty"),
   charts: $("charts"),
   who: $("who"),
+  alertsOff: $("alerts-off"),
+  alertForm: $("alert-form"),
+  alertSymbol: $("alert-symbol"),
+  alertSymbols: $("alert-symbols"),
+  alertType: $("alert-type"),
+  alertLevel: $("alert-level"),
+  alertPct: $("alert-pct"),
+  alertWindow: $("alert-window"),
+  alertField: $("alert-field"),
+  alertSpread: $("alert-spread"),
+  alertSpreadUnit: $("alert-spread-unit"),
+  alertSeconds: $("alert-seconds"),
+  alertOneShot: $("alert-oneshot"),
+  alertCooldownLabel: $("alert-cooldown-label"),
+  alertCooldown: $("alert-cooldown"),
+  alertError: $("alert-error"),
+  alertTable: $("alert-rules"),
+  alertRows: $("alert-rows"),
+  alertRulesEmpty: $("alert-rules-empty"),
+  fired: $("fired"),
+  firedEmpty: $("fired-empty"),
 };
 
 const quotes = new Map();  // symbol → Quote, in list order
@@ -43,6 +66,20 @@ let upstream = { state: "up", provider: "", reason: "" };
 let frame = 0;
 let ticker = 0;
 let noticeTimer = 0;
+
+// Alerts: the relay's rules as it sent them (id → rule, in its order) and the fired alerts not
+// yet drawn; like quotes, messages only change these and mark them, the frame draws.
+const alertRules = new Map();
+const alertRows = new Map();  // rule id → {tr, cells, shown}
+let firedPending = [];  // fired alerts since the last frame, oldest first (at most MAX_FIRED)
+let firedCount = 0;  // fired alerts received since the page loaded
+let alertLists = 0;  // rule lists received since the page loaded
+let alertsDirty = true;
+let alertsOff = null;  // why alerts are unavailable on this relay, or null
+let alertError = null;  // the last refusal of alert_create/alert_delete, shown by the form
+let alertErrorDirty = false;
+let alertsRefresh = 0;  // timer: ask for the rules again
+let alertsRefreshAt = Infinity;
 
 // ------------------------------------------------------------------ storage
 // `which` is "localStorage" or "sessionStorage": merely reading those may throw (storage blocked).
@@ -118,6 +155,10 @@ const feed = new RelayFeed(wsUrl.href, {
     }
   },
   error(msg) {
+    if (typeof msg.action === "string" && (msg.action === "alerts" || msg.action.startsWith("alert_"))) {
+      alertRefused(msg);
+      return;
+    }
     const detail = msg.retry_after_ms ? ` (retry in ${msg.retry_after_ms} ms)` : "";
     showNotice(`${msg.code}: ${msg.message}${detail}`);
   },
@@ -159,6 +200,44 @@ const feed = new RelayFeed(wsUrl.href, {
   expiring(expiresAt) {
     const at = new Date(expiresAt * 1000).toLocaleTimeString();
     askToken(`the token expires at ${at}: paste a fresh one to stay connected`);
+  },
+  alerts(rules) {
+    alertLists++;
+    alertRules.clear();
+    for (const rule of rules) if (rule && typeof rule.id === "string") alertRules.set(rule.id, rule);
+    alertsOff = null;
+    alertsDirty = true;
+    scheduleCoolingRefresh();
+    requestRender();
+  },
+  alertCreated(rule) {
+    alertRules.set(rule.id, rule);
+    setAlertError(null);
+    alertsDirty = true;
+    requestRender();
+    feed.listAlerts();
+  },
+  alertDeleted(id) {
+    alertRules.delete(id);
+    alertsDirty = true;
+    requestRender();
+    feed.listAlerts();
+  },
+  alert(msg) {
+    firedCount++;
+    firedPending.push(msg);
+    if (firedPending.length > MAX_FIRED) firedPending = firedPending.slice(-MAX_FIRED);
+    // Until the relay's list comes back, the rule shows what it just did.
+    const rule = alertRules.get(msg.rule_id);
+    if (rule) {
+      rule.fire_count = (rule.fire_count ?? 0) + 1;
+      rule.state = rule.one_shot === false ? "cooling" : "fired";
+      rule.fired_at = msg.timestamp;
+      alertsDirty = true;
+    }
+    refreshAlertsIn(REFRESH_AFTER_FIRE_MS);
+    notify(msg);
+    requestRender();
   },
 });
 
@@ -225,6 +304,114 @@ ui.tokenForm.addEventListener("submit", (event) => {
 
 ui.retry.addEventListener("click", () => feed.reconnectNow());
 
+// ------------------------------------------------------------------ alerts
+function alertRefused(msg) {
+  if (msg.code === "unavailable") {
+    alertsOff = msg.message || "alerts are off on this relay";
+    alertRules.clear();
+    alertsDirty = true;
+    requestRender();
+  } else {
+    setAlertError(msg.message || msg.code);
+  }
+}
+
+function setAlertError(text) {
+  if (alertError === text) return;
+  alertError = text;
+  alertErrorDirty = true;
+  requestRender();
+}
+
+/** Ask for the rules again in `delayMs` (or sooner, if a refresh is already due sooner). */
+function refreshAlertsIn(delayMs) {
+  const at = performance.now() + delayMs;
+  if (alertsRefresh && alertsRefreshAt <= at) return;
+  clearTimeout(alertsRefresh);
+  alertsRefreshAt = at;
+  alertsRefresh = setTimeout(() => {
+    alertsRefresh = 0;
+    alertsRefreshAt = Infinity;
+    feed.listAlerts();
+  }, delayMs);
+}
+
+// A cooling rule re-arms by itself when its cooldown ends, and nothing is pushed then: look again.
+function scheduleCoolingRefresh() {
+  let soonest = Infinity;
+  for (const rule of alertRules.values()) {
+    if (rule.state === "cooling" && typeof rule.fired_at === "number") {
+      soonest = Math.min(soonest, rule.fired_at + (rule.cooldown_s ?? 0) * 1000);
+    }
+  }
+  if (soonest === Infinity) return;
+  refreshAlertsIn(Math.min(2 ** 31 - 1, Math.max(1000, soonest - Date.now() + 1000)));
+}
+
+// A desktop notification only where the user already allowed them: this page never asks.
+function notify(msg) {
+  if (typeof Notification === "undefined" || Notification.permission !== "granted") return;
+  try {
+    new Notification(`trio-relay: ${msg.symbol}`, { body: msg.message, tag: msg.rule_id });
+  } catch {
+    // some browsers allow notifications only from a service worker
+  }
+}
+
+function numberField(input) {
+  const text = input.value.trim();
+  return text === "" ? undefined : Number(text);
+}
+
+/** The form as a rule; the relay validates it (and says what is wrong, shown by the form). */
+function ruleFromForm() {
+  const type = ui.alertType.value;
+  const rule = { type };
+  const symbol = ui.alertSymbol.value.trim().toUpperCase();
+  if (symbol) rule.symbol = symbol;
+  const params = {
+    above: { level: ui.alertLevel, field: ui.alertField },
+    below: { level: ui.alertLevel, field: ui.alertField },
+    move: { pct: ui.alertPct, window_s: ui.alertWindow, field: ui.alertField },
+    spread: { [ui.alertSpreadUnit.value]: ui.alertSpread },
+    stale: { seconds: ui.alertSeconds },
+  }[type];
+  for (const [key, input] of Object.entries(params)) {
+    const value = input.tagName === "SELECT" ? input.value : numberField(input);
+    if (value !== undefined) rule[key] = value;
+  }
+  if (!ui.alertOneShot.checked) {
+    rule.one_shot = false;
+    const cooldown = numberField(ui.alertCooldown);
+    if (cooldown !== undefined) rule.cooldown_s = cooldown;
+  }
+  return rule;
+}
+
+// The form's shape follows the chosen type; no frame needed, it is the user's own input.
+function syncAlertForm() {
+  const type = ui.alertType.value;
+  for (const label of ui.alertForm.querySelectorAll("label[data-types]")) {
+    label.hidden = !label.dataset.types.split(" ").includes(type);
+  }
+  ui.alertCooldownLabel.hidden = ui.alertOneShot.checked;
+}
+
+ui.alertType.addEventListener("change", syncAlertForm);
+ui.alertOneShot.addEventListener("change", syncAlertForm);
+
+ui.alertForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  setAlertError(null);
+  if (!feed.createAlert(ruleFromForm())) setAlertError("not connected: try again once the page is live");
+});
+
+ui.alertRows.addEventListener("click", (event) => {
+  const button = event.target.closest("button.drop");
+  if (!button) return;
+  if (!feed.deleteAlert(button.dataset.id)) setAlertError("not connected: try again once the page is live");
+});
+
 function toggleChart(symbol) {
   if (selected.has(symbol)) selected.delete(symbol);
   else selected.add(symbol);
@@ -287,6 +474,19 @@ function render(now) {
     statusDirty = false;
     renderStatus(now);
   }
+  if (alertsDirty) {
+    alertsDirty = false;
+    renderAlertRules();
+  }
+  if (alertErrorDirty) {
+    alertErrorDirty = false;
+    ui.alertError.textContent = alertError ?? "";
+    ui.alertError.hidden = alertError === null;
+  }
+  if (firedPending.length) {
+    renderFired(firedPending);
+    firedPending = [];
+  }
   for (const [cell, until] of flashing) {
     if (until <= now) {
       cell.classList.remove("flash-up", "flash-down");
@@ -318,6 +518,14 @@ function buildRows() {
   ui.rows.replaceChildren(...ordered);
   ui.empty.hidden = quotes.size > 0;
   ui.table.hidden = quotes.size === 0;
+  // The watched symbols, offered by the alert form's symbol field.
+  ui.alertSymbols.replaceChildren(
+    ...[...quotes.keys()].map((symbol) => {
+      const option = document.createElement("option");
+      option.value = symbol;
+      return option;
+    }),
+  );
 }
 
 const COLUMNS = ["symbol", "last", "bid", "ask", "change", "updated", "provider"];
@@ -448,6 +656,113 @@ function makeChart(symbol) {
   return canvas;
 }
 
+const ALERT_COLUMNS = ["symbol", "rule", "state", "count"];
+
+function renderAlertRules() {
+  const off = alertsOff !== null;
+  ui.alertsOff.hidden = !off;
+  ui.alertsOff.textContent = off ? alertsOff : "";
+  ui.alertForm.hidden = off;
+  for (const [id, row] of alertRows) {
+    if (!alertRules.has(id)) {
+      row.tr.remove();
+      alertRows.delete(id);
+    }
+  }
+  const ordered = [];
+  for (const [id, rule] of alertRules) {
+    let row = alertRows.get(id);
+    if (!row) {
+      row = makeAlertRow(id);
+      alertRows.set(id, row);
+    }
+    setText(row, "symbol", rule.symbol ?? "");
+    setText(row, "rule", describeRule(rule));
+    setText(row, "state", rule.state ?? "");
+    setText(row, "count", String(rule.fire_count ?? 0));
+    if (row.tr.dataset.state !== rule.state) row.tr.dataset.state = rule.state ?? "";
+    ordered.push(row.tr);
+  }
+  ui.alertRows.replaceChildren(...ordered);
+  ui.alertTable.hidden = off || alertRules.size === 0;
+  ui.alertRulesEmpty.hidden = off || alertRules.size > 0;
+}
+
+function makeAlertRow(id) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = id;
+  const cells = {};
+  for (const name of ALERT_COLUMNS) {
+    const td = document.createElement(name === "symbol" ? "th" : "td");
+    if (name === "symbol") td.scope = "row";
+    td.className = name;
+    tr.append(td);
+    cells[name] = td;
+  }
+  const td = document.createElement("td");
+  const drop = document.createElement("button");
+  drop.type = "button";
+  drop.className = "drop";
+  drop.dataset.id = id;
+  drop.textContent = "×";
+  drop.title = "delete this rule";
+  drop.setAttribute("aria-label", "delete this rule");
+  td.append(drop);
+  tr.append(td);
+  return { tr, cells, shown: {} };
+}
+
+function describeRule(rule) {
+  const on = rule.field && rule.field !== "last" ? ` (${rule.field})` : "";
+  let text;
+  switch (rule.type) {
+    case "above":
+    case "below":
+      text = `${rule.type} ${formatPrice(rule.level)}${on}`;
+      break;
+    case "move":
+      text = `move ${rule.pct > 0 ? "+" : ""}${rule.pct}% in ${rule.window_s}s${on}`;
+      break;
+    case "spread":
+      text = rule.max_spread != null ? `spread > ${formatPrice(rule.max_spread)}` : `spread > ${rule.max_spread_bps} bps`;
+      break;
+    case "stale":
+      text = `no update for ${rule.seconds}s`;
+      break;
+    default:
+      text = String(rule.type);
+  }
+  if (rule.one_shot === false) text += rule.cooldown_s ? `, re-arms after ${rule.cooldown_s}s` : ", re-arms";
+  return rule.name ? `${rule.name}: ${text}` : text;
+}
+
+/** Prepend `alerts` (oldest first) to the Fired list, each flashing once (a CSS animation). */
+function renderFired(alerts) {
+  for (const msg of alerts) {
+    const li = document.createElement("li");
+    li.className = "fresh";
+    li.dataset.symbol = msg.symbol ?? "";
+    li.dataset.ruleId = msg.rule_id ?? "";
+    const time = document.createElement("time");
+    time.className = "time";
+    if (typeof msg.fired_at === "number") time.dateTime = new Date(msg.fired_at).toISOString();
+    time.textContent = formatTime(msg.fired_at ?? null).slice(0, 8);
+    const symbol = document.createElement("strong");
+    symbol.className = "symbol";
+    symbol.textContent = msg.symbol ?? "";
+    const price = document.createElement("span");
+    price.className = "price";
+    price.textContent = formatPrice(msg.price ?? null);
+    const text = document.createElement("span");
+    text.className = "message";
+    text.textContent = msg.name ? `${msg.name}: ${msg.message}` : msg.message ?? "";
+    li.append(time, symbol, price, text);
+    ui.fired.prepend(li);
+  }
+  while (ui.fired.childElementCount > MAX_FIRED) ui.fired.lastElementChild.remove();
+  ui.firedEmpty.hidden = ui.fired.childElementCount > 0;
+}
+
 function renderStatus(now) {
   let state = feed.state;
   let text;
@@ -527,11 +842,21 @@ window.relayDashboard = {
   updates(symbol) {
     return quotes.get(symbol)?.updates ?? 0;
   },
+  get alertRules() {
+    return [...alertRules.values()].map((rule) => ({ ...rule }));
+  },
+  get firedCount() {
+    return firedCount;
+  },
+  get alertLists() {
+    return alertLists;
+  },
 };
 
 const initial = loadSymbols();
 for (const s of initial) quotes.set(s, new Quote(s));
 feed.add(initial);
 feed.token = storageGet("sessionStorage", TOKEN_KEY);
+syncAlertForm();
 feed.start();
 requestRender();

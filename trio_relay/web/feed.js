@@ -6,6 +6,11 @@
 // jittered backoff, follows the close codes (1001: wait retry_after_ms; 4001: a new token;
 // 1008: show why, back off; 4008: reconnect; 1002/1009: stop, it is a client bug) and never
 // touches the DOM: the page gets callbacks and reads `state`, `detail`, `retryAt`.
+//
+// Alerts share the connection: with an `alerts` callback the feed asks for the user's rules on
+// every (re)connect (after `auth`, so they are the rules of the token's user), and
+// createAlert/deleteAlert send the relay's alert actions; replies and fired alerts come back
+// through the callbacks.
 
 export const SYMBOL_RE = /^[A-Z0-9^][A-Z0-9./^=-]{0,19}$/;  // trio_relay.model.SYMBOL_RE
 export const MAX_PER_REQUEST = 50;  // clients.max_symbols_per_request (default)
@@ -27,7 +32,8 @@ export class RelayFeed {
   /**
    * @param {string} url the price socket's URL (with ?batch=1)
    * @param {object} on callbacks, all optional: update(msg), status(msg), subscribed(msg),
-   *   error(msg), state(), needToken(reason), tokenRefused(), authenticated(msg), expiring(msg)
+   *   error(msg), state(), needToken(reason), tokenRefused(), authenticated(msg), expiring(msg),
+   *   alerts(rules), alertCreated(rule), alertDeleted(id), alert(msg) (a fired alert)
    */
   constructor(url, on) {
     this.url = url;
@@ -79,6 +85,26 @@ export class RelayFeed {
     }
   }
 
+  /** Ask for the user's alert rules (the reply goes to `on.alerts`); false when not connected. */
+  listAlerts() {
+    if (!this._ready()) return false;
+    this._send({ action: "alerts" });
+    return true;
+  }
+
+  /** Create an alert rule (the relay validates it: a refusal is an error with action "alert_create"). */
+  createAlert(rule) {
+    if (!this._ready()) return false;
+    this._send({ action: "alert_create", rule });
+    return true;
+  }
+
+  deleteAlert(id) {
+    if (!this._ready()) return false;
+    this._send({ action: "alert_delete", id });
+    return true;
+  }
+
   /** A token from the user: refresh it on a live authenticated connection, else connect with it. */
   setToken(token) {
     this.token = token || null;
@@ -122,6 +148,7 @@ export class RelayFeed {
     if (this.token) this._send({ action: "auth", token: this.token });
     if (this.symbols.size) this._subscribe([...this.symbols], true);
     else this._send({ action: "list" });  // any reply tells us the connection works (and needs no token)
+    if (this.on.alerts) this._send({ action: "alerts" });  // a new connection may follow changes made meanwhile
     this._watchdog = setInterval(() => this._checkAlive(), 5000);
   }
 
@@ -292,12 +319,32 @@ export class RelayFeed {
         for (const s of msg.symbols) this.unsubscribedAt[s] = this.received[s] ?? 0;
         this._live();
         return;
-      case "authenticated":
+      case "authenticated": {
+        const refresh = this.authenticated;
         this.authenticated = true;
         this._acceptedToken = this.token;
         this._live();
         this._armExpiry(msg.expires_at);
+        // A refreshed token may name another user: their rules, not the previous one's.
+        if (refresh && this.on.alerts) this._send({ action: "alerts" });
         this.on.authenticated?.(msg);
+        return;
+      }
+      case "alert":
+        this._live();
+        this.on.alert?.(msg);
+        return;
+      case "alerts":
+        this._live();
+        this.on.alerts?.(Array.isArray(msg.rules) ? msg.rules : []);
+        return;
+      case "alert_created":
+        this._live();
+        if (msg.rule) this.on.alertCreated?.(msg.rule);
+        return;
+      case "alert_deleted":
+        this._live();
+        this.on.alertDeleted?.(msg.id);
         return;
       case "status":
         if (msg.scope === "relay" && msg.state === "closing") {
