@@ -86,26 +86,30 @@ log = logging.getLogger("trio_relay.recording")
 
 FORMAT: Final = "trio-relay-recording"
 VERSION: Final = 1
+class _Line(msgspec.Struct, array_like=True, gc=False):
+    """One update line: the columns of the format (version 1), in order. Changing them is a new version."""
+
+    t: int
+    symbol: str
+    kind: str
+    timestamp: int
+    last_price: float | None = None
+    last_size: float | None = None
+    ask_price: float | None = None
+    ask_size: float | None = None
+    bid_price: float | None = None
+    bid_size: float | None = None
+    merged: bool = False
+    provider: str | None = None
+    seq: int = 0
+    epoch: str | None = None
+
+
 #: The columns of an update line.
-FIELDS: Final = (
-    "t",
-    "symbol",
-    "kind",
-    "timestamp",
-    "last_price",
-    "last_size",
-    "ask_price",
-    "ask_size",
-    "bid_price",
-    "bid_size",
-    "merged",
-    "provider",
-    "seq",
-    "epoch",
-)
+FIELDS: Final = _Line.__struct_fields__
 # The default of each column from "last_price" on: a line ends at its last non-default value.
-_DEFAULTS: Final[tuple[object, ...]] = (None, None, None, None, None, None, False, None, 0, None)
-_OPTIONAL_FROM: Final = 4
+_DEFAULTS: Final[tuple[object, ...]] = _Line.__struct_defaults__
+_OPTIONAL_FROM: Final = len(FIELDS) - len(_DEFAULTS)
 
 #: ``file = "demo"``: the recording shipped with the package.
 DEMO: Final = "demo"
@@ -153,23 +157,6 @@ class RawFrame(NamedTuple):
 
     t: int
     frame: str
-
-
-class _Line(msgspec.Struct, array_like=True, gc=False):
-    t: int
-    symbol: str
-    kind: str
-    timestamp: int
-    last_price: float | None = None
-    last_size: float | None = None
-    ask_price: float | None = None
-    ask_size: float | None = None
-    bid_price: float | None = None
-    bid_size: float | None = None
-    merged: bool = False
-    provider: str | None = None
-    seq: int = 0
-    epoch: str | None = None
 
 
 class _Raw(msgspec.Struct, gc=False):
