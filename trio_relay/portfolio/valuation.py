@@ -226,6 +226,8 @@ class DayOpen(Mapping[str, float]):
 
     def observe(self, state: PriceState) -> None:
         """Take note of ``state`` (a hub cache entry, just updated). Cheap: one dict lookup."""
+        if state.symbol in self._opens and state.timestamp // DAY_MS == self._day:
+            return  # the usual case on the hub's path: today's open is known already
         found = price_of(state)
         if found is not None:
             self.record(state.symbol, found[0], state.timestamp)
