@@ -9,6 +9,7 @@ Every problem is reported as :class:`ConfigError` whose message names the key, e
 """
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,6 +97,33 @@ def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
 def _no_query(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
     if "?" in value:
         raise _FieldError(attr.name, "must not have a query (put the token in api_key / FINNHUB_API_KEY)")
+
+
+def _redis_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise _FieldError(attr.name, "not a valid redis:// URL") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise _FieldError(attr.name, "must be redis://host:port/db or rediss://host:port/db")
+
+
+def _key_prefix(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+        raise _FieldError(attr.name, f"{value!r} must be 1 to 64 letters, digits, or _ . : -")
+
+
+def _node_id(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise _FieldError(attr.name, f"{value!r} must be 1 to 64 letters, digits, or _ . -")
+
+
+def _at_least_one_second(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value < 1:
+        raise _FieldError(attr.name, f"must be at least 1 (seconds), got {value!r}")
 
 
 @attrs.frozen
@@ -385,6 +413,35 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class EngineConfig:
+    # Where the relay gets its prices from and shares them. "memory": this process holds the
+    # upstream connection itself (one relay, no other service needed). "redis": a fleet of relays
+    # sharing one Redis: one of them (elected) holds the upstream connection and publishes every
+    # update once; every relay delivers it to its own clients. See docs/fleet.md.
+    backend: Literal["memory", "redis"] = "memory"
+    # redis://[:password@]host:port/db (rediss:// for TLS). May hold a password: never logged or shown.
+    redis_url: str = attrs.field(default="redis://127.0.0.1:6379/0", repr=False, validator=_redis_url)
+    # Relays with the same prefix on the same Redis form one fleet (every key and channel starts with it).
+    prefix: str = attrs.field(default="trio-relay", validator=_key_prefix)
+    # This relay's name in the fleet ("" = host-pid-random): shown in /status and the holder's log lines.
+    node_id: str = attrs.field(default="", validator=_node_id)
+    # The holder's lock lives this long unless renewed (every lock_ttl / 3). A holder that dies is
+    # replaced within about lock_ttl + lock_ttl / 3.
+    lock_ttl: float = attrs.field(default=3.0, validator=_at_least_one_second)
+    # Each relay's published demand lives this long unless refreshed (every demand_ttl / 3): the
+    # symbols of a relay that died stop being held upstream after it (plus upstream.unsubscribe_linger).
+    demand_ttl: float = attrs.field(default=10.0, validator=_at_least_one_second)
+    # Updates are published on this many channels (by a hash of the symbol); a relay listens only
+    # to the channels of the symbols its clients want.
+    shards: int = attrs.field(default=16, validator=_positive)
+    # Durable tick log: every update also appended to the Redis stream <prefix>:ticks, trimmed to
+    # about stream_maxlen entries (0 = no stream).
+    stream_maxlen: int = attrs.field(default=0, validator=_non_negative)
+    # Connecting to Redis and each command: give up after this long (then retry with backoff).
+    timeout: float = attrs.field(default=2.0, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
@@ -402,6 +459,7 @@ class Config:
     auth: AuthConfig = attrs.Factory(AuthConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    engine: EngineConfig = attrs.Factory(EngineConfig)
 
     @property
     def provider(self) -> str:
@@ -419,6 +477,7 @@ class Config:
             self.auth.secret,
             self.history.postgres_dsn,
             _dsn_password(self.history.postgres_dsn),
+            _url_password(self.engine.redis_url),
         )
         return [v for v in values if v]
 
@@ -430,6 +489,17 @@ class Config:
         if self.upstream.provider == "auto":
             return ["fmp" if self.fmp.api_key else "sim"]
         return [_canonical_provider(self.upstream.provider)]
+
+
+def _url_password(url: str) -> str:
+    """The password inside a redis:// URL ("" if none): masked in logs."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ""
+    return unquote(password) if password else ""
 
 
 def _dsn_password(dsn: str) -> str:

@@ -33,11 +33,12 @@ from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
 from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
+from .fleet import RedisEngine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
 from .providers.base import Provider
-from .upstream import Item, Upstream
+from .upstream import Item, Upstream, UpstreamView
 
 __all__ = ["Relay", "run_relay", "make_provider", "make_providers", "SHUTDOWN_GRACE"]
 
@@ -95,7 +96,7 @@ class Relay:
 
     config: Config
     hub: Hub
-    upstream: Upstream
+    upstream: UpstreamView
     binds: list[str]
     _shutdown: trio.Event
     security: Security | None = None
@@ -255,8 +256,16 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
         )
         async with hub_open as hub:
-            upstream = Upstream(providers, demand, send, config.upstream, stats)
-            upstream.on_event = hub.upstream_event
+            fleet: RedisEngine | None = None
+            upstream: UpstreamView
+            if config.engine.backend == "redis":
+                # A fleet: the elected relay holds the upstream; the updates come through Redis.
+                fleet = RedisEngine(config, hub, providers, stats)
+                upstream = fleet.view
+            else:
+                local = Upstream(providers, demand, send, config.upstream, stats)
+                local.on_event = hub.upstream_event
+                upstream = local
             ctx = RelayContext(
                 hub=hub, upstream=upstream, config=config, started_at=time.time(), security=Security(config)
             )
@@ -278,7 +287,8 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 hub.add_callback(ctx.alerts.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(hub.consume, receive)
+                if fleet is None:
+                    nursery.start_soon(hub.consume, receive)
                 if ctx.portfolios is not None:
                     await nursery.start(ctx.portfolios.run)
                 if ctx.alerts is not None:
@@ -291,7 +301,10 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     ctx.history_writer = writer
                     ctx.history_store = HistoryStore(history_backend)
                     log.info("[START] tick history: %s", history_backend.description)
-                await nursery.start(upstream.run)
+                if fleet is not None:
+                    await nursery.start(fleet.run)
+                else:
+                    await nursery.start(local.run)
                 await nursery.start(
                     partial(
                         hypercorn.trio.serve,

@@ -77,4 +77,6 @@ def configure_logging(
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # coredis reports each script's first load (a NOSCRIPT retry) at INFO: not news for operators.
+    logging.getLogger("coredis").setLevel(logging.WARNING)
     return handler

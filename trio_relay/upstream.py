@@ -23,6 +23,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -31,7 +32,7 @@ from .hub import Demand, Stats
 from .model import Update
 from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
 
-__all__ = ["Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
+__all__ = ["UpstreamView", "ProviderInfo", "Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
 
 log = logging.getLogger("trio_relay.upstream")
 
@@ -113,6 +114,51 @@ class ProviderHealth:
         self.healthy_since: float | None = None  # trio clock; set while a probe holds up
         self.auth_failed_at: float | None = None  # trio clock
         self.probes = 0
+
+
+class ProviderInfo(Protocol):
+    """What status pages need of a provider."""
+
+    name: str
+
+    def describe(self) -> str: ...
+
+
+class UpstreamView(Protocol):
+    """The upstream as the API sees it: the :class:`Upstream` itself, or a fleet's view of it."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def provider(self) -> ProviderInfo: ...
+    @property
+    def chain(self) -> list[ProviderHealth]: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def failover(self) -> bool: ...
+    @property
+    def switches(self) -> int: ...
+    @property
+    def switch_reason(self) -> str: ...
+    @property
+    def connected_since(self) -> float | None: ...
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def subscribed(self) -> set[str]: ...
+
+    def message_age(self) -> float | None: ...
+
+    def is_fresh(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None: ...
 
 
 class Upstream:

@@ -29,7 +29,7 @@ from ..config import Config, ConfigError, ServerConfig
 from ..history import HistoryStore, HistoryWriter
 from ..hub import Hub
 from ..portfolio_service import PortfolioService
-from ..upstream import Upstream
+from ..upstream import UpstreamView
 from .rest import create_rest_app
 from .ws import WS_PATH, ClientProtocol, peer_ip
 
@@ -47,7 +47,7 @@ class RelayContext:
     """What the API needs from the daemon."""
 
     hub: Hub
-    upstream: Upstream
+    upstream: UpstreamView
     config: Config
     started_at: float
     security: Security

@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
+from ..fleet import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .history_routes import register_history
@@ -149,6 +150,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 body["reason"] = upstream.state
         if upstream.failover:
             body["failover"] = failover_body()
+        if isinstance(upstream, FleetUpstream):
+            fleet = upstream.fleet_status()
+            body["fleet"] = {k: fleet[k] for k in ("node", "role", "holder", "redis")}
         writer = ctx.history_writer
         if writer is not None:
             # Live relaying does not depend on the database: a slow or down one degrades, never 503s.
@@ -231,6 +235,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 ],
             },
             "failover": failover_body() if upstream.failover else None,
+            "fleet": upstream.fleet_status() if isinstance(upstream, FleetUpstream) else None,
             "history": ctx.history_writer.status() if ctx.history_writer is not None else None,
             "pinned": sorted(hub.demand.pinned),
             "clients": {
@@ -318,8 +323,18 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def cache_all() -> Response:
         """Every cached price_update, by symbol (with auth on: the symbols the token allows)."""
         allowed = g.principal.may_subscribe
-        data = {s: st for s, st in sorted(hub.cache.items()) if st.seq and allowed(s)}
-        return json_response({"count": len(data), "data": data})
+        cache = hub.cache
+        source = "local"
+        if isinstance(upstream, FleetUpstream):
+            # A fleet answers from the shared cache, the same on every relay (this relay's own
+            # while it cannot reach Redis; the X-Cache-Source header says which).
+            shared = await upstream.engine.cached_states()
+            if shared is not None:
+                cache, source = shared, "fleet"
+        data = {s: st for s, st in sorted(cache.items()) if st.seq and allowed(s)}
+        response = json_response({"count": len(data), "data": data})
+        response.headers["X-Cache-Source"] = source
+        return response
 
     @app.get(PREFIX + "/cache/<symbol>")
     async def cache_one(symbol: str) -> Response:
@@ -328,9 +343,16 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         if not g.principal.may_subscribe(symbol):
             return error_response(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
         state = hub.snapshot(symbol)
+        source = "local"
+        if isinstance(upstream, FleetUpstream):
+            shared = await upstream.engine.cached_states([symbol])
+            if shared is not None:
+                state, source = shared.get(symbol), "fleet"
         if state is None:
             return error_response(404, "not_found", f"no cached data for {symbol[:24]!r}")
-        return json_response(state)
+        response = json_response(state)
+        response.headers["X-Cache-Source"] = source
+        return response
 
     add_openapi_route(app, security, open_paths=open_paths, open_exact=(PAGE_PATH,), admin_paths=admin_paths)
     return app
