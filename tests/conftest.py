@@ -145,3 +145,51 @@ async def wait_state(relay: Relay, state: str) -> None:
     """Wait until the relay's upstream is in ``state`` (re-checked whenever the run loop idles)."""
     while relay.upstream.state != state:
         await trio.testing.wait_all_tasks_blocked()
+
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def redis_unreachable() -> str | None:
+    """Why Redis cannot be used here (None: it answers)."""
+    import socket
+
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                return f"Redis at {REDIS_HOST}:{REDIS_PORT} did not answer PING"
+    except OSError as exc:
+        return f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT} ({exc})"
+    return None
+
+
+@pytest.fixture
+def fleet_prefix() -> Any:
+    """A fresh fleet prefix on the real Redis; its keys are deleted afterwards.
+
+    Skipped when Redis is unreachable, except in CI (CI=true), where that is a failure.
+    """
+    import os
+    import uuid
+
+    reason = redis_unreachable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI must provide it")
+        pytest.skip(reason)
+    prefix = f"test-fleet-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    redis_command("EVAL", "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end", "0", prefix + ":*")
+
+
+def redis_command(*args: str) -> bytes:
+    """One command to the real Redis over a plain socket (set-up and clean-up; the raw reply)."""
+    import socket
+
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
+    )
+    with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=5) as sock:
+        sock.sendall(payload)
+        return sock.recv(65536)

@@ -39,6 +39,7 @@ from trio_relay.history import (
 )
 from trio_relay.history.base import Batch, HistoryConnection
 from trio_relay.model import Update
+from trio_relay.testing.tcpgate import TcpGate
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
@@ -436,47 +437,11 @@ async def test_shutdown_is_bounded_when_the_database_is_down(tmp_path: Path, aut
 # -- PostgreSQL specifics -------------------------------------------------------------------
 
 
-class PgGate:
+class PgGate(TcpGate):
     """A loopback TCP proxy in front of PostgreSQL: closed, it hangs up on every connection."""
 
     def __init__(self) -> None:
-        self.open = False
-        self.port = 0
-        self._scopes: set[trio.CancelScope] = set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    def cut(self) -> None:
-        """Close the gate and every connection through it (the database went away)."""
-        self.open = False
-        for scope in self._scopes:
-            scope.cancel()
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        async with client:
-            if not self.open:
-                return
-            with trio.CancelScope() as scope:
-                self._scopes.add(scope)
-                try:
-                    async with await trio.open_tcp_stream(PG_HOST, PG_PORT) as server, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                        nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-                finally:
-                    self._scopes.discard(scope)
-
-    @staticmethod
-    async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
-        try:
-            async for data in src:
-                await dst.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # either side hung up: the connection is over
-        done.cancel()
+        super().__init__(PG_HOST, PG_PORT, open=False)
 
 
 async def test_postgres_down_then_back(pg_table: str, nursery: trio.Nursery, autojump_clock: Any) -> None:

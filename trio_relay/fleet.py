@@ -36,7 +36,7 @@ import socket
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import anyio
 import attrs
@@ -44,6 +44,7 @@ import coredis
 import coredis.exceptions
 import msgspec
 import trio
+from msgspec import Meta
 from coredis.retry import NoRetryPolicy
 
 from .config import Config, EngineConfig, UpstreamConfig
@@ -52,7 +53,7 @@ from .model import BREAK, Encoder, PriceState, Update
 from .providers.base import Provider
 from .upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
-__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
+__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
 
 log = logging.getLogger("trio_relay.fleet")
 
@@ -326,7 +327,21 @@ class RedisEngine:
                 # The holder closes its upstream cleanly and hands the lock over (see _hold).
                 with trio.move_on_after(1.0):
                     await self._stepped_down.wait()
+            await self._withdraw_demand()
             nursery.cancel_scope.cancel()
+
+    async def _withdraw_demand(self) -> None:
+        """On a clean stop the fleet forgets this relay's demand at once (not after demand_ttl)."""
+        redis = self._redis
+        if redis is None:
+            return
+        with trio.move_on_after(0.5):
+            try:
+                await redis.delete([self.keys.demand_prefix + self.node])
+                await redis.srem(self.keys.nodes, [self.node])
+                await redis.publish(self.keys.control, b'{"t":"demand"}')
+            except REDIS_FAILURES:
+                pass  # it expires after demand_ttl anyway
 
     def _connect(self) -> coredis.Redis[bytes]:
         timeout = self.config.timeout
@@ -931,32 +946,91 @@ class FleetUpstream:
         chain = [providers] if not isinstance(providers, Sequence) else list(providers)
         self._engine.restart(chain, config)
 
-    def fleet_status(self) -> dict[str, Any]:
-        """The ``fleet`` part of /status and /health."""
+    def fleet_status(self) -> FleetStatus:
+        """The ``fleet`` part of /status."""
         engine = self._engine
         status = engine.holder_status or {}
-        return {
-            "backend": "redis",
-            "node": engine.node,
-            "prefix": engine.config.prefix,
-            "role": engine.role,
-            "redis": {
-                "state": engine.redis_state,
-                "error": engine.redis_error or None,
-                "since": engine.redis_since,
-                "outages": engine.redis_outages,
-            },
-            "holder": status.get("node") if engine.role != "holder" else engine.node,
-            "token": engine.token if engine.role == "holder" else status.get("token"),
-            "terms_held": engine.terms,
-            "epoch": engine.epoch,
-            "fleet_symbols": len(engine.fleet_symbols) if engine.role == "holder" else None,
-            "received": {
-                "batches": engine.batches_in,
-                "duplicates_dropped": engine.duplicates,
-                "stale_token_dropped": engine.stale_batches,
-                "malformed": engine.malformed,
-            },
-            "published": {"batches": engine.batches_out, "updates": engine.updates_out},
-            "stream": engine.keys.stream if engine.config.stream_maxlen else None,
-        }
+        holding = engine.role == "holder"
+        return FleetStatus(
+            backend="redis",
+            node=engine.node,
+            prefix=engine.config.prefix,
+            role=engine.role,
+            redis=self.redis_status(),
+            holder=engine.node if holding else status.get("node"),
+            token=engine.token if holding else status.get("token"),
+            terms_held=engine.terms,
+            epoch=engine.epoch,
+            fleet_symbols=len(engine.fleet_symbols) if holding else None,
+            received=FleetReceived(
+                batches=engine.batches_in,
+                duplicates_dropped=engine.duplicates,
+                stale_token_dropped=engine.stale_batches,
+                malformed=engine.malformed,
+            ),
+            published=FleetPublished(batches=engine.batches_out, updates=engine.updates_out),
+            stream=engine.keys.stream if engine.config.stream_maxlen else None,
+        )
+
+    def redis_status(self) -> RedisStatus:
+        engine = self._engine
+        return RedisStatus(
+            state=engine.redis_state,
+            error=engine.redis_error or None,
+            since=engine.redis_since,
+            outages=engine.redis_outages,
+        )
+
+    def fleet_health(self) -> FleetHealth:
+        """The ``fleet`` part of /health."""
+        engine = self._engine
+        holder = engine.node if engine.role == "holder" else (engine.holder_status or {}).get("node")
+        return FleetHealth(node=engine.node, role=engine.role, holder=holder, redis=self.redis_status())
+
+
+class RedisStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """This relay's connection to the fleet's Redis (never shows the URL or its password)."""
+
+    state: Annotated[str, Meta(description="connecting, up or down")]
+    error: Annotated[str | None, Meta(description="why it is down")]
+    since: Annotated[float | None, Meta(description="epoch seconds of the last change of state")]
+    outages: Annotated[int, Meta(description="times Redis was lost since the start")]
+
+
+class FleetHealth(msgspec.Struct, forbid_unknown_fields=True):
+    """Which relay of the fleet this is, and who holds the upstream."""
+
+    node: str
+    role: Annotated[str, Meta(description="holder (holds the upstream connection) or follower")]
+    holder: Annotated[str | None, Meta(description="the node holding the upstream (None: none known)")]
+    redis: RedisStatus
+
+
+class FleetReceived(msgspec.Struct, forbid_unknown_fields=True):
+    batches: Annotated[int, Meta(description="fan-out messages received from Redis")]
+    duplicates_dropped: Annotated[int, Meta(description="updates already passed on (cache read racing the live feed)")]
+    stale_token_dropped: Annotated[int, Meta(description="messages of an older holder (fencing token below the newest)")]
+    malformed: int
+
+
+class FleetPublished(msgspec.Struct, forbid_unknown_fields=True):
+    batches: Annotated[int, Meta(description="fan-out messages published while this relay held the upstream")]
+    updates: int
+
+
+class FleetStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """The fleet engine (engine.backend = "redis"); null on a single relay."""
+
+    backend: Literal["redis"]
+    node: str
+    prefix: str
+    role: Annotated[str, Meta(description="holder or follower")]
+    redis: RedisStatus
+    holder: str | None
+    token: Annotated[int | None, Meta(description="the holder's fencing token")]
+    terms_held: Annotated[int, Meta(description="times this relay became the holder")]
+    epoch: Annotated[str | None, Meta(description="the fleet's sequence space (seq compares within it)")]
+    fleet_symbols: Annotated[int | None, Meta(description="holder only: symbols the whole fleet wants")]
+    received: FleetReceived
+    published: FleetPublished
+    stream: Annotated[str | None, Meta(description="the Redis stream of every update (stream_maxlen > 0)")]

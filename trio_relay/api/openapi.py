@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response
 from quart_trio import QuartTrio
 
+from ..fleet import FleetHealth, FleetStatus
 from ..model import PriceState
 from ..portfolio import Valuation
 from . import ws
@@ -125,6 +126,7 @@ class Health(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str | UnsetType, Meta(description="only when not ready: why, in words")] = UNSET
     failover: FailoverInfo | UnsetType = UNSET
     history: HistoryHealth | UnsetType = UNSET
+    fleet: Annotated[FleetHealth | UnsetType, Meta(description='only with engine.backend = "redis"')] = UNSET
     degraded: Annotated[
         list[str] | UnsetType, Meta(description='parts not working fully while prices flow, e.g. ["history"]')
     ] = UNSET
@@ -200,6 +202,7 @@ class Status(msgspec.Struct, forbid_unknown_fields=True):
     provider: str
     upstream: UpstreamInfo
     failover: FailoverInfo | None
+    fleet: FleetStatus | None
     history: HistoryStatus | None
     pinned: list[str]
     clients: ClientsInfo

@@ -151,8 +151,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         if upstream.failover:
             body["failover"] = failover_body()
         if isinstance(upstream, FleetUpstream):
-            fleet = upstream.fleet_status()
-            body["fleet"] = {k: fleet[k] for k in ("node", "role", "holder", "redis")}
+            body["fleet"] = upstream.fleet_health()
         writer = ctx.history_writer
         if writer is not None:
             # Live relaying does not depend on the database: a slow or down one degrades, never 503s.
