@@ -720,7 +720,7 @@ class RedisEngine:
 
     async def _announce(self, redis: coredis.Redis[bytes], value: str, upstream: Upstream) -> None:
         """Keep the holder's status in Redis; pass each up/down/stale/failover on to the fleet."""
-        ttl_ms = int(self.config.lock_ttl * 2000)
+        ttl_ms = int(self.config.lock_ttl * 1000)  # it dies with the lock
         signal, reason = "up", ""
         event: tuple[str, str, str] | None = ("", "", "")  # the first status goes out at once
         while True:
