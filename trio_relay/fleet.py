@@ -964,7 +964,7 @@ class FleetUpstream:
             fleet_symbols=len(engine.fleet_symbols) if holding else None,
             received=FleetReceived(
                 batches=engine.batches_in,
-                duplicates_dropped=engine.duplicates,
+                duplicates_dropped=engine.duplicates + engine.hub.stats.duplicates,
                 stale_token_dropped=engine.stale_batches,
                 malformed=engine.malformed,
             ),

@@ -74,6 +74,7 @@ class Stats:
     conflated: int = 0  # updates replaced by a newer one in a full outbox (closed clients)
     coalesced: int = 0  # backlogged upstream updates merged into a later one before routing
     malformed: int = 0  # upstream frames that could not be decoded
+    duplicates: int = 0  # numbered updates (relay, fleet) whose seq was already passed on
     callback_errors: int = 0
     callback_dropped: int = 0  # updates an async callback was too slow to take
     slow_clients_closed: int = 0
@@ -544,6 +545,8 @@ class Hub:
         if update.symbol not in self.demand.wanted:
             self.stats.dropped += 1  # late data for a symbol nobody wants any more
             return
+        if update.seq and self._delivered(update):
+            return
         state = self._apply(update)
         if state is not None:
             frame = self._enc.price_update(state)
@@ -570,6 +573,8 @@ class Hub:
                 if update.symbol not in wanted:
                     self.stats.dropped += 1
                     continue
+                if update.seq and self._delivered(update):
+                    continue
                 state = self._apply(update)
                 if state is not None:
                     changed[update.symbol] = state
@@ -586,6 +591,18 @@ class Hub:
             self._route(symbol, frame)
             if self._keep:
                 self._remember(symbol, frame)
+
+    def _delivered(self, update: Update) -> bool:
+        """An upstream relay's (or fleet's) numbered update this hub already passed on: dropped.
+
+        A state read again after a reconnect, or a cache read racing the live feed, then never
+        reaches a client twice.
+        """
+        state = self.cache.get(update.symbol)
+        if state is not None and update.seq <= state.seq and (update.epoch is None or update.epoch == self.epoch):
+            self.stats.duplicates += 1
+            return True
+        return False
 
     def _apply(self, update: Update) -> PriceState | None:
         """Merge a wanted symbol's update into the cache; the state to send (None: already routed)."""
