@@ -774,3 +774,43 @@ async def test_stopped_outbox_gives_nothing_more_even_with_frames_pending() -> N
         await trio.testing.wait_all_tasks_blocked()
         waiting.stop()
     assert got == [[]]
+
+
+# --------------------------------------------------------------------------- numbered updates
+
+
+def numbered(symbol: str, price: float, seq: int, epoch: str = "fleet-1") -> Update:
+    return Update(symbol, "T", 1_700_000_000_000 + seq, last_price=price, last_size=1, seq=seq, epoch=epoch)
+
+
+@pytest.mark.parametrize("coalesce_above", [0, 1])
+async def test_a_numbered_update_already_passed_on_never_reaches_a_client_twice(coalesce_above: int) -> None:
+    """An upstream relay's or the fleet's numbering: a re-read state (same seq) or an older one is dropped."""
+    async with open_hub() as hub:
+        hub.coalesce_above = coalesce_above
+        client = hub.connect()
+        hub.subscribe(client, ["AAPL"])
+        await drain(client)  # the ack
+        send, receive = trio.open_memory_channel[Any](10)
+        # All queued before the hub runs: one consume turn (coalesced when coalesce_above = 1).
+        send.send_nowait([numbered("AAPL", 1.0, 1), numbered("AAPL", 2.0, 2)])
+        send.send_nowait([numbered("AAPL", 2.0, 2), numbered("AAPL", 1.0, 1)])  # again, and older
+        send.send_nowait([numbered("AAPL", 3.0, 3)])
+        send.close()
+        await hub.consume(receive)
+        got = [(m["seq"], m["last_price"]) for m in prices(await drain(client))]
+    # One frame per update passed on; a coalesced turn routes the newest state once.
+    assert got == ([(3, 3.0)] if coalesce_above else [(1, 1.0), (2, 2.0), (3, 3.0)])
+    assert hub.stats.duplicates == 2
+
+
+async def test_a_new_epoch_numbers_afresh() -> None:
+    async with open_hub() as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["AAPL"])
+        await drain(client)
+        hub.publish(numbered("AAPL", 1.0, 5))
+        hub.publish(numbered("AAPL", 9.0, 1, epoch="fleet-2"))  # the fleet's sequence space changed
+        got = [(m["seq"], m["last_price"], m["epoch"]) for m in prices(await drain(client))]
+    assert got == [(5, 1.0, "fleet-1"), (1, 9.0, "fleet-2")]
+    assert hub.stats.duplicates == 0
