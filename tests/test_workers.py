@@ -82,3 +82,16 @@ async def test_two_workers_share_one_upstream_connection_and_stop_cleanly(fake_f
     log += await proc.stderr.receive_some(65536)
     assert b"Traceback" not in log, log.decode()[-3000:]
     assert FMP_KEY.encode() not in log
+
+
+def test_in_a_fleet_only_the_feeder_joins_it() -> None:
+    """engine "redis" with workers: the feeder is the machine's fleet member; workers read from it."""
+    from conftest import make_config
+
+    from trio_relay.workers import _feeder_config, _worker_config
+
+    config = make_config(engine={"backend": "redis", "node_id": "web-1"}, server={"workers": 2})
+    assert _feeder_config(config).engine.backend == "redis"
+    worker = _worker_config(config, 8000, "ws://127.0.0.1:9/api/v2/realtime/ws/prices")
+    assert worker.engine.backend == "memory"
+    assert worker.provider == "relay"

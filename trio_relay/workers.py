@@ -27,6 +27,7 @@ from .config import (
     AlpacaConfig,
     AuthConfig,
     Config,
+    EngineConfig,
     FinnhubConfig,
     FmpConfig,
     LimitsConfig,
@@ -49,6 +50,9 @@ def _worker_config(config: Config, port: int, feeder_url: str) -> Config:
         server=attrs.evolve(config.server, port=port, workers=1, reuse_port=True),
         upstream=attrs.evolve(config.upstream, provider="relay", providers=[], pinned=[]),
         relay=RelayConfig(url=feeder_url),
+        # In a fleet (engine "redis") the feeder is this machine's member; its workers take
+        # from it like from any upstream.
+        engine=EngineConfig(),
         # A worker never sees a provider's key.
         fmp=FmpConfig(),
         finnhub=FinnhubConfig(),
