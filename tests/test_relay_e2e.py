@@ -230,3 +230,13 @@ async def test_rest_errors_are_json(start_relay, http):
         assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
         wrong_method = await http.get(api(relay, "/subscribe"))
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+async def test_a_reload_keeps_the_engine_until_a_restart(start_relay) -> None:
+    import attrs
+
+    relay = await start_relay()
+    new = attrs.evolve(relay.config, engine=attrs.evolve(relay.config.engine, backend="redis"))
+    changes = relay.reload(new)
+    assert "engine settings need a restart: kept as they were" in changes
+    assert relay.config.engine.backend == "memory"

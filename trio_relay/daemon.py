@@ -132,6 +132,9 @@ class Relay:
         if new.server != old.server:
             changes.append("server settings need a restart: kept as they were")
             new = attrs.evolve(new, server=old.server)
+        if new.engine != old.engine:
+            changes.append("engine settings need a restart: kept as they were")
+            new = attrs.evolve(new, engine=old.engine)
         hub = self.hub
         added = [s for s in new.upstream.pinned if s not in old.upstream.pinned]
         removed = [s for s in old.upstream.pinned if s not in new.upstream.pinned]
