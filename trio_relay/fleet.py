@@ -512,22 +512,24 @@ class RedisEngine:
             for symbol in new:
                 self._seen.pop(symbol, None)  # its next state goes to the hub, whatever its seq
             need = {self.channel(s) for s in wanted}
-            if need - subscribed:
-                await ps.subscribe(*sorted(need - subscribed))
-                subscribed |= need
-            if subscribed - need:
-                await ps.unsubscribe(*sorted(subscribed - need))
-                subscribed &= need
+            with trio.fail_after(self.config.timeout):
+                if need - subscribed:
+                    await ps.subscribe(*sorted(need - subscribed))
+                    subscribed |= need
+                if subscribed - need:
+                    await ps.unsubscribe(*sorted(subscribed - need))
+                    subscribed &= need
             primed.clear()
             primed |= wanted
             if new:
                 await self._prime(redis, sorted(new))
             now = trio.current_time()
             if wanted != published or now >= next_beat:
-                await redis.set(keys.demand_prefix + self.node, self._json.encode(sorted(wanted)), px=ttl_ms)
-                await redis.sadd(keys.nodes, [self.node])
-                if wanted != published:
-                    await redis.publish(keys.control, b'{"t":"demand"}')
+                with trio.fail_after(self.config.timeout):
+                    await redis.set(keys.demand_prefix + self.node, self._json.encode(sorted(wanted)), px=ttl_ms)
+                    await redis.sadd(keys.nodes, [self.node])
+                    if wanted != published:
+                        await redis.publish(keys.control, b'{"t":"demand"}')
                 published = wanted
                 next_beat = now + self.config.demand_ttl / 3
             with trio.move_on_at(next_beat):
@@ -537,7 +539,8 @@ class RedisEngine:
         """Hand the hub the cached state of newly wanted symbols (their subscribers' snapshot)."""
         for start in range(0, len(symbols), 1000):
             chunk = symbols[start : start + 1000]
-            values = await redis.hmget(self.keys.cache, chunk)
+            with trio.fail_after(self.config.timeout):
+                values = await redis.hmget(self.keys.cache, chunk)
             updates: list[Update] = []
             for raw in values:
                 if raw is None:
@@ -560,7 +563,8 @@ class RedisEngine:
         """Follow the holder's published status; with none for a whole lock_ttl, say so."""
         period = self.config.lock_ttl / 3
         while True:
-            raw = await redis.get(self.keys.status)
+            with trio.fail_after(self.config.timeout):
+                raw = await redis.get(self.keys.status)
             now = trio.current_time()
             status: dict[str, Any] | None = None
             if raw is not None:
@@ -587,7 +591,8 @@ class RedisEngine:
         acquire = redis.register_script(_ACQUIRE)
         ttl_ms = int(self.config.lock_ttl * 1000)
         while not self._stop.is_set():
-            value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
+            with trio.fail_after(self.config.timeout):
+                value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
             if value:
                 await self._hold(redis, value.decode() if isinstance(value, bytes) else str(value))
                 continue
@@ -603,15 +608,16 @@ class RedisEngine:
         self.terms += 1
         self._token_seen = max(self._token_seen, token)
         log.warning("[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
-        epoch = await self._fleet_epoch(redis)
-        states = await self._load_states(redis, epoch)
-        send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
-        fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
-        upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
-        upstream.on_event = self._on_upstream_event
-        self.upstream = upstream
         released = False
         try:
+            with trio.fail_after(self.config.timeout * 2):
+                epoch = await self._fleet_epoch(redis)
+                states = await self._load_states(redis, epoch)
+            send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
+            fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
+            upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
+            upstream.on_event = self._on_upstream_event
+            self.upstream = upstream
             async with trio.open_nursery() as nursery:
 
                 async def run_upstream() -> None:
@@ -683,7 +689,8 @@ class RedisEngine:
     async def _fleet_demand(self, redis: coredis.Redis[bytes], fleet_demand: Demand) -> None:
         while True:
             self._demand_changed = trio.Event()
-            union = await self._demand_union(redis)
+            with trio.fail_after(self.config.timeout):
+                union = await self._demand_union(redis)
             added, removed = union - self.fleet_symbols, self.fleet_symbols - union
             if added:
                 fleet_demand.pin(sorted(added))
@@ -727,9 +734,10 @@ class RedisEngine:
             if event is not None and event[0]:
                 signal, _provider, reason = event
             status = self._status(upstream, signal, reason)
-            await redis.set(self.keys.status, self._json.encode(status), px=ttl_ms)
-            if event is not None:
-                await redis.publish(self.keys.control, self._json.encode({"t": "upstream", "status": status}))
+            with trio.fail_after(self.config.timeout):
+                await redis.set(self.keys.status, self._json.encode(status), px=ttl_ms)
+                if event is not None:
+                    await redis.publish(self.keys.control, self._json.encode({"t": "upstream", "status": status}))
             event = None
             with trio.move_on_after(self.config.lock_ttl / 3):
                 event = await self._events_receive.receive()
