@@ -138,6 +138,7 @@ async def close_code(ws: trio_websocket.WebSocketConnection) -> int:
         while True:
             await ws.get_message()
     except trio_websocket.ConnectionClosed as exc:
+        assert exc.reason is not None
         return exc.reason.code
 
 

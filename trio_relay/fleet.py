@@ -104,6 +104,14 @@ end
 return 0
 """
 
+# The holder's status (and, if ARGV[5] is not empty, a control message): fenced like a publish.
+_ANNOUNCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+
 # ARGV: lock value, #channels, #cache entries, stream cap, then channel/payload pairs, cache
 # field/value pairs, stream symbol/update pairs. Refused (0) unless the lock holds our token.
 _PUBLISH = """
@@ -480,6 +488,7 @@ class RedisEngine:
         elif kind == "upstream":
             status = message.get("status")
             if isinstance(status, dict) and status.get("token", 0) >= self._token_seen:
+                self._token_seen = int(status.get("token", 0))  # a new holder: older batches are stale
                 self.holder_status = status
                 self._holder_seen_at = trio.current_time()
                 self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
@@ -576,6 +585,7 @@ class RedisEngine:
                 self.holder_status = status
                 self._holder_seen_at = now
                 if status.get("token", 0) >= self._token_seen:
+                    self._token_seen = int(status.get("token", 0))
                     signal = str(status.get("signal", ""))
                     self._give_signal(signal, str(status.get("reason", "")), str(status.get("provider", "")))
             else:
@@ -591,14 +601,16 @@ class RedisEngine:
         acquire = redis.register_script(_ACQUIRE)
         ttl_ms = int(self.config.lock_ttl * 1000)
         while not self._stop.is_set():
+            # Armed before trying: a "released" that comes while the attempt is on its way wakes
+            # the wait below instead of being lost (which would cost a whole lock_ttl / 3).
+            released = self._released = trio.Event()
             with trio.fail_after(self.config.timeout):
                 value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
             if value:
                 await self._hold(redis, value.decode() if isinstance(value, bytes) else str(value))
                 continue
-            self._released = trio.Event()
             with trio.move_on_after(self.config.lock_ttl / 3):
-                await self._released.wait()
+                await released.wait()
         await trio.sleep_forever()
 
     async def _hold(self, redis: coredis.Redis[bytes], value: str) -> None:
@@ -613,6 +625,8 @@ class RedisEngine:
             with trio.fail_after(self.config.timeout * 2):
                 epoch = await self._fleet_epoch(redis)
                 states = await self._load_states(redis, epoch)
+            if epoch != self.epoch:
+                self._new_epoch(epoch)
             send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
             fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
             upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
@@ -727,6 +741,7 @@ class RedisEngine:
 
     async def _announce(self, redis: coredis.Redis[bytes], value: str, upstream: Upstream) -> None:
         """Keep the holder's status in Redis; pass each up/down/stale/failover on to the fleet."""
+        announce = redis.register_script(_ANNOUNCE)
         ttl_ms = int(self.config.lock_ttl * 1000)  # it dies with the lock
         signal, reason = "up", ""
         event: tuple[str, str, str] | None = ("", "", "")  # the first status goes out at once
@@ -734,10 +749,14 @@ class RedisEngine:
             if event is not None and event[0]:
                 signal, _provider, reason = event
             status = self._status(upstream, signal, reason)
+            message = self._json.encode({"t": "upstream", "status": status}) if event is not None else b""
             with trio.fail_after(self.config.timeout):
-                await redis.set(self.keys.status, self._json.encode(status), px=ttl_ms)
-                if event is not None:
-                    await redis.publish(self.keys.control, self._json.encode({"t": "upstream", "status": status}))
+                kept: Any = await announce(
+                    keys=[self.keys.holder, self.keys.status],
+                    args=[value, self._json.encode(status), ttl_ms, self.keys.control, message],
+                )
+            if not kept:
+                raise _LockLost("the status was refused: the lock no longer holds this relay's token")
             event = None
             with trio.move_on_after(self.config.lock_ttl / 3):
                 event = await self._events_receive.receive()
