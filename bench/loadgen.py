@@ -7,6 +7,10 @@
 Each client subscribes to K of M symbols ``SYM001..SYM<M>``, spread evenly (client i takes K
 consecutive symbols starting at i*K mod M, so every symbol has N*K/M subscribers when N*K is a
 multiple of M). With ``--batch`` the URL gets ``?batch=1`` and every frame is a JSON array.
+``--url`` may be given several times (several relays, e.g. a fleet): the clients are split into
+contiguous blocks, one per URL, so with N·K a multiple of M per block every relay's clients
+cover the whole symbol set (as a load balancer spreading clients at random would); the result
+has each URL's share (``per_url``).
 
 Built for throughput: raw non-blocking sockets and one level-triggered epoll loop; a hand-written
 HTTP upgrade (the ``Sec-WebSocket-Accept`` is checked) and a hand-written parser for unmasked
@@ -118,11 +122,12 @@ def percentiles(values: array.array, ps=(50, 90, 99, 99.9), limit: int = 2_000_0
 class Client:
     __slots__ = (
         "idx", "sock", "fd", "state", "buf", "frag", "out", "symbols", "acked", "t_connect",
-        "tracked", "last", "seqs", "close_code", "writing",
+        "tracked", "last", "seqs", "close_code", "writing", "target",
     )
 
-    def __init__(self, idx: int, symbols: list[str]) -> None:
+    def __init__(self, idx: int, symbols: list[str], target: int = 0) -> None:
         self.idx = idx
+        self.target = target  # index of the URL this client connects to
         self.sock: socket.socket | None = None
         self.fd = -1
         self.state = "new"
@@ -142,14 +147,15 @@ class Client:
 class LoadGen:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        u = urlsplit(args.url)
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 80
-        path = u.path or "/"
-        query = u.query
-        if args.batch:
-            query = (query + "&" if query else "") + "batch=1"
-        self.path = path + ("?" + query if query else "")
+        self.urls: list[str] = args.url
+        self.targets: list[tuple[str, int, str]] = []  # (host, port, path) per URL
+        for url in self.urls:
+            u = urlsplit(url)
+            path = u.path or "/"
+            query = u.query
+            if args.batch:
+                query = (query + "&" if query else "") + "batch=1"
+            self.targets.append((u.hostname or "127.0.0.1", u.port or 80, path + ("?" + query if query else "")))
         self.ep = select.epoll()
         self.by_fd: dict[int, Client] = {}
         m, k = args.symbols, args.symbols_per_client
@@ -159,7 +165,7 @@ class LoadGen:
         for i in range(args.clients):
             start = (i * k) % m if m else 0
             syms = [names[(start + j) % m] for j in range(min(k, m))]
-            self.clients.append(Client(i, syms))
+            self.clients.append(Client(i, syms, i * len(self.targets) // args.clients))
         subs: dict[str, int] = {}
         for c in self.clients:
             for s in c.symbols:
@@ -179,6 +185,7 @@ class LoadGen:
         self.close_codes: dict[str, int] = {}
         self.measuring = False
         self.updates = 0
+        self.updates_by_target = [0] * len(self.targets)
         self.frames = 0
         self.bytes = 0
         self.controls = 0
@@ -233,7 +240,8 @@ class LoadGen:
         c.fd = s.fileno()
         c.t_connect = time.monotonic()
         self.in_flight += 1
-        err = s.connect_ex((self.host, self.port))
+        host, port, _path = self.targets[c.target]
+        err = s.connect_ex((host, port))
         if err not in (0, 115):  # EINPROGRESS
             self.fail(c, f"connect: {os.strerror(err)}")
             return
@@ -248,8 +256,9 @@ class LoadGen:
             return
         key = base64.b64encode(os.urandom(16))
         c.buf = base64.b64encode(hashlib.sha1(key + GUID).digest())  # expected accept, kept until 101
+        host, port, path = self.targets[c.target]
         req = (
-            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
         c.sock.send(req)  # tiny, into an empty socket buffer
@@ -422,6 +431,7 @@ class LoadGen:
                 if tracked:
                     last[sym] = ls
         self.updates += updates
+        self.updates_by_target[c.target] += updates
 
     def handle_untimed(self, c: Client, p: bytes) -> None:
         try:
@@ -564,6 +574,7 @@ class LoadGen:
         self.measuring = False
         self.emit({"event": "window_end", "t": time.time()})
         still_open = sum(1 for c in self.clients if c.state == "open")
+        open_by_target = [sum(1 for c in self.clients if c.target == t and c.state == "open") for t in range(len(self.urls))]
         # ---- close every client (a close frame, then the socket)
         bye = masked_frame(8, (1000).to_bytes(2, "big"))
         for c in self.clients:
@@ -614,13 +625,24 @@ class LoadGen:
             "errors": self.errors,
             "loadgen_cpu_pct": round(cpu_pct, 1),
             "loadgen_saturated": cpu_pct > 90,
+            "per_url": [
+                {
+                    "url": url,
+                    "clients": sum(1 for c in self.clients if c.target == t),
+                    "still_open": open_by_target[t],
+                    "updates_per_s": round(self.updates_by_target[t] / wall, 1) if wall else 0,
+                }
+                for t, url in enumerate(self.urls)
+            ],
         }
         return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="ws://127.0.0.1:8000/api/v2/realtime/ws/prices")
+    p.add_argument("--url", action="append",
+                   help="the relay's price WebSocket (default ws://127.0.0.1:8000/api/v2/realtime/ws/prices); "
+                        "repeat it to spread the clients over several relays in contiguous blocks")
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--symbols-per-client", type=int, default=10, help="K: symbols each client subscribes to (0 = idle)")
     p.add_argument("--symbols", type=int, default=500, help="M: size of the symbol universe SYM001..SYM<M>")
@@ -636,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default; over loopback: when the relay's write reached the kernel) or our recv() time")
     p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     args = p.parse_args(argv)
+    args.url = args.url or ["ws://127.0.0.1:8000/api/v2/realtime/ws/prices"]
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
