@@ -432,8 +432,9 @@ class EngineConfig:
     # symbols of a relay that died stop being held upstream after it (plus upstream.unsubscribe_linger).
     demand_ttl: float = attrs.field(default=10.0, validator=_at_least_one_second)
     # Updates are published on this many channels (by a hash of the symbol); a relay listens only
-    # to the channels of the symbols its clients want.
-    shards: int = attrs.field(default=16, validator=_positive)
+    # to the channels of the symbols its clients want. Each channel's message costs a receiving
+    # relay one hub turn: keep 1 unless the relays want mostly different symbols of a large set.
+    shards: int = attrs.field(default=1, validator=_positive)
     # Durable tick log: every update also appended to the Redis stream <prefix>:ticks, trimmed to
     # about stream_maxlen entries (0 = no stream).
     stream_maxlen: int = attrs.field(default=0, validator=_non_negative)

@@ -734,7 +734,7 @@ class RedisEngine:
             "reconnects": upstream.reconnects,
             "attempts": upstream.attempts,
             "last_error": upstream.last_error,
-            "subscribed": len(upstream.subscribed),
+            "subscribed": sorted(upstream.subscribed),
             "switches": upstream.switches,
             "at": time.time(),
         }
@@ -950,7 +950,7 @@ class FleetUpstream:
     def subscribed(self) -> set[str]:
         if self._local is not None:
             return self._local.subscribed
-        return set(self._engine.hub.demand.wanted) if self._engine.holder_status else set()
+        return set((self._engine.holder_status or {}).get("subscribed", ()))
 
     def message_age(self) -> float | None:
         """Since this relay last received a fleet message (the holder's own included)."""
