@@ -619,7 +619,8 @@ class RedisEngine:
         self._stepped_down = trio.Event()
         self.terms += 1
         self._token_seen = max(self._token_seen, token)
-        log.warning("[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
+        # The first holder of a fleet is routine; any later one is a takeover, worth a warning.
+        log.log(logging.INFO if token == 1 else logging.WARNING, "[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
         released = False
         try:
             with trio.fail_after(self.config.timeout * 2):
