@@ -474,6 +474,48 @@ async def test_losing_redis_keeps_clients_and_recovers(
     assert fake.logins == 2 and len(fake.connections) == 1
 
 
+async def test_the_holders_upstream_state_reaches_every_relay(
+    fleet_prefix: str, fake_fmp: FakeFmpServer, start_relay: Any, ws_connect: Any, http: httpx.AsyncClient
+) -> None:
+    """The provider refuses the key: every relay's clients hear it, and every /health says why."""
+    fake = fake_fmp
+    sections = fmp_sections(fake, auth_retry_delay=1.0)
+    a = await start_relay(engine=fleet(fleet_prefix, "a"), **sections)
+    assert await the_holder([a]) is a
+    b = await start_relay(engine=fleet(fleet_prefix, "b"), **sections)
+    on_b = await Feed.open(ws_connect, b, SYMBOLS)
+    await on_b.more_prices(SYMBOLS, 1)
+
+    fake.api_keys.clear()  # the key is revoked, and the connection drops
+    await fake.drop_all()
+    await on_b.read_until(lambda: bool(on_b.statuses("down")))
+    down = on_b.statuses("down")[-1]
+    assert down["provider"] == "fmp" and sorted(down["symbols"]) == SYMBOLS
+    await eventually(lambda: a.upstream.state == "auth_failed")
+    # The holder's status reaches the others at each change it signals, and every lock_ttl / 3.
+    await eventually(lambda: b.upstream.state == "auth_failed", timeout=TTL)
+    assert not b.upstream.is_fresh()
+    response = await http.get(api(b, "/health"))
+    body = response.json()
+    assert response.status_code == 503, body
+    # The follower reports the holder's state; its own Redis is fine.
+    assert body["state"] == body["code"] == "auth_failed"
+    assert body["fleet"] == {**body["fleet"], "role": "follower", "holder": "a"}
+    assert body["fleet"]["redis"]["state"] == "up"
+
+    fake.api_keys.add(FMP_KEY)  # the key works again: the holder logs in at its next attempt
+    await on_b.read_until(lambda: bool(on_b.statuses("up")), timeout=2 * WAIT)
+    seen = on_b.count(SYMBOLS[0])
+    await on_b.more_prices(SYMBOLS, 1)
+    assert on_b.count(SYMBOLS[0]) > seen
+    await eventually(lambda: b.upstream.is_fresh())
+    response = await http.get(api(b, "/health"))
+    assert response.status_code == 200, response.json()
+    assert holders([a, b]) == [a]  # a provider's trouble is not a reason to change holders
+    for symbol in SYMBOLS:
+        on_b.assert_in_order(symbol, contiguous=False)
+
+
 # ---------------------------------------------------------------------------------- 6. shared cache
 
 
