@@ -117,3 +117,19 @@ async def test_shutdown_mid_stream_gives_every_reading_client_a_clean_1001(fake_
                 codes.append(await close_code(ws))
         assert codes == [1001] * len(readers)
         await stuck.aclose()
+
+
+async def test_every_service_ends_at_shutdown_without_waiting_for_the_grace_period(tmp_path):
+    """History, alerts and portfolios on: nothing is left for the SHUTDOWN_GRACE deadline to cancel."""
+    from trio_relay.daemon import SHUTDOWN_GRACE
+
+    config = make_config(
+        history={"backend": "sqlite", "data_dir": str(tmp_path)}, alerts={"enabled": True, "data_dir": str(tmp_path)}
+    )
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(run_relay, config)
+        relay.shutdown()
+        # Well before the deadline (which would end a lingering task at SHUTDOWN_GRACE).
+        nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE / 2
+    assert not nursery.cancel_scope.cancelled_caught, "a task outlived the shutdown until cancelled"
+    assert _relay_tasks() == []

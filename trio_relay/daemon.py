@@ -292,10 +292,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             async with trio.open_nursery() as nursery:
                 if fleet is None:
                     nursery.start_soon(hub.consume, receive)
-                if ctx.portfolios is not None:
-                    await nursery.start(ctx.portfolios.run)
-                if ctx.alerts is not None:
-                    await nursery.start(ctx.alerts.run)
+                # Portfolios and alerts run until shutdown ends them (they have no end of their own).
+                services = trio.CancelScope()
+                await nursery.start(_run_in, services, [ctx.portfolios, ctx.alerts])
                 if history_backend is not None:
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
@@ -355,6 +354,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 if ctx.alerts is not None:
                     with trio.move_on_after(HISTORY_DRAIN):
                         await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
+                services.cancel()
                 stop_server.set()
                 connections.cancel()
                 if ctx.history_store is not None:
@@ -368,6 +368,21 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
         # this closes it only when the relay failed before handing it over.
         private.close()
     log.info("[SHUTDOWN] done")
+
+
+async def _run_in(
+    scope: trio.CancelScope,
+    services: list[PortfolioService | AlertService | None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start each service's ``run`` inside ``scope``: cancelling the scope ends them all."""
+    with scope:
+        async with trio.open_nursery() as inner:
+            for service in services:
+                if service is not None:
+                    await inner.start(service.run)
+            task_status.started()
 
 
 def _history_backend(config: Config) -> HistoryBackend | None:
