@@ -395,6 +395,30 @@ async def test_an_old_holder_is_fenced_off(
     assert all(engine_of(r).hub.snapshot("AAPL").last_price != 999999.0 for r in (b, c))  # type: ignore[union-attr]
 
 
+async def test_garbage_on_the_fleets_channels_is_counted_and_skipped(
+    fleet_prefix: str, start_relay: Any, ws_connect: Any, redis: coredis.Redis[bytes], http: httpx.AsyncClient
+) -> None:
+    """Whoever else writes to the fleet's channels and keys cannot stop a relay: counted, skipped."""
+    keys = fleet_keys(fleet_prefix)
+    a = await start_relay(engine=fleet(fleet_prefix, "a"))
+    assert await the_holder([a]) is a
+    b = await start_relay(engine=fleet(fleet_prefix, "b"))
+    on_b = await Feed.open(ws_connect, b, ["AAPL"])
+    await on_b.more_prices(["AAPL"], 2)
+    channel = f"{keys.shard_prefix}{shard_of('AAPL', engine_of(b).config.shards)}"
+    assert await redis.publish(channel, b"\x93not msgpack") == 1  # b listens (a has no clients)
+    assert await redis.publish(keys.control, b"{not json") == 2
+    assert await redis.publish(keys.control, b'["t"]') == 2
+    await redis.hset(keys.cache, {"MSFT": b"{broken"})
+    await eventually(lambda: engine_of(b).malformed >= 3)
+    await on_b.subscribe(["MSFT"])  # its cache entry does not decode: read live instead
+    await on_b.more_prices(["AAPL", "MSFT"], 3)
+    on_b.assert_in_order("AAPL")
+    response = await http.get(api(b, "/status"))
+    assert response.json()["fleet"]["received"]["malformed"] == engine_of(b).malformed >= 4
+    assert engine_of(b).redis_state == "up" and holders([a, b]) == [a]
+
+
 # ---------------------------------------------------------------------------------- 5. losing Redis
 
 

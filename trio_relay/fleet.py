@@ -318,7 +318,7 @@ class RedisEngine:
             try:
                 union.update(msgspec.json.decode(part, type=list[str]))
             except msgspec.DecodeError:
-                self.malformed += 1
+                self._malformed("demand entry")
         return union
 
     def channel(self, symbol: str) -> str:
@@ -354,13 +354,13 @@ class RedisEngine:
     def _connect(self) -> coredis.Redis[bytes]:
         timeout = self.config.timeout
         return coredis.Redis.from_url(
-                self.config.redis_url,
-                decode_responses=False,
-                connect_timeout=timeout,
-                stream_timeout=None,  # pub/sub reads wait for as long as it takes
-                retry_policy=NoRetryPolicy(),
-                client_name=f"trio-relay:{self.node}",
-            )
+            self.config.redis_url,
+            decode_responses=False,
+            connect_timeout=timeout,
+            stream_timeout=None,  # pub/sub reads wait for as long as it takes
+            retry_policy=NoRetryPolicy(),  # a failure ends the session: reported, then retried here
+            client_name=f"trio-relay:{self.node}",
+        )
 
     async def _sessions(self) -> None:
         backoff = Backoff(0.2, 5.0)
@@ -444,9 +444,7 @@ class RedisEngine:
         try:
             batch = self._batch_decoder.decode(data)
         except msgspec.DecodeError as exc:
-            self.malformed += 1
-            self.stats.malformed += 1
-            log.warning("[FLEET] malformed fan-out message skipped (%s)", exc)
+            self._malformed(f"fan-out message ({exc})")
             return
         self.batches_in += 1
         self.last_batch_at = trio.current_time()
@@ -467,6 +465,13 @@ class RedisEngine:
         if fresh:
             await self._hub_send.send(fresh)
 
+    def _malformed(self, what: str) -> None:
+        """Counted, and logged (the first ten, then every thousandth): never fatal."""
+        self.malformed += 1
+        self.stats.malformed += 1
+        if self.malformed <= 10 or self.malformed % 1000 == 0:
+            log.warning("[FLEET] malformed %s skipped (%d so far)", what, self.malformed)
+
     def _new_epoch(self, epoch: str) -> None:
         if self.epoch is not None:
             log.info("[FLEET] the fleet's sequence space is now %s (was %s)", epoch, self.epoch)
@@ -478,8 +483,7 @@ class RedisEngine:
             message = msgspec.json.decode(data)
             kind = message["t"]
         except (msgspec.DecodeError, KeyError, TypeError):
-            self.malformed += 1
-            log.warning("[FLEET] malformed control message skipped")
+            self._malformed("control message")
             return
         if kind == "demand":
             self._demand_changed.set()
@@ -557,7 +561,7 @@ class RedisEngine:
                 try:
                     state = self._state_decoder.decode(raw)
                 except msgspec.DecodeError:
-                    self.malformed += 1
+                    self._malformed("cache entry")
                     continue
                 if self.epoch is None:
                     self._new_epoch(state.epoch)
@@ -580,7 +584,7 @@ class RedisEngine:
                 try:
                     status = msgspec.json.decode(raw)
                 except msgspec.DecodeError:
-                    self.malformed += 1
+                    self._malformed("holder status")
             if status is not None:
                 self.holder_status = status
                 self._holder_seen_at = now
