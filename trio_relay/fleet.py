@@ -418,12 +418,9 @@ class RedisEngine:
             channels=[self.keys.control], retry_policy=NoRetryPolicy(), ignore_subscribe_messages=True
         )
         async with pubsub as ps:
-            # What came in while away is in the cache: every wanted symbol is read again.
-            subscribed: set[str] = set()
-            primed: set[str] = set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, ps)
-                nursery.start_soon(self._follow_demand, redis, ps, subscribed, primed)
+                nursery.start_soon(self._follow_demand, redis, ps)
                 nursery.start_soon(self._watch_holder, redis)
                 nursery.start_soon(self._elect, redis)
 
@@ -511,8 +508,14 @@ class RedisEngine:
         self._signal = (signal, provider)
         self.hub.upstream_event(signal, provider, reason)
 
-    async def _follow_demand(self, redis: coredis.Redis[bytes], ps: Any, subscribed: set[str], primed: set[str]) -> None:
-        """Publish this relay's demand; listen to (and read the cache of) what its clients want."""
+    async def _follow_demand(self, redis: coredis.Redis[bytes], ps: Any) -> None:
+        """Publish this relay's demand; listen to (and read the cache of) what its clients want.
+
+        Each session starts with nothing read: what came in while this relay was away is in the
+        cache, so every wanted symbol is read again (the hub drops a state it already passed on).
+        """
+        subscribed: set[str] = set()  # shard channels
+        primed: set[str] = set()  # symbols whose cached state was read in this session
         demand = self.hub.demand
         keys = self.keys
         published: set[str] | None = None
