@@ -27,7 +27,10 @@ from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_section
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
 from trio_relay.hub import Hub, Stats
+from trio_relay.archive import Archiver
 from trio_relay.fleet import _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
+from trio_relay.history import HistoryStore, HistoryWriter, make_backend
+from trio_relay.history.sqlite import SqliteBackend
 from trio_relay.model import Update
 from trio_relay.testing.fake_fmp import FakeFmpServer, fmp_frame
 from trio_relay.testing.tcpgate import TcpGate
@@ -622,6 +625,66 @@ async def test_the_stream_keeps_about_stream_maxlen_updates(
         assert newest_first == list(range(newest_first[0], newest_first[0] - len(newest_first), -1)), symbol
 
 
+async def test_the_archiver_writes_the_stream_into_the_history_once_and_acknowledges_it(
+    fleet_prefix: str,
+    quiet_fmp: FakeFmpServer,
+    start_relay: Any,
+    ws_connect: Any,
+    redis: coredis.Redis[bytes],
+    nursery: trio.Nursery,
+    tmp_path: Any,
+) -> None:
+    """``trio-relay archive``: what a crashed archiver read and did not write is written by the next."""
+    fake, keys = quiet_fmp, fleet_keys(fleet_prefix)
+    a = await start_relay(engine=fleet(fleet_prefix, "a", stream_maxlen=10_000), **fmp_sections(quiet_fmp))
+    await the_holder([a])
+    feed = await Feed.open(ws_connect, a, SYMBOLS)
+    with trio.fail_after(WAIT):
+        await fake.wait_until(lambda: fake.subscriptions == set(SYMBOLS))
+    for n in range(5):
+        await tick(fake, SYMBOLS, 100.0 + n)
+    await feed.read_until(lambda: all(feed.last_seq(s) == 5 for s in SYMBOLS))
+    await redis.xadd(keys.stream, {"symbol": "AAPL", "update": "not json"})  # somebody else's garbage
+
+    # A first archiver whose database cannot be opened (its data_dir is a file): it reads, cannot
+    # write, so it acknowledges nothing; then it dies.
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    config = make_config(engine=fleet(fleet_prefix, "x"), history={"backend": "sqlite", "data_dir": str(blocked)})
+    broken_writer = HistoryWriter(SqliteBackend(str(blocked)), shutdown_timeout=0)
+    first = Archiver(config, broken_writer, consumer="arc")
+    async with trio.open_nursery() as crashing:
+        await crashing.start(broken_writer.run)
+        crashing.start_soon(first.run)
+        await eventually(lambda: first.read == 11 and broken_writer.state == "down")
+        crashing.cancel_scope.cancel()  # the archiver dies
+    # Acknowledged in order: not even the garbage (after the unwritten updates) was.
+    assert first.acked == 0 and first.malformed == 1
+    assert (await redis.xpending(keys.stream, "history")).pending == 11
+
+    # The next archiver (same consumer name) reads its pending entries first, then new ones.
+    good = make_config(engine=fleet(fleet_prefix, "x"), history={"backend": "sqlite", "data_dir": str(tmp_path / "db")})
+    backend = make_backend(good.history)
+    assert backend is not None
+    writer = HistoryWriter.from_config(good.history, backend)
+    second = Archiver(good, writer, consumer="arc")
+    async with trio.open_nursery() as inner:
+        await inner.start(writer.run)
+        inner.start_soon(second.run)
+        await tick(fake, SYMBOLS, 200.0)
+        await eventually(lambda: second.acked == 13, timeout=2 * WAIT)  # 11 pending + 2 new
+        assert second.malformed == 1
+        inner.cancel_scope.cancel()
+    assert (await redis.xpending(keys.stream, "history")).pending == 0
+    async with HistoryStore(backend) as store:
+        for symbol in SYMBOLS:
+            ticks, _ = await store.ticks(symbol, 0, 2**62)
+            assert [t.last_price for t in ticks] == [100.0, 101.0, 102.0, 103.0, 104.0, 200.0]
+            stream_prices = [p["last_price"] for p in feed.of(symbol)]
+            assert stream_prices[:5] == [100.0, 101.0, 102.0, 103.0, 104.0]
+            assert all(t.recv_ms > 0 for t in ticks)
+
+
 # ---------------------------------------------------------------------------------- 8. config
 
 
@@ -662,3 +725,12 @@ async def test_the_redis_password_is_never_shown(
     assert f"127.0.0.1:{port}" in caplog.text  # the error is reported, with where
     for text in (health.text, status.text, caplog.text, json.dumps(feed.messages), repr(a.config)):
         assert password not in text
+
+
+def test_archive_refuses_a_config_without_history(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from trio_relay.cli import main
+
+    path = tmp_path / "archive.toml"
+    path.write_text('[history]\nbackend = "off"\n')
+    assert main(["archive", "--config", str(path)]) == 2
+    assert "history.backend" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -57,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_record_parser(sub)
+
+    archive = sub.add_parser(
+        "archive",
+        help="write a fleet's tick stream (<engine.prefix>:ticks, engine.stream_maxlen > 0) into the tick history",
+    )
+    archive.add_argument("--config", help="TOML config file: [engine] redis_url and prefix, [history] the store")
+    archive.add_argument("--group", default="history", help="the Redis consumer group (default: history)")
+    archive.add_argument("--consumer", default="", help="this archiver's name in the group (default: the host name)")
+    archive.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     watch = sub.add_parser("watch", help="show live prices from a relay in a terminal table (Ctrl-C to quit)")
     watch.add_argument("symbols", nargs="+", help="symbols to watch: AAPL MSFT (or AAPL,MSFT)")
@@ -228,6 +238,23 @@ async def _fake_fmp(args: argparse.Namespace) -> None:
                 break
 
 
+def _archive(args: argparse.Namespace) -> int:
+    from .archive import run_archive
+
+    overrides = {"logging": {"level": args.log_level}} if args.log_level else {}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"trio-relay: {exc}", file=sys.stderr)
+        return 2
+    if config.history.backend == "off":
+        print("trio-relay: config error: history.backend: 'off' leaves nothing to archive into", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, secrets=config.secrets(), fmt=config.logging.format)
+    trio.run(partial(run_archive, config, group=args.group, consumer=args.consumer))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "record":
@@ -242,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("INFO")
         trio.run(_fake_fmp, args)
         return 0
+    if args.command == "archive":
+        return _archive(args)
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:

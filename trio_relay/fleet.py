@@ -195,6 +195,11 @@ def _only_redis_errors(exc: BaseException, also: tuple[type[BaseException], ...]
     return isinstance(exc, (*REDIS_ERRORS, trio.TooSlowError, *also))
 
 
+def is_redis_failure(exc: BaseException) -> bool:
+    """Redis went away or timed out (every leaf of a group): retried, never a crash."""
+    return _only_redis_errors(exc)
+
+
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
