@@ -727,6 +727,46 @@ async def test_the_redis_password_is_never_shown(
         assert password not in text
 
 
+async def test_the_archiver_rides_out_a_redis_outage(
+    fleet_prefix: str,
+    quiet_fmp: FakeFmpServer,
+    start_relay: Any,
+    ws_connect: Any,
+    gate: TcpGate,
+    tmp_path: Any,
+) -> None:
+    fake = quiet_fmp
+    a = await start_relay(engine=fleet(fleet_prefix, "a", stream_maxlen=10_000), **fmp_sections(quiet_fmp))
+    await the_holder([a])
+    feed = await Feed.open(ws_connect, a, SYMBOLS)
+    with trio.fail_after(WAIT):
+        await fake.wait_until(lambda: fake.subscriptions == set(SYMBOLS))
+    config = make_config(
+        engine=fleet(fleet_prefix, "x", redis_url=f"redis://{gate.url_host}/0"),
+        history={"backend": "sqlite", "data_dir": str(tmp_path)},
+    )
+    backend = make_backend(config.history)
+    assert backend is not None
+    writer = HistoryWriter.from_config(config.history, backend)
+    archiver = Archiver(config, writer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        nursery.start_soon(archiver.run)
+        await tick(fake, SYMBOLS, 1.0)
+        await eventually(lambda: archiver.acked == 2)
+        gate.cut()
+        await eventually(lambda: archiver.redis_state == "down")
+        await tick(fake, SYMBOLS, 2.0)  # into the stream while the archiver is away
+        await feed.read_until(lambda: all(feed.last_seq(s) == 2 for s in SYMBOLS))
+        gate.reopen()
+        await eventually(lambda: archiver.redis_state == "up" and archiver.acked == 4, timeout=2 * WAIT)
+        nursery.cancel_scope.cancel()
+    async with HistoryStore(backend) as store:
+        for symbol in SYMBOLS:
+            ticks, _ = await store.ticks(symbol, 0, 2**62)
+            assert [t.last_price for t in ticks] == [1.0, 2.0]  # each once
+
+
 def test_archive_refuses_a_config_without_history(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from trio_relay.cli import main
 
