@@ -148,6 +148,21 @@ async def wait_state(relay: Relay, state: str) -> None:
         await trio.testing.wait_all_tasks_blocked()
 
 
+def require(missing: str | None) -> None:
+    """A real service or tool the test needs: skip with why it is ``missing`` (None: all there).
+
+    Under CI (``CI=true``) it fails instead: CI provides every service, so missing there is a
+    broken CI, not a skip.
+    """
+    import os
+
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{missing}: CI must provide it")
+    pytest.skip(missing)
+
+
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
@@ -171,14 +186,9 @@ def fleet_prefix() -> Any:
 
     Skipped when Redis is unreachable, except in CI (CI=true), where that is a failure.
     """
-    import os
     import uuid
 
-    reason = redis_unreachable()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must provide it")
-        pytest.skip(reason)
+    require(redis_unreachable())
     prefix = f"test-fleet-{uuid.uuid4().hex[:10]}"
     yield prefix
     redis_command("EVAL", "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end", "0", prefix + ":*")

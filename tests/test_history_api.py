@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import uuid
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import api, wait_cached
+from conftest import api, require, wait_cached
 from trio_relay.bars import bars_from_trades
 from trio_relay.model import Update
 
@@ -166,9 +165,7 @@ def _postgres_reachable() -> bool:
 
 async def test_postgres_backend_end_to_end(start_relay, http):
     if not _postgres_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 is unreachable, and CI requires it")
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 is unreachable")
+        require("PostgreSQL at 127.0.0.1:5432 is unreachable")
     import psycopg
 
     table = f"ticks_test_{uuid.uuid4().hex[:12]}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import socket
 import threading
 import uuid
@@ -41,6 +40,8 @@ from trio_relay.history.base import Batch, HistoryConnection
 from trio_relay.model import Update
 from trio_relay.testing.tcpgate import TcpGate
 
+from conftest import require
+
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
@@ -63,11 +64,7 @@ def _pg_unreachable() -> str | None:
 @pytest.fixture
 def pg_table() -> Iterator[str]:
     """A fresh table name for this test; the table is dropped afterwards."""
-    reason = _pg_unreachable()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must provide it")
-        pytest.skip(reason)
+    require(_pg_unreachable())
     table = f"ticks_test_{uuid.uuid4().hex[:12]}"
     yield table
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
