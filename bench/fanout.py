@@ -312,6 +312,23 @@ class Sampler(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------- one run
+def await_loadgen(lg, lg_reader: "LineReader", sampler: "Sampler", cfg: dict, label: str, out_dir: Path, say) -> dict:
+    """Wait for the load generator to connect and to report its result; then stop the sampler."""
+    budget = 240 + cfg["warmup"] + cfg["seconds"]
+    connected = lg_reader.wait_for("connected", budget)
+    if connected is None:
+        raise RuntimeError(f"load generator failed to connect; see {out_dir / f'loadgen-{label}.log'}")
+    say(f"{label}: {connected['clients']}/{cfg['clients']} clients connected in {connected['seconds']:.1f}s; "
+        f"warm-up {cfg['warmup']:g}s, window {cfg['seconds']:g}s")
+    result = lg_reader.wait_for("result", budget)
+    lg.wait(30)
+    sampler.stop_event.set()
+    sampler.join(5)
+    if result is None:
+        raise RuntimeError(f"load generator gave no result (exit {lg.returncode}); see {out_dir / f'loadgen-{label}.log'}")
+    return result
+
+
 def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, quiet: bool = False) -> dict:
     """Start upstream + relay + loadgen for one configuration; return the merged result."""
     say = (lambda *a: None) if quiet else (lambda msg: print(f"[fanout] {msg}", file=sys.stderr, flush=True))
@@ -402,18 +419,7 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         lg_reader = LineReader(lg.stdout, "loadgen-stdout", echo=on_loadgen_event,
                                save=out_dir / f"loadgen-{label}.jsonl")
         lg_reader.start()
-        budget = 240 + cfg["warmup"] + cfg["seconds"]
-        connected = lg_reader.wait_for("connected", budget)
-        if connected is None:
-            raise RuntimeError(f"load generator failed to connect; see {out_dir / f'loadgen-{label}.log'}")
-        say(f"{label}: {connected['clients']}/{cfg['clients']} clients connected in {connected['seconds']:.1f}s; "
-            f"warm-up {cfg['warmup']:g}s, window {cfg['seconds']:g}s")
-        result = lg_reader.wait_for("result", budget)
-        lg.wait(30)
-        sampler.stop_event.set()
-        sampler.join(5)
-        if result is None:
-            raise RuntimeError(f"load generator gave no result (exit {lg.returncode}); see {out_dir / f'loadgen-{label}.log'}")
+        result = await_loadgen(lg, lg_reader, sampler, cfg, label, out_dir, say)
         sub_ev = lg_reader.wait_for("subscribed", 1)
         ws_ev = lg_reader.wait_for("window_start", 1)
         we_ev = lg_reader.wait_for("window_end", 1)

@@ -262,18 +262,7 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
 
         lg_reader = fo.LineReader(lg.stdout, "loadgen-stdout", echo=on_loadgen_event, save=out_dir / f"loadgen-{label}.jsonl")
         lg_reader.start()
-        budget = 240 + cfg["warmup"] + cfg["seconds"]
-        connected = lg_reader.wait_for("connected", budget)
-        if connected is None:
-            raise RuntimeError(f"load generator failed to connect; see {out_dir / f'loadgen-{label}.log'}")
-        say(f"{label}: {connected['clients']}/{cfg['clients']} clients connected in {connected['seconds']:.1f}s; "
-            f"warm-up {cfg['warmup']:g}s, window {cfg['seconds']:g}s")
-        result = lg_reader.wait_for("result", budget)
-        lg.wait(30)
-        sampler.stop_event.set()
-        sampler.join(5)
-        if result is None:
-            raise RuntimeError(f"load generator gave no result (exit {lg.returncode}); see {out_dir / f'loadgen-{label}.log'}")
+        result = fo.await_loadgen(lg, lg_reader, sampler, cfg, label, out_dir, say)
         t0, t1 = lg_reader.wait_for("window_start", 1)["t"], lg_reader.wait_for("window_end", 1)["t"]
         # ---------------------------------------------------------------- counters, once the clients are gone
         deadline = time.monotonic() + 30
