@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from typing import Any
 
 import coredis
 import httpx
@@ -26,7 +26,6 @@ import trio.testing
 from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_sections, make_config, redis_command
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
-from trio_relay.hub import Hub, Stats
 from trio_relay.archive import Archiver
 from trio_relay.fleet import _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
@@ -307,40 +306,6 @@ async def test_clean_takeover_continues_the_sequence(fleet_prefix: str, start_re
     # ...and none of the new holder's updates repeated a seq (which receivers would have dropped,
     # hiding the repeat from clients but losing those updates).
     assert [engine_of(r).duplicates for r in (b, c)] == duplicates
-
-
-async def test_a_release_during_an_attempt_is_not_missed(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The "released" message can arrive while a follower's attempt on the lock is on its way.
-
-    It used to be lost (the follower armed its wake-up only after the attempt failed), costing
-    a whole lock_ttl / 3 before the next attempt. No Redis here: the attempt is a stub.
-    """
-    config = make_config(engine={"backend": "redis", "prefix": "unit", "node_id": "f", "lock_ttl": 9.0})
-    engine = RedisEngine(config, cast(Hub, None), [], Stats())
-    attempts: list[float] = []
-
-    async def acquire(*, keys: list[str], args: list[object]) -> bytes | None:
-        attempts.append(trio.current_time())
-        if len(attempts) == 1:
-            engine._on_control(b'{"t":"released"}')  # the holder lets go meanwhile
-            return None  # ...after this attempt found the lock still held
-        return b"2:f"
-
-    class StubRedis:
-        def register_script(self, script: str) -> Callable[..., Any]:
-            return acquire
-
-    async def hold(redis: object, value: str) -> None:
-        assert value == "2:f"
-        engine.stop()
-
-    monkeypatch.setattr(engine, "_hold", hold)
-    with trio.move_on_after(60):
-        await engine._elect(cast(Any, StubRedis()))
-    assert len(attempts) == 2
-    assert attempts[1] - attempts[0] < config.engine.lock_ttl / 3  # at once, not at the next retry
 
 
 # ---------------------------------------------------------------------------------- 4. fencing
@@ -774,3 +739,19 @@ def test_archive_refuses_a_config_without_history(tmp_path: Any, capsys: pytest.
     path.write_text('[history]\nbackend = "off"\n')
     assert main(["archive", "--config", str(path)]) == 2
     assert "history.backend" in capsys.readouterr().err
+
+
+async def test_the_publish_pacer_batches_only_a_busy_feed(autojump_clock: trio.testing.MockClock) -> None:
+    # virtual time (MockClock)
+    from trio_relay.fleet import Pacer
+
+    pace = Pacer(0.002)
+    start = trio.current_time()
+    await pace.wait()  # a first publish goes at once
+    assert trio.current_time() == start
+    await pace.wait()  # right after: waits out the interval
+    assert trio.current_time() == start + 0.002
+    await trio.sleep(1.0)  # virtual time (MockClock): a quiet feed
+    before = trio.current_time()
+    await pace.wait()
+    assert trio.current_time() == before  # waits for nothing
