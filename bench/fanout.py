@@ -312,6 +312,14 @@ class Sampler(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------- one run
+def window_cpu_pct(win: list[dict], name: str) -> float | None:
+    """Process ``name``'s CPU % over the sampler's window ``win`` (None: too few samples)."""
+    pts = [(s["t"], s[name][0]) for s in win if name in s and s[name][0] is not None]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return None
+    return round(100 * (pts[-1][1] - pts[0][1]) / CLK_TCK / (pts[-1][0] - pts[0][0]), 1)
+
+
 def await_loadgen(lg, lg_reader: "LineReader", sampler: "Sampler", cfg: dict, label: str, out_dir: Path, say) -> dict:
     """Wait for the load generator to connect and to report its result; then stop the sampler."""
     budget = 240 + cfg["warmup"] + cfg["seconds"]
@@ -448,10 +456,7 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
     first, last = win[0], win[-1]
 
     def cpu_pct(name: str) -> float | None:
-        pts = [(s["t"], s[name][0]) for s in win if name in s and s[name][0] is not None]
-        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
-            return None
-        return round(100 * (pts[-1][1] - pts[0][1]) / CLK_TCK / (pts[-1][0] - pts[0][0]), 1)
+        return window_cpu_pct(win, name)
 
     rss_pts = [(s["t"] - t0, s["relay"][1] / 2**20) for s in win if s["relay"][1]]
     rss_vals = [v for _, v in rss_pts]

@@ -295,10 +295,7 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
     first, last = win[0], win[-1]
 
     def cpu_pct(name: str) -> float | None:
-        pts = [(s["t"], s[name][0]) for s in win if name in s and s[name][0] is not None]
-        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
-            return None
-        return round(100 * (pts[-1][1] - pts[0][1]) / CLK_TCK / (pts[-1][0] - pts[0][0]), 1)
+        return fo.window_cpu_pct(win, name)
 
     relay_cpu_each = {name: cpu_pct(name) for name, _, _ in relays}
     relay_cpu_sum = round(sum(v for v in relay_cpu_each.values() if v is not None), 1)
