@@ -26,10 +26,9 @@ import coredis
 import coredis.exceptions
 import msgspec
 import trio
-from coredis.retry import NoRetryPolicy
 
 from .config import Config
-from .fleet import fleet_keys, is_redis_failure
+from .fleet import describe_failure, fleet_keys, is_redis_failure, redis_client
 from .history import HistoryWriter
 from .model import Update
 from .upstream import Backoff
@@ -76,14 +75,7 @@ class Archiver:
         task_status.started()
         while True:
             try:
-                async with coredis.Redis.from_url(
-                    self.config.redis_url,
-                    decode_responses=False,
-                    connect_timeout=self.config.timeout,
-                    stream_timeout=None,
-                    retry_policy=NoRetryPolicy(),
-                    client_name=f"trio-relay-archive:{self.consumer}",
-                ) as redis:
+                async with redis_client(self.config, f"trio-relay-archive:{self.consumer}") as redis:
                     await self._join(redis)
                     backoff.reset()
                     await self._read_all(redis)
@@ -92,8 +84,8 @@ class Archiver:
                 if isinstance(exc, trio.Cancelled) or not is_redis_failure(exc):
                     raise
                 if self.redis_state != "down":
-                    log.error("[ARCHIVE] lost Redis: %s; retrying", _first(exc))
-                self.redis_state, self.last_error = "down", _first(exc)
+                    log.error("[ARCHIVE] lost Redis: %s; retrying", describe_failure(exc))
+                self.redis_state, self.last_error = "down", describe_failure(exc)
             await trio.sleep(backoff.next_delay())
 
     async def _join(self, redis: coredis.Redis[bytes]) -> None:
@@ -177,12 +169,6 @@ class Archiver:
             with trio.fail_after(self.config.timeout):
                 self.acked += await redis.xack(self.stream, self.group, done)
             self._in_writer.difference_update(done)
-
-
-def _first(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 async def run_archive(config: Config, *, group: str, consumer: str) -> None:

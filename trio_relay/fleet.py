@@ -54,7 +54,7 @@ from .model import BREAK, Encoder, PriceState, Update
 from .providers.base import Provider
 from .upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
-__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
+__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "redis_client", "describe_failure", "is_redis_failure", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
 
 log = logging.getLogger("trio_relay.fleet")
 
@@ -203,11 +203,25 @@ def is_redis_failure(exc: BaseException) -> bool:
     return _only_redis_errors(exc)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of the first leaf of ``exc`` (never a URL's password: coredis shows none)."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redis_client(config: EngineConfig, name: str) -> coredis.Redis[bytes]:
+    """A client of the fleet's Redis, to use as ``async with``. No retries of its own: a failure
+    ends the caller's session, which reports it and retries with backoff."""
+    return coredis.Redis.from_url(
+        config.redis_url,
+        decode_responses=False,
+        connect_timeout=config.timeout,
+        stream_timeout=None,  # pub/sub and XREADGROUP BLOCK wait for as long as they need
+        retry_policy=NoRetryPolicy(),
+        client_name=name,
+    )
 
 
 def _default_node_id() -> str:
@@ -241,6 +255,7 @@ class RedisEngine:
         self.node = self.config.node_id or _default_node_id()
         self.keys = fleet_keys(self.config.prefix)
         self.view = FleetUpstream(self)
+        self._channel0 = f"{self.keys.shard_prefix}0"
         # Redis connection state, for /health and /status.
         self.redis_state = "connecting"
         self.redis_error = ""
@@ -257,11 +272,9 @@ class RedisEngine:
         self._holder_seen_at: float | None = None  # trio clock
         # Delivery state (every relay).
         self.epoch: str | None = None
-        self._seen: dict[str, int] = {}  # symbol → highest seq handed to the hub
         self._token_seen = 0
         self.last_batch_at: float | None = None  # trio clock
         self.batches_in = 0
-        self.duplicates = 0
         self.stale_batches = 0
         self.malformed = 0
         # Holder counters.
@@ -279,6 +292,11 @@ class RedisEngine:
         self._batch_decoder = msgspec.msgpack.Decoder(FleetBatch)
         self._json = msgspec.json.Encoder()
         self._state_decoder = msgspec.json.Decoder(PriceState)
+
+    @property
+    def duplicates(self) -> int:
+        """Updates dropped because this relay had already passed them on (counted by the hub)."""
+        return self.hub.stats.duplicates
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -330,6 +348,8 @@ class RedisEngine:
         return union
 
     def channel(self, symbol: str) -> str:
+        if self.config.shards == 1:
+            return self._channel0  # the default: no hash per update
         return f"{self.keys.shard_prefix}{shard_of(symbol, self.config.shards)}"
 
     # ------------------------------------------------------------------ lifetime
@@ -360,15 +380,7 @@ class RedisEngine:
                 pass  # it expires after demand_ttl anyway
 
     def _connect(self) -> coredis.Redis[bytes]:
-        timeout = self.config.timeout
-        return coredis.Redis.from_url(
-            self.config.redis_url,
-            decode_responses=False,
-            connect_timeout=timeout,
-            stream_timeout=None,  # pub/sub reads wait for as long as it takes
-            retry_policy=NoRetryPolicy(),  # a failure ends the session: reported, then retried here
-            client_name=f"trio-relay:{self.node}",
-        )
+        return redis_client(self.config, f"trio-relay:{self.node}")
 
     async def _sessions(self) -> None:
         backoff = Backoff(0.2, 5.0)
@@ -393,7 +405,7 @@ class RedisEngine:
                         raise cancelled from None  # torn down (shutdown): a closed connection is no news
                 elif isinstance(exc, trio.Cancelled):
                     raise
-                self._redis_down(_describe(exc))
+                self._redis_down(describe_failure(exc))
             delay = backoff.next_delay()
             await trio.sleep(delay)
 
@@ -459,16 +471,8 @@ class RedisEngine:
         self._token_seen = batch.token
         if batch.epoch != self.epoch:
             self._new_epoch(batch.epoch)
-        seen = self._seen
-        fresh: list[Update] = []
-        for update in batch.updates:
-            if update.seq <= seen.get(update.symbol, 0):
-                self.duplicates += 1
-                continue
-            seen[update.symbol] = update.seq
-            fresh.append(update)
-        if fresh:
-            await self._hub_send.send(fresh)
+        # An update the hub already passed on (a cache read racing this feed) is dropped there.
+        await self._hub_send.send(batch.updates)
 
     def _malformed(self, what: str) -> None:
         """Counted, and logged (the first ten, then every thousandth): never fatal."""
@@ -481,7 +485,6 @@ class RedisEngine:
         if self.epoch is not None:
             log.info("[FLEET] the fleet's sequence space is now %s (was %s)", epoch, self.epoch)
         self.epoch = epoch
-        self._seen.clear()
 
     def _on_control(self, data: bytes) -> None:
         try:
@@ -533,8 +536,6 @@ class RedisEngine:
             changed = demand.changed_event()
             wanted = set(demand.wanted)
             new = wanted - primed
-            for symbol in new:
-                self._seen.pop(symbol, None)  # its next state goes to the hub, whatever its seq
             need = {self.channel(s) for s in wanted}
             with trio.fail_after(self.config.timeout):
                 if need - subscribed:
@@ -576,9 +577,8 @@ class RedisEngine:
                     continue
                 if self.epoch is None:
                     self._new_epoch(state.epoch)
-                if state.epoch != self.epoch or state.seq <= self._seen.get(state.symbol, 0):
+                if state.epoch != self.epoch:
                     continue
-                self._seen[state.symbol] = state.seq
                 updates.append(_state_update(state))
             if updates:
                 await self._hub_send.send(updates)
@@ -1026,7 +1026,7 @@ class FleetUpstream:
             fleet_symbols=len(engine.fleet_symbols) if holding else None,
             received=FleetReceived(
                 batches=engine.batches_in,
-                duplicates_dropped=engine.duplicates + engine.hub.stats.duplicates,
+                duplicates_dropped=engine.duplicates,
                 stale_token_dropped=engine.stale_batches,
                 malformed=engine.malformed,
             ),

@@ -115,7 +115,7 @@ def _fleet_metrics(engine: RedisEngine) -> Iterator[Metric]:
         ("fleet_redis_outages", "Times this relay lost Redis", engine.redis_outages),
         ("fleet_terms", "Times this relay became the upstream holder", engine.terms),
         ("fleet_batches_received", "Fan-out messages received from Redis", engine.batches_in),
-        ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", engine.duplicates + engine.hub.stats.duplicates),
+        ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", engine.duplicates),
         ("fleet_stale_token_dropped", "Fan-out messages of an older holder dropped", engine.stale_batches),
         ("fleet_updates_published", "Updates published to the fleet while holding the upstream", engine.updates_out),
     ):
