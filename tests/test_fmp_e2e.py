@@ -209,3 +209,42 @@ async def test_trade_break_reaches_clients_as_a_correction(start_relay, fake_fmp
     assert brk["seq"] == trade["seq"] + 1
     cached = relay.hub.snapshot("IBM")
     assert cached is not None and cached.last_price == 150.0 and cached.data_type == "T"
+
+
+async def test_a_stalled_feed_is_503_and_stale_everywhere_until_data_flows(start_relay, fake_fmp, ws_connect, http):
+    """Connection up, logins answered, no data: never "connected", however often it reconnects.
+
+    /health, /status, /metrics and the clients' status messages all say stale from the first
+    stale_after to the first tick after the stall; then everything says up again.
+    """
+    relay = await start_relay(**fmp_sections(fake_fmp, stale_after=1.0, backoff_initial=0.05, backoff_max=0.1))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await client.recv_until(lambda m: m.get("type") == "price_update")
+        assert (await http.get(api(relay, "/health"))).status_code == 200
+        fake_fmp.stall()
+        logins = fake_fmp.logins
+        status, _ = await client.recv_until(lambda m: m.get("type") == "status" and m.get("scope") == "upstream")
+        assert status["state"] == "stale"
+        # Three reconnects into the stall: each logs in again, and each stays stale.
+        for n in range(1, 4):
+            await fake_fmp.wait_until(lambda: fake_fmp.logins >= logins + n)
+            await wait_state(relay, "stale")
+            health = await http.get(api(relay, "/health"))
+            assert health.status_code == 503, health.text
+            assert health.json()["code"] == "stale" and health.json()["state"] == "stale"
+            status_body = (await http.get(api(relay, "/status"))).json()
+            assert status_body["upstream"]["state"] == "stale"
+            metrics = (await http.get(f"{relay.http_url}/metrics")).text
+            assert "trio_relay_upstream_up 0.0" in metrics
+            assert 'trio_relay_upstream_state{state="stale"} 1.0' in metrics
+        fake_fmp.resume()
+        back, between = await client.recv_until(
+            lambda m: m.get("type") == "status" and m.get("scope") == "upstream" and m.get("state") == "up"
+        )
+        # Nothing in between told the client the upstream was up.
+        assert not [m for m in between if m.get("type") == "status" and m.get("state") == "up"]
+        await client.recv_until(lambda m: m.get("type") == "price_update")
+        await wait_state(relay, "connected")
+        assert (await http.get(api(relay, "/health"))).status_code == 200

@@ -25,7 +25,8 @@ async def test_metrics_show_counters_moving_under_load(start_relay, ws_connect, 
         for _ in range(100):
             await client.recv()
         response = await http.get(f"{relay.http_url}/metrics")
-    assert response.headers["content-type"].startswith("text/plain")
+    # Exactly one media type and one charset: strict scrapers refuse "charset=utf-8; charset=utf-8".
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     now = _samples(response.text)
     assert now[("trio_relay_updates_in_total", ())] > first[("trio_relay_updates_in_total", ())]
     assert now[("trio_relay_messages_out_total", ())] >= 100

@@ -254,6 +254,55 @@ async def test_silent_feed_reconnects_at_stale_after(autojump_clock):
     assert silent_for == pytest.approx(5.0 + first_delay, abs=EXACT)
 
 
+async def test_a_stalled_feed_stays_stale_across_reconnects_until_data_flows(autojump_clock):
+    """A provider that keeps answering logins but sends nothing is never reported connected.
+
+    Each reconnect logs in again; none of them counts as "up" (state, is_fresh, the signal to
+    clients) until a tick arrives. Then the clients hear "up" once.
+    """
+    async with fake_fmp(rate=2.0, heartbeat_interval=1.0, tick=0.5) as fake:
+        async with run_upstream(fake.url, pinned=["AAPL"], stale_after=5.0, backoff_initial=0.5, backoff_max=2.0) as (
+            up,
+            sink,
+        ):
+            signals: list[str] = []
+            up.on_event = lambda signal, _provider, _reason: signals.append(signal)
+            while sink.updates == 0:
+                await trio.sleep(0.1)  # virtual time
+            assert up.state == UpstreamState.CONNECTED and up.is_fresh()
+            assert signals == ["up"]
+            signals.clear()
+            states: list[str] = []
+            fresh_seen: list[bool] = []
+
+            async def record() -> None:
+                while True:
+                    last = up.state
+                    await up.wait_for(lambda: up.state != last)
+                    states.append(up.state)
+                    fresh_seen.append(up.is_fresh())
+
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(record)
+                fake.stall()
+                stalled_at = trio.current_time()
+                # Five reconnects' worth of stall: logins keep being answered.
+                await fake.wait_until(lambda: fake.logins >= 6)
+                assert trio.current_time() - stalled_at >= 5 * 5.0
+                assert UpstreamState.STALE in states
+                assert UpstreamState.CONNECTED not in states
+                assert not any(fresh_seen)
+                assert not up.is_fresh()
+                assert signals == ["stale"]  # told once; a reconnect is not "up"
+                updates = sink.updates
+                fake.resume()
+                await up.wait_for(lambda: up.state == UpstreamState.CONNECTED)
+                assert sink.updates > updates  # connected because data came, not because of a login
+                assert up.is_fresh()
+                assert signals == ["stale", "up"]
+                watcher.cancel_scope.cancel()
+
+
 async def test_heartbeats_alone_keep_a_quiet_feed_alive(autojump_clock):
     """A subscribed feed with heartbeats but no data is never declared stale."""
     async with fake_fmp(rate=0.0, heartbeat_interval=1.0, tick=0.5) as fake:

@@ -57,7 +57,8 @@ def test_the_status_line_follows_the_connection_and_the_upstream() -> None:
     board.apply(update("AAPL", 1, last_price=10.5))
     board.apply(Status(scope="client", state="disconnected", reason="closed 4008: slow", retry_after_ms=500))
     text = text_of(board)
-    assert "○ disconnected from ws://relay/prices: closed 4008: slow; retrying in 0.5s · upstream up" in text
+    # With no relay to ask, its upstream is unknown: a dead relay never shows a green "up".
+    assert "○ disconnected from ws://relay/prices: closed 4008: slow; retrying in 0.5s · upstream unknown" in text
     assert board.table().rows[0].style == "dim"  # a price we are not hearing about is not live
     board.apply(Status(scope="client", state="connected"))
     board.apply(Status(scope="client", state="gap", symbols=["AAPL"], epoch="e2"))
@@ -65,6 +66,29 @@ def test_the_status_line_follows_the_connection_and_the_upstream() -> None:
     text = text_of(board)
     assert "● connected" in text and "upstream down (fmp) · 1 reconnect · 1 updates" in text
     assert "upstream down: connection closed" in text
+    # Recovery clears the notice about the trouble it ends.
+    board.apply(Status(scope="upstream", state="stale", provider="fmp", reason="feed silent for 10s", symbols=["AAPL"]))
+    assert "upstream stale: feed silent for 10s" in text_of(board)
+    board.apply(Status(scope="upstream", state="up", provider="fmp", symbols=["AAPL"]))
+    text = text_of(board)
+    assert "upstream up (fmp)" in text and "feed silent" not in text and "connection closed" not in text
+
+
+async def test_watch_count_gives_up_on_an_unreachable_relay(capsys) -> None:
+    """A script's ``watch --count N`` against no relay exits 1 instead of retrying forever."""
+    with trio.socket.socket() as sock:  # a port that refuses: bound, never listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with trio.fail_after(20):
+            code = await watch(
+                f"ws://127.0.0.1:{port}/api/v2/realtime/ws/prices",
+                ["AAPL"],
+                count=1,
+                give_up_after=1.0,
+                console=Console(file=io.StringIO()),
+            )
+    assert code == 1
+    assert f"trio-relay watch: no connection to ws://127.0.0.1:{port}" in capsys.readouterr().err
 
 
 async def test_watch_renders_the_table_until_count(start_relay) -> None:
@@ -100,3 +124,19 @@ async def test_the_command_against_a_real_relay(start_relay) -> None:
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()
     assert "AAPL" in out and "sim" in out and "5 updates" in out
+
+
+async def test_the_command_exits_1_without_a_relay() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [sys.executable, "-m", "trio_relay", "watch", "AAPL", "--url", f"ws://127.0.0.1:{port}/x", "--count", "1",
+                 "--give-up-after", "1"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert done.returncode == 1
+    assert b"no connection to" in done.stderr

@@ -7,6 +7,7 @@ does not pay for the daemon's imports (Hypercorn, Quart, PyJWT...).
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,7 +16,10 @@ if TYPE_CHECKING:
     from .model import PriceState, Update
 
 __all__ = ["Config", "ConfigError", "load_config", "Relay", "run_relay", "PriceState", "Update"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("trio-relay")  # one source: pyproject.toml's [project] version
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _WHERE = {
     "Config": "config",

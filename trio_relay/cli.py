@@ -1,4 +1,9 @@
-"""Command line: ``trio-relay serve`` runs the daemon, ``trio-relay fake-fmp`` a local FMP server."""
+"""Command line: ``trio-relay serve`` runs the daemon; the other subcommands are its tools.
+
+``serve`` (the relay), ``watch`` (live prices in a terminal), ``record`` (ticks to a file for
+``--provider replay``), ``archive`` (a fleet's tick stream into the history) and ``fake-fmp``
+(a local server speaking FMP's protocol, for demos and tests).
+"""
 
 from __future__ import annotations
 
@@ -25,8 +30,15 @@ log = logging.getLogger("trio_relay.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trio-relay", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="trio-relay",
+        description="Relay one upstream market-data WebSocket to many browser clients.",
+        epilog="Run 'trio-relay COMMAND --help' for a command's options. Docs: README.md and docs/ in the project.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     serve = sub.add_parser("serve", help="run the relay daemon")
     serve.add_argument("--config", help="TOML config file (see config/trio-relay.toml)")
@@ -43,14 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--loop", action="store_true", default=None, help="for --provider replay: start again at the end")
     serve.add_argument("--workers", type=int, help="worker processes sharing one upstream connection (default 1)")
     serve.add_argument("--symbols", help="comma-separated symbols pinned upstream from the start")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
     fake = sub.add_parser("fake-fmp", help="run a local server that speaks FMP's protocol (for demos and tests)")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8765)
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    fake.add_argument("--port", type=int, default=8765, help="port to listen on (default: %(default)s)")
     fake.add_argument("--key", action="append", help="accepted API key (repeatable; default: demo-key)")
-    fake.add_argument("--rate", type=float, default=5.0, help="frames per second per subscribed symbol")
-    fake.add_argument("--seed", type=int, default=7)
+    fake.add_argument("--rate", type=float, default=5.0, help="frames per second per subscribed symbol (default: %(default)s)")
+    fake.add_argument("--seed", type=int, default=7, help="random seed of the simulated prices (default: %(default)s)")
     fake.add_argument(
         "--control",
         action="store_true",
@@ -66,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument("--config", help="TOML config file: [engine] redis_url and prefix, [history] the store")
     archive.add_argument("--group", default="history", help="the Redis consumer group (default: history)")
     archive.add_argument("--consumer", default="", help="this archiver's name in the group (default: the host name)")
-    archive.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    archive.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
     watch = sub.add_parser("watch", help="show live prices from a relay in a terminal table (Ctrl-C to quit)")
     watch.add_argument("symbols", nargs="+", help="symbols to watch: AAPL MSFT (or AAPL,MSFT)")
@@ -78,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="JWT for a relay with auth on (default: $TRIO_RELAY_TOKEN)")
     watch.add_argument("--batch", action="store_true", help="ask for batched frames (many symbols, high rates)")
     watch.add_argument("--count", type=int, metavar="N", help="exit after N price updates")
+    watch.add_argument(
+        "--give-up-after",
+        type=float,
+        metavar="SECONDS",
+        help="exit with status 1 when the relay cannot be reached for this long (default: 10 with --count, else never; 0 = never)",
+    )
     return parser
 
 

@@ -310,7 +310,8 @@ class HistoryConfig:
     # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
     # "sqlite" (embedded, a file in data_dir), "postgres" (postgres_dsn), or "off".
     backend: Literal["sqlite", "postgres", "off"] = "sqlite"
-    # Where the SQLite file lives (created if missing); relative to the working directory.
+    # Where the SQLite file lives (created if missing). A relative path is taken from
+    # $STATE_DIRECTORY when set (systemd's StateDirectory=), else from the working directory.
     data_dir: str = "data"
     # e.g. "postgresql://relay@127.0.0.1:5432/ticks". May hold a password: never logged or shown.
     postgres_dsn: str = attrs.field(default="", repr=False)
@@ -740,7 +741,29 @@ def load_config(
         if isinstance(exc, cattrs.BaseValidationError):
             raise ConfigError(_format_cattrs_error(exc)) from None
         raise ConfigError(f"config error: {exc}") from None
-    return _validate(config)
+    return _validate(_resolve_data_dirs(config, env.get("STATE_DIRECTORY", "")))
+
+
+def _resolve_data_dirs(config: Config, state_directory: str) -> Config:
+    """Relative ``data_dir`` settings live under systemd's ``$STATE_DIRECTORY`` when it is set.
+
+    Under the shipped unit (``StateDirectory=trio-relay``, ``ProtectSystem=strict``, no working
+    directory) the only writable place is ``/var/lib/trio-relay``: a relative ``data`` resolved
+    against the working directory (``/``) would be read-only. systemd may list several
+    directories separated by ``:``; the first is ours. An absolute ``data_dir`` is kept as set.
+    """
+    base = state_directory.split(":")[0]
+    if not base:
+        return config
+
+    def under(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(base, path)
+
+    return attrs.evolve(
+        config,
+        history=attrs.evolve(config.history, data_dir=under(config.history.data_dir)),
+        alerts=attrs.evolve(config.alerts, data_dir=under(config.alerts.data_dir)),
+    )
 
 
 _CREDENTIALS = {

@@ -38,6 +38,7 @@ from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
 from .providers.base import Provider
+from .startup import bind_problem, check_data_dirs
 from .upstream import Item, Upstream, UpstreamView
 
 __all__ = ["Relay", "run_relay", "make_provider", "make_providers", "SHUTDOWN_GRACE"]
@@ -201,9 +202,9 @@ def _listening_socket(config: Config) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(config.clients.stall_timeout * 1000))
         sock.bind((host, port))
         sock.listen(1024)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise bind_problem(host, port, exc) from None
     return sock
 
 
@@ -251,6 +252,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     shutdown = trio.Event()
     stop_server = trio.Event()
     ssl_context = tls_context(config.server)  # bad certificate or key files: fail before binding anything
+    check_data_dirs(config)  # an unwritable data directory: one line now, not a traceback later
     listener = _listening_socket(config)
     # Hypercorn serves the REST app on a private loopback port behind the front door.
     private = _private_socket()

@@ -79,4 +79,8 @@ def configure_logging(
     root.setLevel(level)
     # coredis reports each script's first load (a NOSCRIPT retry) at INFO: not news for operators.
     logging.getLogger("coredis").setLevel(logging.WARNING)
+    # Hypercorn serves REST on a private loopback port behind the front door; its INFO line
+    # "Running on http://127.0.0.1:<private port>" would be the log's first address and the
+    # wrong one. Its warnings and errors still come through.
+    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
     return handler

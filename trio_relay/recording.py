@@ -755,7 +755,7 @@ def add_record_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         description=(
             "Record every update of the given symbols from a provider into a recording file "
             "(JSON lines; gzip if the name ends in .gz), until --duration or Ctrl-C. "
-            "Play it back with `trio-relay serve` and upstream.provider = 'replay', replay.file = FILE."
+            "Play it back with 'trio-relay serve --provider replay --replay-file FILE'."
         ),
     )
     p.add_argument("--config", help="TOML config file (provider keys and settings)")
@@ -765,7 +765,7 @@ def add_record_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--raw", action="store_true", help="also record the raw upstream frames (network providers only)")
     p.add_argument("--duration", type=float, help="seconds to record (default: until Ctrl-C)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
     return p
 
 

@@ -41,6 +41,10 @@ class UpstreamState:
     STARTING = "starting"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+    # Logged in, but the feed went silent for wanted symbols (this session or the one before
+    # it) and no data has flowed since: a stalled provider that keeps accepting logins stays
+    # here across reconnects, and is never reported "connected" until data flows again.
+    STALE = "stale"
     BACKOFF = "backoff"
     AUTH_FAILED = "auth_failed"
     STOPPED = "stopped"
@@ -210,6 +214,9 @@ class Upstream:
         self.on_event: Callable[[str, str, str], None] | None = None
         self._signal = "starting"
         self._active_since = 0.0  # staleness is measured from max(last message, last subscribe)
+        # Set when a session ends because the feed went silent; cleared only by data (or by
+        # nothing being wanted any more). A reconnect alone does not clear it.
+        self._stalled = False
 
     @property
     def state(self) -> str:
@@ -220,6 +227,11 @@ class Upstream:
         self._state = value
         self._state_changed.set()
         self._state_changed = trio.Event()
+
+    @property
+    def in_session(self) -> bool:
+        """Logged in (fresh or stale): a session that can be closed cleanly."""
+        return self._state in (UpstreamState.CONNECTED, UpstreamState.STALE)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds after some change of state (or of active provider)."""
@@ -243,7 +255,7 @@ class Upstream:
         """
         self._stop.set()
         self._wake.set()
-        if self.state != UpstreamState.CONNECTED:
+        if not self.in_session:
             self._connect_scope.cancel()
 
     def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
@@ -266,7 +278,7 @@ class Upstream:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, self._rng)
         self._restart = True
         self._wake.set()
-        if self.state != UpstreamState.CONNECTED:
+        if not self.in_session:
             self._connect_scope.cancel()
 
     def message_age(self) -> float | None:
@@ -324,6 +336,8 @@ class Upstream:
                 if not self._restart and self._switch_to is None:
                     lost = auth_error or error
                     kind = "stale" if isinstance(lost, StaleFeed) else "down"
+                    if isinstance(lost, StaleFeed):
+                        self._stalled = True
                     self._emit(kind, _describe(lost) if lost is not None else "connection ended")
                 if self._switch_to is not None:
                     # The prober found a preferred provider healthy: fail back to it now.
@@ -486,7 +500,7 @@ class Upstream:
                 self._switch_to = index
                 self.switch_reason = f"{health.provider.name} healthy again for {self.config.failback_after:g}s"
                 self._wake.set()  # ends the active session cleanly (or the backoff wait)
-                if self.state != UpstreamState.CONNECTED:
+                if not self.in_session:
                     self._connect_scope.cancel()
                 await changed.wait()
                 backoff.reset()
@@ -550,17 +564,25 @@ class Upstream:
             self.last_message_at = now
             self._active_since = now
             self.subscribed = set()
-            self.state = UpstreamState.CONNECTED
-            self.last_error = ""
             self._connect_scope.deadline = math.inf
             if not self.provider.detects_stale:
                 # Nothing proves a quiet provider alive but the connection itself. One that sends
                 # heartbeats is healthy from its first message (see _read).
                 self._unhealthy_since = None
             health = self.chain[self.active]
-            health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
-            self._emit("up", "")
-            log.info("[CONNECT] connected to %s", self.provider.describe())
+            if self._stalled and self.provider.detects_stale:
+                # The last session stalled: logging in again proves nothing. Stay "stale" (and
+                # keep clients told so) until data flows; _read ends this.
+                self.state = UpstreamState.STALE
+                health.state, health.auth_failed_at = UpstreamState.STALE, None
+                log.info("[CONNECT] connected to %s; stale until data flows again", self.provider.describe())
+            else:
+                self._stalled = False
+                self.state = UpstreamState.CONNECTED
+                self.last_error = ""
+                health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
+                self._emit("up", "")
+                log.info("[CONNECT] connected to %s", self.provider.describe())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, session)
                 nursery.start_soon(self._reconcile, session)
@@ -581,8 +603,19 @@ class Upstream:
             if batch:
                 if self._unhealthy_since is not None:
                     self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
+                if self.state == UpstreamState.STALE:
+                    self._flowing("data flows again")
                 # May wait when the hub is behind: backpressure towards the provider is fine.
                 await send.send(batch)
+
+    def _flowing(self, why: str) -> None:
+        """A stale session is healthy again: report it connected, and tell the clients."""
+        self._stalled = False
+        self.state = UpstreamState.CONNECTED
+        self.last_error = ""
+        self.chain[self.active].state, self.chain[self.active].last_error = UpstreamState.CONNECTED, ""
+        self._emit("up", "")
+        log.info("[CONNECT] %s: %s", self.provider.name, why)
 
     def _malformed(self, exc: MalformedFrame) -> None:
         self.stats.malformed += 1
@@ -610,6 +643,8 @@ class Upstream:
                 await session.unsubscribe(remove)
                 self.subscribed.difference_update(remove)
                 log.info("[UNSUBSCRIBE] %d symbol(s): %s", len(remove), _short(remove))
+            if not wanted and self.state == UpstreamState.STALE:
+                self._flowing("nothing is wanted any more, so no data is missing")
             with trio.move_on_at(demand.next_expiry()):
                 await changed.wait()
 

@@ -88,13 +88,17 @@ class Board:
             elif event.state == "disconnected":
                 wait = f"; retrying in {event.retry_after_ms / 1000:.1f}s" if event.retry_after_ms is not None else ""
                 self.connection, self.connection_reason = "disconnected", f"{event.reason or ''}{wait}"
+                # With no relay to ask, nothing is known of its upstream: never a green "up".
+                self.upstream = "unknown"
             elif event.state == "gap":
                 self.notice = f"missed updates of {', '.join(event.symbols)} while away (the relay could not replay them)"
         elif event.scope == "upstream":
-            self.upstream = event.state
+            self.upstream = "up" if event.state == "failover" else event.state
             if event.provider:
                 self.provider = event.provider
-            if event.reason:
+            if event.state == "up" and self.notice.startswith("upstream "):
+                self.notice = ""  # the trouble it described is over
+            elif event.reason:
                 self.notice = f"upstream {event.state}: {event.reason}"
         elif event.scope == "symbols":
             if event.state == "stale":
@@ -170,12 +174,18 @@ async def watch(
     token: str | None = None,
     batch: bool = False,
     count: int | None = None,
+    give_up_after: float | None = None,
     console: Console | None = None,
 ) -> int:
-    """Show the table until Ctrl-C (or ``count`` price updates); the exit status."""
+    """Show the table until Ctrl-C (or ``count`` price updates); the exit status.
+
+    With ``give_up_after``, a relay that cannot be reached (never, or no longer) for that many
+    seconds ends the watch with status 1 instead of retrying forever: what a script needs.
+    """
     console = console if console is not None else Console()
     board = Board(url, symbols)
-    failure: RelayError | None = None
+    failure: RelayError | str | None = None
+    offline_since: float | None = trio.current_time()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -184,6 +194,19 @@ async def watch(
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
+
+            async def give_up() -> None:
+                nonlocal failure
+                assert give_up_after is not None
+                while True:
+                    await trio.sleep(min(0.25, give_up_after))
+                    if offline_since is not None and trio.current_time() - offline_since >= give_up_after:
+                        failure = f"no connection to {url} for {give_up_after:g}s ({board.connection_reason or board.connection})"
+                        nursery.cancel_scope.cancel()
+                        return
+
+            if give_up_after is not None:
+                nursery.start_soon(give_up)
             # auto_refresh off: no rich thread; the repaint task below is the only painter.
             with Live(board.render(), console=console, auto_refresh=False) as live:
                 changed = trio.Event()
@@ -201,6 +224,10 @@ async def watch(
                     async with client.connect(url, symbols, token=token, batch=batch) as feed:
                         async for event in feed:
                             board.apply(event)
+                            if board.connection == "connected":
+                                offline_since = None
+                            elif offline_since is None:
+                                offline_since = trio.current_time()
                             changed.set()
                             if count is not None and board.updates >= count:
                                 break
@@ -211,6 +238,9 @@ async def watch(
             if not console.is_terminal:
                 console.line()  # the last render ends without one when it is not a terminal
             nursery.cancel_scope.cancel()
+    if isinstance(failure, str):
+        print(f"trio-relay watch: {failure}", file=sys.stderr)
+        return 1
     if failure is not None:
         hint = "; pass a fresh --token" if isinstance(failure, TokenExpired) else ""
         print(f"trio-relay watch: {failure}{hint}", file=sys.stderr)
@@ -223,6 +253,13 @@ def main(args: argparse.Namespace) -> int:
     symbols = list(dict.fromkeys(s.strip().upper() for arg in args.symbols for s in arg.split(",") if s.strip()))
     token = args.token or os.environ.get("TRIO_RELAY_TOKEN") or None
     try:
-        return trio.run(lambda: watch(args.url, symbols, token=token, batch=args.batch, count=args.count))
+        give_up = args.give_up_after
+        if give_up is None and args.count is not None:
+            give_up = 10.0  # a script waiting for N updates must not wait forever for no relay
+        if give_up is not None and give_up <= 0:
+            give_up = None
+        return trio.run(
+            lambda: watch(args.url, symbols, token=token, batch=args.batch, count=args.count, give_up_after=give_up)
+        )
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
         return 0

@@ -36,6 +36,7 @@ from .config import (
 )
 from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
+from .startup import bind_problem
 
 __all__ = ["run_workers", "Workers"]
 
@@ -167,7 +168,11 @@ async def run_workers(config: Config, *, task_status: trio.TaskStatus[Workers] =
     reserve = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserve.bind((host, port))
+    try:
+        reserve.bind((host, port))
+    except OSError as exc:
+        reserve.close()
+        raise bind_problem(host, port, exc) from None
     port = reserve.getsockname()[1]
     shutdown = trio.Event()
     stopping = trio.Event()

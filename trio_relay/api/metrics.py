@@ -128,6 +128,13 @@ def make_registry(ctx: RelayContext) -> CollectorRegistry:
     return registry
 
 
+# The text exposition format that generate_latest writes, named exactly once: Prometheus 2.x
+# and strict scrapers read "text/plain; version=0.0.4". (prometheus_client's CONTENT_TYPE_LATEST
+# says version=1.0.0, which older servers do not know, and a mimetype= response would append a
+# second charset to it.)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -21,6 +20,7 @@ from ..fleet import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .history_routes import register_history
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import make_registry, render
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .portfolio_routes import register_portfolios
@@ -192,7 +192,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus metrics: upstream, messages, clients, latency (no per-client or per-symbol labels)."""
-        return Response(render(registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(render(registry), content_type=METRICS_CONTENT_TYPE)
 
     @app.get(PREFIX + "/health/live")
     async def live() -> Response:

@@ -144,6 +144,7 @@ const feed = new RelayFeed(wsUrl.href, {
           dirty.add(symbol);
         }
       }
+      statusDirty = true;  // the badge reads the rows' staleness too
     } else if (msg.scope === "relay" && msg.state === "closing") {
       showNotice("the relay is restarting; reconnecting shortly");
     }
@@ -787,6 +788,12 @@ function renderStatus(now) {
       if (upstream.state === "down" || upstream.state === "stale") {
         state = "upstream-down";
         text = `upstream ${upstream.state}: ${upstream.provider}${upstream.reason ? ` — ${upstream.reason}` : ""}`;
+        title = text;
+      } else if (quotes.size > 0 && [...quotes.values()].every((quote) => quote.stale)) {
+        // Every row the relay has flagged stale: whatever the upstream reports, nothing here is
+        // live, and the badge must not say otherwise.
+        state = "upstream-down";
+        text = "stale: no updates for any symbol";
         title = text;
       } else {
         text = "live";
