@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench clean system-deps package-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,18 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/trio-relay serve --config config/trio-relay.toml $(ARGS)
 
-test: $(STAMP)
+# Debian's Chromium, Prometheus and systemd-analyze for the tests that drive them (installed when
+# missing and we are root; otherwise it says what to run and those tests skip).
+system-deps:
+	@bash .ci/system-deps
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The built wheel in a fresh venv without extras, started as the systemd unit would; the unit
+# checked with systemd-analyze (CI runs this after the tests).
+package-check:
+	bash .ci/package-check
 
 # One benchmark scenario (see bench/README.md for the others): make bench PRESET=heavy-batch
 PRESET ?= heavy

@@ -1,0 +1,135 @@
+"""Alerts in the running relay: rules evaluated on the hub's updates, fired alerts delivered.
+
+A fired alert goes to every WebSocket connection of its owner (``{"type":"alert",...}``, never
+conflated), to the rule's webhook (if any; :class:`~trio_relay.alerts.WebhookSender`), and to
+the store (fired alerts and the rule's new state survive a restart). Nothing here waits in the
+hub's path: evaluation is synchronous and cheap (:class:`~trio_relay.alerts.AlertEngine`), and
+what must reach the database goes through a bounded channel to one writer task (full: counted,
+logged, never blocking).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookSender
+from .model import Update, ws_text_frame
+from .portfolio_service import owner_of
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["AlertService"]
+
+log = logging.getLogger("trio_relay.alerts")
+
+# Store operations waiting for the writer task.
+STORE_QUEUE = 10_000
+
+_encoder = msgspec.json.Encoder()
+
+_Op = tuple[str, Any, Any]  # ("save", rule, None) | ("delete", rule_id, None) | ("fired", alert, rule)
+
+
+class AlertService:
+    def __init__(self, hub: Hub, engine: AlertEngine, store: AlertStore, sender: WebhookSender) -> None:
+        self.hub = hub
+        self.engine = engine
+        self.store = store
+        self.sender = sender
+        self.store_dropped = 0
+        self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
+        self._written = trio.Event()  # the writer task took everything and ended
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.sender.run)
+            nursery.start_soon(self._write)
+            nursery.start_soon(self._stale_checks)
+            task_status.started()
+
+    # ------------------------------------------------------------------ rules
+    def create(self, owner: str, data: Mapping[str, Any] | bytes | str) -> Rule:
+        """Validate and add a rule (:class:`RuleError` if refused); it is saved in the background."""
+        rule = self.engine.create(owner, data, cache=self.hub.cache)
+        self._queue(("save", rule, None))
+        log.info("[ALERT] %s created rule %s on %s", owner, rule.id, rule.symbol)
+        return rule
+
+    def delete(self, owner: str, rule_id: str) -> Rule:
+        rule = self.engine.remove(owner, rule_id)
+        if rule is None:
+            raise RuleError("not_found", f"no alert rule {rule_id[:20]!r}")
+        self._queue(("delete", rule_id, None))
+        return rule
+
+    def rules(self, owner: str) -> list[Rule]:
+        return self.engine.rules(owner)
+
+    # ------------------------------------------------------------------ evaluation
+    def on_update(self, update: Update) -> None:
+        """Hub callback: a dict lookup for symbols without rules."""
+        if update.symbol not in self.engine.symbols:
+            return
+        state = self.hub.cache.get(update.symbol)
+        if state is None:
+            return
+        for alert in self.engine.on_update(update, state):
+            self._fire(alert)
+
+    async def _stale_checks(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for alert in self.engine.check_stale():
+                self._fire(alert)
+
+    def _fire(self, alert: FiredAlert) -> None:
+        frame = ws_text_frame(_encoder.encode(alert))
+        for client in list(self.hub.clients.values()):
+            if owner_of(client) == alert.owner:
+                if not client.outbox.put_control(frame):
+                    client.close(1008, "too many unread replies")
+        rule = self.engine.get(alert.rule_id)
+        self._queue(("fired", alert, rule))
+        webhook = getattr(rule, "webhook", None) if rule is not None else None
+        if webhook:
+            self.sender.offer(alert, webhook)
+
+    # ------------------------------------------------------------------ store
+    def _queue(self, op: _Op) -> None:
+        try:
+            self._send.send_nowait(op)
+        except trio.ClosedResourceError:
+            log.warning("[ALERT] shutting down: %s not saved", op[0])
+        except trio.WouldBlock:
+            self.store_dropped += 1
+            if self.store_dropped <= 10 or self.store_dropped % 1000 == 0:
+                log.warning("[ALERT] store queue full: %s not saved (%d so far)", op[0], self.store_dropped)
+
+    async def aclose(self) -> None:
+        """Stop taking store operations and wait for the writer to save those already queued."""
+        self._send.close()
+        await self._written.wait()
+
+    async def _write(self) -> None:
+        try:
+            await self._write_all()
+        finally:
+            self._written.set()
+
+    async def _write_all(self) -> None:
+        async for op, subject, extra in self._receive:
+            try:
+                if op == "save":
+                    await self.store.save_rule(subject)
+                elif op == "delete":
+                    await self.store.delete_rule(subject)
+                else:
+                    await self.store.record_fired(subject, extra)
+            except Exception:
+                log.exception("[ALERT] could not store a %s", op)

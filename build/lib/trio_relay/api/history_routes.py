@@ -1,0 +1,157 @@
+"""REST routes over the tick history: ``/history/{symbol}`` (ticks) and ``/bars/{symbol}`` (OHLCV).
+
+Times are ISO 8601 or epoch milliseconds (UTC); the window is ``[start, end)`` in event time.
+Without ``end`` it is now; without ``start`` it is one hour (ticks) or ``limit`` bars (bars)
+before ``end``. Ticks are paginated with an opaque ``cursor`` (``next_cursor`` of the previous
+page, same window); bars with ``next_start``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from ..bars import INTERVALS, Bar, bars_from_trades
+from ..history import HistoryUnavailable, InvalidCursor, Tick
+from ..model import SYMBOL_RE
+from ..timeparse import TimeError, parse_time
+from .responses import error_response, json_response
+
+if TYPE_CHECKING:
+    from .app import RelayContext
+
+__all__ = ["register_history", "TicksPage", "BarsPage", "MAX_LIMIT", "MAX_TRADES"]
+
+MAX_LIMIT = 10_000  # ticks or bars per page
+DEFAULT_LIMIT = 1_000
+DEFAULT_TICKS_WINDOW_MS = 3_600_000
+# Trades read to build one page of bars; beyond, the request must ask for a narrower window.
+MAX_TRADES = 2_000_000
+
+class TicksPage(msgspec.Struct, forbid_unknown_fields=True):
+    """One page of stored ticks, oldest first."""
+
+    symbol: str
+    start: int
+    end: int
+    count: int
+    ticks: list[Tick]
+    next_cursor: str | None
+
+
+class BarsPage(msgspec.Struct, forbid_unknown_fields=True):
+    """OHLCV bars built from the stored trades, oldest first (an interval without trades has none)."""
+
+    symbol: str
+    interval: str
+    start: int
+    end: int
+    count: int
+    bars: list[Bar]
+    next_start: int | None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+
+
+def _symbol(raw: str) -> str:
+    symbol = raw.strip().upper()
+    if not SYMBOL_RE.match(symbol):
+        raise _BadRequest(400, "invalid_symbols", f"invalid symbol {raw[:24]!r}")
+    if not g.principal.may_subscribe(symbol):
+        raise _BadRequest(403, "forbidden_symbols", f"your token does not allow {symbol!r}")
+    return symbol
+
+
+def _limit() -> int:
+    raw = request.args.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _BadRequest(400, "invalid_range", f"'limit' must be an integer from 1 to {MAX_LIMIT} (got {raw[:20]!r})")
+    return int(raw)
+
+
+def _window(default_span_ms: int) -> tuple[int, int]:
+    try:
+        end = parse_time(request.args["end"], "end") if "end" in request.args else time.time_ns() // 1_000_000
+        start = parse_time(request.args["start"], "start") if "start" in request.args else end - default_span_ms
+    except TimeError as exc:
+        raise _BadRequest(400, "invalid_range", str(exc)) from None
+    if start >= end:
+        raise _BadRequest(400, "invalid_range", f"'start' ({start}) must be before 'end' ({end})")
+    return start, end
+
+
+def register_history(app: QuartTrio, ctx: RelayContext) -> None:
+    prefix = "/api/v2/realtime"
+
+    def store_orerror_response() -> Any:
+        if ctx.history_store is None:
+            raise _BadRequest(404, "history_off", "tick history is off (history.backend = \"off\")")
+        return ctx.history_store
+
+    @app.get(prefix + "/history/<symbol>")
+    async def history_ticks(symbol: str) -> Response:
+        """Stored ticks of a symbol (every update: trades, quotes, breaks), paginated.
+
+        Query: `start`, `end` (ISO 8601 or epoch ms; default the last hour), `limit` (1..10000,
+        default 1000), `cursor` (the previous page's `next_cursor`, same window).
+        """
+        try:
+            name = _symbol(symbol)
+            start, end = _window(DEFAULT_TICKS_WINDOW_MS)
+            limit = _limit()
+            store = store_orerror_response()
+            ticks, cursor = await store.ticks(name, start, end, limit, after=request.args.get("cursor"))
+        except _BadRequest as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except InvalidCursor:
+            return error_response(400, "invalid_cursor", "'cursor' is not a next_cursor this relay gave (same window)")
+        except HistoryUnavailable:
+            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+        return json_response(TicksPage(name, start, end, len(ticks), ticks, cursor))
+
+    @app.get(prefix + "/bars/<symbol>")
+    async def history_bars(symbol: str) -> Response:
+        """OHLCV bars of a symbol built from its stored trades.
+
+        Query: `interval` (1s, 1m, 5m or 1h; default 1m), `start`, `end` (ISO 8601 or epoch ms;
+        default: the `limit` bars before now), `limit` (1..10000, default 1000). A bar is
+        `complete` when its whole interval lies inside the window. More bars than `limit` in the
+        window: the first `limit`, and `next_start` to ask for the rest.
+        """
+        try:
+            name = _symbol(symbol)
+            interval = request.args.get("interval", "1m")
+            if interval not in INTERVALS:
+                raise _BadRequest(400, "invalid_interval", f"'interval' must be one of {', '.join(INTERVALS)}")
+            step = INTERVALS[interval]
+            limit = _limit()
+            start, end = _window(step * limit)
+            store = store_orerror_response()
+            first = start - start % step  # whole intervals: the first bar starts on its boundary
+            rows = await store.trades(name, first, end, limit=MAX_TRADES + 1)
+        except _BadRequest as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except HistoryUnavailable:
+            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+        if len(rows) > MAX_TRADES:
+            return error_response(
+                400, "invalid_range", f"more than {MAX_TRADES} trades in that window; ask for a shorter one"
+            )
+        bars = bars_from_trades(rows, interval, first, end)
+        next_start = None
+        if len(bars) > limit:
+            next_start = bars[limit].start_ms
+            del bars[limit:]
+        return json_response(BarsPage(name, interval, start, end, len(bars), bars, next_start))

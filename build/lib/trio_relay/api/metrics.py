@@ -1,0 +1,141 @@
+"""Prometheus metrics, read from the relay's own counters at scrape time.
+
+Nothing is instrumented per update: a collector turns the hub's, the upstream's and the outboxes'
+state into metric families when Prometheus asks. Label cardinality is bounded: no per-client or
+per-symbol labels; the upstream state is one gauge per possible state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..fleet import FleetUpstream, RedisEngine
+from ..upstream import UpstreamState
+
+if TYPE_CHECKING:
+    from .app import RelayContext
+
+__all__ = ["RelayCollector", "render"]
+
+QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STATES = [v for k, v in vars(UpstreamState).items() if k.isupper()]
+
+
+class RelayCollector(Collector):
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        from .. import __version__
+
+        hub, upstream = self.ctx.hub, self.ctx.upstream
+        stats = hub.stats
+        info = GaugeMetricFamily("trio_relay_build_info", "Build information", labels=["version", "provider"])
+        info.add_metric([__version__, self.ctx.provider_name], 1)
+        yield info
+        yield GaugeMetricFamily("trio_relay_start_time_seconds", "Start time (Unix epoch)", value=self.ctx.started_at)
+        yield GaugeMetricFamily("trio_relay_upstream_up", "1 when the upstream is connected and fresh", value=int(upstream.is_fresh()))
+        state = GaugeMetricFamily("trio_relay_upstream_state", "Upstream state (1 for the current one)", labels=["state"])
+        for name in STATES:
+            state.add_metric([name], int(upstream.state == name))
+        yield state
+        age = upstream.message_age()
+        yield GaugeMetricFamily(
+            "trio_relay_upstream_last_message_age_seconds", "Seconds since the last upstream frame", value=age if age is not None else float("nan")
+        )
+        yield GaugeMetricFamily("trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed))
+        writer = self.ctx.history_writer
+        if writer is not None:
+            yield CounterMetricFamily("trio_relay_history_written", "Updates written to the tick history", value=writer.written)
+            yield CounterMetricFamily(
+                "trio_relay_history_dropped", "Updates the tick history could not take (database slow or down)", value=writer.dropped
+            )
+            yield GaugeMetricFamily("trio_relay_history_pending", "Updates waiting for the database", value=writer.pending)
+            history_state = GaugeMetricFamily(
+                "trio_relay_history_state", "Tick history writer state (1 for the current one)", labels=["state"]
+            )
+            for name in ("ok", "degraded", "down"):
+                history_state.add_metric([name], int(writer.state == name))
+            yield history_state
+        active = GaugeMetricFamily(
+            "trio_relay_upstream_provider_active", "1 for the provider in use (failover chain order)", labels=["provider"]
+        )
+        for i, health in enumerate(upstream.chain):
+            active.add_metric([health.provider.name], int(i == upstream.active))
+        yield active
+        for name, doc, value in (
+            ("upstream_reconnects", "Upstream reconnections", upstream.reconnects),
+            ("upstream_failovers", "Switches between providers of the failover chain", upstream.switches),
+            ("updates_in", "Normalized upstream updates received by the hub", stats.updates_in),
+            ("messages_out", "price_update messages handed to client queues", stats.messages_out),
+            ("dropped", "Updates dropped (unwanted symbol, or lost with a closed client)", stats.dropped),
+            ("conflated", "Updates replaced by a newer one in a full client queue", hub.conflated_total()),
+            ("coalesced", "Backlogged upstream updates merged before routing", stats.coalesced),
+            ("malformed", "Upstream frames that could not be decoded", stats.malformed),
+            ("callback_errors", "Exceptions raised by update callbacks", stats.callback_errors),
+            ("callback_dropped", "Updates a slow async callback missed", stats.callback_dropped),
+            ("slow_clients_closed", "Clients closed for making no progress", stats.slow_clients_closed),
+            ("clients_connected", "Client connections accepted", stats.clients_total),
+        ):
+            yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
+        if isinstance(upstream, FleetUpstream):
+            yield from _fleet_metrics(upstream.engine)
+        clients = list(hub.clients.values())
+        yield GaugeMetricFamily("trio_relay_clients", "Connected WebSocket clients", value=len(clients))
+        yield GaugeMetricFamily("trio_relay_cached_symbols", "Symbols in the cache", value=len(hub.cache))
+        depths = sorted(len(c.outbox) for c in clients)
+        buckets, i = [], 0
+        for bound in QUEUE_BUCKETS:
+            while i < len(depths) and depths[i] <= bound:
+                i += 1
+            buckets.append((str(bound), i))
+        buckets.append(("+Inf", len(depths)))
+        yield HistogramMetricFamily(
+            "trio_relay_client_queue_depth", "Pending messages per client (at scrape time)", buckets=buckets, sum_value=sum(depths)
+        )
+        latency = hub.latency
+        yield HistogramMetricFamily(
+            "trio_relay_delivery_latency_seconds",
+            "Oldest message of a flush: queued for a client until written to its socket",
+            buckets=latency.cumulative(),
+            sum_value=latency.sum,
+        )
+
+
+def _fleet_metrics(engine: RedisEngine) -> Iterator[Metric]:
+    """engine.backend = "redis": this relay's part in the fleet."""
+    yield GaugeMetricFamily("trio_relay_fleet_redis_up", "1 while this relay is connected to the fleet's Redis", value=int(engine.redis_state == "up"))
+    yield GaugeMetricFamily("trio_relay_fleet_holder", "1 while this relay holds the fleet's upstream connection", value=int(engine.role == "holder"))
+    for name, doc, value in (
+        ("fleet_redis_outages", "Times this relay lost Redis", engine.redis_outages),
+        ("fleet_terms", "Times this relay became the upstream holder", engine.terms),
+        ("fleet_batches_received", "Fan-out messages received from Redis", engine.batches_in),
+        ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", engine.duplicates),
+        ("fleet_stale_token_dropped", "Fan-out messages of an older holder dropped", engine.stale_batches),
+        ("fleet_updates_published", "Updates published to the fleet while holding the upstream", engine.updates_out),
+    ):
+        yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
+
+
+def make_registry(ctx: RelayContext) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)  # one per app: no process-global state
+    registry.register(RelayCollector(ctx))
+    return registry
+
+
+# The text exposition format that generate_latest writes, named exactly once: Prometheus 2.x
+# and strict scrapers read "text/plain; version=0.0.4". (prometheus_client's CONTENT_TYPE_LATEST
+# says version=1.0.0, which older servers do not know, and a mimetype= response would append a
+# second charset to it.)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+

@@ -1,0 +1,153 @@
+"""REST routes for portfolios (per user: the token's subject, or "anonymous" with auth off).
+
+- ``GET /portfolios``: the user's portfolios (positions only).
+- ``POST /portfolios`` ``{"name":"main","positions":[{"symbol":"AAPL","quantity":100,"cost_basis":150}]}``.
+- ``GET /portfolios/{name}``: the portfolio valued now (the same message as the WebSocket channel).
+- ``DELETE /portfolios/{name}``.
+- ``PUT /portfolios/{name}/positions/{symbol}`` ``{"quantity":100,"cost_basis":150}`` (0 removes it).
+- ``DELETE /portfolios/{name}/positions/{symbol}``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from ..portfolio import Portfolio, PortfolioError, check_name, check_symbol, make_position, valuate
+from .responses import error_response, json_response
+
+if TYPE_CHECKING:
+    from .app import RelayContext
+
+__all__ = ["register_portfolios", "PortfolioBody", "PortfolioList"]
+
+MAX_BODY_POSITIONS = 1000
+
+class PositionBody(msgspec.Struct, forbid_unknown_fields=True):
+    symbol: str
+    quantity: float
+    cost_basis: float
+
+
+class PortfolioBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A portfolio's positions (not valued)."""
+
+    name: str
+    positions: list[PositionBody]
+
+
+class PortfolioList(msgspec.Struct, forbid_unknown_fields=True):
+    portfolios: list[PortfolioBody]
+
+
+def _error(exc: PortfolioError) -> Response:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+def _body(portfolio: Portfolio) -> PortfolioBody:
+    return PortfolioBody(
+        portfolio.name, [PositionBody(p.symbol, p.quantity, p.cost_basis) for p in portfolio.positions]
+    )
+
+
+async def _json_object() -> dict[str, Any]:
+    try:
+        body = msgspec.json.decode(await request.get_data())
+    except msgspec.DecodeError:
+        raise PortfolioError("invalid_json", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise PortfolioError("invalid_json", "the body must be a JSON object")
+    return body
+
+
+def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
+    prefix = "/api/v2/realtime/portfolios"
+
+    def service() -> Any:
+        if ctx.portfolios is None:
+            raise PortfolioError("not_found", "portfolios are off on this relay (alerts.enabled = false)")
+        return ctx.portfolios
+
+    def owner() -> str:
+        return str(g.principal.subject)
+
+    @app.get(prefix)
+    async def portfolios_list() -> Response:
+        """The caller's portfolios and their positions."""
+        try:
+            found = await service().store.list_portfolios(owner())
+        except PortfolioError as exc:
+            return _error(exc)
+        return json_response(PortfolioList([_body(p) for p in found]))
+
+    @app.post(prefix)
+    async def portfolios_create() -> Response:
+        """Create a portfolio: `{"name":"main","positions":[{"symbol","quantity","cost_basis"}...]}`."""
+        try:
+            body = await _json_object()
+            raw = body.get("positions", [])
+            if not isinstance(raw, list) or len(raw) > MAX_BODY_POSITIONS:
+                raise PortfolioError("invalid_json", f"'positions' must be a list of at most {MAX_BODY_POSITIONS}")
+            positions = []
+            for item in raw:
+                if not isinstance(item, dict):
+                    raise PortfolioError("invalid_json", "each position is an object: symbol, quantity, cost_basis")
+                positions.append(make_position(item.get("symbol"), item.get("quantity"), item.get("cost_basis")))
+            created = await service().store.create(owner(), check_name(body.get("name")), positions)
+        except PortfolioError as exc:
+            return _error(exc)
+        return json_response(_body(created))
+
+    @app.get(prefix + "/<name>")
+    async def portfolio_value(name: str) -> Response:
+        """The portfolio valued now at the relay's prices (as the WebSocket `portfolio` channel sends it)."""
+        try:
+            svc = service()
+            portfolio = await svc.store.get(owner(), check_name(name))
+            if portfolio is None:
+                raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
+        except PortfolioError as exc:
+            return _error(exc)
+        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open))
+
+    @app.delete(prefix + "/<name>")
+    async def portfolio_delete(name: str) -> Response:
+        """Delete a portfolio (its live streams end with a not_found error)."""
+        try:
+            svc = service()
+            checked = check_name(name)
+            if not await svc.store.delete(owner(), checked):
+                raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
+        except PortfolioError as exc:
+            return _error(exc)
+        svc.changed(owner(), checked, None)
+        return json_response({"status": "deleted", "name": checked})
+
+    @app.put(prefix + "/<name>/positions/<symbol>")
+    async def position_put(name: str, symbol: str) -> Response:
+        """Set a position: `{"quantity": 100, "cost_basis": 150.0}` (quantity 0 removes it)."""
+        try:
+            svc = service()
+            body = await _json_object()
+            position = make_position(symbol, body.get("quantity"), body.get("cost_basis"))
+            checked = check_name(name)
+            portfolio = await svc.store.put_position(owner(), checked, position)
+        except PortfolioError as exc:
+            return _error(exc)
+        svc.changed(owner(), checked, portfolio)
+        return json_response(_body(portfolio))
+
+    @app.delete(prefix + "/<name>/positions/<symbol>")
+    async def position_delete(name: str, symbol: str) -> Response:
+        """Remove a position."""
+        try:
+            svc = service()
+            checked = check_name(name)
+            portfolio = await svc.store.delete_position(owner(), checked, check_symbol(symbol))
+        except PortfolioError as exc:
+            return _error(exc)
+        svc.changed(owner(), checked, portfolio)
+        return json_response(_body(portfolio))

@@ -1,0 +1,157 @@
+"""Live OHLCV bars over the client WebSocket: the ``bars`` channel.
+
+``{"action":"subscribe","symbols":["AAPL"],"channel":"bars","interval":"1m"}`` subscribes a client
+to the symbol's 1-minute bars: each completed bar (``{"type":"bar",...,"complete":true}``) as it
+closes, and the bar in progress (``complete:false``) at most once a second while it changes.
+Ticks stay the default channel, so the seed's clients are unchanged.
+
+A symbol's bars are built from the trades the relay sees once someone subscribes to its bars; a
+bar is sent only if no trade of its interval can have been missed, i.e. its interval starts at or
+after the first trade seen (a bar built from half an interval's trades would lie). This works in
+event time, so replayed recordings get bars too. Earlier bars come from
+``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from .bars import INTERVALS, Bar, BarBuilder
+from .model import TRADE, Update, control, ws_text_frame
+
+if TYPE_CHECKING:
+    from .hub import Client, Hub, Outbox
+
+__all__ = ["BarChannel", "FLUSH_GRACE_MS"]
+
+log = logging.getLogger("trio_relay.bars")
+
+# A bar is closed by the clock this long after its interval ended (event timestamps lag the
+# wall clock a little); a later trade of the symbol closes it earlier.
+FLUSH_GRACE_MS = 2_000
+
+_encoder = msgspec.json.Encoder()
+_NO_TRADE_YET = 1 << 62  # later than any bar: nothing is whole before the first trade
+
+
+class BarChannel:
+    """Bar subscriptions and the one :class:`BarBuilder` that feeds them; owned by the hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.builder = BarBuilder(INTERVALS)
+        self.subs: dict[tuple[str, str], set[Outbox]] = {}
+        # Symbol → event time (epoch ms) from which its bars are whole: its first trade seen.
+        self.symbols: dict[str, int] = {}
+        self._sent_open: dict[tuple[str, str], Bar] = {}
+        self._keys = itertools.count()
+
+    # ------------------------------------------------------------------ subscriptions
+    def subscribe(self, client: Client, symbols: list[str], interval: str) -> list[str]:
+        """Subscribe ``client`` to ``interval`` bars of ``symbols``; the symbols that were new."""
+        pairs = [(s, interval) for s in dict.fromkeys(symbols) if (s, interval) not in client.bars]
+        self.hub.check_capacity(client, len(pairs))
+        outbox = client.outbox
+        for pair in pairs:
+            client.bars.add(pair)
+            self.subs.setdefault(pair, set()).add(outbox)
+            self.symbols.setdefault(pair[0], _NO_TRADE_YET)
+        self.hub.demand.acquire([s for s, _ in pairs])
+        self.hub.send_control(
+            client, control("subscribed", symbols=list(dict.fromkeys(symbols)), channel="bars", interval=interval)
+        )
+        for symbol, _ in pairs:
+            bar = self.builder.current(symbol, interval)
+            if bar is not None and self._whole(bar):
+                outbox.put(self._open_key(symbol, interval), self._frame(bar))
+        return [s for s, _ in pairs]
+
+    def unsubscribe(self, client: Client, symbols: list[str], interval: str | None) -> list[tuple[str, str]]:
+        """Drop ``client``'s bars of ``symbols`` (every interval when ``interval`` is None)."""
+        wanted = set(symbols)
+        pairs = [p for p in client.bars if p[0] in wanted and (interval is None or p[1] == interval)]
+        self._remove(client, pairs)
+        client.outbox.discard({self._key_prefix(s, i) for s, i in pairs} | {self._open_key(s, i) for s, i in pairs})
+        self.hub.send_control(
+            client,
+            control("unsubscribed", symbols=list(dict.fromkeys(symbols)), channel="bars", interval=interval),
+        )
+        return pairs
+
+    def disconnect(self, client: Client) -> None:
+        self._remove(client, list(client.bars))
+
+    def _remove(self, client: Client, pairs: list[tuple[str, str]]) -> None:
+        for pair in pairs:
+            client.bars.discard(pair)
+            outboxes = self.subs.get(pair)
+            if outboxes is not None:
+                outboxes.discard(client.outbox)
+                if not outboxes:
+                    del self.subs[pair]
+                    self._sent_open.pop(pair, None)
+        self.hub.demand.release([s for s, _ in pairs])
+        still = {s for s, _ in self.subs}
+        for symbol, _ in pairs:
+            if symbol not in still and symbol in self.symbols:
+                del self.symbols[symbol]
+                self.builder.forget(symbol)
+
+    # ------------------------------------------------------------------ data
+    def feed(self, update: Update) -> None:
+        """A trade of a symbol someone wants bars of (the hub calls it only for those)."""
+        if update.kind != TRADE:
+            return
+        if self.symbols[update.symbol] == _NO_TRADE_YET:
+            self.symbols[update.symbol] = update.timestamp
+        for bar in self.builder.add(update):
+            self._send_closed(bar)
+
+    async def run(self) -> None:
+        """Once a second: close the bars whose interval is over, send the changed open bars."""
+        while True:
+            await trio.sleep(1.0)
+            if not self.symbols:
+                continue
+            for bar in self.builder.flush(time.time_ns() // 1_000_000 - FLUSH_GRACE_MS):
+                self._send_closed(bar)
+            for (symbol, interval), outboxes in self.subs.items():
+                current = self.builder.current(symbol, interval)
+                if current is None or not self._whole(current) or self._sent_open.get((symbol, interval)) == current:
+                    continue
+                self._sent_open[(symbol, interval)] = current
+                frame = self._frame(current)
+                key = self._open_key(symbol, interval)
+                for outbox in outboxes:
+                    outbox.put(key, frame)  # one pending per pair: conflated to the newest
+
+    def _send_closed(self, bar: Bar) -> None:
+        outboxes = self.subs.get((bar.symbol, bar.interval))
+        if not outboxes or not self._whole(bar):
+            return
+        frame = self._frame(bar)
+        key = (self._key_prefix(bar.symbol, bar.interval), next(self._keys))  # never conflated
+        for outbox in outboxes:
+            outbox.put(key, frame)
+        self.hub.stats.messages_out += len(outboxes)
+
+    def _whole(self, bar: Bar) -> bool:
+        return bar.start_ms >= self.symbols.get(bar.symbol, _NO_TRADE_YET)
+
+    @staticmethod
+    def _frame(bar: Bar) -> bytes:
+        return ws_text_frame(_encoder.encode(bar))
+
+    @staticmethod
+    def _key_prefix(symbol: str, interval: str) -> str:
+        return f"bar:{symbol}:{interval}"
+
+    @staticmethod
+    def _open_key(symbol: str, interval: str) -> str:
+        return f"bar-open:{symbol}:{interval}"

@@ -1,0 +1,868 @@
+"""Configuration: attrs classes, one cattrs converter, TOML file < environment < command line.
+
+Precedence (lowest first): built-in defaults, the TOML file, ``TRIO_RELAY_<SECTION>_<KEY>``
+environment variables (and ``FMP_API_KEY``), command-line flags. A ``.env`` file in the working
+directory is read as if its lines were environment variables (the real environment wins).
+
+Every problem is reported as :class:`ConfigError` whose message names the key, e.g.
+``config error: server.port: must be between 0 and 65535 (got 70000)``.
+"""
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, override
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ServerConfig",
+    "UpstreamConfig",
+    "FmpConfig",
+    "SimConfig",
+    "RelayConfig",
+    "FinnhubConfig",
+    "AlpacaConfig",
+    "PolygonConfig",
+    "PROVIDERS",
+    "ClientsConfig",
+    "AuthConfig",
+    "HistoryConfig",
+    "AlertsConfig",
+    "PortfolioConfig",
+    "ReplayConfig",
+    "LimitsConfig",
+    "LoggingConfig",
+    "load_config",
+    "read_dotenv",
+]
+
+ENV_PREFIX = "TRIO_RELAY_"
+
+FMP_URLS = {
+    "stocks": "wss://websockets.financialmodelingprep.com",
+    "crypto": "wss://crypto.financialmodelingprep.com",
+    "forex": "wss://forex.financialmodelingprep.com",
+}
+
+
+FINNHUB_URL = "wss://ws.finnhub.io"
+ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
+POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
+
+# Every upstream the relay can use. "massive" is accepted as another name for "polygon".
+PROVIDERS = ("sim", "fmp", "finnhub", "alpaca", "polygon", "relay", "replay")
+ProviderName = Literal["sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+class _FieldError(ValueError):
+    """Raised by a validator: carries the field name so the message can name the full key."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value <= 0:
+        raise _FieldError(attr.name, f"must be > 0 (got {value!r})")
+
+
+def _non_negative(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value < 0:
+        raise _FieldError(attr.name, f"must be >= 0 (got {value!r})")
+
+
+def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise _FieldError(attr.name, f"must be between 0 and 65535 (got {value!r})")
+
+
+def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value and not value.startswith(("ws://", "wss://")):
+        raise _FieldError(attr.name, f"must start with ws:// or wss:// (got {value!r})")
+
+
+def _no_query(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if "?" in value:
+        raise _FieldError(attr.name, "must not have a query (put the token in api_key / FINNHUB_API_KEY)")
+
+
+def _redis_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise _FieldError(attr.name, "not a valid redis:// URL") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise _FieldError(attr.name, "must be redis://host:port/db or rediss://host:port/db")
+
+
+def _key_prefix(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+        raise _FieldError(attr.name, f"{value!r} must be 1 to 64 letters, digits, or _ . : -")
+
+
+def _node_id(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise _FieldError(attr.name, f"{value!r} must be 1 to 64 letters, digits, or _ . -")
+
+
+def _at_least_one_second(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value < 1:
+        raise _FieldError(attr.name, f"must be at least 1 (seconds), got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8000, validator=_port)
+    # Seconds open REST requests get to finish when the daemon stops.
+    graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
+    # Worker processes serving clients. With more than one, this process holds the ONE upstream
+    # connection and feeds the workers over loopback; they share the port (SO_REUSEPORT).
+    workers: int = attrs.field(default=1, validator=_positive)
+    # Bind with SO_REUSEPORT (set for workers; lets several processes share the port).
+    reuse_port: bool = False
+    # TLS: with both set, the port serves https:// and wss:// (PEM files; the key is never logged).
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    # Origins allowed to open the price WebSocket from a browser (cross-site WebSocket hijacking),
+    # e.g. ["https://app.example.com"]. Empty: any origin while auth is off, same host only
+    # while it is on. Non-browser clients send no Origin and are not affected.
+    allowed_origins: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class FmpConfig:
+    # Never logged or shown: repr=False keeps it out of every repr and error.
+    api_key: str = attrs.field(default="", repr=False)
+    endpoint: Literal["stocks", "crypto", "forex"] = "stocks"
+    # Overrides the endpoint's URL (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Seconds to wait for the (optional, undocumented) login reply before carrying on.
+    login_timeout: float = attrs.field(default=3.0, validator=_positive)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FMP_URLS[self.endpoint]
+
+
+def _symbol_map(_inst: object, attr: "attrs.Attribute[Any]", value: dict[str, str]) -> None:
+    from .model import SYMBOL_RE
+
+    for canonical, native in value.items():
+        if not SYMBOL_RE.match(canonical):
+            raise _FieldError(attr.name, f"{canonical!r} is not a valid client-facing symbol")
+        if not native or not isinstance(native, str):
+            raise _FieldError(attr.name, f"{canonical!r} maps to an empty provider symbol")
+
+
+@attrs.frozen
+class FinnhubConfig:
+    # Finnhub's token travels in the URL query: the relay never logs a URL with it.
+    api_key: str = attrs.field(default="", repr=False)
+    # Overrides wss://ws.finnhub.io (tests and the local fake server use this). No query: the
+    # relay adds the token itself, and a URL is not a place for a secret.
+    url: str = attrs.field(default="", validator=[_no_query, _ws_url])
+    # Extra client symbol → Finnhub symbol entries (e.g. "BTCUSD" = "BINANCE:BTCUSDT"); they win
+    # over the built-in table.
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FINNHUB_URL
+
+
+@attrs.frozen
+class AlpacaConfig:
+    key_id: str = attrs.field(default="", repr=False)
+    secret_key: str = attrs.field(default="", repr=False)
+    # Stocks: iex (free), sip (paid), delayed_sip, test (FAKEPACA, open at all hours); or crypto.
+    feed: Literal["iex", "sip", "delayed_sip", "test", "crypto"] = "iex"
+    # Crypto venue: us (Alpaca), us-1 (Kraken US), eu-1 (Kraken EU).
+    crypto_location: Literal["us", "us-1", "eu-1"] = "us"
+    sandbox: bool = False
+    # Overrides the URL built from feed/sandbox (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Alpaca closes a connection that has not authenticated within 10 s.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        if self.url:
+            return self.url
+        host = ALPACA_HOSTS[self.sandbox]
+        if self.feed == "crypto":
+            return f"{host}/v1beta3/crypto/{self.crypto_location}"
+        return f"{host}/v2/{self.feed}"
+
+
+@attrs.frozen
+class PolygonConfig:
+    api_key: str = attrs.field(default="", repr=False)
+    market: Literal["stocks", "crypto", "forex"] = "stocks"
+    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
+    delayed: bool = False
+    # Overrides the URL built from market/delayed (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=_ws_url)
+    # Seconds to wait for auth_success after sending the key.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+
+
+@attrs.frozen
+class SimConfig:
+    # Updates per second per subscribed symbol.
+    rate: float = attrs.field(default=4.0, validator=_positive)
+    seed: int = 42
+    # Share of updates that are trades (the rest are quotes).
+    trade_ratio: float = attrs.field(default=0.4, validator=_non_negative)
+
+
+@attrs.frozen
+class RelayConfig:
+    # The price WebSocket of another trio-relay to use as the upstream (provider "relay"),
+    # e.g. "ws://127.0.0.1:8000/api/v2/realtime/ws/prices".
+    url: str = attrs.field(default="", validator=_ws_url)
+
+
+@attrs.frozen
+class UpstreamConfig:
+    # "auto": fmp when an FMP API key is set, else the embedded simulator.
+    provider: Literal["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"] = "auto"
+    # Failover: providers in priority order (e.g. ["fmp", "finnhub"]); when set, it replaces
+    # ``provider``. The relay uses the first healthy one and returns to a preferred one once that
+    # has been healthy for ``failback_after`` seconds.
+    providers: list[str] = attrs.Factory(list)
+    # Seconds the active provider may be down (or stale) before the relay fails over.
+    failover_after: float = attrs.field(default=10.0, validator=_positive)
+    # Seconds a preferred provider must stay healthy (probed in the background) before failing back.
+    failback_after: float = attrs.field(default=60.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # No frame at all (heartbeats count) for this long while symbols are subscribed: reconnect.
+    stale_after: float = attrs.field(default=30.0, validator=_positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    backoff_max: float = attrs.field(default=30.0, validator=_positive)
+    # A connection that stayed up this long resets the backoff to its initial value.
+    backoff_reset_after: float = attrs.field(default=60.0, validator=_non_negative)
+    # Wait after a rejected API key before trying again (never hammer a provider with a bad key).
+    auth_retry_delay: float = attrs.field(default=300.0, validator=_positive)
+    # 0 = retry forever. Otherwise the daemon exits (non-zero) after this many failed attempts.
+    max_retries: int = attrs.field(default=0, validator=_non_negative)
+    # Seconds a symbol stays subscribed upstream after its last client left (avoids churn).
+    unsubscribe_linger: float = attrs.field(default=5.0, validator=_non_negative)
+    # Bound of the upstream → hub channel (in frames); when full the upstream reader waits.
+    queue_size: int = attrs.field(default=1024, validator=_positive)
+    # Symbols subscribed upstream from the start, whatever the clients want.
+    pinned: list[str] = attrs.Factory(list)
+    # When the hub finds more than this many upstream updates waiting at once (it is behind), it
+    # routes each symbol's latest state once instead of every update (all still reach the cache).
+    # 0 = never coalesce.
+    coalesce_above: int = attrs.field(default=5000, validator=_non_negative)
+
+
+@attrs.frozen
+class ClientsConfig:
+    max_symbols_per_request: int = attrs.field(default=50, validator=_positive)
+    max_symbols_per_client: int = attrs.field(default=500, validator=_positive)
+    # Pending updates per client before its outbox conflates to the latest update per symbol.
+    outbox_size: int = attrs.field(default=256, validator=_positive)
+    # A client with pending data that completes no send for this long is closed (code 4008).
+    stall_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # Largest text frame accepted from a client, in bytes.
+    max_message_size: int = attrs.field(default=65536, validator=_positive)
+    # Updates kept per symbol so a client that reconnects can resume where it left off
+    # ("since" in its subscribe). Memory: about 370 bytes per kept update per symbol. 0 = no resume.
+    resume_history: int = attrs.field(default=128, validator=_non_negative)
+    # A subscribed symbol with no update for this long is reported stale to its clients (a
+    # {"type":"status"} message), and fresh again at its next update. 0 = never.
+    symbol_stale_after: float = attrs.field(default=60.0, validator=_non_negative)
+
+
+def _identifier(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,39}", value):
+        raise _FieldError(attr.name, f"must be a plain SQL name: letters, digits, _ (got {value!r:.50})")
+
+
+@attrs.frozen
+class HistoryConfig:
+    # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
+    # "sqlite" (embedded, a file in data_dir), "postgres" (postgres_dsn), or "off".
+    backend: Literal["sqlite", "postgres", "off"] = "sqlite"
+    # Where the SQLite file lives (created if missing). A relative path is taken from
+    # $STATE_DIRECTORY when set (systemd's StateDirectory=), else from the working directory.
+    data_dir: str = "data"
+    # e.g. "postgresql://relay@127.0.0.1:5432/ticks". May hold a password: never logged or shown.
+    postgres_dsn: str = attrs.field(default="", repr=False)
+    # The table (created if missing), in either backend.
+    table: str = attrs.field(default="ticks", validator=_identifier)
+    # Ticks older than this many days are deleted (checked every few minutes). 0 = keep forever.
+    retention_days: float = attrs.field(default=7.0, validator=_non_negative)
+    # Updates waiting for the database. When it is slow or down and this fills, new updates are
+    # dropped (counted, /health says degraded): live relaying never waits on the database.
+    queue_size: int = attrs.field(default=200_000, validator=_positive)
+    # Most updates written in one transaction, and the longest a written update waits.
+    batch_size: int = attrs.field(default=10_000, validator=_positive)
+    flush_interval: float = attrs.field(default=0.5, validator=_positive)
+
+
+@attrs.frozen
+class ReplayConfig:
+    # For provider "replay": a recording made by `trio-relay record` ("demo": the one shipped).
+    file: str = "demo"
+    # Playback speed: 1 = the original timing, 10 = ten times faster.
+    speed: float = attrs.field(default=1.0, validator=_positive)
+    # Start again from the beginning at the end of the file.
+    loop: bool = False
+
+
+@attrs.frozen
+class AlertsConfig:
+    # Price alerts and portfolios (REST and WebSocket). Their rules, fired alerts and positions
+    # live in data_dir/app.sqlite3 and survive restarts.
+    enabled: bool = True
+    data_dir: str = "data"
+    # Per user (the token's "sub"; everyone is "anonymous" with auth off).
+    max_rules_per_user: int = attrs.field(default=200, validator=_positive)
+    # Webhooks: an alert rule may name an http(s) URL to POST fired alerts to. Hosts allowed
+    # ([] = any; set it on a shared relay: a webhook is a request the relay makes for a user).
+    webhook_allowed_hosts: list[str] = attrs.Factory(list)
+    webhook_timeout: float = attrs.field(default=5.0, validator=_positive)
+    # Attempts per alert (capped exponential backoff between them), then it is given up (counted).
+    webhook_attempts: int = attrs.field(default=5, validator=_positive)
+    # Fired alerts waiting for their webhook; beyond, new ones are dropped (counted), never blocking.
+    webhook_queue: int = attrs.field(default=1000, validator=_positive)
+
+
+@attrs.frozen
+class PortfolioConfig:
+    max_portfolios_per_user: int = attrs.field(default=20, validator=_positive)
+    max_positions_per_portfolio: int = attrs.field(default=500, validator=_positive)
+    # A portfolio subscriber gets at most one valuation per this many seconds.
+    update_interval: float = attrs.field(default=0.5, validator=_positive)
+
+
+@attrs.frozen
+class AuthConfig:
+    # JWT authentication of WebSocket clients and REST calls. It may be off only while the relay
+    # listens on a loopback address, unless allow_insecure says so explicitly.
+    enabled: bool = False
+    # Accepted algorithms: HS256/HS384/HS512 with `secret`, or RS256/ES256... with `public_key_file`.
+    algorithms: list[str] = attrs.Factory(lambda: ["HS256"])
+    # The HMAC secret (HS*). Prefer TRIO_RELAY_AUTH_SECRET in the environment; never logged.
+    secret: str = attrs.field(default="", repr=False)
+    # PEM public key for RS*/ES*/PS* tokens.
+    public_key_file: str = ""
+    # Required "iss" and "aud" claims (empty: not checked).
+    issuer: str = ""
+    audience: str = ""
+    # Seconds of clock skew tolerated on exp/nbf/iat.
+    leeway: float = attrs.field(default=30.0, validator=_non_negative)
+    # A WebSocket client without a token in the URL or header must send
+    # {"action":"auth","token":...} within this many seconds, else it is closed (1008).
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # The scope (in the "scope" claim, space-separated, or the "scopes" list) REST pins need.
+    admin_scope: str = "relay:admin"
+    # Start on a non-loopback address with auth off anyway (a loud warning is logged).
+    allow_insecure: bool = False
+
+
+@attrs.frozen
+class LimitsConfig:
+    # Client messages per second per WebSocket connection (token bucket: rate and burst).
+    messages_per_second: float = attrs.field(default=50.0, validator=_positive)
+    messages_burst: int = attrs.field(default=200, validator=_positive)
+    # Subscribe/unsubscribe requests per second per connection (a subset of the messages).
+    subscribes_per_second: float = attrs.field(default=10.0, validator=_positive)
+    subscribes_burst: int = attrs.field(default=50, validator=_positive)
+    # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
+    strikes: int = attrs.field(default=10, validator=_positive)
+    # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
+    connections_per_ip: int = attrs.field(default=1000, validator=_non_negative)
+    connections_per_user: int = attrs.field(default=20, validator=_non_negative)
+    # REST requests per second per client IP (token bucket); over it: 429 with Retry-After.
+    rest_per_second: float = attrs.field(default=20.0, validator=_positive)
+    rest_burst: int = attrs.field(default=40, validator=_positive)
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text": the spec's "2024-11-10 12:00:00,000 - logger - LEVEL - message"; "json": one object per line.
+    format: Literal["text", "json"] = "text"
+
+
+@attrs.frozen
+class EngineConfig:
+    # Where the relay gets its prices from and shares them. "memory": this process holds the
+    # upstream connection itself (one relay, no other service needed). "redis": a fleet of relays
+    # sharing one Redis: one of them (elected) holds the upstream connection and publishes every
+    # update once; every relay delivers it to its own clients. See docs/fleet.md.
+    backend: Literal["memory", "redis"] = "memory"
+    # redis://[:password@]host:port/db (rediss:// for TLS). May hold a password: never logged or shown.
+    redis_url: str = attrs.field(default="redis://127.0.0.1:6379/0", repr=False, validator=_redis_url)
+    # Relays with the same prefix on the same Redis form one fleet (every key and channel starts with it).
+    prefix: str = attrs.field(default="trio-relay", validator=_key_prefix)
+    # This relay's name in the fleet ("" = host-pid-random): shown in /status and the holder's log lines.
+    node_id: str = attrs.field(default="", validator=_node_id)
+    # The holder's lock lives this long unless renewed (every lock_ttl / 3). A holder that dies is
+    # replaced within about lock_ttl + lock_ttl / 3.
+    lock_ttl: float = attrs.field(default=3.0, validator=_at_least_one_second)
+    # Each relay's published demand lives this long unless refreshed (every demand_ttl / 3): the
+    # symbols of a relay that died stop being held upstream after it (plus upstream.unsubscribe_linger).
+    demand_ttl: float = attrs.field(default=10.0, validator=_at_least_one_second)
+    # Updates are published on this many channels (by a hash of the symbol); a relay listens only
+    # to the channels of the symbols its clients want. Each channel's message costs a receiving
+    # relay one hub turn: keep 1 unless the relays want mostly different symbols of a large set.
+    shards: int = attrs.field(default=1, validator=_positive)
+    # Durable tick log: every update also appended to the Redis stream <prefix>:ticks, trimmed to
+    # about stream_maxlen entries (0 = no stream).
+    stream_maxlen: int = attrs.field(default=0, validator=_non_negative)
+    # Connecting to Redis and each command: give up after this long (then retry with backoff).
+    timeout: float = attrs.field(default=2.0, validator=_positive)
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
+    fmp: FmpConfig = attrs.Factory(FmpConfig)
+    sim: SimConfig = attrs.Factory(SimConfig)
+    relay: RelayConfig = attrs.Factory(RelayConfig)
+    finnhub: FinnhubConfig = attrs.Factory(FinnhubConfig)
+    alpaca: AlpacaConfig = attrs.Factory(AlpacaConfig)
+    polygon: PolygonConfig = attrs.Factory(PolygonConfig)
+    clients: ClientsConfig = attrs.Factory(ClientsConfig)
+    history: HistoryConfig = attrs.Factory(HistoryConfig)
+    replay: ReplayConfig = attrs.Factory(ReplayConfig)
+    alerts: AlertsConfig = attrs.Factory(AlertsConfig)
+    portfolio: PortfolioConfig = attrs.Factory(PortfolioConfig)
+    auth: AuthConfig = attrs.Factory(AuthConfig)
+    limits: LimitsConfig = attrs.Factory(LimitsConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    engine: EngineConfig = attrs.Factory(EngineConfig)
+
+    @property
+    def provider(self) -> str:
+        """The provider actually used: ``auto`` resolved by the presence of an FMP key."""
+        return self.provider_chain[0]
+
+    def secrets(self) -> list[str]:
+        """Every secret value set (provider keys, the JWT secret): masked in every log line."""
+        values = (
+            self.fmp.api_key,
+            self.finnhub.api_key,
+            self.alpaca.key_id,
+            self.alpaca.secret_key,
+            self.polygon.api_key,
+            self.auth.secret,
+            self.history.postgres_dsn,
+            _dsn_password(self.history.postgres_dsn),
+            _url_password(self.engine.redis_url),
+        )
+        return [v for v in values if v]
+
+    @property
+    def provider_chain(self) -> list[str]:
+        """The providers in priority order (one unless failover is configured)."""
+        if self.upstream.providers:
+            return [_canonical_provider(p) for p in self.upstream.providers]
+        if self.upstream.provider == "auto":
+            return ["fmp" if self.fmp.api_key else "sim"]
+        return [_canonical_provider(self.upstream.provider)]
+
+
+def _url_password(url: str) -> str:
+    """The password inside a redis:// URL ("" if none): masked in logs."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ""
+    return unquote(password) if password else ""
+
+
+def _dsn_password(dsn: str) -> str:
+    """The password inside a PostgreSQL DSN ("" if none): masked in logs on its own too."""
+    if not dsn:
+        return ""
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return str(conninfo_to_dict(dsn).get("password") or "")
+    except Error:
+        return ""
+
+
+def _canonical_provider(name: str) -> str:
+    return "polygon" if name == "massive" else name
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def structure_bool(value: object, _t: type) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+
+    def structure_int(value: object, _t: type) -> int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)  # type: ignore[call-overload, no-any-return]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+
+    def structure_float(value: object, _t: type) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+
+    def structure_str(value: object, _t: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+
+    def structure_secret(value: object, _t: type) -> str:
+        # Never echo the value: a mistyped key (e.g. unquoted digits in TOML) is still a secret.
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got a value of type {type(value).__name__}")
+        return value
+
+    conv.register_structure_hook(bool, structure_bool)
+    conv.register_structure_hook(int, structure_int)
+    conv.register_structure_hook(float, structure_float)
+    conv.register_structure_hook(str, structure_str)
+    structure_str_list = conv.get_structure_hook(list[str])
+
+    def structure_list(value: object, t: Any) -> list[str]:
+        # cattrs would iterate a string: pinned = "SPY" must not become ["S", "P", "Y"].
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return structure_str_list(value, t)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook_func(lambda t: t == list[str], structure_list)
+    def structure_str_map(value: object, _t: Any) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError("expected a table of strings (client symbol = provider symbol)")
+        return {k.upper(): v for k, v in value.items()}
+
+    conv.register_structure_hook_func(lambda t: t == dict[str, str], structure_str_map)
+    secret = override(struct_hook=structure_secret)
+    overrides: dict[type, dict[str, Any]] = {
+        FmpConfig: {"api_key": secret},
+        FinnhubConfig: {"api_key": secret},
+        AlpacaConfig: {"key_id": secret, "secret_key": secret},
+        PolygonConfig: {"api_key": secret},
+        AuthConfig: {"secret": secret},
+        HistoryConfig: {"postgres_dsn": secret},
+    }
+    sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
+    # Sections first: Config's hook resolves theirs when it is made.
+    later = (
+        PolygonConfig,
+        ClientsConfig,
+        HistoryConfig,
+        ReplayConfig,
+        AlertsConfig,
+        PortfolioConfig,
+        AuthConfig,
+        LimitsConfig,
+        LoggingConfig,
+    )
+    for cls in (*sections, *later, Config):
+        conv.register_structure_hook(
+            cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides.get(cls, {}))
+        )
+    return conv
+
+
+_CONVERTER = _make_converter()  # stateless after construction
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in attrs.fields(Config)}  # type: ignore[misc]
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a ``.env`` file (comments, blanks and ``export`` allowed)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return values
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _env_value(raw: str, field_type: Any) -> object:
+    """An environment string shaped for its field: lists are comma-separated."""
+    if get_origin(field_type) is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in overrides.items():
+        base.setdefault(section, {})
+        if not isinstance(base[section], dict):
+            raise ConfigError(f"config error: {section}: must be a table")
+        base[section].update(values)
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, _FieldError):
+        return f"{exc.field}\x00{exc.problem}"
+    if get_origin(type_) is Literal:
+        choices = ", ".join(repr(c) for c in get_args(type_))
+        return f"must be one of {choices}"
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, (ValueError, TypeError)) and str(exc):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _format_cattrs_error(exc: Exception) -> str:
+    messages = cattrs.transform_error(exc, path="config", format_exception=_describe)
+    cleaned = []
+    for msg in messages:
+        # "must be > 0 @ config.upstream" → "upstream.stale_after: must be > 0"
+        text, _, where = msg.rpartition(" @ ")
+        key = where.removeprefix("config").lstrip(".")
+        field, sep, problem = text.partition("\x00")
+        if sep:
+            key, text = f"{key}.{field}".lstrip("."), problem
+        cleaned.append(f"{key or 'config'}: {text}")
+    return "config error: " + "; ".join(cleaned)
+
+
+VENDOR_ENV = (
+    ("FMP_API_KEY", "fmp", "api_key"),
+    ("FINNHUB_API_KEY", "finnhub", "api_key"),
+    ("APCA_API_KEY_ID", "alpaca", "key_id"),
+    ("APCA_API_SECRET_KEY", "alpaca", "secret_key"),
+    ("POLYGON_API_KEY", "polygon", "api_key"),
+    ("MASSIVE_API_KEY", "polygon", "api_key"),
+)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> Config:
+    """Build the configuration; raise :class:`ConfigError` naming the bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+
+    env: dict[str, str] = dict(read_dotenv(dotenv)) if dotenv is not None else {}
+    env.update(os.environ if environ is None else environ)
+
+    sections = _sections()
+    from_env: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section, cls in sections.items():
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                fields = {f.name: f.type for f in attrs.fields(cls)}
+                if key not in fields:
+                    raise ConfigError(f"config error: {name}: unknown key {section}.{key}")
+                from_env.setdefault(section, {})[key] = _env_value(value, fields[key])
+                break
+        else:
+            raise ConfigError(f"config error: {name}: unknown section (known: {', '.join(sections)})")
+    # The vendors' own conventional variables, when the TRIO_RELAY_ form is not set.
+    for var, section, key in VENDOR_ENV:
+        if env.get(var) and key not in from_env.get(section, {}):
+            from_env.setdefault(section, {})[key] = env[var]
+
+    _merge(data, from_env)
+    if overrides:
+        _merge(data, overrides)
+    try:
+        config = _CONVERTER.structure(data, Config)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            raise ConfigError(_format_cattrs_error(exc)) from None
+        raise ConfigError(f"config error: {exc}") from None
+    return _validate(_resolve_data_dirs(config, env.get("STATE_DIRECTORY", "")))
+
+
+def _resolve_data_dirs(config: Config, state_directory: str) -> Config:
+    """Relative ``data_dir`` settings live under systemd's ``$STATE_DIRECTORY`` when it is set.
+
+    Under the shipped unit (``StateDirectory=trio-relay``, ``ProtectSystem=strict``, no working
+    directory) the only writable place is ``/var/lib/trio-relay``: a relative ``data`` resolved
+    against the working directory (``/``) would be read-only. systemd may list several
+    directories separated by ``:``; the first is ours. An absolute ``data_dir`` is kept as set.
+    """
+    base = state_directory.split(":")[0]
+    if not base:
+        return config
+
+    def under(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(base, path)
+
+    return attrs.evolve(
+        config,
+        history=attrs.evolve(config.history, data_dir=under(config.history.data_dir)),
+        alerts=attrs.evolve(config.alerts, data_dir=under(config.alerts.data_dir)),
+    )
+
+
+_CREDENTIALS = {
+    "fmp": (("fmp", "api_key", "FMP_API_KEY"),),
+    "finnhub": (("finnhub", "api_key", "FINNHUB_API_KEY"),),
+    "alpaca": (("alpaca", "key_id", "APCA_API_KEY_ID"), ("alpaca", "secret_key", "APCA_API_SECRET_KEY")),
+    "polygon": (("polygon", "api_key", "POLYGON_API_KEY"),),
+}
+
+
+def _check_credentials(config: Config, name: str) -> None:
+    for section, key, var in _CREDENTIALS.get(name, ()):
+        if not getattr(getattr(config, section), key):
+            raise ConfigError(
+                f"config error: {section}.{key}: provider {name!r} needs it "
+                f"(set {var} in the environment or in .env)"
+            )
+    if name == "relay" and not config.relay.url:
+        raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
+
+
+HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
+KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+
+
+def _check_security(config: Config) -> None:
+    server, auth = config.server, config.auth
+    if bool(server.tls_certfile) != bool(server.tls_keyfile):
+        raise ConfigError("config error: server.tls_keyfile: TLS needs both server.tls_certfile and server.tls_keyfile")
+    for key in ("tls_certfile", "tls_keyfile"):
+        path = getattr(server, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"config error: server.{key}: file not found: {path}")
+    for origin in server.allowed_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com")
+    for alg in auth.algorithms:
+        if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
+            raise ConfigError(f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)")
+    if not auth.enabled:
+        if not is_loopback(server.host) and not auth.allow_insecure:
+            raise ConfigError(
+                f"config error: auth.enabled: the relay would listen on {server.host} (not loopback) with "
+                "authentication off, so anyone who can reach the port could subscribe and pin symbols; "
+                "turn auth on, or set auth.allow_insecure = true to accept that"
+            )
+        return
+    if not auth.algorithms:
+        raise ConfigError("config error: auth.algorithms: at least one algorithm is needed")
+    if HMAC_ALGORITHMS & set(auth.algorithms) and KEY_ALGORITHMS & set(auth.algorithms):
+        raise ConfigError("config error: auth.algorithms: mix HMAC (HS*) and public-key algorithms in one relay is refused")
+    if HMAC_ALGORITHMS & set(auth.algorithms):
+        if len(auth.secret) < 32:
+            raise ConfigError(
+                "config error: auth.secret: HS* tokens need a secret of at least 32 characters "
+                "(set TRIO_RELAY_AUTH_SECRET in the environment or in .env)"
+            )
+    elif not auth.public_key_file:
+        raise ConfigError("config error: auth.public_key_file: RS*/ES* tokens need the issuer's public key (PEM)")
+    elif not os.path.isfile(auth.public_key_file):
+        raise ConfigError(f"config error: auth.public_key_file: file not found: {auth.public_key_file}")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(config: Config) -> Config:
+    from .model import SYMBOL_RE
+
+    pinned = [s.upper() for s in config.upstream.pinned]
+    bad = [s for s in pinned if not SYMBOL_RE.match(s)]
+    if bad:
+        raise ConfigError(f"config error: upstream.pinned: invalid symbol(s) {', '.join(map(repr, bad))}")
+    if config.upstream.backoff_max < config.upstream.backoff_initial:
+        raise ConfigError("config error: upstream.backoff_max: must be >= upstream.backoff_initial")
+    chain = config.upstream.providers
+    for name in chain:
+        if name not in get_args(ProviderName):
+            choices = ", ".join(repr(c) for c in get_args(ProviderName))
+            raise ConfigError(f"config error: upstream.providers: unknown provider {name!r} (known: {choices})")
+    if len(set(config.provider_chain)) != len(config.provider_chain):
+        raise ConfigError("config error: upstream.providers: a provider is listed twice")
+    for name in config.provider_chain:
+        _check_credentials(config, name)
+    _check_security(config)
+    if config.history.backend == "postgres" and not config.history.postgres_dsn:
+        raise ConfigError(
+            "config error: history.postgres_dsn: backend 'postgres' needs a DSN "
+            "(e.g. TRIO_RELAY_HISTORY_POSTGRES_DSN=postgresql://relay@127.0.0.1:5432/ticks)"
+        )
+    if config.sim.trade_ratio > 1:
+        raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
+    return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
+

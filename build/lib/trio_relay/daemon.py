@@ -1,0 +1,417 @@
+"""The supervisor: builds every component and owns every long-lived task of the process.
+
+Reading :func:`run_relay` tells the whole story:
+
+- the hub (``Hub.open``) owns the stall reaper and the async-callback runners;
+- ``hub.consume`` drains the bounded upstream → hub channel;
+- ``upstream.run`` holds the provider connection (reconnecting under backoff);
+- ``serve_front`` owns the public socket: the price WebSocket is served natively, everything
+  else is relayed to ``hypercorn.trio.serve``, which serves the Quart-Trio REST app on a
+  private loopback port (TLS, when configured, ends at the front door).
+
+Shutdown (``Relay.shutdown()``, SIGINT/SIGTERM in the CLI): close every client with 1001, stop the
+HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHUTDOWN_GRACE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from functools import partial
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from .alert_service import AlertService
+from .alerts import AlertEngine, AlertStore, WebhookSender
+from .api import WS_PATH, FrontDoor, RelayContext
+from .api.app import BACKEND_HOST, tls_context
+from .appstore import AppStore
+from .auth import Security
+from .config import Config, ConfigError
+from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
+from .fleet import RedisEngine
+from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
+from .portfolio import PortfolioStore
+from .portfolio_service import PortfolioService
+from .providers.base import Provider
+from .startup import bind_problem, check_data_dirs
+from .upstream import Item, Upstream, UpstreamView
+
+__all__ = ["Relay", "run_relay", "make_provider", "make_providers", "SHUTDOWN_GRACE"]
+
+log = logging.getLogger("trio_relay.daemon")
+
+# Everything must be down this long after a shutdown request (the spec asks for < 5 s).
+SHUTDOWN_GRACE = 4.0
+# Of which the tick history writer gets this long to write what is pending.
+HISTORY_DRAIN = 1.0
+
+
+def make_provider(config: Config, name: str | None = None) -> Provider:
+    """The provider ``name`` (default: the first of the config's chain) built from its section."""
+    name = name or config.provider
+    timeout = config.upstream.connect_timeout
+    if name == "sim":
+        from .providers.sim import SimProvider
+
+        return SimProvider(config.sim)
+    if name == "fmp":
+        from .providers.fmp import FmpProvider
+
+        return FmpProvider(config.fmp, connect_timeout=timeout)
+    if name == "finnhub":
+        from .providers.finnhub import FinnhubProvider
+
+        return FinnhubProvider(config.finnhub, connect_timeout=timeout)
+    if name == "alpaca":
+        from .providers.alpaca import AlpacaProvider
+
+        return AlpacaProvider(config.alpaca, connect_timeout=timeout)
+    if name == "polygon":
+        from .providers.polygon import PolygonProvider
+
+        return PolygonProvider(config.polygon, connect_timeout=timeout)
+    if name == "relay":
+        from .providers.relay import RelayProvider
+
+        return RelayProvider(config.relay.url, connect_timeout=timeout)
+    if name == "replay":
+        from .providers.replay import ReplayProvider
+
+        return ReplayProvider(config.replay)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def make_providers(config: Config) -> list[Provider]:
+    """The failover chain, in priority order (one provider without failover)."""
+    return [make_provider(config, name) for name in config.provider_chain]
+
+
+@attrs.define(eq=False)
+class Relay:
+    """A running relay, as handed to whoever started it (the CLI, a test)."""
+
+    config: Config
+    hub: Hub
+    upstream: UpstreamView
+    binds: list[str]
+    _shutdown: trio.Event
+    security: Security | None = None
+    history_writer: HistoryWriter | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.binds[0].rsplit(":", 1)[1])
+
+    @property
+    def http_url(self) -> str:
+        return self.binds[0]
+
+    @property
+    def ws_url(self) -> str:
+        return self.binds[0].replace("http://", "ws://", 1).replace("https://", "wss://", 1) + WS_PATH
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without dropping clients; returns what changed.
+
+        Live: pinned symbols, client limits, linger, coalescing, and the provider settings (the
+        upstream reconnects at once with them; clients stay and everything wanted is subscribed
+        again). ``server`` settings need a restart and are kept as they are.
+        """
+        old = self.config
+        changes: list[str] = []
+        # Built first: a provider that cannot be made (a replay file that does not load) refuses
+        # the whole reload before anything changed.
+        providers = make_providers(new) if _upstream_settings(new) != _upstream_settings(old) else None
+        if new.server != old.server:
+            changes.append("server settings need a restart: kept as they were")
+            new = attrs.evolve(new, server=old.server)
+        if new.engine != old.engine:
+            changes.append("engine settings need a restart: kept as they were")
+            new = attrs.evolve(new, engine=old.engine)
+        hub = self.hub
+        added = [s for s in new.upstream.pinned if s not in old.upstream.pinned]
+        removed = [s for s in old.upstream.pinned if s not in new.upstream.pinned]
+        if added:
+            hub.pin(added)
+            changes.append(f"pinned +{','.join(added)}")
+        if removed:
+            hub.unpin(removed)
+            changes.append(f"pinned -{','.join(removed)}")
+        if new.clients != old.clients:
+            hub.config = new.clients
+            if new.clients.resume_history != old.clients.resume_history:
+                hub.set_resume_history(new.clients.resume_history)
+            for client in hub.clients.values():
+                client.outbox.capacity = new.clients.outbox_size
+            changes.append("client limits")
+        hub.demand.linger = new.upstream.unsubscribe_linger
+        hub.coalesce_above = new.upstream.coalesce_above
+        if providers is not None:
+            self.upstream.restart(providers, new.upstream)
+            changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
+        if self.security is not None and (
+            new.auth != old.auth or new.limits != old.limits or new.server.allowed_origins != old.server.allowed_origins
+        ):
+            self.security.update(new)
+            changes.append("auth, limits and origins (for new connections and requests)")
+        if new.logging != old.logging:
+            changes.append("logging")
+        self.config = new
+        return changes
+
+
+def _upstream_settings(config: Config) -> tuple[object, ...]:
+    """Everything whose change needs a new upstream session (pins do not)."""
+    return (
+        attrs.evolve(config.upstream, pinned=[]),
+        config.provider_chain,
+        config.fmp,
+        config.sim,
+        config.relay,
+        config.finnhub,
+        config.alpaca,
+        config.polygon,
+        config.replay,
+    )
+
+
+def _listening_socket(config: Config) -> socket.socket:
+    """The public socket. Accepted connections inherit TCP_NODELAY and TCP_USER_TIMEOUT.
+
+    TCP_USER_TIMEOUT makes the kernel abort a connection whose sent data stays unacknowledged,
+    zero-window probes included, for ``stall_timeout``: a peer that vanished without a FIN is
+    released even when no write of ours is pending to notice it.
+    """
+    host, port = config.server.host, config.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.server.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(config.clients.stall_timeout * 1000))
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise bind_problem(host, port, exc) from None
+    return sock
+
+
+def _private_socket() -> socket.socket:
+    """Where Hypercorn serves the REST app: a loopback port that only the front door connects to.
+
+    TCP, not a Unix socket: the REST app's peer is then the front door's (host, port), which
+    the front door maps back to the real client (``RelayContext.client_ip``).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((BACKEND_HOST, 0))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _hypercorn_config(config: Config, fd: int) -> hypercorn.config.Config:
+    """Hypercorn serving on the listening socket ``fd``, which it takes over.
+
+    A ``fd://`` bind makes Hypercorn wrap the descriptor in a socket object of its own and close
+    it when it stops serving, so the descriptor must be handed over (``socket.detach()``), not
+    shared with a socket object that would close it again.
+    """
+    hc = hypercorn.config.Config()
+    hc.bind = [f"fd://{fd}"]
+    hc.graceful_timeout = config.server.graceful_timeout
+    hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the relay until :meth:`Relay.shutdown`; started() hands over the :class:`Relay`."""
+    stats = Stats()
+    demand = Demand(config.upstream.unsubscribe_linger, config.upstream.pinned)
+    providers = make_providers(config)
+    history_backend = _history_backend(config)
+    # Upstream → hub, in frames. When full, the upstream reader waits (backpressure towards the
+    # provider, whose own buffer absorbs it); the hub side never waits on clients.
+    send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
+    shutdown = trio.Event()
+    stop_server = trio.Event()
+    ssl_context = tls_context(config.server)  # bad certificate or key files: fail before binding anything
+    check_data_dirs(config)  # an unwritable data directory: one line now, not a traceback later
+    listener = _listening_socket(config)
+    # Hypercorn serves the REST app on a private loopback port behind the front door.
+    private = _private_socket()
+    try:
+        hub_open = Hub.open(
+            config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
+        )
+        async with hub_open as hub:
+            fleet: RedisEngine | None = None
+            upstream: UpstreamView
+            if config.engine.backend == "redis":
+                # A fleet: the elected relay holds the upstream; the updates come through Redis.
+                fleet = RedisEngine(config, hub, providers, stats)
+                upstream = fleet.view
+            else:
+                local = Upstream(providers, demand, send, config.upstream, stats)
+                local.on_event = hub.upstream_event
+                upstream = local
+            ctx = RelayContext(
+                hub=hub, upstream=upstream, config=config, started_at=time.time(), security=Security(config)
+            )
+            app_store = AppStore(config.alerts.data_dir) if config.alerts.enabled else None
+            if app_store is not None:
+                portfolio_store = PortfolioStore(app_store, config.portfolio)
+                await portfolio_store.migrate()
+                ctx.portfolios = PortfolioService(hub, portfolio_store, config.portfolio.update_interval)
+                hub.add_callback(ctx.portfolios.on_update)
+                alert_store = AlertStore(app_store)
+                await alert_store.migrate()
+
+                def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
+                    (hub.demand.acquire if on else hub.demand.release)([symbol])
+
+                engine = AlertEngine(config.alerts, on_watch=watch)
+                engine.load(await alert_store.load())
+                ctx.alerts = AlertService(hub, engine, alert_store, WebhookSender(config.alerts))
+                hub.add_callback(ctx.alerts.on_update)
+            front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
+            async with trio.open_nursery() as nursery:
+                if fleet is None:
+                    nursery.start_soon(hub.consume, receive)
+                # Portfolios and alerts run until shutdown ends them (they have no end of their own).
+                services = trio.CancelScope()
+                await nursery.start(_run_in, services, [ctx.portfolios, ctx.alerts])
+                if history_backend is not None:
+                    writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
+                    await nursery.start(writer.run)
+                    offer = writer.offer
+                    hub.add_callback(lambda update: offer(update, time.time_ns() // 1_000_000))
+                    ctx.history_writer = writer
+                    ctx.history_store = HistoryStore(history_backend)
+                    log.info("[START] tick history: %s", history_backend.description)
+                if fleet is not None:
+                    await nursery.start(fleet.run)
+                else:
+                    await nursery.start(local.run)
+                await nursery.start(
+                    partial(
+                        hypercorn.trio.serve,
+                        front.rest,
+                        _hypercorn_config(config, private.detach()),  # Hypercorn's from here on
+                        shutdown_trigger=stop_server.wait,
+                    )
+                )
+                host, port = listener.getsockname()[:2]
+                scheme = "https" if ssl_context is not None else "http"
+                bind = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+                front_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+                accepting = trio.CancelScope()  # the accept loop only
+                connections = trio.CancelScope()  # every accepted connection's handler
+
+                async def serve_front(
+                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    with connections:
+                        async with trio.open_nursery() as handlers:
+                            with accepting:
+                                await trio.serve_listeners(
+                                    front.handle, [front_listener], handler_nursery=handlers, task_status=task_status
+                                )
+
+                await nursery.start(serve_front)
+                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security, ctx.history_writer)
+                _banner(relay, providers)
+                task_status.started(relay)
+
+                await shutdown.wait()
+                # Drain: stop accepting, close every client with 1001 (each handler finishes the
+                # frame it is writing, then sends the close), stop the upstream cleanly, then end
+                # whatever is left (REST requests get the server's graceful_timeout).
+                log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
+                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                accepting.cancel()
+                await front_listener.aclose()  # new connections are refused from here on
+                hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+                upstream.stop()
+                with trio.move_on_after(SHUTDOWN_GRACE / 2):
+                    await hub.wait_no_clients()
+                if ctx.history_writer is not None:
+                    await ctx.history_writer.aclose()  # writes what is pending, within HISTORY_DRAIN
+                if ctx.alerts is not None:
+                    with trio.move_on_after(HISTORY_DRAIN):
+                        await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
+                services.cancel()
+                stop_server.set()
+                connections.cancel()
+                if ctx.history_store is not None:
+                    with trio.move_on_after(0.5):
+                        await ctx.history_store.aclose()
+                if app_store is not None:
+                    with trio.move_on_after(0.5):
+                        await app_store.aclose()
+    finally:
+        # Hypercorn closed it when it stopped serving (from then on the front door answers 503);
+        # this closes it only when the relay failed before handing it over.
+        private.close()
+    log.info("[SHUTDOWN] done")
+
+
+async def _run_in(
+    scope: trio.CancelScope,
+    services: list[PortfolioService | AlertService | None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start each service's ``run`` inside ``scope``: cancelling the scope ends them all."""
+    with scope:
+        async with trio.open_nursery() as inner:
+            for service in services:
+                if service is not None:
+                    await inner.start(service.run)
+            task_status.started()
+
+
+def _history_backend(config: Config) -> HistoryBackend | None:
+    try:
+        return make_backend(config.history)
+    except ValueError as exc:  # a DSN that does not parse (its text is never shown: it may hold a password)
+        raise ConfigError(f"config error: history.postgres_dsn: not a valid PostgreSQL DSN ({type(exc).__name__})") from None
+
+
+def _banner(relay: Relay, providers: list[Provider]) -> None:
+    log.info("[START] trio-relay listening on %s", relay.http_url)
+    log.info("[START] client WebSocket: %s", relay.ws_url)
+    if relay.config.server.tls_certfile:
+        log.info("[START] TLS on (cert: %s)", relay.config.server.tls_certfile)
+    log.info("[START] upstream: %s", providers[0].describe())
+    for fallback in providers[1:]:
+        log.info("[START] failover: %s", fallback.describe())
+    config = relay.config
+    if not config.auth.enabled and config.auth.allow_insecure:
+        log.warning("[SECURITY] ******************************************************************")
+        log.warning("[SECURITY] Authentication is OFF on %s (auth.allow_insecure = true):", config.server.host)
+        log.warning("[SECURITY] anyone who can reach this port can subscribe and pin upstream symbols.")
+        log.warning("[SECURITY] ******************************************************************")
+    elif config.auth.enabled:
+        log.info("[START] auth: JWT (%s)", ", ".join(config.auth.algorithms))
+    if relay.config.provider == "sim":
+        log.warning("[SIM] ******************************************************************")
+        log.warning("[SIM] No FMP_API_KEY set: serving SIMULATED market data, not real prices.")
+        log.warning("[SIM] Set FMP_API_KEY (environment or .env) to relay Financial Modeling Prep.")
+        log.warning("[SIM] ******************************************************************")

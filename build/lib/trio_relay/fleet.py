@@ -1,0 +1,1098 @@
+"""The fleet engine (``engine.backend = "redis"``): many relays, one Redis, ONE upstream connection.
+
+Every relay of a fleet (same Redis, same ``engine.prefix``) runs this engine instead of holding
+the upstream itself:
+
+- **Election.** Relays race for the lock ``<prefix>:holder`` (``SET NX PX lock_ttl``, renewed
+  every ``lock_ttl / 3``). Each acquisition takes a new fencing token from ``<prefix>:fence``;
+  the lock's value is ``"<token>:<node>"``. The winner runs the ordinary :class:`Upstream`.
+- **Demand.** Every relay writes the symbols its clients want (its hub's ``demand.wanted``,
+  pins included) to ``<prefix>:demand:<node>`` with a ``demand_ttl`` expiry, refreshed every
+  ``demand_ttl / 3``: a relay that dies stops wanting anything when its key expires. The holder
+  subscribes upstream to the union (an unwanted symbol lingers ``upstream.unsubscribe_linger``).
+- **Fan-out.** The holder numbers each update (per symbol, in the fleet's epoch) and publishes it
+  ONCE, through a Lua script that first checks the lock still holds its token: a holder that lost
+  the lock can publish nothing more (the fencing). Updates go out on ``engine.shards`` channels
+  by a hash of the symbol; the same script writes each symbol's merged state to the shared cache
+  ``<prefix>:cache`` and, when ``stream_maxlen > 0``, appends each update to the stream
+  ``<prefix>:ticks``. Every relay (the holder too) takes the updates from its subscriptions and
+  hands them to its own hub, so outboxes, batching and conflation work as on a single relay, and
+  the seq a client sees is the same on every relay.
+- **Delivery at most once.** A relay drops an update whose seq it already passed on (a cache
+  read racing the live channel, a batch from an older fencing token): one update reaches one
+  client at most once, also across a takeover, and nothing is replayed that the client saw.
+- **Losing Redis.** A relay that cannot reach Redis keeps its clients, tells them the upstream
+  is down (reason: Redis unreachable), reports ``redis_down`` in /health and /status, and
+  reconnects with backoff; on its return it publishes its demand again and re-reads the cache
+  for every wanted symbol, so each client gets the current price of everything it follows.
+  A holder that loses Redis stops holding at once (it could not renew the lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, cast
+
+import anyio
+import attrs
+import coredis
+import coredis.exceptions
+import msgspec
+import trio
+from msgspec import Meta
+from coredis.retry import NoRetryPolicy
+
+from .config import Config, EngineConfig, UpstreamConfig
+from .hub import Demand, Hub, Stats, new_epoch
+from .model import BREAK, Encoder, PriceState, Update
+from .providers.base import Provider
+from .upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
+
+__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "redis_client", "describe_failure", "is_redis_failure", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
+
+log = logging.getLogger("trio_relay.fleet")
+
+# Upstream states a follower reports when it cannot see a working holder.
+REDIS_DOWN = "redis_down"
+NO_HOLDER = "no_holder"
+
+# Most updates published in one script call (the Lua stack and the reply stay small).
+MAX_BATCH = 2000
+# The holder publishes at most once per interval, so a busy feed goes out in batches (seconds).
+PUBLISH_INTERVAL = 0.002
+
+# Errors that mean "Redis is unreachable or went away", not a bug of ours.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    coredis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+# ...and a Redis command that took longer than engine.timeout.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, trio.TooSlowError)
+
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[2])
+local value = token .. ':' .. ARGV[1]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# The holder's status (and, if ARGV[5] is not empty, a control message): fenced like a publish.
+_ANNOUNCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+
+# ARGV: lock value, #channels, #cache entries, stream cap, then channel/payload pairs, cache
+# field/value pairs, stream symbol/update pairs. Refused (0) unless the lock holds our token.
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local i = 5
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local n = tonumber(ARGV[3])
+if n > 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, i + 2 * n - 1))
+  i = i + 2 * n
+end
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  while i < #ARGV do
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', cap, '*', 'symbol', ARGV[i], 'update', ARGV[i + 1])
+    i = i + 2
+  end
+end
+return 1
+"""
+
+# Every live relay's demand (a JSON list each); forgets the relays whose key expired.
+_DEMAND_UNION = """
+local out = {}
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local d = redis.call('GET', ARGV[1] .. node)
+  if d then table.insert(out, d) else redis.call('SREM', KEYS[1], node) end
+end
+return out
+"""
+
+
+class FleetBatch(msgspec.Struct, array_like=True, gc=False):
+    """One published message: updates of one shard, numbered in ``epoch``, under fencing ``token``."""
+
+    token: int
+    epoch: str
+    updates: list[Update]
+
+
+@attrs.frozen
+class FleetKeys:
+    holder: str
+    fence: str
+    epoch: str
+    cache: str
+    status: str
+    nodes: str
+    demand_prefix: str
+    stream: str
+    control: str
+    shard_prefix: str
+
+
+def fleet_keys(prefix: str) -> FleetKeys:
+    """Every key and channel of the fleet ``prefix`` (also for tests and tools)."""
+    return FleetKeys(
+        holder=f"{prefix}:holder",
+        fence=f"{prefix}:fence",
+        epoch=f"{prefix}:epoch",
+        cache=f"{prefix}:cache",
+        status=f"{prefix}:upstream",
+        nodes=f"{prefix}:nodes",
+        demand_prefix=f"{prefix}:demand:",
+        stream=f"{prefix}:ticks",
+        control=f"{prefix}:control",
+        shard_prefix=f"{prefix}:u:",
+    )
+
+
+def shard_of(symbol: str, shards: int) -> int:
+    return zlib.crc32(symbol.encode()) % shards
+
+
+def _only_redis_errors(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_redis_errors(e, also) for e in exc.exceptions)
+    return isinstance(exc, (*REDIS_ERRORS, trio.TooSlowError, *also))
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Redis went away or timed out (every leaf of a group): retried, never a crash."""
+    return _only_redis_errors(exc)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of the first leaf of ``exc`` (never a URL's password: coredis shows none)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redis_client(config: EngineConfig, name: str) -> coredis.Redis[bytes]:
+    """A client of the fleet's Redis, to use as ``async with``. No retries of its own: a failure
+    ends the caller's session, which reports it and retries with backoff."""
+    return coredis.Redis.from_url(
+        config.redis_url,
+        decode_responses=False,
+        connect_timeout=config.timeout,
+        stream_timeout=None,  # pub/sub and XREADGROUP BLOCK wait for as long as they need
+        retry_policy=NoRetryPolicy(),
+        client_name=name,
+    )
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname().split('.')[0][:32]}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+class _RemoteProvider:
+    """Names the holder's provider on a relay that does not hold the upstream."""
+
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        self._description = description
+
+    def describe(self) -> str:
+        return self._description
+
+
+class _LockLost(Exception):
+    pass
+
+
+class RedisEngine:
+    """One relay's part of the fleet. Run with :meth:`run`; :attr:`view` is its upstream status."""
+
+    def __init__(self, config: Config, hub: Hub, providers: Sequence[Provider], stats: Stats) -> None:
+        self.config: EngineConfig = config.engine
+        self.upstream_config: UpstreamConfig = config.upstream
+        self.hub = hub
+        self.stats = stats
+        self.providers = list(providers)
+        self.node = self.config.node_id or _default_node_id()
+        self.keys = fleet_keys(self.config.prefix)
+        self.view = FleetUpstream(self)
+        self._channel0 = f"{self.keys.shard_prefix}0"
+        # Redis connection state, for /health and /status.
+        self.redis_state = "connecting"
+        self.redis_error = ""
+        self.redis_since: float | None = None  # wall clock of the last change
+        self.redis_outages = 0
+        # This relay's role; the lock's fencing token while it is the holder.
+        self.role = "follower"
+        self.token = 0
+        self.terms = 0  # times this relay became the holder
+        self.upstream: Upstream | None = None  # the running upstream while holder
+        self._redis: coredis.Redis[bytes] | None = None  # while connected (for REST reads)
+        # What the holder last published about its upstream (None: no holder known).
+        self.holder_status: dict[str, Any] | None = None
+        self._holder_seen_at: float | None = None  # trio clock
+        # Delivery state (every relay).
+        self.epoch: str | None = None
+        self._token_seen = 0
+        self.last_batch_at: float | None = None  # trio clock
+        self.batches_in = 0
+        self.stale_batches = 0
+        self.malformed = 0
+        # Holder counters.
+        self.batches_out = 0
+        self.updates_out = 0
+        self.fleet_symbols: set[str] = set()  # the union of the fleet's demand (holder)
+        self._signal: tuple[str, str] | None = None  # last (signal, provider) given to the hub
+        self._released = trio.Event()
+        self._demand_changed = trio.Event()
+        self._stop = trio.Event()
+        self._stepped_down = trio.Event()
+        self._hub_send, self._hub_receive = trio.open_memory_channel[Item](config.upstream.queue_size)
+        self._events_send, self._events_receive = trio.open_memory_channel[tuple[str, str, str]](64)
+        self._msgpack = msgspec.msgpack.Encoder()
+        self._batch_decoder = msgspec.msgpack.Decoder(FleetBatch)
+        self._json = msgspec.json.Encoder()
+        self._state_decoder = msgspec.json.Decoder(PriceState)
+
+    @property
+    def duplicates(self) -> int:
+        """Updates dropped because this relay had already passed them on (counted by the hub)."""
+        return self.hub.stats.duplicates
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Close the upstream cleanly (if held), release the lock, and make :meth:`run` return."""
+        if self.upstream is not None:
+            self.upstream.stop()
+        self._stop.set()
+
+    def restart(self, providers: Sequence[Provider], config: UpstreamConfig) -> None:
+        """New provider settings (reload): used from the next holding on, and now if holding."""
+        self.providers = list(providers)
+        self.upstream_config = config
+        if self.upstream is not None:
+            self.upstream.restart(providers, config)
+
+    async def cached_states(self, symbols: Sequence[str] | None = None) -> dict[str, PriceState] | None:
+        """The shared cache: of ``symbols``, or of every symbol the fleet wants (None: no Redis)."""
+        redis = self._redis
+        if redis is None:
+            return None
+        try:
+            with trio.fail_after(self.config.timeout):
+                if symbols is None:
+                    symbols = sorted(await self._demand_union(redis))
+                values = await redis.hmget(self.keys.cache, list(symbols)) if symbols else ()
+        except REDIS_FAILURES:
+            return None
+        states: dict[str, PriceState] = {}
+        for raw in values:
+            if raw is None:
+                continue
+            try:
+                state = self._state_decoder.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            if state.seq:
+                states[state.symbol] = state
+        return states
+
+    async def _demand_union(self, redis: coredis.Redis[bytes]) -> set[str]:
+        union_script = redis.register_script(_DEMAND_UNION)
+        parts: Any = await union_script(keys=[self.keys.nodes], args=[self.keys.demand_prefix])
+        union: set[str] = set()
+        for part in cast("list[bytes]", parts):
+            try:
+                union.update(msgspec.json.decode(part, type=list[str]))
+            except msgspec.DecodeError:
+                self._malformed("demand entry")
+        return union
+
+    def channel(self, symbol: str) -> str:
+        if self.config.shards == 1:
+            return self._channel0  # the default: no hash per update
+        return f"{self.keys.shard_prefix}{shard_of(symbol, self.config.shards)}"
+
+    # ------------------------------------------------------------------ lifetime
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.hub.consume, self._hub_receive)
+            nursery.start_soon(self._sessions)
+            task_status.started()
+            await self._stop.wait()
+            if self.role == "holder":
+                # The holder closes its upstream cleanly and hands the lock over (see _hold).
+                with trio.move_on_after(1.0):
+                    await self._stepped_down.wait()
+            await self._withdraw_demand()
+            nursery.cancel_scope.cancel()
+
+    async def _withdraw_demand(self) -> None:
+        """On a clean stop the fleet forgets this relay's demand at once (not after demand_ttl)."""
+        redis = self._redis
+        if redis is None:
+            return
+        with trio.move_on_after(0.5):
+            try:
+                await redis.delete([self.keys.demand_prefix + self.node])
+                await redis.srem(self.keys.nodes, [self.node])
+                await redis.publish(self.keys.control, b'{"t":"demand"}')
+            except REDIS_FAILURES:
+                pass  # it expires after demand_ttl anyway
+
+    def _connect(self) -> coredis.Redis[bytes]:
+        return redis_client(self.config, f"trio-relay:{self.node}")
+
+    async def _sessions(self) -> None:
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                async with self._connect() as redis:
+                    with trio.fail_after(self.config.timeout):
+                        await redis.ping()
+                    self._redis_up()
+                    backoff.reset()
+                    self._redis = redis
+                    try:
+                        await self._session(redis)
+                    finally:
+                        self._redis = None
+            except BaseException as exc:  # noqa: BLE001 (sorted right below)
+                if not _only_redis_errors(exc, also=(trio.Cancelled,)):
+                    raise
+                if isinstance(exc, BaseExceptionGroup):
+                    cancelled, _ = exc.split(trio.Cancelled)
+                    if cancelled is not None:
+                        raise cancelled from None  # torn down (shutdown): a closed connection is no news
+                elif isinstance(exc, trio.Cancelled):
+                    raise
+                self._redis_down(describe_failure(exc))
+            delay = backoff.next_delay()
+            await trio.sleep(delay)
+
+    def _redis_up(self) -> None:
+        if self.redis_state != "up":
+            if self.redis_state == "down":
+                log.warning("[FLEET] Redis is back (%s); node %s rejoins the fleet", self._where(), self.node)
+            else:
+                log.info("[FLEET] node %s joined the fleet %r on %s", self.node, self.config.prefix, self._where())
+            self.redis_state, self.redis_error, self.redis_since = "up", "", time.time()
+
+    def _redis_down(self, error: str) -> None:
+        if self.redis_state != "down":
+            self.redis_outages += 1
+            self.redis_since = time.time()
+            log.error("[FLEET] lost Redis (%s): %s; clients stay connected, retrying", self._where(), error)
+        self.redis_state, self.redis_error = "down", error
+        self.holder_status = None
+        self._give_signal("down", f"Redis unreachable ({error})")
+
+    def _where(self) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.config.redis_url)
+        return f"{parts.hostname}:{parts.port or 6379}"  # never the password
+
+    async def _session(self, redis: coredis.Redis[bytes]) -> None:
+        self._released = trio.Event()
+        pubsub = redis.pubsub(
+            channels=[self.keys.control], retry_policy=NoRetryPolicy(), ignore_subscribe_messages=True
+        )
+        async with pubsub as ps:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, ps)
+                nursery.start_soon(self._follow_demand, redis, ps)
+                nursery.start_soon(self._watch_holder, redis)
+                nursery.start_soon(self._elect, redis)
+
+    # ------------------------------------------------------------------ every relay
+    async def _read(self, ps: Any) -> None:
+        control = self.keys.control.encode()
+        while True:
+            message = await ps.get_message()
+            if message is None or message["type"] != "message":
+                continue
+            channel, data = message["channel"], message["data"]
+            if channel == control:
+                self._on_control(data)
+            else:
+                await self._on_batch(data)
+
+    async def _on_batch(self, data: bytes) -> None:
+        try:
+            batch = self._batch_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self._malformed(f"fan-out message ({exc})")
+            return
+        self.batches_in += 1
+        self.last_batch_at = trio.current_time()
+        if batch.token < self._token_seen:
+            self.stale_batches += 1  # an older holder's (the lock's script should have refused it)
+            return
+        self._token_seen = batch.token
+        if batch.epoch != self.epoch:
+            self._new_epoch(batch.epoch)
+        # An update the hub already passed on (a cache read racing this feed) is dropped there.
+        await self._hub_send.send(batch.updates)
+
+    def _malformed(self, what: str) -> None:
+        """Counted, and logged (the first ten, then every thousandth): never fatal."""
+        self.malformed += 1
+        self.stats.malformed += 1
+        if self.malformed <= 10 or self.malformed % 1000 == 0:
+            log.warning("[FLEET] malformed %s skipped (%d so far)", what, self.malformed)
+
+    def _new_epoch(self, epoch: str) -> None:
+        if self.epoch is not None:
+            log.info("[FLEET] the fleet's sequence space is now %s (was %s)", epoch, self.epoch)
+        self.epoch = epoch
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            message = msgspec.json.decode(data)
+            kind = message["t"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            self._malformed("control message")
+            return
+        if kind == "demand":
+            self._demand_changed.set()
+        elif kind == "released":
+            self._released.set()
+        elif kind == "upstream":
+            status = message.get("status")
+            if isinstance(status, dict) and status.get("token", 0) >= self._token_seen:
+                self._token_seen = int(status.get("token", 0))  # a new holder: older batches are stale
+                self.holder_status = status
+                self._holder_seen_at = trio.current_time()
+                self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
+
+    def _give_signal(self, signal: str, reason: str, provider: str | None = None) -> None:
+        """Tell the hub's clients the fleet's upstream state (once per change)."""
+        if signal not in ("up", "down", "stale", "failover"):
+            return
+        if provider is None:
+            provider = self.view.provider.name
+        if self._signal == (signal, provider) and signal != "failover":
+            return
+        if self._signal is None and signal == "up":
+            self._signal = (signal, provider)  # nothing was wrong: clients need not hear it
+            return
+        self._signal = (signal, provider)
+        self.hub.upstream_event(signal, provider, reason)
+
+    async def _follow_demand(self, redis: coredis.Redis[bytes], ps: Any) -> None:
+        """Publish this relay's demand; listen to (and read the cache of) what its clients want.
+
+        Each session starts with nothing read: what came in while this relay was away is in the
+        cache, so every wanted symbol is read again (the hub drops a state it already passed on).
+        """
+        subscribed: set[str] = set()  # shard channels
+        primed: set[str] = set()  # symbols whose cached state was read in this session
+        demand = self.hub.demand
+        keys = self.keys
+        published: set[str] | None = None
+        ttl_ms = int(self.config.demand_ttl * 1000)
+        next_beat = 0.0
+        while True:
+            changed = demand.changed_event()
+            wanted = set(demand.wanted)
+            new = wanted - primed
+            need = {self.channel(s) for s in wanted}
+            with trio.fail_after(self.config.timeout):
+                if need - subscribed:
+                    await ps.subscribe(*sorted(need - subscribed))
+                    subscribed |= need
+                if subscribed - need:
+                    await ps.unsubscribe(*sorted(subscribed - need))
+                    subscribed &= need
+            primed.clear()
+            primed |= wanted
+            if new:
+                await self._prime(redis, sorted(new))
+            now = trio.current_time()
+            if wanted != published or now >= next_beat:
+                with trio.fail_after(self.config.timeout):
+                    await redis.set(keys.demand_prefix + self.node, self._json.encode(sorted(wanted)), px=ttl_ms)
+                    await redis.sadd(keys.nodes, [self.node])
+                    if wanted != published:
+                        await redis.publish(keys.control, b'{"t":"demand"}')
+                published = wanted
+                next_beat = now + self.config.demand_ttl / 3
+            with trio.move_on_at(next_beat):
+                await changed.wait()
+
+    async def _prime(self, redis: coredis.Redis[bytes], symbols: list[str]) -> None:
+        """Hand the hub the cached state of newly wanted symbols (their subscribers' snapshot)."""
+        for start in range(0, len(symbols), 1000):
+            chunk = symbols[start : start + 1000]
+            with trio.fail_after(self.config.timeout):
+                values = await redis.hmget(self.keys.cache, chunk)
+            updates: list[Update] = []
+            for raw in values:
+                if raw is None:
+                    continue
+                try:
+                    state = self._state_decoder.decode(raw)
+                except msgspec.DecodeError:
+                    self._malformed("cache entry")
+                    continue
+                if self.epoch is None:
+                    self._new_epoch(state.epoch)
+                if state.epoch != self.epoch:
+                    continue
+                updates.append(_state_update(state))
+            if updates:
+                await self._hub_send.send(updates)
+
+    async def _watch_holder(self, redis: coredis.Redis[bytes]) -> None:
+        """Follow the holder's published status; with none for a whole lock_ttl, say so."""
+        period = self.config.lock_ttl / 3
+        while True:
+            with trio.fail_after(self.config.timeout):
+                raw = await redis.get(self.keys.status)
+            now = trio.current_time()
+            status: dict[str, Any] | None = None
+            if raw is not None:
+                try:
+                    status = msgspec.json.decode(raw)
+                except msgspec.DecodeError:
+                    self._malformed("holder status")
+            if status is not None:
+                self.holder_status = status
+                self._holder_seen_at = now
+                if status.get("token", 0) >= self._token_seen:
+                    self._token_seen = int(status.get("token", 0))
+                    signal = str(status.get("signal", ""))
+                    self._give_signal(signal, str(status.get("reason", "")), str(status.get("provider", "")))
+            else:
+                if self._holder_seen_at is None:
+                    self._holder_seen_at = now  # measured from joining
+                if now - self._holder_seen_at >= self.config.lock_ttl:
+                    self.holder_status = None
+                    self._give_signal("down", "no relay of the fleet holds the upstream (election in progress)")
+            await trio.sleep(period)
+
+    # ------------------------------------------------------------------ the holder
+    async def _elect(self, redis: coredis.Redis[bytes]) -> None:
+        acquire = redis.register_script(_ACQUIRE)
+        ttl_ms = int(self.config.lock_ttl * 1000)
+        while not self._stop.is_set():
+            # Armed before trying: a "released" that comes while the attempt is on its way wakes
+            # the wait below instead of being lost (which would cost a whole lock_ttl / 3).
+            released = self._released = trio.Event()
+            with trio.fail_after(self.config.timeout):
+                value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
+            if value:
+                await self._hold(redis, value.decode() if isinstance(value, bytes) else str(value))
+                continue
+            with trio.move_on_after(self.config.lock_ttl / 3):
+                await released.wait()
+        await trio.sleep_forever()
+
+    async def _hold(self, redis: coredis.Redis[bytes], value: str) -> None:
+        token = int(value.split(":", 1)[0])
+        self.role, self.token = "holder", token
+        self._stepped_down = trio.Event()
+        self.terms += 1
+        self._token_seen = max(self._token_seen, token)
+        # The first holder of a fleet is routine; any later one is a takeover, worth a warning.
+        log.log(logging.INFO if token == 1 else logging.WARNING, "[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
+        released = False
+        try:
+            with trio.fail_after(self.config.timeout * 2):
+                epoch = await self._fleet_epoch(redis)
+                states = await self._load_states(redis, epoch)
+            if epoch != self.epoch:
+                self._new_epoch(epoch)
+            send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
+            fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
+            upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
+            upstream.on_event = self._on_upstream_event
+            self.upstream = upstream
+            async with trio.open_nursery() as nursery:
+
+                async def run_upstream() -> None:
+                    await upstream.run()  # returns on stop() (shutdown)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(self._keep_lock, redis, value)
+                nursery.start_soon(self._fleet_demand, redis, fleet_demand)
+                nursery.start_soon(self._publish, redis, value, receive, states, epoch)
+                nursery.start_soon(self._announce, redis, value, upstream)
+                nursery.start_soon(run_upstream)
+        except _LockLost as exc:
+            log.error("[FLEET] node %s lost the upstream lock (%s); stepping down", self.node, exc)
+        except BaseExceptionGroup as group:
+            lost, rest = group.split(_LockLost)
+            if rest is not None:
+                raise rest from None
+            if lost is not None:
+                log.error("[FLEET] node %s lost the upstream lock; stepping down", self.node)
+        finally:
+            self.upstream = None
+            self.role, self.token = "follower", 0
+            self.fleet_symbols = set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                try:
+                    release = redis.register_script(_RELEASE)
+                    released = bool(
+                        await release(
+                            keys=[self.keys.holder, self.keys.status],
+                            args=[value, self.keys.control, b'{"t":"released"}'],
+                        )
+                    )
+                except REDIS_ERRORS:
+                    pass
+            self._stepped_down.set()
+            if released:
+                log.info("[FLEET] node %s released the upstream lock", self.node)
+        if self._stop.is_set():
+            await trio.sleep_forever()  # shutting down: do not take the lock again
+
+    async def _fleet_epoch(self, redis: coredis.Redis[bytes]) -> str:
+        await redis.set(self.keys.epoch, new_epoch(), condition=coredis.PureToken.NX)
+        raw = await redis.get(self.keys.epoch)
+        return raw.decode() if raw else new_epoch()
+
+    async def _load_states(self, redis: coredis.Redis[bytes], epoch: str) -> dict[str, PriceState]:
+        """The cache, to number on from it: a takeover never repeats or steps back a seq."""
+        states: dict[str, PriceState] = {}
+        for raw in (await redis.hgetall(self.keys.cache)).values():
+            try:
+                state = self._state_decoder.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            if state.epoch == epoch:
+                states[state.symbol] = state
+        return states
+
+    async def _keep_lock(self, redis: coredis.Redis[bytes], value: str) -> None:
+        renew = redis.register_script(_RENEW)
+        ttl = self.config.lock_ttl
+        ttl_ms = int(ttl * 1000)
+        while True:
+            await trio.sleep(ttl / 3)
+            with trio.fail_after(ttl / 3):
+                kept: Any = await renew(keys=[self.keys.holder], args=[value, ttl_ms])
+            if not kept:
+                raise _LockLost("the lock expired or another relay holds it")
+
+    async def _fleet_demand(self, redis: coredis.Redis[bytes], fleet_demand: Demand) -> None:
+        while True:
+            self._demand_changed = trio.Event()
+            with trio.fail_after(self.config.timeout):
+                union = await self._demand_union(redis)
+            added, removed = union - self.fleet_symbols, self.fleet_symbols - union
+            if added:
+                fleet_demand.pin(sorted(added))
+            if removed:
+                fleet_demand.unpin(sorted(removed))  # lingers unsubscribe_linger, as on one relay
+            self.fleet_symbols = union
+            with trio.move_on_after(self.config.demand_ttl / 3):
+                await self._demand_changed.wait()
+
+    def _on_upstream_event(self, signal: str, provider: str, reason: str) -> None:
+        try:
+            self._events_send.send_nowait((signal, provider, reason))
+        except trio.WouldBlock:
+            pass  # the status key, rewritten each renewal, carries the latest state anyway
+
+    def _status(self, upstream: Upstream, signal: str, reason: str) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "token": self.token,
+            "state": upstream.state,
+            "fresh": upstream.is_fresh(),
+            "signal": signal,
+            "reason": reason,
+            "provider": upstream.provider.name,
+            "source": upstream.provider.describe(),
+            "connected_since": upstream.connected_since,
+            "reconnects": upstream.reconnects,
+            "attempts": upstream.attempts,
+            "last_error": upstream.last_error,
+            "subscribed": sorted(upstream.subscribed),
+            "switches": upstream.switches,
+            "at": time.time(),
+        }
+
+    async def _announce(self, redis: coredis.Redis[bytes], value: str, upstream: Upstream) -> None:
+        """Keep the holder's status in Redis; pass each up/down/stale/failover on to the fleet."""
+        announce = redis.register_script(_ANNOUNCE)
+        ttl_ms = int(self.config.lock_ttl * 1000)  # it dies with the lock
+        signal, reason = "up", ""
+        event: tuple[str, str, str] | None = ("", "", "")  # the first status goes out at once
+        while True:
+            if event is not None and event[0]:
+                signal, _provider, reason = event
+            status = self._status(upstream, signal, reason)
+            message = self._json.encode({"t": "upstream", "status": status}) if event is not None else b""
+            with trio.fail_after(self.config.timeout):
+                kept: Any = await announce(
+                    keys=[self.keys.holder, self.keys.status],
+                    args=[value, self._json.encode(status), ttl_ms, self.keys.control, message],
+                )
+            if not kept:
+                raise _LockLost("the status was refused: the lock no longer holds this relay's token")
+            event = None
+            with trio.move_on_after(self.config.lock_ttl / 3):
+                event = await self._events_receive.receive()
+
+    async def _publish(
+        self,
+        redis: coredis.Redis[bytes],
+        value: str,
+        receive: trio.MemoryReceiveChannel[Item],
+        states: dict[str, PriceState],
+        epoch: str,
+    ) -> None:
+        """Number, then publish every upstream update once (refused if the lock is no longer ours)."""
+        script = redis.register_script(_PUBLISH)
+        keys = [self.keys.holder, self.keys.cache, self.keys.stream]
+        cap = self.config.stream_maxlen
+        encode, jencode = self._msgpack.encode, self._json.encode
+        now_iso = Encoder().now_iso
+        provider = self.upstream.provider.name if self.upstream is not None else ""
+        pace = Pacer(PUBLISH_INTERVAL)
+        async with receive:
+            while True:
+                try:
+                    item: Item = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                # Busy: what comes in the rest of the interval goes in the same publish (each
+                # costs ~0.5 ms of the client library's time). A quiet feed waits for nothing.
+                await pace.wait()
+                updates: list[Update] = []
+                while True:
+                    if isinstance(item, str):
+                        provider = item
+                    else:
+                        for update in item:
+                            if update.provider is None:
+                                update.provider = provider
+                        updates.extend(item)
+                    if len(updates) >= MAX_BATCH:
+                        break
+                    try:
+                        item = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if not updates:
+                    continue
+                cached_at = now_iso()
+                shards: dict[str, list[Update]] = {}
+                changed: dict[str, PriceState] = {}
+                for update in updates:
+                    symbol = update.symbol
+                    state = states.get(symbol)
+                    if state is None:
+                        state = states[symbol] = PriceState(symbol=symbol, epoch=epoch)
+                    update.seq = state.seq + 1
+                    update.epoch = epoch
+                    if update.kind == BREAK:
+                        state.seq = update.seq  # a break corrects an earlier print; the state stays
+                    else:
+                        state.apply(update, cached_at)
+                    state.provider = update.provider or provider
+                    changed[symbol] = state
+                    channel = self.channel(symbol)
+                    shard = shards.get(channel)
+                    if shard is None:
+                        shard = shards[channel] = []
+                    shard.append(update)
+                args: list[str | bytes | int] = [value, len(shards), len(changed), cap]
+                for channel, shard in shards.items():
+                    args += [channel, encode(FleetBatch(self.token, epoch, shard))]
+                for symbol, state in changed.items():
+                    args += [symbol, jencode(state)]
+                if cap:
+                    for update in updates:
+                        args += [update.symbol, jencode(update)]
+                with trio.fail_after(self.config.lock_ttl / 3):
+                    accepted: Any = await script(keys=keys, args=args)
+                if not accepted:
+                    raise _LockLost("a publish was refused: the lock no longer holds this relay's token")
+                self.batches_out += 1
+                self.updates_out += len(updates)
+
+
+class Pacer:
+    """At most one go per ``interval``: :meth:`wait` returns at once unless the last go was sooner."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = -math.inf
+
+    async def wait(self) -> None:
+        if trio.current_time() < self._next:
+            await trio.sleep_until(self._next)
+        else:
+            await trio.lowlevel.checkpoint()
+        self._next = trio.current_time() + self.interval
+
+
+def _state_update(state: PriceState) -> Update:
+    """A cached state as an update that, applied to nothing, gives that state back."""
+    return Update(
+        symbol=state.symbol,
+        kind=state.data_type,
+        timestamp=state.timestamp,
+        last_price=state.last_price,
+        last_size=state.last_size,
+        ask_price=state.ask_price,
+        ask_size=state.ask_size,
+        bid_price=state.bid_price,
+        bid_size=state.bid_size,
+        merged=True,
+        provider=state.provider or None,
+        seq=state.seq,
+        epoch=state.epoch,
+    )
+
+
+class FleetUpstream:
+    """The upstream as this relay sees it, for /health, /status and metrics.
+
+    On the holder it is the running :class:`Upstream`; on any other relay it is what the holder
+    last published, with Redis's own state on top (``redis_down`` when this relay lost Redis,
+    ``no_holder`` while the fleet elects one).
+    """
+
+    def __init__(self, engine: RedisEngine) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> RedisEngine:
+        return self._engine
+
+    @property
+    def _local(self) -> Upstream | None:
+        return self._engine.upstream
+
+    @property
+    def state(self) -> str:
+        engine = self._engine
+        if engine.redis_state != "up":
+            return REDIS_DOWN if engine.redis_state == "down" else UpstreamState.CONNECTING
+        if self._local is not None:
+            return self._local.state
+        status = engine.holder_status
+        return str(status.get("state", NO_HOLDER)) if status else NO_HOLDER
+
+    @property
+    def provider(self) -> ProviderInfo:
+        if self._local is not None:
+            return self._local.provider
+        status = self._engine.holder_status or {}
+        name = str(status.get("provider") or (self._engine.providers[0].name if self._engine.providers else "?"))
+        node = status.get("node")
+        source = f"{status.get('source', name)} (held by fleet node {node})" if node else f"{name} (no fleet holder)"
+        return _RemoteProvider(name, source)
+
+    @property
+    def chain(self) -> list[ProviderHealth]:
+        return self._local.chain if self._local is not None else []
+
+    @property
+    def active(self) -> int:
+        return self._local.active if self._local is not None else 0
+
+    @property
+    def failover(self) -> bool:
+        return self._local.failover if self._local is not None else False
+
+    @property
+    def switches(self) -> int:
+        if self._local is not None:
+            return self._local.switches
+        return int((self._engine.holder_status or {}).get("switches", 0))
+
+    @property
+    def switch_reason(self) -> str:
+        return self._local.switch_reason if self._local is not None else ""
+
+    @property
+    def connected_since(self) -> float | None:
+        if self._local is not None:
+            return self._local.connected_since
+        value = (self._engine.holder_status or {}).get("connected_since")
+        return float(value) if value is not None else None
+
+    @property
+    def reconnects(self) -> int:
+        if self._local is not None:
+            return self._local.reconnects
+        return int((self._engine.holder_status or {}).get("reconnects", 0))
+
+    @property
+    def attempts(self) -> int:
+        if self._local is not None:
+            return self._local.attempts
+        return int((self._engine.holder_status or {}).get("attempts", 0))
+
+    @property
+    def last_error(self) -> str:
+        engine = self._engine
+        if engine.redis_state == "down":
+            return f"Redis unreachable: {engine.redis_error}"
+        if self._local is not None:
+            return self._local.last_error
+        if engine.holder_status is None:
+            return "no relay of the fleet holds the upstream" if engine.redis_state == "up" else ""
+        return str(engine.holder_status.get("last_error", ""))
+
+    @property
+    def subscribed(self) -> set[str]:
+        if self._local is not None:
+            return self._local.subscribed
+        return set((self._engine.holder_status or {}).get("subscribed", ()))
+
+    def message_age(self) -> float | None:
+        """Since this relay last received a fleet message (the holder's own included)."""
+        at = self._engine.last_batch_at
+        return None if at is None else trio.current_time() - at
+
+    def is_fresh(self) -> bool:
+        engine = self._engine
+        if engine.redis_state != "up":
+            return False
+        if self._local is not None:
+            return self._local.is_fresh()
+        status = engine.holder_status
+        return bool(status and status.get("state") == UpstreamState.CONNECTED and status.get("fresh", True))
+
+    def stop(self) -> None:
+        self._engine.stop()
+
+    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
+        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        self._engine.restart(chain, config)
+
+    def fleet_status(self) -> FleetStatus:
+        """The ``fleet`` part of /status."""
+        engine = self._engine
+        status = engine.holder_status or {}
+        holding = engine.role == "holder"
+        return FleetStatus(
+            backend="redis",
+            node=engine.node,
+            prefix=engine.config.prefix,
+            role=engine.role,
+            redis=self.redis_status(),
+            holder=engine.node if holding else status.get("node"),
+            token=engine.token if holding else status.get("token"),
+            terms_held=engine.terms,
+            epoch=engine.epoch,
+            fleet_symbols=len(engine.fleet_symbols) if holding else None,
+            received=FleetReceived(
+                batches=engine.batches_in,
+                duplicates_dropped=engine.duplicates,
+                stale_token_dropped=engine.stale_batches,
+                malformed=engine.malformed,
+            ),
+            published=FleetPublished(batches=engine.batches_out, updates=engine.updates_out),
+            stream=engine.keys.stream if engine.config.stream_maxlen else None,
+        )
+
+    def redis_status(self) -> RedisStatus:
+        engine = self._engine
+        return RedisStatus(
+            state=engine.redis_state,
+            error=engine.redis_error or None,
+            since=engine.redis_since,
+            outages=engine.redis_outages,
+        )
+
+    def fleet_health(self) -> FleetHealth:
+        """The ``fleet`` part of /health."""
+        engine = self._engine
+        holder = engine.node if engine.role == "holder" else (engine.holder_status or {}).get("node")
+        return FleetHealth(node=engine.node, role=engine.role, holder=holder, redis=self.redis_status())
+
+
+class RedisStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """This relay's connection to the fleet's Redis (never shows the URL or its password)."""
+
+    state: Annotated[str, Meta(description="connecting, up or down")]
+    error: Annotated[str | None, Meta(description="why it is down")]
+    since: Annotated[float | None, Meta(description="epoch seconds of the last change of state")]
+    outages: Annotated[int, Meta(description="times Redis was lost since the start")]
+
+
+class FleetHealth(msgspec.Struct, forbid_unknown_fields=True):
+    """Which relay of the fleet this is, and who holds the upstream."""
+
+    node: str
+    role: Annotated[str, Meta(description="holder (holds the upstream connection) or follower")]
+    holder: Annotated[str | None, Meta(description="the node holding the upstream (None: none known)")]
+    redis: RedisStatus
+
+
+class FleetReceived(msgspec.Struct, forbid_unknown_fields=True):
+    batches: Annotated[int, Meta(description="fan-out messages received from Redis")]
+    duplicates_dropped: Annotated[int, Meta(description="updates already passed on (cache read racing the live feed)")]
+    stale_token_dropped: Annotated[int, Meta(description="messages of an older holder (fencing token below the newest)")]
+    malformed: int
+
+
+class FleetPublished(msgspec.Struct, forbid_unknown_fields=True):
+    batches: Annotated[int, Meta(description="fan-out messages published while this relay held the upstream")]
+    updates: int
+
+
+class FleetStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """The fleet engine (engine.backend = "redis"); null on a single relay."""
+
+    backend: Literal["redis"]
+    node: str
+    prefix: str
+    role: Annotated[str, Meta(description="holder or follower")]
+    redis: RedisStatus
+    holder: str | None
+    token: Annotated[int | None, Meta(description="the holder's fencing token")]
+    terms_held: Annotated[int, Meta(description="times this relay became the holder")]
+    epoch: Annotated[str | None, Meta(description="the fleet's sequence space (seq compares within it)")]
+    fleet_symbols: Annotated[int | None, Meta(description="holder only: symbols the whole fleet wants")]
+    received: FleetReceived
+    published: FleetPublished
+    stream: Annotated[str | None, Meta(description="the Redis stream of every update (stream_maxlen > 0)")]

@@ -1,0 +1,171 @@
+"""Normalized market-data types and the client wire encoding.
+
+Every provider turns its frames into :class:`Update` objects; the hub merges them into one
+:class:`PriceState` per symbol (the cache entry) and encodes that state ONCE per update into the
+``price_update`` text frame that every subscribed client receives.
+
+The encoded message is the merged *state* of the symbol after the update: ``data_type`` says which
+event produced it (``T`` trade, ``Q`` quote, ``B`` trade break), ``timestamp`` is that event's time
+(UTC epoch milliseconds), and the price fields carry the latest known trade and the latest known
+top of book. A client that is conflated (sees only the latest update of a symbol) therefore still
+holds the full current picture.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "Update",
+    "PriceState",
+    "Encoder",
+    "SYMBOL_RE",
+    "normalize_epoch_ms",
+    "control",
+    "ws_text_frame",
+    "ws_payload",
+]
+
+# Upper-case letters and digits, then also . - / ^ = (BRK.B, BRK-B, BTC/USD, ^GSPC, EURUSD=X).
+SYMBOL_RE: Final = re.compile(r"^[A-Z0-9^][A-Z0-9./^=\-]{0,19}$")
+
+TRADE: Final = "T"
+QUOTE: Final = "Q"
+BREAK: Final = "B"
+
+
+class Update(msgspec.Struct, gc=False):
+    """One normalized upstream event. ``None`` means "the provider did not say"."""
+
+    symbol: str
+    kind: str  # "T" | "Q" | "B"
+    timestamp: int  # event time, UTC epoch ms
+    last_price: float | None = None
+    last_size: float | None = None
+    ask_price: float | None = None
+    ask_size: float | None = None
+    bid_price: float | None = None
+    bid_size: float | None = None
+    # True when the update carries a symbol's whole state (from an upstream relay): every known
+    # field is applied, whatever ``kind`` says, so a first snapshot loses nothing.
+    merged: bool = False
+    # The provider that produced it, when it is not the upstream session's own (an upstream relay
+    # passes on its provider's name). None: the hub's current source.
+    provider: str | None = None
+    # An upstream relay's own numbering (its seq and epoch), kept so that the clients of every
+    # worker of one relay see the same sequence and can resume on any of them. 0 / None: none.
+    seq: int = 0
+    epoch: str | None = None
+
+
+class PriceState(msgspec.Struct, gc=False, kw_only=True):
+    """The cache entry of one symbol; its field order IS the ``price_update`` wire format."""
+
+    type: str = "price_update"
+    symbol: str
+    timestamp: int = 0
+    data_type: str = QUOTE
+    last_price: float | None = None
+    last_size: float | None = None
+    ask_price: float | None = None
+    ask_size: float | None = None
+    bid_price: float | None = None
+    bid_size: float | None = None
+    cached_at: str = ""
+    seq: int = 0
+    provider: str = ""  # which upstream provider the latest update came from
+    epoch: str = ""  # the relay's sequence space: seq values compare only within one epoch
+
+    def apply(self, update: Update, cached_at: str) -> None:
+        """Merge ``update`` into this state (a break does not replace the last trade)."""
+        self.seq = update.seq or self.seq + 1
+        self.timestamp = update.timestamp
+        self.data_type = update.kind
+        self.cached_at = cached_at
+        if update.merged:
+            if update.last_price is not None:
+                self.last_price, self.last_size = update.last_price, update.last_size
+            if update.bid_price is not None:
+                self.bid_price, self.bid_size = update.bid_price, update.bid_size
+            if update.ask_price is not None:
+                self.ask_price, self.ask_size = update.ask_price, update.ask_size
+        elif update.kind == TRADE:
+            self.last_price = update.last_price
+            self.last_size = update.last_size
+        elif update.kind == QUOTE:
+            if update.bid_price is not None:
+                self.bid_price = update.bid_price
+                self.bid_size = update.bid_size
+            if update.ask_price is not None:
+                self.ask_price = update.ask_price
+                self.ask_size = update.ask_size
+
+
+def normalize_epoch_ms(t: int | float) -> int:
+    """Epoch timestamp of unknown unit → ms, by magnitude (ns ≥ 1e17, µs ≥ 1e14, ms ≥ 1e11, else s)."""
+    if t >= 1e17:
+        return int(t // 1_000_000)
+    if t >= 1e14:
+        return int(t // 1_000)
+    if t >= 1e11:
+        return int(t)
+    return int(t * 1000)
+
+
+class Encoder:
+    """Encodes wire messages. One instance per hub; it memoizes the formatted second."""
+
+    __slots__ = ("_enc", "_sec", "_prefix")
+
+    def __init__(self) -> None:
+        self._enc = msgspec.json.Encoder()
+        self._sec = -1
+        self._prefix = ""
+
+    def now_iso(self) -> str:
+        """Wall-clock now as ISO 8601 UTC with milliseconds, e.g. ``2024-11-10T12:00:00.123Z``."""
+        ns = time.time_ns()
+        sec, rem = divmod(ns, 1_000_000_000)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{rem // 1_000_000:03d}Z"
+
+    def price_update(self, state: PriceState) -> bytes:
+        """The state as a complete WebSocket text frame, ready to be written to any client."""
+        return ws_text_frame(self._enc.encode(state))
+
+    def encode(self, obj: object) -> bytes:
+        """Any message as a complete WebSocket text frame."""
+        return ws_text_frame(self._enc.encode(obj))
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked (server → client) WebSocket text frame around ``payload`` (RFC 6455 §5.2).
+
+    Built once per message and shared by every client that gets it: a per-frame client's send
+    is then one concatenation and one socket write for everything it has pending.
+    """
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + n.to_bytes(1, "big") + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def ws_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by :func:`ws_text_frame`."""
+    marker = frame[1]
+    return frame[2:] if marker < 126 else frame[4:] if marker == 126 else frame[10:]
+
+
+def control(kind: str, **fields: object) -> dict[str, object]:
+    """A control message (ack, error, pong...) as a dict with ``type`` first."""
+    msg: dict[str, object] = {"type": kind}
+    msg.update(fields)
+    return msg

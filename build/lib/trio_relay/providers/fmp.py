@@ -1,0 +1,193 @@
+"""Financial Modeling Prep WebSocket (stocks, crypto, forex endpoints).
+
+Protocol (see shared/providers.md): after the socket opens send
+``{"event":"login","data":{"apiKey":KEY}}``; the reply is undocumented and optional, so we wait
+``login_timeout`` for it and carry on without one. ``Unauthorized`` / "not authorized" /
+"Connected from another location" are fatal (:class:`AuthFailed`). Subscriptions are
+``{"event":"subscribe","data":{"ticker":["aapl","msft"]}}`` with lower-case tickers. Data frames
+are one JSON object each: ``s`` ticker, ``t`` timestamp of unknown unit, ``type`` T/Q/B,
+``lp ls ap as bp bs``. The server sends ``{"event":"heartbeat"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import msgspec
+import trio
+
+from ..config import FmpConfig
+from ..model import SYMBOL_RE, Update, normalize_epoch_ms
+from .base import AuthFailed, MalformedFrame, MalformedSink
+from .wsclient import WsClient
+
+__all__ = ["FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
+
+log = logging.getLogger("trio_relay.providers.fmp")
+
+# Subscribe in chunks so no single frame grows without bound.
+SUBSCRIBE_CHUNK = 100
+# Data frames kept while waiting for the login reply (they are delivered after it).
+MAX_EARLY = 1024
+MAX_FRAME = 1 << 20
+
+
+def _ignore(_exc: MalformedFrame) -> None:
+    pass
+
+
+class FmpFrame(msgspec.Struct, gc=False):
+    """Every field FMP may send in one frame, data or control."""
+
+    s: str | None = None
+    t: int | float | None = None
+    type: str | None = None
+    lp: int | float | None = None
+    ls: int | float | None = None
+    ap: int | float | None = None
+    as_: int | float | None = msgspec.field(default=None, name="as")
+    bp: int | float | None = None
+    bs: int | float | None = None
+    e: str | None = None
+    event: str | None = None
+    status: int | str | None = None
+    message: str | None = None
+
+
+_DECODER = msgspec.json.Decoder(FmpFrame)  # immutable, safe to share
+_ENCODER = msgspec.json.Encoder()
+
+_FATAL_TEXTS = ("unauthorized", "not authorized", "connected from another location", "invalid api key")
+
+
+def _fatal(frame: FmpFrame) -> str | None:
+    """The reason if a control frame says our session is refused, else None."""
+    message = (frame.message or "").strip()
+    lowered = message.lower()
+    if any(text in lowered for text in _FATAL_TEXTS):
+        return message
+    if frame.event == "login" and str(frame.status) in ("401", "403"):
+        return message or f"login refused (status {frame.status})"
+    return None
+
+
+def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None]:
+    """Decode one FMP frame. Returns the frame and its update (None for control frames)."""
+    try:
+        frame = _DECODER.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise MalformedFrame(f"unexpected field type: {exc}", raw) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(f"not a JSON object: {exc}", raw) from None
+    if frame.event is not None:
+        return frame, None
+    kind = frame.type
+    symbol = frame.s.upper() if frame.s else ""
+    if not symbol or not SYMBOL_RE.match(symbol):
+        raise MalformedFrame(f"missing or invalid symbol {frame.s!r}", raw)
+    ts = normalize_epoch_ms(frame.t) if frame.t is not None and frame.t > 0 else now_ms
+    if kind == "T" or kind == "B":
+        if frame.lp is None:
+            raise MalformedFrame(f"{kind} frame without lp", raw)
+        return frame, Update(symbol, kind, ts, last_price=frame.lp, last_size=frame.ls)
+    if kind == "Q":
+        if frame.bp is None and frame.ap is None:
+            raise MalformedFrame("Q frame without bp or ap", raw)
+        return frame, Update(
+            symbol,
+            kind,
+            ts,
+            ask_price=frame.ap,
+            ask_size=frame.as_,
+            bid_price=frame.bp,
+            bid_size=frame.bs,
+        )
+    raise MalformedFrame(f"unknown type {kind!r}", raw)
+
+
+class FmpSession:
+    def __init__(self, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
+        self._ws = ws
+        self._early = early  # frames that arrived while we waited for the login reply
+        self._on_malformed = on_malformed
+
+    async def _send(self, event: str, symbols: Sequence[str]) -> None:
+        for i in range(0, len(symbols), SUBSCRIBE_CHUNK):
+            chunk = [s.lower() for s in symbols[i : i + SUBSCRIBE_CHUNK]]
+            await self._ws.send_text(_ENCODER.encode({"event": event, "data": {"ticker": chunk}}).decode())
+
+    async def subscribe(self, symbols: Sequence[str]) -> None:
+        await self._send("subscribe", symbols)
+
+    async def unsubscribe(self, symbols: Sequence[str]) -> None:
+        await self._send("unsubscribe", symbols)
+
+    async def receive(self) -> list[Update]:
+        if self._early:
+            raws, self._early = self._early, []
+        else:
+            raws = await self._ws.receive_batch()
+        now = wall_ms()
+        updates: list[Update] = []
+        for raw in raws:
+            try:
+                frame, update = decode_frame(raw, now)
+            except MalformedFrame as exc:
+                self._on_malformed(exc)  # counted and logged; the rest of the batch goes on
+                continue
+            if update is not None:
+                updates.append(update)
+                continue
+            reason = _fatal(frame)
+            if reason is not None:
+                raise AuthFailed(f"FMP refused the session: {reason}")
+            if frame.event != "heartbeat":
+                log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, frame.message)
+        return updates
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class FmpProvider:
+    name = "fmp"
+    detects_stale = True  # FMP sends heartbeats, so silence means a dead feed
+
+    def __init__(self, config: FmpConfig, connect_timeout: float = 30.0) -> None:
+        self.config = config
+        self.connect_timeout = connect_timeout
+
+    def describe(self) -> str:
+        return f"FMP {self.config.endpoint} at {self.config.resolved_url}"
+
+    @asynccontextmanager
+    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FmpSession]:
+        url = self.config.resolved_url
+        async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
+            yield FmpSession(ws, await self._login(ws), on_malformed)
+
+    async def _login(self, ws: WsClient) -> list[str]:
+        # The key goes only into this frame: never into a URL, a log line or an exception.
+        await ws.send_text(_ENCODER.encode({"event": "login", "data": {"apiKey": self.config.api_key}}).decode())
+        early: list[str] = []
+        with trio.move_on_after(self.config.login_timeout):
+            while len(early) < MAX_EARLY:
+                for raw in await ws.receive_batch():
+                    try:
+                        frame = _DECODER.decode(raw)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        early.append(raw)  # counted as malformed by the normal path
+                        continue
+                    reason = _fatal(frame)
+                    if reason is not None:
+                        raise AuthFailed(f"FMP rejected the API key: {reason}")
+                    if frame.event == "login":
+                        log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
+                        return early
+                    early.append(raw)
+        log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
+        return early

@@ -1,0 +1,696 @@
+"""The upstream task: owns the ONE provider connection for the life of the daemon.
+
+One attempt = open a provider session (connect + log in), then run three tasks until the
+connection fails: the reader (frames → updates → hub channel), the reconciler (tells the
+provider what :class:`~trio_relay.hub.Demand` wants, re-subscribing everything after each
+reconnect), and the stale-feed watchdog. Between attempts it waits under a cancel scope: capped
+exponential backoff with full jitter, reset once a connection has stayed up for
+``backoff_reset_after``; a rejected key waits ``auth_retry_delay`` instead. By default it never
+gives up.
+
+Failover: given several providers (priority order), the upstream uses one at a time. When the
+active one has been down, or stale, for ``failover_after`` seconds it switches to the next one
+with the same demand (clients keep their connections; a ``str`` item on the hub channel names the
+provider of the batches that follow). While a less preferred one is active, a prober keeps trying
+the preferred ones in the background (login only, no subscriptions); one that stays up for
+``failback_after`` seconds is switched back to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from .config import UpstreamConfig
+from .hub import Demand, Stats
+from .model import Update
+from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
+
+__all__ = ["UpstreamView", "ProviderInfo", "Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
+
+log = logging.getLogger("trio_relay.upstream")
+
+
+class UpstreamState:
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    # Logged in, but the feed went silent for wanted symbols (this session or the one before
+    # it) and no data has flowed since: a stalled provider that keeps accepting logins stays
+    # here across reconnects, and is never reported "connected" until data flows again.
+    STALE = "stale"
+    BACKOFF = "backoff"
+    AUTH_FAILED = "auth_failed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class StaleFeed(Exception):
+    """No frame for longer than ``stale_after`` while symbols are subscribed."""
+
+
+class UpstreamGaveUp(Exception):
+    """``max_retries`` consecutive attempts failed (only when max_retries > 0)."""
+
+
+# What a network peer or provider can do to one attempt; anything else is a bug and propagates.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    ProviderError,  # includes the WebSocket client's UpstreamClosed and HandshakeRejected
+    StaleFeed,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+    OSError,
+)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: delay n is uniform(0, min(cap, initial·2ⁿ))."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+        self._rng = rng if rng is not None else random.Random()
+
+    def ceiling(self) -> float:
+        return min(self.maximum, self.initial * float(2 ** min(self.attempt, 64)))
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0, self.ceiling())
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text
+
+
+# What the upstream hands the hub: a batch of updates, or the name of the provider whose batches
+# follow (sent only on a failover switch).
+Item = list[Update] | str
+
+
+class ProviderHealth:
+    """What the failover logic knows about one provider of the chain (shown in /status)."""
+
+    __slots__ = ("provider", "state", "last_error", "healthy_since", "auth_failed_at", "probes")
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.state = "standby"
+        self.last_error = ""
+        self.healthy_since: float | None = None  # trio clock; set while a probe holds up
+        self.auth_failed_at: float | None = None  # trio clock
+        self.probes = 0
+
+
+class ProviderInfo(Protocol):
+    """What status pages need of a provider."""
+
+    name: str
+
+    def describe(self) -> str: ...
+
+
+class UpstreamView(Protocol):
+    """The upstream as the API sees it: the :class:`Upstream` itself, or a fleet's view of it."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def provider(self) -> ProviderInfo: ...
+    @property
+    def chain(self) -> list[ProviderHealth]: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def failover(self) -> bool: ...
+    @property
+    def switches(self) -> int: ...
+    @property
+    def switch_reason(self) -> str: ...
+    @property
+    def connected_since(self) -> float | None: ...
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def subscribed(self) -> set[str]: ...
+
+    def message_age(self) -> float | None: ...
+
+    def is_fresh(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None: ...
+
+
+class Upstream:
+    """Runs the provider connection; its attributes are the upstream's health and status."""
+
+    def __init__(
+        self,
+        providers: Provider | Sequence[Provider],
+        demand: Demand,
+        send: trio.MemorySendChannel[Item],
+        config: UpstreamConfig,
+        stats: Stats,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        if not chain:
+            raise ValueError("no provider")
+        self.chain = [ProviderHealth(p) for p in chain]
+        self.active = 0
+        self.switches = 0
+        self.switch_reason = ""  # why the active provider is the active one (after a switch)
+        self._unhealthy_since: float | None = None  # trio clock; None while connected and fresh
+        self._switch_to: int | None = None  # set by the prober: fail back to this index
+        self._chain_changed = trio.Event()
+        self._state_changed = trio.Event()
+        self._state = UpstreamState.STARTING
+        self.demand = demand
+        self.config = config
+        self.stats = stats
+        self._send = send
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max, rng)
+        self._rng = rng if rng is not None else random.Random()
+        self._stop = trio.Event()
+        self._wake = trio.Event()  # set by stop() and restart(): ends the current session
+        self._restart = False
+        self._connect_scope = trio.CancelScope()
+        self.connected_since: float | None = None  # wall clock, for /status
+        self.connected_at: float | None = None  # trio clock
+        self.last_message_at: float | None = None  # trio clock
+        self.next_attempt_at: float | None = None  # trio clock
+        self.attempts = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self.subscribed: set[str] = set()
+        self._marker_pending = False
+        # Told of each change the clients should see: ("up" | "down" | "stale" | "failover",
+        # provider name, reason). Wired to the hub, which sends {"type":"status"} messages.
+        self.on_event: Callable[[str, str, str], None] | None = None
+        self._signal = "starting"
+        self._active_since = 0.0  # staleness is measured from max(last message, last subscribe)
+        # Set when a session ends because the feed went silent; cleared only by data (or by
+        # nothing being wanted any more). A reconnect alone does not clear it.
+        self._stalled = False
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    @property
+    def in_session(self) -> bool:
+        """Logged in (fresh or stale): a session that can be closed cleanly."""
+        return self._state in (UpstreamState.CONNECTED, UpstreamState.STALE)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds after some change of state (or of active provider)."""
+        while not predicate():
+            await self._state_changed.wait()
+
+    @property
+    def provider(self) -> Provider:
+        """The active provider."""
+        return self.chain[self.active].provider
+
+    @property
+    def failover(self) -> bool:
+        return len(self.chain) > 1
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Close the connection cleanly and make :meth:`run` return.
+
+        A connect or login still in progress is abandoned at once (nothing to close cleanly).
+        """
+        self._stop.set()
+        self._wake.set()
+        if not self.in_session:
+            self._connect_scope.cancel()
+
+    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
+        """Switch to new provider settings: close the session cleanly, reconnect at once.
+
+        Demand is kept, so everything wanted is subscribed again on the new session. The first
+        provider of a new chain becomes the active one.
+        """
+        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        old = self.provider.name
+        self.chain = [ProviderHealth(p) for p in chain]
+        self.active = 0
+        self._switch_to = None
+        self._unhealthy_since = None
+        self._chain_changed.set()
+        self._chain_changed = trio.Event()
+        if self.provider.name != old:
+            self._announce()
+        self.config = config
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max, self._rng)
+        self._restart = True
+        self._wake.set()
+        if not self.in_session:
+            self._connect_scope.cancel()
+
+    def message_age(self) -> float | None:
+        if self.last_message_at is None:
+            return None
+        return trio.current_time() - self.last_message_at
+
+    def is_fresh(self) -> bool:
+        """Connected, and not silent past the stale limit while something is subscribed."""
+        if self.state != UpstreamState.CONNECTED:
+            return False
+        if not self.provider.detects_stale or not self.subscribed:
+            return True
+        since = max(self.last_message_at or 0.0, self._active_since)
+        return trio.current_time() - since <= self.config.stale_after
+
+    # ------------------------------------------------------------------ lifetime
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and reconnect forever (or until ``max_retries``), until :meth:`stop`."""
+        gave_up: UpstreamGaveUp | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_preferred)
+            task_status.started()
+            try:
+                await self._run()
+            except UpstreamGaveUp as exc:
+                gave_up = exc  # raised bare, not wrapped in the nursery's group
+            nursery.cancel_scope.cancel()
+        if gave_up is not None:
+            raise gave_up
+
+    async def _run(self) -> None:
+        failures = 0
+        self._unhealthy_since = trio.current_time()
+        async with self._send:
+            while not self._stop.is_set():
+                self.attempts += 1
+                error: BaseException | None = None
+                auth_error: BaseException | None = None
+                try:
+                    with self._connect_scope:
+                        self._arm_failover()
+                        await self._attempt()
+                except* AuthFailed as group:
+                    auth_error = _leaf(group)
+                except* RETRYABLE as group:
+                    error = _leaf(group)
+                stable = (
+                    self.connected_at is not None
+                    and trio.current_time() - self.connected_at >= self.config.backoff_reset_after
+                )
+                self._disconnected()
+                if self._stop.is_set():
+                    break
+                if not self._restart and self._switch_to is None:
+                    lost = auth_error or error
+                    kind = "stale" if isinstance(lost, StaleFeed) else "down"
+                    if isinstance(lost, StaleFeed):
+                        self._stalled = True
+                    self._emit(kind, _describe(lost) if lost is not None else "connection ended")
+                if self._switch_to is not None:
+                    # The prober found a preferred provider healthy: fail back to it now.
+                    self._switch(self._switch_to, self.switch_reason)
+                    failures = 0
+                    continue
+                if self._restart:
+                    # New settings: reconnect now, with no backoff and no failure counted.
+                    self._restart = False
+                    self._wake = trio.Event()
+                    self._connect_scope = trio.CancelScope()
+                    log.info("[RELOAD] reconnecting with the new upstream settings")
+                    continue
+                if stable:
+                    self._backoff.reset()
+                    failures = 0
+                failures += 1
+                health = self.chain[self.active]
+                if auth_error is not None:
+                    self.state = UpstreamState.AUTH_FAILED
+                    self.last_error = str(auth_error)
+                    health.auth_failed_at = trio.current_time()
+                elif error is None and self._failover_due():
+                    self.state = UpstreamState.BACKOFF
+                    self.last_error = f"no healthy connection for {self.config.failover_after:g}s"
+                else:
+                    self.state = UpstreamState.BACKOFF
+                    self.last_error = _describe(error) if error is not None else "connection ended"
+                health.state, health.last_error = self.state, self.last_error
+                if self.config.max_retries and failures >= self.config.max_retries:
+                    self.state = UpstreamState.FAILED
+                    log.error("[GIVE UP] %d consecutive attempts failed (last: %s); stopping", failures, self.last_error)
+                    raise UpstreamGaveUp(self.last_error)
+                if self.failover and self._failover_due():
+                    self._fail_over()
+                    continue
+                if auth_error is not None:
+                    # Slow and slightly jittered, so a fleet with one bad key does not sync up.
+                    delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
+                    log.error(
+                        "[AUTH] %s; state auth_failed, next attempt in %.0fs (check the API key)",
+                        auth_error,
+                        delay,
+                    )
+                else:
+                    delay = self._backoff.next_delay()
+                    log.warning(
+                        "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)",
+                        self.last_error,
+                        delay,
+                        self.attempts + 1,
+                    )
+                self.next_attempt_at = trio.current_time() + delay
+                wait_until = self.next_attempt_at
+                if self.failover and self._unhealthy_since is not None:
+                    wait_until = min(wait_until, self._unhealthy_since + self.config.failover_after)
+                with trio.move_on_at(wait_until):
+                    await self._wake.wait()  # stop() ends the wait; so does restart()
+                self.next_attempt_at = None
+                if self._stop.is_set():
+                    break
+                if self._switch_to is not None:
+                    self._switch(self._switch_to, self.switch_reason)
+                    failures = 0
+                    continue
+                if self.failover and self._failover_due():
+                    self._fail_over()
+                    continue
+                self.reconnects += 1
+                self._connect_scope = trio.CancelScope()
+                self._restart = False
+                self._wake = trio.Event()
+        self.state = UpstreamState.STOPPED
+        for health in self.chain:
+            health.state = UpstreamState.STOPPED
+        log.info("[STOP] upstream closed")
+
+    # ------------------------------------------------------------------ failover
+    def _failover_due(self) -> bool:
+        since = self._unhealthy_since
+        return since is not None and trio.current_time() - since >= self.config.failover_after
+
+    def _arm_failover(self) -> None:
+        """With a chain, a connect or login that hangs is cut when failover is due."""
+        if self.failover and self._unhealthy_since is not None:
+            self._connect_scope.deadline = self._unhealthy_since + self.config.failover_after
+
+    def _fail_over(self) -> None:
+        """Switch to the next provider of the chain (wrapping round to the most preferred)."""
+        old = self.chain[self.active]
+        target = (self.active + 1) % len(self.chain)
+        reason = f"{old.provider.name} unhealthy for {self.config.failover_after:g}s ({self.last_error or self.state})"
+        self._switch(target, reason)
+
+    def _switch(self, target: int, reason: str) -> None:
+        old = self.chain[self.active]
+        if old.state not in (UpstreamState.AUTH_FAILED,):
+            old.state = "standby"
+        self.active = target
+        self._switch_to = None
+        self.switches += 1
+        self.switch_reason = reason
+        self._backoff.reset()
+        self._unhealthy_since = trio.current_time()
+        self._connect_scope = trio.CancelScope()
+        self._restart = False
+        self._wake = trio.Event()
+        self._chain_changed.set()
+        self._chain_changed = trio.Event()
+        log.warning("[FAILOVER] %s -> %s: %s", old.provider.name, self.provider.name, reason)
+        self._announce()
+        self._signal = "failover"
+        if self.on_event is not None:
+            self.on_event("failover", self.provider.name, f"{old.provider.name} -> {self.provider.name}: {reason}")
+
+    def _emit(self, signal: str, reason: str) -> None:
+        """Report a change of what clients should believe (only changes: not every retry)."""
+        if signal == self._signal or (signal == "down" and self._signal == "stale"):
+            return
+        self._signal = signal
+        if self.on_event is not None:
+            self.on_event(signal, self.provider.name, reason)
+
+    def _announce(self) -> None:
+        """Tell the hub which provider the next batches come from (in order with the data)."""
+        try:
+            self._send.send_nowait(self.provider.name)
+        except trio.WouldBlock:
+            # The channel is full of the old provider's data; the first batch waits anyway, so
+            # the marker is sent by the reader before its first batch instead.
+            self._marker_pending = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def _probe_preferred(self) -> None:
+        """While a less preferred provider is active, probe the preferred ones in order.
+
+        A probe logs in (no subscriptions) and holds the session; one that stays up for
+        ``failback_after`` (with messages, for providers that send heartbeats) triggers the
+        switch back. Failed probes are retried under their own backoff; a provider that
+        rejected the key waits ``auth_retry_delay`` first.
+        """
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        while True:
+            changed = self._chain_changed
+            if self.active == 0 or self._switch_to is not None:
+                await changed.wait()
+                backoff.reset()
+                continue
+            with trio.CancelScope() as scope:
+                # A switch (or a reload) while probing makes this probe moot.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on, changed, scope)
+                    index = await self._probe_round()
+                    nursery.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                continue
+            if index is not None:
+                health = self.chain[index]
+                self._switch_to = index
+                self.switch_reason = f"{health.provider.name} healthy again for {self.config.failback_after:g}s"
+                self._wake.set()  # ends the active session cleanly (or the backoff wait)
+                if not self.in_session:
+                    self._connect_scope.cancel()
+                await changed.wait()
+                backoff.reset()
+                continue
+            await trio.sleep(backoff.next_delay())
+
+    async def _probe_round(self) -> int | None:
+        """Probe each provider preferred to the active one; the first that holds up, or None."""
+        now = trio.current_time()
+        for index in range(self.active):
+            health = self.chain[index]
+            if health.auth_failed_at is not None and now - health.auth_failed_at < self.config.auth_retry_delay:
+                continue
+            if await self._probe(health):
+                return index
+        return None
+
+    async def _probe(self, health: ProviderHealth) -> bool:
+        provider = health.provider
+        health.probes += 1
+        health.state = "probing"
+        try:
+            async with provider.session(_ignore_malformed) as session:
+                health.healthy_since = trio.current_time()
+                last = trio.current_time()
+                with trio.move_on_after(self.config.failback_after):
+                    while True:
+                        if provider.detects_stale:
+                            with trio.move_on_at(last + self.config.stale_after) as silent:
+                                await session.receive()
+                            if silent.cancelled_caught:
+                                raise StaleFeed(f"silent for {self.config.stale_after:g}s")
+                        else:
+                            await session.receive()
+                        last = trio.current_time()
+                health.state = "healthy"
+                return True
+        except AuthFailed as exc:
+            health.auth_failed_at = trio.current_time()
+            health.state, health.last_error = UpstreamState.AUTH_FAILED, str(exc)
+        except RETRYABLE as exc:
+            health.state, health.last_error = "down", _describe(exc)
+        health.healthy_since = None
+        log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
+        return False
+
+    def _disconnected(self) -> None:
+        if self._unhealthy_since is None:
+            self._unhealthy_since = trio.current_time()
+        self.connected_at = None
+        self.connected_since = None
+        self.subscribed = set()
+
+    async def _attempt(self) -> None:
+        self.state = UpstreamState.CONNECTING
+        log.info("[CONNECT] connecting to %s", self.provider.describe())
+        async with self.provider.session(self._malformed) as session:
+            now = trio.current_time()
+            self.connected_at = now
+            self.connected_since = time.time()
+            self.last_message_at = now
+            self._active_since = now
+            self.subscribed = set()
+            self._connect_scope.deadline = math.inf
+            if not self.provider.detects_stale:
+                # Nothing proves a quiet provider alive but the connection itself. One that sends
+                # heartbeats is healthy from its first message (see _read).
+                self._unhealthy_since = None
+            health = self.chain[self.active]
+            if self._stalled and self.provider.detects_stale:
+                # The last session stalled: logging in again proves nothing. Stay "stale" (and
+                # keep clients told so) until data flows; _read ends this.
+                self.state = UpstreamState.STALE
+                health.state, health.auth_failed_at = UpstreamState.STALE, None
+                log.info("[CONNECT] connected to %s; stale until data flows again", self.provider.describe())
+            else:
+                self._stalled = False
+                self.state = UpstreamState.CONNECTED
+                self.last_error = ""
+                health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
+                self._emit("up", "")
+                log.info("[CONNECT] connected to %s", self.provider.describe())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, session)
+                nursery.start_soon(self._reconcile, session)
+                if self.provider.detects_stale:
+                    nursery.start_soon(self._watch_stale)
+                await self._wake.wait()
+                nursery.cancel_scope.cancel()
+            # Leaving the session block closes the socket cleanly (close frame, not a reset).
+
+    async def _read(self, session: Session) -> None:
+        send = self._send
+        if self._marker_pending:
+            await send.send(self.provider.name)
+            self._marker_pending = False
+        while True:
+            batch = await session.receive()
+            self.last_message_at = trio.current_time()
+            if batch:
+                if self._unhealthy_since is not None:
+                    self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
+                if self.state == UpstreamState.STALE:
+                    self._flowing("data flows again")
+                # May wait when the hub is behind: backpressure towards the provider is fine.
+                await send.send(batch)
+
+    def _flowing(self, why: str) -> None:
+        """A stale session is healthy again: report it connected, and tell the clients."""
+        self._stalled = False
+        self.state = UpstreamState.CONNECTED
+        self.last_error = ""
+        self.chain[self.active].state, self.chain[self.active].last_error = UpstreamState.CONNECTED, ""
+        self._emit("up", "")
+        log.info("[CONNECT] %s: %s", self.provider.name, why)
+
+    def _malformed(self, exc: MalformedFrame) -> None:
+        self.stats.malformed += 1
+        n = self.stats.malformed
+        # Log the first few, then every 1000th: a broken feed must not flood the journal.
+        if n <= 10 or n % 1000 == 0:
+            frame = exc.frame if isinstance(exc.frame, str) else repr(exc.frame)
+            log.warning("[MALFORMED] #%d skipped (%s): %.200s", n, exc.reason, frame)
+
+    async def _reconcile(self, session: Session) -> None:
+        demand = self.demand
+        while True:
+            changed = demand.changed_event()
+            demand.expire()
+            wanted = demand.wanted
+            add = sorted(wanted - self.subscribed)
+            remove = sorted(self.subscribed - wanted)
+            if add:
+                await session.subscribe(add)
+                if not self.subscribed:
+                    self._active_since = trio.current_time()
+                self.subscribed.update(add)
+                log.info("[SUBSCRIBE] %d symbol(s): %s", len(add), _short(add))
+            if remove:
+                await session.unsubscribe(remove)
+                self.subscribed.difference_update(remove)
+                log.info("[UNSUBSCRIBE] %d symbol(s): %s", len(remove), _short(remove))
+            if not wanted and self.state == UpstreamState.STALE:
+                self._flowing("nothing is wanted any more, so no data is missing")
+            with trio.move_on_at(demand.next_expiry()):
+                await changed.wait()
+
+    async def _watch_stale(self) -> None:
+        limit = self.config.stale_after
+        while True:
+            since = max(self.last_message_at or 0.0, self._active_since)
+            deadline = since + limit
+            now = trio.current_time()
+            if self._unhealthy_since is not None and self.connected_at is not None:
+                # A connection that has carried no data yet is healthy once it has stayed
+                # fresh for the stale limit (heartbeats only, nothing subscribed)...
+                proven = self.connected_at + limit
+                if now >= proven:
+                    self._unhealthy_since = None
+                else:
+                    deadline = min(deadline, proven)
+                    if self.failover:
+                        # ...but a peer that accepts, logs in and sends no data since the
+                        # failure is still down as far as failover is concerned.
+                        cutoff = self._unhealthy_since + self.config.failover_after
+                        if now < cutoff:
+                            deadline = min(deadline, cutoff)
+                        elif self.subscribed:
+                            log.warning("[STALE] no data from %s since it failed; failing over", self.provider.name)
+                            raise StaleFeed(f"no data for {now - self._unhealthy_since:g}s")
+            if now >= deadline:
+                if self.subscribed:
+                    # Stale since the last message: that is when failover's clock starts.
+                    if self._unhealthy_since is None:
+                        self._unhealthy_since = since
+                    log.warning("[STALE] no message for %.0fs with %d symbol(s) subscribed", limit, len(self.subscribed))
+                    raise StaleFeed(f"feed silent for {limit:g}s")
+                deadline = now + limit
+            await trio.sleep_until(deadline)
+
+
+def _ignore_malformed(_exc: MalformedFrame) -> None:
+    pass
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _short(symbols: Sequence[str], limit: int = 10) -> str:
+    shown = ",".join(symbols[:limit])
+    return shown + (f",… (+{len(symbols) - limit})" if len(symbols) > limit else "")

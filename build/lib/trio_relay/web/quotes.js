@@ -1,0 +1,69 @@
+// What the page knows about one symbol: applied from price_update messages, read by the render
+// loop. Applying is cheap and touches no DOM, so a burst of updates costs one render.
+
+export const HISTORY = 200;  // points kept per symbol for its chart
+
+export class Quote {
+  constructor(symbol) {
+    this.symbol = symbol;
+    this.last = null;
+    this.bid = null;
+    this.ask = null;
+    this.firstLast = null;  // first trade price seen this session: the reference for "change"
+    this.firstMid = null;  // the same for the mid, while no trade has been seen
+    this.updatedAt = null;  // the update's event time, epoch ms
+    this.provider = "";
+    this.seq = 0;
+    this.stale = false;  // the relay said this symbol stopped ticking
+    this.updates = 0;
+    // Ring buffers of the last HISTORY mids and last prices (NaN where there was none).
+    this.mids = new Float64Array(HISTORY).fill(NaN);
+    this.lasts = new Float64Array(HISTORY).fill(NaN);
+    this.head = 0;  // next slot to write
+    this.count = 0;
+  }
+
+  get mid() {
+    return this.bid !== null && this.ask !== null ? (this.bid + this.ask) / 2 : null;
+  }
+
+  /** The change since the first price seen this session: [absolute, percent], or null. */
+  get change() {
+    let now = this.last;
+    let first = this.firstLast;
+    if (now === null || first === null) {
+      now = this.mid;
+      first = this.firstMid;
+    }
+    if (now === null || first === null || first === 0) return null;
+    return [now - first, ((now - first) / first) * 100];
+  }
+
+  /** Apply one price_update (the symbol's full state after it). */
+  apply(msg) {
+    // A trade break ("B") carries the broken trade's price, which is not the last trade.
+    if (msg.data_type !== "B") this.last = msg.last_price ?? null;
+    this.bid = msg.bid_price ?? null;
+    this.ask = msg.ask_price ?? null;
+    this.updatedAt = msg.timestamp ?? null;
+    this.provider = msg.provider ?? "";
+    this.seq = msg.seq;
+    this.updates++;
+    const mid = this.mid;
+    if (this.firstLast === null && this.last !== null) this.firstLast = this.last;
+    if (this.firstMid === null && mid !== null) this.firstMid = mid;
+    this.mids[this.head] = mid ?? NaN;
+    this.lasts[this.head] = this.last ?? NaN;
+    this.head = (this.head + 1) % HISTORY;
+    if (this.count < HISTORY) this.count++;
+  }
+
+  /** Calls fn(i, mid, last) for the stored points, oldest first (i from 0). */
+  eachPoint(fn) {
+    const start = (this.head - this.count + HISTORY) % HISTORY;
+    for (let i = 0; i < this.count; i++) {
+      const k = (start + i) % HISTORY;
+      fn(i, this.mids[k], this.lasts[k]);
+    }
+  }
+}
