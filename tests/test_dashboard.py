@@ -305,6 +305,9 @@ def test_stale_symbol_is_greyed(page: Page, relay: Callable[..., Daemon]) -> Non
     expect(row(page, "IBM")).to_have_class(re.compile(r"\bstale\b"))
     opacity = row(page, "IBM").evaluate("(tr) => Number(getComputedStyle(tr).opacity)")
     assert opacity < 1
+    # Every row stale: the badge must not say "live" whatever the upstream reports.
+    expect(page.locator("#conn")).to_have_attribute("data-state", "upstream-down")
+    expect(page.locator("#conn-text")).to_have_text("stale: no updates for any symbol")
 
 
 def test_asks_for_a_token_when_auth_is_on(page: Page, relay: Callable[..., Daemon]) -> None:
