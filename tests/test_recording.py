@@ -28,13 +28,10 @@ from trio_relay.recording import (
     RecordingError,
     RecordingHeader,
     RecordingWriter,
-    RecordSummary,
-    add_record_parser,
     load_recording,
     open_recording,
-    record,
-    run_record,
 )
+from trio_relay.recording.record import RecordSummary, add_record_parser, record, run_record
 from trio_relay.testing.fake_fmp import FakeFmpServer
 
 T0 = 1_736_173_800_000
