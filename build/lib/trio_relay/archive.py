@@ -16,10 +16,13 @@ the writer's own retries, while it stops reading when the writer's buffer is ful
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
+import sys
 from collections import deque
+from functools import partial
 from typing import Any
 
 import coredis
@@ -27,9 +30,10 @@ import coredis.exceptions
 import msgspec
 import trio
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .fleet import describe_failure, fleet_keys, is_redis_failure, redis_client
 from .history import HistoryWriter
+from .logsetup import configure_logging
 from .model import Update
 from .upstream import Backoff
 
@@ -204,3 +208,18 @@ async def run_archive(config: Config, *, group: str, consumer: str) -> None:
             await writer.aclose()
     log.info("[ARCHIVE] stopped: %d read, %d acknowledged, %d written", archiver.read, archiver.acked, writer.written)
 
+
+def main(args: argparse.Namespace) -> int:
+    """``trio-relay archive`` with the arguments parsed by :mod:`trio_relay.cli`; the exit code."""
+    overrides = {"logging": {"level": args.log_level}} if args.log_level else {}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"trio-relay: {exc}", file=sys.stderr)
+        return 2
+    if config.history.backend == "off":
+        print("trio-relay: config error: history.backend: 'off' leaves nothing to archive into", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, secrets=config.secrets(), fmt=config.logging.format)
+    trio.run(partial(run_archive, config, group=args.group, consumer=args.consumer))
+    return 0

@@ -38,10 +38,11 @@ from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
 from .providers.base import Provider
+from .providers.factory import make_providers
 from .startup import bind_problem, check_data_dirs
 from .upstream import Item, Upstream, UpstreamView
 
-__all__ = ["Relay", "run_relay", "make_provider", "make_providers", "SHUTDOWN_GRACE"]
+__all__ = ["Relay", "run_relay", "SHUTDOWN_GRACE"]
 
 log = logging.getLogger("trio_relay.daemon")
 
@@ -49,46 +50,6 @@ log = logging.getLogger("trio_relay.daemon")
 SHUTDOWN_GRACE = 4.0
 # Of which the tick history writer gets this long to write what is pending.
 HISTORY_DRAIN = 1.0
-
-
-def make_provider(config: Config, name: str | None = None) -> Provider:
-    """The provider ``name`` (default: the first of the config's chain) built from its section."""
-    name = name or config.provider
-    timeout = config.upstream.connect_timeout
-    if name == "sim":
-        from .providers.sim import SimProvider
-
-        return SimProvider(config.sim)
-    if name == "fmp":
-        from .providers.fmp import FmpProvider
-
-        return FmpProvider(config.fmp, connect_timeout=timeout)
-    if name == "finnhub":
-        from .providers.finnhub import FinnhubProvider
-
-        return FinnhubProvider(config.finnhub, connect_timeout=timeout)
-    if name == "alpaca":
-        from .providers.alpaca import AlpacaProvider
-
-        return AlpacaProvider(config.alpaca, connect_timeout=timeout)
-    if name == "polygon":
-        from .providers.polygon import PolygonProvider
-
-        return PolygonProvider(config.polygon, connect_timeout=timeout)
-    if name == "relay":
-        from .providers.relay import RelayProvider
-
-        return RelayProvider(config.relay.url, connect_timeout=timeout)
-    if name == "replay":
-        from .providers.replay import ReplayProvider
-
-        return ReplayProvider(config.replay)
-    raise ValueError(f"unknown provider {name!r}")
-
-
-def make_providers(config: Config) -> list[Provider]:
-    """The failover chain, in priority order (one provider without failover)."""
-    return [make_provider(config, name) for name in config.provider_chain]
 
 
 @attrs.define(eq=False)

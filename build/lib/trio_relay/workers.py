@@ -36,6 +36,7 @@ from .config import (
 )
 from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
+from .runtime import serve_until_signalled
 from .startup import bind_problem
 
 __all__ = ["run_workers", "Workers"]
@@ -93,13 +94,11 @@ def _feeder_config(config: Config) -> Config:
 
 def _worker_main(config: Config) -> None:
     """Entry point of a worker process (spawned, so it starts from a clean interpreter)."""
-    from .cli import serve_until_signalled
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the feeder, which stops us
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)  # only the feeder talks to systemd
     configure_logging(config.logging.level, fmt=config.logging.format)
-    trio.run(serve_until_signalled, config)
+    trio.run(serve_until_signalled, config, run_relay)
 
 
 @attrs.define(eq=False)
