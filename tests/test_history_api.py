@@ -100,9 +100,11 @@ async def test_history_off_answers_404(start_relay, http):
 
 
 async def test_a_database_that_is_down_never_stops_the_prices(start_relay, http, ws_connect, tmp_path):
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("a file where the data directory should be")
-    relay = await start_relay(**sqlite_sections(tmp_path, data_dir=str(blocker), queue_size=50))
+    # The data directory is writable (so the relay starts: an unwritable one is refused at
+    # start), but the database file cannot be opened: a directory stands where it should be.
+    data_dir = tmp_path / "data"
+    (data_dir / "history.sqlite3").mkdir(parents=True)
+    relay = await start_relay(**sqlite_sections(tmp_path, data_dir=str(data_dir), queue_size=50))
     writer = relay.history_writer
     client = await ws_connect(relay)
     with trio.fail_after(15):

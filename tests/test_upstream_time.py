@@ -297,6 +297,7 @@ async def test_a_stalled_feed_stays_stale_across_reconnects_until_data_flows(aut
                 updates = sink.updates
                 fake.resume()
                 await up.wait_for(lambda: up.state == UpstreamState.CONNECTED)
+                await trio.testing.wait_all_tasks_blocked()  # the batch that did it reaches the sink
                 assert sink.updates > updates  # connected because data came, not because of a login
                 assert up.is_fresh()
                 assert signals == ["stale", "up"]
