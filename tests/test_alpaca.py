@@ -14,7 +14,7 @@ import trio.testing
 import trio_websocket
 from conftest import api, wait_state
 
-from trio_relay.config import AlpacaConfig
+from trio_relay.providers.alpaca import AlpacaConfig
 from trio_relay.model import Update
 from trio_relay.providers.alpaca import AlpacaProvider, AlpacaSession, rfc3339_ms
 from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError

@@ -19,7 +19,7 @@ import trio.testing
 
 from conftest import FMP_KEY
 from trio_relay.config import Config, load_config
-from trio_relay.providers.factory import make_providers
+from trio_relay.providers.registry import make_providers
 from trio_relay.hub import Demand, Stats
 from trio_relay.testing.fake_fmp import FakeFmpServer
 from trio_relay.upstream import Item, Upstream, UpstreamState

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from conftest import api, wait_state
 
-from trio_relay.config import FinnhubConfig
+from trio_relay.providers.finnhub import FinnhubConfig
 from trio_relay.model import Update
 from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
 from trio_relay.providers.finnhub import (

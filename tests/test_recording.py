@@ -17,7 +17,8 @@ import trio
 import trio.testing
 from conftest import FMP_KEY, fmp_sections, make_config
 
-from trio_relay.config import ConfigError, ReplayConfig
+from trio_relay.config import ConfigError
+from trio_relay.providers.replay import ReplayConfig
 from trio_relay.demo import make as demo_make
 from trio_relay.model import BREAK, QUOTE, TRADE, PriceState, Update
 from trio_relay.providers.replay import ReplayProvider

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_relay.config import SimConfig
+from trio_relay.providers.sim import SimConfig
 from trio_relay.model import Update
 from trio_relay.providers.sim import SimMarket, SimProvider, SimSession
 

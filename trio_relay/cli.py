@@ -16,6 +16,7 @@ import trio
 
 from .config import ConfigError, load_config
 from .logsetup import configure_logging
+from .providers import registry
 from .recording.record import add_record_parser
 
 __all__ = ["main"]
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument(
         "--provider",
-        choices=["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"],
+        choices=["auto", *registry.names(aliases=True)],
         help="upstream provider (default: fmp if FMP_API_KEY is set, else sim; relay = another trio-relay)",
     )
     serve.add_argument("--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)")
@@ -100,8 +101,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.provider is not None:
         out.setdefault("upstream", {})["provider"] = args.provider
     if args.upstream_url is not None:
-        section = {"relay": "relay", "finnhub": "finnhub", "alpaca": "alpaca", "polygon": "polygon", "massive": "polygon"}
-        out.setdefault(section.get(args.provider or "", "fmp"), {})["url"] = args.upstream_url
+        # The named network provider's url; with no provider (or "auto") FMP's, auto's choice.
+        entry = registry.entry(args.provider or "")
+        out.setdefault(entry.name if entry is not None and entry.network else "fmp", {})["url"] = args.upstream_url
     if args.workers is not None:
         out.setdefault("server", {})["workers"] = args.workers
     for flag, key in (("replay_file", "file"), ("speed", "speed"), ("loop", "loop")):

@@ -19,24 +19,23 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
+from .providers import registry
+from .settings import ConfigError
+from .settings import FieldError as _FieldError
+from .settings import non_negative as _non_negative
+from .settings import port as _port
+from .settings import positive as _positive
+
 __all__ = [
     "Config",
     "ConfigError",
     "ServerConfig",
     "UpstreamConfig",
-    "FmpConfig",
-    "SimConfig",
-    "RelayConfig",
-    "FinnhubConfig",
-    "AlpacaConfig",
-    "PolygonConfig",
-    "PROVIDERS",
     "ClientsConfig",
     "AuthConfig",
     "HistoryConfig",
     "AlertsConfig",
     "PortfolioConfig",
-    "ReplayConfig",
     "LimitsConfig",
     "LoggingConfig",
     "load_config",
@@ -45,58 +44,11 @@ __all__ = [
 
 ENV_PREFIX = "TRIO_RELAY_"
 
-FMP_URLS = {
-    "stocks": "wss://websockets.financialmodelingprep.com",
-    "crypto": "wss://crypto.financialmodelingprep.com",
-    "forex": "wss://forex.financialmodelingprep.com",
-}
 
-
-FINNHUB_URL = "wss://ws.finnhub.io"
-ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
-POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
-
-# Every upstream the relay can use. "massive" is accepted as another name for "polygon".
-PROVIDERS = ("sim", "fmp", "finnhub", "alpaca", "polygon", "relay", "replay")
-ProviderName = Literal["sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong; the message names the key."""
-
-
-class _FieldError(ValueError):
-    """Raised by a validator: carries the field name so the message can name the full key."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
-    if value <= 0:
-        raise _FieldError(attr.name, f"must be > 0 (got {value!r})")
-
-
-def _non_negative(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
-    if value < 0:
-        raise _FieldError(attr.name, f"must be >= 0 (got {value!r})")
-
-
-def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise _FieldError(attr.name, f"must be between 0 and 65535 (got {value!r})")
-
-
-def _ws_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
-    if value and not value.startswith(("ws://", "wss://")):
-        raise _FieldError(attr.name, f"must start with ws:// or wss:// (got {value!r})")
-
-
-def _no_query(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
-    if "?" in value:
-        raise _FieldError(attr.name, "must not have a query (put the token in api_key / FINNHUB_API_KEY)")
+def _provider_name(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value != "auto" and registry.entry(value) is None:
+        choices = ", ".join(repr(n) for n in ["auto", *registry.names(aliases=True)])
+        raise _FieldError(attr.name, f"must be one of {choices}")
 
 
 def _redis_url(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
@@ -147,108 +99,10 @@ class ServerConfig:
 
 
 @attrs.frozen
-class FmpConfig:
-    # Never logged or shown: repr=False keeps it out of every repr and error.
-    api_key: str = attrs.field(default="", repr=False)
-    endpoint: Literal["stocks", "crypto", "forex"] = "stocks"
-    # Overrides the endpoint's URL (tests and the local fake server use this).
-    url: str = attrs.field(default="", validator=_ws_url)
-    # Seconds to wait for the (optional, undocumented) login reply before carrying on.
-    login_timeout: float = attrs.field(default=3.0, validator=_positive)
-
-    @property
-    def resolved_url(self) -> str:
-        return self.url or FMP_URLS[self.endpoint]
-
-
-def _symbol_map(_inst: object, attr: "attrs.Attribute[Any]", value: dict[str, str]) -> None:
-    from .model import SYMBOL_RE
-
-    for canonical, native in value.items():
-        if not SYMBOL_RE.match(canonical):
-            raise _FieldError(attr.name, f"{canonical!r} is not a valid client-facing symbol")
-        if not native or not isinstance(native, str):
-            raise _FieldError(attr.name, f"{canonical!r} maps to an empty provider symbol")
-
-
-@attrs.frozen
-class FinnhubConfig:
-    # Finnhub's token travels in the URL query: the relay never logs a URL with it.
-    api_key: str = attrs.field(default="", repr=False)
-    # Overrides wss://ws.finnhub.io (tests and the local fake server use this). No query: the
-    # relay adds the token itself, and a URL is not a place for a secret.
-    url: str = attrs.field(default="", validator=[_no_query, _ws_url])
-    # Extra client symbol → Finnhub symbol entries (e.g. "BTCUSD" = "BINANCE:BTCUSDT"); they win
-    # over the built-in table.
-    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
-
-    @property
-    def resolved_url(self) -> str:
-        return self.url or FINNHUB_URL
-
-
-@attrs.frozen
-class AlpacaConfig:
-    key_id: str = attrs.field(default="", repr=False)
-    secret_key: str = attrs.field(default="", repr=False)
-    # Stocks: iex (free), sip (paid), delayed_sip, test (FAKEPACA, open at all hours); or crypto.
-    feed: Literal["iex", "sip", "delayed_sip", "test", "crypto"] = "iex"
-    # Crypto venue: us (Alpaca), us-1 (Kraken US), eu-1 (Kraken EU).
-    crypto_location: Literal["us", "us-1", "eu-1"] = "us"
-    sandbox: bool = False
-    # Overrides the URL built from feed/sandbox (tests and the local fake server use this).
-    url: str = attrs.field(default="", validator=_ws_url)
-    # Alpaca closes a connection that has not authenticated within 10 s.
-    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
-    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
-
-    @property
-    def resolved_url(self) -> str:
-        if self.url:
-            return self.url
-        host = ALPACA_HOSTS[self.sandbox]
-        if self.feed == "crypto":
-            return f"{host}/v1beta3/crypto/{self.crypto_location}"
-        return f"{host}/v2/{self.feed}"
-
-
-@attrs.frozen
-class PolygonConfig:
-    api_key: str = attrs.field(default="", repr=False)
-    market: Literal["stocks", "crypto", "forex"] = "stocks"
-    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
-    delayed: bool = False
-    # Overrides the URL built from market/delayed (tests and the local fake server use this).
-    url: str = attrs.field(default="", validator=_ws_url)
-    # Seconds to wait for auth_success after sending the key.
-    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
-    symbols: dict[str, str] = attrs.field(factory=dict, validator=_symbol_map)
-
-    @property
-    def resolved_url(self) -> str:
-        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
-
-
-@attrs.frozen
-class SimConfig:
-    # Updates per second per subscribed symbol.
-    rate: float = attrs.field(default=4.0, validator=_positive)
-    seed: int = 42
-    # Share of updates that are trades (the rest are quotes).
-    trade_ratio: float = attrs.field(default=0.4, validator=_non_negative)
-
-
-@attrs.frozen
-class RelayConfig:
-    # The price WebSocket of another trio-relay to use as the upstream (provider "relay"),
-    # e.g. "ws://127.0.0.1:8000/api/v2/realtime/ws/prices".
-    url: str = attrs.field(default="", validator=_ws_url)
-
-
-@attrs.frozen
 class UpstreamConfig:
     # "auto": fmp when an FMP API key is set, else the embedded simulator.
-    provider: Literal["auto", "sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay"] = "auto"
+    # Any name of providers/registry.py (or an alias: "massive" for "polygon").
+    provider: str = attrs.field(default="auto", validator=_provider_name)
     # Failover: providers in priority order (e.g. ["fmp", "finnhub"]); when set, it replaces
     # ``provider``. The relay uses the first healthy one and returns to a preferred one once that
     # has been healthy for ``failback_after`` seconds.
@@ -325,16 +179,6 @@ class HistoryConfig:
     # Most updates written in one transaction, and the longest a written update waits.
     batch_size: int = attrs.field(default=10_000, validator=_positive)
     flush_interval: float = attrs.field(default=0.5, validator=_positive)
-
-
-@attrs.frozen
-class ReplayConfig:
-    # For provider "replay": a recording made by `trio-relay record` ("demo": the one shipped).
-    file: str = "demo"
-    # Playback speed: 1 = the original timing, 10 = ten times faster.
-    speed: float = attrs.field(default=1.0, validator=_positive)
-    # Start again from the beginning at the end of the file.
-    loop: bool = False
 
 
 @attrs.frozen
@@ -447,21 +291,25 @@ class EngineConfig:
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
-    fmp: FmpConfig = attrs.Factory(FmpConfig)
-    sim: SimConfig = attrs.Factory(SimConfig)
-    relay: RelayConfig = attrs.Factory(RelayConfig)
-    finnhub: FinnhubConfig = attrs.Factory(FinnhubConfig)
-    alpaca: AlpacaConfig = attrs.Factory(AlpacaConfig)
-    polygon: PolygonConfig = attrs.Factory(PolygonConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
     history: HistoryConfig = attrs.Factory(HistoryConfig)
-    replay: ReplayConfig = attrs.Factory(ReplayConfig)
     alerts: AlertsConfig = attrs.Factory(AlertsConfig)
     portfolio: PortfolioConfig = attrs.Factory(PortfolioConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     engine: EngineConfig = attrs.Factory(EngineConfig)
+    # Every registered provider's section (``[fmp]``, ``[sim]``...), by provider name. Read as
+    # ``config.fmp``; the file and the environment name them as sections of their own.
+    providers: dict[str, Any] = attrs.Factory(registry.default_settings)
+
+    def __getattr__(self, name: str) -> Any:
+        """``config.fmp``: a provider's section (only reached for names that are not fields)."""
+        if name != "providers":  # not yet set while attrs builds the instance
+            section = self.providers.get(name)
+            if section is not None:
+                return section
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def provider(self) -> str:
@@ -471,11 +319,11 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value set (provider keys, the JWT secret): masked in every log line."""
         values = (
-            self.fmp.api_key,
-            self.finnhub.api_key,
-            self.alpaca.key_id,
-            self.alpaca.secret_key,
-            self.polygon.api_key,
+            *(
+                getattr(self.providers[name], credential.key)
+                for name, entry in registry.ENTRIES.items()
+                for credential in entry.credentials
+            ),
             self.auth.secret,
             self.history.postgres_dsn,
             _dsn_password(self.history.postgres_dsn),
@@ -518,7 +366,8 @@ def _dsn_password(dsn: str) -> str:
 
 
 def _canonical_provider(name: str) -> str:
-    return "polygon" if name == "massive" else name
+    found = registry.entry(name)
+    return found.name if found is not None else name
 
 
 def _make_converter() -> cattrs.Converter:
@@ -581,20 +430,17 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(lambda t: t == dict[str, str], structure_str_map)
     secret = override(struct_hook=structure_secret)
     overrides: dict[type, dict[str, Any]] = {
-        FmpConfig: {"api_key": secret},
-        FinnhubConfig: {"api_key": secret},
-        AlpacaConfig: {"key_id": secret, "secret_key": secret},
-        PolygonConfig: {"api_key": secret},
         AuthConfig: {"secret": secret},
         HistoryConfig: {"postgres_dsn": secret},
     }
-    sections = (ServerConfig, UpstreamConfig, FmpConfig, SimConfig, RelayConfig, FinnhubConfig, AlpacaConfig)
+    for entry in registry.ENTRIES.values():
+        attrs.resolve_types(entry.settings)  # a provider module may postpone its annotations
+        overrides[entry.settings] = {c.key: secret for c in entry.credentials}
+    sections = (ServerConfig, UpstreamConfig, *(e.settings for e in registry.ENTRIES.values()))
     # Sections first: Config's hook resolves theirs when it is made.
     later = (
-        PolygonConfig,
         ClientsConfig,
         HistoryConfig,
-        ReplayConfig,
         AlertsConfig,
         PortfolioConfig,
         AuthConfig,
@@ -611,8 +457,10 @@ def _make_converter() -> cattrs.Converter:
 _CONVERTER = _make_converter()  # stateless after construction
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.type for f in attrs.fields(Config)}  # type: ignore[misc]
+def config_sections() -> dict[str, type]:
+    """Every section of the file and the environment: the relay's own, then each provider's."""
+    own = {f.name: f.type for f in attrs.fields(Config) if f.name != "providers"}
+    return own | {name: entry.settings for name, entry in registry.ENTRIES.items()}
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -664,8 +512,8 @@ def _describe(exc: BaseException, type_: Any) -> str:
     return cattrs.v.format_exception(exc, type_)
 
 
-def _format_cattrs_error(exc: Exception) -> str:
-    messages = cattrs.transform_error(exc, path="config", format_exception=_describe)
+def _format_cattrs_error(exc: Exception, path: str = "config") -> str:
+    messages = cattrs.transform_error(exc, path=path, format_exception=_describe)
     cleaned = []
     for msg in messages:
         # "must be > 0 @ config.upstream" → "upstream.stale_after: must be > 0"
@@ -678,13 +526,12 @@ def _format_cattrs_error(exc: Exception) -> str:
     return "config error: " + "; ".join(cleaned)
 
 
-VENDOR_ENV = (
-    ("FMP_API_KEY", "fmp", "api_key"),
-    ("FINNHUB_API_KEY", "finnhub", "api_key"),
-    ("APCA_API_KEY_ID", "alpaca", "key_id"),
-    ("APCA_API_SECRET_KEY", "alpaca", "secret_key"),
-    ("POLYGON_API_KEY", "polygon", "api_key"),
-    ("MASSIVE_API_KEY", "polygon", "api_key"),
+# The vendors' own variables (FMP_API_KEY...): (variable, section, key), from the registry.
+VENDOR_ENV = tuple(
+    (var, name, credential.key)
+    for name, entry in registry.ENTRIES.items()
+    for credential in entry.credentials
+    for var in credential.env
 )
 
 
@@ -711,7 +558,7 @@ def load_config(
     env: dict[str, str] = dict(read_dotenv(dotenv)) if dotenv is not None else {}
     env.update(os.environ if environ is None else environ)
 
-    sections = _sections()
+    sections = config_sections()
     from_env: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -735,12 +582,22 @@ def load_config(
     _merge(data, from_env)
     if overrides:
         _merge(data, overrides)
+    if "providers" in data:  # the field that holds the provider sections is not a section
+        raise ConfigError("config error: providers: unknown section (a provider's settings go in its own, e.g. [fmp])")
     try:
+        provider_data = {name: data.pop(name) for name in registry.ENTRIES if name in data}
         config = _CONVERTER.structure(data, Config)
+        providers = {
+            name: _structure_section(provider_data.get(name, {}), entry.settings, name)
+            for name, entry in registry.ENTRIES.items()
+        }
+    except ConfigError:
+        raise
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
             raise ConfigError(_format_cattrs_error(exc)) from None
         raise ConfigError(f"config error: {exc}") from None
+    config = attrs.evolve(config, providers=providers)
     return _validate(_resolve_data_dirs(config, env.get("STATE_DIRECTORY", "")))
 
 
@@ -766,23 +623,30 @@ def _resolve_data_dirs(config: Config, state_directory: str) -> Config:
     )
 
 
-_CREDENTIALS = {
-    "fmp": (("fmp", "api_key", "FMP_API_KEY"),),
-    "finnhub": (("finnhub", "api_key", "FINNHUB_API_KEY"),),
-    "alpaca": (("alpaca", "key_id", "APCA_API_KEY_ID"), ("alpaca", "secret_key", "APCA_API_SECRET_KEY")),
-    "polygon": (("polygon", "api_key", "POLYGON_API_KEY"),),
-}
+def _structure_section(data: object, settings: type, name: str) -> Any:
+    """One provider's section, its errors named ``<name>.<key>`` like the relay's own."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {name}: must be a table")
+    try:
+        return _CONVERTER.structure(data, settings)
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError(_format_cattrs_error(exc, path=f"config.{name}")) from None
 
 
-def _check_credentials(config: Config, name: str) -> None:
-    for section, key, var in _CREDENTIALS.get(name, ()):
-        if not getattr(getattr(config, section), key):
+def _check_provider(config: Config, name: str) -> None:
+    """Its credentials are set, and its own check (if any) finds nothing wrong."""
+    entry = registry.ENTRIES[name]
+    settings = config.providers[name]
+    for credential in entry.credentials:
+        if not getattr(settings, credential.key):
+            var = credential.env[0] if credential.env else f"{ENV_PREFIX}{name.upper()}_{credential.key.upper()}"
             raise ConfigError(
-                f"config error: {section}.{key}: provider {name!r} needs it "
+                f"config error: {name}.{credential.key}: provider {name!r} needs it "
                 f"(set {var} in the environment or in .env)"
             )
-    if name == "relay" and not config.relay.url:
-        raise ConfigError("config error: relay.url: provider 'relay' needs the URL of the upstream relay's price socket")
+    problem = entry.check(settings) if entry.check is not None else None
+    if problem:
+        raise ConfigError(f"config error: {name}.{problem}")
 
 
 HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
@@ -849,20 +713,18 @@ def _validate(config: Config) -> Config:
         raise ConfigError("config error: upstream.backoff_max: must be >= upstream.backoff_initial")
     chain = config.upstream.providers
     for name in chain:
-        if name not in get_args(ProviderName):
-            choices = ", ".join(repr(c) for c in get_args(ProviderName))
+        if registry.entry(name) is None:
+            choices = ", ".join(repr(c) for c in registry.names(aliases=True))
             raise ConfigError(f"config error: upstream.providers: unknown provider {name!r} (known: {choices})")
     if len(set(config.provider_chain)) != len(config.provider_chain):
         raise ConfigError("config error: upstream.providers: a provider is listed twice")
     for name in config.provider_chain:
-        _check_credentials(config, name)
+        _check_provider(config, name)
     _check_security(config)
     if config.history.backend == "postgres" and not config.history.postgres_dsn:
         raise ConfigError(
             "config error: history.postgres_dsn: backend 'postgres' needs a DSN "
             "(e.g. TRIO_RELAY_HISTORY_POSTGRES_DSN=postgresql://relay@127.0.0.1:5432/ticks)"
         )
-    if config.sim.trade_ratio > 1:
-        raise ConfigError("config error: sim.trade_ratio: must be between 0 and 1")
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
 

@@ -38,7 +38,7 @@ from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
 from .providers.base import Provider
-from .providers.factory import make_providers
+from .providers.registry import make_providers
 from .startup import bind_problem, check_data_dirs
 from .upstream import Item, Upstream, UpstreamView
 
@@ -131,17 +131,7 @@ class Relay:
 
 def _upstream_settings(config: Config) -> tuple[object, ...]:
     """Everything whose change needs a new upstream session (pins do not)."""
-    return (
-        attrs.evolve(config.upstream, pinned=[]),
-        config.provider_chain,
-        config.fmp,
-        config.sim,
-        config.relay,
-        config.finnhub,
-        config.alpaca,
-        config.polygon,
-        config.replay,
-    )
+    return (attrs.evolve(config.upstream, pinned=[]), config.provider_chain, config.providers)
 
 
 def _listening_socket(config: Config) -> socket.socket:

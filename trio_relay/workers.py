@@ -23,17 +23,9 @@ from typing import Any
 import attrs
 import trio
 
-from .config import (
-    AlpacaConfig,
-    AuthConfig,
-    Config,
-    EngineConfig,
-    FinnhubConfig,
-    FmpConfig,
-    LimitsConfig,
-    PolygonConfig,
-    RelayConfig,
-)
+from .config import AuthConfig, Config, EngineConfig, LimitsConfig
+from .providers import registry
+from .providers.relay import RelayConfig
 from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
 from .runtime import serve_until_signalled
@@ -51,15 +43,11 @@ def _worker_config(config: Config, port: int, feeder_url: str) -> Config:
         config,
         server=attrs.evolve(config.server, port=port, workers=1, reuse_port=True),
         upstream=attrs.evolve(config.upstream, provider="relay", providers=[], pinned=[]),
-        relay=RelayConfig(url=feeder_url),
+        # A worker never sees a provider's key: every section at its defaults, but its upstream.
+        providers=registry.default_settings() | {"relay": RelayConfig(url=feeder_url)},
         # In a fleet (engine "redis") the feeder is this machine's member; its workers take
         # from it like from any upstream.
         engine=EngineConfig(),
-        # A worker never sees a provider's key.
-        fmp=FmpConfig(),
-        finnhub=FinnhubConfig(),
-        alpaca=AlpacaConfig(),
-        polygon=PolygonConfig(),
     )
 
 

@@ -57,18 +57,21 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Literal, Protocol
 
+import attrs
 import msgspec
 import trio
 
-from ..config import AlpacaConfig
 from ..model import BREAK, QUOTE, SYMBOL_RE, TRADE, Update
-from .base import AuthFailed, MalformedFrame, MalformedSink, ProviderError
+from ..settings import positive, symbol_map, ws_url
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
 from .symbols import SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
+    "AlpacaConfig",
+    "ENTRY",
     "AlpacaProvider",
     "AlpacaSession",
     "AlpacaMessage",
@@ -77,6 +80,34 @@ __all__ = [
     "RETRY_CODES",
     "error_outcome",
 ]
+
+ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
+
+
+@attrs.frozen
+class AlpacaConfig:
+    key_id: str = attrs.field(default="", repr=False)
+    secret_key: str = attrs.field(default="", repr=False)
+    # Stocks: iex (free), sip (paid), delayed_sip, test (FAKEPACA, open at all hours); or crypto.
+    feed: Literal["iex", "sip", "delayed_sip", "test", "crypto"] = "iex"
+    # Crypto venue: us (Alpaca), us-1 (Kraken US), eu-1 (Kraken EU).
+    crypto_location: Literal["us", "us-1", "eu-1"] = "us"
+    sandbox: bool = False
+    # Overrides the URL built from feed/sandbox (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=ws_url)
+    # Alpaca closes a connection that has not authenticated within 10 s.
+    auth_timeout: float = attrs.field(default=10.0, validator=positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        if self.url:
+            return self.url
+        host = ALPACA_HOSTS[self.sandbox]
+        if self.feed == "crypto":
+            return f"{host}/v1beta3/crypto/{self.crypto_location}"
+        return f"{host}/v2/{self.feed}"
+
 
 log = logging.getLogger("trio_relay.providers.alpaca")
 
@@ -497,3 +528,11 @@ class AlpacaProvider:
         except trio.TooSlowError:
             waiting = "authenticated" if greeted else "connected greeting"
             raise ProviderError(f"no auth reply within {timeout:g}s (no {waiting})") from None
+
+
+ENTRY = ProviderEntry(
+    name="alpaca",
+    settings=AlpacaConfig,
+    build=lambda settings, upstream: AlpacaProvider(settings, connect_timeout=upstream.connect_timeout),
+    credentials=(Credential("key_id", ("APCA_API_KEY_ID",)), Credential("secret_key", ("APCA_API_SECRET_KEY",))),
+)

@@ -1,14 +1,35 @@
-"""The provider interface and the errors a provider may raise."""
+"""The provider interface, the errors a provider may raise, and what registers a provider.
+
+A provider is one module: its protocol code, its settings section (an attrs class) and one
+:class:`ProviderEntry` named ``ENTRY``, listed once in :mod:`trio_relay.providers.registry`.
+Everything else (the config file's sections and environment variables, credentials checks,
+secrets masking, the command line's choices, the daemon, the workers, the recorder) reads the
+registry, so nothing else changes when a provider is added.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
 
 from ..model import Update
 
-__all__ = ["Provider", "Session", "ProviderError", "AuthFailed", "MalformedFrame", "MalformedSink"]
+if TYPE_CHECKING:
+    from ..config import UpstreamConfig
+
+__all__ = [
+    "Provider",
+    "Session",
+    "ProviderError",
+    "AuthFailed",
+    "MalformedFrame",
+    "MalformedSink",
+    "Credential",
+    "ProviderEntry",
+]
 
 
 class ProviderError(Exception):
@@ -64,3 +85,31 @@ class Provider(Protocol):
     def describe(self) -> str:
         """Where it connects, for logs and /status (never includes a secret)."""
         ...
+
+
+@attrs.frozen
+class Credential:
+    """A secret a provider needs: a key of its settings section and the vendor's own variables."""
+
+    key: str  # e.g. "api_key": [fmp] api_key, TRIO_RELAY_FMP_API_KEY
+    env: tuple[str, ...] = ()  # e.g. ("FMP_API_KEY",): read when the TRIO_RELAY_ form is not set
+
+
+@attrs.frozen
+class ProviderEntry:
+    """How the relay finds one provider: its name, settings section, factory and secrets."""
+
+    #: As in ``upstream.provider`` and ``--provider``; also the name of its config section.
+    name: str
+    #: The attrs class of its ``[name]`` section (defaults make a valid, key-less section).
+    settings: type[Any]
+    #: ``build(settings, upstream)``: the provider, from its section and the upstream settings.
+    build: Callable[[Any, UpstreamConfig], Provider]
+    #: Secrets it cannot start without (checked at start, masked everywhere, never shown).
+    credentials: tuple[Credential, ...] = ()
+    #: Other names accepted for it (``massive`` for ``polygon``).
+    aliases: tuple[str, ...] = ()
+    #: A network provider: ``--upstream-url`` sets its ``url`` and ``record --raw`` can tap it.
+    network: bool = True
+    #: A problem with its settings that the section's own validators cannot see (``None``: fine).
+    check: Callable[[Any], str | None] | None = None

@@ -51,16 +51,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import quote, urlsplit
 
+import attrs
 import msgspec
 import trio
 
-from ..config import FinnhubConfig
 from ..model import SYMBOL_RE, TRADE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame, MalformedSink, ProviderError
+from ..settings import no_query, symbol_map, ws_url
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
 from .symbols import SymbolMap
 from .wsclient import HandshakeRejected, WsClient
 
 __all__ = [
+    "FinnhubConfig",
+    "ENTRY",
     "FinnhubProvider",
     "FinnhubSession",
     "FinnhubDecoder",
@@ -72,6 +75,25 @@ __all__ = [
     "finnhub_symbols",
     "public_url",
 ]
+
+FINNHUB_URL = "wss://ws.finnhub.io"
+
+
+@attrs.frozen
+class FinnhubConfig:
+    # Finnhub's token travels in the URL query: the relay never logs a URL with it.
+    api_key: str = attrs.field(default="", repr=False)
+    # Overrides wss://ws.finnhub.io (tests and the local fake server use this). No query: the
+    # relay adds the token itself, and a URL is not a place for a secret.
+    url: str = attrs.field(default="", validator=[no_query, ws_url])
+    # Extra client symbol → Finnhub symbol entries (e.g. "BTCUSD" = "BINANCE:BTCUSDT"); they win
+    # over the built-in table.
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FINNHUB_URL
+
 
 log = logging.getLogger("trio_relay.providers.finnhub")
 
@@ -445,3 +467,11 @@ class FinnhubProvider:
             # A dead peer can leave the close frame unsendable; the socket is closed regardless.
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await ws.aclose()
+
+
+ENTRY = ProviderEntry(
+    name="finnhub",
+    settings=FinnhubConfig,
+    build=lambda settings, upstream: FinnhubProvider(settings, connect_timeout=upstream.connect_timeout),
+    credentials=(Credential("api_key", ("FINNHUB_API_KEY",)),),
+)

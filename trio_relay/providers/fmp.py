@@ -15,16 +15,40 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Literal
 
+import attrs
 import msgspec
 import trio
 
-from ..config import FmpConfig
 from ..model import SYMBOL_RE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame, MalformedSink
+from ..settings import positive, ws_url
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry
 from .wsclient import WsClient
 
-__all__ = ["FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
+__all__ = ["FmpConfig", "ENTRY", "FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
+
+FMP_URLS = {
+    "stocks": "wss://websockets.financialmodelingprep.com",
+    "crypto": "wss://crypto.financialmodelingprep.com",
+    "forex": "wss://forex.financialmodelingprep.com",
+}
+
+
+@attrs.frozen
+class FmpConfig:
+    # Never logged or shown: repr=False keeps it out of every repr and error.
+    api_key: str = attrs.field(default="", repr=False)
+    endpoint: Literal["stocks", "crypto", "forex"] = "stocks"
+    # Overrides the endpoint's URL (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=ws_url)
+    # Seconds to wait for the (optional, undocumented) login reply before carrying on.
+    login_timeout: float = attrs.field(default=3.0, validator=positive)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or FMP_URLS[self.endpoint]
+
 
 log = logging.getLogger("trio_relay.providers.fmp")
 
@@ -191,3 +215,11 @@ class FmpProvider:
                     early.append(raw)
         log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)
         return early
+
+
+ENTRY = ProviderEntry(
+    name="fmp",
+    settings=FmpConfig,
+    build=lambda settings, upstream: FmpProvider(settings, connect_timeout=upstream.connect_timeout),
+    credentials=(Credential("api_key", ("FMP_API_KEY",)),),
+)

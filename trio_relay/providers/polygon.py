@@ -39,18 +39,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Literal
 
+import attrs
 import msgspec
 import trio
 
-from ..config import PolygonConfig
 from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms
-from .base import AuthFailed, MalformedFrame, MalformedSink, ProviderError
+from ..settings import positive, symbol_map, ws_url
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
 from .symbols import SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
+    "PolygonConfig",
+    "ENTRY",
     "PolygonProvider",
     "PolygonSession",
     "PolygonEvent",
@@ -59,6 +62,26 @@ __all__ = [
     "MAX_SUBSCRIBE_BYTES",
     "polygon_symbols",
 ]
+
+POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
+
+
+@attrs.frozen
+class PolygonConfig:
+    api_key: str = attrs.field(default="", repr=False)
+    market: Literal["stocks", "crypto", "forex"] = "stocks"
+    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
+    delayed: bool = False
+    # Overrides the URL built from market/delayed (tests and the local fake server use this).
+    url: str = attrs.field(default="", validator=ws_url)
+    # Seconds to wait for auth_success after sending the key.
+    auth_timeout: float = attrs.field(default=10.0, validator=positive)
+    symbols: dict[str, str] = attrs.field(factory=dict, validator=symbol_map)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+
 
 log = logging.getLogger("trio_relay.providers.polygon")
 
@@ -425,3 +448,12 @@ class PolygonProvider:
                 if found:
                     early.extend(raws[i + 1 :])
                     return
+
+
+ENTRY = ProviderEntry(
+    name="polygon",
+    settings=PolygonConfig,
+    build=lambda settings, upstream: PolygonProvider(settings, connect_timeout=upstream.connect_timeout),
+    credentials=(Credential("api_key", ("POLYGON_API_KEY", "MASSIVE_API_KEY")),),
+    aliases=("massive",),
+)

@@ -12,13 +12,23 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import attrs
 import msgspec
 
 from ..model import Update
-from .base import MalformedFrame, MalformedSink
+from ..settings import ws_url
+from .base import MalformedFrame, MalformedSink, ProviderEntry
 from .wsclient import WsClient
 
-__all__ = ["RelayProvider"]
+__all__ = ["RelayConfig", "ENTRY", "RelayProvider"]
+
+
+@attrs.frozen
+class RelayConfig:
+    # The price WebSocket of another trio-relay to use as the upstream (provider "relay"),
+    # e.g. "ws://127.0.0.1:8000/api/v2/realtime/ws/prices".
+    url: str = attrs.field(default="", validator=ws_url)
+
 
 log = logging.getLogger("trio_relay.providers.relay")
 
@@ -110,3 +120,15 @@ class RelayProvider:
         url = self.url + ("&" if "?" in self.url else "?") + "batch=1"
         async with WsClient.open(url, connect_timeout=self.connect_timeout) as ws:
             yield RelaySession(ws, on_malformed)
+
+
+def _check(settings: RelayConfig) -> str | None:
+    return None if settings.url else "url: provider 'relay' needs the URL of the upstream relay's price socket"
+
+
+ENTRY = ProviderEntry(
+    name="relay",
+    settings=RelayConfig,
+    build=lambda settings, upstream: RelayProvider(settings.url, connect_timeout=upstream.connect_timeout),
+    check=_check,
+)

@@ -24,15 +24,27 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import msgspec
 import trio
 
-from ..config import ConfigError, ReplayConfig
 from ..model import Update
+from ..settings import ConfigError, positive
 from ..recording import DEMO, DEMO_RESOURCE, Recorded, RecordingError, RecordingHeader, RecordingReader, recording_path
-from .base import MalformedFrame, MalformedSink, ProviderError
+from .base import MalformedFrame, MalformedSink, ProviderEntry, ProviderError
 
-__all__ = ["ReplayProvider", "ReplaySession"]
+__all__ = ["ReplayConfig", "ENTRY", "ReplayProvider", "ReplaySession"]
+
+
+@attrs.frozen
+class ReplayConfig:
+    # For provider "replay": a recording made by `trio-relay record` ("demo": the one shipped).
+    file: str = "demo"
+    # Playback speed: 1 = the original timing, 10 = ten times faster.
+    speed: float = attrs.field(default=1.0, validator=positive)
+    # Start again from the beginning at the end of the file.
+    loop: bool = False
+
 
 log = logging.getLogger("trio_relay.providers.replay")
 
@@ -208,3 +220,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"cannot read {exc.filename}: {exc.strerror}"
     return str(exc)
+
+
+ENTRY = ProviderEntry(name="replay", settings=ReplayConfig, build=lambda settings, _upstream: ReplayProvider(settings), network=False)

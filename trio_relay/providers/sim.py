@@ -14,12 +14,23 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
-from ..config import SimConfig
 from ..model import QUOTE, TRADE, Update
+from .base import ProviderEntry
+from ..settings import non_negative, positive
 
-__all__ = ["SimMarket", "SimProvider", "SimSession"]
+__all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
+
+
+@attrs.frozen
+class SimConfig:
+    # Updates per second per subscribed symbol.
+    rate: float = attrs.field(default=4.0, validator=positive)
+    seed: int = 42
+    # Share of updates that are trades (the rest are quotes).
+    trade_ratio: float = attrs.field(default=0.4, validator=non_negative)
 
 
 class _Walk:
@@ -161,3 +172,12 @@ class SimProvider:
     @asynccontextmanager
     async def session(self, on_malformed: object = None) -> AsyncIterator[SimSession]:
         yield SimSession(self.config)
+
+
+def _check(settings: SimConfig) -> str | None:
+    return "trade_ratio: must be between 0 and 1" if settings.trade_ratio > 1 else None
+
+
+ENTRY = ProviderEntry(
+    name="sim", settings=SimConfig, build=lambda settings, _upstream: SimProvider(settings), network=False, check=_check
+)

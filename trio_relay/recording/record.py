@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..providers import registry
 from .file import RecordingError, RecordingHeader, RecordingWriter
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ log = logging.getLogger("trio_relay.recording")
 
 SYNC_INTERVAL = 1.0  # seconds between fsyncs while recording
 SYNC_LINES = 10_000  # ...or after this many lines, whichever comes first
-RAW_PROVIDERS = frozenset({"fmp", "finnhub", "alpaca", "polygon", "relay"})
+RAW_PROVIDERS = frozenset(name for name, entry in registry.ENTRIES.items() if entry.network)
 DRAIN_TIMEOUT = 5.0  # after a stop: seconds to close the upstream and write what it sent
 
 
@@ -176,10 +177,9 @@ async def record(
     final one, also logged.
     """
     from ..hub import Demand, Stats
-    from ..providers.factory import make_provider
     from ..upstream import Item, Upstream
 
-    provider: Provider = make_provider(config)
+    provider: Provider = registry.make_provider(config)
     if raw and provider.name not in RAW_PROVIDERS:
         raise RecordingError(
             f"raw recording needs a network provider ({', '.join(sorted(RAW_PROVIDERS))}); "
@@ -247,7 +247,7 @@ async def record(
 
 # --------------------------------------------------------------------------- command line
 
-_PROVIDER_CHOICES = ("sim", "fmp", "finnhub", "alpaca", "polygon", "massive", "relay", "replay")
+_PROVIDER_CHOICES = tuple(registry.names(aliases=True))
 
 
 def add_record_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
