@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import FMP_KEY, fmp_sections, require, wait_state
 from test_docs import anchors
 from trio_relay.daemon import Relay
+from trio_relay.fleet import FleetUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
@@ -273,8 +274,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def fleet_role(relay: Relay) -> str:
+    upstream = relay.upstream
+    assert isinstance(upstream, FleetUpstream)
+    return upstream.engine.role
+
+
 def address(relay: Relay) -> str:
     return relay.http_url.split("://", 1)[1]
+
+
+class NotReady(Exception):
+    """Prometheus is still starting (it answers 503 until its storage is open)."""
 
 
 class Prometheus:
@@ -286,9 +297,42 @@ class Prometheus:
 
     async def get(self, http: httpx.AsyncClient, path: str, **params: str) -> Any:
         response = await http.get(f"{self.url}/api/v1/{path}", params=params)
-        body = response.json()
+        if response.status_code == 503:
+            raise NotReady(response.text.strip())
+        body = response.json()  # an invalid query is a 400 with a JSON error: it fails here
         assert body["status"] == "success", f"{path} {params}: {body}"
         return body["data"]
+
+    async def targets_down_or_up(self, http: httpx.AsyncClient) -> dict[str, tuple[str, str]]:
+        """Each target's (health, lastError)."""
+        targets = (await self.get(http, "targets"))["activeTargets"]
+        return {t["labels"]["instance"]: (t["health"], t["lastError"]) for t in targets}
+
+    async def rules_not_evaluated(self, http: httpx.AsyncClient) -> str | None:
+        """None once every shipped rule is loaded and evaluated without error."""
+        groups = (await self.get(http, "rules"))["groups"]
+        rules = {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
+        if rules.keys() != {rule["alert"] for rule in alerting_rules()}:
+            return f"rules loaded: {sorted(rules)}"
+        bad = {name: state for name, state in rules.items() if state != ("ok", "")}
+        return f"rules not (yet) evaluated cleanly: {bad}" if bad else None
+
+    async def alerts(self, http: httpx.AsyncClient) -> list[tuple[str, dict[str, str], str]]:
+        """The pending and firing alerts: (name, labels, state)."""
+        return sorted(
+            ((a["labels"].pop("alertname"), a["labels"], a["state"]) for a in (await self.get(http, "alerts"))["alerts"]),
+            key=repr,
+        )
+
+    async def dashboard_not_answered(self, http: httpx.AsyncClient, *, fleet: bool) -> str | None:
+        """None once every dashboard query returns series (the fleet's only when ``fleet``)."""
+        for query in dashboard_queries():
+            if query.startswith("label_values("):
+                continue  # Grafana's own function (its metric names are checked above)
+            result = (await self.get(http, "query", query=concrete(query)))["result"]
+            if not result and (fleet or "trio_relay_fleet_" not in query):
+                return f"no data yet for {concrete(query)}"
+        return None
 
     async def until(self, what: str, check: Callable[[], Awaitable[str | None]]) -> None:
         """Poll ``check`` (None: satisfied; otherwise what is still missing) within PROMETHEUS_WAIT."""
@@ -297,8 +341,10 @@ class Prometheus:
             while True:
                 try:
                     missing = await check()
-                except httpx.TransportError as exc:  # not listening yet
+                except httpx.TransportError as exc:
                     missing = f"Prometheus not answering ({exc!r})"
+                except NotReady as exc:
+                    missing = f"Prometheus not ready ({exc})"
                 if missing is None:
                     return
                 await trio.sleep(POLL_INTERVAL)
@@ -309,12 +355,12 @@ class Prometheus:
 @pytest.fixture
 async def prometheus(
     nursery: trio.Nursery, tmp_path: Path, prometheus_binary: str
-) -> AsyncIterator[Callable[[list[str]], Awaitable[Prometheus]]]:
-    """``await prometheus(targets)``: a real Prometheus in the test's nursery, killed at the end."""
+) -> AsyncIterator[Callable[..., Awaitable[Prometheus]]]:
+    """``await prometheus(targets, labels)``: a real Prometheus in the test's nursery, killed at the end."""
     binary = prometheus_binary
     processes: list[trio.Process] = []
 
-    async def start(targets: list[str]) -> Prometheus:
+    async def start(targets: list[str], labels: dict[str, str] | None = None) -> Prometheus:
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
@@ -323,7 +369,7 @@ async def prometheus(
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                     "rule_files": [str(RULES)],
                     "scrape_configs": [
-                        {"job_name": JOB, "metrics_path": "/metrics", "static_configs": [{"targets": targets}]}
+                        {"job_name": JOB, "metrics_path": "/metrics", "static_configs": [{"targets": targets, "labels": labels or {}}]}
                     ],
                 }
             )
@@ -364,8 +410,7 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
     server = await prometheus([good_at, refused_at])
 
     async def targets_up() -> str | None:
-        targets = {t["labels"]["instance"]: t for t in (await server.get(http, "targets"))["activeTargets"]}
-        states = {i: (t["health"], t["lastError"]) for i, t in targets.items()}
+        states = await server.targets_down_or_up(http)
         return None if states == {good_at: ("up", ""), refused_at: ("up", "")} else f"targets {states}"
 
     await server.until("both relays scraped", targets_up)
@@ -379,38 +424,63 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
         return None if out["result"] else "no messages_out counted yet"
 
     await server.until("the relays' series ingested", ingested)
-
-    names = {rule["alert"] for rule in alerting_rules()}
-
-    async def rules_evaluated() -> str | None:
-        groups = (await server.get(http, "rules"))["groups"]
-        rules = {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
-        bad = {name: state for name, state in rules.items() if state != ("ok", "")}
-        if rules.keys() != names:
-            return f"rules loaded: {sorted(rules)}"
-        return f"rules not (yet) evaluated cleanly: {bad}" if bad else None
-
-    await server.until("every shipped rule loaded and evaluated without error", rules_evaluated)
+    await server.until("every shipped rule loaded and evaluated without error", partial(server.rules_not_evaluated, http))
 
     async def auth_alert() -> str | None:
-        alerts = (await server.get(http, "alerts"))["alerts"]
-        seen = sorted((a["labels"]["alertname"], a["labels"].get("instance", ""), a["state"]) for a in alerts)
-        raised = [(name, instance) for name, instance, _state in seen]
+        raised = [(name, labels.get("instance")) for name, labels, _state in await server.alerts(http)]
         if ("TrioRelayUpstreamAuthFailed", refused_at) not in raised:
-            return f"alerts {seen}"
-        # The refused key is that alert's alone (not also "upstream down"), the healthy relay raises nothing.
-        assert raised == [("TrioRelayUpstreamAuthFailed", refused_at)], seen
+            return f"alerts {raised}"
+        # The refused key is that alert's alone (not also "upstream down"); the healthy relay raises nothing.
+        assert raised == [("TrioRelayUpstreamAuthFailed", refused_at)]
         return None
 
     await server.until("TrioRelayUpstreamAuthFailed raised for the relay whose key is refused", auth_alert)
+    await server.until("every dashboard query answered", partial(server.dashboard_not_answered, http, fleet=False))
 
-    async def dashboard_answers() -> str | None:
-        for query in dashboard_queries():
-            if query.startswith("label_values("):
-                continue  # Grafana's own function (checked for metric names above)
-            result = (await server.get(http, "query", query=concrete(query)))["result"]
-            if not result and "trio_relay_fleet_" not in query:  # no fleet here: those are empty
-                return f"no data yet for {concrete(query)}"
-        return None
 
-    await server.until("every dashboard query answered", dashboard_answers)
+async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(start_relay, fleet_prefix, http, prometheus, tmp_path) -> None:
+    engine = {"backend": "redis", "prefix": fleet_prefix, "lock_ttl": 1.0, "demand_ttl": 1.0}
+    relays = [
+        await start_relay(engine={**engine, "node_id": node}, history={"backend": "sqlite", "data_dir": str(tmp_path / node)})
+        for node in "ab"
+    ]
+    with trio.fail_after(10):
+        while not any(fleet_role(relay) == "holder" for relay in relays):
+            await trio.sleep(POLL_INTERVAL)  # the election runs on Redis's clock
+    instances = [address(relay) for relay in relays]
+    server = await prometheus(instances, {"fleet": fleet_prefix})
+    fleet = {"job": JOB, "fleet": fleet_prefix}
+
+    async def one_holder() -> str | None:
+        if set((await server.targets_down_or_up(http)).values()) != {("up", "")}:
+            return "targets not up"
+        held = (await server.get(http, "query", query="max without (instance) (trio_relay_fleet_holder)"))["result"]
+        return None if [(s["metric"], s["value"][1]) for s in held] == [(fleet, "1")] else f"holder {held}"
+
+    await server.until("the fleet and its holder ingested", one_holder)
+    await server.until("every shipped rule evaluated without error", partial(server.rules_not_evaluated, http))
+    await server.until("every dashboard query answered, the fleet's too", partial(server.dashboard_not_answered, http, fleet=True))
+    assert await server.alerts(http) == []  # a healthy fleet raises nothing
+
+    # Every relay of the fleet gone: their series go stale, and no relay holds the upstream.
+    for relay in relays:
+        relay.shutdown()
+
+    async def gone() -> str | None:
+        if set((await server.targets_down_or_up(http)).values()) & {("up", "")}:
+            return "a relay is still scraped"
+        held = (await server.get(http, "query", query="trio_relay_fleet_holder"))["result"]
+        return f"series not stale yet: {held}" if held else None
+
+    await server.until("the fleet's relays gone and their series stale", gone)
+    # The rule's own expression, now: it must see the fleet that vanished (a plain
+    # "max(holder) == 0" sees nothing once the series are stale).
+    [rule] = [r for r in alerting_rules() if r["alert"] == "TrioRelayFleetNoHolder"]
+    result = (await server.get(http, "query", query=rule["expr"]))["result"]
+    assert [s["metric"] for s in result] == [fleet]
+
+    async def no_holder() -> str | None:
+        alerts = await server.alerts(http)
+        return None if ("TrioRelayFleetNoHolder", {**fleet, "severity": "critical"}) in [a[:2] for a in alerts] else f"alerts {alerts}"
+
+    await server.until("TrioRelayFleetNoHolder raised for the vanished fleet", no_holder)
