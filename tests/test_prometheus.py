@@ -11,7 +11,10 @@
   with the shipped rules loaded: the targets are healthy, the series are ingested with the right
   values, every rule evaluates without error, a relay whose key is refused raises
   ``TrioRelayUpstreamAuthFailed`` (and nothing else) while the healthy one raises nothing, and
-  every query of the dashboard evaluates.
+  every query of the dashboard returns data.
+- The same with a fleet of two relays on the real Redis: one holder seen, nothing raised, the
+  fleet panels answered; then every relay of the fleet stops, its series go stale, and
+  ``TrioRelayFleetNoHolder`` is raised for the fleet that vanished.
 
 Without ``prometheus``/``promtool`` these tests skip and say so, except under CI (``CI=true``),
 where that fails (``require``). Prometheus runs in real time, so its tests wait on conditions
