@@ -7,11 +7,12 @@
 - Every metric name and every label value the rules and the dashboard select is one a real relay
   exports (``/metrics`` of a relay started in process; a fleet relay on the real Redis for the
   ``trio_relay_fleet_*`` names).
-- A real Prometheus (Debian's ``/usr/bin/prometheus``) scrapes two real relays over loopback,
+- A real Prometheus (Debian's ``/usr/bin/prometheus``) scrapes three real relays over loopback,
   with the shipped rules loaded: the targets are healthy, the series are ingested with the right
   values, every rule evaluates without error, a relay whose key is refused raises
-  ``TrioRelayUpstreamAuthFailed`` (and nothing else) while the healthy one raises nothing, and
-  every query of the dashboard returns data.
+  ``TrioRelayUpstreamAuthFailed`` (and nothing else), a stalled feed raises
+  ``TrioRelayUpstreamStale`` until data flows again, the healthy relay raises nothing, and every
+  query of the dashboard returns data.
 - The same with a fleet of two relays on the real Redis: one holder seen, nothing raised, the
   fleet panels answered; then every relay of the fleet stops, its series go stale, and
   ``TrioRelayFleetNoHolder`` is raised for the fleet that vanished.
@@ -398,10 +399,12 @@ async def prometheus(
 async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashboard(
     start_relay, fake_fmp, ws_connect, http, prometheus, tmp_path
 ) -> None:
+    """Three relays: healthy (sim), refused (wrong FMP key), stalled (FMP logged in, sending nothing)."""
     good = await start_relay(history={"backend": "sqlite", "data_dir": str(tmp_path / "history")})
     sections = fmp_sections(fake_fmp)
     sections["fmp"]["api_key"] = "wrong-key-" + FMP_KEY[::-1]
     refused = await start_relay(**sections)
+    stalled = await start_relay(**fmp_sections(fake_fmp, stale_after=1.0, backoff_initial=0.05, backoff_max=0.1))
     with trio.fail_after(10):
         await wait_state(good, "connected")
         await wait_state(refused, "auth_failed")
@@ -409,19 +412,24 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
         await client.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
         for _ in range(20):
             await client.recv()
-    good_at, refused_at = address(good), address(refused)
-    server = await prometheus([good_at, refused_at])
+        watcher = await ws_connect(stalled)
+        await watcher.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await watcher.recv_until(lambda m: m.get("type") == "price_update")
+        fake_fmp.stall()
+        await wait_state(stalled, "stale")
+    good_at, refused_at, stalled_at = address(good), address(refused), address(stalled)
+    server = await prometheus([good_at, refused_at, stalled_at])
 
     async def targets_up() -> str | None:
         states = await server.targets_down_or_up(http)
-        return None if states == {good_at: ("up", ""), refused_at: ("up", "")} else f"targets {states}"
+        return None if set(states) == {good_at, refused_at, stalled_at} and set(states.values()) == {("up", "")} else f"targets {states}"
 
-    await server.until("both relays scraped", targets_up)
+    await server.until("the relays scraped", targets_up)
 
     async def ingested() -> str | None:
         up = await server.get(http, "query", query="trio_relay_upstream_up")
         values = {s["metric"]["instance"]: s["value"][1] for s in up["result"]}
-        if values != {good_at: "1", refused_at: "0"}:
+        if values != {good_at: "1", refused_at: "0", stalled_at: "0"}:
             return f"trio_relay_upstream_up {values}"
         out = await server.get(http, "query", query=f'trio_relay_messages_out_total{{instance="{good_at}"}} > 0')
         return None if out["result"] else "no messages_out counted yet"
@@ -429,16 +437,30 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
     await server.until("the relays' series ingested", ingested)
     await server.until("every shipped rule loaded and evaluated without error", partial(server.rules_not_evaluated, http))
 
-    async def auth_alert() -> str | None:
-        raised = [(name, labels.get("instance")) for name, labels, _state in await server.alerts(http)]
-        if ("TrioRelayUpstreamAuthFailed", refused_at) not in raised:
-            return f"alerts {raised}"
+    async def raised_by(instance: str) -> set[str]:
+        return {name for name, labels, _state in await server.alerts(http) if labels.get("instance") == instance}
+
+    async def alerts_raised() -> str | None:
+        by = {at: await raised_by(at) for at in (good_at, refused_at, stalled_at)}
+        if "TrioRelayUpstreamAuthFailed" not in by[refused_at] or "TrioRelayUpstreamStale" not in by[stalled_at]:
+            return f"alerts {by}"
         # The refused key is that alert's alone (not also "upstream down"); the healthy relay raises nothing.
-        assert raised == [("TrioRelayUpstreamAuthFailed", refused_at)]
+        assert by[refused_at] == {"TrioRelayUpstreamAuthFailed"} and not by[good_at], by
+        assert by[stalled_at] <= {"TrioRelayUpstreamStale", "TrioRelayUpstreamDown"}, by
         return None
 
-    await server.until("TrioRelayUpstreamAuthFailed raised for the relay whose key is refused", auth_alert)
+    await server.until("AuthFailed raised for the refused key, Stale for the stalled feed", alerts_raised)
     await server.until("every dashboard query answered", partial(server.dashboard_not_answered, http, fleet=False))
+
+    # Data flows again: the stalled relay's alerts end at the first fresh scrape (not 5 minutes later).
+    fake_fmp.resume()
+
+    async def stalled_quiet() -> str | None:
+        # (TrioRelayUpstreamFlapping may now rightly follow: it reconnected every second while stalled.)
+        raised = await raised_by(stalled_at) & {"TrioRelayUpstreamStale", "TrioRelayUpstreamDown"}
+        return f"alerts {raised}" if raised else None
+
+    await server.until("the stalled relay's alerts over once data flows", stalled_quiet)
 
 
 async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(start_relay, fleet_prefix, http, prometheus, tmp_path) -> None:
