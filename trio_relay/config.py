@@ -324,6 +324,17 @@ class HistoryConfig:
     # Most updates written in one transaction, and the longest a written update waits.
     batch_size: int = attrs.field(default=10_000, validator=_positive)
     flush_interval: float = attrs.field(default=0.5, validator=_positive)
+    # Queries (/history, /bars) run in worker threads, each on a database connection of its own:
+    # at most query_concurrency at once; a request waits at most query_queue_timeout seconds for
+    # a free one, then gets 503 history_busy (with Retry-After).
+    query_concurrency: int = attrs.field(default=2, validator=_positive)
+    query_queue_timeout: float = attrs.field(default=5.0, validator=_positive)
+    # Work per request: a /bars page reads at most query_max_rows trades for at most
+    # query_timeout seconds; past either it ends early ("truncated": true, next_start resumes
+    # there), or, before one whole bar was read, 422 query_too_large. (A /history page is
+    # one index range of at most `limit`, 10,000, rows.)
+    query_timeout: float = attrs.field(default=5.0, validator=_positive)
+    query_max_rows: int = attrs.field(default=1_000_000, validator=_positive)
 
 
 @attrs.frozen

@@ -32,7 +32,7 @@ from .api.app import BACKEND_HOST, tls_context
 from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
-from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
+from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .fleet import RedisEngine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
@@ -301,7 +301,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     offer = writer.offer
                     hub.add_callback(lambda update: offer(update, time.time_ns() // 1_000_000))
                     ctx.history_writer = writer
-                    ctx.history_store = HistoryStore(history_backend)
+                    h = config.history
+                    budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
+                    ctx.history_store = HistoryStore(history_backend, budget)
                     log.info("[START] tick history: %s", history_backend.description)
                 if fleet is not None:
                     await nursery.start(fleet.run)

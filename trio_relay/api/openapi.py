@@ -288,7 +288,11 @@ _PORTFOLIO_ERRORS = {
 }
 _HISTORY_ERRORS = {
     404: Reply("Tick history is off (`history_off`).", ErrorBody),
-    503: Reply("The history database cannot be reached now (`history_unavailable`).", ErrorBody),
+    503: Reply(
+        "The history database cannot be reached now (`history_unavailable`), or every query slot stayed busy"
+        " (`history_busy`, with Retry-After).",
+        ErrorBody,
+    ),
     403: Reply("The token does not allow that symbol (`forbidden_symbols`).", ErrorBody, auth_only=True),
 }
 _NOT_READY = Reply("Not ready: `code` says why (for alert rules), `reason` in words.", Health)
@@ -356,8 +360,13 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
         "history_bars": Endpoint(
             "history",
             {
-                200: Reply("Bars, oldest first; `next_start` continues them.", BarsPage),
+                200: Reply(
+                    "Bars, oldest first; `next_start` continues them (`truncated`: the page ended early on the"
+                    " per-request budget).",
+                    BarsPage,
+                ),
                 **_HISTORY_ERRORS,
+                422: Reply("One bar holds more trades than a request may read (`query_too_large`).", ErrorBody),
                 400: Reply("Bad symbol, interval, time, window or limit (`invalid_interval`, `invalid_range`...).", ErrorBody),
             },
         ),
