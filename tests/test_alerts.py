@@ -450,16 +450,17 @@ async def test_watched_symbols_follow_live_rules() -> None:
     e = AlertEngine(AlertsConfig(), clock=lambda: now[0], on_watch=lambda s, on: events.append((s, on)))
     feed = Feed(e)
     feed.trade(99.0)
-    one = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100}, cache=feed.cache)
-    e.create("ann", {"type": "stale", "symbol": "MSFT", "seconds": 5})
-    e.create("bob", {"type": "above", "symbol": "AAPL", "level": 200}, cache=feed.cache)
-    assert events == [("AAPL", True), ("MSFT", True)]
-    assert feed.trade(150.0) and set(e.symbols) == {"AAPL", "MSFT"}
+    one = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100}, cache=feed.cache, pins=True)
+    e.create("ann", {"type": "stale", "symbol": "MSFT", "seconds": 5}, pins=True)
+    e.create("bob", {"type": "above", "symbol": "AAPL", "level": 200}, cache=feed.cache, pins=True)
+    e.create("cid", {"type": "above", "symbol": "AMD", "level": 200}, cache=feed.cache)  # a non-admin's: no pin
+    assert events == [("AAPL", True), ("MSFT", True)] and "AMD" in e.symbols
+    assert feed.trade(150.0) and set(e.symbols) == {"AAPL", "MSFT", "AMD"}
     assert e.check_stale(T0 + 5_000)
-    assert events[-1] == ("MSFT", False) and set(e.symbols) == {"AAPL"}  # its only rule fired (one-shot)
+    assert events[-1] == ("MSFT", False) and set(e.symbols) == {"AAPL", "AMD"}  # its only rule fired (one-shot)
     assert feed.trade(210.0)
-    assert events[-1] == ("AAPL", False) and not e.symbols and feed.trade(300.0) == []
-    assert [r.state for r in e.rules("ann")] == ["fired", "fired"] and len(e) == 3  # still listed
+    assert events[-1] == ("AAPL", False) and set(e.symbols) == {"AMD"} and feed.trade(300.0) == []
+    assert [r.state for r in e.rules("ann")] == ["fired", "fired"] and len(e) == 4  # still listed
     assert e.remove("ann", one.id) is one and len(events) == 4
 
 

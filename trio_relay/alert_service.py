@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookSender
+from .entitlements import Entitlement
 from .model import Update, ws_text_frame
 from .portfolio_service import owner_of
 
@@ -54,9 +55,20 @@ class AlertService:
             task_status.started()
 
     # ------------------------------------------------------------------ rules
-    def create(self, owner: str, data: Mapping[str, Any] | bytes | str) -> Rule:
-        """Validate and add a rule (:class:`RuleError` if refused); it is saved in the background."""
-        rule = self.engine.create(owner, data, cache=self.hub.cache)
+    def create(self, owner: str, data: Mapping[str, Any] | bytes | str, entitlement: Entitlement) -> Rule:
+        """Validate and add a rule; it is saved in the background.
+
+        Refused with :class:`RuleError` (a bad rule) or
+        :class:`~trio_relay.entitlements.EntitlementError` (a symbol the token does not allow, or
+        one more than the user's symbol budget). The rule pins its symbol upstream only if
+        ``entitlement.may_pin``.
+        """
+
+        def admit(rule: Rule) -> None:
+            entitlement.require([rule.symbol])
+            entitlement.require_budget(self.engine.owner_symbols(owner), [rule.symbol])
+
+        rule = self.engine.create(owner, data, cache=self.hub.cache, pins=entitlement.may_pin, admit=admit)
         self._queue(("save", rule, None))
         log.info("[ALERT] %s created rule %s on %s", owner, rule.id, rule.symbol)
         return rule
@@ -91,7 +103,9 @@ class AlertService:
     def _fire(self, alert: FiredAlert) -> None:
         frame = ws_text_frame(_encoder.encode(alert))
         for client in list(self.hub.clients.values()):
-            if owner_of(client) == alert.owner:
+            # Each connection gets it only if its own token allows the symbol now (the one that
+            # created the rule may have had a wider one).
+            if owner_of(client) == alert.owner and client.entitlement is not None and client.entitlement.allows(alert.symbol):
                 if not client.outbox.put_control(frame):
                     client.close(1008, "too many unread replies")
         rule = self.engine.get(alert.rule_id)

@@ -284,7 +284,8 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
                     (hub.demand.acquire if on else hub.demand.release)([symbol])
 
-                engine = AlertEngine(config.alerts, on_watch=watch)
+                # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
+                engine = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
                 engine.load(await alert_store.load())
                 ctx.alerts = AlertService(hub, engine, alert_store, WebhookSender(config.alerts))
                 hub.add_callback(ctx.alerts.on_update)

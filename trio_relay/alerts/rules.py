@@ -95,6 +95,9 @@ class _RuleBase(msgspec.Struct, kw_only=True, tag_field="type"):
     cooldown_s: float = 0.0
     webhook: str | None = None
     created_at: int = 0  # wall clock, UTC epoch ms
+    # Set by the relay: the rule keeps its symbol subscribed upstream (created by a user who may
+    # pin: an admin, or anyone with auth off). Otherwise it fires only while the symbol is wanted.
+    pins: bool = False
     # Runtime, kept by the engine and stored by AlertStore when the rule is saved or fires.
     state: str = ARMED
     # When it last fired, in the time the rule's cooldown is counted in: the firing update's
@@ -178,7 +181,7 @@ class FiredAlert(msgspec.Struct, kw_only=True):
 
 
 _COMMON: Final = frozenset({"type", "symbol", "name", "one_shot", "cooldown_s", "webhook"})
-_SERVER: Final = ("id", "owner", "created_at", "state", "fired_at", "fire_count")
+_SERVER: Final = ("id", "owner", "created_at", "state", "fired_at", "fire_count", "pins")
 _SPECIFIC: Final[dict[str, tuple[str, ...]]] = {
     "above": ("level", "field"),
     "below": ("level", "field"),
@@ -233,6 +236,7 @@ def parse_rule(
     rule_id: str,
     created_at: int,
     allowed_hosts: Sequence[str] = (),
+    pins: bool = False,
 ) -> Rule:
     """A new rule from a client's JSON (or the decoded object), validated; :class:`RuleError` if not.
 
@@ -274,7 +278,7 @@ def parse_rule(
         raise RuleError("invalid_symbol", f"invalid symbol {raw_symbol!r}")
 
     fields: dict[str, Any] = dict(obj)
-    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at)
+    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at, pins=pins)
     _check_numbers(kind, fields)
     name = fields.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):

@@ -14,7 +14,8 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ..alerts import FiredAlert, RuleError
-from .responses import error_response, json_response
+from ..entitlements import EntitlementError
+from .responses import entitlement, entitlement_error, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -60,9 +61,11 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
         max_spread_bps), stale (seconds)."""
         try:
             body = await request.get_data()
-            rule = service().create(str(g.principal.subject), body)
+            rule = service().create(str(g.principal.subject), body, entitlement(ctx.security))
         except RuleError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         return json_response(msgspec.to_builtins(rule))
 
     @app.delete(prefix + "/<rule_id>")

@@ -12,14 +12,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from quart import Response, g, request
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from ..bars import INTERVALS, Bar, BudgetExceeded
 from ..history import HistoryBusy, HistoryUnavailable, InvalidCursor, QueryTimeout, Tick
 from ..model import SYMBOL_RE
 from ..timeparse import TimeError, parse_time
-from .responses import error_response, json_response
+from ..auth import Security
+from ..entitlements import EntitlementError
+from .responses import entitlement, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -70,12 +72,14 @@ def _busy(code: str, message: str) -> Response:
     return response
 
 
-def _symbol(raw: str) -> str:
+def _symbol(raw: str, security: Security) -> str:
     symbol = raw.strip().upper()
     if not SYMBOL_RE.match(symbol):
         raise _BadRequest(400, "invalid_symbols", f"invalid symbol {raw[:24]!r}")
-    if not g.principal.may_subscribe(symbol):
-        raise _BadRequest(403, "forbidden_symbols", f"your token does not allow {symbol!r}")
+    try:
+        entitlement(security).require([symbol])
+    except EntitlementError as exc:
+        raise _BadRequest(exc.status, exc.code, exc.message) from None
     return symbol
 
 
@@ -115,7 +119,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
         default 1000), `cursor` (the previous page's `next_cursor`, same window).
         """
         try:
-            name = _symbol(symbol)
+            name = _symbol(symbol, ctx.security)
             start, end = _window(DEFAULT_TICKS_WINDOW_MS)
             limit = _limit()
             store = store_orerror_response()
@@ -142,7 +146,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
         window: the first `limit`, and `next_start` to ask for the rest.
         """
         try:
-            name = _symbol(symbol)
+            name = _symbol(symbol, ctx.security)
             interval = request.args.get("interval", "1m")
             if interval not in INTERVALS:
                 raise _BadRequest(400, "invalid_interval", f"'interval' must be one of {', '.join(INTERVALS)}")

@@ -16,8 +16,9 @@ import msgspec
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from ..entitlements import EntitlementError
 from ..portfolio import Portfolio, PortfolioError, check_name, check_symbol, make_position, valuate
-from .responses import error_response, json_response
+from .responses import entitlement, entitlement_error, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -74,6 +75,17 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
     def owner() -> str:
         return str(g.principal.subject)
 
+    async def admit(symbols: list[str]) -> None:
+        """The entitlement check for symbols a user puts in a portfolio (EntitlementError)."""
+        allowed = entitlement(ctx.security)
+        allowed.require(symbols)
+        held = {
+            p.symbol
+            for portfolio in await service().store.list_portfolios(owner())
+            for p in portfolio.positions
+        }
+        allowed.require_budget(held, symbols)
+
     @app.get(prefix)
     async def portfolios_list() -> Response:
         """The caller's portfolios and their positions."""
@@ -96,9 +108,13 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                 if not isinstance(item, dict):
                     raise PortfolioError("invalid_json", "each position is an object: symbol, quantity, cost_basis")
                 positions.append(make_position(item.get("symbol"), item.get("quantity"), item.get("cost_basis")))
-            created = await service().store.create(owner(), check_name(body.get("name")), positions)
+            name = check_name(body.get("name"))
+            await admit([p.symbol for p in positions])
+            created = await service().store.create(owner(), name, positions)
         except PortfolioError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         return json_response(_body(created))
 
     @app.get(prefix + "/<name>")
@@ -111,7 +127,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                 raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
         except PortfolioError as exc:
             return _error(exc)
-        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open))
+        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open, entitled=entitlement(ctx.security).allows))
 
     @app.delete(prefix + "/<name>")
     async def portfolio_delete(name: str) -> Response:
@@ -134,9 +150,13 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
             body = await _json_object()
             position = make_position(symbol, body.get("quantity"), body.get("cost_basis"))
             checked = check_name(name)
+            if position.quantity:
+                await admit([position.symbol])
             portfolio = await svc.store.put_position(owner(), checked, position)
         except PortfolioError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         svc.changed(owner(), checked, portfolio)
         return json_response(_body(portfolio))
 

@@ -43,6 +43,7 @@ from ..alerts import RuleError
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
 from ..bars import INTERVALS
 from ..config import Config
+from ..entitlements import Entitlement, EntitlementError, entitlement_for
 from ..hub import (
     CLOSE_GRACE,
     CLOSE_POLICY,
@@ -214,6 +215,7 @@ class ClientProtocol:
         if session.principal is not None:
             client.user = session.principal.subject
             client.max_symbols = session.principal.max_symbols
+            client.entitlement = entitlement_for(session.principal, self.security.config)
         log.info(
             "[CLIENT] #%d connected from %s%s%s",
             client.id,
@@ -401,14 +403,11 @@ class ClientProtocol:
                     return
             session.strikes = 0
             if action in ("subscribe", "unsubscribe") and msg.get("channel") == "portfolio":
+                _entitled(client, session)  # the stream values positions through it
                 self._portfolio(client, action, msg.get("portfolio"))
             elif action == "subscribe":
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
-                refused = session.principal.refused(symbols)
-                if refused:
-                    raise ProtocolError(
-                        "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}"
-                    )
+                _entitled(client, session).require(symbols)  # before any snapshot is sent
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
                 channel = _channel(msg)
@@ -427,7 +426,7 @@ class ClientProtocol:
                 else:
                     self.hub.unsubscribe(client, symbols)
             elif action in ("alert_create", "alert_delete", "alerts"):
-                self._alerts(client, action, msg)
+                self._alerts(client, action, msg, _entitled(client, session))
             elif action == "ping":
                 self.hub.send_control(client, control("pong"))
             elif action == "list":
@@ -447,10 +446,12 @@ class ClientProtocol:
                     f"unknown action {shown[:40]!r}; expected subscribe, unsubscribe, ping, list, auth, alert_create, "
                     "alert_delete or alerts",
                 )
+        except EntitlementError as exc:
+            self._error(client, exc.code, exc.message, action)
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
 
-    def _alerts(self, client: Client, action: str, msg: dict[str, object]) -> None:
+    def _alerts(self, client: Client, action: str, msg: dict[str, object], entitlement: Entitlement) -> None:
         """``alert_create`` {"rule":{...}}, ``alert_delete`` {"id":...}, ``alerts`` (list): the user's rules."""
         if self.alerts is None:
             raise ProtocolError("unavailable", "alerts are off on this relay (alerts.enabled = false)")
@@ -460,7 +461,7 @@ class ClientProtocol:
                 rule = msg.get("rule")
                 if not isinstance(rule, dict):
                     raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
-                created = self.alerts.create(owner, rule)
+                created = self.alerts.create(owner, rule, entitlement)
                 self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
             elif action == "alert_delete":
                 rule_id = msg.get("id")
@@ -515,6 +516,7 @@ class ClientProtocol:
                 return
             client.user = principal.subject
             client.max_symbols = principal.max_symbols
+            client.entitlement = entitlement_for(principal, security.config)
             log.info("[AUTH] client #%d authenticated as %s", client.id, principal.subject)
         elif principal.subject != session.principal.subject:
             self._error(client, "unauthorized", "a refreshed token must be for the same user", "auth")
@@ -522,10 +524,19 @@ class ClientProtocol:
         else:
             session.principal = principal  # new claims apply to the next requests
             client.max_symbols = principal.max_symbols
+            client.entitlement = entitlement_for(principal, security.config)
         session.arm_expiry()
         self.hub.send_control(
             client, control("authenticated", subject=principal.subject, expires_at=principal.expires_at)
         )
+
+
+def _entitled(client: Client, session: _Session) -> Entitlement:
+    """The connection's entitlement (set at authentication; a bare handle_message call: its session's)."""
+    if client.entitlement is None:
+        assert session.principal is not None  # callers check authentication first
+        client.entitlement = entitlement_for(session.principal, session.security.config)
+    return client.entitlement
 
 
 class _Session:
