@@ -8,14 +8,21 @@ alerts, symbol budgets, absurd query numbers, deep JSON, masked provider errors,
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from functools import partial
 from typing import Any
 
+import pytest
 import trio
 
 from conftest import WsClient, api, fmp_sections, wait_cached
+from test_alerts import an_alert, receivers  # noqa: F401  (a fixture)
 from test_alerts_api import trade
 from test_auth import auth_sections, connect, token
+from trio_relay.alerts import WebhookPolicy, WebhookRefused, WebhookSender
+from trio_relay.alerts.targets import refusal
+from trio_relay.config import AlertsConfig
 
 ADMIN = "relay:admin"
 
@@ -208,3 +215,128 @@ async def test_cache_history_bars_and_pins_refuse_symbols_the_token_does_not_all
     assert pin.status_code == 403 and pin.json()["error"] == "forbidden_symbols"
     assert user_pin.status_code == 403 and user_pin.json()["error"] == "insufficient_scope"
     assert "MSFT" not in relay.hub.demand.wanted
+
+
+# ------------------------------------------------------------------------- webhooks (SSRF)
+
+REFUSED_TARGETS = [
+    ("127.0.0.1", "loopback"),
+    ("127.8.9.10", "loopback"),
+    ("2130706433", "loopback"),  # 127.0.0.1 as one number: getaddrinfo accepts it
+    ("0x7f.1", "loopback"),
+    ("localhost", "loopback"),
+    ("::1", "loopback"),
+    ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("fd00::1", "private"),
+    ("100.64.0.1", "shared"),
+    ("169.254.169.254", "link-local"),  # the cloud metadata endpoint
+    ("fe80::1", "link-local"),
+    ("224.0.0.1", "multicast"),
+    ("ff02::1", "multicast"),
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("240.0.0.1", "private"),  # reserved 240/4 (Python counts it private)
+    ("255.255.255.255", "private"),
+    ("192.0.2.1", "private"),  # documentation
+    ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped
+    ("::ffff:169.254.169.254", "link-local"),
+    ("::127.0.0.1", "loopback"),  # IPv4-compatible
+    ("::10.0.0.1", "private"),
+    ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+]
+
+
+@pytest.mark.parametrize("host, why", REFUSED_TARGETS)
+async def test_every_non_public_address_class_is_refused_through_the_resolver(host: str, why: str) -> None:
+    policy = WebhookPolicy()
+    with pytest.raises(WebhookRefused) as info:
+        await policy.vet(host, 80)  # literal addresses and /etc/hosts names: nothing leaves the machine
+    assert why in str(info.value)
+    with pytest.raises(WebhookRefused):  # and at creation, without a resolver
+        policy.check_url_host(host)
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+async def test_public_addresses_pass(host: str) -> None:
+    assert [str(a) for a in await WebhookPolicy().vet(host, 443)]  # classified only: never connected to
+    assert refusal(ipaddress.ip_address(host)) is None
+
+
+async def test_trusted_networks_and_hosts_are_the_only_exceptions() -> None:
+    policy = WebhookPolicy.build(["hooks.internal"], ["127.0.0.0/8"])
+    assert [str(a) for a in await policy.vet("127.0.0.1", 80)] == ["127.0.0.1"]
+    assert policy.address_refusal("hooks.internal", ipaddress.ip_address("10.0.0.1")) is None
+    with pytest.raises(WebhookRefused):
+        await policy.vet("169.254.169.254", 80)
+    with pytest.raises(WebhookRefused):
+        await policy.vet("::ffff:10.0.0.1", 80)
+
+
+async def test_webhooks_to_internal_addresses_are_refused_at_creation_over_rest_and_websocket(
+    start_relay, fake_fmp, http, tmp_path, nursery
+):
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    targets = ["http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.1]:8080/", "http://localhost:6379/",
+               "http://2130706433/", "https://10.0.0.1/hook"]
+    with trio.fail_after(10):
+        rest = [
+            await http.post(
+                api(relay, "/alerts"), headers=bearer(), json={"type": "above", "symbol": "AAPL", "level": 1, "webhook": url}
+            )
+            for url in targets
+        ]
+        client = await authed(relay, nursery)
+        ws = [
+            await client.request(
+                {"action": "alert_create", "rule": {"type": "above", "symbol": "AAPL", "level": 1, "webhook": url}},
+                "alert_created",
+            )
+            for url in targets
+        ]
+        rules = (await http.get(api(relay, "/alerts"), headers=bearer())).json()["rules"]
+    assert [(r.status_code, r.json()["error"]) for r in rest] == [(422, "webhook_refused")] * len(targets)
+    assert [(m["type"], m["code"]) for m in ws] == [("error", "webhook_refused")] * len(targets)
+    assert rules == []
+
+
+async def test_a_stored_webhook_to_an_internal_address_is_refused_at_connect_time(nursery, tmp_path) -> None:
+    """A rule stored before the policy (or a name that now resolves inside): the attempt is refused."""
+    hits: list[bytes] = []
+
+    async def receiver(stream: trio.SocketStream) -> None:
+        hits.append(await stream.receive_some(65536))
+
+    listeners = await nursery.start(partial(trio.serve_tcp, receiver, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    sender = WebhookSender(AlertsConfig())
+    await nursery.start(sender.run)
+    assert sender.offer(an_alert(), f"http://127.0.0.1:{port}/hook")
+    assert sender.offer(an_alert("r2"), f"http://localhost:{port}/hook")
+    with trio.fail_after(10):
+        await sender.wait_idle()
+    assert hits == [] and sender.stats.refused == 2 and sender.stats.failed == 2 and sender.stats.retries == 0
+
+
+async def test_an_allow_listed_loopback_receiver_still_gets_the_webhook(
+    start_relay, fake_fmp, http, tmp_path, nursery, receivers
+):
+    fake_fmp.rate = 0.0
+    good = await receivers()
+    alerts = {"enabled": True, "data_dir": str(tmp_path / "data"), "webhook_trusted_networks": ["127.0.0.1/32"]}
+    relay = await start_relay(**sections(fake_fmp, tmp_path, alerts=alerts))
+    with trio.fail_after(10):
+        made = await http.post(
+            api(relay, "/alerts"),
+            headers=bearer(scope=ADMIN),
+            json={"type": "above", "symbol": "AAPL", "level": 200, "webhook": good.url},
+        )
+        assert made.status_code == 200, made.text
+        await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+        for i, price in enumerate([190.0, 210.0]):
+            await fake_fmp.inject(trade("AAPL", price, 1_700_000_000_000 + i * 1000))
+        await good.got.wait()
+    ((_, headers, body),) = good.requests
+    assert json.loads(body)["symbol"] == "AAPL" and headers["host"] == good.url.split("/")[2]

@@ -305,6 +305,16 @@ def _identifier(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None
         raise _FieldError(attr.name, f"must be a plain SQL name: letters, digits, _ (got {value!r:.50})")
 
 
+def _networks(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _FieldError(attr.name, f"{item!r} is not a network like \"10.0.0.0/8\" or \"::1/128\"") from None
+
+
 @attrs.frozen
 class HistoryConfig:
     # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
@@ -358,6 +368,13 @@ class AlertsConfig:
     # Webhooks: an alert rule may name an http(s) URL to POST fired alerts to. Hosts allowed
     # ([] = any; set it on a shared relay: a webhook is a request the relay makes for a user).
     webhook_allowed_hosts: list[str] = attrs.Factory(list)
+    # Whatever the list above, a webhook reaches public addresses only: its host is resolved (at
+    # creation and at every attempt, which then connects to the address vetted) and refused when
+    # any address is loopback, private, link-local (the cloud metadata address), multicast,
+    # reserved, unspecified, or an IPv6 form of one. Exceptions, for receivers inside your network
+    # on purpose: host names trusted whatever they resolve to, and networks (CIDR) trusted.
+    webhook_trusted_hosts: list[str] = attrs.Factory(list)
+    webhook_trusted_networks: list[str] = attrs.field(factory=list, validator=_networks)
     webhook_timeout: float = attrs.field(default=5.0, validator=_positive)
     # Attempts per alert (capped exponential backoff between them), then it is given up (counted).
     webhook_attempts: int = attrs.field(default=5, validator=_positive)

@@ -54,6 +54,7 @@ from .rules import (
     parse_rule,
     rule_params,
 )
+from .targets import webhook_policy
 
 __all__ = ["AlertEngine", "wall_clock_ms"]
 
@@ -521,6 +522,7 @@ class AlertEngine:
             created_at=self._clock(),
             allowed_hosts=self.config.webhook_allowed_hosts,
             pins=pins,
+            policy=webhook_policy(self.config),
         )
         if admit is not None:
             admit(rule)

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..model import SYMBOL_RE
+from .targets import WebhookPolicy, WebhookRefused
 
 __all__ = [
     "Rule",
@@ -237,6 +238,7 @@ def parse_rule(
     created_at: int,
     allowed_hosts: Sequence[str] = (),
     pins: bool = False,
+    policy: WebhookPolicy | None = None,
 ) -> Rule:
     """A new rule from a client's JSON (or the decoded object), validated; :class:`RuleError` if not.
 
@@ -291,7 +293,7 @@ def parse_rule(
         raise RuleError("invalid_value", f"field must be one of {', '.join(PRICE_FIELDS)}, got {fields['field']!r}")
     webhook = fields.get("webhook")
     if webhook is not None:
-        fields["webhook"] = check_webhook(webhook, allowed_hosts)
+        fields["webhook"] = check_webhook(webhook, allowed_hosts, policy)
     try:
         return msgspec.convert(fields, type=_TYPES[kind])
     except msgspec.ValidationError as e:  # anything the checks above did not name
@@ -302,8 +304,12 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind!r}"
 
 
-def check_webhook(url: object, allowed_hosts: Sequence[str] = ()) -> str:
-    """``url`` if it is an http(s) URL to an allowed host (empty ``allowed_hosts``: any), else RuleError."""
+def check_webhook(url: object, allowed_hosts: Sequence[str] = (), policy: WebhookPolicy | None = None) -> str:
+    """``url`` if it is an http(s) URL to an allowed host (empty ``allowed_hosts``: any), else RuleError.
+
+    ``policy`` (default: public addresses only, nothing trusted) refuses a literal non-public
+    address or a ``localhost`` name here; names are resolved by :meth:`WebhookPolicy.vet`.
+    """
     if not isinstance(url, str) or not url or len(url) > MAX_URL:
         raise RuleError("invalid_webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters")
     try:
@@ -316,6 +322,10 @@ def check_webhook(url: object, allowed_hosts: Sequence[str] = ()) -> str:
     host = parts.hostname.lower()
     if allowed_hosts and host not in {h.lower() for h in allowed_hosts}:
         raise RuleError("webhook_host_not_allowed", f"webhook host {host!r} is not allowed (allowed: {', '.join(allowed_hosts)})")
+    try:
+        (policy or WebhookPolicy()).check_url_host(host)
+    except WebhookRefused as exc:
+        raise RuleError("webhook_refused", str(exc)) from None
     return url
 
 
