@@ -425,6 +425,9 @@ class LimitsConfig:
     subscribes_burst: int = attrs.field(default=50, validator=_positive)
     # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
     strikes: int = attrs.field(default=10, validator=_positive)
+    # JSON from clients (WebSocket messages, REST bodies) nested deeper than this is refused
+    # (error invalid_json / 400 json_too_deep) before it is decoded. Real messages nest 3 or 4 deep.
+    json_max_depth: int = attrs.field(default=32, validator=_positive)
     # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
     connections_per_ip: int = attrs.field(default=1000, validator=_non_negative)
     connections_per_user: int = attrs.field(default=20, validator=_non_negative)

@@ -154,6 +154,9 @@ class Relay:
         hub.demand.linger = new.upstream.unsubscribe_linger
         hub.coalesce_above = new.upstream.coalesce_above
         if providers is not None:
+            if isinstance(self.upstream, Upstream):  # a fleet's engine keeps the ones it started with
+                # The old keys too: an error of the session being closed may still quote them.
+                self.upstream.secrets = tuple(dict.fromkeys([*self.upstream.secrets, *new.secrets()]))
             self.upstream.restart(providers, new.upstream)
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
         if self.security is not None and (
@@ -266,7 +269,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 fleet = RedisEngine(config, hub, providers, stats)
                 upstream = fleet.view
             else:
-                local = Upstream(providers, demand, send, config.upstream, stats)
+                local = Upstream(providers, demand, send, config.upstream, stats, secrets=config.secrets())
                 local.on_event = hub.upstream_event
                 upstream = local
             ctx = RelayContext(

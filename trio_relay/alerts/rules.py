@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE
 from .targets import WebhookPolicy, WebhookRefused
 
@@ -68,6 +69,7 @@ MAX_PCT: Final = 1_000.0
 MAX_SPREAD_BPS: Final = 100_000.0
 MAX_NAME: Final = 100
 MAX_URL: Final = 2_048
+MAX_DEPTH: Final = 32  # a rule is a flat object; raw JSON given to parse_rule nests no deeper than this
 
 
 class RuleError(ValueError):
@@ -246,9 +248,9 @@ def parse_rule(
     """
     if isinstance(data, (bytes, str)):
         try:
-            obj = msgspec.json.decode(data)
-        except msgspec.DecodeError as e:
-            raise RuleError("invalid_json", f"invalid JSON: {e}") from None
+            obj = decode_json(data, MAX_DEPTH)
+        except JsonError as e:
+            raise RuleError(e.code, e.message) from None
     else:
         obj = data
     if not isinstance(obj, Mapping):

@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 
 from ..alerts import FiredAlert, RuleError, WebhookRefused, webhook_policy
 from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
 from .responses import entitlement, entitlement_error, error_response, json_response
 
 if TYPE_CHECKING:
@@ -36,16 +37,12 @@ def _error(exc: RuleError) -> Response:
     return error_response(status, exc.code, exc.message)
 
 
-async def _vet_webhook(body: bytes | str, svc: Any) -> None:
+async def _vet_webhook(data: dict[str, Any], svc: Any) -> None:
     """Resolve the webhook's host before the rule exists: refused (RuleError) if any address is not allowed.
 
     The rule's own validation (parse_rule) checks the rest; a body it will refuse passes here.
     """
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return
-    url = data.get("webhook") if isinstance(data, dict) else None
+    url = data.get("webhook")
     if not isinstance(url, str):
         return
     try:
@@ -79,7 +76,7 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             svc = service()
             owner = str(g.principal.subject)
             raw = request.args.get("limit", "50")
-            limit = int(raw) if raw.isdigit() and 0 < int(raw) <= 1000 else 50
+            limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 and 0 < int(raw) <= 1000 else 50
             fired = await svc.store.fired(owner, limit=limit)
         except RuleError as exc:
             return _error(exc)
@@ -90,8 +87,13 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
         """Create a rule: above / below (level, field), move (pct, window_s), spread (max_spread or
         max_spread_bps), stale (seconds)."""
         try:
-            body = await request.get_data()
             svc = service()
+            try:
+                body = decode_json(await request.get_data(), ctx.security.limits.json_max_depth)
+            except JsonError as exc:
+                raise RuleError(exc.code, exc.message) from None
+            if not isinstance(body, dict):
+                raise RuleError("invalid_json", "a rule must be a JSON object")
             await _vet_webhook(body, svc)
             rule = svc.create(str(g.principal.subject), body, entitlement(ctx.security))
         except RuleError as exc:

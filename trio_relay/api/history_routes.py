@@ -87,7 +87,7 @@ def _limit() -> int:
     raw = request.args.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIMIT:
         raise _BadRequest(400, "invalid_range", f"'limit' must be an integer from 1 to {MAX_LIMIT} (got {raw[:20]!r})")
     return int(raw)
 

@@ -17,6 +17,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
 from ..portfolio import Portfolio, PortfolioError, check_name, check_symbol, make_position, valuate
 from .responses import entitlement, entitlement_error, error_response, json_response
 
@@ -54,10 +55,12 @@ def _body(portfolio: Portfolio) -> PortfolioBody:
     )
 
 
-async def _json_object() -> dict[str, Any]:
+async def _json_object(max_depth: int) -> dict[str, Any]:
     try:
-        body = msgspec.json.decode(await request.get_data())
-    except msgspec.DecodeError:
+        body = decode_json(await request.get_data(), max_depth)
+    except JsonError as exc:
+        if exc.code != "invalid_json":
+            raise PortfolioError(exc.code, exc.message) from None
         raise PortfolioError("invalid_json", "the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise PortfolioError("invalid_json", "the body must be a JSON object")
@@ -99,7 +102,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
     async def portfolios_create() -> Response:
         """Create a portfolio: `{"name":"main","positions":[{"symbol","quantity","cost_basis"}...]}`."""
         try:
-            body = await _json_object()
+            body = await _json_object(ctx.security.limits.json_max_depth)
             raw = body.get("positions", [])
             if not isinstance(raw, list) or len(raw) > MAX_BODY_POSITIONS:
                 raise PortfolioError("invalid_json", f"'positions' must be a list of at most {MAX_BODY_POSITIONS}")
@@ -147,7 +150,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         """Set a position: `{"quantity": 100, "cost_basis": 150.0}` (quantity 0 removes it)."""
         try:
             svc = service()
-            body = await _json_object()
+            body = await _json_object(ctx.security.limits.json_max_depth)
             position = make_position(symbol, body.get("quantity"), body.get("cost_basis"))
             checked = check_name(name)
             if position.quantity:

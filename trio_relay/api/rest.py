@@ -9,7 +9,6 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, g, request
@@ -18,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
 from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
 from ..fleet import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
@@ -275,8 +275,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def _symbols_from_body() -> list[str] | Response:
         raw = await request.get_data()
         try:
-            body = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
+            body = decode_json(raw, security.limits.json_max_depth) if raw else None
+        except JsonError as exc:
+            if exc.code != "invalid_json":
+                return error_response(400, exc.code, exc.message)
             return error_response(400, "invalid_json", 'body must be JSON: a list of symbols like ["AAPL","MSFT"]')
         if isinstance(body, dict):
             body = body.get("symbols")

@@ -44,6 +44,7 @@ from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_tok
 from ..bars import INTERVALS
 from ..config import Config
 from ..entitlements import Entitlement, EntitlementError, entitlement_for
+from ..jsonbody import JsonError, decode_json
 from ..hub import (
     CLOSE_GRACE,
     CLOSE_POLICY,
@@ -155,7 +156,6 @@ class ClientProtocol:
         self.security = security if security is not None else Security(Config())
         self.portfolios: PortfolioService | None = None  # set by the front door when portfolios run
         self.alerts: AlertService | None = None  # likewise for alerts
-        self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
         """Take over a connection whose request head (already read) asks for the price socket."""
@@ -382,9 +382,10 @@ class ClientProtocol:
             self._limited(client, session, wait, "messages")
             return
         try:
-            msg = self._decoder.decode(text)
-        except msgspec.DecodeError:
-            self._error(client, "invalid_json", "message is not valid JSON")
+            msg = decode_json(text, self.security.limits.json_max_depth)
+        except JsonError as exc:
+            message = "message is not valid JSON" if exc.code == "invalid_json" else exc.message
+            self._error(client, exc.code, message)
             return
         if not isinstance(msg, dict):
             self._error(client, "invalid_message", 'message must be a JSON object like {"action":"subscribe","symbols":["AAPL"]}')

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from ..private_files import private_file
 from .base import Batch, HistoryUnavailable, Position, QueryTimeout, RejectedRows, Tick, TradeRow, check_identifier
 
 __all__ = ["SqliteBackend", "SQLITE_FILENAME"]
@@ -75,7 +76,7 @@ class SqliteBackend:
 
     def connect(self) -> _SqliteConnection:
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 in a 0700 folder (see private_files)
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
