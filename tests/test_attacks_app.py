@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import stat
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import trio
 
-from conftest import WsClient, api, fmp_sections, wait_cached
+from conftest import WsClient, api, fmp_sections, wait_cached, wait_state
 from test_alerts import an_alert, receivers  # noqa: F401  (a fixture)
 from test_alerts_api import trade
 from test_auth import auth_sections, connect, token
 from trio_relay.alerts import WebhookPolicy, WebhookRefused, WebhookSender
 from trio_relay.alerts.targets import refusal
 from trio_relay.config import AlertsConfig
+from trio_relay.masking import mask_secrets
+from trio_relay.private_files import open_private
+from trio_relay.testing.fake_fmp import FakeFmpServer
 
 ADMIN = "relay:admin"
 
@@ -340,3 +345,123 @@ async def test_an_allow_listed_loopback_receiver_still_gets_the_webhook(
         await good.got.wait()
     ((_, headers, body),) = good.requests
     assert json.loads(body)["symbol"] == "AAPL" and headers["host"] == good.url.split("/")[2]
+
+
+# ------------------------------------------------------------------------- secrets and files
+
+LEAKY_KEY = "leaky-key-d41d8cd98f00b204"
+
+
+async def test_a_provider_error_quoting_the_key_is_masked_in_health_status_clients_and_logs(
+    start_relay, http, ws_connect, all_logs
+):
+    async with FakeFmpServer.open(api_keys=["the-right-key"], echo_key=True) as fake:
+        sections = fmp_sections(fake)
+        sections["fmp"]["api_key"] = LEAKY_KEY
+        relay = await start_relay(**sections)
+        client = await ws_connect(relay)
+        with trio.fail_after(10):
+            await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+            await fake.wait_until(lambda: fake.failed_logins >= 1)
+            await wait_state(relay, "auth_failed")
+            health = await http.get(api(relay, "/health"))
+            status = await http.get(api(relay, "/status"))
+            notice, _ = await client.recv_until(lambda m: m.get("type") == "status" and m.get("state") != "up")
+    assert fake.received_keys == [LEAKY_KEY]  # the key went upstream, and FMP quoted it back...
+    assert "***" in health.json()["reason"] and "Invalid API key" in health.json()["reason"]
+    texts = [health.text, status.text, json.dumps(notice), all_logs.text, *[r.getMessage() for r in all_logs.records]]
+    for text in texts:  # ...and it is nowhere else
+        assert LEAKY_KEY not in text
+
+
+def test_mask_secrets_masks_every_form() -> None:
+    text = f"GET /x?apikey={LEAKY_KEY}&a=1 from http://u:hunter2-pw@h/ key {quote(LEAKY_KEY)} token=abc123"
+    masked = mask_secrets(text, [LEAKY_KEY])
+    assert LEAKY_KEY not in masked and "hunter2-pw" not in masked and "abc123" not in masked
+    assert "a=1" in masked and "http://u:***@h/" in masked
+
+
+async def test_data_files_are_0600_in_0700_folders(start_relay, fake_fmp, http, tmp_path):
+    data, history = tmp_path / "app" / "data", tmp_path / "hist" / "data"
+    sections = fmp_sections(fake_fmp, pinned=["AAPL"])
+    relay = await start_relay(
+        **sections,
+        alerts={"enabled": True, "data_dir": str(data)},
+        history={"backend": "sqlite", "data_dir": str(history), "flush_interval": 0.05},
+    )
+    with trio.fail_after(10):
+        made = await http.post(api(relay, "/alerts"), json={"type": "above", "symbol": "AAPL", "level": 1})
+        assert made.status_code == 200
+        while relay.history_writer.written < 5:
+            await relay.history_writer.changed()
+    for folder in (data, data.parent, history, history.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    files = [p for p in (*data.iterdir(), *history.iterdir()) if p.is_file()]
+    assert {p.name for p in files} >= {"app.sqlite3", "history.sqlite3"}
+    for path in files:  # the databases and their -wal / -shm files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_recording_is_created_0600(tmp_path) -> None:
+    path = tmp_path / "rec" / "out.jsonl"
+    with open_private(path, overwrite=False) as fh:
+        fh.write(b"{}\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+# ------------------------------------------------------------------------- absurd input
+
+HUGE = [
+    {"end": "9" * 30},
+    {"start": "1" * 5000},  # beyond Python's int-from-text limit
+    {"end": "99999999999999999999"},  # beyond 64 bits
+    {"start": "-9223372036854775809"},
+    {"limit": "²"},  # a digit to str.isdigit, not to int()
+    {"limit": "9" * 400},
+    {"end": "9999-12-31T23:59:59-14:00"},
+    {"start": "0001-01-01T00:00:00+14:00"},
+]
+
+
+@pytest.mark.parametrize("params", HUGE)
+@pytest.mark.parametrize("path", ["/history/AAPL", "/bars/AAPL"])
+async def test_absurd_numbers_in_query_parameters_get_400(start_relay, http, tmp_path, path, params):
+    relay = await start_relay(history={"backend": "sqlite", "data_dir": str(tmp_path / "h")})
+    with trio.fail_after(10):
+        response = await http.get(api(relay, path), params=params)
+        cursor = await http.get(api(relay, "/history/AAPL"), params={"cursor": "9" * 25 + ":1"})
+        alerts = await http.get(api(relay, "/alerts"), params={"limit": "²"})  # alerts are off: 404, not 500
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] in ("invalid_range", "invalid_cursor") and "Traceback" not in response.text
+    assert alerts.status_code == 404
+    assert cursor.status_code == 400 and cursor.json()["error"] == "invalid_cursor"
+
+
+def deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+async def test_deeply_nested_json_gets_a_clear_error_over_rest_and_websocket(
+    start_relay, fake_fmp, http, ws_connect, tmp_path
+):
+    relay = await start_relay(**fmp_sections(fake_fmp), alerts={"enabled": True, "data_dir": str(tmp_path / "d")})
+    bomb = '{"symbols":' + deep(20_000) + "}"  # 40 KB: under the body limit, 20,000 deep
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        replies = [
+            await http.post(api(relay, path), content=bomb, headers={"content-type": "application/json"})
+            for path in ("/subscribe", "/alerts", "/portfolios")
+        ]
+        put = await http.put(api(relay, "/portfolios/p/positions/AAPL"), content=bomb)
+        await client.send('{"action":"subscribe","symbols":' + deep(20_000) + "}")
+        error = await client.recv()
+        rule = await client.request(
+            {"action": "alert_create", "rule": {"type": "above", "symbol": "AAPL", "level": 1, "name": [[[[1]]]]}},
+            "alert_created",
+        )
+        alive = await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+    for reply in [*replies, put]:
+        assert reply.status_code in (400, 422) and reply.json()["error"] == "json_too_deep", reply.text
+    assert error["type"] == "error" and error["code"] == "json_too_deep"
+    assert rule["type"] == "error" and rule["code"] == "invalid_value"
+    assert alive["type"] == "subscribed"  # the connection lives on
