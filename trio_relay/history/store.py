@@ -44,9 +44,9 @@ __all__ = ["HistoryStore", "QueryBudget"]
 
 T = TypeVar("T")
 
-# Trades read from the cursor at a time by a bars query: the memory it holds, and how often its
-# row and time budgets are checked.
-BARS_BATCH = 2_000
+# Trades read from the cursor at a time by a bars query: the memory it holds, how often its row
+# and time budgets are checked, and how often it offers the GIL to the event loop (below).
+BARS_BATCH = 500
 
 
 @attrs.frozen
@@ -121,6 +121,14 @@ class HistoryStore:
         """
         budget = self.budget
 
+        def keep_going(read: int, deadline: float) -> bool:
+            # Building bars is Python code: it holds the GIL, and the event loop thread waits for
+            # it up to the interpreter's switch interval (5 ms) each time it wakes. Letting go
+            # after each batch (~1-2 ms of work) hands it over sooner: measured with a 1 ms timer
+            # on the loop, p99 lateness 9-15 ms with batches of 2,000 and no yield, 5-8 ms so.
+            time.sleep(0)
+            return read < budget.max_rows and time.monotonic() < deadline
+
         def query(conn: HistoryConnection) -> BarsPageResult:
             deadline = time.monotonic() + budget.timeout
             # The budget is checked between batches (BARS_BATCH trades), at the database inside one.
@@ -132,7 +140,7 @@ class HistoryStore:
                     start_ms,
                     end_ms,
                     limit,
-                    keep_going=lambda read: read < budget.max_rows and time.monotonic() < deadline,
+                    keep_going=lambda read: keep_going(read, deadline),
                 )
             finally:
                 batches.close()  # type: ignore[attr-defined]  # a generator: ends its cursor now
