@@ -134,8 +134,9 @@ class Hammer:
             t.join(70)
 
 
-def run_fanout(port: int, data_dir: Path, seconds: float, out: Path) -> dict:
+def run_fanout(port: int, data_dir: Path, seconds: float, out: Path, relay_bin: str | None) -> dict:
     cmd = [sys.executable, str(BENCH / "fanout.py"), "--preset", "light", "--seconds", str(seconds),
+           *(["--relay-bin", relay_bin] if relay_bin else []),
            "--relay-port", str(port), "--clock", "app",
            "--relay-env", "TRIO_RELAY_HISTORY_BACKEND=sqlite",
            "--relay-env", f"TRIO_RELAY_HISTORY_DATA_DIR={data_dir}",
@@ -158,6 +159,7 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=3, help="baseline + loaded runs")
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window of each run")
     p.add_argument("--hammers", type=int, default=4, help="threads sending heavy requests in a loaded run")
+    p.add_argument("--relay-bin", default=None, help="another checkout's trio-relay (an A/B against older code)")
     args = p.parse_args()
 
     data_dir = BENCH / "out" / "heavy-history"
@@ -174,10 +176,10 @@ def main() -> int:
             label = f"{'loaded' if loaded else 'baseline'}-{pair}"
             if loaded:
                 with Hammer(port, args.hammers, start, end) as hammer:
-                    result = run_fanout(port, data_dir, args.seconds, out_dir / f"{label}.json")
+                    result = run_fanout(port, data_dir, args.seconds, out_dir / f"{label}.json", args.relay_bin)
                 requests = hammer.results
             else:
-                result = run_fanout(port, data_dir, args.seconds, out_dir / f"{label}.json")
+                result = run_fanout(port, data_dir, args.seconds, out_dir / f"{label}.json", args.relay_bin)
                 requests = []
             lat = result["latency_ms"]
             bars = [r for r in requests if r["path"] == "bars" and r["status"] == 200]
@@ -218,7 +220,7 @@ def main() -> int:
     print(f"p99 added by the queries, per pair: {', '.join(f'{a:+.2f}' for a in added)} ms "
           f"(median {statistics.median(added):+.2f} ms)")
     summary = {
-        "trades": args.trades, "hammers": args.hammers, "pairs": args.pairs, "seconds": args.seconds,
+        "trades": args.trades, "hammers": args.hammers, "relay_bin": args.relay_bin, "pairs": args.pairs, "seconds": args.seconds,
         "p99_added_ms": added, "p99_added_ms_median": statistics.median(added), "runs": runs,
         "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=ROOT).stdout.strip(),
