@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import stat
 from functools import partial
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 import trio
 
@@ -24,6 +26,7 @@ from test_alerts_api import trade
 from test_auth import auth_sections, connect, token
 from trio_relay.alerts import WebhookPolicy, WebhookRefused, WebhookSender
 from trio_relay.alerts.targets import refusal
+from trio_relay.alerts.webhook import _Job
 from trio_relay.config import AlertsConfig
 from trio_relay.masking import mask_secrets
 from trio_relay.private_files import open_private
@@ -465,3 +468,49 @@ async def test_deeply_nested_json_gets_a_clear_error_over_rest_and_websocket(
     assert error["type"] == "error" and error["code"] == "json_too_deep"
     assert rule["type"] == "error" and rule["code"] == "invalid_value"
     assert alive["type"] == "subscribed"  # the connection lives on
+
+
+async def test_a_delivery_connects_to_the_address_it_vetted_not_to_the_name_again() -> None:
+    """The DNS-rebinding guard: the request is addressed to the checked IP; the name stays in Host."""
+    sender = WebhookSender(AlertsConfig(webhook_trusted_hosts=["localhost"]))
+    job_url = "http://localhost:8081/hook?k=1"
+    async with httpx.AsyncClient() as client:
+        request = await sender._vetted_request(client, _Job("a1", job_url, "http://localhost:8081", b"{}"))
+    assert ipaddress.ip_address(request.url.host).is_loopback  # an address, not the name
+    assert request.headers["host"] == "localhost:8081" and request.url.path == "/hook" and request.url.query == b"k=1"
+    refusing = WebhookSender(AlertsConfig())
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(WebhookRefused):
+            await refusing._vetted_request(client, _Job("a2", job_url, "http://localhost:8081", b"{}"))
+
+
+def _local_name() -> str | None:
+    """A host name that the system resolver maps to a non-public address (this machine's own name)."""
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    if name.lower() == "localhost" or any(refusal(ipaddress.ip_address(i[4][0])) is None for i in infos):
+        return None
+    return name
+
+
+async def test_a_name_that_resolves_inside_is_refused_at_creation_over_rest_and_websocket(
+    start_relay, fake_fmp, http, tmp_path, nursery
+):
+    name = _local_name()
+    if name is None:
+        pytest.skip("this machine's name does not resolve to a non-public address")
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    rule = {"type": "above", "symbol": "AAPL", "level": 1, "webhook": f"http://{name}:8080/hook"}
+    with trio.fail_after(10):
+        rest = await http.post(api(relay, "/alerts"), headers=bearer(), json=rule)
+        client = await authed(relay, nursery)
+        ws = await client.request({"action": "alert_create", "rule": rule}, "alert_created")
+        allowed = await client.request(
+            {"action": "alert_create", "rule": {**rule, "webhook": "https://8.8.8.8/hook"}}, "alert_created"
+        )
+    assert rest.status_code == 422 and rest.json()["error"] == "webhook_refused" and "resolves to" in rest.json()["message"]
+    assert ws["type"] == "error" and ws["code"] == "webhook_refused" and ws["action"] == "alert_create"
+    assert allowed["type"] == "alert_created"  # a public literal: checked, never connected to

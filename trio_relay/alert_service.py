@@ -13,17 +13,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
 
-from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookSender
-from .entitlements import Entitlement
-from .model import Update, ws_text_frame
+from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookRefused, WebhookSender, webhook_policy
+from .entitlements import Entitlement, EntitlementError
+from .model import Update, control, ws_text_frame
 from .portfolio_service import owner_of
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .hub import Client, Hub
 
 __all__ = ["AlertService"]
 
@@ -31,6 +32,8 @@ log = logging.getLogger("trio_relay.alerts")
 
 # Store operations waiting for the writer task.
 STORE_QUEUE = 10_000
+# WebSocket rule creations waiting for their webhook's host to resolve; beyond, refused (busy).
+PENDING_VETS = 100
 
 _encoder = msgspec.json.Encoder()
 
@@ -46,12 +49,15 @@ class AlertService:
         self.store_dropped = 0
         self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
         self._written = trio.Event()  # the writer task took everything and ended
+        self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations that resolve a webhook
+        self._vetting = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.sender.run)
             nursery.start_soon(self._write)
             nursery.start_soon(self._stale_checks)
+            self._nursery = nursery
             task_status.started()
 
     # ------------------------------------------------------------------ rules
@@ -72,6 +78,70 @@ class AlertService:
         self._queue(("save", rule, None))
         log.info("[ALERT] %s created rule %s on %s", owner, rule.id, rule.symbol)
         return rule
+
+    async def vet_webhook(self, data: Mapping[str, Any]) -> None:
+        """Resolve the webhook's host of a rule about to be created: RuleError if it may not be reached.
+
+        The synchronous :meth:`create` refuses literal non-public addresses and ``localhost``
+        names; this resolves names too (every address must be allowed, see
+        :mod:`trio_relay.alerts.targets`). A rule without a webhook, or one :meth:`create` will
+        refuse anyway, passes. Bounded by ``alerts.webhook_timeout``.
+        """
+        url = data.get("webhook")
+        if not isinstance(url, str):
+            return
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return
+        if not host:
+            return
+        config = self.engine.config
+        try:
+            with trio.fail_after(config.webhook_timeout):
+                await webhook_policy(config).vet(host, port)
+        except WebhookRefused as exc:
+            raise RuleError("webhook_refused", str(exc)) from None
+        except (OSError, trio.TooSlowError):
+            raise RuleError("webhook_refused", f"webhook host {host[:80]!r} does not resolve") from None
+
+    def create_for(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        """A WebSocket ``alert_create``: answered at once, or, with a webhook to resolve, once resolved.
+
+        The reply (``alert_created`` or an ``error``) goes to ``client``. At most
+        ``PENDING_VETS`` creations wait for a resolver at once (beyond: ``busy``); each is a
+        task of this service, ended with it.
+        """
+        if not isinstance(data.get("webhook"), str):
+            self._reply_created(client, owner, data, entitlement)
+            return
+        if self._nursery is None or self._vetting >= PENDING_VETS:
+            self.hub.send_control(
+                client, control("error", code="busy", message="too many alert rules being created; retry", action="alert_create")
+            )
+            return
+        self._vetting += 1
+        self._nursery.start_soon(self._create_vetted, client, owner, data, entitlement)
+
+    async def _create_vetted(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        try:
+            try:
+                await self.vet_webhook(data)
+            except RuleError as exc:
+                self.hub.send_control(client, control("error", code=exc.code, message=exc.message, action="alert_create"))
+                return
+            self._reply_created(client, owner, data, entitlement)
+        finally:
+            self._vetting -= 1
+
+    def _reply_created(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        try:
+            created = self.create(owner, data, entitlement)
+        except (RuleError, EntitlementError) as exc:
+            self.hub.send_control(client, control("error", code=exc.code, message=exc.message, action="alert_create"))
+            return
+        self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
 
     def delete(self, owner: str, rule_id: str) -> Rule:
         rule = self.engine.remove(owner, rule_id)

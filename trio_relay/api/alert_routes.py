@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import msgspec
-import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from ..alerts import FiredAlert, RuleError, WebhookRefused, webhook_policy
+from ..alerts import FiredAlert, RuleError
 from ..entitlements import EntitlementError
 from ..jsonbody import JsonError, decode_json
 from .responses import entitlement, entitlement_error, error_response, json_response
@@ -35,30 +33,6 @@ class AlertsBody(msgspec.Struct):
 def _error(exc: RuleError) -> Response:
     status = 404 if exc.code == "not_found" else 422
     return error_response(status, exc.code, exc.message)
-
-
-async def _vet_webhook(data: dict[str, Any], svc: Any) -> None:
-    """Resolve the webhook's host before the rule exists: refused (RuleError) if any address is not allowed.
-
-    The rule's own validation (parse_rule) checks the rest; a body it will refuse passes here.
-    """
-    url = data.get("webhook")
-    if not isinstance(url, str):
-        return
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return
-    if not host:
-        return
-    try:
-        with trio.fail_after(svc.engine.config.webhook_timeout):
-            await webhook_policy(svc.engine.config).vet(host, port)
-    except WebhookRefused as exc:
-        raise RuleError("webhook_refused", str(exc)) from None
-    except (OSError, trio.TooSlowError):
-        raise RuleError("webhook_refused", f"webhook host {host[:80]!r} does not resolve") from None
 
 
 def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
@@ -94,7 +68,7 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
                 raise RuleError(exc.code, exc.message) from None
             if not isinstance(body, dict):
                 raise RuleError("invalid_json", "a rule must be a JSON object")
-            await _vet_webhook(body, svc)
+            await svc.vet_webhook(body)
             rule = svc.create(str(g.principal.subject), body, entitlement(ctx.security))
         except RuleError as exc:
             return _error(exc)

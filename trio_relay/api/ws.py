@@ -462,8 +462,8 @@ class ClientProtocol:
                 rule = msg.get("rule")
                 if not isinstance(rule, dict):
                     raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
-                created = self.alerts.create(owner, rule, entitlement)
-                self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+                # Answered now, or once its webhook's host is resolved (and allowed).
+                self.alerts.create_for(client, owner, rule, entitlement)
             elif action == "alert_delete":
                 rule_id = msg.get("id")
                 if not isinstance(rule_id, str):
