@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from conftest import WsClient, api, fmp_sections, wait_cached, wait_state
 from test_alerts import an_alert, receivers  # noqa: F401  (a fixture)
@@ -199,6 +200,10 @@ async def test_a_fired_alert_reaches_only_connections_whose_token_allows_its_sym
         second, _ = await wide.recv_until(lambda m: m.get("type") == "alert")
         got, _ = await narrow.recv_until(lambda m: m.get("type") == "alert")
         await narrow.request({"action": "ping"}, "pong")  # anything the relay sent before is read
+        while len((await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL", "MSFT"]))).json()["fired"]) < 2:
+            await trio.testing.wait_all_tasks_blocked()  # the store writes in the background
+        history = (await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL"]))).json()["fired"]
+    assert [f["symbol"] for f in history] == ["AAPL"]  # the stored MSFT alert (and its price) is not shown
     assert (first["symbol"], second["symbol"]) == ("MSFT", "AAPL")
     assert got["symbol"] == "AAPL"  # the MSFT alert, sent before it, never reached this connection
 

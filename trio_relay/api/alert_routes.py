@@ -51,7 +51,9 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             owner = str(g.principal.subject)
             raw = request.args.get("limit", "50")
             limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 and 0 < int(raw) <= 1000 else 50
-            fired = await svc.store.fired(owner, limit=limit)
+            allows = entitlement(ctx.security).allows
+            # A fired alert carries a price: not shown to a token that no longer allows its symbol.
+            fired = [f for f in await svc.store.fired(owner, limit=limit) if allows(f.symbol)]
         except RuleError as exc:
             return _error(exc)
         return json_response(AlertsBody([msgspec.to_builtins(r) for r in svc.rules(owner)], fired))
