@@ -22,7 +22,8 @@ MASK: Final = "***"
 _MIN_SECRET: Final = 6
 _USERINFO: Final = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _QUERY_SECRET: Final = re.compile(
-    r"((?:api[_-]?key|apikey|token|access[_-]?token|secret|password|passwd|key)=)[^&\s\"']+", re.IGNORECASE
+    r"(?<![A-Za-z0-9_])((?:api[_-]?key|apikey|token|access[_-]?token|secret|password|passwd|key)=)[^&\s\"']+",
+    re.IGNORECASE,
 )
 
 
