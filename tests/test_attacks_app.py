@@ -164,17 +164,36 @@ async def test_only_an_admins_alert_holds_its_symbol_upstream(start_relay, fake_
     assert forged.status_code == 422 and forged.json()["error"] == "unknown_field"
 
 
-async def test_alerts_count_against_the_users_symbol_budget(start_relay, fake_fmp, http, tmp_path):
+async def test_alerts_and_portfolios_count_against_one_symbol_budget(start_relay, fake_fmp, http, tmp_path, nursery):
     relay = await start_relay(**sections(fake_fmp, tmp_path))
-    headers = bearer(max_symbols=2)
+    headers = bearer(max_symbols=3)
+
+    def position(symbol: str) -> dict[str, Any]:
+        return {"symbol": symbol, "quantity": 1, "cost_basis": 1}
+
     with trio.fail_after(10):
         codes = [
             (await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": s, "level": 1})).status_code
-            for s in ("AAPL", "MSFT", "AAPL", "AMD")
+            for s in ("AAPL", "MSFT", "AAPL")
         ]
-        last = await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": "AMD", "level": 1})
-    assert codes == [200, 200, 200, 422]  # a third rule on a held symbol costs nothing
-    assert last.json()["error"] == "symbol_budget" and "at most 2" in last.json()["message"]
+        made = await http.post(
+            api(relay, "/portfolios"), headers=headers, json={"name": "p", "positions": [position("AAPL"), position("IBM")]}
+        )
+        over = await http.post(
+            api(relay, "/portfolios"), headers=headers, json={"name": "q", "positions": [position("AMD")]}
+        )
+        put = await http.put(api(relay, "/portfolios/p/positions/AMD"), headers=headers, json={"quantity": 1, "cost_basis": 1})
+        rest = await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": "AMD", "level": 1})
+        client = await authed(relay, nursery, max_symbols=3)
+        ws = await client.request({"action": "alert_create", "rule": {"type": "below", "symbol": "AMD", "level": 1}}, "alert_created")
+        held = await client.request({"action": "alert_create", "rule": {"type": "below", "symbol": "IBM", "level": 1}}, "alert_created")
+    assert codes == [200, 200, 200]  # a second rule on a held symbol costs nothing
+    assert made.status_code == 200  # AAPL (held by an alert) + IBM: 3 symbols in all
+    for reply in (over, put, rest):
+        assert reply.status_code == 422 and reply.json()["error"] == "symbol_budget", reply.text
+    assert "at most 3" in rest.json()["message"]
+    assert ws["type"] == "error" and ws["code"] == "symbol_budget"
+    assert held["type"] == "alert_created"  # IBM is in a portfolio already
 
 
 async def test_a_fired_alert_reaches_only_connections_whose_token_allows_its_symbol(

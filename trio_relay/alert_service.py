@@ -11,7 +11,7 @@ logged, never blocking).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -32,8 +32,9 @@ log = logging.getLogger("trio_relay.alerts")
 
 # Store operations waiting for the writer task.
 STORE_QUEUE = 10_000
-# WebSocket rule creations waiting for their webhook's host to resolve; beyond, refused (busy).
-PENDING_VETS = 100
+# WebSocket rule creations in progress (resolving a webhook, reading the user's portfolios);
+# beyond, refused with "busy".
+PENDING_CREATIONS = 100
 
 _encoder = msgspec.json.Encoder()
 
@@ -41,16 +42,26 @@ _Op = tuple[str, Any, Any]  # ("save", rule, None) | ("delete", rule_id, None) |
 
 
 class AlertService:
-    def __init__(self, hub: Hub, engine: AlertEngine, store: AlertStore, sender: WebhookSender) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        engine: AlertEngine,
+        store: AlertStore,
+        sender: WebhookSender,
+        *,
+        held_elsewhere: Callable[[str], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self.hub = hub
+        # The other symbols a user holds (their portfolios'): one symbol budget covers both.
+        self.held_elsewhere = held_elsewhere
         self.engine = engine
         self.store = store
         self.sender = sender
         self.store_dropped = 0
         self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
         self._written = trio.Event()  # the writer task took everything and ended
-        self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations that resolve a webhook
-        self._vetting = 0
+        self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations in progress
+        self._creating = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -61,18 +72,26 @@ class AlertService:
             task_status.started()
 
     # ------------------------------------------------------------------ rules
-    def create(self, owner: str, data: Mapping[str, Any] | bytes | str, entitlement: Entitlement) -> Rule:
+    def create(
+        self,
+        owner: str,
+        data: Mapping[str, Any] | bytes | str,
+        entitlement: Entitlement,
+        *,
+        also_held: Collection[str] = (),
+    ) -> Rule:
         """Validate and add a rule; it is saved in the background.
 
         Refused with :class:`RuleError` (a bad rule) or
         :class:`~trio_relay.entitlements.EntitlementError` (a symbol the token does not allow, or
-        one more than the user's symbol budget). The rule pins its symbol upstream only if
+        one more than the user's symbol budget: the symbols of their live rules plus
+        ``also_held``, see :meth:`create_checked`). The rule pins its symbol upstream only if
         ``entitlement.may_pin``.
         """
 
         def admit(rule: Rule) -> None:
             entitlement.require([rule.symbol])
-            entitlement.require_budget(self.engine.owner_symbols(owner), [rule.symbol])
+            entitlement.require_budget(self.engine.owner_symbols(owner) | set(also_held), [rule.symbol])
 
         rule = self.engine.create(owner, data, cache=self.hub.cache, pins=entitlement.may_pin, admit=admit)
         self._queue(("save", rule, None))
@@ -106,42 +125,37 @@ class AlertService:
         except (OSError, trio.TooSlowError):
             raise RuleError("webhook_refused", f"webhook host {host[:80]!r} does not resolve") from None
 
-    def create_for(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
-        """A WebSocket ``alert_create``: answered at once, or, with a webhook to resolve, once resolved.
+    async def create_checked(self, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> Rule:
+        """:meth:`create` after the checks that must wait: the webhook's host resolved
+        (:meth:`vet_webhook`), and the user's portfolio symbols read for their symbol budget."""
+        await self.vet_webhook(data)
+        held = await self.held_elsewhere(owner) if self.held_elsewhere is not None else set()
+        return self.create(owner, data, entitlement, also_held=held)
 
-        The reply (``alert_created`` or an ``error``) goes to ``client``. At most
-        ``PENDING_VETS`` creations wait for a resolver at once (beyond: ``busy``); each is a
-        task of this service, ended with it.
+    def create_for(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        """A WebSocket ``alert_create``: :meth:`create_checked` in a task, the reply sent when done.
+
+        The reply (``alert_created`` or an ``error``) goes to ``client``; other messages of the
+        connection are handled meanwhile. At most ``PENDING_CREATIONS`` creations wait at once
+        (beyond: ``busy``); each is a task of this service, ended with it.
         """
-        if not isinstance(data.get("webhook"), str):
-            self._reply_created(client, owner, data, entitlement)
-            return
-        if self._nursery is None or self._vetting >= PENDING_VETS:
+        if self._nursery is None or self._creating >= PENDING_CREATIONS:
             self.hub.send_control(
                 client, control("error", code="busy", message="too many alert rules being created; retry", action="alert_create")
             )
             return
-        self._vetting += 1
+        self._creating += 1
         self._nursery.start_soon(self._create_vetted, client, owner, data, entitlement)
 
     async def _create_vetted(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
         try:
-            try:
-                await self.vet_webhook(data)
-            except RuleError as exc:
-                self.hub.send_control(client, control("error", code=exc.code, message=exc.message, action="alert_create"))
-                return
-            self._reply_created(client, owner, data, entitlement)
-        finally:
-            self._vetting -= 1
-
-    def _reply_created(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
-        try:
-            created = self.create(owner, data, entitlement)
+            created = await self.create_checked(owner, data, entitlement)
         except (RuleError, EntitlementError) as exc:
             self.hub.send_control(client, control("error", code=exc.code, message=exc.message, action="alert_create"))
-            return
-        self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+        else:
+            self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+        finally:
+            self._creating -= 1
 
     def delete(self, owner: str, rule_id: str) -> Rule:
         rule = self.engine.remove(owner, rule_id)

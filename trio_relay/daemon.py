@@ -290,7 +290,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
                 engine = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
                 engine.load(await alert_store.load())
-                ctx.alerts = AlertService(hub, engine, alert_store, WebhookSender(config.alerts))
+                ctx.alerts = AlertService(
+                    hub, engine, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
+                )
                 hub.add_callback(ctx.alerts.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:

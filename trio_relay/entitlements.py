@@ -24,9 +24,8 @@ and the WebSocket channel)        without any price (``"entitled": false``); the
 
 **Symbol budget.** A user's budget is the smaller of the relay's
 ``clients.max_symbols_per_client`` and the token's ``max_symbols``. The distinct symbols of the
-user's live alert rules may not exceed it, nor may the distinct symbols of the user's portfolios
-(each counted on its own: a WebSocket ``alert_create`` is answered synchronously and cannot read
-the portfolio store).
+user's live alert rules and portfolios together may not exceed it (a symbol already held costs
+nothing more). Live WebSocket subscriptions have their own cap per connection (``symbol_limit``).
 
 **Who pins.** With auth off (a loopback relay: everyone is its operator) every caller may pin. With
 auth on only a token with ``auth.admin_scope``: a non-admin's alert rule fires while the symbol

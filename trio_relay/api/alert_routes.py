@@ -70,8 +70,7 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
                 raise RuleError(exc.code, exc.message) from None
             if not isinstance(body, dict):
                 raise RuleError("invalid_json", "a rule must be a JSON object")
-            await svc.vet_webhook(body)
-            rule = svc.create(str(g.principal.subject), body, entitlement(ctx.security))
+            rule = await svc.create_checked(str(g.principal.subject), body, entitlement(ctx.security))
         except RuleError as exc:
             return _error(exc)
         except EntitlementError as exc:

@@ -87,6 +87,8 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
             for portfolio in await service().store.list_portfolios(owner())
             for p in portfolio.positions
         }
+        if ctx.alerts is not None:  # one budget: the symbols of their alert rules count too
+            held |= ctx.alerts.engine.owner_symbols(owner())
         allowed.require_budget(held, symbols)
 
     @app.get(prefix)
