@@ -538,3 +538,28 @@ async def test_a_name_that_resolves_inside_is_refused_at_creation_over_rest_and_
     assert rest.status_code == 422 and rest.json()["error"] == "webhook_refused" and "resolves to" in rest.json()["message"]
     assert ws["type"] == "error" and ws["code"] == "webhook_refused" and ws["action"] == "alert_create"
     assert allowed["type"] == "alert_created"  # a public literal: checked, never connected to
+
+
+# ------------------------------------------------------------------------- heavy queries
+
+
+async def test_a_bars_request_over_the_budget_gets_a_truncated_page_or_422(start_relay, http, tmp_path):
+    from test_history_budget import N, T0, fill
+
+    from trio_relay.history import SqliteBackend
+
+    data = tmp_path / "h"
+    fill(SqliteBackend(data))  # 30,000 trades over one hour
+    relay = await start_relay(
+        history={"backend": "sqlite", "data_dir": str(data), "retention_days": 0, "query_max_rows": 4000}
+    )
+    window = {"start": T0, "end": T0 + N * 120}
+    with trio.fail_after(10):
+        minute = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1m", **window})
+        rest = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1m", **window, "start": minute.json()["next_start"]})
+        hour = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1h", **window})
+    page = minute.json()
+    assert minute.status_code == 200 and page["truncated"] is True and 6 <= page["count"] <= 9
+    assert page["next_start"] == page["bars"][-1]["start_ms"] + 60_000
+    assert rest.json()["bars"][0]["start_ms"] == page["next_start"]
+    assert hour.status_code == 422 and hour.json()["error"] == "query_too_large" and "finer interval" in hour.json()["message"]
