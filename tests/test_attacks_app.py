@@ -563,3 +563,14 @@ async def test_a_bars_request_over_the_budget_gets_a_truncated_page_or_422(start
     assert page["next_start"] == page["bars"][-1]["start_ms"] + 60_000
     assert rest.json()["bars"][0]["start_ms"] == page["next_start"]
     assert hour.status_code == 422 and hour.json()["error"] == "query_too_large" and "finer interval" in hour.json()["message"]
+
+
+async def test_a_refreshed_narrower_token_stops_what_it_no_longer_allows(start_relay, fake_fmp, tmp_path, nursery):
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    with trio.fail_after(10):
+        client = await authed(relay, nursery, symbols=["AAPL", "MSFT"])
+        await client.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
+        await client.request({"action": "auth", "token": token({"symbols": ["AAPL"]})}, "authenticated")
+        listing = await client.request({"action": "list"}, "subscriptions")
+    assert listing["symbols"] == ["AAPL"]
+    assert "MSFT" not in relay.hub.demand.wanted or relay.hub.demand.refcount("MSFT") == 0

@@ -150,9 +150,14 @@ class PortfolioService:
 
     @staticmethod
     def _allows(client: Client) -> Callable[[str], bool]:
-        """The client's entitlement check (nothing is allowed before it authenticated)."""
-        entitlement = client.entitlement
-        return entitlement.allows if entitlement is not None else (lambda _symbol: False)
+        """The client's entitlement check, as of each call (a refreshed token applies at once;
+        nothing is allowed before the client authenticated)."""
+
+        def allows(symbol: str) -> bool:
+            entitlement = client.entitlement
+            return entitlement is not None and entitlement.allows(symbol)
+
+        return allows
 
     def _route(self, stream: _Stream, new: frozenset[str]) -> None:
         """Index ``stream`` under the symbols ``new`` (instead of its current ones); demand follows.

@@ -44,7 +44,6 @@ from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_tok
 from ..bars import INTERVALS
 from ..config import Config
 from ..entitlements import Entitlement, EntitlementError, entitlement_for
-from ..jsonbody import JsonError, decode_json
 from ..hub import (
     CLOSE_GRACE,
     CLOSE_POLICY,
@@ -53,6 +52,7 @@ from ..hub import (
     Hub,
     SubscriptionError,
 )
+from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
 from ..portfolio_service import PortfolioService, owner_of
@@ -462,7 +462,7 @@ class ClientProtocol:
                 rule = msg.get("rule")
                 if not isinstance(rule, dict):
                     raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
-                # Answered now, or once its webhook's host is resolved (and allowed).
+                # Answered by the alert service once its checks are done (webhook host, budget).
                 self.alerts.create_for(client, owner, rule, entitlement)
             elif action == "alert_delete":
                 rule_id = msg.get("id")
@@ -525,7 +525,14 @@ class ClientProtocol:
         else:
             session.principal = principal  # new claims apply to the next requests
             client.max_symbols = principal.max_symbols
-            client.entitlement = entitlement_for(principal, security.config)
+            entitlement = client.entitlement = entitlement_for(principal, security.config)
+            # A narrower token takes effect now: what it no longer allows stops (an "unsubscribed" says so).
+            refused = sorted({s for s in client.symbols if not entitlement.allows(s)})
+            if refused:
+                self.hub.unsubscribe(client, refused)
+            refused_bars = sorted({s for s, _ in client.bars if not entitlement.allows(s)})
+            if refused_bars:
+                self.hub.bars.unsubscribe(client, refused_bars, None)
         session.arm_expiry()
         self.hub.send_control(
             client, control("authenticated", subject=principal.subject, expires_at=principal.expires_at)
