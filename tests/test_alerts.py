@@ -450,16 +450,17 @@ async def test_watched_symbols_follow_live_rules() -> None:
     e = AlertEngine(AlertsConfig(), clock=lambda: now[0], on_watch=lambda s, on: events.append((s, on)))
     feed = Feed(e)
     feed.trade(99.0)
-    one = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100}, cache=feed.cache)
-    e.create("ann", {"type": "stale", "symbol": "MSFT", "seconds": 5})
-    e.create("bob", {"type": "above", "symbol": "AAPL", "level": 200}, cache=feed.cache)
-    assert events == [("AAPL", True), ("MSFT", True)]
-    assert feed.trade(150.0) and set(e.symbols) == {"AAPL", "MSFT"}
+    one = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100}, cache=feed.cache, pins=True)
+    e.create("ann", {"type": "stale", "symbol": "MSFT", "seconds": 5}, pins=True)
+    e.create("bob", {"type": "above", "symbol": "AAPL", "level": 200}, cache=feed.cache, pins=True)
+    e.create("cid", {"type": "above", "symbol": "AMD", "level": 200}, cache=feed.cache)  # a non-admin's: no pin
+    assert events == [("AAPL", True), ("MSFT", True)] and "AMD" in e.symbols
+    assert feed.trade(150.0) and set(e.symbols) == {"AAPL", "MSFT", "AMD"}
     assert e.check_stale(T0 + 5_000)
-    assert events[-1] == ("MSFT", False) and set(e.symbols) == {"AAPL"}  # its only rule fired (one-shot)
+    assert events[-1] == ("MSFT", False) and set(e.symbols) == {"AAPL", "AMD"}  # its only rule fired (one-shot)
     assert feed.trade(210.0)
-    assert events[-1] == ("AAPL", False) and not e.symbols and feed.trade(300.0) == []
-    assert [r.state for r in e.rules("ann")] == ["fired", "fired"] and len(e) == 3  # still listed
+    assert events[-1] == ("AAPL", False) and set(e.symbols) == {"AMD"} and feed.trade(300.0) == []
+    assert [r.state for r in e.rules("ann")] == ["fired", "fired"] and len(e) == 4  # still listed
     assert e.remove("ann", one.id) is one and len(events) == 4
 
 
@@ -526,6 +527,10 @@ async def test_fired_history_is_newest_first_limited_and_pruned(tmp_path: Any) -
 
 
 # ------------------------------------------------------------------------------ webhooks
+# The receivers are on loopback, which webhooks reach only when the operator trusts it.
+LOOPBACK = ["127.0.0.0/8"]
+
+
 class Receiver:
     """A tiny HTTP/1.1 server (h11 over trio.serve_tcp) that records requests and answers ``status``.
 
@@ -591,7 +596,7 @@ def closed_port_url() -> str:
 
 async def test_webhook_posts_the_alert_json(nursery: trio.Nursery, receivers: Any) -> None:
     good = await receivers()
-    sender = WebhookSender(AlertsConfig())
+    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK))
     await nursery.start(sender.run)
     alert = an_alert()
     assert sender.offer(alert, good.url)
@@ -607,7 +612,7 @@ async def test_failing_receiver_is_retried_on_schedule_without_holding_up_others
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, receivers: Any, caplog: Any
 ) -> None:
     bad, good = await receivers(500), await receivers(200)
-    sender = WebhookSender(AlertsConfig(webhook_attempts=5, webhook_timeout=5), backoff=1.0, backoff_cap=4.0)
+    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=5, webhook_timeout=5), backoff=1.0, backoff_cap=4.0)
     await nursery.start(sender.run)
     start = trio.current_time()
     assert sender.offer(an_alert("bad"), bad.url)
@@ -628,7 +633,7 @@ async def test_refused_connections_and_hung_receivers_give_up_after_all_attempts
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, receivers: Any
 ) -> None:
     hung, good = await receivers(None), await receivers(200)
-    sender = WebhookSender(AlertsConfig(webhook_attempts=3, webhook_timeout=10), backoff=2.0)
+    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=3, webhook_timeout=10), backoff=2.0)
     await nursery.start(sender.run)
     start = trio.current_time()
     for i in range(4):  # more than per_host: they wait for each other, not for the good host
@@ -646,7 +651,7 @@ async def test_refused_connections_and_hung_receivers_give_up_after_all_attempts
 
 async def test_a_4xx_is_not_retried(nursery: trio.Nursery, receivers: Any) -> None:
     gone = await receivers(404)
-    sender = WebhookSender(AlertsConfig())
+    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK))
     await nursery.start(sender.run)
     sender.offer(an_alert(), gone.url)
     await sender.wait_idle()
@@ -654,7 +659,7 @@ async def test_a_4xx_is_not_retried(nursery: trio.Nursery, receivers: Any) -> No
 
 
 async def test_offer_never_blocks_full_queue_drops_and_hosts_are_checked() -> None:
-    sender = WebhookSender(AlertsConfig(webhook_queue=2, webhook_allowed_hosts=["127.0.0.1"]))
+    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_queue=2, webhook_allowed_hosts=["127.0.0.1"]))
     assert sender.offer(an_alert("1"), "http://127.0.0.1:1/x")
     assert sender.offer(an_alert("2"), "http://127.0.0.1:1/x")
     assert not sender.offer(an_alert("3"), "http://127.0.0.1:1/x")  # not running: the queue is full

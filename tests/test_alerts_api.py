@@ -12,7 +12,12 @@ from conftest import api, fmp_sections
 
 def sections(fake: Any, tmp_path: Any) -> dict[str, dict[str, Any]]:
     out = fmp_sections(fake)
-    out["alerts"] = {"enabled": True, "data_dir": str(tmp_path / "data"), "webhook_attempts": 2}
+    out["alerts"] = {
+        "enabled": True,
+        "data_dir": str(tmp_path / "data"),
+        "webhook_attempts": 2,
+        "webhook_trusted_networks": ["127.0.0.0/8"],  # the test's receiver is on loopback
+    }
     return out
 
 

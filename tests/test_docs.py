@@ -698,6 +698,8 @@ def test_every_error_code_is_documented() -> None:
     codes |= set(re.findall(r'SubscriptionError\(\s*"(\w+)"', hub))
     codes |= set(re.findall(r'(?:_error|error_response)\(\s*\d+,\s*"(\w+)"', rest))
     codes |= set(re.findall(r'"error":"(\w+)"', app))
+    codes |= set(re.findall(r'EntitlementError\(\s*\d+,\s*"(\w+)"', _source("entitlements.py")))
+    codes |= set(re.findall(r'(?:_busy|error_response)\(\s*(?:\d+,\s*)?"(\w+)"', _source("api/history_routes.py")))
     expected_ws = {
         "invalid_json", "invalid_message", "missing_field", "unknown_action", "invalid_symbols", "too_many_symbols",
         "symbol_limit", "invalid_since", "unauthenticated", "unauthorized", "forbidden_symbols", "token_expired",

@@ -318,6 +318,7 @@ def test_valuation_message_and_rounding() -> None:
         "day_open": 0.1,
         "day_change": 0.3,
         "day_change_pct": 100.0,
+        "entitled": True,
     }
     assert (btc["cost"], btc["unrealised_pnl"], btc["unrealised_pnl_pct"]) == (0.0, 0.03, None)  # free: no %
     assert msg["totals"]["unrealised_pnl_pct"] == 110.0  # 0.33 over the gross cost 0.3

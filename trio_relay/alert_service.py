@@ -11,18 +11,20 @@ logged, never blocking).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
 
-from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookSender
-from .model import Update, ws_text_frame
+from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookRefused, WebhookSender, webhook_policy
+from .entitlements import Entitlement, EntitlementError
+from .model import Update, control, ws_text_frame
 from .portfolio_service import owner_of
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .hub import Client, Hub
 
 __all__ = ["AlertService"]
 
@@ -30,6 +32,9 @@ log = logging.getLogger("trio_relay.alerts")
 
 # Store operations waiting for the writer task.
 STORE_QUEUE = 10_000
+# WebSocket rule creations in progress (resolving a webhook, reading the user's portfolios);
+# beyond, refused with "busy".
+PENDING_CREATIONS = 100
 
 _encoder = msgspec.json.Encoder()
 
@@ -37,29 +42,120 @@ _Op = tuple[str, Any, Any]  # ("save", rule, None) | ("delete", rule_id, None) |
 
 
 class AlertService:
-    def __init__(self, hub: Hub, engine: AlertEngine, store: AlertStore, sender: WebhookSender) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        engine: AlertEngine,
+        store: AlertStore,
+        sender: WebhookSender,
+        *,
+        held_elsewhere: Callable[[str], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self.hub = hub
+        # The other symbols a user holds (their portfolios'): one symbol budget covers both.
+        self.held_elsewhere = held_elsewhere
         self.engine = engine
         self.store = store
         self.sender = sender
         self.store_dropped = 0
         self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
         self._written = trio.Event()  # the writer task took everything and ended
+        self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations in progress
+        self._creating = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.sender.run)
             nursery.start_soon(self._write)
             nursery.start_soon(self._stale_checks)
+            self._nursery = nursery
             task_status.started()
 
     # ------------------------------------------------------------------ rules
-    def create(self, owner: str, data: Mapping[str, Any] | bytes | str) -> Rule:
-        """Validate and add a rule (:class:`RuleError` if refused); it is saved in the background."""
-        rule = self.engine.create(owner, data, cache=self.hub.cache)
+    def create(
+        self,
+        owner: str,
+        data: Mapping[str, Any] | bytes | str,
+        entitlement: Entitlement,
+        *,
+        also_held: Collection[str] = (),
+    ) -> Rule:
+        """Validate and add a rule; it is saved in the background.
+
+        Refused with :class:`RuleError` (a bad rule) or
+        :class:`~trio_relay.entitlements.EntitlementError` (a symbol the token does not allow, or
+        one more than the user's symbol budget: the symbols of their live rules plus
+        ``also_held``, see :meth:`create_checked`). The rule pins its symbol upstream only if
+        ``entitlement.may_pin``.
+        """
+
+        def admit(rule: Rule) -> None:
+            entitlement.require([rule.symbol])
+            entitlement.require_budget(self.engine.owner_symbols(owner) | set(also_held), [rule.symbol])
+
+        rule = self.engine.create(owner, data, cache=self.hub.cache, pins=entitlement.may_pin, admit=admit)
         self._queue(("save", rule, None))
         log.info("[ALERT] %s created rule %s on %s", owner, rule.id, rule.symbol)
         return rule
+
+    async def vet_webhook(self, data: Mapping[str, Any]) -> None:
+        """Resolve the webhook's host of a rule about to be created: RuleError if it may not be reached.
+
+        The synchronous :meth:`create` refuses literal non-public addresses and ``localhost``
+        names; this resolves names too (every address must be allowed, see
+        :mod:`trio_relay.alerts.targets`). A rule without a webhook, or one :meth:`create` will
+        refuse anyway, passes. Bounded by ``alerts.webhook_timeout``.
+        """
+        url = data.get("webhook")
+        if not isinstance(url, str):
+            return
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return
+        if not host:
+            return
+        config = self.engine.config
+        try:
+            with trio.fail_after(config.webhook_timeout):
+                await webhook_policy(config).vet(host, port)
+        except WebhookRefused as exc:
+            raise RuleError("webhook_refused", str(exc)) from None
+        except (OSError, trio.TooSlowError):
+            raise RuleError("webhook_refused", f"webhook host {host[:80]!r} does not resolve") from None
+
+    async def create_checked(self, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> Rule:
+        """:meth:`create` after the checks that must wait: the webhook's host resolved
+        (:meth:`vet_webhook`), and the user's portfolio symbols read for their symbol budget."""
+        await self.vet_webhook(data)
+        held = await self.held_elsewhere(owner) if self.held_elsewhere is not None else set()
+        return self.create(owner, data, entitlement, also_held=held)
+
+    def create_for(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        """A WebSocket ``alert_create``: :meth:`create_checked` in a task, the reply sent when done.
+
+        The reply (``alert_created`` or an ``error``) goes to ``client``; other messages of the
+        connection are handled meanwhile. At most ``PENDING_CREATIONS`` creations wait at once
+        (beyond: ``busy``); each is a task of this service, ended with it.
+        """
+        if self._nursery is None or self._creating >= PENDING_CREATIONS:
+            self.hub.send_control(
+                client, control("error", code="busy", message="too many alert rules being created; retry", action="alert_create")
+            )
+            return
+        self._creating += 1
+        self._nursery.start_soon(self._create_vetted, client, owner, data, entitlement)
+
+    async def _create_vetted(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+        try:
+            created = await self.create_checked(owner, data, entitlement)
+        except (RuleError, EntitlementError) as exc:
+            self.hub.send_control(client, control("error", code=exc.code, message=exc.message, action="alert_create"))
+        else:
+            self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+        finally:
+            self._creating -= 1
 
     def delete(self, owner: str, rule_id: str) -> Rule:
         rule = self.engine.remove(owner, rule_id)
@@ -91,7 +187,9 @@ class AlertService:
     def _fire(self, alert: FiredAlert) -> None:
         frame = ws_text_frame(_encoder.encode(alert))
         for client in list(self.hub.clients.values()):
-            if owner_of(client) == alert.owner:
+            # Each connection gets it only if its own token allows the symbol now (the one that
+            # created the rule may have had a wider one).
+            if owner_of(client) == alert.owner and client.entitlement is not None and client.entitlement.allows(alert.symbol):
                 if not client.outbox.put_control(frame):
                     client.close(1008, "too many unread replies")
         rule = self.engine.get(alert.rule_id)

@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import trio
 
+from .private_files import private_file
+
 __all__ = ["AppStore", "APP_DB"]
 
 APP_DB = "app.sqlite3"
@@ -35,7 +37,7 @@ class AppStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 in a 0700 folder: webhook URLs and positions are private
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")

@@ -31,7 +31,7 @@ from a plain running sum). :func:`bars_from_trades` uses the same chain, hence l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import ClassVar, Final
 
@@ -39,7 +39,7 @@ import msgspec
 
 from .model import Update
 
-__all__ = ["INTERVALS", "Bar", "BarBuilder", "TradeRow", "bars_from_trades"]
+__all__ = ["INTERVALS", "Bar", "BarBuilder", "TradeRow", "BarsPageResult", "BudgetExceeded", "bars_from_trades", "bars_from_sorted_trades"]
 
 # Read-only: a module-level dict would be a mutable singleton shared by every builder.
 INTERVALS: Final[Mapping[str, int]] = MappingProxyType({"1s": 1_000, "1m": 60_000, "5m": 300_000, "1h": 3_600_000})
@@ -383,3 +383,83 @@ def bars_from_trades(trades: Iterable[Update | TradeRow], interval: str, start_m
         bars = [msgspec.structs.replace(b, complete=False) if b.start_ms < start_ms and b.complete else b for b in bars]
     bars.sort(key=lambda b: (b.symbol, b.start_ms))
     return bars
+
+
+class BarsPageResult(msgspec.Struct, frozen=True):
+    """What :func:`bars_from_sorted_trades` made of one page.
+
+    ``next_start``: where the next page starts (None: the window is done). ``truncated``: the
+    page stopped early because the caller's budget ran out, not because ``limit`` bars were
+    made; its bars are still exact (every one of them complete or the window's last), and
+    ``next_start`` resumes at the bar that was being read.
+    """
+
+    bars: list[Bar]
+    next_start: int | None
+    truncated: bool
+    trades_read: int
+
+
+def bars_from_sorted_trades(
+    batches: Iterable[Iterable[TradeRow]],
+    interval: str,
+    start_ms: int,
+    end_ms: int,
+    limit: int,
+    *,
+    keep_going: Callable[[int], bool] | None = None,
+) -> BarsPageResult:
+    """At most ``limit`` bars of trades already sorted by timestamp, read batch by batch.
+
+    The same bars as :func:`bars_from_trades` over the same trades (it runs the same builder), in
+    memory of one batch and ``limit`` bars however many trades the window holds: the stream is
+    read only until the bar after the ``limit``-th starts (its start is ``next_start``).
+    ``start_ms`` must be on an interval boundary and trades outside ``[start_ms, end_ms)`` must
+    not be given (the database query selects them).
+
+    ``keep_going(trades_read)`` is asked after each batch; False stops the page there (a row or
+    time budget): the bars closed so far are returned with ``truncated=True`` and ``next_start``
+    at the bar being read. When it stops before any bar closed, :class:`BudgetExceeded` is raised
+    (no progress can be offered: the caller should ask for a finer interval or narrower window).
+    """
+    ms = _check_interval(interval)
+    if start_ms % ms:
+        raise ValueError(f"start_ms {start_ms} is not on a {interval} boundary")
+    builder = BarBuilder((interval,))
+    bars: list[Bar] = []
+    read = 0
+    for batch in batches:
+        for symbol, ts, price, size in batch:
+            read += 1
+            closed = builder.add(Update(symbol, "T", ts, last_price=price, last_size=size))
+            if closed:
+                bars += closed
+                if len(bars) >= limit:
+                    # This trade opened bar number limit + 1: the page is full.
+                    del bars[limit:]
+                    return BarsPageResult(bars, ts - ts % ms, False, read)
+        if keep_going is not None and not keep_going(read):
+            current = next((builder.current(s, interval) for s in builder._open), None)
+            if current is None:  # the batch ended exactly on nothing open: cannot happen with rows
+                return BarsPageResult(bars, None, False, read)
+            if not bars:
+                raise BudgetExceeded(read)
+            return BarsPageResult(bars, current.start_ms, True, read)
+    bars += builder.flush(end_ms)
+    for symbol in builder._open:
+        bar = builder.current(symbol, interval)
+        if bar is not None:
+            bars.append(bar)
+    next_start = None
+    if len(bars) > limit:
+        next_start = bars[limit].start_ms
+        del bars[limit:]
+    return BarsPageResult(bars, next_start, False, read)
+
+
+class BudgetExceeded(Exception):
+    """The caller's budget ran out before one whole bar was read (``trades_read`` trades)."""
+
+    def __init__(self, trades_read: int) -> None:
+        super().__init__(f"budget exhausted after {trades_read} trades, inside one bar")
+        self.trades_read = trades_read

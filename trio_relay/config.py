@@ -159,6 +159,16 @@ def _identifier(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None
         raise _FieldError(attr.name, f"must be a plain SQL name: letters, digits, _ (got {value!r:.50})")
 
 
+def _networks(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _FieldError(attr.name, f"{item!r} is not a network like \"10.0.0.0/8\" or \"::1/128\"") from None
+
+
 @attrs.frozen
 class HistoryConfig:
     # Tick history (every update, for /history, /bars and bars rebuilt after a restart):
@@ -179,6 +189,17 @@ class HistoryConfig:
     # Most updates written in one transaction, and the longest a written update waits.
     batch_size: int = attrs.field(default=10_000, validator=_positive)
     flush_interval: float = attrs.field(default=0.5, validator=_positive)
+    # Queries (/history, /bars) run in worker threads, each on a database connection of its own:
+    # at most query_concurrency at once; a request waits at most query_queue_timeout seconds for
+    # a free one, then gets 503 history_busy (with Retry-After).
+    query_concurrency: int = attrs.field(default=2, validator=_positive)
+    query_queue_timeout: float = attrs.field(default=5.0, validator=_positive)
+    # Work per request: a /bars page reads at most query_max_rows trades for at most
+    # query_timeout seconds; past either it ends early ("truncated": true, next_start resumes
+    # there), or, before one whole bar was read, 422 query_too_large. (A /history page is
+    # one index range of at most `limit`, 10,000, rows.)
+    query_timeout: float = attrs.field(default=5.0, validator=_positive)
+    query_max_rows: int = attrs.field(default=1_000_000, validator=_positive)
 
 
 @attrs.frozen
@@ -192,6 +213,13 @@ class AlertsConfig:
     # Webhooks: an alert rule may name an http(s) URL to POST fired alerts to. Hosts allowed
     # ([] = any; set it on a shared relay: a webhook is a request the relay makes for a user).
     webhook_allowed_hosts: list[str] = attrs.Factory(list)
+    # Whatever the list above, a webhook reaches public addresses only: its host is resolved (at
+    # creation and at every attempt, which then connects to the address vetted) and refused when
+    # any address is loopback, private, link-local (the cloud metadata address), multicast,
+    # reserved, unspecified, or an IPv6 form of one. Exceptions, for receivers inside your network
+    # on purpose: host names trusted whatever they resolve to, and networks (CIDR) trusted.
+    webhook_trusted_hosts: list[str] = attrs.Factory(list)
+    webhook_trusted_networks: list[str] = attrs.field(factory=list, validator=_networks)
     webhook_timeout: float = attrs.field(default=5.0, validator=_positive)
     # Attempts per alert (capped exponential backoff between them), then it is given up (counted).
     webhook_attempts: int = attrs.field(default=5, validator=_positive)
@@ -242,6 +270,9 @@ class LimitsConfig:
     subscribes_burst: int = attrs.field(default=50, validator=_positive)
     # Over-limit messages in a row (each answered with a rate_limited error) before a 1008 close.
     strikes: int = attrs.field(default=10, validator=_positive)
+    # JSON from clients (WebSocket messages, REST bodies) nested deeper than this is refused
+    # (error invalid_json / 400 json_too_deep) before it is decoded. Real messages nest 3 or 4 deep.
+    json_max_depth: int = attrs.field(default=32, validator=_positive)
     # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
     connections_per_ip: int = attrs.field(default=1000, validator=_non_negative)
     connections_per_user: int = attrs.field(default=20, validator=_non_negative)

@@ -32,7 +32,7 @@ from .api.app import BACKEND_HOST, tls_context
 from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
-from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
+from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .fleet import RedisEngine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
@@ -116,6 +116,9 @@ class Relay:
         hub.demand.linger = new.upstream.unsubscribe_linger
         hub.coalesce_above = new.upstream.coalesce_above
         if providers is not None:
+            if isinstance(self.upstream, Upstream):  # a fleet's engine keeps the ones it started with
+                # The old keys too: an error of the session being closed may still quote them.
+                self.upstream.secrets = tuple(dict.fromkeys([*self.upstream.secrets, *new.secrets()]))
             self.upstream.restart(providers, new.upstream)
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
         if self.security is not None and (
@@ -219,7 +222,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 fleet = RedisEngine(config, hub, providers, stats)
                 upstream = fleet.view
             else:
-                local = Upstream(providers, demand, send, config.upstream, stats)
+                local = Upstream(providers, demand, send, config.upstream, stats, secrets=config.secrets())
                 local.on_event = hub.upstream_event
                 upstream = local
             ctx = RelayContext(
@@ -237,9 +240,12 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
                     (hub.demand.acquire if on else hub.demand.release)([symbol])
 
-                engine = AlertEngine(config.alerts, on_watch=watch)
+                # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
+                engine = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
                 engine.load(await alert_store.load())
-                ctx.alerts = AlertService(hub, engine, alert_store, WebhookSender(config.alerts))
+                ctx.alerts = AlertService(
+                    hub, engine, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
+                )
                 hub.add_callback(ctx.alerts.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
@@ -254,7 +260,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     offer = writer.offer
                     hub.add_callback(lambda update: offer(update, time.time_ns() // 1_000_000))
                     ctx.history_writer = writer
-                    ctx.history_store = HistoryStore(history_backend)
+                    h = config.history
+                    budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
+                    ctx.history_store = HistoryStore(history_backend, budget)
                     log.info("[START] tick history: %s", history_backend.description)
                 if fleet is not None:
                     await nursery.start(fleet.run)

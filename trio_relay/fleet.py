@@ -249,6 +249,7 @@ class RedisEngine:
     def __init__(self, config: Config, hub: Hub, providers: Sequence[Provider], stats: Stats) -> None:
         self.config: EngineConfig = config.engine
         self.upstream_config: UpstreamConfig = config.upstream
+        self.secrets = config.secrets()  # masked out of the held upstream's errors
         self.hub = hub
         self.stats = stats
         self.providers = list(providers)
@@ -645,7 +646,7 @@ class RedisEngine:
                 self._new_epoch(epoch)
             send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
             fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
-            upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
+            upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats, secrets=self.secrets)
             upstream.on_event = self._on_upstream_event
             self.upstream = upstream
             async with trio.open_nursery() as nursery:

@@ -22,7 +22,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import msgspec
@@ -31,6 +31,9 @@ import trio
 from .barchannel import BarChannel
 from .config import ClientsConfig
 from .model import BREAK, Encoder, PriceState, Update, control, ws_payload
+
+if TYPE_CHECKING:
+    from .entitlements import Entitlement
 
 __all__ = ["Hub", "Outbox", "Client", "Demand", "Stats", "SubscriptionError"]
 
@@ -293,6 +296,9 @@ class Client:
     bars: set[tuple[str, str]] = attrs.Factory(set)  # (symbol, interval) of the bars channel
     user: str = ""  # the token's subject (auth on)
     max_symbols: int | None = None  # the token's own cap, below the relay's
+    # What this connection's token may see (set once authenticated; None: not yet). Fired alerts
+    # and portfolio valuations reaching this client go through it.
+    entitlement: Entitlement | None = None
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
     def close(self, code: int, reason: str) -> None:

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 
 import msgspec
 
+from .masking import mask_secrets
+
 __all__ = ["configure_logging", "RedactSecrets", "JsonFormatter", "LOG_FORMAT"]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
@@ -27,10 +29,7 @@ class RedactSecrets(logging.Filter):
         self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        return mask_secrets(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:

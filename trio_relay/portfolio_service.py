@@ -12,6 +12,7 @@ client unsubscribes or disconnects, or the portfolio is deleted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -133,7 +134,12 @@ class PortfolioService:
                     client.outbox.put(frame_key, ws_text_frame(_encoder.encode(valuation)))
 
                 stream.streamer = PortfolioStreamer(
-                    portfolio, send, prices=self.hub.cache, day_open=self.day_open, interval=self.update_interval
+                    portfolio,
+                    send,
+                    prices=self.hub.cache,
+                    day_open=self.day_open,
+                    interval=self.update_interval,
+                    entitled=self._allows(client),
                 )
                 self._route(stream, portfolio.symbols)
                 self.hub.send_control(client, control("subscribed", channel="portfolio", portfolio=name))
@@ -142,8 +148,25 @@ class PortfolioService:
             self._route(stream, frozenset())
             self._streams.pop((client.id, name), None)
 
+    @staticmethod
+    def _allows(client: Client) -> Callable[[str], bool]:
+        """The client's entitlement check, as of each call (a refreshed token applies at once;
+        nothing is allowed before the client authenticated)."""
+
+        def allows(symbol: str) -> bool:
+            entitlement = client.entitlement
+            return entitlement is not None and entitlement.allows(symbol)
+
+        return allows
+
     def _route(self, stream: _Stream, new: frozenset[str]) -> None:
-        """Index ``stream`` under the symbols ``new`` (instead of its current ones); demand follows."""
+        """Index ``stream`` under the symbols ``new`` (instead of its current ones); demand follows.
+
+        Only the symbols the client's token allows: a portfolio never makes the relay want (nor
+        the client see) a symbol the token does not allow.
+        """
+        allows = self._allows(stream.client)
+        new = frozenset(s for s in new if allows(s))
         old = stream.routed
         stream.routed = new
         for symbol in old - new:

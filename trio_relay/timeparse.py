@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
-__all__ = ["TimeError", "parse_time"]
+__all__ = ["TimeError", "parse_time", "MAX_MS"]
 
 # Epoch values below this are taken for seconds, a common mistake: refused with a hint.
 _MS_FLOOR = 100_000_000_000  # 1973-03-03 in ms; 5138-11-16 in seconds
+# The last millisecond of year 9999: later is no time anyone means, and beyond 64 bits no
+# database can hold it (an absurd number must get a clear 400, not an overflow deep inside).
+MAX_MS = 253_402_300_799_999
+_INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only: int() would take "²" or "١" too
+_MAX_TEXT = 64
 
 
 class TimeError(ValueError):
@@ -22,8 +28,12 @@ def parse_time(raw: str, name: str) -> int:
     text = raw.strip()
     if not text:
         raise TimeError(f"'{name}' is empty; give ISO 8601 (2024-11-10T14:30:00Z) or epoch milliseconds")
-    if text.lstrip("-").isdigit():
+    if len(text) > _MAX_TEXT:
+        raise TimeError(f"'{name}' is too long to be a time ({len(text)} characters)")
+    if _INTEGER.fullmatch(text):
         value = int(text)
+        if value > MAX_MS:
+            raise TimeError(f"'{name}'={text[:24]} is after the year 9999; epoch times here are milliseconds")
         if 0 <= value < _MS_FLOOR:
             raise TimeError(f"'{name}'={text} looks like seconds; epoch times here are milliseconds ({value}000?)")
         if value < 0:
@@ -37,4 +47,10 @@ def parse_time(raw: str, name: str) -> int:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp() * 1000)
+    try:
+        value = int(when.timestamp() * 1000)
+    except (OverflowError, ValueError, OSError):  # year 1 or 9999 with an offset beyond the calendar
+        raise TimeError(f"'{name}'={text[:40]!r} is out of range") from None
+    if not 0 <= value <= MAX_MS:
+        raise TimeError(f"'{name}'={text[:40]!r} is out of range (1970 to 9999)")
+    return value

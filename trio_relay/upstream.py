@@ -29,6 +29,7 @@ import trio
 
 from .config import UpstreamConfig
 from .hub import Demand, Stats
+from .masking import mask_secrets
 from .model import Update
 from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
 
@@ -177,8 +178,12 @@ class Upstream:
         stats: Stats,
         *,
         rng: random.Random | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
         chain = [providers] if not isinstance(providers, Sequence) else list(providers)
+        # The configured keys and passwords (Config.secrets()): masked out of every provider's
+        # error text before it is stored (last_error: /health, /status), logged or sent to clients.
+        self.secrets = tuple(secrets)
         if not chain:
             raise ValueError("no provider")
         self.chain = [ProviderHealth(p) for p in chain]
@@ -338,7 +343,7 @@ class Upstream:
                     kind = "stale" if isinstance(lost, StaleFeed) else "down"
                     if isinstance(lost, StaleFeed):
                         self._stalled = True
-                    self._emit(kind, _describe(lost) if lost is not None else "connection ended")
+                    self._emit(kind, self._describe(lost) if lost is not None else "connection ended")
                 if self._switch_to is not None:
                     # The prober found a preferred provider healthy: fail back to it now.
                     self._switch(self._switch_to, self.switch_reason)
@@ -358,14 +363,14 @@ class Upstream:
                 health = self.chain[self.active]
                 if auth_error is not None:
                     self.state = UpstreamState.AUTH_FAILED
-                    self.last_error = str(auth_error)
+                    self.last_error = self._describe(auth_error)
                     health.auth_failed_at = trio.current_time()
                 elif error is None and self._failover_due():
                     self.state = UpstreamState.BACKOFF
                     self.last_error = f"no healthy connection for {self.config.failover_after:g}s"
                 else:
                     self.state = UpstreamState.BACKOFF
-                    self.last_error = _describe(error) if error is not None else "connection ended"
+                    self.last_error = self._describe(error) if error is not None else "connection ended"
                 health.state, health.last_error = self.state, self.last_error
                 if self.config.max_retries and failures >= self.config.max_retries:
                     self.state = UpstreamState.FAILED
@@ -379,7 +384,7 @@ class Upstream:
                     delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
                     log.error(
                         "[AUTH] %s; state auth_failed, next attempt in %.0fs (check the API key)",
-                        auth_error,
+                        self.last_error,
                         delay,
                     )
                 else:
@@ -452,6 +457,11 @@ class Upstream:
         self._signal = "failover"
         if self.on_event is not None:
             self.on_event("failover", self.provider.name, f"{old.provider.name} -> {self.provider.name}: {reason}")
+
+    def _describe(self, exc: BaseException) -> str:
+        """A provider error as text for people: its message, every secret masked (mask_secrets)."""
+        text = str(exc) if isinstance(exc, AuthFailed) else _describe(exc)
+        return mask_secrets(text, self.secrets)
 
     def _emit(self, signal: str, reason: str) -> None:
         """Report a change of what clients should believe (only changes: not every retry)."""
@@ -540,9 +550,9 @@ class Upstream:
                 return True
         except AuthFailed as exc:
             health.auth_failed_at = trio.current_time()
-            health.state, health.last_error = UpstreamState.AUTH_FAILED, str(exc)
+            health.state, health.last_error = UpstreamState.AUTH_FAILED, self._describe(exc)
         except RETRYABLE as exc:
-            health.state, health.last_error = "down", _describe(exc)
+            health.state, health.last_error = "down", self._describe(exc)
         health.healthy_since = None
         log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
         return False

@@ -53,6 +53,7 @@ from .rules import (
     rule_params,
 )
 from .store import AlertStore
+from .targets import WebhookPolicy, WebhookRefused, webhook_policy
 from .webhook import WebhookSender, WebhookStats
 
 __all__ = [
@@ -60,6 +61,9 @@ __all__ = [
     "AlertStore",
     "WebhookSender",
     "WebhookStats",
+    "WebhookPolicy",
+    "WebhookRefused",
+    "webhook_policy",
     "Rule",
     "AboveRule",
     "BelowRule",

@@ -54,6 +54,7 @@ from .rules import (
     parse_rule,
     rule_params,
 )
+from .targets import webhook_policy
 
 __all__ = ["AlertEngine", "wall_clock_ms"]
 
@@ -459,10 +460,12 @@ class AlertEngine:
     arrival times that :meth:`check_stale` compares. Tests pass one driven by Trio's clock.
     Cooldowns of update-driven rules count in event time (update timestamps), like move windows.
 
-    ``on_watch(symbol, True)`` is called when a symbol gets its first live rule (one that can
-    still fire) and ``on_watch(symbol, False)`` when it has none left (deleted, or one-shot rules
-    that fired): the relay keeps those symbols subscribed upstream (the hub passes on no update
-    of a symbol nobody wants). :attr:`symbols` is the same set.
+    ``on_watch(symbol, True)`` is called when a symbol gets its first live rule that pins (one
+    that can still fire, with ``rule.pins``, or any with ``pin_all``) and ``on_watch(symbol,
+    False)`` when it has none left (deleted, or one-shot rules that fired): the relay keeps those
+    symbols subscribed upstream (the hub passes on no update of a symbol nobody wants). Rules that
+    do not pin (a non-admin's: see :mod:`trio_relay.entitlements`) are evaluated on whatever
+    updates flow. :attr:`symbols` is every symbol with a live rule.
     """
 
     def __init__(
@@ -471,10 +474,14 @@ class AlertEngine:
         *,
         clock: Callable[[], int] = wall_clock_ms,
         on_watch: Callable[[str, bool], None] | None = None,
+        pin_all: bool = False,
     ) -> None:
         self.config = config  # replace it on reload: limits and hosts apply to new rules
         self._clock = clock
         self._on_watch = on_watch
+        # Auth off: every rule pins (its creator is the operator), stored ones from before `pins` too.
+        self._pin_all = pin_all
+        self._pinning: dict[str, int] = {}  # symbol -> live rules that pin it (entries vanish at 0)
         self._watches: dict[str, _Watch] = {}
         self._stale_watches: dict[str, _Watch] = {}
         self._triggers: dict[str, _Trigger] = {}
@@ -484,13 +491,21 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ rules
     def create(
-        self, owner: str, data: bytes | str | Mapping[str, Any], *, cache: Mapping[str, PriceState] | None = None
+        self,
+        owner: str,
+        data: bytes | str | Mapping[str, Any],
+        *,
+        cache: Mapping[str, PriceState] | None = None,
+        pins: bool = False,
+        admit: Callable[[Rule], None] | None = None,
     ) -> Rule:
         """Validate a client's rule, give it an id and index it; :class:`RuleError` if refused.
 
         ``cache`` (``hub.cache``): the symbol's current state says which side of its threshold
         the rule starts on: on the near side it is ``active`` at once, else (or unknown) ``armed``.
-        The caller saves the returned rule (``AlertStore.save_rule``).
+        The caller saves the returned rule (``AlertStore.save_rule``). ``pins``: the rule keeps
+        its symbol subscribed upstream. ``admit(rule)`` is called once the rule is valid and
+        before it is indexed: raising refuses it (the entitlement check).
         """
         if not owner:
             raise RuleError("invalid_value", "a rule needs an owner")
@@ -501,8 +516,16 @@ class AlertEngine:
         while rule_id in self._triggers:
             rule_id = secrets.token_hex(5)
         rule = parse_rule(
-            data, owner=owner, rule_id=rule_id, created_at=self._clock(), allowed_hosts=self.config.webhook_allowed_hosts
+            data,
+            owner=owner,
+            rule_id=rule_id,
+            created_at=self._clock(),
+            allowed_hosts=self.config.webhook_allowed_hosts,
+            pins=pins,
+            policy=webhook_policy(self.config),
         )
+        if admit is not None:
+            admit(rule)
         self.add(rule, current=None if cache is None else cache.get(rule.symbol))
         return rule
 
@@ -525,9 +548,12 @@ class AlertEngine:
         watch = self._watches.get(symbol)
         if watch is None:
             watch = self._watches[symbol] = _Watch(self._clock())
-            if self._on_watch is not None:
-                self._on_watch(symbol, True)
         watch.count += 1
+        if rule.pins or self._pin_all:
+            n = self._pinning.get(symbol, 0)
+            self._pinning[symbol] = n + 1
+            if not n and self._on_watch is not None:
+                self._on_watch(symbol, True)
         if isinstance(rule, StaleRule):
             if not watch.stale:
                 watch.seen = self._clock()
@@ -571,12 +597,21 @@ class AlertEngine:
                 self._watches[rule.symbol].stale.remove(trig)
             elif trig.index is not None:
                 trig.index.remove(trig)
-            self._retire(rule.symbol)
+            self._retire(rule)
         trig.dead = True
         return rule
 
-    def _retire(self, symbol: str) -> None:
-        """One rule of ``symbol`` left (deleted, or a one-shot rule fired): drop what is now empty."""
+    def _retire(self, rule: Rule) -> None:
+        """A live rule left (deleted, or a one-shot rule fired): drop what is now empty."""
+        symbol = rule.symbol
+        if rule.pins or self._pin_all:
+            n = self._pinning[symbol] - 1
+            if n:
+                self._pinning[symbol] = n
+            else:
+                del self._pinning[symbol]
+                if self._on_watch is not None:
+                    self._on_watch(symbol, False)
         watch = self._watches[symbol]
         watch.count -= 1
         if not watch.stale:
@@ -587,8 +622,6 @@ class AlertEngine:
                 watch.index_signals()
         if not watch.count:
             del self._watches[symbol]
-            if self._on_watch is not None:
-                self._on_watch(symbol, False)
 
     def rules(self, owner: str) -> list[Rule]:
         """``owner``'s rules, oldest first."""
@@ -604,8 +637,17 @@ class AlertEngine:
 
     @property
     def symbols(self) -> KeysView[str]:
-        """The symbols with live rules (a live view): the relay must keep them subscribed."""
+        """The symbols with live rules (a live view): the ones the engine evaluates."""
         return self._watches.keys()
+
+    @property
+    def pinned_symbols(self) -> KeysView[str]:
+        """The symbols with live rules that pin (a live view): the relay keeps them subscribed."""
+        return self._pinning.keys()
+
+    def owner_symbols(self, owner: str) -> set[str]:
+        """The distinct symbols of ``owner``'s live rules (what counts against their symbol budget)."""
+        return {r.symbol for r in self._by_owner.get(owner, {}).values() if r.state != FIRED}
 
     # ------------------------------------------------------------------ evaluation
     def on_update(self, update: Update, state: PriceState) -> list[FiredAlert]:
@@ -633,7 +675,7 @@ class AlertEngine:
         alerts = [self._alert(f, ts, state) for f in firings]
         for trig, _, _, _ in firings:
             if trig.rule.state == FIRED:
-                self._retire(trig.rule.symbol)
+                self._retire(trig.rule)
         return alerts
 
     def check_stale(self, now_ms: int | None = None) -> list[FiredAlert]:
@@ -672,7 +714,7 @@ class AlertEngine:
                     )
         for trig in done:
             self._watches[trig.rule.symbol].stale.remove(trig)
-            self._retire(trig.rule.symbol)
+            self._retire(trig.rule)
         return alerts
 
     async def run_stale_checks(

@@ -25,7 +25,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE
+from .targets import WebhookPolicy, WebhookRefused
 
 __all__ = [
     "Rule",
@@ -67,6 +69,7 @@ MAX_PCT: Final = 1_000.0
 MAX_SPREAD_BPS: Final = 100_000.0
 MAX_NAME: Final = 100
 MAX_URL: Final = 2_048
+MAX_DEPTH: Final = 32  # a rule is a flat object; raw JSON given to parse_rule nests no deeper than this
 
 
 class RuleError(ValueError):
@@ -95,6 +98,9 @@ class _RuleBase(msgspec.Struct, kw_only=True, tag_field="type"):
     cooldown_s: float = 0.0
     webhook: str | None = None
     created_at: int = 0  # wall clock, UTC epoch ms
+    # Set by the relay: the rule keeps its symbol subscribed upstream (created by a user who may
+    # pin: an admin, or anyone with auth off). Otherwise it fires only while the symbol is wanted.
+    pins: bool = False
     # Runtime, kept by the engine and stored by AlertStore when the rule is saved or fires.
     state: str = ARMED
     # When it last fired, in the time the rule's cooldown is counted in: the firing update's
@@ -178,7 +184,7 @@ class FiredAlert(msgspec.Struct, kw_only=True):
 
 
 _COMMON: Final = frozenset({"type", "symbol", "name", "one_shot", "cooldown_s", "webhook"})
-_SERVER: Final = ("id", "owner", "created_at", "state", "fired_at", "fire_count")
+_SERVER: Final = ("id", "owner", "created_at", "state", "fired_at", "fire_count", "pins")
 _SPECIFIC: Final[dict[str, tuple[str, ...]]] = {
     "above": ("level", "field"),
     "below": ("level", "field"),
@@ -233,6 +239,8 @@ def parse_rule(
     rule_id: str,
     created_at: int,
     allowed_hosts: Sequence[str] = (),
+    pins: bool = False,
+    policy: WebhookPolicy | None = None,
 ) -> Rule:
     """A new rule from a client's JSON (or the decoded object), validated; :class:`RuleError` if not.
 
@@ -240,9 +248,9 @@ def parse_rule(
     """
     if isinstance(data, (bytes, str)):
         try:
-            obj = msgspec.json.decode(data)
-        except msgspec.DecodeError as e:
-            raise RuleError("invalid_json", f"invalid JSON: {e}") from None
+            obj = decode_json(data, MAX_DEPTH)
+        except JsonError as e:
+            raise RuleError(e.code, e.message) from None
     else:
         obj = data
     if not isinstance(obj, Mapping):
@@ -274,7 +282,7 @@ def parse_rule(
         raise RuleError("invalid_symbol", f"invalid symbol {raw_symbol!r}")
 
     fields: dict[str, Any] = dict(obj)
-    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at)
+    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at, pins=pins)
     _check_numbers(kind, fields)
     name = fields.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
@@ -287,7 +295,7 @@ def parse_rule(
         raise RuleError("invalid_value", f"field must be one of {', '.join(PRICE_FIELDS)}, got {fields['field']!r}")
     webhook = fields.get("webhook")
     if webhook is not None:
-        fields["webhook"] = check_webhook(webhook, allowed_hosts)
+        fields["webhook"] = check_webhook(webhook, allowed_hosts, policy)
     try:
         return msgspec.convert(fields, type=_TYPES[kind])
     except msgspec.ValidationError as e:  # anything the checks above did not name
@@ -298,8 +306,12 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind!r}"
 
 
-def check_webhook(url: object, allowed_hosts: Sequence[str] = ()) -> str:
-    """``url`` if it is an http(s) URL to an allowed host (empty ``allowed_hosts``: any), else RuleError."""
+def check_webhook(url: object, allowed_hosts: Sequence[str] = (), policy: WebhookPolicy | None = None) -> str:
+    """``url`` if it is an http(s) URL to an allowed host (empty ``allowed_hosts``: any), else RuleError.
+
+    ``policy`` (default: public addresses only, nothing trusted) refuses a literal non-public
+    address or a ``localhost`` name here; names are resolved by :meth:`WebhookPolicy.vet`.
+    """
     if not isinstance(url, str) or not url or len(url) > MAX_URL:
         raise RuleError("invalid_webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters")
     try:
@@ -312,6 +324,10 @@ def check_webhook(url: object, allowed_hosts: Sequence[str] = ()) -> str:
     host = parts.hostname.lower()
     if allowed_hosts and host not in {h.lower() for h in allowed_hosts}:
         raise RuleError("webhook_host_not_allowed", f"webhook host {host!r} is not allowed (allowed: {', '.join(allowed_hosts)})")
+    try:
+        (policy or WebhookPolicy()).check_url_host(host)
+    except WebhookRefused as exc:
+        raise RuleError("webhook_refused", str(exc)) from None
     return url
 
 

@@ -28,6 +28,7 @@ import trio
 
 from ..config import AlertsConfig
 from .rules import FiredAlert
+from .targets import WebhookRefused, webhook_policy
 
 __all__ = ["WebhookSender", "WebhookStats"]
 
@@ -47,7 +48,7 @@ class WebhookStats:
         self.failed = 0  # alerts given up (attempts exhausted, or a 4xx)
         self.dropped = 0  # alerts not queued: webhook_queue alerts already pending
         self.retries = 0  # attempts after the first
-        self.refused = 0  # alerts whose URL's host is no longer in webhook_allowed_hosts
+        self.refused = 0  # alerts whose host is no longer allowed, or resolves to a refused address
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -176,13 +177,13 @@ class WebhookSender:
         try:
             async with limiter, self._requests:
                 with trio.move_on_after(self.config.webhook_timeout) as scope:
-                    response = await client.post(
-                        job.url,
-                        content=job.body,
-                        headers={"content-type": "application/json", "x-alert-id": job.alert_id},
-                    )
+                    request = await self._vetted_request(client, job)
+                    response = await client.send(request)
                 if scope.cancelled_caught:
                     return f"no answer within {self.config.webhook_timeout:g}s", False
+        except WebhookRefused as e:
+            self.stats.refused += 1
+            return str(e), True
         except (httpx.HTTPError, OSError) as e:
             return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, False
         finally:
@@ -192,6 +193,24 @@ class WebhookSender:
         if 200 <= status < 300:
             return None, False
         return f"HTTP {status}", 400 <= status < 500 and status not in _RETRYABLE_4XX
+
+
+    async def _vetted_request(self, client: httpx.AsyncClient, job: _Job) -> httpx.Request:
+        """The POST of ``job``, addressed to an address of its host that the policy allows now.
+
+        The host is resolved for this attempt (:meth:`WebhookPolicy.vet`: every address must be
+        allowed), and the request goes to the first address, not to the name again, so a name
+        that changes its answer between the check and the connect (DNS rebinding) cannot steer
+        it. The URL's host stays in ``Host``, and in TLS's SNI and certificate check.
+        """
+        url = httpx.URL(job.url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        addresses = await webhook_policy(self.config).vet(url.host, port)
+        headers = {"content-type": "application/json", "x-alert-id": job.alert_id, "host": url.netloc.decode("ascii")}
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        return client.build_request(
+            "POST", url.copy_with(host=str(addresses[0])), content=job.body, headers=headers, extensions=extensions
+        )
 
 
 def _where(url: str) -> str:

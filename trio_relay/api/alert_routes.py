@@ -14,7 +14,9 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ..alerts import FiredAlert, RuleError
-from .responses import error_response, json_response
+from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
+from .responses import entitlement, entitlement_error, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -48,8 +50,10 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             svc = service()
             owner = str(g.principal.subject)
             raw = request.args.get("limit", "50")
-            limit = int(raw) if raw.isdigit() and 0 < int(raw) <= 1000 else 50
-            fired = await svc.store.fired(owner, limit=limit)
+            limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 and 0 < int(raw) <= 1000 else 50
+            allows = entitlement(ctx.security).allows
+            # A fired alert carries a price: not shown to a token that no longer allows its symbol.
+            fired = [f for f in await svc.store.fired(owner, limit=limit) if allows(f.symbol)]
         except RuleError as exc:
             return _error(exc)
         return json_response(AlertsBody([msgspec.to_builtins(r) for r in svc.rules(owner)], fired))
@@ -59,10 +63,18 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
         """Create a rule: above / below (level, field), move (pct, window_s), spread (max_spread or
         max_spread_bps), stale (seconds)."""
         try:
-            body = await request.get_data()
-            rule = service().create(str(g.principal.subject), body)
+            svc = service()
+            try:
+                body = decode_json(await request.get_data(), ctx.security.limits.json_max_depth)
+            except JsonError as exc:
+                raise RuleError(exc.code, exc.message) from None
+            if not isinstance(body, dict):
+                raise RuleError("invalid_json", "a rule must be a JSON object")
+            rule = await svc.create_checked(str(g.principal.subject), body, entitlement(ctx.security))
         except RuleError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         return json_response(msgspec.to_builtins(rule))
 
     @app.delete(prefix + "/<rule_id>")

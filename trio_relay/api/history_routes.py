@@ -12,25 +12,25 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from quart import Response, g, request
+from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..bars import INTERVALS, Bar, bars_from_trades
-from ..history import HistoryUnavailable, InvalidCursor, Tick
+from ..bars import INTERVALS, Bar, BudgetExceeded
+from ..history import HistoryBusy, HistoryUnavailable, InvalidCursor, QueryTimeout, Tick
 from ..model import SYMBOL_RE
 from ..timeparse import TimeError, parse_time
-from .responses import error_response, json_response
+from ..auth import Security
+from ..entitlements import EntitlementError
+from .responses import entitlement, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
 
-__all__ = ["register_history", "TicksPage", "BarsPage", "MAX_LIMIT", "MAX_TRADES"]
+__all__ = ["register_history", "TicksPage", "BarsPage", "MAX_LIMIT"]
 
 MAX_LIMIT = 10_000  # ticks or bars per page
 DEFAULT_LIMIT = 1_000
 DEFAULT_TICKS_WINDOW_MS = 3_600_000
-# Trades read to build one page of bars; beyond, the request must ask for a narrower window.
-MAX_TRADES = 2_000_000
 
 class TicksPage(msgspec.Struct, forbid_unknown_fields=True):
     """One page of stored ticks, oldest first."""
@@ -53,6 +53,9 @@ class BarsPage(msgspec.Struct, forbid_unknown_fields=True):
     count: int
     bars: list[Bar]
     next_start: int | None
+    # True when the page ended early on the relay's per-request budget (history.query_max_rows
+    # or query_timeout), not on `limit`: ask again from next_start for the rest.
+    truncated: bool = False
 
 
 class _BadRequest(Exception):
@@ -63,12 +66,20 @@ class _BadRequest(Exception):
 
 
 
-def _symbol(raw: str) -> str:
+def _busy(code: str, message: str) -> Response:
+    response = error_response(503, code, message)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def _symbol(raw: str, security: Security) -> str:
     symbol = raw.strip().upper()
     if not SYMBOL_RE.match(symbol):
         raise _BadRequest(400, "invalid_symbols", f"invalid symbol {raw[:24]!r}")
-    if not g.principal.may_subscribe(symbol):
-        raise _BadRequest(403, "forbidden_symbols", f"your token does not allow {symbol!r}")
+    try:
+        entitlement(security).require([symbol])
+    except EntitlementError as exc:
+        raise _BadRequest(exc.status, exc.code, exc.message) from None
     return symbol
 
 
@@ -76,7 +87,7 @@ def _limit() -> int:
     raw = request.args.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIMIT:
         raise _BadRequest(400, "invalid_range", f"'limit' must be an integer from 1 to {MAX_LIMIT} (got {raw[:20]!r})")
     return int(raw)
 
@@ -108,7 +119,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
         default 1000), `cursor` (the previous page's `next_cursor`, same window).
         """
         try:
-            name = _symbol(symbol)
+            name = _symbol(symbol, ctx.security)
             start, end = _window(DEFAULT_TICKS_WINDOW_MS)
             limit = _limit()
             store = store_orerror_response()
@@ -117,6 +128,10 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             return error_response(exc.status, exc.code, exc.message)
         except InvalidCursor:
             return error_response(400, "invalid_cursor", "'cursor' is not a next_cursor this relay gave (same window)")
+        except QueryTimeout:
+            return _busy("query_timeout", "the query ran past the relay's time budget; ask for a shorter window")
+        except HistoryBusy:
+            return _busy("history_busy", "every history query slot is busy; try again shortly")
         except HistoryUnavailable:
             return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
         return json_response(TicksPage(name, start, end, len(ticks), ticks, cursor))
@@ -131,7 +146,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
         window: the first `limit`, and `next_start` to ask for the rest.
         """
         try:
-            name = _symbol(symbol)
+            name = _symbol(symbol, ctx.security)
             interval = request.args.get("interval", "1m")
             if interval not in INTERVALS:
                 raise _BadRequest(400, "invalid_interval", f"'interval' must be one of {', '.join(INTERVALS)}")
@@ -140,18 +155,19 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             start, end = _window(step * limit)
             store = store_orerror_response()
             first = start - start % step  # whole intervals: the first bar starts on its boundary
-            rows = await store.trades(name, first, end, limit=MAX_TRADES + 1)
+            page = await store.bars(name, interval, first, end, limit)
         except _BadRequest as exc:
             return error_response(exc.status, exc.code, exc.message)
+        except BudgetExceeded:
+            return error_response(
+                422, "query_too_large",
+                f"one {interval} bar holds more trades than the relay reads per request; ask for a finer interval",
+            )
+        except QueryTimeout:
+            return _busy("query_timeout", "the query ran past the relay's time budget; ask for a shorter window")
+        except HistoryBusy:
+            return _busy("history_busy", "every history query slot is busy; try again shortly")
         except HistoryUnavailable:
             return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
-        if len(rows) > MAX_TRADES:
-            return error_response(
-                400, "invalid_range", f"more than {MAX_TRADES} trades in that window; ask for a shorter one"
-            )
-        bars = bars_from_trades(rows, interval, first, end)
-        next_start = None
-        if len(bars) > limit:
-            next_start = bars[limit].start_ms
-            del bars[limit:]
-        return json_response(BarsPage(name, interval, start, end, len(bars), bars, next_start))
+        bars = page.bars
+        return json_response(BarsPage(name, interval, start, end, len(bars), bars, page.next_start, page.truncated))

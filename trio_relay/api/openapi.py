@@ -275,20 +275,31 @@ class Endpoint:
 
 _ALERT_ERRORS = {
     404: Reply("No such rule, or alerts are off (`not_found`).", ErrorBody),
-    422: Reply("A rule that does not validate, or too many (`invalid_rule`, `rule_limit`...).", ErrorBody),
+    422: Reply(
+        "A rule that does not validate, too many, one symbol past the user's budget, or a webhook to a"
+        " non-public address (`invalid_rule`, `rule_limit`, `symbol_budget`, `webhook_refused`...).",
+        ErrorBody,
+    ),
+    403: Reply("The token does not allow the rule's symbol (`forbidden_symbols`).", ErrorBody, auth_only=True),
 }
 _PORTFOLIO_ERRORS = {
     404: Reply("No such portfolio, or portfolios are off (`not_found`).", ErrorBody),
     409: Reply("A portfolio of that name exists (`portfolio_exists`).", ErrorBody),
     422: Reply(
         "Invalid name, symbol, quantity or cost basis, or a limit reached "
-        "(`invalid_name`, `invalid_symbols`, `invalid_quantity`, `invalid_cost_basis`, `portfolio_limit`, `position_limit`).",
+        "(`invalid_name`, `invalid_symbols`, `invalid_quantity`, `invalid_cost_basis`, `portfolio_limit`, `position_limit`,"
+        " `symbol_budget`).",
         ErrorBody,
     ),
+    403: Reply("The token does not allow a position's symbol (`forbidden_symbols`).", ErrorBody, auth_only=True),
 }
 _HISTORY_ERRORS = {
     404: Reply("Tick history is off (`history_off`).", ErrorBody),
-    503: Reply("The history database cannot be reached now (`history_unavailable`).", ErrorBody),
+    503: Reply(
+        "The history database cannot be reached now (`history_unavailable`), or every query slot stayed busy"
+        " (`history_busy`, with Retry-After).",
+        ErrorBody,
+    ),
     403: Reply("The token does not allow that symbol (`forbidden_symbols`).", ErrorBody, auth_only=True),
 }
 _NOT_READY = Reply("Not ready: `code` says why (for alert rules), `reason` in words.", Health)
@@ -356,8 +367,13 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
         "history_bars": Endpoint(
             "history",
             {
-                200: Reply("Bars, oldest first; `next_start` continues them.", BarsPage),
+                200: Reply(
+                    "Bars, oldest first; `next_start` continues them (`truncated`: the page ended early on the"
+                    " per-request budget).",
+                    BarsPage,
+                ),
                 **_HISTORY_ERRORS,
+                422: Reply("One bar holds more trades than a request may read (`query_too_large`).", ErrorBody),
                 400: Reply("Bad symbol, interval, time, window or limit (`invalid_interval`, `invalid_range`...).", ErrorBody),
             },
         ),

@@ -16,8 +16,10 @@ import msgspec
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
 from ..portfolio import Portfolio, PortfolioError, check_name, check_symbol, make_position, valuate
-from .responses import error_response, json_response
+from .responses import entitlement, entitlement_error, error_response, json_response
 
 if TYPE_CHECKING:
     from .app import RelayContext
@@ -53,10 +55,12 @@ def _body(portfolio: Portfolio) -> PortfolioBody:
     )
 
 
-async def _json_object() -> dict[str, Any]:
+async def _json_object(max_depth: int) -> dict[str, Any]:
     try:
-        body = msgspec.json.decode(await request.get_data())
-    except msgspec.DecodeError:
+        body = decode_json(await request.get_data(), max_depth)
+    except JsonError as exc:
+        if exc.code != "invalid_json":
+            raise PortfolioError(exc.code, exc.message) from None
         raise PortfolioError("invalid_json", "the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise PortfolioError("invalid_json", "the body must be a JSON object")
@@ -74,6 +78,19 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
     def owner() -> str:
         return str(g.principal.subject)
 
+    async def admit(symbols: list[str]) -> None:
+        """The entitlement check for symbols a user puts in a portfolio (EntitlementError)."""
+        allowed = entitlement(ctx.security)
+        allowed.require(symbols)
+        held = {
+            p.symbol
+            for portfolio in await service().store.list_portfolios(owner())
+            for p in portfolio.positions
+        }
+        if ctx.alerts is not None:  # one budget: the symbols of their alert rules count too
+            held |= ctx.alerts.engine.owner_symbols(owner())
+        allowed.require_budget(held, symbols)
+
     @app.get(prefix)
     async def portfolios_list() -> Response:
         """The caller's portfolios and their positions."""
@@ -87,7 +104,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
     async def portfolios_create() -> Response:
         """Create a portfolio: `{"name":"main","positions":[{"symbol","quantity","cost_basis"}...]}`."""
         try:
-            body = await _json_object()
+            body = await _json_object(ctx.security.limits.json_max_depth)
             raw = body.get("positions", [])
             if not isinstance(raw, list) or len(raw) > MAX_BODY_POSITIONS:
                 raise PortfolioError("invalid_json", f"'positions' must be a list of at most {MAX_BODY_POSITIONS}")
@@ -96,9 +113,13 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                 if not isinstance(item, dict):
                     raise PortfolioError("invalid_json", "each position is an object: symbol, quantity, cost_basis")
                 positions.append(make_position(item.get("symbol"), item.get("quantity"), item.get("cost_basis")))
-            created = await service().store.create(owner(), check_name(body.get("name")), positions)
+            name = check_name(body.get("name"))
+            await admit([p.symbol for p in positions])
+            created = await service().store.create(owner(), name, positions)
         except PortfolioError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         return json_response(_body(created))
 
     @app.get(prefix + "/<name>")
@@ -111,7 +132,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                 raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
         except PortfolioError as exc:
             return _error(exc)
-        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open))
+        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open, entitled=entitlement(ctx.security).allows))
 
     @app.delete(prefix + "/<name>")
     async def portfolio_delete(name: str) -> Response:
@@ -131,12 +152,16 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         """Set a position: `{"quantity": 100, "cost_basis": 150.0}` (quantity 0 removes it)."""
         try:
             svc = service()
-            body = await _json_object()
+            body = await _json_object(ctx.security.limits.json_max_depth)
             position = make_position(symbol, body.get("quantity"), body.get("cost_basis"))
             checked = check_name(name)
+            if position.quantity:
+                await admit([position.symbol])
             portfolio = await svc.store.put_position(owner(), checked, position)
         except PortfolioError as exc:
             return _error(exc)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         svc.changed(owner(), checked, portfolio)
         return json_response(_body(portfolio))
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import msgspec
-from quart import Response
+from quart import Response, g
 
-__all__ = ["json_response", "error_response"]
+from ..auth import Security
+from ..entitlements import Entitlement, EntitlementError, entitlement_for
+
+__all__ = ["json_response", "error_response", "entitlement", "entitlement_error"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -17,3 +20,12 @@ def json_response(body: object, status: int = 200) -> Response:
 def error_response(status: int, code: str, message: str) -> Response:
     """Every REST error: a code for programs and a message for people."""
     return json_response({"error": code, "message": message}, status)
+
+
+def entitlement(security: Security) -> Entitlement:
+    """The calling request's :class:`~trio_relay.entitlements.Entitlement` (its token, the live config)."""
+    return entitlement_for(g.principal, security.config)
+
+
+def entitlement_error(exc: EntitlementError) -> Response:
+    return error_response(exc.status, exc.code, exc.message)

@@ -9,13 +9,14 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
+from ..entitlements import EntitlementError
+from ..jsonbody import JsonError, decode_json
 from ..fleet import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
@@ -24,7 +25,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import make_registry, render
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .portfolio_routes import register_portfolios
-from .responses import error_response, json_response
+from .responses import entitlement, entitlement_error, error_response, json_response
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -274,8 +275,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def _symbols_from_body() -> list[str] | Response:
         raw = await request.get_data()
         try:
-            body = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
+            body = decode_json(raw, security.limits.json_max_depth) if raw else None
+        except JsonError as exc:
+            if exc.code != "invalid_json":
+                return error_response(400, exc.code, exc.message)
             return error_response(400, "invalid_json", 'body must be JSON: a list of symbols like ["AAPL","MSFT"]')
         if isinstance(body, dict):
             body = body.get("symbols")
@@ -294,9 +297,12 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         symbols = await _symbols_from_body()
         if isinstance(symbols, Response):
             return symbols
-        refused = g.principal.refused(symbols)
-        if refused:
-            return error_response(403, "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}")
+        try:
+            allowed = entitlement(security)
+            allowed.require_pin()
+            allowed.require(symbols)
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         hub.pin(symbols)
         log.info("[SUBSCRIBE] REST pinned %s", ",".join(symbols))
         return json_response({"status": "subscribed", "symbols": symbols, "pinned": sorted(hub.demand.pinned)})
@@ -321,7 +327,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     @app.get(PREFIX + "/cache")
     async def cache_all() -> Response:
         """Every cached price_update, by symbol (with auth on: the symbols the token allows)."""
-        allowed = g.principal.may_subscribe
+        allowed = entitlement(security).allows
         cache = hub.cache
         source = "local"
         if isinstance(upstream, FleetUpstream):
@@ -339,8 +345,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def cache_one(symbol: str) -> Response:
         """One symbol's cached price_update (its full current state); 404 when none is cached."""
         symbol = symbol.upper()
-        if not g.principal.may_subscribe(symbol):
-            return error_response(403, "forbidden_symbols", f"your token does not allow {symbol[:24]!r}")
+        try:
+            entitlement(security).require([symbol])
+        except EntitlementError as exc:
+            return entitlement_error(exc)
         state = hub.snapshot(symbol)
         source = "local"
         if isinstance(upstream, FleetUpstream):

@@ -43,6 +43,7 @@ from ..alerts import RuleError
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
 from ..bars import INTERVALS
 from ..config import Config
+from ..entitlements import Entitlement, EntitlementError, entitlement_for
 from ..hub import (
     CLOSE_GRACE,
     CLOSE_POLICY,
@@ -51,6 +52,7 @@ from ..hub import (
     Hub,
     SubscriptionError,
 )
+from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
 from ..portfolio_service import PortfolioService, owner_of
@@ -154,7 +156,6 @@ class ClientProtocol:
         self.security = security if security is not None else Security(Config())
         self.portfolios: PortfolioService | None = None  # set by the front door when portfolios run
         self.alerts: AlertService | None = None  # likewise for alerts
-        self._decoder = msgspec.json.Decoder()
 
     async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
         """Take over a connection whose request head (already read) asks for the price socket."""
@@ -214,6 +215,7 @@ class ClientProtocol:
         if session.principal is not None:
             client.user = session.principal.subject
             client.max_symbols = session.principal.max_symbols
+            client.entitlement = entitlement_for(session.principal, self.security.config)
         log.info(
             "[CLIENT] #%d connected from %s%s%s",
             client.id,
@@ -380,9 +382,10 @@ class ClientProtocol:
             self._limited(client, session, wait, "messages")
             return
         try:
-            msg = self._decoder.decode(text)
-        except msgspec.DecodeError:
-            self._error(client, "invalid_json", "message is not valid JSON")
+            msg = decode_json(text, self.security.limits.json_max_depth)
+        except JsonError as exc:
+            message = "message is not valid JSON" if exc.code == "invalid_json" else exc.message
+            self._error(client, exc.code, message)
             return
         if not isinstance(msg, dict):
             self._error(client, "invalid_message", 'message must be a JSON object like {"action":"subscribe","symbols":["AAPL"]}')
@@ -401,14 +404,11 @@ class ClientProtocol:
                     return
             session.strikes = 0
             if action in ("subscribe", "unsubscribe") and msg.get("channel") == "portfolio":
+                _entitled(client, session)  # the stream values positions through it
                 self._portfolio(client, action, msg.get("portfolio"))
             elif action == "subscribe":
                 symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
-                refused = session.principal.refused(symbols)
-                if refused:
-                    raise ProtocolError(
-                        "forbidden_symbols", f"your token does not allow: {', '.join(refused[:10])}"
-                    )
+                _entitled(client, session).require(symbols)  # before any snapshot is sent
                 if "batch" in msg:
                     client.batch = _flag(msg["batch"])
                 channel = _channel(msg)
@@ -427,7 +427,7 @@ class ClientProtocol:
                 else:
                     self.hub.unsubscribe(client, symbols)
             elif action in ("alert_create", "alert_delete", "alerts"):
-                self._alerts(client, action, msg)
+                self._alerts(client, action, msg, _entitled(client, session))
             elif action == "ping":
                 self.hub.send_control(client, control("pong"))
             elif action == "list":
@@ -447,10 +447,12 @@ class ClientProtocol:
                     f"unknown action {shown[:40]!r}; expected subscribe, unsubscribe, ping, list, auth, alert_create, "
                     "alert_delete or alerts",
                 )
+        except EntitlementError as exc:
+            self._error(client, exc.code, exc.message, action)
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
 
-    def _alerts(self, client: Client, action: str, msg: dict[str, object]) -> None:
+    def _alerts(self, client: Client, action: str, msg: dict[str, object], entitlement: Entitlement) -> None:
         """``alert_create`` {"rule":{...}}, ``alert_delete`` {"id":...}, ``alerts`` (list): the user's rules."""
         if self.alerts is None:
             raise ProtocolError("unavailable", "alerts are off on this relay (alerts.enabled = false)")
@@ -460,8 +462,8 @@ class ClientProtocol:
                 rule = msg.get("rule")
                 if not isinstance(rule, dict):
                     raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
-                created = self.alerts.create(owner, rule)
-                self.hub.send_control(client, control("alert_created", rule=msgspec.to_builtins(created)))
+                # Answered by the alert service once its checks are done (webhook host, budget).
+                self.alerts.create_for(client, owner, rule, entitlement)
             elif action == "alert_delete":
                 rule_id = msg.get("id")
                 if not isinstance(rule_id, str):
@@ -515,6 +517,7 @@ class ClientProtocol:
                 return
             client.user = principal.subject
             client.max_symbols = principal.max_symbols
+            client.entitlement = entitlement_for(principal, security.config)
             log.info("[AUTH] client #%d authenticated as %s", client.id, principal.subject)
         elif principal.subject != session.principal.subject:
             self._error(client, "unauthorized", "a refreshed token must be for the same user", "auth")
@@ -522,10 +525,26 @@ class ClientProtocol:
         else:
             session.principal = principal  # new claims apply to the next requests
             client.max_symbols = principal.max_symbols
+            entitlement = client.entitlement = entitlement_for(principal, security.config)
+            # A narrower token takes effect now: what it no longer allows stops (an "unsubscribed" says so).
+            refused = sorted({s for s in client.symbols if not entitlement.allows(s)})
+            if refused:
+                self.hub.unsubscribe(client, refused)
+            refused_bars = sorted({s for s, _ in client.bars if not entitlement.allows(s)})
+            if refused_bars:
+                self.hub.bars.unsubscribe(client, refused_bars, None)
         session.arm_expiry()
         self.hub.send_control(
             client, control("authenticated", subject=principal.subject, expires_at=principal.expires_at)
         )
+
+
+def _entitled(client: Client, session: _Session) -> Entitlement:
+    """The connection's entitlement (set at authentication; a bare handle_message call: its session's)."""
+    if client.entitlement is None:
+        assert session.principal is not None  # callers check authentication first
+        client.entitlement = entitlement_for(session.principal, session.security.config)
+    return client.entitlement
 
 
 class _Session:

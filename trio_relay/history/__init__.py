@@ -20,17 +20,19 @@ from __future__ import annotations
 from ..config import HistoryConfig
 from .base import (
     HistoryBackend,
+    HistoryBusy,
     HistoryConnection,
     HistoryError,
     HistoryUnavailable,
     InvalidCursor,
+    QueryTimeout,
     RejectedRows,
     Tick,
     TradeRow,
 )
 from .postgres import PostgresBackend
 from .sqlite import SQLITE_FILENAME, SqliteBackend
-from .store import HistoryStore
+from .store import HistoryStore, QueryBudget
 from .writer import HistoryWriter, WriterState
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
     "HistoryUnavailable",
     "RejectedRows",
     "InvalidCursor",
+    "HistoryBusy",
+    "QueryTimeout",
+    "QueryBudget",
     "make_backend",
 ]
 

@@ -17,7 +17,7 @@ Neither message ever holds a DSN or its password (see :func:`redact`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, Protocol
 
 import msgspec
@@ -34,6 +34,8 @@ __all__ = [
     "HistoryUnavailable",
     "RejectedRows",
     "InvalidCursor",
+    "HistoryBusy",
+    "QueryTimeout",
     "encode_cursor",
     "decode_cursor",
     "check_identifier",
@@ -81,6 +83,17 @@ class RejectedRows(HistoryError):
     """The database refused the rows themselves (not the connection): retrying them cannot help."""
 
 
+class HistoryBusy(HistoryUnavailable):
+    """Every query slot stayed taken for ``history.query_queue_timeout``: try again later."""
+
+
+class QueryTimeout(HistoryError):
+    """A query ran past its time budget (``history.query_timeout``) inside the database.
+
+    Not :class:`HistoryUnavailable`: the connection is fine, the request was too big.
+    """
+
+
 class InvalidCursor(HistoryError, ValueError):
     """A pagination cursor that this store did not make."""
 
@@ -101,6 +114,17 @@ class HistoryConnection(Protocol):
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:
         """The trades (kind T with a price) of ``symbol`` in ``[start_ms, end_ms)``, by (ts, id)."""
+        ...
+
+    def trade_batches(
+        self, symbol: str, start_ms: int, end_ms: int, batch: int, deadline: float
+    ) -> Iterator[list[TradeRow]]:
+        """The trades of :meth:`trades` (no limit), streamed from the cursor ``batch`` rows at a time.
+
+        Memory holds one batch, however many rows match. ``deadline`` (``time.monotonic()``) bounds
+        the time spent inside the database on one batch (a scan over rows that are not trades
+        returns nothing for long): past it, :class:`QueryTimeout`. Close the iterator to stop early.
+        """
         ...
 
     def close(self) -> None: ...

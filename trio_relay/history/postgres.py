@@ -12,13 +12,25 @@ The DSN may hold a password: it is never part of an error message, a log line or
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .base import Batch, HistoryUnavailable, Position, RejectedRows, Tick, TradeRow, check_identifier, redact
+from .base import (
+    Batch,
+    HistoryUnavailable,
+    Position,
+    QueryTimeout,
+    RejectedRows,
+    Tick,
+    TradeRow,
+    check_identifier,
+    redact,
+)
 
 __all__ = ["PostgresBackend"]
 
@@ -193,6 +205,24 @@ class _PostgresConnection:
         except psycopg.Error as exc:
             raise self._backend._unavailable(exc) from None
         return rows
+
+    def trade_batches(
+        self, symbol: str, start_ms: int, end_ms: int, batch: int, deadline: float
+    ) -> Iterator[list[TradeRow]]:
+        # A server-side cursor (it lives in a transaction): the server keeps the result, the
+        # relay holds one batch. Each FETCH is bounded by the deadline left (SET LOCAL).
+        try:
+            with self._conn.transaction():
+                left_ms = max(1, round((deadline - time.monotonic()) * 1000))
+                self._conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(left_ms)))
+                with self._conn.cursor(name="trio_relay_trades") as cur:
+                    cur.execute(self._trades, (symbol, start_ms, end_ms, None))
+                    while rows := cur.fetchmany(batch):
+                        yield rows
+        except psycopg.errors.QueryCanceled:
+            raise QueryTimeout("the query ran past its time budget") from None
+        except psycopg.Error as exc:
+            raise self._backend._unavailable(exc) from None
 
     def close(self) -> None:
         try:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from .base import Batch, HistoryUnavailable, Position, RejectedRows, Tick, TradeRow, check_identifier
+from ..private_files import private_file
+from .base import Batch, HistoryUnavailable, Position, QueryTimeout, RejectedRows, Tick, TradeRow, check_identifier
 
 __all__ = ["SqliteBackend", "SQLITE_FILENAME"]
 
@@ -32,6 +35,10 @@ _ROW_ERRORS: Final = (
     TypeError,
     ValueError,  # includes UnicodeEncodeError (a lone surrogate)
 )
+
+
+# Virtual-machine steps between two deadline checks of a streamed query (a few µs of work).
+_PROGRESS_STEPS: Final = 10_000
 
 
 class SqliteBackend:
@@ -69,7 +76,7 @@ class SqliteBackend:
 
     def connect(self) -> _SqliteConnection:
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 in a 0700 folder (see private_files)
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
@@ -187,6 +194,28 @@ class _SqliteConnection:
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         return rows
+
+    def trade_batches(
+        self, symbol: str, start_ms: int, end_ms: int, batch: int, deadline: float
+    ) -> Iterator[list[TradeRow]]:
+        # SQLite calls the handler every N virtual-machine steps: a non-zero answer interrupts the
+        # statement, so a scan that finds no trades for seconds still stops at the deadline.
+        self._conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
+        try:
+            cur = self._conn.execute(self._trades, (symbol, start_ms, end_ms, -1))
+            try:
+                while rows := cur.fetchmany(batch):
+                    yield rows
+            finally:
+                cur.close()
+        except sqlite3.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise QueryTimeout(f"the query ran past its time budget ({exc})") from None
+            raise self._unavailable(exc) from exc
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            self._conn.set_progress_handler(None, 0)
 
     def close(self) -> None:
         try:

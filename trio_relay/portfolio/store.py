@@ -142,6 +142,10 @@ class PortfolioStore:
 
         return await self.app.call(run)
 
+    async def held_symbols(self, owner: str) -> set[str]:
+        """The distinct symbols of all the owner's portfolios (what counts against their symbol budget)."""
+        return {p.symbol for portfolio in await self.list_portfolios(owner) for p in portfolio.positions}
+
     async def get(self, owner: str, name: str) -> Portfolio | None:
         """The portfolio, or None if the owner has none of that name."""
         return await self.app.call(lambda conn: _fetch(conn, owner, name))

@@ -35,7 +35,7 @@ class PortfolioStreamer:
 
     ``send`` gets each :class:`~trio_relay.portfolio.valuation.Valuation` (e.g. encodes it into the
     client's outbox); an exception from it ends :meth:`run`. ``prices`` and ``day_open`` are read
-    when a valuation is made, not copied.
+    when a valuation is made, not copied. ``entitled``: as for :func:`valuate`.
     """
 
     def __init__(
@@ -46,6 +46,7 @@ class PortfolioStreamer:
         prices: Mapping[str, PriceState],
         day_open: Mapping[str, float],
         interval: float,
+        entitled: Callable[[str], bool] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be > 0 (got {interval})")
@@ -54,6 +55,7 @@ class PortfolioStreamer:
         self._send = send
         self._prices = prices
         self._day_open = day_open
+        self._entitled = entitled  # None: every symbol (see valuate())
         self.interval = interval
         self._changed = trio.Event()
         self.sent = 0  # valuations sent so far
@@ -83,7 +85,7 @@ class PortfolioStreamer:
 
     def valuate(self) -> Valuation:
         """A valuation at the current prices (what :meth:`run` sends)."""
-        return valuate(self._portfolio, self._prices, self._day_open)
+        return valuate(self._portfolio, self._prices, self._day_open, entitled=self._entitled)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send a valuation now, then one per window of changes, until cancelled."""

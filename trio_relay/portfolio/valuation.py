@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import msgspec
@@ -69,6 +69,9 @@ class PositionValue(msgspec.Struct, kw_only=True):
     day_open: float | None
     day_change: float | None
     day_change_pct: float | None
+    # False: the caller's token does not allow this symbol, so nothing that needs its price is
+    # shown (it counts as unpriced).
+    entitled: bool = True
 
 
 class Totals(msgspec.Struct, kw_only=True):
@@ -119,11 +122,14 @@ def valuate(
     day_open: Mapping[str, float],
     *,
     as_of: int | None = None,
+    entitled: Callable[[str], bool] | None = None,
 ) -> Valuation:
     """Value ``portfolio`` at ``prices`` (the hub's cache) against ``day_open`` (a :class:`DayOpen`).
 
     See the module docstring for the formulas and the rounding. ``as_of`` defaults to the wall
-    clock. Pure: reads the mappings, changes nothing.
+    clock. Pure: reads the mappings, changes nothing. ``entitled(symbol)`` False (the viewer's
+    token does not allow it, :mod:`trio_relay.entitlements`): the position is valued as if it had
+    no price and no day open, with ``entitled=False``; None: every symbol is allowed.
     """
     rows: list[PositionValue] = []
     market_value = cost_total = gross_cost = day_change = 0.0
@@ -131,9 +137,10 @@ def valuate(
     for position in portfolio.positions:
         symbol, q = position.symbol, position.quantity
         cost = q * position.cost_basis
-        state = prices.get(symbol)
+        allowed = entitled is None or entitled(symbol)
+        state = prices.get(symbol) if allowed else None
         found = price_of(state) if state is not None else None
-        opened = day_open.get(symbol)
+        opened = day_open.get(symbol) if allowed else None
         if opened is not None and not _usable(opened):
             opened = None
         if state is None or found is None:
@@ -153,6 +160,7 @@ def valuate(
                     day_open=opened,
                     day_change=None,
                     day_change_pct=None,
+                    entitled=allowed,
                 )
             )
             continue

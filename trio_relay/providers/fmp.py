@@ -21,6 +21,7 @@ import attrs
 import msgspec
 import trio
 
+from ..masking import mask_secrets
 from ..model import SYMBOL_RE, Update, normalize_epoch_ms
 from ..settings import positive, ws_url
 from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry
@@ -133,8 +134,9 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
 
 
 class FmpSession:
-    def __init__(self, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
+    def __init__(self, ws: WsClient, early: list[str], on_malformed: MalformedSink, secrets: Sequence[str] = ()) -> None:
         self._ws = ws
+        self._secrets = secrets  # masked out of FMP's messages (a refusal may quote the key)
         self._early = early  # frames that arrived while we waited for the login reply
         self._on_malformed = on_malformed
 
@@ -167,9 +169,9 @@ class FmpSession:
                 continue
             reason = _fatal(frame)
             if reason is not None:
-                raise AuthFailed(f"FMP refused the session: {reason}")
+                raise AuthFailed(mask_secrets(f"FMP refused the session: {reason}", self._secrets))
             if frame.event != "heartbeat":
-                log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, frame.message)
+                log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, mask_secrets(str(frame.message), self._secrets))
         return updates
 
 
@@ -192,7 +194,7 @@ class FmpProvider:
     async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FmpSession]:
         url = self.config.resolved_url
         async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
-            yield FmpSession(ws, await self._login(ws), on_malformed)
+            yield FmpSession(ws, await self._login(ws), on_malformed, (self.config.api_key,))
 
     async def _login(self, ws: WsClient) -> list[str]:
         # The key goes only into this frame: never into a URL, a log line or an exception.
@@ -208,9 +210,10 @@ class FmpProvider:
                         continue
                     reason = _fatal(frame)
                     if reason is not None:
-                        raise AuthFailed(f"FMP rejected the API key: {reason}")
+                        raise AuthFailed(mask_secrets(f"FMP rejected the API key: {reason}", (self.config.api_key,)))
                     if frame.event == "login":
-                        log.info("[LOGIN] FMP accepted the login (%s)", frame.message or frame.status or "no message")
+                        said = mask_secrets(str(frame.message or frame.status or "no message"), (self.config.api_key,))
+                        log.info("[LOGIN] FMP accepted the login (%s)", said)
                         return early
                     early.append(raw)
         log.info("[LOGIN] no login reply from FMP within %.1fs; carrying on", self.config.login_timeout)

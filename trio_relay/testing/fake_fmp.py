@@ -76,11 +76,14 @@ class FakeFmpServer(FakeServer[_Conn]):
         tick: float = 0.02,
         login_reply: bool = True,
         ts_unit: str = "ns",
+        echo_key: bool = False,
     ) -> None:
         super().__init__(rate=rate, tick=tick)
         self.api_keys = set(api_keys)
         self.heartbeat_interval = heartbeat_interval
         self.login_reply = login_reply
+        # Refuse a key by quoting it back ("Invalid API key <key>"), as some vendors do.
+        self.echo_key = echo_key
         self.ts_unit = ts_unit
         self.market = SimMarket(seed)
         self.logins = 0
@@ -115,7 +118,8 @@ class FakeFmpServer(FakeServer[_Conn]):
                 return True
             self.failed_logins += 1
             self._notify()
-            await conn.ws.send_message('{"event":"login","status":401,"message":"Unauthorized"}')
+            message = f"Invalid API key {key} (see https://example.test/?apikey={key})" if self.echo_key else "Unauthorized"
+            await conn.ws.send_message(msgspec.json.encode({"event": "login", "status": 401, "message": message}).decode())
             await conn.ws.aclose(1008, "Unauthorized")
             return False
         await conn.ws.aclose(1008, "login timeout")

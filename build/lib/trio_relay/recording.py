@@ -56,6 +56,7 @@ import msgspec
 import trio
 
 from .model import Update
+from .private_files import open_private
 
 if TYPE_CHECKING:
     from .config import Config
@@ -231,7 +232,7 @@ class RecordingWriter:
     def __init__(self, path: str | Path, header: RecordingHeader, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         # Unbuffered: each write() below is one system call, so the kernel has whole lines.
-        self._file = open(self.path, "wb" if overwrite else "xb", buffering=0)  # noqa: SIM115
+        self._file = open_private(self.path, overwrite=overwrite)  # 0600: recordings are the operator's data
         self._gz: gzip.GzipFile | None = None
         if self.path.name.endswith(".gz"):
             # No name and no mtime in the gzip header: the same lines give the same bytes.
@@ -716,7 +717,7 @@ async def record(
 
         if raw:
             provider = _RawTapProvider(provider, write_frames)
-        upstream = Upstream(provider, demand, send, config.upstream, Stats())
+        upstream = Upstream(provider, demand, send, config.upstream, Stats(), secrets=config.secrets())
         log.info("[RECORD] %s -> %s: %s", provider.describe(), path, ",".join(wanted))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(syncer.run)
