@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .private_files import private_dir
 
 __all__ = ["bind_problem", "check_data_dirs"]
 
@@ -48,7 +49,7 @@ def check_data_dirs(config: Config) -> None:
     for key, raw in dirs:
         path = Path(raw)
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(path)  # 0700, and so is every folder it creates above it
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:
