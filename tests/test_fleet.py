@@ -318,7 +318,10 @@ async def test_an_old_holder_is_fenced_off(
     a = await start_relay(engine=fleet(fleet_prefix, "a"))
     assert await the_holder([a]) is a
     old_value = await redis.get(keys.holder)
-    assert old_value == f"{engine_of(a).token}:a".encode()
+    epoch_held = await redis.get(keys.epoch)
+    assert epoch_held is not None
+    # "<epoch>|<token>|<node>#<instance>": the fencing token compares within the Redis's epoch.
+    assert old_value.startswith(f"{epoch_held.decode()}|{engine_of(a).token}|a#".encode())
     b = await start_relay(engine=fleet(fleet_prefix, "b"))
     c = await start_relay(engine=fleet(fleet_prefix, "c"))
     feeds = [await Feed.open(ws_connect, relay, ["AAPL"]) for relay in (b, c)]
@@ -328,7 +331,7 @@ async def test_an_old_holder_is_fenced_off(
     new = await the_holder([b, c])
     new_value = await redis.get(keys.holder)
     assert new_value is not None and new_value != old_value
-    old_token, new_token = int(old_value.split(b":")[0]), engine_of(new).token
+    old_token, new_token = int(old_value.split(b"|")[1]), engine_of(new).token
     assert new_token > old_token
     epoch = feeds[0].prices[0]["epoch"]
     # A receiver knows the newest token from the batches it got: wait for one of the new

@@ -131,7 +131,8 @@ class Fleet:
         lines.append("<exited>")
         self.changes.notify()
 
-    async def start_relay(self, node: str, *, redis_url: str | None = None) -> RelayProcess:
+    async def start_relay(self, node: str, *, redis_url: str | None = None, settings: dict[str, str] | None = None) -> RelayProcess:
+        """Start ``trio-relay serve`` as fleet node ``node`` (``settings``: more TRIO_RELAY_* variables)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIO_RELAY_", "FMP_"))}
         env.update(
             FMP_API_KEY=FMP_KEY,
@@ -145,6 +146,7 @@ class Fleet:
             TRIO_RELAY_HISTORY_BACKEND="off",
             TRIO_RELAY_ALERTS_ENABLED="false",
         )
+        env.update(settings or {})
         argv = [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--provider", "fmp",
                 "--upstream-url", self.upstream_url]
         proc, lines = await self.spawn(argv, env)

@@ -36,6 +36,7 @@ import os
 import socket
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, cast
 
@@ -62,6 +63,14 @@ log = logging.getLogger("trio_relay.fleet")
 REDIS_DOWN = "redis_down"
 NO_HOLDER = "no_holder"
 
+# The holder's heartbeat (its status, published) goes out every lock_ttl / HEARTBEATS; a relay
+# that hears none for HOLDER_SILENCE × lock_ttl tells its clients the upstream is down (so within
+# about lock_ttl of losing the holder, while the lock itself lives lock_ttl).
+HEARTBEATS = 4
+HOLDER_SILENCE = 0.75
+# Epochs a relay remembers having left: a message of one of them is stale, never a new epoch.
+RETIRED_EPOCHS = 16
+
 # Most updates published in one script call (the Lua stack and the reply stay small).
 MAX_BATCH = 2000
 # The holder publishes at most once per interval, so a busy feed goes out in batches (seconds).
@@ -82,10 +91,25 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
 # ...and a Redis command that took longer than engine.timeout.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, trio.TooSlowError)
 
+# The lock's value is "<epoch>|<token>|<node>#<instance>". The epoch is created with the first
+# lock of a Redis (it is gone with the data), so a fencing token compares within one epoch and a
+# Redis that lost its data (the counter back at 0) starts a new epoch instead of fencing the fleet
+# out. A lock that already names this very process (ARGV[3]: "|<node>#<instance>") is a grab whose
+# caller gave up waiting (Redis was paused): it is handed back, so the caller holds it at once
+# instead of nobody holding it for a whole lock_ttl.
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local held = redis.call('GET', KEYS[1])
+if held then
+  if string.sub(held, -string.len(ARGV[3])) == ARGV[3] then return held end
+  return false
+end
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[3], epoch)
+end
 local token = redis.call('INCR', KEYS[2])
-local value = token .. ':' .. ARGV[1]
+local value = epoch .. '|' .. token .. ARGV[3]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 """
@@ -253,6 +277,8 @@ class RedisEngine:
         self.stats = stats
         self.providers = list(providers)
         self.node = self.config.node_id or _default_node_id()
+        # Names this process in the lock's value, so it knows a lock its own late command took.
+        self._owner = f"|{self.node}#{os.urandom(4).hex()}"
         self.keys = fleet_keys(self.config.prefix)
         self.view = FleetUpstream(self)
         self._channel0 = f"{self.keys.shard_prefix}0"
@@ -270,9 +296,10 @@ class RedisEngine:
         # What the holder last published about its upstream (None: no holder known).
         self.holder_status: dict[str, Any] | None = None
         self._holder_seen_at: float | None = None  # trio clock
-        # Delivery state (every relay).
+        # Delivery state (every relay): the newest (epoch, fencing token) heard from a holder.
         self.epoch: str | None = None
         self._token_seen = 0
+        self._retired: deque[str] = deque(maxlen=RETIRED_EPOCHS)
         self.last_batch_at: float | None = None  # trio clock
         self.batches_in = 0
         self.stale_batches = 0
@@ -464,14 +491,12 @@ class RedisEngine:
             self._malformed(f"fan-out message ({exc})")
             return
         self.batches_in += 1
-        self.last_batch_at = trio.current_time()
-        if batch.token < self._token_seen:
+        if not self._current(batch.epoch, batch.token):
             self.stale_batches += 1  # an older holder's (the lock's script should have refused it)
             return
-        self._token_seen = batch.token
-        if batch.epoch != self.epoch:
-            self._new_epoch(batch.epoch)
-        # An update the hub already passed on (a cache read racing this feed) is dropped there.
+        self.last_batch_at = self._holder_seen_at = trio.current_time()
+        # An update the hub already passed on (a cache read racing this feed) is dropped there;
+        # the first update of a new epoch makes the hub restart its numbering (in order).
         await self._hub_send.send(batch.updates)
 
     def _malformed(self, what: str) -> None:
@@ -481,9 +506,28 @@ class RedisEngine:
         if self.malformed <= 10 or self.malformed % 1000 == 0:
             log.warning("[FLEET] malformed %s skipped (%d so far)", what, self.malformed)
 
+    def _current(self, epoch: str, token: int) -> bool:
+        """Is a holder's message (its epoch, its fencing token) current? Adopts a new epoch.
+
+        Within an epoch the newest token wins. An epoch this relay never had is a new one (Redis
+        lost its data: the fencing counter started again): it is adopted, whatever its token. An
+        epoch this relay left is stale.
+        """
+        if epoch == self.epoch:
+            if token < self._token_seen:
+                return False
+            self._token_seen = token
+            return True
+        if epoch in self._retired:
+            return False
+        self._new_epoch(epoch)
+        self._token_seen = token
+        return True
+
     def _new_epoch(self, epoch: str) -> None:
         if self.epoch is not None:
-            log.info("[FLEET] the fleet's sequence space is now %s (was %s)", epoch, self.epoch)
+            log.warning("[FLEET] the fleet's sequence space is now %s (was %s): numbering restarts", epoch, self.epoch)
+            self._retired.append(self.epoch)
         self.epoch = epoch
 
     def _on_control(self, data: bytes) -> None:
@@ -499,11 +543,21 @@ class RedisEngine:
             self._released.set()
         elif kind == "upstream":
             status = message.get("status")
-            if isinstance(status, dict) and status.get("token", 0) >= self._token_seen:
-                self._token_seen = int(status.get("token", 0))  # a new holder: older batches are stale
-                self.holder_status = status
-                self._holder_seen_at = trio.current_time()
-                self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
+            if isinstance(status, dict):
+                self._on_status(status)
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        """The holder's heartbeat: its upstream's state (ignored if from an older holder)."""
+        try:
+            current = self._current(str(status.get("epoch", "")), int(status.get("token", 0)))
+        except (TypeError, ValueError):
+            self._malformed("holder status")
+            return
+        if not current:
+            return
+        self.holder_status = status
+        self._holder_seen_at = trio.current_time()
+        self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
 
     def _give_signal(self, signal: str, reason: str, provider: str | None = None) -> None:
         """Tell the hub's clients the fleet's upstream state (once per change)."""
@@ -533,6 +587,7 @@ class RedisEngine:
         ttl_ms = int(self.config.demand_ttl * 1000)
         next_beat = 0.0
         while True:
+            demand.expire()  # a symbol whose last client left stops being wanted after the linger
             changed = demand.changed_event()
             wanted = set(demand.wanted)
             new = wanted - primed
@@ -557,7 +612,7 @@ class RedisEngine:
                         await redis.publish(keys.control, b'{"t":"demand"}')
                 published = wanted
                 next_beat = now + self.config.demand_ttl / 3
-            with trio.move_on_at(next_beat):
+            with trio.move_on_at(min(next_beat, demand.next_expiry())):
                 await changed.wait()
 
     async def _prime(self, redis: coredis.Redis[bytes], symbols: list[str]) -> None:
@@ -584,32 +639,33 @@ class RedisEngine:
                 await self._hub_send.send(updates)
 
     async def _watch_holder(self, redis: coredis.Redis[bytes]) -> None:
-        """Follow the holder's published status; with none for a whole lock_ttl, say so."""
-        period = self.config.lock_ttl / 3
-        while True:
-            with trio.fail_after(self.config.timeout):
-                raw = await redis.get(self.keys.status)
-            now = trio.current_time()
-            status: dict[str, Any] | None = None
-            if raw is not None:
-                try:
-                    status = msgspec.json.decode(raw)
-                except msgspec.DecodeError:
-                    self._malformed("holder status")
-            if status is not None:
-                self.holder_status = status
-                self._holder_seen_at = now
-                if status.get("token", 0) >= self._token_seen:
-                    self._token_seen = int(status.get("token", 0))
-                    signal = str(status.get("signal", ""))
-                    self._give_signal(signal, str(status.get("reason", "")), str(status.get("provider", "")))
+        """Follow the holder's heartbeat; with none for HOLDER_SILENCE × lock_ttl, say so.
+
+        The holder's status key gives a relay that joins the state at once; from then on the
+        heartbeats (control messages, every lock_ttl / HEARTBEATS) keep it, and their absence is
+        noticed on this relay's own clock: within about lock_ttl of the holder's death or freeze
+        or the fleet losing it, the clients hear ``down`` and /health says 503.
+        """
+        with trio.fail_after(self.config.timeout):
+            raw = await redis.get(self.keys.status)
+        if raw is not None:
+            try:
+                status = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                self._malformed("holder status")
             else:
-                if self._holder_seen_at is None:
-                    self._holder_seen_at = now  # measured from joining
-                if now - self._holder_seen_at >= self.config.lock_ttl:
-                    self.holder_status = None
-                    self._give_signal("down", "no relay of the fleet holds the upstream (election in progress)")
-            await trio.sleep(period)
+                if isinstance(status, dict):
+                    self._on_status(status)
+        silence = self.config.lock_ttl * HOLDER_SILENCE
+        joined = trio.current_time()
+        while True:
+            seen = self._holder_seen_at if self._holder_seen_at is not None else joined
+            quiet = trio.current_time() - seen
+            if quiet >= silence and (self.holder_status is not None or self._signal is None or self._signal[0] != "down"):
+                self.holder_status = None
+                # The holder too: its clients' prices come back to it through Redis.
+                self._give_signal("down", f"no heartbeat from the fleet's upstream holder for {quiet:.1f}s")
+            await trio.sleep(silence / 4)
 
     # ------------------------------------------------------------------ the holder
     async def _elect(self, redis: coredis.Redis[bytes]) -> None:
@@ -619,8 +675,13 @@ class RedisEngine:
             # Armed before trying: a "released" that comes while the attempt is on its way wakes
             # the wait below instead of being lost (which would cost a whole lock_ttl / 3).
             released = self._released = trio.Event()
+            # If this times out (Redis paused) the script may still run later: the lock it takes
+            # then names this process, and the next attempt takes it back (_ACQUIRE).
             with trio.fail_after(self.config.timeout):
-                value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
+                value: Any = await acquire(
+                    keys=[self.keys.holder, self.keys.fence, self.keys.epoch],
+                    args=[self.node, ttl_ms, self._owner, new_epoch()],
+                )
             if value:
                 await self._hold(redis, value.decode() if isinstance(value, bytes) else str(value))
                 continue
@@ -629,20 +690,24 @@ class RedisEngine:
         await trio.sleep_forever()
 
     async def _hold(self, redis: coredis.Redis[bytes], value: str) -> None:
-        token = int(value.split(":", 1)[0])
+        epoch, token_text, _owner = value.split("|", 2)
+        token = int(token_text)
         self.role, self.token = "holder", token
         self._stepped_down = trio.Event()
         self.terms += 1
-        self._token_seen = max(self._token_seen, token)
+        self._current(epoch, token)
         # The first holder of a fleet is routine; any later one is a takeover, worth a warning.
-        log.log(logging.INFO if token == 1 else logging.WARNING, "[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
+        log.log(
+            logging.INFO if token == 1 else logging.WARNING,
+            "[FLEET] node %s now holds the upstream (epoch %s, fencing token %d)",
+            self.node,
+            epoch,
+            token,
+        )
         released = False
         try:
             with trio.fail_after(self.config.timeout * 2):
-                epoch = await self._fleet_epoch(redis)
                 states = await self._load_states(redis, epoch)
-            if epoch != self.epoch:
-                self._new_epoch(epoch)
             send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
             fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
             upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats)
@@ -671,7 +736,7 @@ class RedisEngine:
             self.upstream = None
             self.role, self.token = "follower", 0
             self.fleet_symbols = set()
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            with trio.CancelScope(shield=True), trio.move_on_after(min(1.0, self.config.timeout)):
                 try:
                     release = redis.register_script(_RELEASE)
                     released = bool(
@@ -687,11 +752,6 @@ class RedisEngine:
                 log.info("[FLEET] node %s released the upstream lock", self.node)
         if self._stop.is_set():
             await trio.sleep_forever()  # shutting down: do not take the lock again
-
-    async def _fleet_epoch(self, redis: coredis.Redis[bytes]) -> str:
-        await redis.set(self.keys.epoch, new_epoch(), condition=coredis.PureToken.NX)
-        raw = await redis.get(self.keys.epoch)
-        return raw.decode() if raw else new_epoch()
 
     async def _load_states(self, redis: coredis.Redis[bytes], epoch: str) -> dict[str, PriceState]:
         """The cache, to number on from it: a takeover never repeats or steps back a seq."""
@@ -739,6 +799,7 @@ class RedisEngine:
     def _status(self, upstream: Upstream, signal: str, reason: str) -> dict[str, Any]:
         return {
             "node": self.node,
+            "epoch": self.epoch,
             "token": self.token,
             "state": upstream.state,
             "fresh": upstream.is_fresh(),
@@ -759,13 +820,21 @@ class RedisEngine:
         """Keep the holder's status in Redis; pass each up/down/stale/failover on to the fleet."""
         announce = redis.register_script(_ANNOUNCE)
         ttl_ms = int(self.config.lock_ttl * 1000)  # it dies with the lock
-        signal, reason = "up", ""
-        event: tuple[str, str, str] | None = ("", "", "")  # the first status goes out at once
+        # A new holder is not "up" until its upstream session is: the fleet's clients hear "down"
+        # (connecting) then "up", also on a clean takeover.
+        if upstream.state == UpstreamState.CONNECTED:
+            signal, reason = "up", ""
+        else:
+            signal, reason = "down", f"fleet node {self.node} took over the upstream and is connecting"
+        event: tuple[str, str, str] | None = None
         while True:
             if event is not None and event[0]:
                 signal, _provider, reason = event
             status = self._status(upstream, signal, reason)
-            message = self._json.encode({"t": "upstream", "status": status}) if event is not None else b""
+            # Every round is a heartbeat (published): followers judge the holder alive by them.
+            message = self._json.encode({"t": "upstream", "status": status})
+            if signal == "failover":
+                signal = "up"  # told once; the heartbeats after it carry the state
             with trio.fail_after(self.config.timeout):
                 kept: Any = await announce(
                     keys=[self.keys.holder, self.keys.status],
@@ -774,7 +843,7 @@ class RedisEngine:
             if not kept:
                 raise _LockLost("the status was refused: the lock no longer holds this relay's token")
             event = None
-            with trio.move_on_after(self.config.lock_ttl / 3):
+            with trio.move_on_after(self.config.lock_ttl / HEARTBEATS):
                 event = await self._events_receive.receive()
 
     async def _publish(
