@@ -27,7 +27,7 @@ from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_section
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
 from trio_relay.archive import Archiver
-from trio_relay.fleet import _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
+from trio_relay.fleet import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
 from trio_relay.history.sqlite import SqliteBackend
 from trio_relay.model import Update
@@ -364,6 +364,32 @@ async def test_an_old_holder_is_fenced_off(
         feed.assert_in_order("AAPL")
         assert all(p["last_price"] != 999999.0 and p["seq"] < 10**9 for p in feed.prices)
     assert all(engine_of(r).hub.snapshot("AAPL").last_price != 999999.0 for r in (b, c))  # type: ignore[union-attr]
+
+
+async def test_the_lock_is_fenced_by_epoch_and_a_late_grab_is_handed_back(fleet_prefix: str, redis: coredis.Redis[bytes]) -> None:
+    """_ACQUIRE against the real Redis: what a relay whose call timed out, or a Redis that lost its
+    data, leaves behind."""
+    keys = fleet_keys(fleet_prefix)
+    script_keys = [keys.holder, keys.fence, keys.epoch]
+
+    async def acquire(owner: str, epoch: str) -> bytes | None:
+        value: Any = await redis.eval(_ACQUIRE, keys=script_keys, args=["n", 60_000, owner, epoch])
+        return value  # type: ignore[no-any-return]
+
+    first = await acquire("|a#1111", "epoch-1")
+    assert first == b"epoch-1|1|a#1111"
+    # A grab whose caller gave up (Redis was paused) ran anyway: the same process asking again
+    # gets it back at once; any other process (another relay, or this relay restarted) does not.
+    assert await acquire("|a#1111", "epoch-x") == first
+    assert await acquire("|a#2222", "epoch-x") is None
+    assert await acquire("|b#3333", "epoch-x") is None
+    # The lock expires; the next holder's token is higher, in the same epoch.
+    await redis.delete([keys.holder])
+    assert await acquire("|b#3333", "epoch-x") == b"epoch-1|2|b#3333"
+    # Redis lost its data (fence counter, epoch and lock gone): a new epoch, numbering from 1,
+    # never "token 1 is older than 2" (which would fence the whole fleet out).
+    await redis.delete([keys.holder, keys.fence, keys.epoch])
+    assert await acquire("|c#4444", "epoch-2") == b"epoch-2|1|c#4444"
 
 
 async def test_garbage_on_the_fleets_channels_is_counted_and_skipped(
