@@ -27,7 +27,7 @@ from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_section
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
 from trio_relay.archive import Archiver
-from trio_relay.fleet import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
+from trio_relay.engine.redis import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
 from trio_relay.history.sqlite import SqliteBackend
 from trio_relay.model import Update
@@ -772,7 +772,7 @@ def test_archive_refuses_a_config_without_history(tmp_path: Any, capsys: pytest.
 
 async def test_the_publish_pacer_batches_only_a_busy_feed(autojump_clock: trio.testing.MockClock) -> None:
     # virtual time (MockClock)
-    from trio_relay.fleet import Pacer
+    from trio_relay.engine.redis import Pacer
 
     pace = Pacer(0.002)
     start = trio.current_time()

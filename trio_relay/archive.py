@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from .config import Config
-from .fleet import describe_failure, fleet_keys, is_redis_failure, redis_client
+from .engine.redis import describe_failure, fleet_keys, is_redis_failure, redis_client
 from .history import HistoryWriter
 from .model import Update
 from .upstream import Backoff

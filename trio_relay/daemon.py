@@ -33,7 +33,7 @@ from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
 from .history import HistoryBackend, HistoryStore, HistoryWriter, make_backend
-from .fleet import RedisEngine
+from .engine.redis import RedisEngine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..fleet import FleetUpstream, RedisEngine
+from ..engine.redis import FleetUpstream, RedisEngine
 from ..upstream import UpstreamState
 
 if TYPE_CHECKING:

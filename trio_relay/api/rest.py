@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..auth import OPEN, AuthError, bearer_token
-from ..fleet import FleetUpstream
+from ..engine.redis import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .history_routes import register_history

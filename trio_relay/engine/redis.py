@@ -49,11 +49,11 @@ import trio
 from msgspec import Meta
 from coredis.retry import NoRetryPolicy
 
-from .config import Config, EngineConfig, UpstreamConfig
-from .hub import Demand, Hub, Stats, new_epoch
-from .model import BREAK, Encoder, PriceState, Update
-from .providers.base import Provider
-from .upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
+from ..config import Config, EngineConfig, UpstreamConfig
+from ..hub import Demand, Hub, Stats, new_epoch
+from ..model import BREAK, Encoder, PriceState, Update
+from ..providers.base import Provider
+from ..upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
 __all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "redis_client", "describe_failure", "is_redis_failure", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
 
