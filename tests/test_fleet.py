@@ -784,3 +784,21 @@ async def test_the_publish_pacer_batches_only_a_busy_feed(autojump_clock: trio.t
     before = trio.current_time()
     await pace.wait()
     assert trio.current_time() == before  # waits for nothing
+
+
+def test_nothing_outside_the_engine_asks_which_backend_runs() -> None:
+    """The Engine seam: only trio_relay/engine/ (and open_engine's one choice) knows the backends."""
+    from pathlib import Path
+
+    import trio_relay
+
+    root = Path(trio_relay.__file__).parent
+    asking = ("FleetUpstream", "RedisEngine", "MemoryEngine", 'backend == "redis"', 'backend == "memory"')
+    offenders = [
+        f"{path.relative_to(root)}: {needle}"
+        for path in root.rglob("*.py")
+        if "engine" not in path.relative_to(root).parts[:1]
+        for needle in asking
+        if needle in path.read_text()
+    ]
+    assert offenders == []

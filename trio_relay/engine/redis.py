@@ -37,7 +37,7 @@ import socket
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal, cast
 
 import anyio
@@ -47,6 +47,7 @@ import coredis.exceptions
 import msgspec
 import trio
 from msgspec import Meta
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from coredis.retry import NoRetryPolicy
 
 from ..config import Config, EngineConfig, UpstreamConfig
@@ -280,7 +281,7 @@ class RedisEngine:
         # Names this process in the lock's value, so it knows a lock its own late command took.
         self._owner = f"|{self.node}#{os.urandom(4).hex()}"
         self.keys = fleet_keys(self.config.prefix)
-        self.view = FleetUpstream(self)
+        self._view = FleetUpstream(self)
         self._channel0 = f"{self.keys.shard_prefix}0"
         # Redis connection state, for /health and /status.
         self.redis_state = "connecting"
@@ -319,6 +320,31 @@ class RedisEngine:
         self._batch_decoder = msgspec.msgpack.Decoder(FleetBatch)
         self._json = msgspec.json.Encoder()
         self._state_decoder = msgspec.json.Decoder(PriceState)
+
+    # ------------------------------------------------------------------ the Engine interface
+    @property
+    def view(self) -> FleetUpstream:
+        return self._view
+
+    def fleet_health(self) -> FleetHealth:
+        return self._view.fleet_health()
+
+    def fleet_status(self) -> FleetStatus:
+        return self._view.fleet_status()
+
+    def metrics(self) -> Iterator[Metric]:
+        """This relay's part in the fleet, for /metrics."""
+        yield GaugeMetricFamily("trio_relay_fleet_redis_up", "1 while this relay is connected to the fleet's Redis", value=int(self.redis_state == "up"))
+        yield GaugeMetricFamily("trio_relay_fleet_holder", "1 while this relay holds the fleet's upstream connection", value=int(self.role == "holder"))
+        for name, doc, value in (
+            ("fleet_redis_outages", "Times this relay lost Redis", self.redis_outages),
+            ("fleet_terms", "Times this relay became the upstream holder", self.terms),
+            ("fleet_batches_received", "Fan-out messages received from Redis", self.batches_in),
+            ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", self.duplicates),
+            ("fleet_stale_token_dropped", "Fan-out messages of an older holder dropped", self.stale_batches),
+            ("fleet_updates_published", "Updates published to the fleet while holding the upstream", self.updates_out),
+        ):
+            yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
 
     @property
     def duplicates(self) -> int:
