@@ -3,9 +3,17 @@
 Every relay of a fleet (same Redis, same ``engine.prefix``) runs this engine instead of holding
 the upstream itself:
 
-- **Election.** Relays race for the lock ``<prefix>:holder`` (``SET NX PX lock_ttl``, renewed
-  every ``lock_ttl / 3``). Each acquisition takes a new fencing token from ``<prefix>:fence``;
-  the lock's value is ``"<token>:<node>"``. The winner runs the ordinary :class:`Upstream`.
+- **Election.** Relays race for the lock ``<prefix>:holder`` (``SET NX PX lock_ttl`` in a script,
+  renewed every ``lock_ttl / 3``). Its value is ``"<epoch>|<token>|<node>#<instance>"``: each
+  acquisition takes a new fencing token from ``<prefix>:fence`` within the Redis's epoch
+  ``<prefix>:epoch`` (created with the first lock of a Redis, so gone with its data). The winner
+  runs the ordinary :class:`Upstream`.
+- **Sequence truth.** Messages of a holder compare by (epoch, token): within an epoch the newest
+  token wins; an epoch never seen is new (Redis lost its data) and is adopted; an epoch left is
+  stale. The hub of each relay takes seq and epoch from the updates; a new epoch restarts its
+  numbering and is announced to its clients.
+- **Heartbeat.** The holder publishes its upstream's status every ``lock_ttl / HEARTBEATS``; a
+  relay that hears none for ``HOLDER_SILENCE × lock_ttl`` tells its clients the upstream is down.
 - **Demand.** Every relay writes the symbols its clients want (its hub's ``demand.wanted``,
   pins included) to ``<prefix>:demand:<node>`` with a ``demand_ttl`` expiry, refreshed every
   ``demand_ttl / 3``: a relay that dies stops wanting anything when its key expires. The holder
@@ -19,8 +27,9 @@ the upstream itself:
   hands them to its own hub, so outboxes, batching and conflation work as on a single relay, and
   the seq a client sees is the same on every relay.
 - **Delivery at most once.** A relay drops an update whose seq it already passed on (a cache
-  read racing the live channel, a batch from an older fencing token): one update reaches one
-  client at most once, also across a takeover, and nothing is replayed that the client saw.
+  read racing the live channel, a batch from an older fencing token), and a client that resumed
+  with ``since`` gets nothing at or below it: one update reaches one client at most once, also
+  across a takeover, and nothing is replayed that the client saw.
 - **Losing Redis.** A relay that cannot reach Redis keeps its clients, tells them the upstream
   is down (reason: Redis unreachable), reports ``redis_down`` in /health and /status, and
   reconnects with backoff; on its return it publishes its demand again and re-reads the cache
