@@ -383,9 +383,9 @@ async def test_redis_restarted_relays_keep_clients_and_recover(fleet_prefix: str
             await fleet.changes.until(lambda: all(c.prices() for c in clients), 10)
             first_epoch = clients[0].prices()[-1]["epoch"]
 
+            marks = [len(c.messages) for c in clients]  # before: "down" may come within ms
             redis.send_signal(signal.SIGKILL)
             await redis.wait()
-            marks = [len(c.messages) for c in clients]
             for relay in relays:
                 down = await fleet.poll(relay, "/health", lambda r: r.status_code == 503, 10)
                 assert down.json()["code"] == "redis_down"
