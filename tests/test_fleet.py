@@ -380,7 +380,9 @@ async def test_the_lock_is_fenced_by_epoch_and_a_late_grab_is_handed_back(fleet_
     assert first == b"epoch-1|1|a#1111"
     # A grab whose caller gave up (Redis was paused) ran anyway: the same process asking again
     # gets it back at once; any other process (another relay, or this relay restarted) does not.
+    await redis.pexpire(keys.holder, 50)
     assert await acquire("|a#1111", "epoch-x") == first
+    assert await redis.pttl(keys.holder) > 50_000  # and it has a whole lock_ttl again
     assert await acquire("|a#2222", "epoch-x") is None
     assert await acquire("|b#3333", "epoch-x") is None
     # The lock expires; the next holder's token is higher, in the same epoch.

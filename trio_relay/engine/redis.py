@@ -110,7 +110,10 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, trio.TooSlowEr
 _ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
 if held then
-  if string.sub(held, -string.len(ARGV[3])) == ARGV[3] then return held end
+  if string.sub(held, -string.len(ARGV[3])) == ARGV[3] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])  -- a whole lock_ttl before its first renewal
+    return held
+  end
   return false
 end
 local epoch = redis.call('GET', KEYS[3])
