@@ -698,12 +698,14 @@ class RedisEngine:
         joined = trio.current_time()
         while True:
             seen = self._holder_seen_at if self._holder_seen_at is not None else joined
-            quiet = trio.current_time() - seen
+            now = trio.current_time()
+            quiet = now - seen
             if quiet >= silence and (self.holder_status is not None or self._signal is None or self._signal[0] != "down"):
                 self.holder_status = None
                 # The holder too: its clients' prices come back to it through Redis.
                 self._give_signal("down", f"no heartbeat from the fleet's upstream holder for {quiet:.1f}s")
-            await trio.sleep(silence / 4)
+            # Wake when the silence would be long enough (a heartbeat meanwhile moves it on).
+            await trio.sleep_until(seen + silence if quiet < silence else now + silence / 4)
 
     # ------------------------------------------------------------------ the holder
     async def _elect(self, redis: coredis.Redis[bytes]) -> None:
