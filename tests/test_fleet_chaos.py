@@ -38,6 +38,7 @@ import trio_websocket
 from conftest import FMP_KEY
 from test_fleet_processes import LOCK_TTL, Fleet, RelayProcess, free_port, open_fleet, redis_server_or_skip
 from trio_relay.testing.fake_fmp import FakeFmpServer
+from trio_relay.testing.tcpgate import TcpGate
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA"]
 RATE = 20.0  # ticks per second per symbol
@@ -127,8 +128,9 @@ class ResumingClient:
 class Chaos:
     """A fleet of three relays on a private Redis, with resuming clients and /health watchers."""
 
-    def __init__(self, fleet: Fleet, redis: RedisServer, fake: FakeFmpServer, nursery: trio.Nursery) -> None:
+    def __init__(self, fleet: Fleet, redis: RedisServer, fake: FakeFmpServer, gate: TcpGate, nursery: trio.Nursery) -> None:
         self.fleet = fleet
+        self.gate = gate  # between the relays and the upstream: cut = the provider is unreachable
         self.redis = redis
         self.fake = fake
         self.nursery = nursery
@@ -342,11 +344,13 @@ class Chaos:
 
 @asynccontextmanager
 async def open_chaos(tmp_path: Path, nodes: tuple[str, ...] = ("r1", "r2", "r3")) -> AsyncIterator[Chaos]:
-    async with FakeFmpServer.open(api_keys=[FMP_KEY], rate=RATE, heartbeat_interval=1.0, tick=0.02) as fake:
-        async with open_fleet("chaos", fake.url, tmp_path) as fleet, trio.open_nursery() as nursery:
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], rate=RATE, heartbeat_interval=1.0, tick=0.02) as fake, trio.open_nursery() as gates:
+        gate = TcpGate("127.0.0.1", fake.port)
+        await gates.start(gate.run)
+        async with open_fleet("chaos", f"ws://{gate.url_host}", tmp_path) as fleet, trio.open_nursery() as nursery:
             redis = RedisServer(fleet)
             await redis.start()
-            chaos = Chaos(fleet, redis, fake, nursery)
+            chaos = Chaos(fleet, redis, fake, gate, nursery)
             nursery.start_soon(chaos.count_sessions)
             await chaos.start_relays(list(nodes))
             for i in range(len(nodes)):
@@ -357,6 +361,7 @@ async def open_chaos(tmp_path: Path, nodes: tuple[str, ...] = ("r1", "r2", "r3")
                 yield chaos
             finally:
                 nursery.cancel_scope.cancel()
+                gates.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------------- the faults
@@ -443,6 +448,18 @@ async def test_upstream_connections_dropped(tmp_path: Path) -> None:
         recovered = await chaos.flowing(start, RECOVERY + 5)
         await chaos.settle()
         chaos.check("upstream connection dropped", start, start, recovered)
+
+
+async def test_upstream_unreachable_then_back(tmp_path: Path) -> None:
+    async with open_chaos(tmp_path) as chaos:
+        start = trio.current_time()
+        chaos.gate.cut()  # the provider goes away (connection reset, new connections refused)
+        await trio.sleep(FREEZE)
+        chaos.gate.reopen()
+        end = trio.current_time()
+        recovered = await chaos.flowing(end, RECOVERY + 5)
+        await chaos.settle()
+        chaos.check(f"upstream unreachable {FREEZE:g}s", start, end, recovered, holder_lost=True)
 
 
 async def test_a_symbols_last_client_leaves_and_a_relay_joins(tmp_path: Path) -> None:
