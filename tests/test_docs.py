@@ -142,7 +142,7 @@ def rest_app_of(relay: Relay) -> Any:
     """A REST app built by the same factory, from the running relay's parts (for its url_map)."""
     assert relay.security is not None
     ctx = RelayContext(
-        hub=relay.hub, upstream=relay.upstream, config=relay.config, started_at=time.time(), security=relay.security
+        hub=relay.hub, engine=relay.engine, config=relay.config, started_at=time.time(), security=relay.security
     )
     return create_rest_app(ctx)
 

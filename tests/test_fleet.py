@@ -27,7 +27,7 @@ from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_section
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
 from trio_relay.archive import Archiver
-from trio_relay.fleet import _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
+from trio_relay.engine.redis import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
 from trio_relay.history.sqlite import SqliteBackend
 from trio_relay.model import Update
@@ -318,7 +318,10 @@ async def test_an_old_holder_is_fenced_off(
     a = await start_relay(engine=fleet(fleet_prefix, "a"))
     assert await the_holder([a]) is a
     old_value = await redis.get(keys.holder)
-    assert old_value == f"{engine_of(a).token}:a".encode()
+    epoch_held = await redis.get(keys.epoch)
+    assert epoch_held is not None
+    # "<epoch>|<token>|<node>#<instance>": the fencing token compares within the Redis's epoch.
+    assert old_value.startswith(f"{epoch_held.decode()}|{engine_of(a).token}|a#".encode())
     b = await start_relay(engine=fleet(fleet_prefix, "b"))
     c = await start_relay(engine=fleet(fleet_prefix, "c"))
     feeds = [await Feed.open(ws_connect, relay, ["AAPL"]) for relay in (b, c)]
@@ -328,7 +331,7 @@ async def test_an_old_holder_is_fenced_off(
     new = await the_holder([b, c])
     new_value = await redis.get(keys.holder)
     assert new_value is not None and new_value != old_value
-    old_token, new_token = int(old_value.split(b":")[0]), engine_of(new).token
+    old_token, new_token = int(old_value.split(b"|")[1]), engine_of(new).token
     assert new_token > old_token
     epoch = feeds[0].prices[0]["epoch"]
     # A receiver knows the newest token from the batches it got: wait for one of the new
@@ -361,6 +364,34 @@ async def test_an_old_holder_is_fenced_off(
         feed.assert_in_order("AAPL")
         assert all(p["last_price"] != 999999.0 and p["seq"] < 10**9 for p in feed.prices)
     assert all(engine_of(r).hub.snapshot("AAPL").last_price != 999999.0 for r in (b, c))  # type: ignore[union-attr]
+
+
+async def test_the_lock_is_fenced_by_epoch_and_a_late_grab_is_handed_back(fleet_prefix: str, redis: coredis.Redis[bytes]) -> None:
+    """_ACQUIRE against the real Redis: what a relay whose call timed out, or a Redis that lost its
+    data, leaves behind."""
+    keys = fleet_keys(fleet_prefix)
+    script_keys = [keys.holder, keys.fence, keys.epoch]
+
+    async def acquire(owner: str, epoch: str) -> bytes | None:
+        value: Any = await redis.eval(_ACQUIRE, keys=script_keys, args=["n", 60_000, owner, epoch])
+        return value  # type: ignore[no-any-return]
+
+    first = await acquire("|a#1111", "epoch-1")
+    assert first == b"epoch-1|1|a#1111"
+    # A grab whose caller gave up (Redis was paused) ran anyway: the same process asking again
+    # gets it back at once; any other process (another relay, or this relay restarted) does not.
+    await redis.pexpire(keys.holder, 50)
+    assert await acquire("|a#1111", "epoch-x") == first
+    assert await redis.pttl(keys.holder) > 50_000  # and it has a whole lock_ttl again
+    assert await acquire("|a#2222", "epoch-x") is None
+    assert await acquire("|b#3333", "epoch-x") is None
+    # The lock expires; the next holder's token is higher, in the same epoch.
+    await redis.delete([keys.holder])
+    assert await acquire("|b#3333", "epoch-x") == b"epoch-1|2|b#3333"
+    # Redis lost its data (fence counter, epoch and lock gone): a new epoch, numbering from 1,
+    # never "token 1 is older than 2" (which would fence the whole fleet out).
+    await redis.delete([keys.holder, keys.fence, keys.epoch])
+    assert await acquire("|c#4444", "epoch-2") == b"epoch-2|1|c#4444"
 
 
 async def test_garbage_on_the_fleets_channels_is_counted_and_skipped(
@@ -743,7 +774,7 @@ def test_archive_refuses_a_config_without_history(tmp_path: Any, capsys: pytest.
 
 async def test_the_publish_pacer_batches_only_a_busy_feed(autojump_clock: trio.testing.MockClock) -> None:
     # virtual time (MockClock)
-    from trio_relay.fleet import Pacer
+    from trio_relay.engine.redis import Pacer
 
     pace = Pacer(0.002)
     start = trio.current_time()
@@ -755,3 +786,21 @@ async def test_the_publish_pacer_batches_only_a_busy_feed(autojump_clock: trio.t
     before = trio.current_time()
     await pace.wait()
     assert trio.current_time() == before  # waits for nothing
+
+
+def test_nothing_outside_the_engine_asks_which_backend_runs() -> None:
+    """The Engine seam: only trio_relay/engine/ (and open_engine's one choice) knows the backends."""
+    from pathlib import Path
+
+    import trio_relay
+
+    root = Path(trio_relay.__file__).parent
+    asking = ("FleetUpstream", "RedisEngine", "MemoryEngine", 'backend == "redis"', 'backend == "memory"')
+    offenders = [
+        f"{path.relative_to(root)}: {needle}"
+        for path in root.rglob("*.py")
+        if "engine" not in path.relative_to(root).parts[:1]
+        for needle in asking
+        if needle in path.read_text()
+    ]
+    assert offenders == []

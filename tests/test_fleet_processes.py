@@ -131,7 +131,8 @@ class Fleet:
         lines.append("<exited>")
         self.changes.notify()
 
-    async def start_relay(self, node: str, *, redis_url: str | None = None) -> RelayProcess:
+    async def start_relay(self, node: str, *, redis_url: str | None = None, settings: dict[str, str] | None = None) -> RelayProcess:
+        """Start ``trio-relay serve`` as fleet node ``node`` (``settings``: more TRIO_RELAY_* variables)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIO_RELAY_", "FMP_"))}
         env.update(
             FMP_API_KEY=FMP_KEY,
@@ -145,6 +146,7 @@ class Fleet:
             TRIO_RELAY_HISTORY_BACKEND="off",
             TRIO_RELAY_ALERTS_ENABLED="false",
         )
+        env.update(settings or {})
         argv = [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--provider", "fmp",
                 "--upstream-url", self.upstream_url]
         proc, lines = await self.spawn(argv, env)
@@ -381,9 +383,9 @@ async def test_redis_restarted_relays_keep_clients_and_recover(fleet_prefix: str
             await fleet.changes.until(lambda: all(c.prices() for c in clients), 10)
             first_epoch = clients[0].prices()[-1]["epoch"]
 
+            marks = [len(c.messages) for c in clients]  # before: "down" may come within ms
             redis.send_signal(signal.SIGKILL)
             await redis.wait()
-            marks = [len(c.messages) for c in clients]
             for relay in relays:
                 down = await fleet.poll(relay, "/health", lambda r: r.status_code == 503, 10)
                 assert down.json()["code"] == "redis_down"

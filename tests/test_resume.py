@@ -122,12 +122,35 @@ async def test_a_client_that_missed_nothing_gets_nothing_twice() -> None:
         client = hub.connect()
         hub.subscribe(client, ["AAPL"], since={"AAPL": 3}, epoch=hub.epoch)
         got = await pending(client)
-        # A seq from the future is not ours: snapshot.
+        # A seq ahead of this relay in its own epoch (a fleet relay that lags the holder, or does
+        # not follow the symbol yet): nothing at or below it is sent to that client, ever.
         other = hub.connect()
-        hub.subscribe(other, ["AAPL"], since={"AAPL": 99}, epoch=hub.epoch)
+        hub.subscribe(other, ["AAPL"], since={"AAPL": 5}, epoch=hub.epoch)
         future = await pending(other)
+        for i in range(3):
+            hub.publish(trade("AAPL", 200 + i))
+        after = await pending(other)
     assert got == [{"type": "subscribed", "symbols": ["AAPL"], "epoch": hub.epoch, "recovered": True}]
-    assert future[0]["recovered"] is False and seqs(future) == [3]
+    assert future[0]["recovered"] is False and seqs(future) == []
+    assert seqs(after) == [6]
+
+
+async def test_a_new_epoch_restarts_numbering_and_is_announced() -> None:
+    """A fleet whose Redis lost its data numbers from 1 in a new epoch: the hub follows at once."""
+    async with open_hub(pinned=("AAPL",)) as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["AAPL"])
+        for i in range(3):
+            hub.publish(Update(symbol="AAPL", kind="T", timestamp=1, last_price=100 + i, last_size=1, seq=40 + i, epoch="old"))
+        await pending(client)
+        assert hub.snapshot("AAPL").seq == 42  # type: ignore[union-attr]
+        hub.publish(Update(symbol="AAPL", kind="T", timestamp=2, last_price=200, last_size=1, seq=1, epoch="new"))
+        got = await pending(client)
+    assert got[0] == {
+        "type": "status", "scope": "relay", "state": "epoch", "epoch": "new", "previous": "old",
+        "reason": "the sequence space restarted: seq numbering starts again in this epoch",
+    }  # fmt: skip
+    assert [(m["epoch"], m["seq"], m["last_price"]) for m in got[1:]] == [("new", 1, 200)]
 
 
 async def test_replayed_updates_are_never_conflated() -> None:

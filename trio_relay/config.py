@@ -302,7 +302,8 @@ class EngineConfig:
     # This relay's name in the fleet ("" = host-pid-random): shown in /status and the holder's log lines.
     node_id: str = attrs.field(default="", validator=_node_id)
     # The holder's lock lives this long unless renewed (every lock_ttl / 3). A holder that dies is
-    # replaced within about lock_ttl + lock_ttl / 3.
+    # replaced within about lock_ttl + lock_ttl / 3; its silence (no heartbeat, sent every
+    # lock_ttl / 4) is reported to every relay's clients after 0.75 x lock_ttl.
     lock_ttl: float = attrs.field(default=3.0, validator=_at_least_one_second)
     # Each relay's published demand lives this long unless refreshed (every demand_ttl / 3): the
     # symbols of a relay that died stop being held upstream after it (plus upstream.unsubscribe_linger).

@@ -33,14 +33,14 @@ from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
 from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
-from .fleet import RedisEngine
+from .engine import Engine, open_engine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
 from .portfolio_service import PortfolioService
 from .providers.base import Provider
 from .providers.registry import make_providers
 from .startup import bind_problem, check_data_dirs
-from .upstream import Item, Upstream, UpstreamView
+from .upstream import UpstreamView
 
 __all__ = ["Relay", "run_relay", "SHUTDOWN_GRACE"]
 
@@ -58,11 +58,16 @@ class Relay:
 
     config: Config
     hub: Hub
-    upstream: UpstreamView
+    engine: Engine
     binds: list[str]
     _shutdown: trio.Event
     security: Security | None = None
     history_writer: HistoryWriter | None = None
+
+    @property
+    def upstream(self) -> UpstreamView:
+        """The upstream as this relay sees it (its own, or the fleet holder's)."""
+        return self.engine.view
 
     @property
     def port(self) -> int:
@@ -116,10 +121,7 @@ class Relay:
         hub.demand.linger = new.upstream.unsubscribe_linger
         hub.coalesce_above = new.upstream.coalesce_above
         if providers is not None:
-            if isinstance(self.upstream, Upstream):  # a fleet's engine keeps the ones it started with
-                # The old keys too: an error of the session being closed may still quote them.
-                self.upstream.secrets = tuple(dict.fromkeys([*self.upstream.secrets, *new.secrets()]))
-            self.upstream.restart(providers, new.upstream)
+            self.upstream.restart(providers, new.upstream, new.secrets())
             changes.append(f"upstream settings (reconnecting to {self.upstream.provider.describe()})")
         if self.security is not None and (
             new.auth != old.auth or new.limits != old.limits or new.server.allowed_origins != old.server.allowed_origins
@@ -200,9 +202,6 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     demand = Demand(config.upstream.unsubscribe_linger, config.upstream.pinned)
     providers = make_providers(config)
     history_backend = _history_backend(config)
-    # Upstream → hub, in frames. When full, the upstream reader waits (backpressure towards the
-    # provider, whose own buffer absorbs it); the hub side never waits on clients.
-    send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
     shutdown = trio.Event()
     stop_server = trio.Event()
     ssl_context = tls_context(config.server)  # bad certificate or key files: fail before binding anything
@@ -215,19 +214,10 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
             config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
         )
         async with hub_open as hub:
-            fleet: RedisEngine | None = None
-            upstream: UpstreamView
-            if config.engine.backend == "redis":
-                # A fleet: the elected relay holds the upstream; the updates come through Redis.
-                fleet = RedisEngine(config, hub, providers, stats)
-                upstream = fleet.view
-            else:
-                local = Upstream(providers, demand, send, config.upstream, stats, secrets=config.secrets())
-                local.on_event = hub.upstream_event
-                upstream = local
-            ctx = RelayContext(
-                hub=hub, upstream=upstream, config=config, started_at=time.time(), security=Security(config)
-            )
+            # Chosen once, here: this relay's own upstream (memory) or a fleet's (redis).
+            engine = open_engine(config, hub, providers, stats)
+            upstream = engine.view
+            ctx = RelayContext(hub=hub, engine=engine, config=config, started_at=time.time(), security=Security(config))
             app_store = AppStore(config.alerts.data_dir) if config.alerts.enabled else None
             if app_store is not None:
                 portfolio_store = PortfolioStore(app_store, config.portfolio)
@@ -241,16 +231,14 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     (hub.demand.acquire if on else hub.demand.release)([symbol])
 
                 # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
-                engine = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
-                engine.load(await alert_store.load())
+                rules = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
+                rules.load(await alert_store.load())
                 ctx.alerts = AlertService(
-                    hub, engine, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
+                    hub, rules, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
                 )
                 hub.add_callback(ctx.alerts.on_update)
             front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
             async with trio.open_nursery() as nursery:
-                if fleet is None:
-                    nursery.start_soon(hub.consume, receive)
                 # Portfolios and alerts run until shutdown ends them (they have no end of their own).
                 services = trio.CancelScope()
                 await nursery.start(_run_in, services, [ctx.portfolios, ctx.alerts])
@@ -264,10 +252,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
                     ctx.history_store = HistoryStore(history_backend, budget)
                     log.info("[START] tick history: %s", history_backend.description)
-                if fleet is not None:
-                    await nursery.start(fleet.run)
-                else:
-                    await nursery.start(local.run)
+                await nursery.start(engine.run)  # the hub gets updates from here on
                 await nursery.start(
                     partial(
                         hypercorn.trio.serve,
@@ -294,7 +279,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                                 )
 
                 await nursery.start(serve_front)
-                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security, ctx.history_writer)
+                relay = Relay(config, hub, engine, [bind], shutdown, ctx.security, ctx.history_writer)
                 _banner(relay, providers)
                 task_status.started(relay)
 

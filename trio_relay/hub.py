@@ -439,6 +439,10 @@ class Hub:
         # the symbol comes back, so a seq never repeats or steps back within an epoch.
         self._evicted_seq: dict[str, int] = {}
         self._seq_floor = 0  # new symbols start above it: it covers the evicted seqs forgotten
+        # Clients that resumed ahead of this relay (a fleet relay that did not follow the symbol,
+        # or lags the holder by a few ms): symbol → outbox → the seq it has. Nothing at or below
+        # it is routed to that outbox; the entry goes at the first update past it.
+        self._floors: dict[str, dict[Outbox, int]] = {}
         self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
@@ -556,7 +560,7 @@ class Hub:
         state = self._apply(update)
         if state is not None:
             frame = self._enc.price_update(state)
-            self._route(update.symbol, frame)
+            self._route(update.symbol, frame, state.seq)
             if self._keep:
                 history = self._history.get(update.symbol)
                 if history is None:
@@ -594,7 +598,7 @@ class Hub:
         encode = self._enc.price_update
         for symbol, state in changed.items():
             frame = encode(state)
-            self._route(symbol, frame)
+            self._route(symbol, frame, state.seq)
             if self._keep:
                 self._remember(symbol, frame)
 
@@ -634,7 +638,7 @@ class Hub:
                     cached_at=self._enc.now_iso(),
                 )
             )
-            self._route(symbol, frame)
+            self._route(symbol, frame, state.seq)
             if self._keep:
                 self._remember(symbol, frame)
             return None
@@ -648,26 +652,59 @@ class Hub:
         history.append(frame)
 
     def _adopt_epoch(self, epoch: str) -> None:
-        """Take an upstream relay's sequence space (workers share their feeder's numbering)."""
+        """Take an upstream's sequence space (a worker's feeder, a fleet's new epoch).
+
+        Numbering restarts for every symbol: a cached state keeps its prices but has no seq in
+        the new epoch until its next update (so it is no snapshot meanwhile), the resume history
+        and the resume floors go, and every client with symbols is told (``status`` of scope
+        ``relay``, state ``epoch``): a seq it keeps compares only within its old epoch.
+        """
         log.info("[EPOCH] sequence space %s (was %s)", epoch, self.epoch)
-        self.epoch = epoch
+        old, self.epoch = self.epoch, epoch
         self._history.clear()
         self._evicted_seq.clear()
+        self._floors.clear()
         self._seq_floor = 0
         for state in self.cache.values():
             state.epoch = epoch
+            state.seq = 0
+        notice = self._enc.encode(
+            control("status", scope="relay", state="epoch", epoch=epoch, previous=old,
+                    reason="the sequence space restarted: seq numbering starts again in this epoch")
+        )  # fmt: skip
+        for client in list(self.clients.values()):
+            if client.symbols and not client.outbox.put_control(notice):
+                client.close(CLOSE_POLICY, "too many unread replies")
 
     def set_resume_history(self, size: int) -> None:
         """A new history length (reload): the kept frames are trimmed or given room to grow."""
         self._keep = size
         self._history = {s: deque(h, maxlen=size) for s, h in self._history.items()} if size else {}
 
-    def _route(self, symbol: str, msg: bytes) -> None:
+    def _route(self, symbol: str, msg: bytes, seq: int) -> None:
         outboxes = self._subs.get(symbol)
         if outboxes:
+            floors = self._floors.get(symbol) if self._floors else None
+            if floors is not None:
+                self._route_above(symbol, msg, seq, outboxes, floors)
+                return
             for outbox in outboxes:
                 outbox.put(symbol, msg)
             self.stats.messages_out += len(outboxes)
+
+    def _route_above(self, symbol: str, msg: bytes, seq: int, outboxes: set[Outbox], floors: dict[Outbox, int]) -> None:
+        """Route to each outbox unless it resumed at or beyond ``seq`` (it has that update)."""
+        for outbox in outboxes:
+            floor = floors.get(outbox)
+            if floor is not None:
+                if seq <= floor:
+                    self.stats.duplicates += 1
+                    continue
+                del floors[outbox]  # past it: this client is level with the relay
+            outbox.put(symbol, msg)
+            self.stats.messages_out += 1
+        if not floors:
+            del self._floors[symbol]
 
     # ----------------------------------------------------------------- callbacks
     def _run_sync_callbacks(self, update: Update) -> None:
@@ -787,6 +824,10 @@ class Hub:
                     frames = self._missed(s, since[s]) if epoch == self.epoch else None
                     if frames is None:
                         unrecovered.append(s)
+                        if epoch == self.epoch and since[s] > self._seq_of_state(s):
+                            # Ahead of this relay in the same sequence: whatever comes here at
+                            # or below since (a cached state, a lagging feed) it already has.
+                            self._floors.setdefault(s, {})[outbox] = since[s]
                     else:
                         replay[s] = frames
         ack: dict[str, Any] = {"symbols": list(dict.fromkeys(symbols))}
@@ -803,7 +844,7 @@ class Hub:
                     outbox.put_replay(s, frame)
                 continue
             state = self.cache.get(s)
-            if state is not None and state.seq:
+            if state is not None and state.seq and state.seq > self._floors.get(s, {}).get(outbox, 0):
                 outbox.put(s, self._enc.price_update(state))
         stale = [s for s in new if s in self.stale_symbols]
         if stale:
@@ -823,6 +864,10 @@ class Hub:
                 "symbol_limit",
                 f"subscribing {more} more symbol(s) would exceed the limit of {cap} per client (currently {held})",
             )
+
+    def _seq_of_state(self, symbol: str) -> int:
+        state = self.cache.get(symbol)
+        return state.seq if state is not None else 0
 
     def _missed(self, symbol: str, seen: int) -> list[bytes] | None:
         """The frames routed after seq ``seen``; None when some may be gone from the history."""
@@ -847,6 +892,11 @@ class Hub:
         removed = [s for s in dict.fromkeys(symbols) if s in client.symbols]
         for s in removed:
             client.symbols.discard(s)
+            floors = self._floors.get(s)
+            if floors is not None:
+                floors.pop(client.outbox, None)
+                if not floors:
+                    del self._floors[s]
             outboxes = self._subs.get(s)
             if outboxes is not None:
                 outboxes.discard(client.outbox)

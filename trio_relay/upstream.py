@@ -163,7 +163,9 @@ class UpstreamView(Protocol):
 
     def stop(self) -> None: ...
 
-    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None: ...
+    def restart(
+        self, providers: Provider | Sequence[Provider], config: UpstreamConfig, secrets: Sequence[str] = ()
+    ) -> None: ...
 
 
 class Upstream:
@@ -263,12 +265,17 @@ class Upstream:
         if not self.in_session:
             self._connect_scope.cancel()
 
-    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
+    def restart(
+        self, providers: Provider | Sequence[Provider], config: UpstreamConfig, secrets: Sequence[str] = ()
+    ) -> None:
         """Switch to new provider settings: close the session cleanly, reconnect at once.
 
         Demand is kept, so everything wanted is subscribed again on the new session. The first
-        provider of a new chain becomes the active one.
+        provider of a new chain becomes the active one. ``secrets`` (the new configuration's) are
+        masked from now on, as well as the old ones: an error of the session being closed may
+        still quote them.
         """
+        self.secrets = tuple(dict.fromkeys([*self.secrets, *secrets]))
         chain = [providers] if not isinstance(providers, Sequence) else list(providers)
         old = self.provider.name
         self.chain = [ProviderHealth(p) for p in chain]

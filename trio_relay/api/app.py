@@ -26,6 +26,7 @@ from quart_trio import QuartTrio
 from ..alert_service import AlertService
 from ..auth import Security
 from ..config import Config, ConfigError, ServerConfig
+from ..engine import Engine
 from ..history import HistoryStore, HistoryWriter
 from ..hub import Hub
 from ..portfolio_service import PortfolioService
@@ -47,7 +48,7 @@ class RelayContext:
     """What the API needs from the daemon."""
 
     hub: Hub
-    upstream: UpstreamView
+    engine: Engine  # where prices come from (this relay's upstream, or a fleet's)
     config: Config
     started_at: float
     security: Security
@@ -60,6 +61,10 @@ class RelayContext:
     # The front door's open connections to the REST server: backend local port → the client's
     # ip. One entry per REST connection in flight, removed when it ends.
     rest_peers: dict[int, str] = attrs.field(factory=dict, init=False)
+
+    @property
+    def upstream(self) -> UpstreamView:
+        return self.engine.view
 
     @property
     def provider_name(self) -> str:

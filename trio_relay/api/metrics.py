@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..fleet import FleetUpstream, RedisEngine
 from ..upstream import UpstreamState
 
 if TYPE_CHECKING:
@@ -83,8 +82,7 @@ class RelayCollector(Collector):
             ("clients_connected", "Client connections accepted", stats.clients_total),
         ):
             yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
-        if isinstance(upstream, FleetUpstream):
-            yield from _fleet_metrics(upstream.engine)
+        yield from self.ctx.engine.metrics()
         clients = list(hub.clients.values())
         yield GaugeMetricFamily("trio_relay_clients", "Connected WebSocket clients", value=len(clients))
         yield GaugeMetricFamily("trio_relay_cached_symbols", "Symbols in the cache", value=len(hub.cache))
@@ -105,21 +103,6 @@ class RelayCollector(Collector):
             buckets=latency.cumulative(),
             sum_value=latency.sum,
         )
-
-
-def _fleet_metrics(engine: RedisEngine) -> Iterator[Metric]:
-    """engine.backend = "redis": this relay's part in the fleet."""
-    yield GaugeMetricFamily("trio_relay_fleet_redis_up", "1 while this relay is connected to the fleet's Redis", value=int(engine.redis_state == "up"))
-    yield GaugeMetricFamily("trio_relay_fleet_holder", "1 while this relay holds the fleet's upstream connection", value=int(engine.role == "holder"))
-    for name, doc, value in (
-        ("fleet_redis_outages", "Times this relay lost Redis", engine.redis_outages),
-        ("fleet_terms", "Times this relay became the upstream holder", engine.terms),
-        ("fleet_batches_received", "Fan-out messages received from Redis", engine.batches_in),
-        ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", engine.duplicates),
-        ("fleet_stale_token_dropped", "Fan-out messages of an older holder dropped", engine.stale_batches),
-        ("fleet_updates_published", "Updates published to the fleet while holding the upstream", engine.updates_out),
-    ):
-        yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
 
 
 def make_registry(ctx: RelayContext) -> CollectorRegistry:

@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..fleet import FleetHealth, FleetStatus
+from ..engine.redis import FleetHealth, FleetStatus
 from ..model import PriceState
 from ..portfolio import Valuation
 from . import ws

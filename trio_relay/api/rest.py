@@ -17,7 +17,6 @@ from werkzeug.exceptions import HTTPException
 from ..auth import OPEN, AuthError, bearer_token
 from ..entitlements import EntitlementError
 from ..jsonbody import JsonError, decode_json
-from ..fleet import FleetUpstream
 from .alert_routes import register_alerts
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
 from .history_routes import register_history
@@ -151,8 +150,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 body["reason"] = upstream.state
         if upstream.failover:
             body["failover"] = failover_body()
-        if isinstance(upstream, FleetUpstream):
-            body["fleet"] = upstream.fleet_health()
+        fleet = ctx.engine.fleet_health()
+        if fleet is not None:
+            body["fleet"] = fleet
         writer = ctx.history_writer
         if writer is not None:
             # Live relaying does not depend on the database: a slow or down one degrades, never 503s.
@@ -235,7 +235,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
                 ],
             },
             "failover": failover_body() if upstream.failover else None,
-            "fleet": upstream.fleet_status() if isinstance(upstream, FleetUpstream) else None,
+            "fleet": ctx.engine.fleet_status(),
             "history": ctx.history_writer.status() if ctx.history_writer is not None else None,
             "pinned": sorted(hub.demand.pinned),
             "clients": {
@@ -330,12 +330,11 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         allowed = entitlement(security).allows
         cache = hub.cache
         source = "local"
-        if isinstance(upstream, FleetUpstream):
-            # A fleet answers from the shared cache, the same on every relay (this relay's own
-            # while it cannot reach Redis; the X-Cache-Source header says which).
-            shared = await upstream.engine.cached_states()
-            if shared is not None:
-                cache, source = shared, "fleet"
+        # A fleet answers from the shared cache, the same on every relay (this relay's own
+        # while it cannot reach Redis; the X-Cache-Source header says which).
+        shared = await ctx.engine.cached_states()
+        if shared is not None:
+            cache, source = shared, "fleet"
         data = {s: st for s, st in sorted(cache.items()) if st.seq and allowed(s)}
         response = json_response({"count": len(data), "data": data})
         response.headers["X-Cache-Source"] = source
@@ -351,10 +350,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             return entitlement_error(exc)
         state = hub.snapshot(symbol)
         source = "local"
-        if isinstance(upstream, FleetUpstream):
-            shared = await upstream.engine.cached_states([symbol])
-            if shared is not None:
-                state, source = shared.get(symbol), "fleet"
+        shared = await ctx.engine.cached_states([symbol])
+        if shared is not None:
+            state, source = shared.get(symbol), "fleet"
         if state is None:
             return error_response(404, "not_found", f"no cached data for {symbol[:24]!r}")
         response = json_response(state)

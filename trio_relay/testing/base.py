@@ -133,8 +133,10 @@ class FakeServer(ABC, Generic[C]):
         server = cls(**kwargs)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, host, port)
-            yield server
-            nursery.cancel_scope.cancel()
+            try:
+                yield server
+            finally:
+                nursery.cancel_scope.cancel()  # also when the block raised (else its tasks run on)
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -12,6 +12,8 @@ and :meth:`wait_until` waits for a condition without sleeping.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterable
 
 import attrs
@@ -35,6 +37,9 @@ MALFORMED_FRAMES = (
 )
 
 _enc = msgspec.json.Encoder()
+
+# Tick stamps kept per symbol (FakeFmpServer.sent).
+SENT_LOG = 100_000
 
 
 @attrs.define(eq=False)
@@ -90,6 +95,10 @@ class FakeFmpServer(FakeServer[_Conn]):
         self.failed_logins = 0
         self.history: list[tuple[str, tuple[str, ...]]] = []  # ("subscribe", ("AAPL",)), ...
         self.received_keys: list[str] = []  # what clients sent as apiKey (tests check no leak)
+        # Each simulated tick is stamped with its own time (UTC ms, strictly increasing per
+        # symbol), so (symbol, timestamp) names one tick: fault tests find a tick delivered twice
+        # or lost. The stamps sent, per symbol (the last SENT_LOG of each).
+        self.sent: dict[str, deque[int]] = {}
 
     @property
     def subscriptions(self) -> set[str]:
@@ -158,7 +167,16 @@ class FakeFmpServer(FakeServer[_Conn]):
     def _streamed(self, conn: _Conn) -> list[str]:
         return sorted(conn.subscribed)
 
+    def stamp(self, symbol: str) -> int:
+        """A new tick's time: now (UTC ms), or 1 ms after the symbol's previous tick."""
+        sent = self.sent.get(symbol)
+        if sent is None:
+            sent = self.sent[symbol] = deque(maxlen=SENT_LOG)
+        ts = max(time.time_ns() // 1_000_000, sent[-1] + 1 if sent else 0)
+        sent.append(ts)
+        return ts
+
     async def _send_ticks(self, conn: _Conn, symbols: list[str]) -> None:
         for symbol in symbols:
-            await conn.ws.send_message(fmp_frame(self.market.next(symbol), self.ts_unit))
+            await conn.ws.send_message(fmp_frame(self.market.next(symbol, self.stamp(symbol)), self.ts_unit))
             self.frames_sent += 1

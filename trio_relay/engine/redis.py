@@ -3,9 +3,17 @@
 Every relay of a fleet (same Redis, same ``engine.prefix``) runs this engine instead of holding
 the upstream itself:
 
-- **Election.** Relays race for the lock ``<prefix>:holder`` (``SET NX PX lock_ttl``, renewed
-  every ``lock_ttl / 3``). Each acquisition takes a new fencing token from ``<prefix>:fence``;
-  the lock's value is ``"<token>:<node>"``. The winner runs the ordinary :class:`Upstream`.
+- **Election.** Relays race for the lock ``<prefix>:holder`` (``SET NX PX lock_ttl`` in a script,
+  renewed every ``lock_ttl / 3``). Its value is ``"<epoch>|<token>|<node>#<instance>"``: each
+  acquisition takes a new fencing token from ``<prefix>:fence`` within the Redis's epoch
+  ``<prefix>:epoch`` (created with the first lock of a Redis, so gone with its data). The winner
+  runs the ordinary :class:`Upstream`.
+- **Sequence truth.** Messages of a holder compare by (epoch, token): within an epoch the newest
+  token wins; an epoch never seen is new (Redis lost its data) and is adopted; an epoch left is
+  stale. The hub of each relay takes seq and epoch from the updates; a new epoch restarts its
+  numbering and is announced to its clients.
+- **Heartbeat.** The holder publishes its upstream's status every ``lock_ttl / HEARTBEATS``; a
+  relay that hears none for ``HOLDER_SILENCE × lock_ttl`` tells its clients the upstream is down.
 - **Demand.** Every relay writes the symbols its clients want (its hub's ``demand.wanted``,
   pins included) to ``<prefix>:demand:<node>`` with a ``demand_ttl`` expiry, refreshed every
   ``demand_ttl / 3``: a relay that dies stops wanting anything when its key expires. The holder
@@ -19,8 +27,9 @@ the upstream itself:
   hands them to its own hub, so outboxes, batching and conflation work as on a single relay, and
   the seq a client sees is the same on every relay.
 - **Delivery at most once.** A relay drops an update whose seq it already passed on (a cache
-  read racing the live channel, a batch from an older fencing token): one update reaches one
-  client at most once, also across a takeover, and nothing is replayed that the client saw.
+  read racing the live channel, a batch from an older fencing token), and a client that resumed
+  with ``since`` gets nothing at or below it: one update reaches one client at most once, also
+  across a takeover, and nothing is replayed that the client saw.
 - **Losing Redis.** A relay that cannot reach Redis keeps its clients, tells them the upstream
   is down (reason: Redis unreachable), reports ``redis_down`` in /health and /status, and
   reconnects with backoff; on its return it publishes its demand again and re-reads the cache
@@ -36,7 +45,8 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal, cast
 
 import anyio
@@ -46,13 +56,14 @@ import coredis.exceptions
 import msgspec
 import trio
 from msgspec import Meta
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from coredis.retry import NoRetryPolicy
 
-from .config import Config, EngineConfig, UpstreamConfig
-from .hub import Demand, Hub, Stats, new_epoch
-from .model import BREAK, Encoder, PriceState, Update
-from .providers.base import Provider
-from .upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
+from ..config import Config, EngineConfig, UpstreamConfig
+from ..hub import Demand, Hub, Stats, new_epoch
+from ..model import BREAK, Encoder, PriceState, Update
+from ..providers.base import Provider
+from ..upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
 __all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "redis_client", "describe_failure", "is_redis_failure", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
 
@@ -61,6 +72,14 @@ log = logging.getLogger("trio_relay.fleet")
 # Upstream states a follower reports when it cannot see a working holder.
 REDIS_DOWN = "redis_down"
 NO_HOLDER = "no_holder"
+
+# The holder's heartbeat (its status, published) goes out every lock_ttl / HEARTBEATS; a relay
+# that hears none for HOLDER_SILENCE × lock_ttl tells its clients the upstream is down (so within
+# about lock_ttl of losing the holder, while the lock itself lives lock_ttl).
+HEARTBEATS = 4
+HOLDER_SILENCE = 0.75
+# Epochs a relay remembers having left: a message of one of them is stale, never a new epoch.
+RETIRED_EPOCHS = 16
 
 # Most updates published in one script call (the Lua stack and the reply stay small).
 MAX_BATCH = 2000
@@ -82,10 +101,28 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
 # ...and a Redis command that took longer than engine.timeout.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, trio.TooSlowError)
 
+# The lock's value is "<epoch>|<token>|<node>#<instance>". The epoch is created with the first
+# lock of a Redis (it is gone with the data), so a fencing token compares within one epoch and a
+# Redis that lost its data (the counter back at 0) starts a new epoch instead of fencing the fleet
+# out. A lock that already names this very process (ARGV[3]: "|<node>#<instance>") is a grab whose
+# caller gave up waiting (Redis was paused): it is handed back, so the caller holds it at once
+# instead of nobody holding it for a whole lock_ttl.
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local held = redis.call('GET', KEYS[1])
+if held then
+  if string.sub(held, -string.len(ARGV[3])) == ARGV[3] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])  -- a whole lock_ttl before its first renewal
+    return held
+  end
+  return false
+end
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[3], epoch)
+end
 local token = redis.call('INCR', KEYS[2])
-local value = token .. ':' .. ARGV[1]
+local value = epoch .. '|' .. token .. ARGV[3]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 """
@@ -254,8 +291,10 @@ class RedisEngine:
         self.stats = stats
         self.providers = list(providers)
         self.node = self.config.node_id or _default_node_id()
+        # Names this process in the lock's value, so it knows a lock its own late command took.
+        self._owner = f"|{self.node}#{os.urandom(4).hex()}"
         self.keys = fleet_keys(self.config.prefix)
-        self.view = FleetUpstream(self)
+        self._view = FleetUpstream(self)
         self._channel0 = f"{self.keys.shard_prefix}0"
         # Redis connection state, for /health and /status.
         self.redis_state = "connecting"
@@ -271,9 +310,10 @@ class RedisEngine:
         # What the holder last published about its upstream (None: no holder known).
         self.holder_status: dict[str, Any] | None = None
         self._holder_seen_at: float | None = None  # trio clock
-        # Delivery state (every relay).
+        # Delivery state (every relay): the newest (epoch, fencing token) heard from a holder.
         self.epoch: str | None = None
         self._token_seen = 0
+        self._retired: deque[str] = deque(maxlen=RETIRED_EPOCHS)
         self.last_batch_at: float | None = None  # trio clock
         self.batches_in = 0
         self.stale_batches = 0
@@ -294,6 +334,31 @@ class RedisEngine:
         self._json = msgspec.json.Encoder()
         self._state_decoder = msgspec.json.Decoder(PriceState)
 
+    # ------------------------------------------------------------------ the Engine interface
+    @property
+    def view(self) -> FleetUpstream:
+        return self._view
+
+    def fleet_health(self) -> FleetHealth:
+        return self._view.fleet_health()
+
+    def fleet_status(self) -> FleetStatus:
+        return self._view.fleet_status()
+
+    def metrics(self) -> Iterator[Metric]:
+        """This relay's part in the fleet, for /metrics."""
+        yield GaugeMetricFamily("trio_relay_fleet_redis_up", "1 while this relay is connected to the fleet's Redis", value=int(self.redis_state == "up"))
+        yield GaugeMetricFamily("trio_relay_fleet_holder", "1 while this relay holds the fleet's upstream connection", value=int(self.role == "holder"))
+        for name, doc, value in (
+            ("fleet_redis_outages", "Times this relay lost Redis", self.redis_outages),
+            ("fleet_terms", "Times this relay became the upstream holder", self.terms),
+            ("fleet_batches_received", "Fan-out messages received from Redis", self.batches_in),
+            ("fleet_duplicates_dropped", "Updates dropped because their seq was already passed on", self.duplicates),
+            ("fleet_stale_token_dropped", "Fan-out messages of an older holder dropped", self.stale_batches),
+            ("fleet_updates_published", "Updates published to the fleet while holding the upstream", self.updates_out),
+        ):
+            yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
+
     @property
     def duplicates(self) -> int:
         """Updates dropped because this relay had already passed them on (counted by the hub)."""
@@ -306,12 +371,13 @@ class RedisEngine:
             self.upstream.stop()
         self._stop.set()
 
-    def restart(self, providers: Sequence[Provider], config: UpstreamConfig) -> None:
+    def restart(self, providers: Sequence[Provider], config: UpstreamConfig, secrets: Sequence[str] = ()) -> None:
         """New provider settings (reload): used from the next holding on, and now if holding."""
         self.providers = list(providers)
         self.upstream_config = config
+        self.secrets = list(dict.fromkeys([*self.secrets, *secrets]))
         if self.upstream is not None:
-            self.upstream.restart(providers, config)
+            self.upstream.restart(providers, config, secrets)
 
     async def cached_states(self, symbols: Sequence[str] | None = None) -> dict[str, PriceState] | None:
         """The shared cache: of ``symbols``, or of every symbol the fleet wants (None: no Redis)."""
@@ -465,14 +531,12 @@ class RedisEngine:
             self._malformed(f"fan-out message ({exc})")
             return
         self.batches_in += 1
-        self.last_batch_at = trio.current_time()
-        if batch.token < self._token_seen:
+        if not self._current(batch.epoch, batch.token):
             self.stale_batches += 1  # an older holder's (the lock's script should have refused it)
             return
-        self._token_seen = batch.token
-        if batch.epoch != self.epoch:
-            self._new_epoch(batch.epoch)
-        # An update the hub already passed on (a cache read racing this feed) is dropped there.
+        self.last_batch_at = self._holder_seen_at = trio.current_time()
+        # An update the hub already passed on (a cache read racing this feed) is dropped there;
+        # the first update of a new epoch makes the hub restart its numbering (in order).
         await self._hub_send.send(batch.updates)
 
     def _malformed(self, what: str) -> None:
@@ -482,9 +546,28 @@ class RedisEngine:
         if self.malformed <= 10 or self.malformed % 1000 == 0:
             log.warning("[FLEET] malformed %s skipped (%d so far)", what, self.malformed)
 
+    def _current(self, epoch: str, token: int) -> bool:
+        """Is a holder's message (its epoch, its fencing token) current? Adopts a new epoch.
+
+        Within an epoch the newest token wins. An epoch this relay never had is a new one (Redis
+        lost its data: the fencing counter started again): it is adopted, whatever its token. An
+        epoch this relay left is stale.
+        """
+        if epoch == self.epoch:
+            if token < self._token_seen:
+                return False
+            self._token_seen = token
+            return True
+        if epoch in self._retired:
+            return False
+        self._new_epoch(epoch)
+        self._token_seen = token
+        return True
+
     def _new_epoch(self, epoch: str) -> None:
         if self.epoch is not None:
-            log.info("[FLEET] the fleet's sequence space is now %s (was %s)", epoch, self.epoch)
+            log.warning("[FLEET] the fleet's sequence space is now %s (was %s): numbering restarts", epoch, self.epoch)
+            self._retired.append(self.epoch)
         self.epoch = epoch
 
     def _on_control(self, data: bytes) -> None:
@@ -500,11 +583,21 @@ class RedisEngine:
             self._released.set()
         elif kind == "upstream":
             status = message.get("status")
-            if isinstance(status, dict) and status.get("token", 0) >= self._token_seen:
-                self._token_seen = int(status.get("token", 0))  # a new holder: older batches are stale
-                self.holder_status = status
-                self._holder_seen_at = trio.current_time()
-                self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
+            if isinstance(status, dict):
+                self._on_status(status)
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        """The holder's heartbeat: its upstream's state (ignored if from an older holder)."""
+        try:
+            current = self._current(str(status.get("epoch", "")), int(status.get("token", 0)))
+        except (TypeError, ValueError):
+            self._malformed("holder status")
+            return
+        if not current:
+            return
+        self.holder_status = status
+        self._holder_seen_at = trio.current_time()
+        self._give_signal(str(status.get("signal", "")), str(status.get("reason", "")), str(status.get("provider", "")))
 
     def _give_signal(self, signal: str, reason: str, provider: str | None = None) -> None:
         """Tell the hub's clients the fleet's upstream state (once per change)."""
@@ -534,6 +627,7 @@ class RedisEngine:
         ttl_ms = int(self.config.demand_ttl * 1000)
         next_beat = 0.0
         while True:
+            demand.expire()  # a symbol whose last client left stops being wanted after the linger
             changed = demand.changed_event()
             wanted = set(demand.wanted)
             new = wanted - primed
@@ -558,7 +652,7 @@ class RedisEngine:
                         await redis.publish(keys.control, b'{"t":"demand"}')
                 published = wanted
                 next_beat = now + self.config.demand_ttl / 3
-            with trio.move_on_at(next_beat):
+            with trio.move_on_at(min(next_beat, demand.next_expiry())):
                 await changed.wait()
 
     async def _prime(self, redis: coredis.Redis[bytes], symbols: list[str]) -> None:
@@ -585,32 +679,35 @@ class RedisEngine:
                 await self._hub_send.send(updates)
 
     async def _watch_holder(self, redis: coredis.Redis[bytes]) -> None:
-        """Follow the holder's published status; with none for a whole lock_ttl, say so."""
-        period = self.config.lock_ttl / 3
-        while True:
-            with trio.fail_after(self.config.timeout):
-                raw = await redis.get(self.keys.status)
-            now = trio.current_time()
-            status: dict[str, Any] | None = None
-            if raw is not None:
-                try:
-                    status = msgspec.json.decode(raw)
-                except msgspec.DecodeError:
-                    self._malformed("holder status")
-            if status is not None:
-                self.holder_status = status
-                self._holder_seen_at = now
-                if status.get("token", 0) >= self._token_seen:
-                    self._token_seen = int(status.get("token", 0))
-                    signal = str(status.get("signal", ""))
-                    self._give_signal(signal, str(status.get("reason", "")), str(status.get("provider", "")))
+        """Follow the holder's heartbeat; with none for HOLDER_SILENCE × lock_ttl, say so.
+
+        The holder's status key gives a relay that joins the state at once; from then on the
+        heartbeats (control messages, every lock_ttl / HEARTBEATS) keep it, and their absence is
+        noticed on this relay's own clock: within about lock_ttl of the holder's death or freeze
+        or the fleet losing it, the clients hear ``down`` and /health says 503.
+        """
+        with trio.fail_after(self.config.timeout):
+            raw = await redis.get(self.keys.status)
+        if raw is not None:
+            try:
+                status = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                self._malformed("holder status")
             else:
-                if self._holder_seen_at is None:
-                    self._holder_seen_at = now  # measured from joining
-                if now - self._holder_seen_at >= self.config.lock_ttl:
-                    self.holder_status = None
-                    self._give_signal("down", "no relay of the fleet holds the upstream (election in progress)")
-            await trio.sleep(period)
+                if isinstance(status, dict):
+                    self._on_status(status)
+        silence = self.config.lock_ttl * HOLDER_SILENCE
+        joined = trio.current_time()
+        while True:
+            seen = self._holder_seen_at if self._holder_seen_at is not None else joined
+            now = trio.current_time()
+            quiet = now - seen
+            if quiet >= silence and (self.holder_status is not None or self._signal is None or self._signal[0] != "down"):
+                self.holder_status = None
+                # The holder too: its clients' prices come back to it through Redis.
+                self._give_signal("down", f"no heartbeat from the fleet's upstream holder for {quiet:.1f}s")
+            # Wake when the silence would be long enough (a heartbeat meanwhile moves it on).
+            await trio.sleep_until(seen + silence if quiet < silence else now + silence / 4)
 
     # ------------------------------------------------------------------ the holder
     async def _elect(self, redis: coredis.Redis[bytes]) -> None:
@@ -620,8 +717,13 @@ class RedisEngine:
             # Armed before trying: a "released" that comes while the attempt is on its way wakes
             # the wait below instead of being lost (which would cost a whole lock_ttl / 3).
             released = self._released = trio.Event()
+            # If this times out (Redis paused) the script may still run later: the lock it takes
+            # then names this process, and the next attempt takes it back (_ACQUIRE).
             with trio.fail_after(self.config.timeout):
-                value: Any = await acquire(keys=[self.keys.holder, self.keys.fence], args=[self.node, ttl_ms])
+                value: Any = await acquire(
+                    keys=[self.keys.holder, self.keys.fence, self.keys.epoch],
+                    args=[self.node, ttl_ms, self._owner, new_epoch()],
+                )
             if value:
                 await self._hold(redis, value.decode() if isinstance(value, bytes) else str(value))
                 continue
@@ -630,20 +732,24 @@ class RedisEngine:
         await trio.sleep_forever()
 
     async def _hold(self, redis: coredis.Redis[bytes], value: str) -> None:
-        token = int(value.split(":", 1)[0])
+        epoch, token_text, _owner = value.split("|", 2)
+        token = int(token_text)
         self.role, self.token = "holder", token
         self._stepped_down = trio.Event()
         self.terms += 1
-        self._token_seen = max(self._token_seen, token)
+        self._current(epoch, token)
         # The first holder of a fleet is routine; any later one is a takeover, worth a warning.
-        log.log(logging.INFO if token == 1 else logging.WARNING, "[FLEET] node %s now holds the upstream (fencing token %d)", self.node, token)
+        log.log(
+            logging.INFO if token == 1 else logging.WARNING,
+            "[FLEET] node %s now holds the upstream (epoch %s, fencing token %d)",
+            self.node,
+            epoch,
+            token,
+        )
         released = False
         try:
             with trio.fail_after(self.config.timeout * 2):
-                epoch = await self._fleet_epoch(redis)
                 states = await self._load_states(redis, epoch)
-            if epoch != self.epoch:
-                self._new_epoch(epoch)
             send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
             fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
             upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats, secrets=self.secrets)
@@ -672,7 +778,7 @@ class RedisEngine:
             self.upstream = None
             self.role, self.token = "follower", 0
             self.fleet_symbols = set()
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            with trio.CancelScope(shield=True), trio.move_on_after(min(1.0, self.config.timeout)):
                 try:
                     release = redis.register_script(_RELEASE)
                     released = bool(
@@ -688,11 +794,6 @@ class RedisEngine:
                 log.info("[FLEET] node %s released the upstream lock", self.node)
         if self._stop.is_set():
             await trio.sleep_forever()  # shutting down: do not take the lock again
-
-    async def _fleet_epoch(self, redis: coredis.Redis[bytes]) -> str:
-        await redis.set(self.keys.epoch, new_epoch(), condition=coredis.PureToken.NX)
-        raw = await redis.get(self.keys.epoch)
-        return raw.decode() if raw else new_epoch()
 
     async def _load_states(self, redis: coredis.Redis[bytes], epoch: str) -> dict[str, PriceState]:
         """The cache, to number on from it: a takeover never repeats or steps back a seq."""
@@ -740,6 +841,7 @@ class RedisEngine:
     def _status(self, upstream: Upstream, signal: str, reason: str) -> dict[str, Any]:
         return {
             "node": self.node,
+            "epoch": self.epoch,
             "token": self.token,
             "state": upstream.state,
             "fresh": upstream.is_fresh(),
@@ -760,13 +862,21 @@ class RedisEngine:
         """Keep the holder's status in Redis; pass each up/down/stale/failover on to the fleet."""
         announce = redis.register_script(_ANNOUNCE)
         ttl_ms = int(self.config.lock_ttl * 1000)  # it dies with the lock
-        signal, reason = "up", ""
-        event: tuple[str, str, str] | None = ("", "", "")  # the first status goes out at once
+        # A new holder is not "up" until its upstream session is: the fleet's clients hear "down"
+        # (connecting) then "up", also on a clean takeover.
+        if upstream.state == UpstreamState.CONNECTED:
+            signal, reason = "up", ""
+        else:
+            signal, reason = "down", f"fleet node {self.node} took over the upstream and is connecting"
+        event: tuple[str, str, str] | None = None
         while True:
             if event is not None and event[0]:
                 signal, _provider, reason = event
             status = self._status(upstream, signal, reason)
-            message = self._json.encode({"t": "upstream", "status": status}) if event is not None else b""
+            # Every round is a heartbeat (published): followers judge the holder alive by them.
+            message = self._json.encode({"t": "upstream", "status": status})
+            if signal == "failover":
+                signal = "up"  # told once; the heartbeats after it carry the state
             with trio.fail_after(self.config.timeout):
                 kept: Any = await announce(
                     keys=[self.keys.holder, self.keys.status],
@@ -775,7 +885,7 @@ class RedisEngine:
             if not kept:
                 raise _LockLost("the status was refused: the lock no longer holds this relay's token")
             event = None
-            with trio.move_on_after(self.config.lock_ttl / 3):
+            with trio.move_on_after(self.config.lock_ttl / HEARTBEATS):
                 event = await self._events_receive.receive()
 
     async def _publish(
@@ -1005,9 +1115,11 @@ class FleetUpstream:
     def stop(self) -> None:
         self._engine.stop()
 
-    def restart(self, providers: Provider | Sequence[Provider], config: UpstreamConfig) -> None:
+    def restart(
+        self, providers: Provider | Sequence[Provider], config: UpstreamConfig, secrets: Sequence[str] = ()
+    ) -> None:
         chain = [providers] if not isinstance(providers, Sequence) else list(providers)
-        self._engine.restart(chain, config)
+        self._engine.restart(chain, config, secrets)
 
     def fleet_status(self) -> FleetStatus:
         """The ``fleet`` part of /status."""
