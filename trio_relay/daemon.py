@@ -99,6 +99,7 @@ class Relay:
     _shutdown: trio.Event
     security: Security | None = None
     history_writer: HistoryWriter | None = None
+    edge: FrontDoor | None = None  # the public listener's edge (its connection table: tests, status)
 
     @property
     def port(self) -> int:
@@ -289,7 +290,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                                 )
 
                 await nursery.start(serve_front)
-                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security, ctx.history_writer)
+                relay = Relay(config, hub, upstream, [bind], shutdown, ctx.security, ctx.history_writer, front)
                 _banner(relay, providers)
                 task_status.started(relay)
 

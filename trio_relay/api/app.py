@@ -298,6 +298,12 @@ class FrontDoor:
         if len(request.headers) > server.max_headers:
             await self._error(stream, conn, 431, "too_many_headers", f"at most {server.max_headers} header fields per request")
             return False, Outcome.CLOSE
+        # h11 bounds a head that arrives in pieces (max_incomplete_event_size); one that came
+        # whole in a single read is measured here.
+        size = len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
+        if size > server.max_header_size:
+            await self._error(stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+            return False, Outcome.CLOSE
         headers: dict[bytes, bytes] = {}
         for name, value in request.headers:
             headers.setdefault(bytes(name), bytes(value))  # h11 lower-cases the names
