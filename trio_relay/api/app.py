@@ -308,8 +308,9 @@ class FrontDoor:
         for name, value in request.headers:
             headers.setdefault(bytes(name), bytes(value))  # h11 lower-cases the names
         target = bytes(request.target)
-        if b"host" not in headers and request.http_version != b"1.0":
-            await self._error(stream, conn, 400, "bad_request", "a Host header is required")
+        hosts = sum(1 for name, _ in request.headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and request.http_version != b"1.0"):
+            await self._error(stream, conn, 400, "bad_request", "a request needs exactly one Host header")
             return False, Outcome.CLOSE
         host = headers.get(b"host", b"").decode("latin-1")
         if not target.startswith(b"/"):
@@ -320,7 +321,9 @@ class FrontDoor:
                 return False, Outcome.CLOSE
             host = parts.netloc
             target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
-        if not security.host_allowed(host):
+        # An HTTP/1.0 request without Host (some health checkers) cannot come from a browser,
+        # and only a browser can be made to send a rebinding name.
+        if host and not security.host_allowed(host):
             await self._error(stream, conn, 421, "misdirected_request", "this relay does not serve that host name")
             return False, Outcome.CLOSE
         path = target.split(b"?", 1)[0]

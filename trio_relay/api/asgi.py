@@ -174,7 +174,7 @@ class _Exchange:
         kind = message["type"]
         conn = self.conn
         if kind == "http.response.start":
-            headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            headers = [(bytes(k), _relative(bytes(v)) if k.lower() == b"location" else bytes(v)) for k, v in message.get("headers", ())]
             if self.closing:
                 headers.append((b"connection", b"close"))
             status = int(message["status"])
@@ -188,6 +188,16 @@ class _Exchange:
                 self.finished = True
             if data:
                 await self.stream.send_all(data)
+
+
+def _relative(location: bytes) -> bytes:
+    """A redirect's target without scheme and host: werkzeug builds absolute ones from the Host
+    header, and the relay's redirects all point at itself, so the Host is never reflected."""
+    if location.startswith((b"http://", b"https://")):
+        after = location.split(b"://", 1)[1]
+        path = after[after.find(b"/") :] if b"/" in after else b"/"
+        return b"/" + path.lstrip(b"/")  # never "//host": that would be another site again
+    return location
 
 
 def _reason(status: int) -> bytes:
