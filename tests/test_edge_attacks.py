@@ -453,3 +453,57 @@ def test_an_ipv6_client_counts_by_its_64():
     assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
     assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
     assert address_key("203.0.113.7") == "203.0.113.7"
+
+
+async def test_head_and_keepalive_timeouts_run_to_the_configured_time(start_relay, autojump_clock):
+    """The edge's own loop over an in-memory stream, under a MockClock: the bounds are exact."""
+    from trio.testing import memory_stream_pair
+
+    relay = await start_relay(server={"head_timeout": 10.0, "keepalive_timeout": 30.0})
+    edge = relay.edge
+
+    async def serve(stream: Any, ended: list[float]) -> None:
+        _, entry = edge.table.admit("192.0.2.1")
+        try:
+            await edge._serve(stream, entry, ("192.0.2.1", 1), trio.current_time() + edge.server.head_timeout)
+        finally:
+            edge.table.release(entry)
+            ended.append(trio.current_time())
+
+    async def response(stream: Any) -> tuple[h11.Response, bytes]:
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        client.send(h11.EndOfMessage())
+        got: h11.Response | None = None
+        body = b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                got = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert got is not None
+                return got, body
+
+    # A head that stops half-way: 408 at exactly head_timeout.
+    ours, theirs = memory_stream_pair()
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(serve, theirs, ended)
+        await ours.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow, _ = await response(ours)
+    assert slow.status_code == 408 and ended[0] - start == 10.0
+
+    # A served request, then silence: closed at exactly keepalive_timeout after the response.
+    ours, theirs = memory_stream_pair()
+    ended = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, theirs, ended)
+        await ours.send_all(f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        ok, _ = await response(ours)
+        answered = trio.current_time()
+    assert ok.status_code == 200 and ended[0] - answered == 30.0

@@ -85,20 +85,24 @@ async def call_app(
         "server": server,
         "extensions": {},
     }
-    state = _Exchange(conn, stream, closing)
+    state = _Exchange(conn, stream, closing, head=request.method == b"HEAD")
+    failure = False
     try:
         with trio.move_on_after(timeout) as limit:
             await app(scope, state.receive, state.send)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return Outcome.CLOSE
-    except h11.LocalProtocolError as exc:
+    # Quart-Trio runs each request in a nursery of its own: what it raises arrives grouped.
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        failure = True  # the peer went away mid-response: routine
+    except* h11.LocalProtocolError as group:
         # The app's response broke HTTP framing (e.g. more body than its content-length).
-        log.error("[REST] %s %s: bad response from the app: %s", scope["method"], scope["path"][:100], exc)
-        return Outcome.CLOSE
-    except Exception:
-        log.exception("[REST] %s %s failed", scope["method"], scope["path"][:100])
+        log.error("[REST] %s %s: bad response from the app: %s", scope["method"], scope["path"][:100], group.exceptions[0])
+        failure = True
+    except* Exception as group:
+        log.error("[REST] %s %s failed", scope["method"], scope["path"][:100], exc_info=group)
         if not state.started:
             await _send_error(stream, conn, 500, "internal_error", "internal error; see the relay's log")
+        failure = True
+    if failure:
         return Outcome.CLOSE
     if limit.cancelled_caught:
         if not state.started:
@@ -125,10 +129,11 @@ async def _send_error(stream: trio.abc.Stream, conn: h11.Connection, status: int
 class _Exchange:
     """The ASGI ``receive`` and ``send`` of one request, over the edge's h11 connection."""
 
-    __slots__ = ("conn", "stream", "closing", "started", "finished", "body_complete", "_pending")
+    __slots__ = ("conn", "stream", "closing", "head", "started", "finished", "body_complete", "_pending")
 
-    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream, closing: bool) -> None:
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream, closing: bool, *, head: bool = False) -> None:
         self.conn = conn
+        self.head = head  # a HEAD request: the app's body is not sent (h11 would refuse it)
         self.stream = stream
         self.closing = closing  # the relay is draining: the response says connection: close
         self.started = False
@@ -181,7 +186,8 @@ class _Exchange:
             self._pending = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b""
             self.started = True
         elif kind == "http.response.body":
-            data = self._pending + (conn.send(h11.Data(data=message.get("body", b""))) or b"")
+            body = b"" if self.head else message.get("body", b"")
+            data = self._pending + (conn.send(h11.Data(data=body)) if body else b"")
             self._pending = b""
             if not message.get("more_body", False):
                 data += conn.send(h11.EndOfMessage()) or b""
