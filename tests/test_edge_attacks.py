@@ -369,7 +369,7 @@ def _fds(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
-async def test_2000_idle_sockets_from_one_address_cannot_keep_a_client_from_its_prices(start_relay, nursery):
+async def test_2000_idle_sockets_from_one_address_cannot_keep_a_client_from_its_prices(start_relay, nursery, http):
     _fds(2 * 2200 + 256)  # both ends of every socket live in this process
     relay = await start_relay(limits={"connections_per_ip": 100})
     attackers: list[trio.SocketStream] = []
@@ -385,7 +385,10 @@ async def test_2000_idle_sockets_from_one_address_cannot_keep_a_client_from_its_
                 await trio.sleep(0.01)  # the refused ones are being closed
             assert relay.edge.table.refused >= 1900
             price = await first_price(relay, nursery)
+            metrics = (await http.get(f"{relay.http_url}/metrics")).text
         assert price["symbol"] == "AAPL"
+        refused = next(line for line in metrics.splitlines() if line.startswith('trio_relay_edge_refused_total{reason="per_address"}'))
+        assert float(refused.split()[-1]) >= 1900
     finally:
         for stream in attackers:
             stream.socket.close()

@@ -72,6 +72,8 @@ class RelayContext:
     # Portfolios (None when alerts.enabled = false).
     portfolios: PortfolioService | None = None
     alerts: AlertService | None = None
+    # The edge's connection table (set by the FrontDoor): open, idle, refused, evicted.
+    edge: ConnectionTable | None = None
 
     @property
     def provider_name(self) -> str:
@@ -146,6 +148,7 @@ class FrontDoor:
         self.ws.alerts = ctx.alerts
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
         self.table = ConnectionTable(self.server.max_connections, ctx.security.per_ip)
+        ctx.edge = self.table  # for /metrics
         self.closing = False  # shutdown began: responses say connection: close
         self._stop_app = trio.Event()
 
@@ -280,6 +283,7 @@ class FrontDoor:
 
     async def _error(self, stream: trio.abc.Stream, conn: h11.Connection, status: int, code: str, message: str) -> None:
         """Answer an edge error and end the connection (bounded: the peer may not read)."""
+        self.table.rejected[status] = self.table.rejected.get(status, 0) + 1
         try:
             data = error_response(conn, status, code, message)
         except h11.LocalProtocolError:

@@ -105,6 +105,9 @@ class ConnectionTable:
         self.open = 0
         self.evicted = 0  # idle connections closed to make room (a sign of a flood)
         self.refused = 0
+        self.refused_by: dict[Admission, int] = {Admission.PER_ADDRESS: 0, Admission.FULL: 0}
+        # The edge's own error answers (400, 408, 421, 431...) by status: a handful of keys.
+        self.rejected: dict[int, int] = {}
         # Insertion-ordered: the first entry has been idle the longest.
         self._idle: dict[Entry, None] = {}
         self._quiet = trio.Event()  # set whenever nothing is busy (see wait_quiet)
@@ -114,11 +117,13 @@ class ConnectionTable:
         key = address_key(ip)
         if not self.per_address.acquire(key):
             self.refused += 1
+            self.refused_by[Admission.PER_ADDRESS] += 1
             return Admission.PER_ADDRESS, None
         if self.open >= self.max_connections:
             if not self._idle:
                 self.per_address.release(key)
                 self.refused += 1
+                self.refused_by[Admission.FULL] += 1
                 return Admission.FULL, None
             oldest = next(iter(self._idle))
             del self._idle[oldest]
@@ -129,6 +134,10 @@ class ConnectionTable:
         entry = Entry(key)
         self._idle[entry] = None
         return Admission.ADMITTED, entry
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
 
     def idle(self, entry: Entry) -> None:
         """``entry`` waits for a request head: it may be evicted, most recently idle last."""
