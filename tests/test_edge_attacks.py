@@ -510,3 +510,33 @@ async def test_head_and_keepalive_timeouts_run_to_the_configured_time(start_rela
         ok, _ = await response(ours)
         answered = trio.current_time()
     assert ok.status_code == 200 and ended[0] - answered == 30.0
+
+
+async def test_expect_100_continue_gets_its_interim_answer(start_relay):
+    relay = await start_relay()
+    body = b'["AMD"]'
+    with trio.fail_after(DEADLINE):
+        stream = await open_raw(relay)
+        async with stream:
+            await stream.send_all(
+                f"POST {SUBSCRIBE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+            )
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += await stream.receive_some(65536)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            rest = interim.split(b"\r\n\r\n", 1)[1] + await read_to_eof(stream)
+    assert rest.startswith(b"HTTP/1.1 200 ") and "AMD" in relay.hub.demand.pinned
+
+
+def test_allowed_hosts_must_be_host_names():
+    import pytest
+
+    from trio_relay.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="server.allowed_hosts: 'https://relay.example' is not a host name"):
+        load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["https://relay.example"]}})
+    config = load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["relay.example:443", "[::1]", "*"]}})
+    assert config.server.allowed_hosts == ["relay.example:443", "[::1]", "*"]

@@ -800,6 +800,9 @@ def _check_security(config: Config) -> None:
     for origin in server.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com")
+    for host in server.allowed_hosts:
+        if host != "*" and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?", host):
+            raise ConfigError(f"config error: server.allowed_hosts: {host!r} is not a host name like relay.example.com (or name:port)")
     for alg in auth.algorithms:
         if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
             raise ConfigError(f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)")

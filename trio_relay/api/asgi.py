@@ -149,6 +149,9 @@ class _Exchange:
             except h11.RemoteProtocolError:
                 return {"type": "http.disconnect"}  # a malformed body: the connection will close
             if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    # Expect: 100-continue (curl sends it for bodies over 1 KiB): the app reads on.
+                    await self.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 conn.receive_data(bytes(data))  # b"": the peer is gone (a ConnectionClosed next)
                 continue
