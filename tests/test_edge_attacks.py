@@ -540,3 +540,14 @@ def test_allowed_hosts_must_be_host_names():
         load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["https://relay.example"]}})
     config = load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["relay.example:443", "[::1]", "*"]}})
     assert config.server.allowed_hosts == ["relay.example:443", "[::1]", "*"]
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(start_relay):
+    relay = await start_relay()
+    with trio.fail_after(DEADLINE):
+        status, body, _ = await send_and_read(
+            relay,
+            f"POST {SUBSCRIBE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000000\r\n\r\n[".encode(),
+        )
+    assert status == 413 and "Traceback" not in json.dumps(body)
