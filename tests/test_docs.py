@@ -60,6 +60,7 @@ EXAMPLES = DOCS / "examples"
 DOC_BASE = "127.0.0.1:8000"
 SECRET = "docs-test-secret-0123456789abcdef-XYZ"
 TIMEOUT = 10
+JSON = {"Content-Type": "application/json"}  # the relay refuses REST writes of any other type (415)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -324,11 +325,11 @@ async def test_live_responses_match_the_documented_types(
             url = relay.http_url + rule.rule.replace("<symbol>", "aapl").replace("<name>", "main")
             methods = rule.methods or set()
             if "POST" in methods:
-                response = await http.post(url, content=b'["AAPL","MSFT"]')
+                response = await http.post(url, content=b'["AAPL","MSFT"]', headers=JSON)
             elif "GET" in methods:
                 response = await http.get(url)
             elif "PUT" in methods:
-                response = await http.put(url, content=b'{"quantity":1,"cost_basis":1}')
+                response = await http.put(url, content=b'{"quantity":1,"cost_basis":1}', headers=JSON)
             else:
                 response = await http.delete(url)
             _check_body(endpoint, response.status_code, response.json())

@@ -91,7 +91,7 @@ def test_garbage_frames_close_the_connection_not_the_relay(garbage: bytes) -> No
         stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
         async with stream:
             await stream.send_all(
-                b"GET /api/v2/realtime/ws/prices HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"GET /api/v2/realtime/ws/prices HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                 b"Sec-WebSocket-Version: 13\r\n\r\n"
             )

@@ -39,5 +39,6 @@ async def test_metrics_show_counters_moving_under_load(start_relay, ws_connect, 
     delivered = now[("trio_relay_delivery_latency_seconds_count", ())]
     assert delivered > 0 and now[("trio_relay_delivery_latency_seconds_bucket", (("le", "+Inf"),))] == delivered
     # Bounded labels: nothing per client or per symbol.
-    assert not any(dict(labels).keys() - {"state", "le", "version", "provider"} for _name, labels in now)
+    # Bounded label sets only ("reason" and "status" of the edge: a handful of values each).
+    assert not any(dict(labels).keys() - {"state", "le", "version", "provider", "reason", "status"} for _name, labels in now)
     assert FMP_KEY not in response.text

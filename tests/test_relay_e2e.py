@@ -223,7 +223,7 @@ async def test_rest_errors_are_json(start_relay, http):
             (("[" + ",".join(f'"S{i}"' for i in range(51)) + "]").encode(), 422, "too_many_symbols"),
         ]
         for body, status, code in cases:
-            r = await http.post(api(relay, "/subscribe"), content=body)
+            r = await http.post(api(relay, "/subscribe"), content=body, headers={"Content-Type": "application/json"})
             assert (r.status_code, r.json()["error"]) == (status, code), body
             assert "Traceback" not in r.text
         unknown = await http.get(f"{relay.http_url}/no/such/route")

@@ -17,7 +17,7 @@ async def _subscribe_raw(port: int, symbols: list[str]) -> socket.socket:
     sock = trio.socket.socket()
     await sock.connect(("127.0.0.1", port))
     conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    await sock.send(conn.send(wse.Request(host="x", target=WS_PATH)))
+    await sock.send(conn.send(wse.Request(host="localhost", target=WS_PATH)))
     while not any(isinstance(e, wse.AcceptConnection) for e in conn.events()):
         conn.receive_data(await sock.recv(65536))
     sub = '{"action":"subscribe","symbols":[' + ",".join(f'"{s}"' for s in symbols) + "]}"

@@ -1,7 +1,7 @@
 """trio_relay: one upstream market-data WebSocket, cached and fanned out to many clients.
 
 The names below load on first use, so ``import trio_relay.client`` (or ``trio-relay watch``)
-does not pay for the daemon's imports (Hypercorn, Quart, PyJWT...).
+does not pay for the daemon's imports (Quart, PyJWT...).
 """
 
 from __future__ import annotations

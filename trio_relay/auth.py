@@ -215,6 +215,21 @@ class ConnectionCounter:
             self.counts.pop(key, None)
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _allowed_hosts(listed: Iterable[str], bind: str) -> frozenset[str] | None:
+    """The Host names the relay answers to; None: any (the list has "*", or a wildcard bind)."""
+    hosts = [h.lower() for h in listed]
+    if "*" in hosts:
+        return None
+    if not hosts:
+        if bind in ("0.0.0.0", "::", ""):
+            return None  # every address of the machine: its names are not known here
+        hosts = [*_LOOPBACK_NAMES, f"[{bind}]" if ":" in bind else bind]
+    return frozenset(hosts)
+
+
 class Security:
     """The relay's security settings and shared counters, used by the WebSocket and REST sides.
 
@@ -235,21 +250,43 @@ class Security:
         self.limits = config.limits
         self.auth = Authenticator(config.auth)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
+        self.allowed_hosts = _allowed_hosts(config.server.allowed_hosts, config.server.host)
         if hasattr(self, "per_ip"):
             self.per_ip.cap = config.limits.connections_per_ip
             self.per_user.cap = config.limits.connections_per_user
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """May a browser page from ``origin`` open the price socket (``host``: our Host header)?"""
+        """May a browser page from ``origin`` open the price socket or write through REST?
+
+        ``host`` is the request's Host header. The relay's own pages (same host and port) and
+        the ``server.allowed_origins`` may, whether auth is on or off: with auth off, a page on
+        any site could otherwise use a visitor's network position to reach a relay on their
+        loopback. A request without ``Origin`` is not from a browser page and is allowed.
+        """
         if origin is None:
             return True  # not a browser (browsers always send Origin on a WebSocket upgrade)
         origin = origin.rstrip("/")
-        if self.allowed_origins:
-            return "*" in self.allowed_origins or origin in self.allowed_origins
-        if not self.auth.enabled:
+        if "*" in self.allowed_origins or origin in self.allowed_origins:
             return True
-        # Auth on and no list: the relay's own pages only (same host and port).
         return host is not None and origin.split("://", 1)[-1] == host
+
+    def host_allowed(self, host: str | None) -> bool:
+        """Is ``host`` (a Host header: name or name:port) one the relay serves?
+
+        The check against DNS rebinding: a page on evil.example whose name is made to resolve to
+        127.0.0.1 reaches the relay as "same origin", but its requests say ``Host: evil.example``.
+        """
+        if self.allowed_hosts is None:
+            return True
+        if host is None:
+            return False
+        host = host.lower()
+        if host in self.allowed_hosts:
+            return True
+        name, _, port = host.rpartition(":")
+        if name and port.isdigit() and not name.endswith(":"):  # name:port, [v6]:port
+            return name in self.allowed_hosts
+        return False
 
     def rest_allowed(self, ip: str, now: float) -> float:
         """0.0 if this IP may make a REST request now, else the seconds to wait."""

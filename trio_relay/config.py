@@ -96,6 +96,25 @@ class ServerConfig:
     # e.g. ["https://app.example.com"]. Empty: any origin while auth is off, same host only
     # while it is on. Non-browser clients send no Origin and are not affected.
     allowed_origins: list[str] = attrs.Factory(list)
+    # Host header values (name, or name:port) the relay answers to; others get 421 (DNS
+    # rebinding). Empty: the loopback names and the bind address, or any host on a wildcard
+    # bind (0.0.0.0, ::); "*" = any.
+    allowed_hosts: list[str] = attrs.Factory(list)
+    # The edge's bounds (each applies to every connection, before any route runs):
+    # seconds to receive a request head: a new connection's first (TLS handshake included), or
+    # the rest of a later one once its first byte came: 408 and closed;
+    head_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # seconds a kept-alive connection may wait for the first byte of its next request: closed;
+    keepalive_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # seconds a REST request may take from its head to the end of its response: 408/503, closed;
+    request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # open connections in all (checked at accept; when full, the longest-idle connection is closed
+    # to make room, and without one the newcomer is refused). Never above the file limit.
+    max_connections: int = attrs.field(default=10000, validator=_positive)
+    # bytes of request line + headers: 431;
+    max_header_size: int = attrs.field(default=16384, validator=_positive)
+    # header fields per request: 431.
+    max_headers: int = attrs.field(default=100, validator=_positive)
 
 
 @attrs.frozen
@@ -144,6 +163,8 @@ class ClientsConfig:
     stall_timeout: float = attrs.field(default=30.0, validator=_positive)
     # Largest text frame accepted from a client, in bytes.
     max_message_size: int = attrs.field(default=65536, validator=_positive)
+    # Frames one client message may be split into (continuation frames): 1008 beyond.
+    max_frames_per_message: int = attrs.field(default=64, validator=_positive)
     # Updates kept per symbol so a client that reconnects can resume where it left off
     # ("since" in its subscribe). Memory: about 370 bytes per kept update per symbol. 0 = no resume.
     resume_history: int = attrs.field(default=128, validator=_non_negative)
@@ -273,7 +294,9 @@ class LimitsConfig:
     # JSON from clients (WebSocket messages, REST bodies) nested deeper than this is refused
     # (error invalid_json / 400 json_too_deep) before it is decoded. Real messages nest 3 or 4 deep.
     json_max_depth: int = attrs.field(default=32, validator=_positive)
-    # Open WebSocket connections per client IP and per authenticated user. 0 = no cap.
+    # Open connections per client address (counted from accept, before any request: HTTP 429 and
+    # close beyond; an IPv6 client counts by its /64) and WebSocket connections per authenticated
+    # user. 0 = no cap.
     connections_per_ip: int = attrs.field(default=1000, validator=_non_negative)
     connections_per_user: int = attrs.field(default=20, validator=_non_negative)
     # REST requests per second per client IP (token bucket); over it: 429 with Retry-After.
@@ -696,6 +719,9 @@ def _check_security(config: Config) -> None:
     for origin in server.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com")
+    for host in server.allowed_hosts:
+        if host != "*" and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?", host):
+            raise ConfigError(f"config error: server.allowed_hosts: {host!r} is not a host name like relay.example.com (or name:port)")
     for alg in auth.algorithms:
         if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
             raise ConfigError(f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)")

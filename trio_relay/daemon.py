@@ -5,9 +5,10 @@ Reading :func:`run_relay` tells the whole story:
 - the hub (``Hub.open``) owns the stall reaper and the async-callback runners;
 - ``hub.consume`` drains the bounded upstream → hub channel;
 - ``upstream.run`` holds the provider connection (reconnecting under backoff);
-- ``serve_front`` owns the public socket: the price WebSocket is served natively, everything
-  else is relayed to ``hypercorn.trio.serve``, which serves the Quart-Trio REST app on a
-  private loopback port (TLS, when configured, ends at the front door).
+- ``front.run_app`` runs the Quart-Trio REST app's lifespan;
+- ``serve_front`` owns the public socket: an h11 edge (:class:`~trio_relay.api.FrontDoor`) that
+  serves the price WebSocket natively and calls the REST app for every other request (TLS, when
+  configured, ends there too).
 
 Shutdown (``Relay.shutdown()``, SIGINT/SIGTERM in the CLI): close every client with 1001, stop the
 HTTP server, close the upstream cleanly, and cancel whatever is left after ``SHUTDOWN_GRACE``.
@@ -18,17 +19,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from functools import partial
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 
 from .alert_service import AlertService
 from .alerts import AlertEngine, AlertStore, WebhookSender
 from .api import WS_PATH, FrontDoor, RelayContext
-from .api.app import BACKEND_HOST, tls_context
+from .api.app import tls_context
 from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
@@ -63,6 +61,7 @@ class Relay:
     _shutdown: trio.Event
     security: Security | None = None
     history_writer: HistoryWriter | None = None
+    edge: FrontDoor | None = None  # the public listener's edge (its connection table: tests, status)
 
     @property
     def upstream(self) -> UpstreamView:
@@ -164,38 +163,6 @@ def _listening_socket(config: Config) -> socket.socket:
     return sock
 
 
-def _private_socket() -> socket.socket:
-    """Where Hypercorn serves the REST app: a loopback port that only the front door connects to.
-
-    TCP, not a Unix socket: the REST app's peer is then the front door's (host, port), which
-    the front door maps back to the real client (``RelayContext.client_ip``).
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((BACKEND_HOST, 0))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _hypercorn_config(config: Config, fd: int) -> hypercorn.config.Config:
-    """Hypercorn serving on the listening socket ``fd``, which it takes over.
-
-    A ``fd://`` bind makes Hypercorn wrap the descriptor in a socket object of its own and close
-    it when it stops serving, so the descriptor must be handed over (``socket.detach()``), not
-    shared with a socket object that would close it again.
-    """
-    hc = hypercorn.config.Config()
-    hc.bind = [f"fd://{fd}"]
-    hc.graceful_timeout = config.server.graceful_timeout
-    hc.accesslog = None  # monitoring polls /health often; access lines would drown the journal
-    hc.errorlog = logging.getLogger("hypercorn.error")
-    return hc
-
-
 async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the relay until :meth:`Relay.shutdown`; started() hands over the :class:`Relay`."""
     stats = Stats()
@@ -203,12 +170,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     providers = make_providers(config)
     history_backend = _history_backend(config)
     shutdown = trio.Event()
-    stop_server = trio.Event()
     ssl_context = tls_context(config.server)  # bad certificate or key files: fail before binding anything
     check_data_dirs(config)  # an unwritable data directory: one line now, not a traceback later
     listener = _listening_socket(config)
-    # Hypercorn serves the REST app on a private loopback port behind the front door.
-    private = _private_socket()
     try:
         hub_open = Hub.open(
             config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
@@ -237,7 +201,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     hub, rules, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
                 )
                 hub.add_callback(ctx.alerts.on_update)
-            front = FrontDoor(ctx, private.getsockname()[:2], ssl_context)
+            front = FrontDoor(ctx, ssl_context)
             async with trio.open_nursery() as nursery:
                 # Portfolios and alerts run until shutdown ends them (they have no end of their own).
                 services = trio.CancelScope()
@@ -253,14 +217,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     ctx.history_store = HistoryStore(history_backend, budget)
                     log.info("[START] tick history: %s", history_backend.description)
                 await nursery.start(engine.run)  # the hub gets updates from here on
-                await nursery.start(
-                    partial(
-                        hypercorn.trio.serve,
-                        front.rest,
-                        _hypercorn_config(config, private.detach()),  # Hypercorn's from here on
-                        shutdown_trigger=stop_server.wait,
-                    )
-                )
+                await nursery.start(front.run_app)
                 host, port = listener.getsockname()[:2]
                 scheme = "https" if ssl_context is not None else "http"
                 bind = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
@@ -279,7 +236,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                                 )
 
                 await nursery.start(serve_front)
-                relay = Relay(config, hub, engine, [bind], shutdown, ctx.security, ctx.history_writer)
+                relay = Relay(config, hub, engine, [bind], shutdown, ctx.security, ctx.history_writer, front)
                 _banner(relay, providers)
                 task_status.started(relay)
 
@@ -291,6 +248,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 accepting.cancel()
                 await front_listener.aclose()  # new connections are refused from here on
+                front.begin_drain()  # idle connections close; each REST response says connection: close
                 hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
                 upstream.stop()
                 with trio.move_on_after(SHUTDOWN_GRACE / 2):
@@ -301,7 +259,8 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     with trio.move_on_after(HISTORY_DRAIN):
                         await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
                 services.cancel()
-                stop_server.set()
+                await front.drain(config.server.graceful_timeout)  # REST requests in flight finish
+                front.stop_app()
                 connections.cancel()
                 if ctx.history_store is not None:
                     with trio.move_on_after(0.5):
@@ -310,9 +269,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     with trio.move_on_after(0.5):
                         await app_store.aclose()
     finally:
-        # Hypercorn closed it when it stopped serving (from then on the front door answers 503);
-        # this closes it only when the relay failed before handing it over.
-        private.close()
+        listener.close()  # closed already once serving began; this is for a failed start
     log.info("[SHUTDOWN] done")
 
 

@@ -1,27 +1,40 @@
-"""The front door: the one public listening socket of the relay.
+"""The front door: the one public listening socket of the relay, an HTTP/1.1 edge on h11.
 
-Each connection's request head is read here. A WebSocket upgrade for the price socket is served
-natively by :class:`~trio_relay.api.ws.ClientProtocol` (the hot path: thousands of clients,
-every frame counts); anything else (REST, health checks, unknown paths) is relayed byte for byte
-to the Quart-Trio app, which Hypercorn serves on a private loopback TCP socket. REST is light
-traffic, so one extra local hop there costs nothing that matters.
+Each accepted connection is admitted (or refused) by a :class:`ConnectionTable` before a byte is
+read; then a server-side ``h11.Connection`` reads one request head after another, each routed on
+its own:
 
-With ``server.tls_certfile``/``tls_keyfile`` set, the front door speaks TLS: each accepted
-connection is wrapped in a :class:`trio.SSLStream` and handshaken before its head is read; both the
-native WebSocket and the REST relay then run over the TLS stream (the backend hop stays plain).
+- a WebSocket upgrade of the price path goes to wsproto (``initiate_upgrade_connection`` with the
+  parsed head) and is served natively by :class:`~trio_relay.api.ws.ClientProtocol` (the hot
+  path: thousands of clients, every frame counts);
+- anything else is an ASGI call of the Quart-Trio REST app, made here (:mod:`.asgi`): no second
+  HTTP server, no loopback hop, and the app sees the real client address.
 
-The REST app sees the front door's backend connection as its peer, so the front door records,
-for each backend connection, which client it carries (:meth:`RelayContext.client_ip`).
+Every resource a peer can hold here is bounded (``[server]``): the head must arrive within
+``head_timeout`` (408), a kept-alive connection may wait ``keepalive_timeout`` for its next
+request, a REST request gets ``request_timeout`` (408/503), heads are capped at
+``max_header_size`` bytes and ``max_headers`` fields (431), a malformed head gets 400, a Host the
+relay does not serve 421, and connections are capped per address and in all before their head.
+
+With ``server.tls_certfile``/``tls_keyfile`` set, each accepted connection is wrapped in a
+:class:`trio.SSLStream` and handshaken (within ``head_timeout``) before its first head is read.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import ssl
+from urllib.parse import urlsplit
 
 import attrs
+import h11
 import trio
+import wsproto
+import wsproto.events as wse
 from quart_trio import QuartTrio
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from ..alert_service import AlertService
 from ..auth import Security
@@ -31,16 +44,18 @@ from ..history import HistoryStore, HistoryWriter
 from ..hub import Hub
 from ..portfolio_service import PortfolioService
 from ..upstream import UpstreamView
+from .asgi import AsgiApp, Outcome, call_app, error_response, run_lifespan
+from .connections import Admission, ConnectionTable, Entry
 from .rest import create_rest_app
-from .ws import WS_PATH, ClientProtocol, peer_ip
+from .ws import WS_PATH, ClientProtocol, peer
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
 
 log = logging.getLogger("trio_relay.api.front")
 
-MAX_HEAD = 16 * 1024
-HEAD_TIMEOUT = 10.0  # a client that cannot finish its TLS handshake and request head in this time is dropped
-BACKEND_HOST = "127.0.0.1"  # where Hypercorn serves the REST app (a private port on loopback)
+RECEIVE_SIZE = 65536
+WRITE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+REFUSAL_WRITE_TIMEOUT = 1.0  # a refused peer gets this long to take its 429/503
 
 
 @attrs.define
@@ -58,9 +73,8 @@ class RelayContext:
     # Portfolios (None when alerts.enabled = false).
     portfolios: PortfolioService | None = None
     alerts: AlertService | None = None
-    # The front door's open connections to the REST server: backend local port → the client's
-    # ip. One entry per REST connection in flight, removed when it ends.
-    rest_peers: dict[int, str] = attrs.field(factory=dict, init=False)
+    # The edge's connection table (set by the FrontDoor): open, idle, refused, evicted.
+    edge: ConnectionTable | None = None
 
     @property
     def upstream(self) -> UpstreamView:
@@ -72,33 +86,13 @@ class RelayContext:
         return self.upstream.provider.name
 
     def client_ip(self, scope_client: tuple[str, int] | None) -> str:
-        """The real client's ip for a REST request whose ASGI ``scope["client"]`` is ``scope_client``.
+        """The client's ip for a REST request whose ASGI ``scope["client"]`` is ``scope_client``.
 
-        A request relayed by the front door arrives from the front door's own loopback
-        connection: its client is the one recorded for that connection. Any other request (a
-        test client, a direct connection) is attributed to its own peer; ``"?"`` when unknown.
+        The edge calls the REST app itself, with the real peer in the scope; ``"?"`` when unknown.
         """
         if scope_client is None:
             return "?"
-        host, port = scope_client[0], scope_client[1]
-        if host == BACKEND_HOST:
-            return self.rest_peers.get(port, host)
-        return host
-
-
-def _wants_price_socket(head: bytes) -> bool:
-    line, _, headers = head.partition(b"\r\n")
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET":
-        return False
-    path = parts[1].split(b"?", 1)[0].rstrip(b"/").decode("latin-1")
-    if path != WS_PATH:
-        return False
-    for header in headers.split(b"\r\n"):
-        name, _, value = header.partition(b":")
-        if name.strip().lower() == b"upgrade" and value.strip().lower() == b"websocket":
-            return True
-    return False
+        return scope_client[0]
 
 
 class _EncryptedKey(Exception):
@@ -142,93 +136,310 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
 
 
 class FrontDoor:
-    def __init__(self, ctx: RelayContext, backend: tuple[str, int], ssl_context: ssl.SSLContext | None = None) -> None:
+    """The edge: admission, h11 per request, routing; one instance serves every connection.
+
+    ``handle`` is the per-connection handler for ``trio.serve_listeners``; ``run_app`` (started
+    in the daemon's nursery before the listener) runs the REST app's lifespan; ``drain`` ends
+    idle connections and waits for REST requests in flight at shutdown.
+    """
+
+    def __init__(self, ctx: RelayContext, ssl_context: ssl.SSLContext | None = None) -> None:
         self.ctx = ctx
+        self.server = ctx.config.server  # server settings need a restart: never reloaded
         self.rest: QuartTrio = create_rest_app(ctx)
+        self.app: AsgiApp = self.rest  # type: ignore[assignment]  # QuartTrio is an ASGI app
         self.ws = ClientProtocol(ctx.hub, ctx.security)
         self.ws.portfolios = ctx.portfolios
         self.ws.alerts = ctx.alerts
-        self.backend = backend  # where Hypercorn serves the REST app
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
+        self.table = ConnectionTable(self.server.max_connections, ctx.security.per_ip)
+        ctx.edge = self.table  # for /metrics
+        self.closing = False  # shutdown began: responses say connection: close
+        self._stop_app = trio.Event()
+
+    async def run_app(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The REST app's lifespan: ready once started(); ends after :meth:`stop_app`."""
+        await run_lifespan(self.app, self._stop_app, task_status=task_status)
+
+    def stop_app(self) -> None:
+        self._stop_app.set()
+
+    def begin_drain(self) -> None:
+        """Shutdown began: close idle connections now, and each connection after its request."""
+        self.closing = True
+        self.table.close_idle()
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: give the REST requests in flight ``timeout`` seconds to finish."""
+        self.begin_drain()
+        with trio.move_on_after(timeout):
+            await self.table.wait_quiet()
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """One accepted connection, for its whole life."""
+        """One accepted connection, for its whole life. Never raises for what a peer does."""
+        address = peer(stream)
+        ip = address[0] if address else "?"
+        verdict, entry = self.table.admit(ip)
+        if entry is None:
+            await self._refuse(stream, verdict)
+            return
         conn: trio.abc.Stream = stream
         try:
-            head = b""
-            with trio.move_on_after(HEAD_TIMEOUT):
+            with entry.scope:
+                deadline = trio.current_time() + self.server.head_timeout
                 if self.ssl_context is not None:
                     # https_compatible: HTTP clients often close without close_notify (read as a
                     # plain EOF), and we close without waiting for theirs.
                     conn = tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=True)
-                    try:
-                        await tls.do_handshake()
-                    except trio.BrokenResourceError as exc:
-                        # Plain HTTP on the TLS port, an untrusted certificate, a scanner: routine.
-                        log.debug("[TLS] handshake with %s failed: %s", peer_ip(stream), _tls_problem(exc))
+                    with trio.move_on_at(deadline):
+                        try:
+                            await tls.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            # Plain HTTP on the TLS port, an untrusted certificate, a scanner: routine.
+                            log.debug("[TLS] handshake with %s failed: %s", ip, _tls_problem(exc))
+                            return
+                    if trio.current_time() >= deadline:
                         return
-                while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
-                    chunk = await conn.receive_some(MAX_HEAD)
-                    if not chunk:
-                        return
-                    head += chunk
-            if b"\r\n\r\n" not in head:
-                return  # too slow or too big: not a client we want to spend a task on
-            if _wants_price_socket(head):
-                # serve() uses only the Stream interface, plus the peer address, which it reads
-                # from an SSLStream's transport.
-                await self.ws.serve(conn, head)
-            else:
-                await self._relay_to_rest(conn, head, peer_ip(stream))
+                await self._serve(conn, entry, address, deadline)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; grouped when it happened inside a connection's nursery
         except* Exception as group:
             # One connection's failure must never take the relay (and every other client) down.
             log.error("[CONNECTION] handler failed; connection dropped", exc_info=group)
         finally:
+            self.table.release(entry)
             await trio.aclose_forcefully(conn)
 
-    async def _relay_to_rest(self, stream: trio.abc.Stream, head: bytes, client_ip: str) -> None:
+    async def _refuse(self, stream: trio.SocketStream, verdict: Admission) -> None:
+        """A connection over a cap: a short 429/503 (plain HTTP only), then closed."""
         try:
-            backend = await trio.open_tcp_stream(*self.backend)
-        except OSError as exc:
-            log.error("[REST] cannot reach the REST server: %s", exc)
-            body = b'{"error":"unavailable","message":"REST server not reachable"}'
-            await stream.send_all(
-                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
-            )
-            return
-        async with backend:
-            # Recorded before the first byte reaches the REST app, removed before the port can
-            # be reused (the socket closes after the finally).
-            port = backend.socket.getsockname()[1]
-            self.ctx.rest_peers[port] = client_ip
+            if self.ssl_context is None:
+                if verdict is Admission.PER_ADDRESS:
+                    data = error_response(
+                        h11.Connection(h11.SERVER),
+                        429,
+                        "too_many_connections",
+                        f"at most {self.table.per_address.cap} connections per address",
+                    )
+                else:
+                    data = error_response(h11.Connection(h11.SERVER), 503, "server_full", "the relay is at its connection limit")
+                with trio.move_on_after(REFUSAL_WRITE_TIMEOUT):
+                    await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(
+        self, stream: trio.abc.Stream, entry: Entry, address: tuple[str, int] | None, deadline: float
+    ) -> None:
+        """Serve requests on one connection until it ends; the first head is due by ``deadline``."""
+        server = self.server
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_size)
+        while True:
+            request = await self._read_head(stream, conn, deadline)
+            if request is None:
+                return
+            self.table.busy(entry)
+            upgraded, outcome = await self._route(stream, conn, request, address)
+            if upgraded or outcome is Outcome.CLOSE or conn.our_state is not h11.DONE or self.closing:
+                return
             try:
-                await backend.send_all(head)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump, stream, backend, nursery.cancel_scope)
-                    nursery.start_soon(_pump, backend, stream, nursery.cancel_scope)
-            finally:
-                del self.ctx.rest_peers[port]
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return  # the request or the response said connection: close
+            self.table.idle(entry)
+            deadline = -1.0  # a kept-alive connection: keepalive_timeout for the next first byte
+
+    async def _read_head(self, stream: trio.abc.Stream, conn: h11.Connection, deadline: float) -> h11.Request | None:
+        """The next request head; None when the connection should end (after any error response).
+
+        ``deadline`` < 0: between requests, the first byte may take ``keepalive_timeout`` (a
+        silent close when it does not come), then the head ``head_timeout`` from that byte.
+        """
+        server = self.server
+        waiting = deadline < 0
+        if waiting:
+            deadline = trio.current_time() + server.keepalive_timeout
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if status == 431:
+                    await self._error(stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+                else:
+                    await self._error(stream, conn, status, "bad_request", f"malformed HTTP request: {exc}"[:200])
+                return None
+            if event is h11.NEED_DATA:
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if waiting and data:
+                        waiting = False
+                        deadline = trio.current_time() + server.head_timeout
+                    conn.receive_data(bytes(data))
+                    continue
+                if not waiting:
+                    await self._error(stream, conn, 408, "request_timeout", f"no complete request head within {server.head_timeout:g} s")
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed (the peer is done), or PAUSED after an upgrade
+
+    async def _error(self, stream: trio.abc.Stream, conn: h11.Connection, status: int, code: str, message: str) -> None:
+        """Answer an edge error and end the connection (bounded: the peer may not read)."""
+        self.table.rejected[status] = self.table.rejected.get(status, 0) + 1
+        try:
+            data = error_response(conn, status, code, message)
+        except h11.LocalProtocolError:
+            return  # a response is already under way: just close
+        with trio.move_on_after(REFUSAL_WRITE_TIMEOUT):
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _route(
+        self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, address: tuple[str, int] | None
+    ) -> tuple[bool, Outcome]:
+        """Serve one request; (True, _) when the connection became the price socket."""
+        server, security = self.server, self.ctx.security
+        if len(request.headers) > server.max_headers:
+            await self._error(stream, conn, 431, "too_many_headers", f"at most {server.max_headers} header fields per request")
+            return False, Outcome.CLOSE
+        # h11 bounds a head that arrives in pieces (max_incomplete_event_size); one that came
+        # whole in a single read is measured here.
+        size = len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
+        if size > server.max_header_size:
+            await self._error(stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+            return False, Outcome.CLOSE
+        headers: dict[bytes, bytes] = {}
+        for name, value in request.headers:
+            headers.setdefault(bytes(name), bytes(value))  # h11 lower-cases the names
+        target = bytes(request.target)
+        hosts = sum(1 for name, _ in request.headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and request.http_version != b"1.0"):
+            await self._error(stream, conn, 400, "bad_request", "a request needs exactly one Host header")
+            return False, Outcome.CLOSE
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not target.startswith(b"/"):
+            # Absolute form (RFC 9112 3.2.2): its authority is the host asked for.
+            parts = urlsplit(target.decode("latin-1"))
+            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+                await self._error(stream, conn, 400, "bad_request", "the request target must be a path or an absolute http(s) URL")
+                return False, Outcome.CLOSE
+            host = parts.netloc
+            target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+        # An HTTP/1.0 request without Host (some health checkers) cannot come from a browser,
+        # and only a browser can be made to send a rebinding name.
+        if host and not security.host_allowed(host):
+            await self._error(stream, conn, 421, "misdirected_request", "this relay does not serve that host name")
+            return False, Outcome.CLOSE
+        path = target.split(b"?", 1)[0]
+        upgrade = headers.get(b"upgrade", b"").lower()
+        if path.rstrip(b"/") == WS_PATH.encode() and upgrade == b"websocket":
+            await self._upgrade(stream, conn, request, headers, target, host)
+            return True, Outcome.CLOSE
+        if request.method in WRITE_METHODS:
+            refusal = _write_refusal(request, headers, host, security)
+            if refusal is not None:
+                await self._error(stream, conn, *refusal)
+                return False, Outcome.CLOSE
+        outcome = await call_app(
+            self.app,
+            conn,
+            stream,
+            request,
+            target,
+            scheme="https" if self.ssl_context is not None else "http",
+            client=address,
+            server=(server.host, server.port),
+            timeout=server.request_timeout,
+            closing=self.closing,
+        )
+        return False, outcome
+
+    async def _upgrade(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        request: h11.Request,
+        headers: dict[bytes, bytes],
+        target: bytes,
+        host: str,
+    ) -> None:
+        """Hand a price-socket upgrade to wsproto, or refuse it with 400 (426 for a wrong version)."""
+        if request.method != b"GET":
+            await self._error(stream, conn, 400, "bad_request", "a WebSocket upgrade must be a GET")
+            return
+        if not _valid_key(headers.get(b"sec-websocket-key")):
+            await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request: bad Sec-WebSocket-Key")
+            return
+        # The rest of the request (a GET has no body): whatever follows is already WebSocket.
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request")
+                return
+            if event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
+                if event is h11.PAUSED:
+                    break
+                continue
+            await self._error(stream, conn, 400, "bad_request", "a WebSocket upgrade request carries no body")
+            return
+        trailing, _ = conn.trailing_data
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        fields = [(name, value) for name, value in request.headers if name != b"host"]
+        fields.append((b"host", host.encode("latin-1")))
+        try:
+            ws.initiate_upgrade_connection(fields, target)
+            upgrade = next((e for e in ws.events() if isinstance(e, wse.Request)), None)
+        except WsRemoteProtocolError as exc:
+            hint = exc.event_hint
+            status = hint.status_code if isinstance(hint, wse.RejectConnection) else 400
+            await self._error(stream, conn, status, "bad_request", f"not a valid WebSocket upgrade request: {exc}"[:200])
+            return
+        if upgrade is None:
+            await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request")
+            return
+        if trailing:
+            ws.receive_data(bytes(trailing))  # frames sent before our 101: read once accepted
+        await self.ws.serve(stream, ws, upgrade)
+
+
+def _valid_key(key: bytes | None) -> bool:
+    """Sec-WebSocket-Key must be 16 random bytes in base64 (RFC 6455 4.1)."""
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _write_refusal(
+    request: h11.Request, headers: dict[bytes, bytes], host: str, security: Security
+) -> tuple[int, str, str] | None:
+    """Why a REST write must be refused (status, code, message), or None.
+
+    Against cross-site requests (with auth off a browser page on any site could otherwise drive a
+    relay on its visitor's loopback): a browser page's write must come from the relay's own
+    origin or a listed one, and must be JSON, which a page can only send cross-site after a CORS
+    preflight that the relay never grants (a form or a ``text/plain`` fetch needs none).
+    """
+    origin = headers.get(b"origin")
+    if not security.origin_allowed(origin.decode("latin-1") if origin is not None else None, host):
+        return 403, "forbidden_origin", "this page's origin may not write to the relay"
+    has_body = b"content-length" in headers and headers[b"content-length"] != b"0" or b"transfer-encoding" in headers
+    if request.method != b"DELETE" or has_body:
+        media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if media != b"application/json":
+            return 415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json"
+    return None
 
 
 def _tls_problem(exc: BaseException) -> str:
     """One line for a failed handshake: the TLS alert or OpenSSL reason when there is one."""
     cause = exc.__cause__
     return str(getattr(cause, "reason", None) or cause or exc)
-
-
-async def _pump(src: trio.abc.Stream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
-    try:
-        while True:
-            data = await src.receive_some(65536)
-            if not data:
-                if isinstance(dst, trio.abc.HalfCloseableStream):
-                    await dst.send_eof()
-                else:
-                    scope.cancel()  # TLS cannot half-close: the backend is done, so is the connection
-                return
-            await dst.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        scope.cancel()  # one side is gone: end both directions

@@ -48,6 +48,28 @@ class RelayCollector(Collector):
             "trio_relay_upstream_last_message_age_seconds", "Seconds since the last upstream frame", value=age if age is not None else float("nan")
         )
         yield GaugeMetricFamily("trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed))
+        edge = self.ctx.edge
+        if edge is not None:
+            yield GaugeMetricFamily("trio_relay_edge_connections", "Open connections on the public port", value=edge.open)
+            yield GaugeMetricFamily(
+                "trio_relay_edge_connections_idle", "Of which waiting for a request head (evictable)", value=edge.idle_count
+            )
+            yield GaugeMetricFamily("trio_relay_edge_max_connections", "The connection cap in effect", value=edge.max_connections)
+            refused = CounterMetricFamily(
+                "trio_relay_edge_refused", "Connections refused at accept, before any request", labels=["reason"]
+            )
+            for admission, count in edge.refused_by.items():
+                refused.add_metric([admission.value], count)
+            yield refused
+            yield CounterMetricFamily(
+                "trio_relay_edge_evicted", "Idle connections closed to make room at the connection cap", value=edge.evicted
+            )
+            rejected = CounterMetricFamily(
+                "trio_relay_edge_rejected", "Requests the edge answered with an error (400, 408, 421, 431...)", labels=["status"]
+            )
+            for status, count in sorted(edge.rejected.items()):
+                rejected.add_metric([str(status)], count)
+            yield rejected
         writer = self.ctx.history_writer
         if writer is not None:
             yield CounterMetricFamily("trio_relay_history_written", "Updates written to the tick history", value=writer.written)

@@ -157,17 +157,13 @@ class ClientProtocol:
         self.portfolios: PortfolioService | None = None  # set by the front door when portfolios run
         self.alerts: AlertService | None = None  # likewise for alerts
 
-    async def serve(self, stream: trio.abc.Stream, head: bytes) -> None:
-        """Take over a connection whose request head (already read) asks for the price socket."""
-        conn = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        try:
-            conn.receive_data(head)
-            request = next((e for e in conn.events() if isinstance(e, wse.Request)), None)
-        except RemoteProtocolError:
-            request = None
-        if request is None:
-            await _reject(stream, 400, "bad_request", "not a valid WebSocket upgrade request")
-            return
+    async def serve(self, stream: trio.abc.Stream, conn: wsproto.WSConnection, request: wse.Request) -> None:
+        """Take over a connection whose upgrade ``request`` the edge parsed into ``conn``.
+
+        The edge has checked the Host, the handshake headers and the per-address cap; this
+        checks the origin and the token, then answers 101 (or an HTTP error and the end of the
+        connection).
+        """
         query = parse_qs(urlsplit(request.target).query)
         batch = _flag(query.get("batch", [""])[-1])
         headers = {bytes(k).lower(): bytes(v).decode("latin-1") for k, v in request.extra_headers}
@@ -188,10 +184,6 @@ class ClientProtocol:
                     log.info("[AUTH] WebSocket refused: %s", exc.reason)
                     await _reject(stream, 401, "unauthorized", exc.reason, bearer=True)
                     return
-        ip = peer_ip(stream)
-        if not security.per_ip.acquire(ip):
-            await _reject(stream, 429, "too_many_connections", f"at most {security.per_ip.cap} connections per address")
-            return
         try:
             if session.principal is not None and not session.claim_user():
                 cap = security.per_user.cap
@@ -202,7 +194,6 @@ class ClientProtocol:
             await stream.send_all(conn.send(wse.AcceptConnection()))
             await self._serve_accepted(stream, conn, session, batch)
         finally:
-            security.per_ip.release(ip)
             session.release_user()
 
     async def _serve_accepted(
@@ -312,8 +303,10 @@ class ClientProtocol:
     ) -> bool:
         """Apply client messages until the peer closes; True if the peer ended the connection."""
         limit = self.hub.config.max_message_size
+        max_frames = self.hub.config.max_frames_per_message
         parts: list[str] = []
         size = 0
+        frames = 0  # of the message being received: an endless run of empty fragments ends here
         while True:
             data = await stream.receive_some(65536)
             try:
@@ -329,6 +322,13 @@ class ClientProtocol:
                     if size > limit:
                         client.close(1009, f"message larger than {limit} bytes")
                         return False
+                    if event.frame_finished:
+                        frames += 1
+                        if frames > max_frames:
+                            client.close(CLOSE_POLICY, f"message split into more than {max_frames} frames")
+                            return False
+                    if not piece and not event.message_finished:
+                        continue  # an empty fragment adds nothing to keep
                     if isinstance(piece, (bytes, bytearray)):
                         try:
                             piece = bytes(piece).decode("utf-8")
@@ -339,6 +339,7 @@ class ClientProtocol:
                         text = "".join(parts)
                         parts.clear()
                         size = 0
+                        frames = 0
                         self.handle_message(client, text, session)
                 elif isinstance(event, wse.Ping):
                     await writer.write(conn.send(event.response()))
