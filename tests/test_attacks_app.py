@@ -479,7 +479,7 @@ async def test_deeply_nested_json_gets_a_clear_error_over_rest_and_websocket(
             await http.post(api(relay, path), content=bomb, headers={"content-type": "application/json"})
             for path in ("/subscribe", "/alerts", "/portfolios")
         ]
-        put = await http.put(api(relay, "/portfolios/p/positions/AAPL"), content=bomb)
+        put = await http.put(api(relay, "/portfolios/p/positions/AAPL"), content=bomb, headers={"content-type": "application/json"})
         await client.send('{"action":"subscribe","symbols":' + deep(20_000) + "}")
         error = await client.recv()
         rule = await client.request(
