@@ -72,6 +72,15 @@ def _busy(code: str, message: str) -> Response:
     return response
 
 
+def _unavailable(exc: QueryTimeout | HistoryBusy | HistoryUnavailable) -> Response:
+    """A query the history could not answer now: 503, and when to ask again."""
+    if isinstance(exc, QueryTimeout):
+        return _busy("query_timeout", "the query ran past the relay's time budget; ask for a shorter window")
+    if isinstance(exc, HistoryBusy):
+        return _busy("history_busy", "every history query slot is busy; try again shortly")
+    return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+
+
 def _symbol(raw: str, security: Security) -> str:
     symbol = raw.strip().upper()
     if not SYMBOL_RE.match(symbol):
@@ -106,7 +115,8 @@ def _window(default_span_ms: int) -> tuple[int, int]:
 def register_history(app: QuartTrio, ctx: RelayContext) -> None:
     prefix = "/api/v2/realtime"
 
-    def store_orerror_response() -> Any:
+    def history_store() -> Any:
+        """The store, or a 404 when the history is off."""
         if ctx.history_store is None:
             raise _BadRequest(404, "history_off", "tick history is off (history.backend = \"off\")")
         return ctx.history_store
@@ -122,18 +132,14 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             name = _symbol(symbol, ctx.security)
             start, end = _window(DEFAULT_TICKS_WINDOW_MS)
             limit = _limit()
-            store = store_orerror_response()
+            store = history_store()
             ticks, cursor = await store.ticks(name, start, end, limit, after=request.args.get("cursor"))
         except _BadRequest as exc:
             return error_response(exc.status, exc.code, exc.message)
         except InvalidCursor:
             return error_response(400, "invalid_cursor", "'cursor' is not a next_cursor this relay gave (same window)")
-        except QueryTimeout:
-            return _busy("query_timeout", "the query ran past the relay's time budget; ask for a shorter window")
-        except HistoryBusy:
-            return _busy("history_busy", "every history query slot is busy; try again shortly")
-        except HistoryUnavailable:
-            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+        except (QueryTimeout, HistoryBusy, HistoryUnavailable) as exc:
+            return _unavailable(exc)
         return json_response(TicksPage(name, start, end, len(ticks), ticks, cursor))
 
     @app.get(prefix + "/bars/<symbol>")
@@ -153,7 +159,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             step = INTERVALS[interval]
             limit = _limit()
             start, end = _window(step * limit)
-            store = store_orerror_response()
+            store = history_store()
             first = start - start % step  # whole intervals: the first bar starts on its boundary
             page = await store.bars(name, interval, first, end, limit)
         except _BadRequest as exc:
@@ -163,11 +169,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
                 422, "query_too_large",
                 f"one {interval} bar holds more trades than the relay reads per request; ask for a finer interval",
             )
-        except QueryTimeout:
-            return _busy("query_timeout", "the query ran past the relay's time budget; ask for a shorter window")
-        except HistoryBusy:
-            return _busy("history_busy", "every history query slot is busy; try again shortly")
-        except HistoryUnavailable:
-            return error_response(503, "history_unavailable", "the history database cannot be reached now; try again")
+        except (QueryTimeout, HistoryBusy, HistoryUnavailable) as exc:
+            return _unavailable(exc)
         bars = page.bars
         return json_response(BarsPage(name, interval, start, end, len(bars), bars, page.next_start, page.truncated))
