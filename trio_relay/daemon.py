@@ -23,7 +23,7 @@ import time
 import attrs
 import trio
 
-from .alert_service import AlertService
+from .alerts.service import AlertService
 from .alerts import AlertEngine, AlertStore, WebhookSender
 from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import tls_context
@@ -34,7 +34,7 @@ from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, m
 from .engine import Engine, open_engine
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .portfolio import PortfolioStore
-from .portfolio_service import PortfolioService
+from .portfolio.service import PortfolioService
 from .providers.base import Provider
 from .providers.registry import make_providers
 from .startup import bind_problem, check_data_dirs

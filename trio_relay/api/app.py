@@ -36,13 +36,13 @@ import wsproto.events as wse
 from quart_trio import QuartTrio
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from ..alert_service import AlertService
+from ..alerts.service import AlertService
 from ..auth import Security
 from ..config import Config, ConfigError, ServerConfig
 from ..engine import Engine
 from ..history import HistoryStore, HistoryWriter
 from ..hub import Hub
-from ..portfolio_service import PortfolioService
+from ..portfolio.service import PortfolioService
 from ..upstream import UpstreamView
 from .asgi import AsgiApp, Outcome, call_app, error_response, run_lifespan
 from .connections import Admission, ConnectionTable, Entry

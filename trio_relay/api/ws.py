@@ -13,7 +13,7 @@ Served natively (see :class:`ClientProtocol`): one reader loop (client → hub) 
   came back (``scope: "upstream"``), symbols stopped or resumed ticking (``scope: "symbols"``),
   the relay is shutting down and the client should reconnect (``scope: "relay"``).
 - ``"channel": "bars", "interval": "1m"`` in a subscribe/unsubscribe: live OHLCV bars
-  (``{"type":"bar",...}``) instead of ticks; see :mod:`trio_relay.barchannel`.
+  (``{"type":"bar",...}``) instead of ticks; see :mod:`trio_relay.bars.channel`.
 - ``{"action":"unsubscribe","symbols":[...]}`` → ``{"type":"unsubscribed","symbols":[...]}``; no update
   of those symbols follows the ack.
 - ``{"action":"ping"}`` → ``{"type":"pong"}``; ``{"action":"list"}`` → ``{"type":"subscriptions","symbols":[...]}``.
@@ -38,7 +38,7 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..alert_service import AlertService
+from ..alerts.service import AlertService
 from ..alerts import RuleError
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
 from ..bars import INTERVALS
@@ -55,7 +55,7 @@ from ..hub import (
 from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
-from ..portfolio_service import PortfolioService, owner_of
+from ..portfolio.service import PortfolioService, owner_of
 
 __all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
 

@@ -37,7 +37,7 @@ from typing import ClassVar, Final
 
 import msgspec
 
-from .model import Update
+from ..model import Update
 
 __all__ = ["INTERVALS", "Bar", "BarBuilder", "TradeRow", "BarsPageResult", "BudgetExceeded", "bars_from_trades", "bars_from_sorted_trades"]
 

@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from .model import Update, control, ws_text_frame
-from .portfolio import DayOpen, Portfolio, PortfolioError, PortfolioStore, PortfolioStreamer, Valuation
+from ..model import Update, control, ws_text_frame
+from .model import Portfolio, PortfolioError
+from .store import PortfolioStore
+from .streamer import PortfolioStreamer
+from .valuation import DayOpen, Valuation
 
 if TYPE_CHECKING:
-    from .hub import Client, Hub
+    from ..hub import Client, Hub
 
 __all__ = ["PortfolioService", "owner_of"]
 

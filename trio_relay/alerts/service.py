@@ -18,13 +18,17 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
-from .alerts import AlertEngine, AlertStore, FiredAlert, Rule, RuleError, WebhookRefused, WebhookSender, webhook_policy
-from .entitlements import Entitlement, EntitlementError
-from .model import Update, control, ws_text_frame
-from .portfolio_service import owner_of
+from ..entitlements import Entitlement, EntitlementError
+from ..model import Update, control, ws_text_frame
+from ..portfolio.service import owner_of
+from .engine import AlertEngine
+from .rules import FiredAlert, Rule, RuleError
+from .store import AlertStore
+from .targets import WebhookRefused, webhook_policy
+from .webhook import WebhookSender
 
 if TYPE_CHECKING:
-    from .hub import Client, Hub
+    from ..hub import Client, Hub
 
 __all__ = ["AlertService"]
 

@@ -12,47 +12,36 @@ the last client left.
 
 from __future__ import annotations
 
-import bisect
 import inspect
 import itertools
 import logging
-import math
 import secrets
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
 import msgspec
 import trio
 
-from .barchannel import BarChannel
-from .config import ClientsConfig
-from .model import BREAK, Encoder, PriceState, Update, control, ws_payload
+from ..bars.channel import BarChannel
+from ..config import ClientsConfig
+from ..model import BREAK, Encoder, PriceState, Update, control, ws_payload
+from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
+from .demand import Demand
+from .outbox import Outbox
+from .stats import LatencyHistogram, Stats
 
-if TYPE_CHECKING:
-    from .entitlements import Entitlement
-
-__all__ = ["Hub", "Outbox", "Client", "Demand", "Stats", "SubscriptionError"]
+__all__ = ["Hub", "SubscriptionError", "new_epoch", "RECONNECT_HINT_MS"]
 
 log = logging.getLogger("trio_relay.hub")
-
-# WebSocket close codes the hub uses.
-CLOSE_GOING_AWAY = 1001  # shutdown
-CLOSE_POLICY = 1008  # too many unread replies
-CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
-CLOSE_TOKEN_EXPIRED = 4001  # the client's token expired (auth on)
 
 # Evicted symbols whose last seq is remembered (to carry numbering on when they come back).
 MAX_EVICTED_SEQS = 100_000
 
 # Suggested wait before a client reconnects after a shutdown (a restart takes about this long).
 RECONNECT_HINT_MS = 1000
-
-# Seconds a write in progress may still take once its client is being closed.
-CLOSE_GRACE = 1.0
 
 SyncCallback = Callable[[Update], object]
 AsyncCallback = Callable[[Update], Awaitable[object]]
@@ -65,23 +54,6 @@ class SubscriptionError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@attrs.define
-class Stats:
-    """Message counters shown by /status (and later metrics)."""
-
-    updates_in: int = 0  # normalized updates the hub received
-    messages_out: int = 0  # price_update messages handed to client outboxes
-    dropped: int = 0  # updates for unwanted symbols + updates lost with a closed client
-    conflated: int = 0  # updates replaced by a newer one in a full outbox (closed clients)
-    coalesced: int = 0  # backlogged upstream updates merged into a later one before routing
-    malformed: int = 0  # upstream frames that could not be decoded
-    duplicates: int = 0  # numbered updates (relay, fleet) whose seq was already passed on
-    callback_errors: int = 0
-    callback_dropped: int = 0  # updates an async callback was too slow to take
-    slow_clients_closed: int = 0
-    clients_total: int = 0
 
 
 class _Seq(msgspec.Struct):
@@ -99,315 +71,6 @@ def _seq_of(frame: bytes) -> int:
 def new_epoch() -> str:
     """A short id for one run's sequence space: start time plus randomness, e.g. ``6745c1a0-9f3b2c``."""
     return f"{int(time.time()):x}-{secrets.token_hex(3)}"
-
-
-class Outbox:
-    """A client's bounded queue of encoded WebSocket frames (bytes, shared between clients).
-
-    Up to ``capacity`` frames queue in order. When full it switches to conflation: one pending
-    frame per symbol (the latest), so its size is bounded by the client's symbol count, and the
-    client always gets the newest price of every symbol it wants, never a backlog. Replies
-    (acks, errors, pongs) are never conflated; more than ``capacity`` unread replies is a
-    protocol abuse and :meth:`put_control` returns False.
-    """
-
-    __slots__ = (
-        "capacity",
-        "_queue",
-        "_latest",
-        "_lot",
-        "_controls",
-        "_keys",
-        "conflated",
-        "sent",
-        "idle",
-        "last_progress",
-        "stopped",
-        "finishing",
-        "oldest",
-        "_taken_oldest",
-        "latency",
-    )
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._queue: deque[tuple[object, bytes]] = deque()
-        self._latest: OrderedDict[object, bytes] | None = None  # not None while conflating
-        self._lot = trio.lowlevel.ParkingLot()
-        self._controls = 0
-        self._keys = itertools.count()
-        self.conflated = 0
-        self.sent = 0
-        self.idle = True  # the sender is waiting for data (so it cannot be stalled)
-        self.last_progress = trio.current_time()
-        self.stopped = False
-        self.finishing = False  # set by finish(): hand out what is pending, then stop
-        self.oldest = 0.0  # when the oldest pending frame was queued (trio clock)
-        self._taken_oldest = 0.0
-        self.latency: LatencyHistogram | None = None  # set by the hub: queued → written
-
-    def __len__(self) -> int:
-        return len(self._queue) if self._latest is None else len(self._latest)
-
-    def put(self, key: object, msg: bytes) -> None:
-        """Queue ``msg`` for symbol ``key``; never blocks."""
-        latest = self._latest
-        if latest is None:
-            queue = self._queue
-            if len(queue) < self.capacity:
-                if not queue:
-                    self.oldest = trio.current_time()  # for the relay-latency histogram
-                queue.append((key, msg))
-                if self._lot:
-                    self._lot.unpark()
-                return
-            latest = self._latest = OrderedDict()
-            for k, m in queue:
-                if k in latest:
-                    self.conflated += 1
-                latest[k] = m
-            queue.clear()
-        if key in latest:
-            self.conflated += 1
-        latest[key] = msg
-        if self._lot:
-            self._lot.unpark()
-
-    def put_control(self, msg: bytes) -> bool:
-        """Queue a reply; False if the client already has ``capacity`` unread replies."""
-        if self._controls >= self.capacity:
-            return False
-        self._controls += 1
-        # An int key never equals a symbol, so a reply is never conflated away.
-        self.put(-1 - next(self._keys), msg)
-        return True
-
-    def put_replay(self, symbol: str, msg: bytes) -> None:
-        """Queue a replayed update: in order, never conflated (bounded by the resume history)."""
-        self.put((symbol, next(self._keys)), msg)
-
-    def discard(self, symbols: set[str]) -> None:
-        """Forget pending updates of ``symbols`` (called on unsubscribe, before its ack)."""
-
-        def of(key: object) -> bool:
-            return key in symbols or (type(key) is tuple and key[0] in symbols)
-
-        if self._latest is not None:
-            for k in [k for k in self._latest if of(k)]:
-                del self._latest[k]
-        else:
-            self._queue = deque((k, m) for k, m in self._queue if not of(k))
-
-    async def get(self, limit: int = 0) -> list[bytes]:
-        """Wait for pending frames and take them in order: all of them, or at most ``limit``.
-
-        A sender that writes one frame at a time should take one at a time: what it leaves
-        here can still be conflated, what it took can only go stale in its hands.
-        """
-        if self.stopped:
-            return []
-        if not (self._queue or self._latest):
-            if self.finishing:
-                self.stopped = True
-                return []
-            self.idle = True
-            while not (self._queue or self._latest):
-                await self._lot.park()
-                if self.stopped or (self.finishing and not (self._queue or self._latest)):
-                    self.stopped = True
-                    return []
-        self.idle = False
-        self.last_progress = now = trio.current_time()
-        self._taken_oldest = self.oldest
-        self.oldest = now  # what stays behind was queued no earlier than... close enough
-        latest = self._latest
-        if latest is not None:
-            if limit and len(latest) > limit:
-                pairs = [latest.popitem(last=False) for _ in range(limit)]
-            else:
-                pairs = list(latest.items())
-                self._latest = None
-        else:
-            queue = self._queue
-            if limit and len(queue) > limit:
-                pairs = [queue.popleft() for _ in range(limit)]
-            else:
-                pairs = list(queue)
-                queue.clear()
-        if self._controls:
-            self._controls -= sum(1 for k, _m in pairs if type(k) is int)
-        return [m for _k, m in pairs]
-
-    def stop(self) -> None:
-        """No more sending: :meth:`get` returns ``[]`` from now on, pending frames or not."""
-        self.stopped = True
-        self._lot.unpark_all()
-
-    def finish(self) -> None:
-        """Hand out what is pending (a last error or notice before a close), then stop."""
-        self.finishing = True
-        self._lot.unpark_all()
-
-    def progressed(self, n: int = 1) -> None:
-        """The sender delivered ``n`` frames (the oldest of them queued at ``_taken_oldest``)."""
-        self.sent += n
-        self.last_progress = now = trio.current_time()
-        if self.latency is not None:
-            self.latency.observe(now - self._taken_oldest)
-
-
-class LatencyHistogram:
-    """Cumulative-bucket histogram, cheap enough for the hot path (one bisect per flush)."""
-
-    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-    __slots__ = ("counts", "sum", "count")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.BUCKETS, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, n in zip((*map(str, self.BUCKETS), "+Inf"), self.counts):
-            total += n
-            out.append((bound, total))
-        return out
-
-
-@attrs.define(eq=False)
-class Client:
-    """One connected WebSocket client, as the hub sees it."""
-
-    id: int
-    outbox: Outbox
-    batch: bool = False
-    remote: str = ""
-    symbols: set[str] = attrs.Factory(set)
-    connected_at: float = 0.0
-    close_code: int | None = None
-    close_reason: str = ""
-    bars: set[tuple[str, str]] = attrs.Factory(set)  # (symbol, interval) of the bars channel
-    user: str = ""  # the token's subject (auth on)
-    max_symbols: int | None = None  # the token's own cap, below the relay's
-    # What this connection's token may see (set once authenticated; None: not yet). Fired alerts
-    # and portfolio valuations reaching this client go through it.
-    entitlement: Entitlement | None = None
-    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-
-    def close(self, code: int, reason: str) -> None:
-        """Ask the client's handler to close the socket with ``code``; idempotent.
-
-        The handler's reader stops at once; a write in progress gets ``CLOSE_GRACE`` seconds to
-        finish, so the close frame follows a whole frame.
-        """
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = reason
-        self.cancel_scope.cancel()
-
-
-class Demand:
-    """Reference-counted upstream demand: client subscriptions, pins, and a linger period."""
-
-    def __init__(self, linger: float, pinned: Iterable[str] = ()) -> None:
-        self.linger = linger
-        self._refs: Counter[str] = Counter()
-        self._pinned: set[str] = set(pinned)
-        self._lingering: dict[str, float] = {}  # symbol → trio time it stops being wanted
-        self.wanted: set[str] = set(self._pinned)
-        self._changed = trio.Event()
-        self.on_removed: Callable[[str], None] | None = None
-
-    @property
-    def pinned(self) -> frozenset[str]:
-        return frozenset(self._pinned)
-
-    def refcount(self, symbol: str) -> int:
-        return self._refs[symbol]
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _add(self, symbols: Iterable[str]) -> None:
-        changed = False
-        for s in symbols:
-            self._lingering.pop(s, None)
-            if s not in self.wanted:
-                self.wanted.add(s)
-                changed = True
-        if changed:
-            self._notify()
-
-    def _maybe_release(self, symbols: Iterable[str]) -> None:
-        now = trio.current_time()
-        removed = []
-        for s in symbols:
-            if self._refs[s] > 0 or s in self._pinned or s not in self.wanted:
-                continue
-            if self.linger > 0:
-                self._lingering[s] = now + self.linger
-            else:
-                removed.append(s)
-        self._remove(removed)
-        if self._lingering:
-            self._notify()  # the reconciler re-computes its next deadline
-
-    def _remove(self, symbols: list[str]) -> None:
-        for s in symbols:
-            self.wanted.discard(s)
-            self._refs.pop(s, None)
-            if self.on_removed is not None:
-                self.on_removed(s)
-        if symbols:
-            self._notify()
-
-    def acquire(self, symbols: Iterable[str]) -> None:
-        symbols = list(symbols)
-        for s in symbols:
-            self._refs[s] += 1
-        self._add(symbols)
-
-    def release(self, symbols: Iterable[str]) -> None:
-        symbols = list(symbols)
-        for s in symbols:
-            if self._refs[s] > 0:
-                self._refs[s] -= 1
-        self._maybe_release(symbols)
-
-    def pin(self, symbols: Iterable[str]) -> None:
-        symbols = list(symbols)
-        self._pinned.update(symbols)
-        self._add(symbols)
-
-    def unpin(self, symbols: Iterable[str]) -> list[str]:
-        """Unpin; returns the symbols that were pinned."""
-        was = [s for s in symbols if s in self._pinned]
-        self._pinned.difference_update(was)
-        self._maybe_release(was)
-        return was
-
-    def expire(self) -> None:
-        """Drop lingering symbols whose time is up."""
-        now = trio.current_time()
-        done = [s for s, t in self._lingering.items() if t <= now]
-        for s in done:
-            del self._lingering[s]
-        self._remove(done)
-
-    def next_expiry(self) -> float:
-        return min(self._lingering.values(), default=math.inf)
-
-    def changed_event(self) -> trio.Event:
-        """An event set at the next change of :attr:`wanted` (take it before reading ``wanted``)."""
-        return self._changed
 
 
 class Hub:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from .bars import INTERVALS, Bar, BarBuilder
-from .model import TRADE, Update, control, ws_text_frame
+from ..model import TRADE, Update, control, ws_text_frame
+from .builder import INTERVALS, Bar, BarBuilder
 
 if TYPE_CHECKING:
-    from .hub import Client, Hub, Outbox
+    from ..hub import Client, Hub, Outbox
 
 __all__ = ["BarChannel", "FLUSH_GRACE_MS"]
 

@@ -1,0 +1,167 @@
+"""A client's bounded queue of encoded frames, conflating per symbol when full."""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+
+import trio
+
+from .stats import LatencyHistogram
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """A client's bounded queue of encoded WebSocket frames (bytes, shared between clients).
+
+    Up to ``capacity`` frames queue in order. When full it switches to conflation: one pending
+    frame per symbol (the latest), so its size is bounded by the client's symbol count, and the
+    client always gets the newest price of every symbol it wants, never a backlog. Replies
+    (acks, errors, pongs) are never conflated; more than ``capacity`` unread replies is a
+    protocol abuse and :meth:`put_control` returns False.
+    """
+
+    __slots__ = (
+        "capacity",
+        "_queue",
+        "_latest",
+        "_lot",
+        "_controls",
+        "_keys",
+        "conflated",
+        "sent",
+        "idle",
+        "last_progress",
+        "stopped",
+        "finishing",
+        "oldest",
+        "_taken_oldest",
+        "latency",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._queue: deque[tuple[object, bytes]] = deque()
+        self._latest: OrderedDict[object, bytes] | None = None  # not None while conflating
+        self._lot = trio.lowlevel.ParkingLot()
+        self._controls = 0
+        self._keys = itertools.count()
+        self.conflated = 0
+        self.sent = 0
+        self.idle = True  # the sender is waiting for data (so it cannot be stalled)
+        self.last_progress = trio.current_time()
+        self.stopped = False
+        self.finishing = False  # set by finish(): hand out what is pending, then stop
+        self.oldest = 0.0  # when the oldest pending frame was queued (trio clock)
+        self._taken_oldest = 0.0
+        self.latency: LatencyHistogram | None = None  # set by the hub: queued → written
+
+    def __len__(self) -> int:
+        return len(self._queue) if self._latest is None else len(self._latest)
+
+    def put(self, key: object, msg: bytes) -> None:
+        """Queue ``msg`` for symbol ``key``; never blocks."""
+        latest = self._latest
+        if latest is None:
+            queue = self._queue
+            if len(queue) < self.capacity:
+                if not queue:
+                    self.oldest = trio.current_time()  # for the relay-latency histogram
+                queue.append((key, msg))
+                if self._lot:
+                    self._lot.unpark()
+                return
+            latest = self._latest = OrderedDict()
+            for k, m in queue:
+                if k in latest:
+                    self.conflated += 1
+                latest[k] = m
+            queue.clear()
+        if key in latest:
+            self.conflated += 1
+        latest[key] = msg
+        if self._lot:
+            self._lot.unpark()
+
+    def put_control(self, msg: bytes) -> bool:
+        """Queue a reply; False if the client already has ``capacity`` unread replies."""
+        if self._controls >= self.capacity:
+            return False
+        self._controls += 1
+        # An int key never equals a symbol, so a reply is never conflated away.
+        self.put(-1 - next(self._keys), msg)
+        return True
+
+    def put_replay(self, symbol: str, msg: bytes) -> None:
+        """Queue a replayed update: in order, never conflated (bounded by the resume history)."""
+        self.put((symbol, next(self._keys)), msg)
+
+    def discard(self, symbols: set[str]) -> None:
+        """Forget pending updates of ``symbols`` (called on unsubscribe, before its ack)."""
+
+        def of(key: object) -> bool:
+            return key in symbols or (type(key) is tuple and key[0] in symbols)
+
+        if self._latest is not None:
+            for k in [k for k in self._latest if of(k)]:
+                del self._latest[k]
+        else:
+            self._queue = deque((k, m) for k, m in self._queue if not of(k))
+
+    async def get(self, limit: int = 0) -> list[bytes]:
+        """Wait for pending frames and take them in order: all of them, or at most ``limit``.
+
+        A sender that writes one frame at a time should take one at a time: what it leaves
+        here can still be conflated, what it took can only go stale in its hands.
+        """
+        if self.stopped:
+            return []
+        if not (self._queue or self._latest):
+            if self.finishing:
+                self.stopped = True
+                return []
+            self.idle = True
+            while not (self._queue or self._latest):
+                await self._lot.park()
+                if self.stopped or (self.finishing and not (self._queue or self._latest)):
+                    self.stopped = True
+                    return []
+        self.idle = False
+        self.last_progress = now = trio.current_time()
+        self._taken_oldest = self.oldest
+        self.oldest = now  # what stays behind was queued no earlier than... close enough
+        latest = self._latest
+        if latest is not None:
+            if limit and len(latest) > limit:
+                pairs = [latest.popitem(last=False) for _ in range(limit)]
+            else:
+                pairs = list(latest.items())
+                self._latest = None
+        else:
+            queue = self._queue
+            if limit and len(queue) > limit:
+                pairs = [queue.popleft() for _ in range(limit)]
+            else:
+                pairs = list(queue)
+                queue.clear()
+        if self._controls:
+            self._controls -= sum(1 for k, _m in pairs if type(k) is int)
+        return [m for _k, m in pairs]
+
+    def stop(self) -> None:
+        """No more sending: :meth:`get` returns ``[]`` from now on, pending frames or not."""
+        self.stopped = True
+        self._lot.unpark_all()
+
+    def finish(self) -> None:
+        """Hand out what is pending (a last error or notice before a close), then stop."""
+        self.finishing = True
+        self._lot.unpark_all()
+
+    def progressed(self, n: int = 1) -> None:
+        """The sender delivered ``n`` frames (the oldest of them queued at ``_taken_oldest``)."""
+        self.sent += n
+        self.last_progress = now = trio.current_time()
+        if self.latency is not None:
+            self.latency.observe(now - self._taken_oldest)
