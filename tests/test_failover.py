@@ -19,6 +19,7 @@ import trio.testing
 
 from conftest import FMP_KEY
 from trio_relay.config import Config, load_config
+from trio_relay.model import ProviderSwitched
 from trio_relay.providers.registry import make_providers
 from trio_relay.hub import Demand, Stats
 from trio_relay.testing.fake_fmp import FakeFmpServer
@@ -63,9 +64,9 @@ class Sink:
     async def drain(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
         async with receive:
             async for item in receive:
-                if isinstance(item, str):
-                    self.source = item
-                    self.sources.append(item)
+                if isinstance(item, ProviderSwitched):
+                    self.source = item.provider
+                    self.sources.append(item.provider)
                 else:
                     self.counts[self.source] = self.counts.get(self.source, 0) + len(item)
                 self._changed.set()

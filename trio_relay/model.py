@@ -13,6 +13,7 @@ holds the full current picture.
 
 from __future__ import annotations
 
+import enum
 import re
 import time
 from typing import Final
@@ -22,6 +23,9 @@ import msgspec
 __all__ = [
     "Update",
     "PriceState",
+    "ProviderSwitched",
+    "UpstreamItem",
+    "CloseCode",
     "Encoder",
     "SYMBOL_RE",
     "normalize_epoch_ms",
@@ -103,6 +107,31 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
             if update.ask_price is not None:
                 self.ask_price = update.ask_price
                 self.ask_size = update.ask_size
+
+
+class ProviderSwitched(msgspec.Struct, frozen=True):
+    """On the upstream → hub channel: the batches that follow come from ``provider`` (a failover).
+
+    Sent in order with the data, so every update before it is published under the old name and
+    every update after it under the new one.
+    """
+
+    provider: str
+
+
+#: What the upstream hands the hub: a batch of updates, or a provider switch.
+UpstreamItem = list[Update] | ProviderSwitched
+
+
+class CloseCode(enum.IntEnum):
+    """Every WebSocket close code the relay sends, named once (docs/api.md lists them)."""
+
+    GOING_AWAY = 1001  # the relay shuts down: reconnect after the status's retry_after_ms
+    PROTOCOL_ERROR = 1002  # not a WebSocket message the relay can read
+    POLICY = 1008  # a policy broken: too many unread replies, rate-limit strikes, fragments, auth
+    TOO_BIG = 1009  # a message larger than clients.max_message_size
+    TOKEN_EXPIRED = 4001  # the token expired and no fresh one came (auth on)
+    SLOW_CONSUMER = 4008  # no progress for clients.stall_timeout
 
 
 def normalize_epoch_ms(t: int | float) -> int:

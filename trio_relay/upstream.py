@@ -18,6 +18,7 @@ the preferred ones in the background (login only, no subscriptions); one that st
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import random
@@ -30,7 +31,7 @@ import trio
 from .config import UpstreamConfig
 from .hub import Demand, Stats
 from .masking import mask_secrets
-from .model import Update
+from .model import ProviderSwitched, Update, UpstreamItem
 from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
 
 __all__ = ["UpstreamView", "ProviderInfo", "Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
@@ -38,7 +39,9 @@ __all__ = ["UpstreamView", "ProviderInfo", "Upstream", "Backoff", "StaleFeed", "
 log = logging.getLogger("trio_relay.upstream")
 
 
-class UpstreamState:
+class UpstreamState(enum.StrEnum):
+    """The upstream's state, as /health, /status, metrics and systemd's STATUS= show it."""
+
     STARTING = "starting"
     CONNECTING = "connecting"
     CONNECTED = "connected"
@@ -102,9 +105,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text
 
 
-# What the upstream hands the hub: a batch of updates, or the name of the provider whose batches
-# follow (sent only on a failover switch).
-Item = list[Update] | str
+# What the upstream hands the hub (model.UpstreamItem): a batch, or a ProviderSwitched marker.
+Item = UpstreamItem
 
 
 class ProviderHealth:
@@ -226,11 +228,11 @@ class Upstream:
         self._stalled = False
 
     @property
-    def state(self) -> str:
+    def state(self) -> UpstreamState:
         return self._state
 
     @state.setter
-    def state(self, value: str) -> None:
+    def state(self, value: UpstreamState) -> None:
         self._state = value
         self._state_changed.set()
         self._state_changed = trio.Event()
@@ -481,7 +483,7 @@ class Upstream:
     def _announce(self) -> None:
         """Tell the hub which provider the next batches come from (in order with the data)."""
         try:
-            self._send.send_nowait(self.provider.name)
+            self._send.send_nowait(ProviderSwitched(self.provider.name))
         except trio.WouldBlock:
             # The channel is full of the old provider's data; the first batch waits anyway, so
             # the marker is sent by the reader before its first batch instead.
@@ -612,7 +614,7 @@ class Upstream:
     async def _read(self, session: Session) -> None:
         send = self._send
         if self._marker_pending:
-            await send.send(self.provider.name)
+            await send.send(ProviderSwitched(self.provider.name))
             self._marker_pending = False
         while True:
             batch = await session.receive()

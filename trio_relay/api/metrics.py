@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["RelayCollector", "render"]
 
 QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-STATES = [v for k, v in vars(UpstreamState).items() if k.isupper()]
+STATES = [state.value for state in UpstreamState]
 
 
 class RelayCollector(Collector):

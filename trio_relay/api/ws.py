@@ -53,7 +53,7 @@ from ..hub import (
     SubscriptionError,
 )
 from ..jsonbody import JsonError, decode_json
-from ..model import SYMBOL_RE, control, ws_payload, ws_text_frame
+from ..model import SYMBOL_RE, CloseCode, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
 from ..portfolio.service import PortfolioService, owner_of
 
@@ -313,14 +313,14 @@ class ClientProtocol:
                 conn.receive_data(bytes(data) if data else None)  # bytes(bytes) is no copy
                 events = list(conn.events())
             except RemoteProtocolError as exc:
-                client.close(1002, f"protocol error: {exc}"[:120])
+                client.close(CloseCode.PROTOCOL_ERROR, f"protocol error: {exc}"[:120])
                 return False
             for event in events:
                 if isinstance(event, (wse.TextMessage, wse.BytesMessage)):
                     piece = event.data
                     size += len(piece)
                     if size > limit:
-                        client.close(1009, f"message larger than {limit} bytes")
+                        client.close(CloseCode.TOO_BIG, f"message larger than {limit} bytes")
                         return False
                     if event.frame_finished:
                         frames += 1

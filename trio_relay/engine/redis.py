@@ -61,7 +61,7 @@ from coredis.retry import NoRetryPolicy
 
 from ..config import Config, EngineConfig, UpstreamConfig
 from ..hub import Demand, Hub, Stats, new_epoch
-from ..model import BREAK, Encoder, PriceState, Update
+from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update
 from ..providers.base import Provider
 from ..upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
@@ -915,8 +915,8 @@ class RedisEngine:
                 await pace.wait()
                 updates: list[Update] = []
                 while True:
-                    if isinstance(item, str):
-                        provider = item
+                    if isinstance(item, ProviderSwitched):
+                        provider = item.provider
                     else:
                         for update in item:
                             if update.provider is None:

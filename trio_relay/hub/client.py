@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from ..model import CloseCode
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -14,11 +15,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_SLOW_CONSUMER", "CLOSE_TOKEN_EXPIRED", "CLOSE_GRACE"]
 
-# WebSocket close codes the hub uses.
-CLOSE_GOING_AWAY = 1001  # shutdown
-CLOSE_POLICY = 1008  # too many unread replies
-CLOSE_SLOW_CONSUMER = 4008  # no progress for stall_timeout
-CLOSE_TOKEN_EXPIRED = 4001  # the client's token expired (auth on)
+# The close codes the hub uses (all of them are model.CloseCode; these names are kept for callers).
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+CLOSE_POLICY = CloseCode.POLICY
+CLOSE_SLOW_CONSUMER = CloseCode.SLOW_CONSUMER
+CLOSE_TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED
 
 # Seconds a write in progress may still take once its client is being closed.
 CLOSE_GRACE = 1.0

@@ -27,7 +27,7 @@ import trio
 
 from ..bars.channel import BarChannel
 from ..config import ClientsConfig
-from ..model import BREAK, Encoder, PriceState, Update, control, ws_payload
+from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, ws_payload
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
 from .demand import Demand
 from .outbox import Outbox
@@ -118,7 +118,7 @@ class Hub:
         self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
         self._nursery: trio.Nursery | None = None
         self._no_clients = trio.Event()
-        self._receive: trio.MemoryReceiveChannel[list[Update] | str] | None = None
+        self._receive: trio.MemoryReceiveChannel[UpstreamItem] | None = None
         self.latency = LatencyHistogram()  # queued in an outbox → written to the socket, per flush
         self._turns = 0  # consume turns taken (the watchdog's measure of progress)
         self._turns_seen = 0
@@ -149,7 +149,7 @@ class Hub:
                 hub._nursery = None
                 nursery.cancel_scope.cancel()
 
-    async def consume(self, receive: trio.MemoryReceiveChannel[list[Update] | str]) -> None:
+    async def consume(self, receive: trio.MemoryReceiveChannel[UpstreamItem]) -> None:
         """Publish every batch from the upstream channel until it is closed.
 
         Each turn takes everything already queued: with thousands of client senders each taking
@@ -169,14 +169,14 @@ class Hub:
                 self._turns += 1
                 batches: list[list[Update]] = []
                 total = 0
-                item: list[Update] | str = first
+                item: UpstreamItem = first
                 ended = False
                 while True:
-                    if isinstance(item, str):
+                    if isinstance(item, ProviderSwitched):
                         # Everything before the switch is published under the old name.
                         self._publish_all(batches, total)
                         batches, total = [], 0
-                        self.source = item
+                        self.source = item.provider
                     else:
                         batches.append(item)
                         total += len(item)

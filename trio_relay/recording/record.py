@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..model import ProviderSwitched
 from ..providers import registry
 from .file import RecordingError, RecordingHeader, RecordingWriter
 
@@ -203,8 +204,8 @@ async def record(
         syncer = _Syncer(writer)
 
         def write_batch(item: Item) -> None:
-            if isinstance(item, str):
-                return  # a provider-switch marker: there is one provider here
+            if isinstance(item, ProviderSwitched):
+                return  # there is one provider here
             writer.write_updates(item, clock.now_ms())
             summary.updates += len(item)
             summary.per_symbol.update(u.symbol for u in item)
