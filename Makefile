@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean system-deps package-check
+.PHONY: serve test lint bench clean system-deps package-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# What CI checks besides the tests: ruff (lint and format) and mypy --strict.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trio_relay tests bench
+	$(VENV)/bin/ruff format --check trio_relay tests bench
+	$(VENV)/bin/mypy
 
 # The built wheel in a fresh venv without extras, started as the systemd unit would; the unit
 # checked with systemd-analyze (CI runs this after the tests).

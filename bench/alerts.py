@@ -43,11 +43,21 @@ def rule(rng: random.Random, symbol: str) -> dict[str, Any]:
     kind = rng.random()
     rearm: dict[str, Any] = {"one_shot": False, "cooldown_s": 60} if rng.random() < 0.5 else {}
     if kind < 0.8:
-        return {"type": "above" if kind < 0.4 else "below", "symbol": symbol, "level": round(rng.uniform(90, 110), 2),
-                "field": rng.choice(FIELDS), **rearm}
+        return {
+            "type": "above" if kind < 0.4 else "below",
+            "symbol": symbol,
+            "level": round(rng.uniform(90, 110), 2),
+            "field": rng.choice(FIELDS),
+            **rearm,
+        }
     if kind < 0.9:
-        return {"type": "move", "symbol": symbol, "pct": rng.choice((1, 2, 5, -1, -2, -5)),
-                "window_s": rng.choice((60, 300, 900)), **rearm}
+        return {
+            "type": "move",
+            "symbol": symbol,
+            "pct": rng.choice((1, 2, 5, -1, -2, -5)),
+            "window_s": rng.choice((60, 300, 900)),
+            **rearm,
+        }
     return {"type": "spread", "symbol": symbol, "max_spread_bps": rng.choice((5, 10, 25, 50)), **rearm}
 
 
@@ -101,7 +111,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3, help="runs per scenario (a fresh engine each); the best is reported")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="runs per scenario (a fresh engine each); the best is reported"
+    )
     args = p.parse_args()
     scenarios = [
         ("0 rules on the symbol", "rules_0", dict(rules_on_symbol=0, symbols=1, others=10_000)),

@@ -45,11 +45,15 @@ def feed(symbols: list[str], count: int, kind: str, ms_per_trade: float) -> list
         if kind == "T":
             out.append(Update(symbols[i % n], "T", ts, last_price=price, last_size=size))
         else:
-            out.append(Update(symbols[i % n], "Q", ts, bid_price=price, bid_size=200.0, ask_price=price + 0.01, ask_size=300.0))
+            out.append(
+                Update(symbols[i % n], "Q", ts, bid_price=price, bid_size=200.0, ask_price=price + 0.01, ask_size=300.0)
+            )
     return out
 
 
-def best_rate(updates: list[Update], make: Callable[[], Callable[[Update], Sequence[object]]], repeat: int) -> tuple[float, int]:
+def best_rate(
+    updates: list[Update], make: Callable[[], Callable[[Update], Sequence[object]]], repeat: int
+) -> tuple[float, int]:
     """Updates per second through ``make()``'s callable (best run), and bars it returned."""
     best = 0.0
     closed = 0
@@ -133,7 +137,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     r = measure(args)
-    print(f"BarBuilder(1s, 1m, 5m, 1h), {args.symbols} symbols, {args.trades:,} updates, best of {args.repeat}, one core")
+    print(
+        f"BarBuilder(1s, 1m, 5m, 1h), {args.symbols} symbols, {args.trades:,} updates, best of {args.repeat}, one core"
+    )
     print(f"{'feed':<46} {'updates/s':>12} {'µs/update':>10} {'bars closed':>12}")
     rows = [
         ("no-op hook (loop + call floor)", r["noop_per_s"], None),
@@ -144,8 +150,10 @@ def main() -> None:
     for label, rate, closed in rows:
         print(f"{label:<46} {rate:>12,.0f} {1e6 / rate:>10.3f} {'' if closed is None else f'{closed:,.0f}':>12}")
     for n in (args.symbols, 10_000):
-        print(f"flush, {n:,} symbols x 4 open bars: {r[f'flush_idle_ms_{n}']:.2f} ms closing none, "
-              f"{r[f'flush_close_ms_{n}']:.2f} ms closing {n:,} 1s bars")
+        print(
+            f"flush, {n:,} symbols x 4 open bars: {r[f'flush_idle_ms_{n}']:.2f} ms closing none, "
+            f"{r[f'flush_close_ms_{n}']:.2f} ms closing {n:,} 1s bars"
+        )
     print(f"state: {r['state_bytes_per_symbol']:,.0f} bytes per symbol (4 intervals)")
     print(json.dumps({"bench": "bars", **{k: round(v, 3) for k, v in r.items()}}))
 

@@ -46,7 +46,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_relay(relay_bin: str, port: int, cpu: int | None, nofile: int | None, env_extra: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_relay(
+    relay_bin: str, port: int, cpu: int | None, nofile: int | None, env_extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_") and k != "FMP_API_KEY"}
     env.update(env_extra)
 
@@ -164,7 +166,17 @@ def run_rest(args: argparse.Namespace) -> list[dict[str, float]]:
         try:
             cpu0 = cpu_seconds(relay.pid)
             out = subprocess.run(
-                [sys.executable, __file__, "_restload", "--port", str(port), "--conns", str(args.conns), "--seconds", str(args.seconds)],
+                [
+                    sys.executable,
+                    __file__,
+                    "_restload",
+                    "--port",
+                    str(port),
+                    "--conns",
+                    str(args.conns),
+                    "--seconds",
+                    str(args.seconds),
+                ],
                 capture_output=True,
                 check=True,
                 preexec_fn=lambda: os.sched_setaffinity(0, {1}),
@@ -175,13 +187,18 @@ def run_rest(args: argparse.Namespace) -> list[dict[str, float]]:
             result["relay_cpu_us_per_req"] = (cpu_seconds(relay.pid) - cpu0) / max(1, result["requests"]) * 1e6
         finally:
             stop(relay)
-        say(args, f"rest run {run + 1}: {result['relay_cpu_us_per_req']:,.0f} us of relay CPU per request; "
-                  f"{result['req_per_s']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
-                  f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors")
+        say(
+            args,
+            f"rest run {run + 1}: {result['relay_cpu_us_per_req']:,.0f} us of relay CPU per request; "
+            f"{result['req_per_s']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+            f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors",
+        )
         results.append(result)
     say(args, f"relay CPU us/request: {summary([r['relay_cpu_us_per_req'] for r in results])}")
-    say(args, f"rest req/s: {summary([r['req_per_s'] for r in results])}; "
-              f"p50 ms: {summary([r['p50_ms'] for r in results])}")
+    say(
+        args,
+        f"rest req/s: {summary([r['req_per_s'] for r in results])}; p50 ms: {summary([r['p50_ms'] for r in results])}",
+    )
     return results
 
 
@@ -226,8 +243,12 @@ def flood_once(port: int, sockets: int, addresses: int) -> dict[str, float | int
                         first = trio.current_time() - t1
         for stream in held:
             stream.socket.close()
-        return {"connected": len(held), "failed": failed, "open_s": round(opened_in, 2),
-                "first_price_s": None if first is None else round(first, 4)}
+        return {
+            "connected": len(held),
+            "failed": failed,
+            "open_s": round(opened_in, 2),
+            "first_price_s": None if first is None else round(first, 4),
+        }
 
     return trio.run(main)
 
@@ -244,9 +265,16 @@ def run_flood(args: argparse.Namespace) -> list[dict[str, float | int | None]]:
             result = flood_once(port, args.sockets, args.addresses)
         finally:
             stop(relay)
-        shown = "no price within 10 s" if result["first_price_s"] is None else f"first price after {result['first_price_s'] * 1000:.0f} ms"
-        say(args, f"flood run {run + 1}: {result['connected']:,} idle sockets open ({result['failed']} failed, "
-                  f"{result['open_s']} s), then a real client: {shown}")
+        shown = (
+            "no price within 10 s"
+            if result["first_price_s"] is None
+            else f"first price after {result['first_price_s'] * 1000:.0f} ms"
+        )
+        say(
+            args,
+            f"flood run {run + 1}: {result['connected']:,} idle sockets open ({result['failed']} failed, "
+            f"{result['open_s']} s), then a real client: {shown}",
+        )
         results.append(result)
     firsts = [r["first_price_s"] for r in results]
     if all(f is not None for f in firsts):

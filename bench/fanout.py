@@ -43,18 +43,60 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 PRESETS: dict[str, dict] = {
-    "light": dict(clients=10, symbols_per_client=10, symbols=500, rate=1000, batch=False, warmup=3, seconds=10,
-                  about="10 clients x 10 of 500 symbols, 1,000 ticks/s, per-frame: every update should arrive"),
-    "heavy": dict(clients=1000, symbols_per_client=10, symbols=500, rate=10000, batch=False, warmup=3, seconds=10,
-                  about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, one frame per update"),
-    "heavy-batch": dict(clients=1000, symbols_per_client=10, symbols=500, rate=10000, batch=True, warmup=3, seconds=10,
-                        about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, ?batch=1 (JSON array frames)"),
-    "overload": dict(clients=1000, symbols_per_client=10, symbols=500, rate=None, batch=False, warmup=3, seconds=20,
-                     calibrate_rate=10000, calibrate_seconds=4, overload_factor=2.0,
-                     about="demand = 2x the relay's measured capacity (calibrated by a first short run); "
-                           "staleness and RSS over time"),
-    "idle": dict(clients=10000, symbols_per_client=0, symbols=500, rate=10000, batch=False, warmup=2, seconds=5,
-                 about="10,000 idle connected clients, no subscriptions: RSS per client"),
+    "light": dict(
+        clients=10,
+        symbols_per_client=10,
+        symbols=500,
+        rate=1000,
+        batch=False,
+        warmup=3,
+        seconds=10,
+        about="10 clients x 10 of 500 symbols, 1,000 ticks/s, per-frame: every update should arrive",
+    ),
+    "heavy": dict(
+        clients=1000,
+        symbols_per_client=10,
+        symbols=500,
+        rate=10000,
+        batch=False,
+        warmup=3,
+        seconds=10,
+        about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, one frame per update",
+    ),
+    "heavy-batch": dict(
+        clients=1000,
+        symbols_per_client=10,
+        symbols=500,
+        rate=10000,
+        batch=True,
+        warmup=3,
+        seconds=10,
+        about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, ?batch=1 (JSON array frames)",
+    ),
+    "overload": dict(
+        clients=1000,
+        symbols_per_client=10,
+        symbols=500,
+        rate=None,
+        batch=False,
+        warmup=3,
+        seconds=20,
+        calibrate_rate=10000,
+        calibrate_seconds=4,
+        overload_factor=2.0,
+        about="demand = 2x the relay's measured capacity (calibrated by a first short run); "
+        "staleness and RSS over time",
+    ),
+    "idle": dict(
+        clients=10000,
+        symbols_per_client=0,
+        symbols=500,
+        rate=10000,
+        batch=False,
+        warmup=2,
+        seconds=5,
+        about="10,000 idle connected clients, no subscriptions: RSS per client",
+    ),
 }
 
 # A child launcher: die with the parent (PR_SET_PDEATHSIG=SIGKILL), optionally pin, then exec.
@@ -173,14 +215,29 @@ class Children:
         self.procs: dict[str, subprocess.Popen] = {}
         self.files: list = []
 
-    def start(self, name: str, cmd: list[str], *, cpu: str, log: Path | None, env: dict | None = None,
-              stdin: int | None = subprocess.DEVNULL, stdout: int | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        cpu: str,
+        log: Path | None,
+        env: dict | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout: int | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen:
         logf = open(log, "wb") if log is not None else subprocess.DEVNULL
         if log is not None:
             self.files.append(logf)
         full = [sys.executable, "-c", LAUNCHER, str(os.getpid()), cpu, *cmd]
         proc = subprocess.Popen(
-            full, stdin=stdin, stdout=stdout if stdout is not None else logf, stderr=logf, env=env, cwd=cwd,
+            full,
+            stdin=stdin,
+            stdout=stdout if stdout is not None else logf,
+            stderr=logf,
+            env=env,
+            cwd=cwd,
         )
         self.procs[name] = proc
         return proc
@@ -320,20 +377,24 @@ def window_cpu_pct(win: list[dict], name: str) -> float | None:
     return round(100 * (pts[-1][1] - pts[0][1]) / CLK_TCK / (pts[-1][0] - pts[0][0]), 1)
 
 
-def await_loadgen(lg, lg_reader: "LineReader", sampler: "Sampler", cfg: dict, label: str, out_dir: Path, say) -> dict:
+def await_loadgen(lg, lg_reader: LineReader, sampler: Sampler, cfg: dict, label: str, out_dir: Path, say) -> dict:
     """Wait for the load generator to connect and to report its result; then stop the sampler."""
     budget = 240 + cfg["warmup"] + cfg["seconds"]
     connected = lg_reader.wait_for("connected", budget)
     if connected is None:
         raise RuntimeError(f"load generator failed to connect; see {out_dir / f'loadgen-{label}.log'}")
-    say(f"{label}: {connected['clients']}/{cfg['clients']} clients connected in {connected['seconds']:.1f}s; "
-        f"warm-up {cfg['warmup']:g}s, window {cfg['seconds']:g}s")
+    say(
+        f"{label}: {connected['clients']}/{cfg['clients']} clients connected in {connected['seconds']:.1f}s; "
+        f"warm-up {cfg['warmup']:g}s, window {cfg['seconds']:g}s"
+    )
     result = lg_reader.wait_for("result", budget)
     lg.wait(30)
     sampler.stop_event.set()
     sampler.join(5)
     if result is None:
-        raise RuntimeError(f"load generator gave no result (exit {lg.returncode}); see {out_dir / f'loadgen-{label}.log'}")
+        raise RuntimeError(
+            f"load generator gave no result (exit {lg.returncode}); see {out_dir / f'loadgen-{label}.log'}"
+        )
     return result
 
 
@@ -356,10 +417,25 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         # subscribed: otherwise a saturated relay starves the handshakes of the later clients
         # and the set-up alone takes minutes. The warm-up starts after the rate is set.
         start_rate = cfg["rate"] if args.connect_under_load else 0
-        up_cmd = [sys.executable, str(BENCH / "upstream.py"), "--port", "0", "--rate", str(start_rate),
-                  "--stdin-control", "--print-every", "5"]
-        up = kids.start("upstream", up_cmd, cpu=up_cpu, log=out_dir / f"upstream-{label}.log",
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        up_cmd = [
+            sys.executable,
+            str(BENCH / "upstream.py"),
+            "--port",
+            "0",
+            "--rate",
+            str(start_rate),
+            "--stdin-control",
+            "--print-every",
+            "5",
+        ]
+        up = kids.start(
+            "upstream",
+            up_cmd,
+            cpu=up_cpu,
+            log=out_dir / f"upstream-{label}.log",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         up_reader = LineReader(up.stdout, "upstream-stdout", save=out_dir / f"upstream-{label}.jsonl")
         up_reader.start()
         hello = up_reader.wait_for("listening", 15)
@@ -379,8 +455,18 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
             k, _, v = item.partition("=")
             env[k] = v
         relay_bin = args.relay_bin or str(ROOT / ".venv" / "bin" / "trio-relay")
-        relay_cmd = [relay_bin, "serve", "--port", str(relay_port), "--provider", "fmp",
-                     "--upstream-url", f"ws://127.0.0.1:{up_port}", "--log-level", args.relay_log_level]
+        relay_cmd = [
+            relay_bin,
+            "serve",
+            "--port",
+            str(relay_port),
+            "--provider",
+            "fmp",
+            "--upstream-url",
+            f"ws://127.0.0.1:{up_port}",
+            "--log-level",
+            args.relay_log_level,
+        ]
         # cwd = the run directory, so no stray .env of the checkout changes the relay's config
         relay = kids.start("relay", relay_cmd, cpu=relay_cpu, log=out_dir / f"relay-{label}.log", env=env, cwd=out_dir)
         base = f"http://127.0.0.1:{relay_port}/api/v2/realtime"
@@ -392,24 +478,43 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
             if relay.poll() is not None:
                 raise RuntimeError(f"relay exited with {relay.returncode}; see {out_dir / f'relay-{label}.log'}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"relay not healthy after 30s (last: {code} {body}); see {out_dir / f'relay-{label}.log'}")
+                raise RuntimeError(
+                    f"relay not healthy after 30s (last: {code} {body}); see {out_dir / f'relay-{label}.log'}"
+                )
             time.sleep(0.1)
         say(f"{label}: upstream :{up_port} (pid {up.pid}), relay :{relay_port} (pid {relay.pid}) healthy")
         time.sleep(0.6)  # > one upstream stats period, so the relay's upstream socket is known below
         relay_ports = {p for o in up_reader.events("stats") for p in o.get("peer_ports", [])}
         rss_before = proc_rss(relay.pid)
         # ---------------------------------------------------------------- sampler + loadgen
-        sampler = Sampler({"relay": relay.pid, "upstream": up.pid, "fanout": os.getpid()}, args.sample_period,
-                          None if cfg["clients"] > 3000 else {up_port, *relay_ports})
+        sampler = Sampler(
+            {"relay": relay.pid, "upstream": up.pid, "fanout": os.getpid()},
+            args.sample_period,
+            None if cfg["clients"] > 3000 else {up_port, *relay_ports},
+        )
         sampler.start()
-        lg_cmd = [sys.executable, str(BENCH / "loadgen.py"), "--url", f"ws://127.0.0.1:{relay_port}{WS_PATH}",
-                  "--clients", str(cfg["clients"]), "--symbols-per-client", str(cfg["symbols_per_client"]),
-                  "--symbols", str(cfg["symbols"]), "--warmup", str(cfg["warmup"]), "--seconds", str(cfg["seconds"])]
+        lg_cmd = [
+            sys.executable,
+            str(BENCH / "loadgen.py"),
+            "--url",
+            f"ws://127.0.0.1:{relay_port}{WS_PATH}",
+            "--clients",
+            str(cfg["clients"]),
+            "--symbols-per-client",
+            str(cfg["symbols_per_client"]),
+            "--symbols",
+            str(cfg["symbols"]),
+            "--warmup",
+            str(cfg["warmup"]),
+            "--seconds",
+            str(cfg["seconds"]),
+        ]
         if cfg["batch"]:
             lg_cmd.append("--batch")
         lg_cmd += ["--clock", args.clock]
         lg = kids.start("loadgen", lg_cmd, cpu=lg_cpu, log=out_dir / f"loadgen-{label}.log", stdout=subprocess.PIPE)
         sampler.pids["loadgen"] = lg.pid
+
         def on_loadgen_event(obj: dict) -> None:
             event = obj.get("event")
             command = None
@@ -424,8 +529,9 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
                 except OSError:
                     pass
 
-        lg_reader = LineReader(lg.stdout, "loadgen-stdout", echo=on_loadgen_event,
-                               save=out_dir / f"loadgen-{label}.jsonl")
+        lg_reader = LineReader(
+            lg.stdout, "loadgen-stdout", echo=on_loadgen_event, save=out_dir / f"loadgen-{label}.jsonl"
+        )
         lg_reader.start()
         result = await_loadgen(lg, lg_reader, sampler, cfg, label, out_dir, say)
         sub_ev = lg_reader.wait_for("subscribed", 1)
@@ -472,8 +578,10 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
     total_busy = sum(v for v in cpu_busy.values() if v is not None)
     other = round(max(0.0, total_busy - ours), 1)
     if other > 10:
-        notes.append(f"OTHER LOAD on the machine: {other:.0f}% of a CPU busy outside the benchmark during the "
-                     "window; figures are not trustworthy, re-run on a quiet machine")
+        notes.append(
+            f"OTHER LOAD on the machine: {other:.0f}% of a CPU busy outside the benchmark during the "
+            "window; figures are not trustworthy, re-run on a quiet machine"
+        )
     # upstream achieved rate in the window, from its stats lines (interpolated)
     stats = [o for o in up_reader.events("stats")]
 
@@ -506,23 +614,31 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
     demand_target = cfg["rate"] * subs_per_sym
     demand = achieved * subs_per_sym if achieved is not None else None
     if up_symbols and up_symbols != result["distinct_symbols"] and cfg["symbols_per_client"]:
-        notes.append(f"upstream had {up_symbols} symbols subscribed, clients want {result['distinct_symbols']} "
-                     "(lingering symbols dilute the demand figure)")
+        notes.append(
+            f"upstream had {up_symbols} symbols subscribed, clients want {result['distinct_symbols']} "
+            "(lingering symbols dilute the demand figure)"
+        )
     if bp_skipped:
-        notes.append(f"UPSTREAM BACKPRESSURE: the relay did not read its upstream fast enough; {bp_skipped:,} ticks "
-                     f"were not generated in the window (achieved {achieved:,.0f}/s of {cfg['rate']:,.0f}/s)")
+        notes.append(
+            f"UPSTREAM BACKPRESSURE: the relay did not read its upstream fast enough; {bp_skipped:,} ticks "
+            f"were not generated in the window (achieved {achieved:,.0f}/s of {cfg['rate']:,.0f}/s)"
+        )
     if lag_skipped:
         notes.append(f"upstream generator lagged (descheduled): {lag_skipped:,} ticks skipped")
     tcpq = [s["tcpq"] for s in win if "tcpq" in s]
     frame_bytes = (stats[-1]["bytes"] / stats[-1]["generated"]) if stats and stats[-1]["generated"] else 130
     backlog_max = max(tcpq) if tcpq else None
     if result["loadgen_saturated"]:
-        notes.append(f"LOAD GENERATOR SATURATED ({result['loadgen_cpu_pct']}% CPU): delivered rate is a lower bound "
-                     "and staleness includes its own queueing")
+        notes.append(
+            f"LOAD GENERATOR SATURATED ({result['loadgen_cpu_pct']}% CPU): delivered rate is a lower bound "
+            "and staleness includes its own queueing"
+        )
     # relay log
     log_summary = scan_relay_log(out_dir / f"relay-{label}.log")
     if log_summary["errors"] or log_summary["tracebacks"]:
-        notes.append(f"relay log has {log_summary['errors']} ERROR line(s) and {log_summary['tracebacks']} traceback(s)")
+        notes.append(
+            f"relay log has {log_summary['errors']} ERROR line(s) and {log_summary['tracebacks']} traceback(s)"
+        )
     if result["disconnected"]:
         notes.append(f"{result['disconnected']} client(s) were disconnected by the relay: {result['close_codes']}")
     if result["connected"] < cfg["clients"]:
@@ -548,8 +664,9 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         "upstream_rate_achieved": round(achieved, 1) if achieved is not None else None,
         "upstream_bp_skipped": bp_skipped,
         "upstream_backlog_kb_max": round(backlog_max / 1024, 1) if backlog_max is not None else None,
-        "upstream_backlog_s_max": (round(backlog_max / frame_bytes / (achieved or 1), 2)
-                                   if backlog_max is not None and achieved else None),
+        "upstream_backlog_s_max": (
+            round(backlog_max / frame_bytes / (achieved or 1), 2) if backlog_max is not None and achieved else None
+        ),
         "demand_updates_per_s": round(demand, 1) if demand is not None else None,
         "demand_at_target_updates_per_s": round(demand_target, 1),
         "delivered_updates_per_s": result["updates_per_s"],
@@ -580,7 +697,9 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         "pinning": {"relay": relay_cpu or "any", "loadgen": lg_cpu or "any", "upstream": up_cpu or "any"},
         "window_s": result["window_s"],
         "connect_seconds": result["connect_seconds"],
-        "relay_counters": {k: msgs.get(k) for k in ("in", "out", "dropped", "conflated", "malformed")} if msgs else None,
+        "relay_counters": {k: msgs.get(k) for k in ("in", "out", "dropped", "conflated", "malformed")}
+        if msgs
+        else None,
         "relay_slow_closed": (status or {}).get("clients", {}).get("slow_closed"),
         "relay_exit_code": relay_rc,
         "relay_log": log_summary,
@@ -589,8 +708,11 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         "notes": notes,
     }
     if rss_before and result["connected"] and not cfg["symbols_per_client"]:
-        out["relay_rss_kb_per_client"] = round((sum(rss_vals) / len(rss_vals) - rss_before / 2**20) * 1024
-                                               / result["connected"], 2) if rss_vals else None
+        out["relay_rss_kb_per_client"] = (
+            round((sum(rss_vals) / len(rss_vals) - rss_before / 2**20) * 1024 / result["connected"], 2)
+            if rss_vals
+            else None
+        )
     # RSS from the moment every client had subscribed (negative times: the warm-up) to the window's end
     t_sub = sub_ev["t"] if sub_ev else t0
     series = [(s["t"] - t0, s["relay"][1] / 2**20) for s in sampler.samples if t_sub <= s["t"] <= t1 and s["relay"][1]]
@@ -635,10 +757,12 @@ def rss_growth(values: list[float]) -> tuple[float | None, bool | None]:
 def relay_revision() -> str | None:
     """The checkout's commit, with "+dirty" when trio_relay/ has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trio_relay"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "trio_relay"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
@@ -670,7 +794,9 @@ def scan_relay_log(path: Path) -> dict:
                     leaf = line.strip(" |+")
                 continue
         stripped = line.lstrip(" +|")
-        if stripped.startswith(("Traceback (most recent call last)", "Exception Group Traceback")) and not line.startswith("20"):
+        if stripped.startswith(
+            ("Traceback (most recent call last)", "Exception Group Traceback")
+        ) and not line.startswith("20"):
             tracebacks += 1
             in_tb = True
             leaf = ""
@@ -686,8 +812,14 @@ def scan_relay_log(path: Path) -> dict:
             continue
         if len(first) < 5:
             first.append(line[:300])
-    return {"lines": len(lines), "warnings": warnings, "errors": errors, "tracebacks": tracebacks,
-            "server_closed_clients": server_closed, "first_problems": first}
+    return {
+        "lines": len(lines),
+        "warnings": warnings,
+        "errors": errors,
+        "tracebacks": tracebacks,
+        "server_closed_clients": server_closed,
+        "first_problems": first,
+    }
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -703,40 +835,81 @@ def table(r: dict, about: str = "") -> str:
     lat, st, fl = r["latency_ms"], r["staleness_ms"], r["staleness_floor_ms"] or {}
     rows = [
         ("scenario", f"{r['scenario']}" + (f"  ({about})" if about else "")),
-        ("clients", f"{r['connected']:,}/{r['clients']:,} connected in {r['connect_seconds']:.1f}s, "
-                    f"{r['symbols_per_client']} of {r['symbols']} symbols each ({r['distinct_symbols']} distinct, "
-                    f"{r['subscribers_per_symbol']:g} subscribers/symbol), mode {r['mode']}"),
-        ("upstream rate", f"target {fmt(r['upstream_rate_target'])}/s, achieved {fmt(r['upstream_rate_achieved'])}/s"
-                          + (f", NOT generated (backpressure) {r['upstream_bp_skipped']:,}" if r["upstream_bp_skipped"] else "")),
-        ("upstream backlog", f"max {fmt(r['upstream_backlog_kb_max'], ' KB', 1)} in kernel buffers "
-                             f"(~{fmt(r['upstream_backlog_s_max'], ' s', 2)} of ticks)"),
-        ("demand", f"{fmt(r['demand_updates_per_s'])} updates/s at the achieved rate "
-                   f"({fmt(r['demand_at_target_updates_per_s'])}/s at target)"),
-        ("delivered", f"{fmt(r['delivered_updates_per_s'])} updates/s = {fmt((r['delivered_ratio'] or 0) * 100, '%', 1)} "
-                      f"of demand, in {fmt(r['frames_per_s'])} frames/s ({fmt(r['updates_per_frame'], '', 2)} updates/frame); "
-                      f"seq gaps {r['seq_gaps']:,}"),
-        ("latency ms", f"p50 {fmt(lat['p50'], '', 2)}  p90 {fmt(lat['p90'], '', 2)}  p99 {fmt(lat['p99'], '', 2)}  "
-                       f"p99.9 {fmt(lat['p99.9'], '', 2)}  max {fmt(lat['max'], '', 2)}  (n={lat['n']:,})"),
-        ("receive wait ms", f"p50 {fmt(r['receive_wait_ms']['p50'], '', 2)}  p99 {fmt(r['receive_wait_ms']['p99'], '', 2)}  "
-                            f"(after the latency's end: loopback delivery + load generator; clock {r['latency_clock']})"),
-        ("staleness ms", f"p50 {fmt(st['p50'], '', 1)}  p90 {fmt(st['p90'], '', 1)}  p99 {fmt(st['p99'], '', 1)}  "
-                         f"max {fmt(st['max'], '', 1)}   floor p50 {fmt(fl.get('p50'), '', 1)} p99 {fmt(fl.get('p99'), '', 1)}"),
+        (
+            "clients",
+            f"{r['connected']:,}/{r['clients']:,} connected in {r['connect_seconds']:.1f}s, "
+            f"{r['symbols_per_client']} of {r['symbols']} symbols each ({r['distinct_symbols']} distinct, "
+            f"{r['subscribers_per_symbol']:g} subscribers/symbol), mode {r['mode']}",
+        ),
+        (
+            "upstream rate",
+            f"target {fmt(r['upstream_rate_target'])}/s, achieved {fmt(r['upstream_rate_achieved'])}/s"
+            + (f", NOT generated (backpressure) {r['upstream_bp_skipped']:,}" if r["upstream_bp_skipped"] else ""),
+        ),
+        (
+            "upstream backlog",
+            f"max {fmt(r['upstream_backlog_kb_max'], ' KB', 1)} in kernel buffers "
+            f"(~{fmt(r['upstream_backlog_s_max'], ' s', 2)} of ticks)",
+        ),
+        (
+            "demand",
+            f"{fmt(r['demand_updates_per_s'])} updates/s at the achieved rate "
+            f"({fmt(r['demand_at_target_updates_per_s'])}/s at target)",
+        ),
+        (
+            "delivered",
+            f"{fmt(r['delivered_updates_per_s'])} updates/s = {fmt((r['delivered_ratio'] or 0) * 100, '%', 1)} "
+            f"of demand, in {fmt(r['frames_per_s'])} frames/s ({fmt(r['updates_per_frame'], '', 2)} updates/frame); "
+            f"seq gaps {r['seq_gaps']:,}",
+        ),
+        (
+            "latency ms",
+            f"p50 {fmt(lat['p50'], '', 2)}  p90 {fmt(lat['p90'], '', 2)}  p99 {fmt(lat['p99'], '', 2)}  "
+            f"p99.9 {fmt(lat['p99.9'], '', 2)}  max {fmt(lat['max'], '', 2)}  (n={lat['n']:,})",
+        ),
+        (
+            "receive wait ms",
+            f"p50 {fmt(r['receive_wait_ms']['p50'], '', 2)}  p99 {fmt(r['receive_wait_ms']['p99'], '', 2)}  "
+            f"(after the latency's end: loopback delivery + load generator; clock {r['latency_clock']})",
+        ),
+        (
+            "staleness ms",
+            f"p50 {fmt(st['p50'], '', 1)}  p90 {fmt(st['p90'], '', 1)}  p99 {fmt(st['p99'], '', 1)}  "
+            f"max {fmt(st['max'], '', 1)}   floor p50 {fmt(fl.get('p50'), '', 1)} p99 {fmt(fl.get('p99'), '', 1)}",
+        ),
         ("relay CPU", f"{fmt(r['relay_cpu_pct'], '%', 1)} (pinned to CPU {r['pinning']['relay']})"),
-        ("relay RSS", f"{fmt(r['relay_rss_mb'], ' MB', 1)} in window (min {fmt(r['relay_rss_mb_min'], '', 1)}, "
-                      f"max {fmt(r['relay_rss_mb_max'], '', 1)}, growth {fmt(r['rss_growth_mb'], ' MB', 1)}); "
-                      f"{fmt(r['relay_rss_mb_before_clients'], ' MB', 1)} before clients"
-                      + (f"; {fmt(r.get('relay_rss_kb_per_client'), ' KB', 2)} per client" if r.get("relay_rss_kb_per_client") is not None else "")),
+        (
+            "relay RSS",
+            f"{fmt(r['relay_rss_mb'], ' MB', 1)} in window (min {fmt(r['relay_rss_mb_min'], '', 1)}, "
+            f"max {fmt(r['relay_rss_mb_max'], '', 1)}, growth {fmt(r['rss_growth_mb'], ' MB', 1)}); "
+            f"{fmt(r['relay_rss_mb_before_clients'], ' MB', 1)} before clients"
+            + (
+                f"; {fmt(r.get('relay_rss_kb_per_client'), ' KB', 2)} per client"
+                if r.get("relay_rss_kb_per_client") is not None
+                else ""
+            ),
+        ),
         ("disconnected", f"{r['disconnected']} {r['close_codes'] or ''}"),
-        ("other CPU", f"loadgen {fmt(r['loadgen_cpu_pct'], '%', 1)} (CPU {r['pinning']['loadgen']}), upstream "
-                      f"{fmt(r['upstream_cpu_pct'], '%', 1)} (CPU {r['pinning']['upstream']}, shares the loadgen's core), "
-                      f"not ours {fmt(r['other_cpu_pct'], '%', 1)}"),
-        ("relay log", f"{r['relay_log']['warnings']} warning(s), {r['relay_log']['errors']} error(s), "
-                      f"{r['relay_log']['tracebacks']} traceback(s); counters {r['relay_counters']}"),
+        (
+            "other CPU",
+            f"loadgen {fmt(r['loadgen_cpu_pct'], '%', 1)} (CPU {r['pinning']['loadgen']}), upstream "
+            f"{fmt(r['upstream_cpu_pct'], '%', 1)} (CPU {r['pinning']['upstream']}, shares the loadgen's core), "
+            f"not ours {fmt(r['other_cpu_pct'], '%', 1)}",
+        ),
+        (
+            "relay log",
+            f"{r['relay_log']['warnings']} warning(s), {r['relay_log']['errors']} error(s), "
+            f"{r['relay_log']['tracebacks']} traceback(s); counters {r['relay_counters']}",
+        ),
         ("run", f"{r['run_seconds']:.1f}s, relay {r.get('relay_revision') or '?'}, logs in {r['out_dir']}"),
     ]
     if not r["symbols_per_client"]:  # idle: nothing flows, keep the rows that mean something
-        rows = [row for row in rows if row[0] in ("scenario", "clients", "relay CPU", "relay RSS", "disconnected",
-                                                  "other CPU", "relay log", "run")]
+        rows = [
+            row
+            for row in rows
+            if row[0]
+            in ("scenario", "clients", "relay CPU", "relay RSS", "disconnected", "other CPU", "relay log", "run")
+        ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for note in r["notes"]:
@@ -748,7 +921,9 @@ def table(r: dict, about: str = "") -> str:
 
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named scenario (flags below override its values)")
     p.add_argument("--clients", type=int)
     p.add_argument("--symbols-per-client", type=int)
@@ -758,24 +933,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float)
     p.add_argument("--seconds", type=float, help="measurement window")
     p.add_argument("--outbox", type=int, help="relay clients.outbox_size (default: the relay's own, 256)")
-    p.add_argument("--relay-env", action="append", metavar="KEY=VALUE", help="extra environment for the relay (repeatable)")
+    p.add_argument(
+        "--relay-env", action="append", metavar="KEY=VALUE", help="extra environment for the relay (repeatable)"
+    )
     p.add_argument("--relay-bin", help="trio-relay executable (default: .venv/bin/trio-relay of this checkout)")
     p.add_argument("--relay-port", type=int, default=0, help="default: a free port")
     p.add_argument("--relay-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--clock", choices=["kernel", "app"], default="kernel",
-                   help="the load generator's receive time: kernel stamp (default) or its own recv() time")
+    p.add_argument(
+        "--clock",
+        choices=["kernel", "app"],
+        default="kernel",
+        help="the load generator's receive time: kernel stamp (default) or its own recv() time",
+    )
     p.add_argument("--relay-cpu", default="0")
     p.add_argument("--loadgen-cpu", default="1")
     p.add_argument("--upstream-cpu", default="1", help="the upstream shares a core (default: the loadgen's)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
     p.add_argument("--sample-period", type=float, default=0.2, help="seconds between /proc samples")
-    p.add_argument("--connect-under-load", action="store_true",
-                   help="stream at full rate while the clients connect (default: upstream paused until all subscribed)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="before starting, wait up to this long for the machine to be idle")
+    p.add_argument(
+        "--connect-under-load",
+        action="store_true",
+        help="stream at full rate while the clients connect (default: upstream paused until all subscribed)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before starting, wait up to this long for the machine to be idle",
+    )
     p.add_argument("--max-rate", type=float, default=40000, help="overload: highest upstream rate to calibrate with")
-    p.add_argument("--retries", type=int, default=0, metavar="N",
-                   help="re-run up to N times when other load disturbed the window (shared machines)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-run up to N times when other load disturbed the window (shared machines)",
+    )
     p.add_argument("--calibrate-seconds", type=float, help="overload: length of the calibration window")
     p.add_argument("--out", help="output directory (default bench/out/<timestamp>-<scenario>)")
     args = p.parse_args(argv)
@@ -793,8 +987,11 @@ def main(argv: list[str] | None = None) -> int:
 
     soft, _hard = raise_nofile()
     if soft < base["clients"] + 256:
-        print(f"[fanout] warning: RLIMIT_NOFILE is {soft}, below the {base['clients'] + 256} the relay and load "
-              "generator need; raise the hard limit (ulimit -Hn) first", file=sys.stderr)
+        print(
+            f"[fanout] warning: RLIMIT_NOFILE is {soft}, below the {base['clients'] + 256} the relay and load "
+            "generator need; raise the hard limit (ulimit -Hn) first",
+            file=sys.stderr,
+        )
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out) if args.out else BENCH / "out" / f"{stamp}-{name}"
@@ -803,17 +1000,25 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
+
     def wait_quiet() -> None:
         busy = machine_busy()
         if busy > 15 and args.wait_quiet:
-            print(f"[fanout] machine busy ({busy:.0f}% of a CPU); waiting up to {args.wait_quiet:g}s for quiet",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[fanout] machine busy ({busy:.0f}% of a CPU); waiting up to {args.wait_quiet:g}s for quiet",
+                file=sys.stderr,
+                flush=True,
+            )
             limit = time.monotonic() + args.wait_quiet
             while busy > 15 and time.monotonic() < limit:
                 busy = machine_busy(2.0)
         if busy > 15:
-            print(f"[fanout] WARNING: the machine is already busy ({busy:.0f}% of a CPU) before the run; "
-                  "the figures will be disturbed (see 'not ours' in the output)", file=sys.stderr, flush=True)
+            print(
+                f"[fanout] WARNING: the machine is already busy ({busy:.0f}% of a CPU) before the run; "
+                "the figures will be disturbed (see 'not ours' in the output)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def measured(cfg: dict, label: str) -> dict:
         """run_once, re-run (up to --retries times) while other load disturbed the window."""
@@ -823,8 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
             if res["other_cpu_pct"] <= 10 or attempt == args.retries:
                 res["attempts"] = attempt + 1
                 return res
-            print(f"[fanout] {label}: {res['other_cpu_pct']:.0f}% of a CPU busy outside the benchmark during the "
-                  f"window; re-running ({attempt + 1}/{args.retries})", file=sys.stderr, flush=True)
+            print(
+                f"[fanout] {label}: {res['other_cpu_pct']:.0f}% of a CPU busy outside the benchmark during the "
+                f"window; re-running ({attempt + 1}/{args.retries})",
+                file=sys.stderr,
+                flush=True,
+            )
         raise AssertionError("unreachable")
 
     t_start = time.monotonic()
@@ -839,16 +1048,26 @@ def main(argv: list[str] | None = None) -> int:
             calibrations = []
             while True:
                 cal = dict(base, rate=cal_rate, warmup=2, seconds=base["calibrate_seconds"])
-                print(f"[fanout] overload: calibrating the relay's capacity at {cal_rate:,.0f} ticks/s "
-                      f"({cal['seconds']:g}s window)", file=sys.stderr, flush=True)
+                print(
+                    f"[fanout] overload: calibrating the relay's capacity at {cal_rate:,.0f} ticks/s "
+                    f"({cal['seconds']:g}s window)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 c = measured(cal, "overload-calibration")
                 delivered = c["delivered_updates_per_s"]
                 saturated = delivered < 0.95 * c["demand_at_target_updates_per_s"]
-                calibrations.append({"rate": cal_rate, "delivered_updates_per_s": delivered,
-                                     "demand_updates_per_s": c["demand_at_target_updates_per_s"],
-                                     "relay_cpu_pct": c["relay_cpu_pct"], "saturated": saturated,
-                                     "latency_ms_p99": c["latency_ms"]["p99"],
-                                     "upstream_rate_achieved": c["upstream_rate_achieved"]})
+                calibrations.append(
+                    {
+                        "rate": cal_rate,
+                        "delivered_updates_per_s": delivered,
+                        "demand_updates_per_s": c["demand_at_target_updates_per_s"],
+                        "relay_cpu_pct": c["relay_cpu_pct"],
+                        "saturated": saturated,
+                        "latency_ms_p99": c["latency_ms"]["p99"],
+                        "upstream_rate_achieved": c["upstream_rate_achieved"],
+                    }
+                )
                 if saturated or cal_rate >= args.max_rate:
                     break
                 cal_rate = min(args.max_rate, cal_rate * 2)
@@ -858,15 +1077,25 @@ def main(argv: list[str] | None = None) -> int:
                 rate = factor * capacity / c["subscribers_per_symbol"]
             else:
                 rate = cal_rate
-                print(f"[fanout] WARNING: the relay kept up even at {cal_rate:,.0f} ticks/s (--max-rate); the overload "
-                      "run uses that rate", file=sys.stderr)
+                print(
+                    f"[fanout] WARNING: the relay kept up even at {cal_rate:,.0f} ticks/s (--max-rate); the overload "
+                    "run uses that rate",
+                    file=sys.stderr,
+                )
             if rate > args.max_rate:
-                print(f"[fanout] WARNING: {rate:,.0f} ticks/s needed for {factor:g}x, capped at --max-rate "
-                      f"{args.max_rate:,.0f}", file=sys.stderr)
+                print(
+                    f"[fanout] WARNING: {rate:,.0f} ticks/s needed for {factor:g}x, capped at --max-rate "
+                    f"{args.max_rate:,.0f}",
+                    file=sys.stderr,
+                )
                 rate = args.max_rate
             rate = round(rate, 1)
-            print(f"[fanout] capacity ~{capacity:,.0f} updates/s -> overload rate {rate:,.1f} ticks/s "
-                  f"(demand {rate * c['subscribers_per_symbol']:,.0f}/s = {factor:g}x)", file=sys.stderr, flush=True)
+            print(
+                f"[fanout] capacity ~{capacity:,.0f} updates/s -> overload rate {rate:,.1f} ticks/s "
+                f"(demand {rate * c['subscribers_per_symbol']:,.0f}/s = {factor:g}x)",
+                file=sys.stderr,
+                flush=True,
+            )
             base["rate"] = rate
             # The outboxes (outbox_size messages per client) fill before conflation starts: warm up
             # past that, or the window shows the filling transient instead of the steady state.
@@ -875,8 +1104,12 @@ def main(argv: list[str] | None = None) -> int:
             fill = outbox * base["clients"] / excess if excess > 0 else 0.0
             if args.warmup is None:
                 base["warmup"] = round(max(base["warmup"], min(150.0, 1.3 * fill + 3)), 1)
-            print(f"[fanout] outboxes of {outbox} fill in ~{fill:.0f}s at {excess:,.0f} excess updates/s: "
-                  f"warm-up {base['warmup']:g}s", file=sys.stderr, flush=True)
+            print(
+                f"[fanout] outboxes of {outbox} fill in ~{fill:.0f}s at {excess:,.0f} excess updates/s: "
+                f"warm-up {base['warmup']:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
             r = measured(base, "overload")
             r["outbox_fill_estimate_s"] = round(fill, 1)
             r["calibration"] = {"capacity_updates_per_s": capacity, "saturated": saturated, "runs": calibrations}
@@ -898,12 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
     if "calibration" in r:
         cal = r["calibration"]
         for run in cal["runs"]:
-            print(f"calibration   {run['rate']:,.0f} ticks/s: demand {run['demand_updates_per_s']:,.0f}/s, delivered "
-                  f"{run['delivered_updates_per_s']:,.0f}/s, relay CPU {run['relay_cpu_pct']}%"
-                  + (" -> saturated" if run["saturated"] else " -> kept up"))
-        print(f"calibration   capacity {cal['capacity_updates_per_s']:,.0f} updates/s (the most delivered above); "
-              f"overload factor {r['overload_factor']}x; "
-              f"RSS flat: {r['rss_flat']} (median of the window's last third − first third: {r['rss_growth_mb']} MB)")
+            print(
+                f"calibration   {run['rate']:,.0f} ticks/s: demand {run['demand_updates_per_s']:,.0f}/s, delivered "
+                f"{run['delivered_updates_per_s']:,.0f}/s, relay CPU {run['relay_cpu_pct']}%"
+                + (" -> saturated" if run["saturated"] else " -> kept up")
+            )
+        print(
+            f"calibration   capacity {cal['capacity_updates_per_s']:,.0f} updates/s (the most delivered above); "
+            f"overload factor {r['overload_factor']}x; "
+            f"RSS flat: {r['rss_flat']} (median of the window's last third − first third: {r['rss_growth_mb']} MB)"
+        )
         print("rss series    " + " ".join(f"{t:g}s:{v:g}" for t, v in r["rss_series_mb"]))
     print(f"total         {r['total_seconds']:.1f}s")
     (out_dir / "result.json").write_text(json.dumps(r, indent=2) + "\n")

@@ -56,10 +56,26 @@ WS_PATH = fo.WS_PATH
 CLK_TCK = fo.CLK_TCK
 
 PRESETS: dict[str, dict] = {
-    "default": dict(clients=1000, symbols_per_client=10, symbols=500, rate=5000, batch=False, warmup=3, seconds=8,
-                    about="1000 clients x 10 of 500 symbols, 5,000 ticks/s, one frame per update: 100,000 updates/s"),
-    "heavy": dict(clients=1000, symbols_per_client=10, symbols=500, rate=10000, batch=False, warmup=3, seconds=8,
-                  about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, one frame per update: 200,000 updates/s"),
+    "default": dict(
+        clients=1000,
+        symbols_per_client=10,
+        symbols=500,
+        rate=5000,
+        batch=False,
+        warmup=3,
+        seconds=8,
+        about="1000 clients x 10 of 500 symbols, 5,000 ticks/s, one frame per update: 100,000 updates/s",
+    ),
+    "heavy": dict(
+        clients=1000,
+        symbols_per_client=10,
+        symbols=500,
+        rate=10000,
+        batch=False,
+        warmup=3,
+        seconds=8,
+        about="1000 clients x 10 of 500 symbols, 10,000 ticks/s, one frame per update: 200,000 updates/s",
+    ),
 }
 
 
@@ -168,10 +184,25 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
     marks: dict[str, float | None] = {}  # Redis CPU and irq time at the window's edges
     try:
         # ---------------------------------------------------------------- upstream (paused)
-        up_cmd = [sys.executable, str(BENCH / "upstream.py"), "--port", "0", "--rate", "0", "--stdin-control",
-                  "--print-every", "5"]
-        up = kids.start("upstream", up_cmd, cpu=up_cpu, log=out_dir / f"upstream-{label}.log",
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        up_cmd = [
+            sys.executable,
+            str(BENCH / "upstream.py"),
+            "--port",
+            "0",
+            "--rate",
+            "0",
+            "--stdin-control",
+            "--print-every",
+            "5",
+        ]
+        up = kids.start(
+            "upstream",
+            up_cmd,
+            cpu=up_cpu,
+            log=out_dir / f"upstream-{label}.log",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         up_reader = fo.LineReader(up.stdout, "upstream-stdout", save=out_dir / f"upstream-{label}.jsonl")
         up_reader.start()
         hello = up_reader.wait_for("listening", 15)
@@ -199,8 +230,18 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
                 env[k] = v
             cwd = out_dir / f"{label}-{name}"  # its own data_dir (alerts, portfolio)
             cwd.mkdir(parents=True, exist_ok=True)
-            cmd = [relay_bin, "serve", "--port", str(port), "--provider", "fmp",
-                   "--upstream-url", f"ws://127.0.0.1:{up_port}", "--log-level", "INFO"]
+            cmd = [
+                relay_bin,
+                "serve",
+                "--port",
+                str(port),
+                "--provider",
+                "fmp",
+                "--upstream-url",
+                f"ws://127.0.0.1:{up_port}",
+                "--log-level",
+                "INFO",
+            ]
             proc = kids.start(name, cmd, cpu=relay_cpu, log=out_dir / f"{label}-{name}.log", env=env, cwd=cwd)
             relays.append((name, proc, port))
         bases = {name: f"http://127.0.0.1:{port}/api/v2/realtime" for name, _, port in relays}
@@ -217,13 +258,17 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
                 time.sleep(0.1)
         holder = None
         if backend == "redis":
-            roles = {name: (fo.http_json(bases[name] + "/status", 5)[1] or {}).get("fleet", {}) for name, _, _ in relays}
+            roles = {
+                name: (fo.http_json(bases[name] + "/status", 5)[1] or {}).get("fleet", {}) for name, _, _ in relays
+            }
             holders = [name for name, f in roles.items() if f.get("role") == "holder"]
             if len(holders) != 1:
                 raise RuntimeError(f"expected one holder, /status says {holders}")
             holder = holders[0]
-        say(f"{label}: upstream :{up_port}, relays {', '.join(f'{name} :{port}' for name, _, port in relays)} healthy"
-            + (f"; holder {holder}, prefix {prefix}" if holder else ""))
+        say(
+            f"{label}: upstream :{up_port}, relays {', '.join(f'{name} :{port}' for name, _, port in relays)} healthy"
+            + (f"; holder {holder}, prefix {prefix}" if holder else "")
+        )
         # ---------------------------------------------------------------- sampler + loadgen
         pids = {name: proc.pid for name, proc, _ in relays} | {"upstream": up.pid, "fleet": os.getpid()}
         redis_pid = redis.pid() if backend == "redis" else None
@@ -231,9 +276,20 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
             pids["redis"] = redis_pid
         sampler = fo.Sampler(pids, args.sample_period, None)
         sampler.start()
-        lg_cmd = [sys.executable, str(BENCH / "loadgen.py"), "--clients", str(cfg["clients"]),
-                  "--symbols-per-client", str(cfg["symbols_per_client"]), "--symbols", str(cfg["symbols"]),
-                  "--warmup", str(cfg["warmup"]), "--seconds", str(cfg["seconds"])]
+        lg_cmd = [
+            sys.executable,
+            str(BENCH / "loadgen.py"),
+            "--clients",
+            str(cfg["clients"]),
+            "--symbols-per-client",
+            str(cfg["symbols_per_client"]),
+            "--symbols",
+            str(cfg["symbols"]),
+            "--warmup",
+            str(cfg["warmup"]),
+            "--seconds",
+            str(cfg["seconds"]),
+        ]
         for _, _, port in relays:
             lg_cmd += ["--url", f"ws://127.0.0.1:{port}{WS_PATH}"]
         if cfg["batch"]:
@@ -260,7 +316,9 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
                 except OSError:
                     pass
 
-        lg_reader = fo.LineReader(lg.stdout, "loadgen-stdout", echo=on_loadgen_event, save=out_dir / f"loadgen-{label}.jsonl")
+        lg_reader = fo.LineReader(
+            lg.stdout, "loadgen-stdout", echo=on_loadgen_event, save=out_dir / f"loadgen-{label}.jsonl"
+        )
         lg_reader.start()
         result = fo.await_loadgen(lg, lg_reader, sampler, cfg, label, out_dir, say)
         t0, t1 = lg_reader.wait_for("window_start", 1)["t"], lg_reader.wait_for("window_end", 1)["t"]
@@ -272,8 +330,10 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
                 if code and body and not body.get("clients"):
                     break
                 time.sleep(0.3)
-        statuses = {name: (fo.http_json(bases[name] + "/status", 15)[1] if proc.poll() is None else None)
-                    for name, proc, _ in relays}
+        statuses = {
+            name: (fo.http_json(bases[name] + "/status", 15)[1] if proc.poll() is None else None)
+            for name, proc, _ in relays
+        }
         alive = {name: proc.poll() is None for name, proc, _ in relays}
         # ---------------------------------------------------------------- stop: relays, then upstream
         for name, _, _ in relays:
@@ -314,14 +374,21 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
         cpu_busy[cpu_name] = round(100 * (b1 - b0) / (tot1 - tot0), 1) if tot1 > tot0 else None
     total_busy = round(sum(v for v in cpu_busy.values() if v is not None), 1)
     irq_span = marks.get("window_end_irq_t", 0) - marks.get("window_start_irq_t", 0)
-    irq = (round(100 * (marks["window_end_irq"] - marks["window_start_irq"]) / CLK_TCK / irq_span, 1)
-           if irq_span > 0 else None)
-    ours = relay_cpu_sum + sum(v for v in (redis_cpu, lg_pct, cpu_pct("upstream"), cpu_pct("fleet"), irq) if v is not None)
+    irq = (
+        round(100 * (marks["window_end_irq"] - marks["window_start_irq"]) / CLK_TCK / irq_span, 1)
+        if irq_span > 0
+        else None
+    )
+    ours = relay_cpu_sum + sum(
+        v for v in (redis_cpu, lg_pct, cpu_pct("upstream"), cpu_pct("fleet"), irq) if v is not None
+    )
     other = round(max(0.0, total_busy - ours), 1)
     if other > 10:
-        notes.append(f"OTHER LOAD: {other:.0f}% of a CPU busy outside the benchmark's processes and the kernel's "
-                     "interrupt work during the window"
-                     + (" (Redis is shared: other clients' work shows in its CPU)" if backend == "redis" else ""))
+        notes.append(
+            f"OTHER LOAD: {other:.0f}% of a CPU busy outside the benchmark's processes and the kernel's "
+            "interrupt work during the window"
+            + (" (Redis is shared: other clients' work shows in its CPU)" if backend == "redis" else "")
+        )
     stats = up_reader.events("stats")
     edge = {o.get("tag"): o for o in stats if o.get("tag")}
     e0, e1 = edge.get("window_start"), edge.get("window_end")
@@ -333,8 +400,15 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
     # fleet counters, from each relay's cumulative /status
     fleet_counters = None
     if backend == "redis":
-        fleet_counters = {"batches_received": 0, "duplicates_dropped": 0, "stale_token_dropped": 0, "malformed": 0,
-                          "published_batches": 0, "published_updates": 0, "holders": []}
+        fleet_counters = {
+            "batches_received": 0,
+            "duplicates_dropped": 0,
+            "stale_token_dropped": 0,
+            "malformed": 0,
+            "published_batches": 0,
+            "published_updates": 0,
+            "holders": [],
+        }
         for name, status in statuses.items():
             f = (status or {}).get("fleet") or {}
             rec, pub = f.get("received") or {}, f.get("published") or {}
@@ -347,8 +421,10 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
             if f.get("terms_held"):
                 fleet_counters["holders"].append(name)
         if fleet_counters["duplicates_dropped"] or fleet_counters["stale_token_dropped"]:
-            notes.append(f"fleet dropped {fleet_counters['duplicates_dropped']} duplicate(s) and "
-                         f"{fleet_counters['stale_token_dropped']} stale-token batch(es): expected 0 on a steady fleet")
+            notes.append(
+                f"fleet dropped {fleet_counters['duplicates_dropped']} duplicate(s) and "
+                f"{fleet_counters['stale_token_dropped']} stale-token batch(es): expected 0 on a steady fleet"
+            )
         if fleet_counters["holders"] != [holder]:
             notes.append(f"the upstream changed hands during the run: held by {fleet_counters['holders']}")
     if up_conns_max != 1:
@@ -366,8 +442,10 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
     logs = {name: fo.scan_relay_log(out_dir / f"{label}-{name}.log") for name, _, _ in relays}
     for name, summary in logs.items():
         if summary["errors"] or summary["tracebacks"]:
-            notes.append(f"{name} log: {summary['errors']} ERROR line(s), {summary['tracebacks']} traceback(s): "
-                         f"{summary['first_problems'][:2]}")
+            notes.append(
+                f"{name} log: {summary['errors']} ERROR line(s), {summary['tracebacks']} traceback(s): "
+                f"{summary['first_problems'][:2]}"
+            )
         if not alive[name]:
             notes.append(f"{name} EXITED during the run")
     lat = result["latency_ms"]
@@ -402,11 +480,18 @@ def run_config(n: int, backend: str, cfg: dict, args: argparse.Namespace, out_di
         "irq_cpu_pct": irq,
         "other_cpu_pct": other,
         "cpu_busy_pct": cpu_busy,
-        "pinning": {"relays": relay_cpu or "any", "loadgen": lg_cpu or "any", "upstream": up_cpu or "any", "redis": "any"},
+        "pinning": {
+            "relays": relay_cpu or "any",
+            "loadgen": lg_cpu or "any",
+            "upstream": up_cpu or "any",
+            "redis": "any",
+        },
         "holder": holder,
         "fleet_counters": fleet_counters,
-        "relay_counters": {name: {k: ((s or {}).get("messages") or {}).get(k) for k in ("in", "out", "conflated")}
-                           for name, s in statuses.items()},
+        "relay_counters": {
+            name: {k: ((s or {}).get("messages") or {}).get(k) for k in ("in", "out", "conflated")}
+            for name, s in statuses.items()
+        },
         "relay_logs": {name: {k: v for k, v in s.items() if k != "first_problems"} for name, s in logs.items()},
         "prefix": prefix if backend == "redis" else None,
         "run_seconds": round(time.monotonic() - t_run0, 1),
@@ -421,8 +506,12 @@ def wait_quiet(limit: float) -> None:
     while busy > 15 and time.monotonic() < deadline:
         busy = fo.machine_busy(2.0)
     if busy > 15:
-        print(f"[fleet] WARNING: the machine is busy ({busy:.0f}% of a CPU) before the run; the figures will be "
-              "disturbed (see 'machine %' and the NOTE lines)", file=sys.stderr, flush=True)
+        print(
+            f"[fleet] WARNING: the machine is busy ({busy:.0f}% of a CPU) before the run; the figures will be "
+            "disturbed (see 'machine %' and the NOTE lines)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -430,26 +519,51 @@ def table(rows: list[dict]) -> str:
     def f(v, digits: int = 0, unit: str = "") -> str:
         return "-" if v is None else f"{v:,.{digits}f}{unit}"
 
-    head = ["config", "relays", "delivered/s", "of demand", "per relay/s", "latency ms p50/p99", "relay CPU %",
-            "Redis CPU %", "loadgen %", "upstream %", "irq %", "other %", "dup dropped", "upstream conns"]
+    head = [
+        "config",
+        "relays",
+        "delivered/s",
+        "of demand",
+        "per relay/s",
+        "latency ms p50/p99",
+        "relay CPU %",
+        "Redis CPU %",
+        "loadgen %",
+        "upstream %",
+        "irq %",
+        "other %",
+        "dup dropped",
+        "upstream conns",
+    ]
     lines = []
     for r in rows:
         lat = r["latency_ms"]
         fc = r["fleet_counters"]
-        lines.append([
-            r["config"], str(r["relays"]), f(r["delivered_updates_per_s"]),
-            f((r["delivered_ratio"] or 0) * 100, 1, "%"),
-            " + ".join(f(v) for v in r["delivered_per_relay"]),
-            f"{f(lat['p50'], 2)} / {f(lat['p99'], 1)}",
-            f(r["relay_cpu_pct"], 0) + (" (" + " + ".join(f(v, 0) for v in r["relay_cpu_pct_each"].values()) + ")"
-                                        if r["relays"] > 1 else ""),
-            f(r["redis_cpu_pct"], 1), f(r["loadgen_cpu_pct"], 0), f(r["upstream_cpu_pct"], 0),
-            f(r["irq_cpu_pct"], 0), f(r["other_cpu_pct"], 0), "-" if fc is None else str(fc["duplicates_dropped"]),
-            str(r["upstream_connections_max"]),
-        ])
+        lines.append(
+            [
+                r["config"],
+                str(r["relays"]),
+                f(r["delivered_updates_per_s"]),
+                f((r["delivered_ratio"] or 0) * 100, 1, "%"),
+                " + ".join(f(v) for v in r["delivered_per_relay"]),
+                f"{f(lat['p50'], 2)} / {f(lat['p99'], 1)}",
+                f(r["relay_cpu_pct"], 0)
+                + (
+                    " (" + " + ".join(f(v, 0) for v in r["relay_cpu_pct_each"].values()) + ")"
+                    if r["relays"] > 1
+                    else ""
+                ),
+                f(r["redis_cpu_pct"], 1),
+                f(r["loadgen_cpu_pct"], 0),
+                f(r["upstream_cpu_pct"], 0),
+                f(r["irq_cpu_pct"], 0),
+                f(r["other_cpu_pct"], 0),
+                "-" if fc is None else str(fc["duplicates_dropped"]),
+                str(r["upstream_connections_max"]),
+            ]
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
-           "  ".join("-" * w for w in widths)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     for r in rows:
         for note in r["notes"]:
@@ -458,10 +572,16 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--fleets", default="2,3", help="fleet sizes to run with engine.backend=redis (default 2,3; "
-                                                   "1 = one relay on Redis, the engine's own cost)")
+    p.add_argument(
+        "--fleets",
+        default="2,3",
+        help="fleet sizes to run with engine.backend=redis (default 2,3; "
+        "1 = one relay on Redis, the engine's own cost)",
+    )
     p.add_argument("--no-single", action="store_true", help="skip the one-relay engine.backend=memory run")
     p.add_argument("--clients", type=int)
     p.add_argument("--symbols-per-client", type=int)
@@ -475,10 +595,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relay-bin", help="trio-relay executable (default: .venv/bin/trio-relay of this checkout)")
     p.add_argument("--pin", action="store_true", help="relays on CPU 0, load generator and upstream on CPU 1")
     p.add_argument("--sample-period", type=float, default=0.2)
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="before each configuration, wait up to this long for the machine to be idle")
-    p.add_argument("--retries", type=int, default=0, metavar="N",
-                   help="re-run a configuration up to N times while other load disturbed its window (> 10%% of a CPU)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each configuration, wait up to this long for the machine to be idle",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-run a configuration up to N times while other load disturbed its window (> 10%% of a CPU)",
+    )
     p.add_argument("--out", help="output directory (default bench/out/<timestamp>-fleet)")
     args = p.parse_args(argv)
 
@@ -515,8 +645,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["attempts"] = attempt + 1
                 if row["other_cpu_pct"] <= 10 or attempt == args.retries:
                     break
-                print(f"[fleet] {row['config']}: {row['other_cpu_pct']:.0f}% of a CPU busy outside the benchmark "
-                      f"during the window; re-running ({attempt + 1}/{args.retries})", file=sys.stderr, flush=True)
+                print(
+                    f"[fleet] {row['config']}: {row['other_cpu_pct']:.0f}% of a CPU busy outside the benchmark "
+                    f"during the window; re-running ({attempt + 1}/{args.retries})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rows.append(row)
     except KeyboardInterrupt:
         print("[fleet] interrupted; children stopped", file=sys.stderr)
@@ -525,11 +659,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fleet] FAILED: {exc}", file=sys.stderr)
         return 1
     ncpu = os.cpu_count()
-    print(f"scenario  {args.preset if cfg['about'] != 'custom' else 'custom'}: {cfg['clients']} clients x {cfg['symbols_per_client']} of {cfg['symbols']} symbols, "
-          f"{cfg['rate']:,.0f} ticks/s, {'batch' if cfg['batch'] else 'one frame per update'}, "
-          f"window {cfg['seconds']:g}s after {cfg['warmup']:g}s")
-    print(f"machine   {ncpu} CPUs shared by every relay, Redis, the load generator and the upstream "
-          f"({'relays pinned to CPU 0, loadgen + upstream to CPU 1' if args.pin else 'nothing pinned'})")
+    print(
+        f"scenario  {args.preset if cfg['about'] != 'custom' else 'custom'}: {cfg['clients']} clients x {cfg['symbols_per_client']} of {cfg['symbols']} symbols, "
+        f"{cfg['rate']:,.0f} ticks/s, {'batch' if cfg['batch'] else 'one frame per update'}, "
+        f"window {cfg['seconds']:g}s after {cfg['warmup']:g}s"
+    )
+    print(
+        f"machine   {ncpu} CPUs shared by every relay, Redis, the load generator and the upstream "
+        f"({'relays pinned to CPU 0, loadgen + upstream to CPU 1' if args.pin else 'nothing pinned'})"
+    )
     print(table(rows))
     result = {
         "benchmark": "fleet",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -67,8 +66,16 @@ def fill(data_dir: Path, trades: int) -> tuple[int, int]:
         batch = 50_000
         for first in range(0, trades, batch):
             rows = [
-                (Update(SYMBOL, "T", start + int(i * step), last_price=100.0 + (i * 7919 % 1000) / 100,
-                        last_size=float(1 + i % 9)), 0)
+                (
+                    Update(
+                        SYMBOL,
+                        "T",
+                        start + int(i * step),
+                        last_price=100.0 + (i * 7919 % 1000) / 100,
+                        last_size=float(1 + i % 9),
+                    ),
+                    0,
+                )
                 for i in range(first, min(trades, first + batch))
             ]
             conn.write(rows)
@@ -115,13 +122,15 @@ class Hammer:
                 time.sleep(0.2)  # the relay is not up yet (or is going away)
                 continue
             with self.lock:
-                self.results.append({
-                    "path": "bars" if "/bars/" in url else "history",
-                    "status": status,
-                    "s": round(time.monotonic() - t0, 3),
-                    "count": body.get("count"),
-                    "truncated": body.get("truncated"),
-                })
+                self.results.append(
+                    {
+                        "path": "bars" if "/bars/" in url else "history",
+                        "status": status,
+                        "s": round(time.monotonic() - t0, 3),
+                        "count": body.get("count"),
+                        "truncated": body.get("truncated"),
+                    }
+                )
 
     def __enter__(self) -> Hammer:
         for t in self.threads:
@@ -135,14 +144,29 @@ class Hammer:
 
 
 def run_fanout(port: int, data_dir: Path, seconds: float, out: Path, relay_bin: str | None) -> dict:
-    cmd = [sys.executable, str(BENCH / "fanout.py"), "--preset", "light", "--seconds", str(seconds),
-           *(["--relay-bin", relay_bin] if relay_bin else []),
-           "--relay-port", str(port), "--clock", "app",
-           "--relay-env", "TRIO_RELAY_HISTORY_BACKEND=sqlite",
-           "--relay-env", f"TRIO_RELAY_HISTORY_DATA_DIR={data_dir}",
-           "--relay-env", "TRIO_RELAY_HISTORY_RETENTION_DAYS=0",
-           "--relay-env", "TRIO_RELAY_LIMITS_REST_PER_SECOND=1000",
-           "--relay-env", "TRIO_RELAY_LIMITS_REST_BURST=1000"]
+    cmd = [
+        sys.executable,
+        str(BENCH / "fanout.py"),
+        "--preset",
+        "light",
+        "--seconds",
+        str(seconds),
+        *(["--relay-bin", relay_bin] if relay_bin else []),
+        "--relay-port",
+        str(port),
+        "--clock",
+        "app",
+        "--relay-env",
+        "TRIO_RELAY_HISTORY_BACKEND=sqlite",
+        "--relay-env",
+        f"TRIO_RELAY_HISTORY_DATA_DIR={data_dir}",
+        "--relay-env",
+        "TRIO_RELAY_HISTORY_RETENTION_DAYS=0",
+        "--relay-env",
+        "TRIO_RELAY_LIMITS_REST_PER_SECOND=1000",
+        "--relay-env",
+        "TRIO_RELAY_LIMITS_REST_BURST=1000",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     (out.with_suffix(".stderr")).write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -199,31 +223,41 @@ def main() -> int:
                 "other_statuses": sorted({r["status"] for r in requests} - {200}),
             }
             runs.append(run)
-            say(f"{label}: latency p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms; "
+            say(
+                f"{label}: latency p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms; "
                 f"bars {run['bars_requests']} (median {run['bars_s_median']} s, {run['bars_truncated']} truncated), "
-                f"history {run['history_requests']}; relay CPU {run['relay_cpu_pct']}%, RSS {run['relay_rss_mb']} MB")
+                f"history {run['history_requests']}; relay CPU {run['relay_cpu_pct']}%, RSS {run['relay_rss_mb']} MB"
+            )
 
     def spread(key: str, loaded: bool) -> tuple[float, float, float]:
         vals = [r["latency_ms"][key] for r in runs if r["loaded"] is loaded]
         return statistics.median(vals), min(vals), max(vals)
 
-    added = [
-        lo["latency_ms"]["p99"] - base["latency_ms"]["p99"]
-        for base, lo in zip(runs[0::2], runs[1::2])
-    ]
-    print(f"{args.trades:,} stored trades, {args.hammers} threads of worst-case /bars and /history, "
-          f"{args.pairs} pairs of {args.seconds:g} s runs (median [min..max])")
+    added = [lo["latency_ms"]["p99"] - base["latency_ms"]["p99"] for base, lo in zip(runs[0::2], runs[1::2])]
+    print(
+        f"{args.trades:,} stored trades, {args.hammers} threads of worst-case /bars and /history, "
+        f"{args.pairs} pairs of {args.seconds:g} s runs (median [min..max])"
+    )
     print(f"{'':10} {'p50 ms':>22} {'p99 ms':>22} {'max ms':>22}")
     for loaded in (False, True):
         cells = [f"{m:.2f} [{lo:.2f}..{hi:.2f}]" for m, lo, hi in (spread(k, loaded) for k in ("p50", "p99", "max"))]
         print(f"{'loaded' if loaded else 'baseline':10} " + " ".join(f"{c:>22}" for c in cells))
-    print(f"p99 added by the queries, per pair: {', '.join(f'{a:+.2f}' for a in added)} ms "
-          f"(median {statistics.median(added):+.2f} ms)")
+    print(
+        f"p99 added by the queries, per pair: {', '.join(f'{a:+.2f}' for a in added)} ms "
+        f"(median {statistics.median(added):+.2f} ms)"
+    )
     summary = {
-        "trades": args.trades, "hammers": args.hammers, "relay_bin": args.relay_bin, "pairs": args.pairs, "seconds": args.seconds,
-        "p99_added_ms": added, "p99_added_ms_median": statistics.median(added), "runs": runs,
-        "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                   cwd=ROOT).stdout.strip(),
+        "trades": args.trades,
+        "hammers": args.hammers,
+        "relay_bin": args.relay_bin,
+        "pairs": args.pairs,
+        "seconds": args.seconds,
+        "p99_added_ms": added,
+        "p99_added_ms_median": statistics.median(added),
+        "runs": runs,
+        "revision": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
     }
     results = BENCH / "results"
     results.mkdir(exist_ok=True)

@@ -113,12 +113,16 @@ def main() -> None:
     p.add_argument("--history-symbols", type=int, default=1_000)
     args = p.parse_args()
     result = trio.run(measure, args)
-    print(f"ingest (parse + normalise + cache + seq + encode + route, no clients): "
-          f"{result['ingest_msgs_per_s']:,.0f} msgs/s on one core ({result['ingest_us_per_msg']:.2f} µs/msg), "
-          f"resume history {args.resume_history}")
+    print(
+        f"ingest (parse + normalise + cache + seq + encode + route, no clients): "
+        f"{result['ingest_msgs_per_s']:,.0f} msgs/s on one core ({result['ingest_us_per_msg']:.2f} µs/msg), "
+        f"resume history {args.resume_history}"
+    )
     print(f"cache: {result['cache_bytes_per_symbol']:.0f} bytes per symbol ({args.cache_symbols:,} symbols)")
-    print(f"resume history ({args.resume_history} updates kept per symbol): "
-          f"{result['history_bytes_per_symbol']:,.0f} bytes per symbol when full")
+    print(
+        f"resume history ({args.resume_history} updates kept per symbol): "
+        f"{result['history_bytes_per_symbol']:,.0f} bytes per symbol when full"
+    )
     print(json.dumps({"bench": "ingest", **{k: round(v, 2) for k, v in result.items()}}))
 
 

@@ -121,8 +121,22 @@ def percentiles(values: array.array, ps=(50, 90, 99, 99.9), limit: int = 2_000_0
 
 class Client:
     __slots__ = (
-        "idx", "sock", "fd", "state", "buf", "frag", "out", "symbols", "acked", "t_connect",
-        "tracked", "last", "seqs", "close_code", "writing", "target",
+        "idx",
+        "sock",
+        "fd",
+        "state",
+        "buf",
+        "frag",
+        "out",
+        "symbols",
+        "acked",
+        "t_connect",
+        "tracked",
+        "last",
+        "seqs",
+        "close_code",
+        "writing",
+        "target",
     )
 
     def __init__(self, idx: int, symbols: list[str], target: int = 0) -> None:
@@ -405,13 +419,15 @@ class LoadGen:
                 key = f"decode: {str(exc)[:60]}"
                 self.errors[key] = self.errors.get(key, 0) + 1
                 continue
-            for msg in (m if type(m) is list else (m,)):
+            for msg in m if type(m) is list else (m,):
                 if msg.type != "price_update":
                     self.controls += 1
                     continue
                 ls = msg.last_size
                 if ls is None:
-                    self.errors["price_update without last_size"] = self.errors.get("price_update without last_size", 0) + 1
+                    self.errors["price_update without last_size"] = (
+                        self.errors.get("price_update without last_size", 0) + 1
+                    )
                     continue
                 ls = int(ls)
                 updates += 1
@@ -438,7 +454,7 @@ class LoadGen:
             m = DECODE(p)
         except msgspec.DecodeError:
             return
-        for msg in (m if type(m) is list else (m,)):
+        for msg in m if type(m) is list else (m,):
             if msg.type == "price_update":
                 if msg.last_size is not None:
                     c.last[msg.symbol] = int(msg.last_size)
@@ -574,7 +590,9 @@ class LoadGen:
         self.measuring = False
         self.emit({"event": "window_end", "t": time.time()})
         still_open = sum(1 for c in self.clients if c.state == "open")
-        open_by_target = [sum(1 for c in self.clients if c.target == t and c.state == "open") for t in range(len(self.urls))]
+        open_by_target = [
+            sum(1 for c in self.clients if c.target == t and c.state == "open") for t in range(len(self.urls))
+        ]
         # ---- close every client (a close frame, then the socket)
         bye = masked_frame(8, (1000).to_bytes(2, "big"))
         for c in self.clients:
@@ -639,10 +657,15 @@ class LoadGen:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", action="append",
-                   help="the relay's price WebSocket (default ws://127.0.0.1:8000/api/v2/realtime/ws/prices); "
-                        "repeat it to spread the clients over several relays in contiguous blocks")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--url",
+        action="append",
+        help="the relay's price WebSocket (default ws://127.0.0.1:8000/api/v2/realtime/ws/prices); "
+        "repeat it to spread the clients over several relays in contiguous blocks",
+    )
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--symbols-per-client", type=int, default=10, help="K: symbols each client subscribes to (0 = idle)")
     p.add_argument("--symbols", type=int, default=500, help="M: size of the symbol universe SYM001..SYM<M>")
@@ -653,9 +676,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--stale-clients", type=int, default=200, help="clients sampled for staleness")
     p.add_argument("--stale-every", type=float, default=0.1, help="staleness sampling period (s)")
-    p.add_argument("--clock", choices=["kernel", "app"], default="kernel",
-                   help="receive time of a frame: the kernel's arrival stamp of its last byte (SO_TIMESTAMPNS, "
-                        "default; over loopback: when the relay's write reached the kernel) or our recv() time")
+    p.add_argument(
+        "--clock",
+        choices=["kernel", "app"],
+        default="kernel",
+        help="receive time of a frame: the kernel's arrival stamp of its last byte (SO_TIMESTAMPNS, "
+        "default; over loopback: when the relay's write reached the kernel) or our recv() time",
+    )
     p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     args = p.parse_args(argv)
     args.url = args.url or ["ws://127.0.0.1:8000/api/v2/realtime/ws/prices"]

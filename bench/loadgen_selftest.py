@@ -207,7 +207,9 @@ def serve(args: argparse.Namespace) -> None:
                 if len(c.out) > 1 << 22:
                     c.out = b""  # the reader is hopelessly behind; drop (counted as not received)
         if now >= next_stats:
-            print(json.dumps({"event": "stats", "t": time.time(), "sent": sent, "cpu_s": time.process_time()}), flush=True)
+            print(
+                json.dumps({"event": "stats", "t": time.time(), "sent": sent, "cpu_s": time.process_time()}), flush=True
+            )
             next_stats += 0.5
 
 
@@ -239,18 +241,47 @@ def main() -> int:
     rows = []
     for rate in [float(r) for r in args.rates.split(",")]:
         srv = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "0", sys.executable, __file__, "--serve", "--rate", str(rate),
-             "--tick", str(args.tick)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [
+                sys.executable,
+                "-c",
+                LAUNCH,
+                "0",
+                sys.executable,
+                __file__,
+                "--serve",
+                "--rate",
+                str(rate),
+                "--tick",
+                str(args.tick),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         try:
             port = json.loads(srv.stdout.readline())["port"]
             lg = subprocess.run(
-                [sys.executable, str(BENCH / "loadgen.py"), "--cpu", "1", "--url", f"ws://127.0.0.1:{port}{WS_PATH}",
-                 "--clients", str(args.clients), "--symbols-per-client", str(args.symbols_per_client),
-                 "--symbols", str(args.symbols), "--warmup", str(args.warmup), "--seconds", str(args.seconds)]
+                [
+                    sys.executable,
+                    str(BENCH / "loadgen.py"),
+                    "--cpu",
+                    "1",
+                    "--url",
+                    f"ws://127.0.0.1:{port}{WS_PATH}",
+                    "--clients",
+                    str(args.clients),
+                    "--symbols-per-client",
+                    str(args.symbols_per_client),
+                    "--symbols",
+                    str(args.symbols),
+                    "--warmup",
+                    str(args.warmup),
+                    "--seconds",
+                    str(args.seconds),
+                ]
                 + (["--batch"] if args.batch else []),
-                capture_output=True, text=True, timeout=300,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             result = None
             starts = ends = None
@@ -290,10 +321,27 @@ def main() -> int:
             f"(receive wait after that: p50 {q['p50']} p99 {q['p99']})",
             flush=True,
         )
-    print(json.dumps({"event": "selftest", "mode": "batch" if args.batch else "frame", "clients": args.clients,
-                      "rows": [{"target": r, "sent": s, "stand_in_cpu_pct": c, "received": res["updates_per_s"],
-                                "frames_per_s": res["frames_per_s"], "loadgen_cpu_pct": res["loadgen_cpu_pct"],
-                                "latency_ms": res["latency_ms"]} for r, s, c, res in rows]}))
+    print(
+        json.dumps(
+            {
+                "event": "selftest",
+                "mode": "batch" if args.batch else "frame",
+                "clients": args.clients,
+                "rows": [
+                    {
+                        "target": r,
+                        "sent": s,
+                        "stand_in_cpu_pct": c,
+                        "received": res["updates_per_s"],
+                        "frames_per_s": res["frames_per_s"],
+                        "loadgen_cpu_pct": res["loadgen_cpu_pct"],
+                        "latency_ms": res["latency_ms"],
+                    }
+                    for r, s, c, res in rows
+                ],
+            }
+        )
+    )
     return 0
 
 

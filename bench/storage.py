@@ -55,8 +55,17 @@ def make_updates(count: int, symbols: int) -> list[Update]:
         if i % 3 == 0:
             out.append(Update(s, "T", t0 + i, last_price=100 + i % 50 * 0.01, last_size=float(100 + i % 7)))
         else:
-            out.append(Update(s, "Q", t0 + i, ask_price=100.01 + i % 50 * 0.01, ask_size=300.0,
-                              bid_price=99.99 + i % 50 * 0.01, bid_size=200.0))
+            out.append(
+                Update(
+                    s,
+                    "Q",
+                    t0 + i,
+                    ask_price=100.01 + i % 50 * 0.01,
+                    ask_size=300.0,
+                    bid_price=99.99 + i % 50 * 0.01,
+                    bid_size=200.0,
+                )
+            )
     return out
 
 
@@ -198,7 +207,10 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
                 raise SystemExit(f"unknown backend {name!r}")
             print(f"{name}: saturated write ({args.warmup:g} s warm-up + {args.seconds:g} s)...", file=sys.stderr)
             sat = await write_rate(backends("sat"), updates, args, None, args.seconds)
-            print(f"{name}: paced write at {args.rate:,.0f}/s ({args.warmup:g} s + {args.paced_seconds:g} s)...", file=sys.stderr)
+            print(
+                f"{name}: paced write at {args.rate:,.0f}/s ({args.warmup:g} s + {args.paced_seconds:g} s)...",
+                file=sys.stderr,
+            )
             paced = await write_rate(backends("paced"), updates, args, args.rate, args.paced_seconds)
             print(f"{name}: a day of {args.day_symbols} symbols...", file=sys.stderr)
             day = backends("day")
@@ -234,9 +246,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--rate", type=float, default=50_000.0, help="paced run: updates offered per second")
-    p.add_argument("--paced-seconds", type=float, default=15.0, help="paced run: the window (long enough for checkpoints)")
+    p.add_argument(
+        "--paced-seconds", type=float, default=15.0, help="paced run: the window (long enough for checkpoints)"
+    )
     p.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
-    p.add_argument("--day-symbols", type=int, default=10, help="symbols with a full day each (the one queried among them)")
+    p.add_argument(
+        "--day-symbols", type=int, default=10, help="symbols with a full day each (the one queried among them)"
+    )
     p.add_argument("--data-dir", default=None, help="where the SQLite files go (default: a temporary directory)")
     args = p.parse_args()
     # The saturated runs fill the buffer and stop with it full: the writer's warnings say so, expectedly.

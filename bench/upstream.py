@@ -83,9 +83,23 @@ def unmask(data: bytes, key: bytes) -> bytes:
 
 class Conn:
     __slots__ = (
-        "sock", "fd", "peer", "state", "inbuf", "out", "frag", "frag_op",
-        "logged_in", "symbols", "order", "turn", "credit", "generated", "last_tick",
-        "writing", "closing",
+        "sock",
+        "fd",
+        "peer",
+        "state",
+        "inbuf",
+        "out",
+        "frag",
+        "frag_op",
+        "logged_in",
+        "symbols",
+        "order",
+        "turn",
+        "credit",
+        "generated",
+        "last_tick",
+        "writing",
+        "closing",
     )
 
     def __init__(self, sock: socket.socket, peer: tuple) -> None:
@@ -497,14 +511,28 @@ class Upstream:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 = any free port (announced in the first stdout line)")
-    p.add_argument("--rate", type=float, default=10000.0, help="total trade frames per second per connection (default 10000)")
+    p.add_argument(
+        "--rate", type=float, default=10000.0, help="total trade frames per second per connection (default 10000)"
+    )
     p.add_argument("--tick", type=float, default=0.001, help="generation period in seconds (default 0.001)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in seconds")
-    p.add_argument("--max-burst", type=float, default=0.1, help="credit cap in seconds of rate; beyond it ticks are skipped (lag_skipped)")
-    p.add_argument("--max-buffer", type=int, default=256 * 1024, help="user-space send buffer beyond which frames are not generated (bp_skipped)")
+    p.add_argument(
+        "--max-burst",
+        type=float,
+        default=0.1,
+        help="credit cap in seconds of rate; beyond it ticks are skipped (lag_skipped)",
+    )
+    p.add_argument(
+        "--max-buffer",
+        type=int,
+        default=256 * 1024,
+        help="user-space send buffer beyond which frames are not generated (bp_skipped)",
+    )
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between JSON stats lines on stdout")
     p.add_argument("--print-every", type=float, default=5.0, help="seconds between human rate lines on stderr")
     p.add_argument("--stdin-control", action="store_true", help="read commands (rate N, quit) from stdin; exit on EOF")

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trio_websocket
 import trio.testing
+import trio_websocket
 
 from trio_relay.config import Config, load_config
 from trio_relay.daemon import Relay, run_relay
@@ -191,7 +191,9 @@ def fleet_prefix() -> Any:
     require(redis_unreachable())
     prefix = f"test-fleet-{uuid.uuid4().hex[:10]}"
     yield prefix
-    redis_command("EVAL", "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end", "0", prefix + ":*")
+    redis_command(
+        "EVAL", "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end", "0", prefix + ":*"
+    )
 
 
 def redis_command(*args: str) -> bytes:

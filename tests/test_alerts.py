@@ -84,8 +84,20 @@ async def test_above_fires_once_at_the_crossing_tick() -> None:
     assert alert.price == 190.05 and alert.timestamp == feed.ts - 4000
     assert rule.state == "fired" and rule.fire_count == 1
     wire = json.loads(msgspec.json.encode(alert))
-    assert list(wire) == ["type", "id", "rule_id", "owner", "symbol", "name", "rule", "price", "value", "fired_at",
-                          "timestamp", "message"]
+    assert list(wire) == [
+        "type",
+        "id",
+        "rule_id",
+        "owner",
+        "symbol",
+        "name",
+        "rule",
+        "price",
+        "value",
+        "fired_at",
+        "timestamp",
+        "message",
+    ]
 
 
 async def test_below_fires_on_a_gap_that_jumps_over_the_level() -> None:
@@ -127,8 +139,9 @@ async def test_rearming_rule_waits_for_cooldown_and_the_near_side() -> None:
     e = engine()
     feed = Feed(e)
     feed.trade(99.0)
-    rule = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 60},
-                    cache=feed.cache)
+    rule = e.create(
+        "ann", {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 60}, cache=feed.cache
+    )
     # t=+1 fires; ticks beyond never fire again; a crossing during the cooldown (+20 s down,
     # +30 s up) is swallowed; at +70 s the price is beyond: armed until it comes back.
     assert fired_at(feed.trades(101.0, 102.0, after=1)) == [0]
@@ -146,8 +159,9 @@ async def test_price_back_during_cooldown_rearms_at_its_end() -> None:
     e = engine()
     feed = Feed(e)
     feed.trade(99.0)
-    rule = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 60},
-                    cache=feed.cache)
+    rule = e.create(
+        "ann", {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 60}, cache=feed.cache
+    )
     assert feed.trade(101.0)
     assert feed.trade(98.0, after=10) == []  # back on the near side during the cooldown
     # The cooldown is over at the next update; the price before it was below: that update is a crossing.
@@ -199,7 +213,9 @@ async def test_a_cooldown_that_ends_between_quotes_is_applied_at_the_next_quote(
     # crossing from the bid before it, fires.
     e = engine()
     feed = Feed(e)
-    e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "field": "bid", "one_shot": False, "cooldown_s": 10})
+    e.create(
+        "ann", {"type": "above", "symbol": "AAPL", "level": 100, "field": "bid", "one_shot": False, "cooldown_s": 10}
+    )
     assert feed.quote(99.0, 99.1) == [] and feed.quote(100.0, 100.1)
     assert feed.quote(99.5, 99.6) == []
     for _ in range(20):
@@ -212,8 +228,18 @@ async def test_a_merged_update_evaluates_every_signal() -> None:
     state = PriceState(symbol="AAPL", last_price=99.0, bid_price=98.0, ask_price=98.1)
     e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100}, cache={"AAPL": state})
     e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "field": "bid"}, cache={"AAPL": state})
-    snapshot = Update("AAPL", "T", T0, last_price=101.0, last_size=1, bid_price=100.5, bid_size=1, ask_price=100.6,
-                      ask_size=1, merged=True)
+    snapshot = Update(
+        "AAPL",
+        "T",
+        T0,
+        last_price=101.0,
+        last_size=1,
+        bid_price=100.5,
+        bid_size=1,
+        ask_price=100.6,
+        ask_size=1,
+        merged=True,
+    )
     state.apply(snapshot, "")
     assert sorted(a.rule["field"] for a in e.on_update(snapshot, state)) == ["bid", "last"]
 
@@ -264,8 +290,9 @@ async def test_move_only_counts_prices_inside_the_window() -> None:
 async def test_move_down_and_rearming_after_cooldown() -> None:
     e = engine()
     feed = Feed(e)
-    rule = e.create("ann", {"type": "move", "symbol": "AAPL", "pct": -5.0, "window_s": 60, "one_shot": False,
-                            "cooldown_s": 30})
+    rule = e.create(
+        "ann", {"type": "move", "symbol": "AAPL", "pct": -5.0, "window_s": 60, "one_shot": False, "cooldown_s": 30}
+    )
     feed.trade(200.0)
     results = feed.trades(195.0, 189.0, 185.0, 180.0, after=5)
     assert fired_at(results) == [1]  # -5.5% from the high of 200
@@ -356,46 +383,101 @@ async def test_stale_checks_run_on_trio_time(autojump_clock: trio.testing.MockCl
     [
         ("[1]", "invalid_json", "a rule must be a JSON object"),
         ({"symbol": "AAPL"}, "missing_field", "'type' is required (one of: above, below, move, spread, stale)"),
-        ({"type": "sideways", "symbol": "AAPL"}, "unknown_type",
-         "unknown rule type 'sideways' (expected one of: above, below, move, spread, stale)"),
+        (
+            {"type": "sideways", "symbol": "AAPL"},
+            "unknown_type",
+            "unknown rule type 'sideways' (expected one of: above, below, move, spread, stale)",
+        ),
         ({"type": "above", "symbol": "AAPL"}, "missing_field", "an 'above' rule needs 'level' (the price to cross)"),
         ({"type": "above", "level": 1}, "missing_field", "an 'above' rule needs 'symbol'"),
         ({"type": "above", "symbol": "AAPL", "level": "high"}, "invalid_value", "level must be a number, got 'high'"),
-        ({"type": "above", "symbol": "AAPL", "level": -3}, "invalid_value",
-         "level must be a positive price below 1e+12, got -3"),
-        ({"type": "above", "symbol": "AAPL", "level": 1e15}, "invalid_value",
-         "level must be a positive price below 1e+12, got 1e+15"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "levle": 2}, "unknown_field",
-         "unknown field 'levle' for an 'above' rule (allowed: cooldown_s, field, level, name, one_shot, symbol, webhook)"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "id": "x"}, "unknown_field",
-         "'id' is set by the relay, not by the client"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "field": "close"}, "invalid_value",
-         "field must be one of last, bid, ask, mid, got 'close'"),
+        (
+            {"type": "above", "symbol": "AAPL", "level": -3},
+            "invalid_value",
+            "level must be a positive price below 1e+12, got -3",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1e15},
+            "invalid_value",
+            "level must be a positive price below 1e+12, got 1e+15",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "levle": 2},
+            "unknown_field",
+            "unknown field 'levle' for an 'above' rule (allowed: cooldown_s, field, level, name, one_shot, symbol, webhook)",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "id": "x"},
+            "unknown_field",
+            "'id' is set by the relay, not by the client",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "field": "close"},
+            "invalid_value",
+            "field must be one of last, bid, ask, mid, got 'close'",
+        ),
         ({"type": "above", "symbol": "AA PL", "level": 1}, "invalid_symbol", "invalid symbol 'AA PL'"),
         ({"type": "above", "symbol": 42, "level": 1}, "invalid_symbol", "invalid symbol 42"),
-        ({"type": "move", "symbol": "AAPL", "pct": 2, "window_s": -5}, "invalid_value",
-         "window_s must be between 1 and 86400 seconds, got -5"),
-        ({"type": "move", "symbol": "AAPL", "pct": 0, "window_s": 60}, "invalid_value",
-         "pct must be non-zero, above -100 and at most 1000 (2.0: a rise of 2% or more, -2.0: a fall of 2% or more), got 0"),
-        ({"type": "move", "symbol": "AAPL", "pct": -100, "window_s": 60}, "invalid_value",
-         "pct must be non-zero, above -100 and at most 1000 (2.0: a rise of 2% or more, -2.0: a fall of 2% or more), got -100"),
-        ({"type": "spread", "symbol": "AAPL"}, "missing_field",
-         "a 'spread' rule needs 'max_spread' (absolute) or 'max_spread_bps' (basis points of mid)"),
-        ({"type": "spread", "symbol": "AAPL", "max_spread": 1, "max_spread_bps": 5}, "invalid_value",
-         "give either 'max_spread' or 'max_spread_bps', not both"),
-        ({"type": "stale", "symbol": "AAPL", "seconds": 0.5}, "invalid_value", "seconds must be between 1 and 604800, got 0.5"),
-        ({"type": "stale", "symbol": "AAPL", "seconds": 10, "cooldown_s": 5}, "invalid_value",
-         "cooldown_s applies to re-arming rules: set one_shot to false"),
-        ({"type": "stale", "symbol": "AAPL", "seconds": 10, "one_shot": "no"}, "invalid_value",
-         "one_shot must be true or false, got 'no'"),
-        ({"type": "stale", "symbol": "AAPL", "seconds": 10, "name": 7}, "invalid_value",
-         "name must be a string of at most 100 characters"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "webhook": "ftp://x.example/h"}, "invalid_webhook",
-         "webhook must be an http:// or https:// URL with a host, got 'ftp://x.example/h'"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "webhook": "http://x.example:99999/h"}, "invalid_webhook",
-         "webhook 'http://x.example:99999/h' is not a valid URL"),
-        ({"type": "above", "symbol": "AAPL", "level": 1, "webhook": "https://evil.example/h"}, "webhook_host_not_allowed",
-         "webhook host 'evil.example' is not allowed (allowed: hooks.example.com)"),
+        (
+            {"type": "move", "symbol": "AAPL", "pct": 2, "window_s": -5},
+            "invalid_value",
+            "window_s must be between 1 and 86400 seconds, got -5",
+        ),
+        (
+            {"type": "move", "symbol": "AAPL", "pct": 0, "window_s": 60},
+            "invalid_value",
+            "pct must be non-zero, above -100 and at most 1000 (2.0: a rise of 2% or more, -2.0: a fall of 2% or more), got 0",
+        ),
+        (
+            {"type": "move", "symbol": "AAPL", "pct": -100, "window_s": 60},
+            "invalid_value",
+            "pct must be non-zero, above -100 and at most 1000 (2.0: a rise of 2% or more, -2.0: a fall of 2% or more), got -100",
+        ),
+        (
+            {"type": "spread", "symbol": "AAPL"},
+            "missing_field",
+            "a 'spread' rule needs 'max_spread' (absolute) or 'max_spread_bps' (basis points of mid)",
+        ),
+        (
+            {"type": "spread", "symbol": "AAPL", "max_spread": 1, "max_spread_bps": 5},
+            "invalid_value",
+            "give either 'max_spread' or 'max_spread_bps', not both",
+        ),
+        (
+            {"type": "stale", "symbol": "AAPL", "seconds": 0.5},
+            "invalid_value",
+            "seconds must be between 1 and 604800, got 0.5",
+        ),
+        (
+            {"type": "stale", "symbol": "AAPL", "seconds": 10, "cooldown_s": 5},
+            "invalid_value",
+            "cooldown_s applies to re-arming rules: set one_shot to false",
+        ),
+        (
+            {"type": "stale", "symbol": "AAPL", "seconds": 10, "one_shot": "no"},
+            "invalid_value",
+            "one_shot must be true or false, got 'no'",
+        ),
+        (
+            {"type": "stale", "symbol": "AAPL", "seconds": 10, "name": 7},
+            "invalid_value",
+            "name must be a string of at most 100 characters",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "webhook": "ftp://x.example/h"},
+            "invalid_webhook",
+            "webhook must be an http:// or https:// URL with a host, got 'ftp://x.example/h'",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "webhook": "http://x.example:99999/h"},
+            "invalid_webhook",
+            "webhook 'http://x.example:99999/h' is not a valid URL",
+        ),
+        (
+            {"type": "above", "symbol": "AAPL", "level": 1, "webhook": "https://evil.example/h"},
+            "webhook_host_not_allowed",
+            "webhook host 'evil.example' is not allowed (allowed: hooks.example.com)",
+        ),
     ],
 )
 async def test_validation_errors(payload: Any, code: str, message: str) -> None:
@@ -471,10 +553,14 @@ async def test_store_round_trip_and_fired_state_survives_a_restart(tmp_path: Any
     feed.trade(99.0)
     app = AppStore(tmp_path)
     store = AlertStore(app, keep_fired=3)
-    once = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "webhook": "http://h.example/x"},
-                    cache=feed.cache)
-    again = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 3600},
-                     cache=feed.cache)
+    once = e.create(
+        "ann", {"type": "above", "symbol": "AAPL", "level": 100, "webhook": "http://h.example/x"}, cache=feed.cache
+    )
+    again = e.create(
+        "ann",
+        {"type": "above", "symbol": "AAPL", "level": 100, "one_shot": False, "cooldown_s": 3600},
+        cache=feed.cache,
+    )
     gone = e.create("bob", {"type": "spread", "symbol": "MSFT", "max_spread_bps": 25})
     for rule in (once, again, gone):
         await store.save_rule(rule)
@@ -582,9 +668,19 @@ async def receivers(nursery: trio.Nursery) -> AsyncIterator[Any]:
 
 
 def an_alert(rule_id: str = "r1") -> FiredAlert:
-    return FiredAlert(id=f"a-{rule_id}", rule_id=rule_id, owner="ann", symbol="AAPL", name="n",
-                      rule={"type": "above", "level": 190.0, "field": "last"}, price=190.05, value=190.05,
-                      fired_at=T0 + 5, timestamp=T0, message="AAPL last crossed above 190.00 at 190.05")
+    return FiredAlert(
+        id=f"a-{rule_id}",
+        rule_id=rule_id,
+        owner="ann",
+        symbol="AAPL",
+        name="n",
+        rule={"type": "above", "level": 190.0, "field": "last"},
+        price=190.05,
+        value=190.05,
+        fired_at=T0 + 5,
+        timestamp=T0,
+        message="AAPL last crossed above 190.00 at 190.05",
+    )
 
 
 def closed_port_url() -> str:
@@ -612,7 +708,11 @@ async def test_failing_receiver_is_retried_on_schedule_without_holding_up_others
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, receivers: Any, caplog: Any
 ) -> None:
     bad, good = await receivers(500), await receivers(200)
-    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=5, webhook_timeout=5), backoff=1.0, backoff_cap=4.0)
+    sender = WebhookSender(
+        AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=5, webhook_timeout=5),
+        backoff=1.0,
+        backoff_cap=4.0,
+    )
     await nursery.start(sender.run)
     start = trio.current_time()
     assert sender.offer(an_alert("bad"), bad.url)
@@ -633,7 +733,9 @@ async def test_refused_connections_and_hung_receivers_give_up_after_all_attempts
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, receivers: Any
 ) -> None:
     hung, good = await receivers(None), await receivers(200)
-    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=3, webhook_timeout=10), backoff=2.0)
+    sender = WebhookSender(
+        AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_attempts=3, webhook_timeout=10), backoff=2.0
+    )
     await nursery.start(sender.run)
     start = trio.current_time()
     for i in range(4):  # more than per_host: they wait for each other, not for the good host
@@ -659,7 +761,9 @@ async def test_a_4xx_is_not_retried(nursery: trio.Nursery, receivers: Any) -> No
 
 
 async def test_offer_never_blocks_full_queue_drops_and_hosts_are_checked() -> None:
-    sender = WebhookSender(AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_queue=2, webhook_allowed_hosts=["127.0.0.1"]))
+    sender = WebhookSender(
+        AlertsConfig(webhook_trusted_networks=LOOPBACK, webhook_queue=2, webhook_allowed_hosts=["127.0.0.1"])
+    )
     assert sender.offer(an_alert("1"), "http://127.0.0.1:1/x")
     assert sender.offer(an_alert("2"), "http://127.0.0.1:1/x")
     assert not sender.offer(an_alert("3"), "http://127.0.0.1:1/x")  # not running: the queue is full

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import trio
-
 from conftest import api, fmp_sections
 
 
@@ -43,7 +42,9 @@ class Receiver:
                 data += chunk
             head, _, body = data.partition(b"\r\n\r\n")
             length = next(
-                int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
             )
             while len(body) < length:
                 body += await stream.receive_some(65536)

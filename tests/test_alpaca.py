@@ -14,9 +14,8 @@ import trio.testing
 import trio_websocket
 from conftest import api, wait_state
 
-from trio_relay.providers.alpaca import AlpacaConfig
 from trio_relay.model import Update
-from trio_relay.providers.alpaca import AlpacaProvider, AlpacaSession, rfc3339_ms
+from trio_relay.providers.alpaca import AlpacaConfig, AlpacaProvider, AlpacaSession, rfc3339_ms
 from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
 from trio_relay.testing.fake_alpaca import (
     MALFORMED_FRAMES,
@@ -52,12 +51,12 @@ class StubWs:
 def make_session(
     feed: str = "iex", *, symbols: dict[str, str] | None = None, provider: AlpacaProvider | None = None
 ) -> tuple[AlpacaSession, StubWs, list[MalformedFrame]]:
-    provider = provider or AlpacaProvider(AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed=feed, symbols=symbols or {}))  # type: ignore[arg-type]
+    provider = provider or AlpacaProvider(
+        AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed=feed, symbols=symbols or {})
+    )  # type: ignore[arg-type]
     ws = StubWs()
     bad: list[MalformedFrame] = []
-    session = AlpacaSession(
-        ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET)
-    )
+    session = AlpacaSession(ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET))
     return session, ws, bad
 
 
@@ -137,9 +136,7 @@ def test_stock_trade_field_by_field() -> None:
 def test_stock_quote_field_by_field_sizes_in_shares() -> None:
     session, _, _ = make_session()
     updates = decode(session, quote_msg("MSFT", 370.2, 300, 370.25, 1200, T))
-    assert updates == [
-        Update("MSFT", "Q", T_MS, ask_price=370.25, ask_size=1200, bid_price=370.2, bid_size=300)
-    ]
+    assert updates == [Update("MSFT", "Q", T_MS, ask_price=370.25, ask_size=1200, bid_price=370.2, bid_size=300)]
     assert updates[0].last_price is None and updates[0].last_size is None
 
 
@@ -168,7 +165,9 @@ def test_crypto_trade_and_quote_map_to_client_symbols() -> None:
 
 def test_correction_is_a_break_with_the_corrected_price() -> None:
     session, _, _ = make_session()
-    msg = correction_msg("AAPL", original_price=189.45, original_size=100, corrected_price=189.5, corrected_size=90, t=T)
+    msg = correction_msg(
+        "AAPL", original_price=189.45, original_size=100, corrected_price=189.5, corrected_size=90, t=T
+    )
     assert decode(session, msg) == [Update("AAPL", "B", T_MS, last_price=189.5, last_size=90)]
 
 
@@ -178,9 +177,42 @@ def test_cancel_status_luld_and_bars_give_nothing(all_logs: pytest.LogCaptureFix
         {"T": "x", "S": "AAPL", "i": 1, "x": "V", "p": 189.45, "s": 100, "a": "C", "z": "C", "t": T},
         {"T": "s", "S": "AAPL", "sc": "H", "sm": "Trading Halt", "rc": "T12", "rm": "News", "t": T, "z": "C"},
         {"T": "l", "S": "AAPL", "u": 200.1, "d": 180.2, "i": "B", "t": T, "z": "C"},
-        {"T": "b", "S": "AAPL", "o": 189.0, "h": 190.0, "l": 188.5, "c": 189.4, "v": 12000, "t": T, "n": 90, "vw": 189.3},
-        {"T": "u", "S": "AAPL", "o": 189.0, "h": 190.0, "l": 188.5, "c": 189.4, "v": 12500, "t": T, "n": 95, "vw": 189.3},
-        {"T": "d", "S": "AAPL", "o": 185.0, "h": 190.0, "l": 184.5, "c": 189.4, "v": 9e6, "t": T, "n": 9e4, "vw": 188.0},
+        {
+            "T": "b",
+            "S": "AAPL",
+            "o": 189.0,
+            "h": 190.0,
+            "l": 188.5,
+            "c": 189.4,
+            "v": 12000,
+            "t": T,
+            "n": 90,
+            "vw": 189.3,
+        },
+        {
+            "T": "u",
+            "S": "AAPL",
+            "o": 189.0,
+            "h": 190.0,
+            "l": 188.5,
+            "c": 189.4,
+            "v": 12500,
+            "t": T,
+            "n": 95,
+            "vw": 189.3,
+        },
+        {
+            "T": "d",
+            "S": "AAPL",
+            "o": 185.0,
+            "h": 190.0,
+            "l": 184.5,
+            "c": 189.4,
+            "v": 9e6,
+            "t": T,
+            "n": 9e4,
+            "vw": 188.0,
+        },
         {"T": "i", "S": "AAPL", "p": 189.4, "t": T, "z": "C"},
     ]
     assert decode(session, *messages) == []
@@ -260,7 +292,9 @@ def test_bad_message_is_reported_and_the_rest_of_the_frame_kept(message: dict[st
 
 def test_element_of_the_wrong_type_only_loses_itself() -> None:
     session, _, bad = make_session()
-    raw = frame(trade_msg("A", 1.0, 1, T), {"T": "t", "S": "AAPL", "p": "cheap", "t": T}, quote_msg("B", 1.0, 1, 2.0, 2, T))
+    raw = frame(
+        trade_msg("A", 1.0, 1, T), {"T": "t", "S": "AAPL", "p": "cheap", "t": T}, quote_msg("B", 1.0, 1, 2.0, 2, T)
+    )
     updates = session.process([raw])
     assert [(u.symbol, u.kind) for u in updates] == [("A", "T"), ("B", "Q")]
     assert len(bad) == 1 and '"cheap"' in str(bad[0].frame) and "A" not in str(bad[0].frame).replace("AAPL", "")
@@ -295,7 +329,9 @@ def test_fatal_errors_end_the_session(code: int, msg: str, error: type[ProviderE
     "code, level",
     [(400, logging.ERROR), (401, logging.WARNING), (403, logging.WARNING), (405, logging.ERROR), (499, logging.ERROR)],
 )
-def test_other_errors_are_logged_and_the_session_goes_on(code: int, level: int, all_logs: pytest.LogCaptureFixture) -> None:
+def test_other_errors_are_logged_and_the_session_goes_on(
+    code: int, level: int, all_logs: pytest.LogCaptureFixture
+) -> None:
     session, _, _ = make_session()
     assert decode(session, {"T": "error", "code": code, "msg": "whatever"}, trade_msg("A", 1.0, 1, T)) == [
         Update("A", "T", T_MS, last_price=1.0, last_size=1)
@@ -342,13 +378,19 @@ async def test_large_subscriptions_are_chunked() -> None:
 
 
 async def test_crypto_feed_maps_pairs_and_refuses_stocks_once(all_logs: pytest.LogCaptureFixture) -> None:
-    provider = AlpacaProvider(AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed="crypto", symbols={"DOGEUSDT": "DOGE/USDT"}))
+    provider = AlpacaProvider(
+        AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed="crypto", symbols={"DOGEUSDT": "DOGE/USDT"})
+    )
     session, ws, _ = make_session(provider=provider)
     await session.subscribe(["BTCUSD", "ETHBTC", "DOGEUSDT", "AAPL"])
     again, ws2, _ = make_session(provider=provider)  # a later session of the same provider
     await again.subscribe(["AAPL"])
     assert ws.sent == [
-        {"action": "subscribe", "trades": ["BTC/USD", "ETH/BTC", "DOGE/USDT"], "quotes": ["BTC/USD", "ETH/BTC", "DOGE/USDT"]}
+        {
+            "action": "subscribe",
+            "trades": ["BTC/USD", "ETH/BTC", "DOGE/USDT"],
+            "quotes": ["BTC/USD", "ETH/BTC", "DOGE/USDT"],
+        }
     ]
     assert ws2.sent == []
     warnings = [r.getMessage() for r in all_logs.records if r.levelno == logging.WARNING]
@@ -375,7 +417,10 @@ async def test_symbol_limit_keeps_the_session_and_forgets_that_request(all_logs:
     assert decode(session, {"T": "error", "code": 405, "msg": "symbol limit exceeded"}) == []
     assert session.wanted == {"AAPL", "MSFT"}
     [record] = [r for r in all_logs.records if r.levelno == logging.ERROR]
-    assert record.getMessage() == "[SUBSCRIBE] Alpaca error 405 (symbol limit exceeded): not subscribed upstream: TSLA,NVDA"
+    assert (
+        record.getMessage()
+        == "[SUBSCRIBE] Alpaca error 405 (symbol limit exceeded): not subscribed upstream: TSLA,NVDA"
+    )
     # Never subscribed upstream, so nothing to unsubscribe.
     await session.unsubscribe(["TSLA"])
     assert len(ws.sent) == 2
@@ -447,7 +492,11 @@ async def test_trades_quotes_and_corrections_reach_clients_normalised(start_rela
     assert quote["last_price"] == 1189.45  # the cached state keeps the last trade
     # A correction is not a new print: it is flagged B, carries the corrected price, and the
     # cached last trade stays as it was.
-    assert (correction["timestamp"], correction["last_price"], correction["last_size"]) == (T_MS - 208 + 2000, 1189.47, 137)
+    assert (correction["timestamp"], correction["last_price"], correction["last_size"]) == (
+        T_MS - 208 + 2000,
+        1189.47,
+        137,
+    )
     snapshot = relay.hub.snapshot("AAPL")
     assert snapshot is not None and snapshot.last_price == 1189.45
 

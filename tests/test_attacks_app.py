@@ -20,11 +20,11 @@ import httpx
 import pytest
 import trio
 import trio.testing
-
 from conftest import WsClient, api, fmp_sections, wait_cached, wait_state
 from test_alerts import an_alert, receivers  # noqa: F401  (a fixture)
 from test_alerts_api import trade
 from test_auth import auth_sections, connect, token
+
 from trio_relay.alerts import WebhookPolicy, WebhookRefused, WebhookSender
 from trio_relay.alerts.targets import refusal
 from trio_relay.alerts.webhook import _Job
@@ -71,9 +71,15 @@ async def test_a_portfolio_cannot_hold_a_symbol_the_token_does_not_allow(start_r
             headers=aapl_only,
             json={"name": "mine", "positions": [{"symbol": "AAPL", "quantity": 10, "cost_basis": 100}]},
         )
-        put = await http.put(api(relay, "/portfolios/mine/positions/MSFT"), headers=aapl_only, json={"quantity": 1, "cost_basis": 1})
+        put = await http.put(
+            api(relay, "/portfolios/mine/positions/MSFT"), headers=aapl_only, json={"quantity": 1, "cost_basis": 1}
+        )
         listed = await http.get(api(relay, "/portfolios"), headers=aapl_only)
-    assert created.status_code == 403 and created.json()["error"] == "forbidden_symbols" and "MSFT" in created.json()["message"]
+    assert (
+        created.status_code == 403
+        and created.json()["error"] == "forbidden_symbols"
+        and "MSFT" in created.json()["message"]
+    )
     assert put.status_code == 403 and put.json()["error"] == "forbidden_symbols"
     assert ok.status_code == 200
     assert [[p["symbol"] for p in f["positions"]] for f in listed.json()["portfolios"]] == [["AAPL"]]
@@ -84,7 +90,9 @@ async def test_a_portfolio_holding_a_refused_symbol_shows_no_price_over_rest_or_
 ):
     fake_fmp.rate = 0.0
     relay = await start_relay(
-        **sections(fake_fmp, tmp_path, upstream={"provider": "fmp", "unsubscribe_linger": 0.0, "pinned": ["MSFT", "AAPL"]})
+        **sections(
+            fake_fmp, tmp_path, upstream={"provider": "fmp", "unsubscribe_linger": 0.0, "pinned": ["MSFT", "AAPL"]}
+        )
     )
     # Made while alice's token allowed MSFT; her token now allows AAPL only.
     wide, narrow = bearer(symbols=["AAPL", "MSFT"]), bearer(symbols=["AAPL"])
@@ -95,13 +103,17 @@ async def test_a_portfolio_holding_a_refused_symbol_shows_no_price_over_rest_or_
         await wait_cached(relay, "MSFT")
         await wait_cached(relay, "AAPL")
         positions = [{"symbol": s, "quantity": 10, "cost_basis": 100} for s in ("AAPL", "MSFT", "NVDA")]
-        made = await http.post(api(relay, "/portfolios"), headers=wide, json={"name": "main", "positions": positions[:2]})
+        made = await http.post(
+            api(relay, "/portfolios"), headers=wide, json={"name": "main", "positions": positions[:2]}
+        )
         assert made.status_code == 200, made.text
         seen_wide = (await http.get(api(relay, "/portfolios/main"), headers=wide)).json()
         seen_narrow = (await http.get(api(relay, "/portfolios/main"), headers=narrow)).json()
 
         client = await authed(relay, nursery, symbols=["AAPL"])
-        streamed = await client.request({"action": "subscribe", "channel": "portfolio", "portfolio": "main"}, "portfolio")
+        streamed = await client.request(
+            {"action": "subscribe", "channel": "portfolio", "portfolio": "main"}, "portfolio"
+        )
     by_symbol = {p["symbol"]: p for p in seen_narrow["positions"]}
     assert by_symbol["MSFT"]["entitled"] is False and by_symbol["MSFT"]["price"] is None
     assert by_symbol["MSFT"]["market_value"] is None and by_symbol["MSFT"]["day_open"] is None
@@ -120,7 +132,9 @@ async def test_the_portfolio_channel_never_makes_the_relay_want_a_refused_symbol
     wide = bearer(symbols=["AAPL", "NVDA"])
     with trio.fail_after(10):
         positions = [{"symbol": s, "quantity": 1, "cost_basis": 1} for s in ("AAPL", "NVDA")]
-        assert (await http.post(api(relay, "/portfolios"), headers=wide, json={"name": "p", "positions": positions})).status_code == 200
+        assert (
+            await http.post(api(relay, "/portfolios"), headers=wide, json={"name": "p", "positions": positions})
+        ).status_code == 200
         client = await authed(relay, nursery, symbols=["AAPL"])
         await client.request({"action": "subscribe", "channel": "portfolio", "portfolio": "p"}, "portfolio")
         await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
@@ -131,14 +145,18 @@ async def test_the_portfolio_channel_never_makes_the_relay_want_a_refused_symbol
 # ------------------------------------------------------------------------- alerts
 
 
-async def test_an_alert_on_a_refused_symbol_is_refused_over_rest_and_websocket(start_relay, fake_fmp, http, tmp_path, nursery):
+async def test_an_alert_on_a_refused_symbol_is_refused_over_rest_and_websocket(
+    start_relay, fake_fmp, http, tmp_path, nursery
+):
     relay = await start_relay(**sections(fake_fmp, tmp_path))
     with trio.fail_after(10):
         rest = await http.post(
             api(relay, "/alerts"), headers=bearer(symbols=["AAPL"]), json={"type": "above", "symbol": "AMD", "level": 1}
         )
         client = await authed(relay, nursery, symbols=["AAPL"])
-        ws = await client.request({"action": "alert_create", "rule": {"type": "above", "symbol": "amd", "level": 1}}, "alert_created")
+        ws = await client.request(
+            {"action": "alert_create", "rule": {"type": "above", "symbol": "amd", "level": 1}}, "alert_created"
+        )
         rules = (await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL"]))).json()["rules"]
     assert rest.status_code == 403 and rest.json()["error"] == "forbidden_symbols"
     assert ws["type"] == "error" and ws["code"] == "forbidden_symbols" and ws["action"] == "alert_create"
@@ -148,9 +166,13 @@ async def test_an_alert_on_a_refused_symbol_is_refused_over_rest_and_websocket(s
 async def test_only_an_admins_alert_holds_its_symbol_upstream(start_relay, fake_fmp, http, tmp_path):
     relay = await start_relay(**sections(fake_fmp, tmp_path))
     with trio.fail_after(10):
-        user = await http.post(api(relay, "/alerts"), headers=bearer(), json={"type": "above", "symbol": "TSLA", "level": 1})
+        user = await http.post(
+            api(relay, "/alerts"), headers=bearer(), json={"type": "above", "symbol": "TSLA", "level": 1}
+        )
         admin = await http.post(
-            api(relay, "/alerts"), headers=bearer(sub="root", scope=ADMIN), json={"type": "above", "symbol": "IBM", "level": 1}
+            api(relay, "/alerts"),
+            headers=bearer(sub="root", scope=ADMIN),
+            json={"type": "above", "symbol": "IBM", "level": 1},
         )
         await fake_fmp.wait_until(lambda: "IBM" in fake_fmp.subscriptions)
     assert user.status_code == 200 and user.json()["pins"] is False
@@ -173,20 +195,32 @@ async def test_alerts_and_portfolios_count_against_one_symbol_budget(start_relay
 
     with trio.fail_after(10):
         codes = [
-            (await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": s, "level": 1})).status_code
+            (
+                await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": s, "level": 1})
+            ).status_code
             for s in ("AAPL", "MSFT", "AAPL")
         ]
         made = await http.post(
-            api(relay, "/portfolios"), headers=headers, json={"name": "p", "positions": [position("AAPL"), position("IBM")]}
+            api(relay, "/portfolios"),
+            headers=headers,
+            json={"name": "p", "positions": [position("AAPL"), position("IBM")]},
         )
         over = await http.post(
             api(relay, "/portfolios"), headers=headers, json={"name": "q", "positions": [position("AMD")]}
         )
-        put = await http.put(api(relay, "/portfolios/p/positions/AMD"), headers=headers, json={"quantity": 1, "cost_basis": 1})
-        rest = await http.post(api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": "AMD", "level": 1})
+        put = await http.put(
+            api(relay, "/portfolios/p/positions/AMD"), headers=headers, json={"quantity": 1, "cost_basis": 1}
+        )
+        rest = await http.post(
+            api(relay, "/alerts"), headers=headers, json={"type": "above", "symbol": "AMD", "level": 1}
+        )
         client = await authed(relay, nursery, max_symbols=3)
-        ws = await client.request({"action": "alert_create", "rule": {"type": "below", "symbol": "AMD", "level": 1}}, "alert_created")
-        held = await client.request({"action": "alert_create", "rule": {"type": "below", "symbol": "IBM", "level": 1}}, "alert_created")
+        ws = await client.request(
+            {"action": "alert_create", "rule": {"type": "below", "symbol": "AMD", "level": 1}}, "alert_created"
+        )
+        held = await client.request(
+            {"action": "alert_create", "rule": {"type": "below", "symbol": "IBM", "level": 1}}, "alert_created"
+        )
     assert codes == [200, 200, 200]  # a second rule on a held symbol costs nothing
     assert made.status_code == 200  # AAPL (held by an alert) + IBM: 3 symbols in all
     for reply in (over, put, rest):
@@ -219,7 +253,9 @@ async def test_a_fired_alert_reaches_only_connections_whose_token_allows_its_sym
         second, _ = await wide.recv_until(lambda m: m.get("type") == "alert")
         got, _ = await narrow.recv_until(lambda m: m.get("type") == "alert")
         await narrow.request({"action": "ping"}, "pong")  # anything the relay sent before is read
-        while len((await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL", "MSFT"]))).json()["fired"]) < 2:
+        while (
+            len((await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL", "MSFT"]))).json()["fired"]) < 2
+        ):
             await trio.testing.wait_all_tasks_blocked()  # the store writes in the background
         history = (await http.get(api(relay, "/alerts"), headers=bearer(symbols=["AAPL"]))).json()["fired"]
     assert [f["symbol"] for f in history] == ["AAPL"]  # the stored MSFT alert (and its price) is not shown
@@ -230,7 +266,9 @@ async def test_a_fired_alert_reaches_only_connections_whose_token_allows_its_sym
 # ------------------------------------------------------------------------- the other paths
 
 
-async def test_cache_history_bars_and_pins_refuse_symbols_the_token_does_not_allow(start_relay, fake_fmp, http, tmp_path):
+async def test_cache_history_bars_and_pins_refuse_symbols_the_token_does_not_allow(
+    start_relay, fake_fmp, http, tmp_path
+):
     relay = await start_relay(
         **sections(fake_fmp, tmp_path), history={"backend": "sqlite", "data_dir": str(tmp_path / "h")}
     )
@@ -311,12 +349,19 @@ async def test_webhooks_to_internal_addresses_are_refused_at_creation_over_rest_
     start_relay, fake_fmp, http, tmp_path, nursery
 ):
     relay = await start_relay(**sections(fake_fmp, tmp_path))
-    targets = ["http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.1]:8080/", "http://localhost:6379/",
-               "http://2130706433/", "https://10.0.0.1/hook"]
+    targets = [
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:127.0.0.1]:8080/",
+        "http://localhost:6379/",
+        "http://2130706433/",
+        "https://10.0.0.1/hook",
+    ]
     with trio.fail_after(10):
         rest = [
             await http.post(
-                api(relay, "/alerts"), headers=bearer(), json={"type": "above", "symbol": "AAPL", "level": 1, "webhook": url}
+                api(relay, "/alerts"),
+                headers=bearer(),
+                json={"type": "above", "symbol": "AAPL", "level": 1, "webhook": url},
             )
             for url in targets
         ]
@@ -479,7 +524,9 @@ async def test_deeply_nested_json_gets_a_clear_error_over_rest_and_websocket(
             await http.post(api(relay, path), content=bomb, headers={"content-type": "application/json"})
             for path in ("/subscribe", "/alerts", "/portfolios")
         ]
-        put = await http.put(api(relay, "/portfolios/p/positions/AAPL"), content=bomb, headers={"content-type": "application/json"})
+        put = await http.put(
+            api(relay, "/portfolios/p/positions/AAPL"), content=bomb, headers={"content-type": "application/json"}
+        )
         await client.send('{"action":"subscribe","symbols":' + deep(20_000) + "}")
         error = await client.recv()
         rule = await client.request(
@@ -535,7 +582,11 @@ async def test_a_name_that_resolves_inside_is_refused_at_creation_over_rest_and_
         allowed = await client.request(
             {"action": "alert_create", "rule": {**rule, "webhook": "https://8.8.8.8/hook"}}, "alert_created"
         )
-    assert rest.status_code == 422 and rest.json()["error"] == "webhook_refused" and "resolves to" in rest.json()["message"]
+    assert (
+        rest.status_code == 422
+        and rest.json()["error"] == "webhook_refused"
+        and "resolves to" in rest.json()["message"]
+    )
     assert ws["type"] == "error" and ws["code"] == "webhook_refused" and ws["action"] == "alert_create"
     assert allowed["type"] == "alert_created"  # a public literal: checked, never connected to
 
@@ -544,7 +595,7 @@ async def test_a_name_that_resolves_inside_is_refused_at_creation_over_rest_and_
 
 
 async def test_a_bars_request_over_the_budget_gets_a_truncated_page_or_422(start_relay, http, tmp_path):
-    from test_history_budget import N, T0, fill
+    from test_history_budget import T0, N, fill
 
     from trio_relay.history import SqliteBackend
 
@@ -556,13 +607,19 @@ async def test_a_bars_request_over_the_budget_gets_a_truncated_page_or_422(start
     window = {"start": T0, "end": T0 + N * 120}
     with trio.fail_after(10):
         minute = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1m", **window})
-        rest = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1m", **window, "start": minute.json()["next_start"]})
+        rest = await http.get(
+            api(relay, "/bars/AAPL"), params={"interval": "1m", **window, "start": minute.json()["next_start"]}
+        )
         hour = await http.get(api(relay, "/bars/AAPL"), params={"interval": "1h", **window})
     page = minute.json()
     assert minute.status_code == 200 and page["truncated"] is True and 6 <= page["count"] <= 9
     assert page["next_start"] == page["bars"][-1]["start_ms"] + 60_000
     assert rest.json()["bars"][0]["start_ms"] == page["next_start"]
-    assert hour.status_code == 422 and hour.json()["error"] == "query_too_large" and "finer interval" in hour.json()["message"]
+    assert (
+        hour.status_code == 422
+        and hour.json()["error"] == "query_too_large"
+        and "finer interval" in hour.json()["message"]
+    )
 
 
 async def test_a_refreshed_narrower_token_stops_what_it_no_longer_allows(start_relay, fake_fmp, tmp_path, nursery):

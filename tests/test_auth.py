@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+from conftest import WsClient, api, close_code
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import WsClient, api, close_code
 from trio_relay.auth import Authenticator, AuthError, ConnectionCounter, TokenBucket
 from trio_relay.config import AuthConfig
 
@@ -23,7 +23,9 @@ ISSUER = "https://auth.example.test"
 AUDIENCE = "trio-relay"
 
 
-def token(claims: dict[str, Any] | None = None, *, key: str | bytes = SECRET, algorithm: str = "HS256", **extra: Any) -> str:
+def token(
+    claims: dict[str, Any] | None = None, *, key: str | bytes = SECRET, algorithm: str = "HS256", **extra: Any
+) -> str:
     now = int(time.time())
     body: dict[str, Any] = {"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600}
     body.update(claims or {})
@@ -37,14 +39,18 @@ def auth_sections(**auth: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-async def connect(relay: Any, nursery: trio.Nursery, *, query: str = "", headers: list[tuple[str, str]] | None = None) -> WsClient:
+async def connect(
+    relay: Any, nursery: trio.Nursery, *, query: str = "", headers: list[tuple[str, str]] | None = None
+) -> WsClient:
     ws = await trio_websocket.connect_websocket_url(
         nursery, relay.ws_url + query, extra_headers=headers or [], message_queue_size=10_000
     )
     return WsClient(ws)
 
 
-async def rejected_status(relay: Any, nursery: trio.Nursery, *, query: str = "", headers: list[tuple[str, str]] | None = None) -> int:
+async def rejected_status(
+    relay: Any, nursery: trio.Nursery, *, query: str = "", headers: list[tuple[str, str]] | None = None
+) -> int:
     """The HTTP status of a refused handshake (its own context: a refusal must not reach ``nursery``)."""
     with pytest.raises(trio_websocket.ConnectionRejected) as info:
         async with trio_websocket.open_websocket_url(relay.ws_url + query, extra_headers=headers or []):
@@ -56,7 +62,9 @@ async def rejected_status(relay: Any, nursery: trio.Nursery, *, query: str = "",
 
 
 def none_token() -> str:
-    return jwt.encode({"sub": "mallory", "exp": int(time.time()) + 60, "iss": ISSUER, "aud": AUDIENCE}, None, algorithm="none")
+    return jwt.encode(
+        {"sub": "mallory", "exp": int(time.time()) + 60, "iss": ISSUER, "aud": AUDIENCE}, None, algorithm="none"
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +83,20 @@ def none_token() -> str:
         (lambda: token(symbols="AAPL"), "token 'symbols' must be a list of symbol patterns"),
         (lambda: token(max_symbols=-1), "token 'max_symbols' must be a non-negative integer"),
     ],
-    ids=["forged", "alg-none", "wrong-alg", "expired", "not-yet-valid", "audience", "issuer", "no-exp", "no-sub",
-         "malformed", "bad-symbols", "bad-max"],
+    ids=[
+        "forged",
+        "alg-none",
+        "wrong-alg",
+        "expired",
+        "not-yet-valid",
+        "audience",
+        "issuer",
+        "no-exp",
+        "no-sub",
+        "malformed",
+        "bad-symbols",
+        "bad-max",
+    ],
 )
 def test_bad_tokens_are_refused_with_a_reason(make: Any, reason: str) -> None:
     auth = Authenticator(AuthConfig(enabled=True, secret=SECRET, issuer=ISSUER, audience=AUDIENCE, leeway=0))
@@ -95,7 +115,9 @@ def test_public_key_tokens_and_key_confusion(tmp_path) -> None:
     path = tmp_path / "public.pem"
     path.write_bytes(public_pem)
     auth = Authenticator(AuthConfig(enabled=True, algorithms=["ES256"], public_key_file=str(path), leeway=0))
-    good = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60, "scope": "read relay:admin"}, private, algorithm="ES256")
+    good = jwt.encode(
+        {"sub": "bob", "exp": int(time.time()) + 60, "scope": "read relay:admin"}, private, algorithm="ES256"
+    )
     principal = auth.verify(good)
     assert principal.subject == "bob" and principal.has_scope("relay:admin")
     # The classic attack: an HS256 token "signed" with the public key as the HMAC secret.
@@ -156,13 +178,19 @@ async def test_websocket_token_in_query_header_or_first_message(start_relay, nur
     by_header = await connect(relay, nursery, headers=[("Authorization", f"Bearer {good}")])
     by_message = await connect(relay, nursery)
     with trio.fail_after(10):
-        assert (await by_query.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))["type"] == "subscribed"
-        assert (await by_header.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))["type"] == "subscribed"
+        assert (await by_query.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))[
+            "type"
+        ] == "subscribed"
+        assert (await by_header.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))[
+            "type"
+        ] == "subscribed"
         refused = await by_message.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
         assert refused["code"] == "unauthenticated"
         hello = await by_message.request({"action": "auth", "token": good}, "authenticated")
         assert hello["subject"] == "alice" and hello["expires_at"] > time.time()
-        assert (await by_message.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))["type"] == "subscribed"
+        assert (await by_message.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed"))[
+            "type"
+        ] == "subscribed"
     assert {c.user for c in relay.hub.clients.values()} == {"alice"}
 
 
@@ -243,7 +271,9 @@ async def test_subscribe_requests_have_their_own_limit(start_relay, nursery):
     client = await connect(relay, nursery)
     with trio.fail_after(10):
         assert (await client.request({"action": "subscribe", "symbols": ["A"]}, "subscribed"))["type"] == "subscribed"
-        assert (await client.request({"action": "unsubscribe", "symbols": ["A"]}, "unsubscribed"))["type"] == "unsubscribed"
+        assert (await client.request({"action": "unsubscribe", "symbols": ["A"]}, "unsubscribed"))[
+            "type"
+        ] == "unsubscribed"
         limited = await client.request({"action": "subscribe", "symbols": ["B"]}, "subscribed")
         assert (await client.request({"action": "ping"}, "pong")) == {"type": "pong"}  # other messages still pass
     assert limited["code"] == "rate_limited" and limited["retry_after_ms"] > 0
@@ -277,7 +307,12 @@ async def test_with_auth_on_and_no_origin_list_only_the_relays_own_pages_may_con
     relay = await start_relay(**auth_sections())
     own = relay.http_url
     with trio.fail_after(10):
-        assert await rejected_status(relay, nursery, query=f"?token={token()}", headers=[("Origin", "https://evil.example")]) == 403
+        assert (
+            await rejected_status(
+                relay, nursery, query=f"?token={token()}", headers=[("Origin", "https://evil.example")]
+            )
+            == 403
+        )
         same = await connect(relay, nursery, query=f"?token={token()}", headers=[("Origin", own)])
         assert (await same.request({"action": "ping"}, "pong")) == {"type": "pong"}
 

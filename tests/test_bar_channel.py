@@ -131,10 +131,14 @@ async def test_bars_channel_through_the_relay(start_relay, ws_connect):
     relay = await start_relay(sim={"rate": 400.0, "trade_ratio": 1.0})
     client = await ws_connect(relay)
     with trio.fail_after(15):
-        ack = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}, "subscribed")
+        ack = await client.request(
+            {"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}, "subscribed"
+        )
         bar, before = await client.recv_until(lambda m: m.get("type") == "bar" and m["complete"])
         listing = await client.request({"action": "list"}, "subscriptions")
-        bad = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "2m"}, "subscribed")
+        bad = await client.request(
+            {"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "2m"}, "subscribed"
+        )
         other = await client.request({"action": "subscribe", "symbols": ["AAPL"], "channel": "candles"}, "subscribed")
         gone = await client.request({"action": "unsubscribe", "symbols": ["AAPL"], "channel": "bars"}, "unsubscribed")
     assert ack == {"type": "subscribed", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 
 import msgspec
 import pytest
@@ -27,14 +27,31 @@ def feed(builder: BarBuilder, *updates: Update) -> list[Bar]:
 
 def test_first_trade_opens_and_last_trade_closes_the_interval() -> None:
     b = BarBuilder(["1s"])
-    assert feed(b, trade(T0, 10.0, 5), trade(T0 + 400, 12.0, 1), trade(T0 + 700, 9.0, 2), trade(T0 + 999, 11.0, 2)) == []
+    assert (
+        feed(b, trade(T0, 10.0, 5), trade(T0 + 400, 12.0, 1), trade(T0 + 700, 9.0, 2), trade(T0 + 999, 11.0, 2)) == []
+    )
     assert b.current("AAPL", "1s") == Bar(
-        symbol="AAPL", interval="1s", start_ms=T0, open=10.0, high=12.0, low=9.0, close=11.0,
-        volume=10.0, trades=4, vwap=(50 + 12 + 18 + 22) / 10, complete=False,
+        symbol="AAPL",
+        interval="1s",
+        start_ms=T0,
+        open=10.0,
+        high=12.0,
+        low=9.0,
+        close=11.0,
+        volume=10.0,
+        trades=4,
+        vwap=(50 + 12 + 18 + 22) / 10,
+        complete=False,
     )
     [bar] = b.add(trade(T0 + 1500, 13.0))
     assert (bar.start_ms, bar.open, bar.high, bar.low, bar.close, bar.trades, bar.complete) == (
-        T0, 10.0, 12.0, 9.0, 11.0, 4, True
+        T0,
+        10.0,
+        12.0,
+        9.0,
+        11.0,
+        4,
+        True,
     )
 
 
@@ -58,7 +75,9 @@ def test_an_interval_without_trades_has_no_bar() -> None:
     assert [bar.start_ms for bar in closed] == [T0]
     assert [bar.start_ms for bar in b.flush(T0 + 60_000)] == [T0 + 5_000]
     assert b.flush(T0 + 120_000) == []  # nothing carried forward
-    assert [bar.start_ms for bar in bars_from_trades([trade(T0 + 100, 10.0), trade(T0 + 5_100, 11.0)], "1s", T0, T0 + 6_000)] == [
+    assert [
+        bar.start_ms for bar in bars_from_trades([trade(T0 + 100, 10.0), trade(T0 + 5_100, 11.0)], "1s", T0, T0 + 6_000)
+    ] == [
         T0,
         T0 + 5_000,
     ]
@@ -83,8 +102,12 @@ def test_equal_timestamps_first_to_arrive_opens_last_closes() -> None:
     minute = b.current("AAPL", "1m")
     assert second.start_ms == T0 + 1_000 and (second.open, second.close) == (13.0, 14.0)
     assert minute is not None and (minute.open, minute.close, minute.low, minute.trades) == (10.0, 15.0, 8.0, 8)
-    history = bars_from_trades([trade(T0 + 100, 10.0), trade(T0 + 900, 12.0), trade(T0 + 100, 9.0), trade(T0 + 900, 11.0)],
-                               "1s", T0, T0 + 1_000)
+    history = bars_from_trades(
+        [trade(T0 + 100, 10.0), trade(T0 + 900, 12.0), trade(T0 + 100, 9.0), trade(T0 + 900, 11.0)],
+        "1s",
+        T0,
+        T0 + 1_000,
+    )
     assert [(x.open, x.close) for x in history] == [(10.0, 11.0)]
 
 
@@ -171,7 +194,7 @@ def test_flush_closes_the_bars_of_a_quiet_symbol() -> None:
 
 
 def test_bars_align_to_utc_boundaries() -> None:
-    when = datetime(2024, 3, 10, 14, 37, 12, 345_000, tzinfo=timezone.utc)
+    when = datetime(2024, 3, 10, 14, 37, 12, 345_000, tzinfo=UTC)
     ts = int(when.timestamp() * 1000)
     b = BarBuilder(["1s", "1m", "5m", "1h"])
     b.add(trade(ts, 10.0))
@@ -179,13 +202,13 @@ def test_bars_align_to_utc_boundaries() -> None:
     def start(interval: str) -> datetime:
         bar = b.current("AAPL", interval)
         assert bar is not None
-        return datetime.fromtimestamp(bar.start_ms / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(bar.start_ms / 1000, tz=UTC)
 
     assert start("1h") == when.replace(minute=0, second=0, microsecond=0)
     assert start("5m") == when.replace(minute=35, second=0, microsecond=0)
     assert start("1m") == when.replace(second=0, microsecond=0)
     assert start("1s") == when.replace(microsecond=0)
-    [hour] = b.add(trade(int(datetime(2024, 3, 10, 15, tzinfo=timezone.utc).timestamp() * 1000), 11.0))[3:]
+    [hour] = b.add(trade(int(datetime(2024, 3, 10, 15, tzinfo=UTC).timestamp() * 1000), 11.0))[3:]
     assert (hour.interval, hour.start_ms % 3_600_000, hour.close) == ("1h", 0, 10.0)
 
 
@@ -254,8 +277,13 @@ def test_unknown_intervals_are_refused() -> None:
 
 
 def test_history_takes_rows_in_any_order_and_marks_partial_bars() -> None:
-    rows = [("AAPL", T0 + 61_000, 12.0, 1.0), ("AAPL", T0 + 100, 10.0, 2.0), ("AAPL", T0 + 30_000, 11.0, None),
-            ("MSFT", T0 + 5, 300.0, 1.0), ("AAPL", T0 + 130_000, 13.0, 1.0)]
+    rows = [
+        ("AAPL", T0 + 61_000, 12.0, 1.0),
+        ("AAPL", T0 + 100, 10.0, 2.0),
+        ("AAPL", T0 + 30_000, 11.0, None),
+        ("MSFT", T0 + 5, 300.0, 1.0),
+        ("AAPL", T0 + 130_000, 13.0, 1.0),
+    ]
     bars = bars_from_trades(rows, "1m", T0, T0 + 120_000)  # the last row is outside the window
     assert [(b.symbol, b.start_ms, b.open, b.close, b.trades, b.complete) for b in bars] == [
         ("AAPL", T0, 10.0, 11.0, 2, True),
@@ -275,7 +303,9 @@ def test_history_takes_rows_in_any_order_and_marks_partial_bars() -> None:
 _events = st.lists(
     st.tuples(
         st.sampled_from(["AAA", "BBB", "CCC"]),
-        st.one_of(st.sampled_from([0, 1, 999, 1_000, 1_001, 59_999, 60_000, 300_000, 3_600_000]), st.integers(0, 3_000)),
+        st.one_of(
+            st.sampled_from([0, 1, 999, 1_000, 1_001, 59_999, 60_000, 300_000, 3_600_000]), st.integers(0, 3_000)
+        ),
         st.sampled_from(["T", "T", "T", "Q", "B"]),
         st.one_of(st.sampled_from([10.0, 10.5, 11.0]), st.floats(0.01, 1e5), st.none()),
         st.one_of(st.none(), st.sampled_from([0.0, 1.0, 100.0]), st.floats(0, 1e6)),
@@ -303,8 +333,19 @@ def _bar(symbol: str, interval: str, start: int, trades: list[Update], complete:
         size = u.last_size or 0.0
         volume += size
         pv += (u.last_price or 0.0) * size
-    return Bar(symbol, interval, start, first.last_price or 0.0, max(prices), min(prices), last.last_price or 0.0,
-               volume, len(trades), pv / volume if volume > 0 else None, complete)
+    return Bar(
+        symbol,
+        interval,
+        start,
+        first.last_price or 0.0,
+        max(prices),
+        min(prices),
+        last.last_price or 0.0,
+        volume,
+        len(trades),
+        pv / volume if volume > 0 else None,
+        complete,
+    )
 
 
 def _reference(updates: list[Update], interval: str, end_ms: int) -> list[Bar]:
@@ -371,8 +412,10 @@ def _same(a: list[Bar], b: list[Bar]) -> bool:
         msgspec.structs.replace(x, volume=0.0, vwap=None) for x in b
     ]
     return exact and all(
-        x.volume == pytest.approx(y.volume) and (x.vwap is None) == (y.vwap is None)
-        and (x.vwap is None or x.vwap == pytest.approx(y.vwap)) for x, y in zip(a, b)
+        x.volume == pytest.approx(y.volume)
+        and (x.vwap is None) == (y.vwap is None)
+        and (x.vwap is None or x.vwap == pytest.approx(y.vwap))
+        for x, y in zip(a, b)
     )
 
 
@@ -392,7 +435,11 @@ def test_live_equals_history_for_in_order_trades(
             bar = b.current(symbol, interval)
             if bar is not None:
                 live.append(bar)
-    rows = [(u.symbol, u.timestamp, u.last_price, u.last_size) for u in updates if u.kind == "T" and u.last_price is not None]
+    rows = [
+        (u.symbol, u.timestamp, u.last_price, u.last_size)
+        for u in updates
+        if u.kind == "T" and u.last_price is not None
+    ]
     for interval in INTERVALS:
         mine = sorted((x for x in live if x.interval == interval), key=lambda x: (x.symbol, x.start_ms))
         assert mine == bars_from_trades(updates, interval, 0, end_ms)
@@ -422,7 +469,9 @@ _traffic = st.lists(
         st.tuples(
             st.just("T"),
             st.sampled_from(["AAA", "BBB"]),
-            st.one_of(st.sampled_from([0, 999, 1_000, 59_999, 60_000, 299_999, 300_000, 3_600_000]), st.integers(0, 4_000_000)),
+            st.one_of(
+                st.sampled_from([0, 999, 1_000, 59_999, 60_000, 299_999, 300_000, 3_600_000]), st.integers(0, 4_000_000)
+            ),
             st.sampled_from([10.0, 10.5, 11.0, 9.5]),
             st.one_of(st.none(), st.sampled_from([1.0, 100.0]), st.floats(0, 1e4)),
         ),

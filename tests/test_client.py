@@ -373,6 +373,8 @@ async def test_backoff_grows_while_drops_come_quick_and_resets_after_a_connectio
                     waits.append(event.retry_after_ms)
                     if len(waits) == 4:
                         break
-                elif isinstance(event, PriceUpdate) and trio.current_time() - connected_at >= 0.35 and relay.hub.clients:
+                elif (
+                    isinstance(event, PriceUpdate) and trio.current_time() - connected_at >= 0.35 and relay.hub.clients
+                ):
                     the_client(relay).close(4008, "slow")  # then one after a connection that lasted
     assert waits == [10, 20, 40, 10]

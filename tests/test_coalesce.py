@@ -26,7 +26,9 @@ def _updates(n: int) -> list[Update]:
 
 async def _run(coalesce_above: int, batches: list[list[Update]]) -> tuple[Hub, list[dict[str, object]], list[Update]]:
     seen: list[Update] = []
-    async with Hub.open(ClientsConfig(outbox_size=10_000), Demand(0, SYMBOLS), Stats(), coalesce_above=coalesce_above) as hub:
+    async with Hub.open(
+        ClientsConfig(outbox_size=10_000), Demand(0, SYMBOLS), Stats(), coalesce_above=coalesce_above
+    ) as hub:
         hub.add_callback(seen.append)
         client = hub.connect()
         hub.subscribe(client, SYMBOLS)

@@ -107,7 +107,10 @@ def test_path_may_be_a_string(tmp_path: Path) -> None:
 
 
 def test_env_overrides_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\n[auth]\nallow_insecure = true\n[upstream]\npinned = ["IBM"]\n')
+    path = write(
+        tmp_path,
+        '[server]\nport = 9001\nhost = "0.0.0.0"\n[auth]\nallow_insecure = true\n[upstream]\npinned = ["IBM"]\n',
+    )
     config = load(path, env={"TRIO_RELAY_SERVER_PORT": "9002", "TRIO_RELAY_UPSTREAM_PINNED": "aapl, msft,"})
     assert config.server.port == 9002
     assert config.server.host == "0.0.0.0"  # untouched by the environment
@@ -380,7 +383,9 @@ def test_vendor_environment_variables_fill_each_provider_section() -> None:
     assert config.polygon.api_key == "pg-" + SECRET
     assert SECRET not in repr(config)
     # The TRIO_RELAY_ form wins over the vendor's variable.
-    config = load(env={"FINNHUB_API_KEY": "a", "TRIO_RELAY_FINNHUB_API_KEY": "b"}, overrides={"upstream": {"provider": "finnhub"}})
+    config = load(
+        env={"FINNHUB_API_KEY": "a", "TRIO_RELAY_FINNHUB_API_KEY": "b"}, overrides={"upstream": {"provider": "finnhub"}}
+    )
     assert config.finnhub.api_key == "b"
 
 
@@ -496,7 +501,10 @@ def test_the_jwt_secret_is_never_shown() -> None:
     "server, problem",
     [
         ({"tls_certfile": "/etc/hostname"}, "server.tls_keyfile: TLS needs both"),
-        ({"tls_certfile": "/nonexistent.pem", "tls_keyfile": "/nonexistent.key"}, "server.tls_certfile: file not found"),
+        (
+            {"tls_certfile": "/nonexistent.pem", "tls_keyfile": "/nonexistent.key"},
+            "server.tls_certfile: file not found",
+        ),
         ({"allowed_origins": ["app.example.com"]}, "server.allowed_origins: 'app.example.com' is not an origin"),
     ],
 )

@@ -105,7 +105,11 @@ def _environ(**env: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("TRIO_RELAY_", "FMP_", "FINNHUB_", "APCA_", "POLYGON_", "MASSIVE_"))
     }
-    base |= {"TRIO_RELAY_SIM_RATE": "50", "TRIO_RELAY_HISTORY_BACKEND": "off", "TRIO_RELAY_UPSTREAM_UNSUBSCRIBE_LINGER": "0"}
+    base |= {
+        "TRIO_RELAY_SIM_RATE": "50",
+        "TRIO_RELAY_HISTORY_BACKEND": "off",
+        "TRIO_RELAY_UPSTREAM_UNSUBSCRIBE_LINGER": "0",
+    }
     return base | env
 
 
@@ -259,7 +263,9 @@ def test_add_watch_chart_and_remove_symbols(page: Page, sim_relay: Daemon) -> No
     page.wait_for_function("() => 'MSFT' in window.relayDashboard.unsubscribedAt")
     aapl = page.evaluate("() => window.relayDashboard.received.AAPL")
     page.wait_for_function("(n) => window.relayDashboard.received.AAPL > n + 25", arg=aapl)
-    received, acked = page.evaluate("() => [window.relayDashboard.received.MSFT, window.relayDashboard.unsubscribedAt.MSFT]")
+    received, acked = page.evaluate(
+        "() => [window.relayDashboard.received.MSFT, window.relayDashboard.unsubscribedAt.MSFT]"
+    )
     assert received == acked
 
     # The list survives a reload (localStorage).

@@ -250,7 +250,9 @@ async def test_openapi_document_lists_every_route_with_schemas(start_relay: Any,
 
     for path, method in sorted(served):
         op = doc["paths"][path][method]
-        assert op.get("summary"), f"{method.upper()} {path} has no summary: give its view a docstring (see docs/openapi.md)"
+        assert op.get("summary"), (
+            f"{method.upper()} {path} has no summary: give its view a docstring (see docs/openapi.md)"
+        )
         if path.startswith(PREFIX) or path in ("/metrics", OPENAPI_PATH):
             ok = op["responses"].get("200", {})
             schemas = [media.get("schema") for media in ok.get("content", {}).values()]
@@ -263,8 +265,12 @@ async def test_openapi_document_lists_every_route_with_schemas(start_relay: Any,
         assert name in schemas, name
     assert set(schemas["PriceState"]["properties"]) == set(PriceState.__struct_fields__)
     cache_one = doc["paths"][PREFIX + "/cache/{symbol}"]["get"]
-    assert cache_one["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PriceState"}
-    assert cache_one["responses"]["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert cache_one["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PriceState"
+    }
+    assert cache_one["responses"]["404"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
     subscribe = doc["paths"][PREFIX + "/subscribe"]["post"]
     assert "requestBody" in subscribe and "429" in subscribe["responses"]
     # Auth is off: no operation asks for a token; open routes say so explicitly.
@@ -529,7 +535,9 @@ def assert_no_gap(prices: list[dict[str, Any]]) -> None:
         last[p["symbol"]] = p["seq"]
 
 
-async def test_python_client_example_resumes_after_a_disconnect(start_relay: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_python_client_example_resumes_after_a_disconnect(
+    start_relay: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     relay = await start_docs_relay(start_relay)
     example = load_example("python_client")
     monkeypatch.setattr(example, "reconnect_delay", lambda *args: 0.0)  # no real wait in a test
@@ -646,7 +654,9 @@ async def test_javascript_client_resumes_under_node(start_relay: Any, tmp_path: 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             process = await nursery.start(
-                partial(trio.run_process, [*command, str(driver), relay.ws_url, "12"], stdout=subprocess.PIPE, check=False)
+                partial(
+                    trio.run_process, [*command, str(driver), relay.ws_url, "12"], stdout=subprocess.PIPE, check=False
+                )
             )
             buffer = b""
             closed = False
@@ -717,7 +727,9 @@ def test_every_close_code_is_documented() -> None:
 
     codes = {str(int(code)) for code in CloseCode}  # every close code the relay sends is one of these
     codes |= set(re.findall(r"client\.close\((\d+)", _source("api/ws.py")))
-    assert not re.findall(r"close\((1\d\d\d|4\d\d\d)\b", _source("api/ws.py") + _source("api/app.py")), "a bare close code"
+    assert not re.findall(r"close\((1\d\d\d|4\d\d\d)\b", _source("api/ws.py") + _source("api/app.py")), (
+        "a bare close code"
+    )
     assert {"1001", "1002", "1008", "1009", "4001", "4008"} <= codes
     guide = API_GUIDE.read_text()
     table = guide[guide.index("### Close codes") :]
@@ -797,7 +809,9 @@ def test_links_between_docs_resolve() -> None:
             resolved = (path.parent / file_part).resolve() if file_part else path
             assert resolved.exists(), f"{path.relative_to(ROOT)}: broken link {target}"
             if anchor and resolved.suffix == ".md":
-                assert anchor in anchors(resolved), f"{path.relative_to(ROOT)}: no #{anchor} in {file_part or path.name}"
+                assert anchor in anchors(resolved), (
+                    f"{path.relative_to(ROOT)}: no #{anchor} in {file_part or path.name}"
+                )
             checked += 1
     assert checked >= 20
 

@@ -43,7 +43,11 @@ async def read_response(stream: trio.SocketStream, conn: h11.Connection | None =
     if conn.our_state is h11.IDLE:
         # The request went out by hand: tell h11 one was made (proposing an upgrade, so that a
         # 101 parses too) so that it reads the response.
-        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x"), ("upgrade", "websocket"), ("connection", "upgrade")]))
+        conn.send(
+            h11.Request(
+                method="GET", target="/", headers=[("host", "x"), ("upgrade", "websocket"), ("connection", "upgrade")]
+            )
+        )
         conn.send(h11.EndOfMessage())
     response: h11.Response | None = None
     body = b""
@@ -142,7 +146,7 @@ async def test_a_body_that_never_finishes_gets_408(start_relay):
         stream = await open_raw(relay)
         await stream.send_all(
             f"POST {SUBSCRIBE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            "Content-Length: 100\r\n\r\n[\"AA".encode()
+            'Content-Length: 100\r\n\r\n["AA'.encode()
         )
         response, body = await read_response(stream)
     assert response.status_code == 408 and json.loads(body)["error"] == "request_timeout"
@@ -168,7 +172,11 @@ async def test_header_floods_get_431_and_malformed_heads_400(start_relay):
                 await stream.send_all(b"X-More: " + b"b" * 1000 + b"\r\n")
         except trio.BrokenResourceError:
             pass
-        for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"):
+        for garbage in (
+            b"NOT HTTP AT ALL\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+        ):
             status, body, _ = await send_and_read(relay, garbage)
             assert status == 400 and body["error"] == "bad_request", garbage
             assert "Traceback" not in body["message"]
@@ -179,7 +187,13 @@ async def test_header_floods_get_431_and_malformed_heads_400(start_relay):
 async def test_bad_websocket_keys_get_400_not_101(start_relay):
     relay = await start_relay()
     with trio.fail_after(DEADLINE):
-        for key in ("", "short", "not base64 at all!!!!!!!", "AAAAAAAAAAAAAAAAAAAAAA==" + "AAAA", "AAAAAAAAAAAAAAAAAAAA"):
+        for key in (
+            "",
+            "short",
+            "not base64 at all!!!!!!!",
+            "AAAAAAAAAAAAAAAAAAAAAA==" + "AAAA",
+            "AAAAAAAAAAAAAAAAAAAA",
+        ):
             status, body, _ = await send_and_read(relay, upgrade_head(key=key))
             assert status == 400 and "Sec-WebSocket-Key" in body["message"], key
         wrong_version = upgrade_head().replace(b"Version: 13", b"Version: 8")
@@ -195,7 +209,9 @@ async def test_absolute_form_targets_are_routed_like_paths(start_relay, nursery)
     relay = await start_relay()
     base = f"http://127.0.0.1:{relay.port}"
     with trio.fail_after(DEADLINE):
-        status, body, _ = await send_and_read(relay, f"GET {base}{LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        status, body, _ = await send_and_read(
+            relay, f"GET {base}{LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
         assert status == 200 and body["status"] == "ok"
         stream = await open_raw(relay)
         await stream.send_all(upgrade_head(target=f"{base}{WS_PATH}?batch=0"))
@@ -203,7 +219,9 @@ async def test_absolute_form_targets_are_routed_like_paths(start_relay, nursery)
         assert response.status_code == 101
         await stream.aclose()
         # The absolute form's authority is the host asked for: it must be one the relay serves.
-        status, body, _ = await send_and_read(relay, f"GET http://evil.example{LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        status, body, _ = await send_and_read(
+            relay, f"GET http://evil.example{LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
         assert (status, body["error"]) == (421, "misdirected_request")
 
 
@@ -229,7 +247,11 @@ async def test_one_connection_rest_requests_then_an_upgrade_each_routed_on_its_o
                 h11.Request(
                     method="POST",
                     target=SUBSCRIBE,
-                    headers=[("host", "127.0.0.1"), ("content-type", "application/json"), ("content-length", str(len(post)))],
+                    headers=[
+                        ("host", "127.0.0.1"),
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(post))),
+                    ],
                 )
             )
             + client.send(h11.Data(data=post))
@@ -277,7 +299,12 @@ async def test_cross_site_pages_cannot_drive_a_relay_with_auth_off(start_relay, 
             return head.encode() + b"\r\n" + body
 
         # A form or a text/plain fetch from any page needs no CORS preflight: refused by type.
-        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        for content_type in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            None,
+        ):
             status, body, _ = await send_and_read(relay, post(content_type, None))
             assert (status, body["error"]) == (415, "unsupported_media_type"), content_type
         status, body, _ = await send_and_read(relay, post("application/json", evil))
@@ -291,7 +318,7 @@ async def test_cross_site_pages_cannot_drive_a_relay_with_auth_off(start_relay, 
 async def test_listed_origins_may_write(start_relay):
     relay = await start_relay(server={"allowed_origins": ["https://app.example"]})
     with trio.fail_after(DEADLINE):
-        data = f"POST {SUBSCRIBE} HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n[\"NVDA\"]"
+        data = f'POST {SUBSCRIBE} HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n["NVDA"]'
         status, _, _ = await send_and_read(relay, data.encode())
     assert status == 200 and "NVDA" in relay.hub.demand.pinned
 
@@ -306,9 +333,13 @@ async def test_dns_rebinding_hosts_get_421_and_listed_hosts_are_served(start_rel
             status, _, _ = await send_and_read(default, upgrade_head(host=host))
             assert status == 421
         for host in ("localhost", f"127.0.0.1:{default.port}", f"[::1]:{default.port}"):
-            status, _, _ = await send_and_read(default, f"GET {LIVE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            status, _, _ = await send_and_read(
+                default, f"GET {LIVE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
             assert status == 200, host
-        status, _, _ = await send_and_read(relay, f"GET {LIVE} HTTP/1.1\r\nHost: relay.example:443\r\nConnection: close\r\n\r\n".encode())
+        status, _, _ = await send_and_read(
+            relay, f"GET {LIVE} HTTP/1.1\r\nHost: relay.example:443\r\nConnection: close\r\n\r\n".encode()
+        )
         assert status == 200
         status, _, _ = await send_and_read(relay, f"GET {LIVE} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         assert status == 421  # a list replaces the defaults
@@ -318,10 +349,17 @@ async def test_the_host_is_never_reflected_into_a_redirect(start_relay):
     relay = await start_relay(server={"allowed_hosts": ["*"]})  # even where any Host is served
     redirects = 0
     with trio.fail_after(DEADLINE):
-        for path in (f"/api/v2//realtime{LIVE[16:]}", "/api//v2/realtime/health", "//evil.example/static/app.js", "/static"):
+        for path in (
+            f"/api/v2//realtime{LIVE[16:]}",
+            "/api//v2/realtime/health",
+            "//evil.example/static/app.js",
+            "/static",
+        ):
             stream = await open_raw(relay)
             async with stream:
-                await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode())
+                await stream.send_all(
+                    f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode()
+                )
                 response, _ = await read_response(stream)
             location = dict(response.headers).get(b"location", b"")
             if response.status_code in (301, 302, 303, 307, 308):
@@ -387,7 +425,11 @@ async def test_2000_idle_sockets_from_one_address_cannot_keep_a_client_from_its_
             price = await first_price(relay, nursery)
             metrics = (await http.get(f"{relay.http_url}/metrics")).text
         assert price["symbol"] == "AAPL"
-        refused = next(line for line in metrics.splitlines() if line.startswith('trio_relay_edge_refused_total{reason="per_address"}'))
+        refused = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('trio_relay_edge_refused_total{reason="per_address"}')
+        )
         assert float(refused.split()[-1]) >= 1900
     finally:
         for stream in attackers:
@@ -427,7 +469,9 @@ async def test_the_global_cap_refuses_with_503_when_nothing_is_idle(start_relay,
         await clients[0].aclose()
         while relay.edge.table.open > 2:
             await trio.sleep(0.01)
-        status, _, _ = await send_and_read(relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        status, _, _ = await send_and_read(
+            relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
         assert status == 200
 
 
@@ -445,7 +489,9 @@ async def test_plain_clients_still_work_http10_head_and_two_hosts(start_relay):
             client.send(h11.EndOfMessage())
             response, body = await read_response(stream, client)
         assert response.status_code == 200 and body == b""
-        status, _, _ = await send_and_read(relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".encode())
+        status, _, _ = await send_and_read(
+            relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".encode()
+        )
         assert status == 400
 
 
@@ -538,7 +584,9 @@ def test_allowed_hosts_must_be_host_names():
 
     with pytest.raises(ConfigError, match="server.allowed_hosts: 'https://relay.example' is not a host name"):
         load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["https://relay.example"]}})
-    config = load_config(environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["relay.example:443", "[::1]", "*"]}})
+    config = load_config(
+        environ={}, dotenv=None, overrides={"server": {"allowed_hosts": ["relay.example:443", "[::1]", "*"]}}
+    )
     assert config.server.allowed_hosts == ["relay.example:443", "[::1]", "*"]
 
 

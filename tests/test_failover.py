@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-
 from conftest import FMP_KEY
+
 from trio_relay.config import Config, load_config
+from trio_relay.hub import Demand, Stats
 from trio_relay.model import ProviderSwitched
 from trio_relay.providers.registry import make_providers
-from trio_relay.hub import Demand, Stats
 from trio_relay.testing.fake_fmp import FakeFmpServer
 from trio_relay.upstream import Item, Upstream, UpstreamState
 
@@ -279,7 +279,9 @@ async def test_fmp_to_finnhub_and_back_when_the_fmp_server_dies_and_revives(star
     kill = trio.Event()
     fmp_servers: list[FakeFmpServer] = []
 
-    async def run_fmp(port: int, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_fmp(
+        port: int, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with FakeFmpServer.open(port=port, api_keys=[FMP_KEY], rate=50.0, heartbeat_interval=0.2) as fake:
             fmp_servers.append(fake)
             task_status.started()

@@ -24,7 +24,19 @@ async def _read_until(stream: trio.abc.ReceiveStream, pattern: bytes, buffered: 
 
 async def test_fake_fmp_process_speaks_fmp_and_takes_fault_commands():
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_relay", "fake-fmp", "--port", "0", "--key", "demo-key-123456", "--control", "--rate", "50"],
+        [
+            sys.executable,
+            "-m",
+            "trio_relay",
+            "fake-fmp",
+            "--port",
+            "0",
+            "--key",
+            "demo-key-123456",
+            "--control",
+            "--rate",
+            "50",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )

@@ -13,10 +13,10 @@ import trio
 import trio.testing
 from conftest import api, wait_state
 
-from trio_relay.providers.finnhub import FinnhubConfig
 from trio_relay.model import Update
 from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
 from trio_relay.providers.finnhub import (
+    FinnhubConfig,
     FinnhubDecoder,
     FinnhubProvider,
     FinnhubSession,
@@ -212,7 +212,9 @@ def test_duplicate_filter_forgets_an_unsubscribed_symbol() -> None:
     [{"type": "ping"}, {"type": "news", "data": [{"headline": "x"}]}, {"type": "pr", "data": []}],
     ids=["ping", "news", "pr"],
 )
-def test_control_frames_give_no_update_and_no_warning(frame: dict[str, Any], all_logs: pytest.LogCaptureFixture) -> None:
+def test_control_frames_give_no_update_and_no_warning(
+    frame: dict[str, Any], all_logs: pytest.LogCaptureFixture
+) -> None:
     updates, bad = feed(decoder(), frame)
     assert updates == [] and bad == []
     assert [r for r in all_logs.records if r.levelno >= logging.WARNING] == []
@@ -565,9 +567,17 @@ async def test_config_symbols_map_both_ways_through_the_relay(start_relay, quiet
     with trio.fail_after(10):
         await client.request({"action": "subscribe", "symbols": ["BTCUSD"]}, "subscribed")
         await quiet_fake.wait_until(lambda: quiet_fake.subscriptions == {"BINANCE:BTCUSDT"})
-        await quiet_fake.inject(trade_frame([("COINBASE:BTC-USD", 1.0, T_MS, 1), ("BINANCE:BTCUSDT", 64000.5, T_MS, 2)]))
+        await quiet_fake.inject(
+            trade_frame([("COINBASE:BTC-USD", 1.0, T_MS, 1), ("BINANCE:BTCUSDT", 64000.5, T_MS, 2)])
+        )
         msg = await client.recv()
-    assert price(msg) == {"symbol": "BTCUSD", "timestamp": T_MS, "data_type": "T", "last_price": 64000.5, "last_size": 2}
+    assert price(msg) == {
+        "symbol": "BTCUSD",
+        "timestamp": T_MS,
+        "data_type": "T",
+        "last_price": 64000.5,
+        "last_size": 2,
+    }
     assert relay.hub.stats.malformed == 0
 
 
@@ -595,7 +605,9 @@ async def test_drop_reconnects_and_resubscribes_in_finnhub_spelling(start_relay,
         before, _ = await client.recv_until(lambda m: m.get("symbol") == "BTCUSD")
         await fake.wait_until(lambda: fake.subscriptions == {"COINBASE:BTC-USD", "OANDA:EUR_USD"})
         assert await fake.drop_all() == 1
-        await fake.wait_until(lambda: fake.connections_total == 2 and fake.subscriptions == {"COINBASE:BTC-USD", "OANDA:EUR_USD"})
+        await fake.wait_until(
+            lambda: fake.connections_total == 2 and fake.subscriptions == {"COINBASE:BTC-USD", "OANDA:EUR_USD"}
+        )
         after, _ = await client.recv_until(lambda m: m.get("symbol") == "BTCUSD" and m["seq"] > before["seq"] + 5)
         status = (await http.get(api(relay, "/status"))).json()
     assert status["upstream"]["reconnects"] == 1 and status["upstream"]["state"] == "connected"

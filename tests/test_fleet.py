@@ -22,11 +22,11 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-
 from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_sections, make_config, redis_command
+
+from trio_relay.archive import Archiver
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
-from trio_relay.archive import Archiver
 from trio_relay.engine.redis import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
 from trio_relay.history.sqlite import SqliteBackend
@@ -143,7 +143,11 @@ class Feed:
         return seqs[-1] if seqs else 0
 
     def statuses(self, state: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if m.get("type") == "status" and m.get("scope") == "upstream" and m.get("state") == state]
+        return [
+            m
+            for m in self.messages
+            if m.get("type") == "status" and m.get("scope") == "upstream" and m.get("state") == state
+        ]
 
     def assert_in_order(self, symbol: str, *, contiguous: bool = True) -> None:
         """Seqs strictly rising (nothing twice, nothing back) in one epoch; without gaps if ``contiguous``."""
@@ -207,9 +211,7 @@ async def test_one_holder_one_upstream_and_the_same_sequence_on_every_relay(
         start = max(feed.seqs(symbol)[0] for feed in feeds)
         for feed in feeds:
             await feed.read_until(lambda: feed.last_seq(symbol) >= start + 30)  # noqa: B023 (awaited here)
-        window = [
-            [same_fields(p) for p in feed.of(symbol) if start <= p["seq"] <= start + 30] for feed in feeds
-        ]
+        window = [[same_fields(p) for p in feed.of(symbol) if start <= p["seq"] <= start + 30] for feed in feeds]
         assert len(window[0]) == 31
         assert window[0] == window[1] == window[2]
     for feed in feeds:
@@ -366,7 +368,9 @@ async def test_an_old_holder_is_fenced_off(
     assert all(engine_of(r).hub.snapshot("AAPL").last_price != 999999.0 for r in (b, c))  # type: ignore[union-attr]
 
 
-async def test_the_lock_is_fenced_by_epoch_and_a_late_grab_is_handed_back(fleet_prefix: str, redis: coredis.Redis[bytes]) -> None:
+async def test_the_lock_is_fenced_by_epoch_and_a_late_grab_is_handed_back(
+    fleet_prefix: str, redis: coredis.Redis[bytes]
+) -> None:
     """_ACQUIRE against the real Redis: what a relay whose call timed out, or a Redis that lost its
     data, leaves behind."""
     keys = fleet_keys(fleet_prefix)

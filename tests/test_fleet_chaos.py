@@ -34,9 +34,9 @@ import attrs
 import httpx
 import trio
 import trio_websocket
-
 from conftest import FMP_KEY
 from test_fleet_processes import LOCK_TTL, Fleet, RelayProcess, free_port, open_fleet, redis_server_or_skip
+
 from trio_relay.testing.fake_fmp import FakeFmpServer
 from trio_relay.testing.tcpgate import TcpGate
 
@@ -73,7 +73,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        argv = [redis_server_or_skip(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [
+            redis_server_or_skip(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
         self.proc, lines = await self.fleet.spawn(argv)
         await self.fleet.changes.until(lambda: any("Ready to accept connections" in line for line in lines), 10)
 
@@ -114,7 +124,11 @@ class ResumingClient:
         return [(t, m) for t, m in self.events if t > after and m.get("type") == "price_update"]
 
     def statuses(self, after: float = -1.0) -> list[tuple[float, str]]:
-        return [(t, m["state"]) for t, m in self.events if t > after and m.get("type") == "status" and m.get("scope") == "upstream"]
+        return [
+            (t, m["state"])
+            for t, m in self.events
+            if t > after and m.get("type") == "status" and m.get("scope") == "upstream"
+        ]
 
     def acks(self) -> list[dict[str, Any]]:
         return [m for _t, m in self.events if m.get("type") == "subscribed"]
@@ -132,7 +146,9 @@ class ResumingClient:
 class Chaos:
     """A fleet of three relays on a private Redis, with resuming clients and /health watchers."""
 
-    def __init__(self, fleet: Fleet, redis: RedisServer, fake: FakeFmpServer, gate: TcpGate, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, fleet: Fleet, redis: RedisServer, fake: FakeFmpServer, gate: TcpGate, nursery: trio.Nursery
+    ) -> None:
         self.fleet = fleet
         self.gate = gate  # between the relays and the upstream: cut = the provider is unreachable
         self.redis = redis
@@ -178,7 +194,7 @@ class Chaos:
     async def _client_session(self, client: ResumingClient) -> None:
         while True:
             # Its home relay if alive, else the next live one.
-            ring = self.relays[client.home % len(self.relays):] + self.relays[: client.home % len(self.relays)]
+            ring = self.relays[client.home % len(self.relays) :] + self.relays[: client.home % len(self.relays)]
             relay = next((r for r in ring if self.alive(r)), None)
             assert relay is not None, "no relay left"
             client.connection = trio.CancelScope()
@@ -226,7 +242,9 @@ class Chaos:
     async def holder(self, timeout: float = 10) -> RelayProcess:
         return await self.fleet.holder([r for r in self.relays if self.alive(r)], timeout)
 
-    async def flowing(self, after: float, timeout: float, clients: list[ResumingClient] | None = None) -> dict[str, float]:
+    async def flowing(
+        self, after: float, timeout: float, clients: list[ResumingClient] | None = None
+    ) -> dict[str, float]:
         """Wait until every client got a tick stamped after ``after``; when each did (trio time)."""
         clients = self.clients if clients is None else clients
         wall_ms = self.wall(after) * 1000
@@ -271,7 +289,11 @@ class Chaos:
         last: dict[tuple[str, str], int] = {}
         repeats = 0
         for _t, m in client.prices():
-            key, numbered, tick = (m["epoch"], m["symbol"]), (m["epoch"], m["symbol"], m["seq"]), (m["symbol"], m["timestamp"])
+            key, numbered, tick = (
+                (m["epoch"], m["symbol"]),
+                (m["epoch"], m["symbol"], m["seq"]),
+                (m["symbol"], m["timestamp"]),
+            )
             if numbered in seqs or tick in ticks:
                 repeats += 1
             else:
@@ -286,7 +308,9 @@ class Chaos:
         got = {(m["symbol"], m["timestamp"]) for _t, m in client.prices()}
         first = min((m["timestamp"] for _t, m in client.prices()), default=0)  # it joined then
         lo, hi = max(self.wall(start) * 1000, first), self.wall(end) * 1000
-        return sum(1 for s in client.symbols for ts in self.fake.sent.get(s, ()) if lo <= ts <= hi and (s, ts) not in got)
+        return sum(
+            1 for s in client.symbols for ts in self.fake.sent.get(s, ()) if lo <= ts <= hi and (s, ts) not in got
+        )
 
     def check(
         self,
@@ -317,7 +341,9 @@ class Chaos:
                 if not downs and client.reconnects:
                     continue  # its relay died: it resumed elsewhere (checked by the prices)
                 assert downs, f"{fault}: {client.name} heard no 'down' ({statuses})"
-                assert any(t > downs[0] and s == "up" for t, s in statuses), f"{fault}: {client.name} heard no 'up' after 'down'"
+                assert any(t > downs[0] and s == "up" for t, s in statuses), (
+                    f"{fault}: {client.name} heard no 'up' after 'down'"
+                )
                 if client.relay is not frozen:  # a frozen relay says nothing until it wakes
                     delays.append(downs[0] - start)
             if delays:
@@ -329,7 +355,9 @@ class Chaos:
             f"| ticks lost (worst client) {lost} | peak upstream sessions {peak} | {heard}"
         )
 
-    def check_health(self, fault: str, start: float, recovered: dict[str, float], *, outage: bool, frozen: RelayProcess | None) -> None:
+    def check_health(
+        self, fault: str, start: float, recovered: dict[str, float], *, outage: bool, frozen: RelayProcess | None
+    ) -> None:
         for relay in self.relays:
             if not self.alive(relay) or relay is frozen:
                 continue  # a frozen relay answers nothing: its /health was a timeout
@@ -348,7 +376,10 @@ class Chaos:
 
 @asynccontextmanager
 async def open_chaos(tmp_path: Path, nodes: tuple[str, ...] = ("r1", "r2", "r3")) -> AsyncIterator[Chaos]:
-    async with FakeFmpServer.open(api_keys=[FMP_KEY], rate=RATE, heartbeat_interval=1.0, tick=0.02) as fake, trio.open_nursery() as gates:
+    async with (
+        FakeFmpServer.open(api_keys=[FMP_KEY], rate=RATE, heartbeat_interval=1.0, tick=0.02) as fake,
+        trio.open_nursery() as gates,
+    ):
         gate = TcpGate("127.0.0.1", fake.port)
         await gates.start(gate.run)
         async with open_fleet("chaos", f"ws://{gate.url_host}", tmp_path) as fleet, trio.open_nursery() as nursery:
@@ -407,8 +438,16 @@ async def test_holder_frozen(tmp_path: Path) -> None:
         # lock's life at most (plus the time the woken holder takes to close its own).
         doubled = chaos.double_session_time()
         assert doubled <= FREEZE - LOCK_TTL + 1.0, doubled
-        chaos.check(f"holder SIGSTOP {FREEZE:g}s (takeover {takeover:.2f}s, two sessions {doubled:.2f}s)", start, end, recovered, holder_lost=True, max_sessions=2, frozen=holder,
-                    back={**recovered, **taken_over})
+        chaos.check(
+            f"holder SIGSTOP {FREEZE:g}s (takeover {takeover:.2f}s, two sessions {doubled:.2f}s)",
+            start,
+            end,
+            recovered,
+            holder_lost=True,
+            max_sessions=2,
+            frozen=holder,
+            back={**recovered, **taken_over},
+        )
 
 
 async def test_redis_restarted_with_its_data_lost_after_a_holder_change(tmp_path: Path) -> None:
@@ -486,7 +525,12 @@ async def test_a_symbols_last_client_leaves_and_a_relay_joins(tmp_path: Path) ->
         recovered = await chaos.flowing(end, RECOVERY)
         await chaos.settle()
         assert all(not c.statuses(start) for c in chaos.clients), "a relay joining disturbed the fleet"
-        chaos.check(f"relay joins (a lone symbol released upstream {released:.2f}s after its last client left)", start, end, recovered)
+        chaos.check(
+            f"relay joins (a lone symbol released upstream {released:.2f}s after its last client left)",
+            start,
+            end,
+            recovered,
+        )
         assert joined.node == "r4"
 
 
@@ -518,4 +562,9 @@ async def test_resume_on_a_relay_that_does_not_follow_the_symbol(tmp_path: Path)
         recovered = await chaos.flowing(end, RECOVERY, [mover])
         await chaos.settle()
         assert mover.prices(start)[0][1]["seq"] == last[1] + 1
-        chaos.check("client resumes on a relay that did not follow its symbol", start, end, {**{c.name: start for c in chaos.clients}, **recovered})
+        chaos.check(
+            "client resumes on a relay that did not follow its symbol",
+            start,
+            end,
+            {**{c.name: start for c in chaos.clients}, **recovered},
+        )

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import httpx
 import trio
 import trio_websocket
-
 from conftest import FMP_KEY, require
+
 from trio_relay.testing.fake_fmp import FakeFmpServer
 
 LOCK_TTL = 1.0  # engine.lock_ttl: a dead holder is replaced within ~lock_ttl + lock_ttl / 3
@@ -131,7 +131,9 @@ class Fleet:
         lines.append("<exited>")
         self.changes.notify()
 
-    async def start_relay(self, node: str, *, redis_url: str | None = None, settings: dict[str, str] | None = None) -> RelayProcess:
+    async def start_relay(
+        self, node: str, *, redis_url: str | None = None, settings: dict[str, str] | None = None
+    ) -> RelayProcess:
         """Start ``trio-relay serve`` as fleet node ``node`` (``settings``: more TRIO_RELAY_* variables)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIO_RELAY_", "FMP_"))}
         env.update(
@@ -147,8 +149,18 @@ class Fleet:
             TRIO_RELAY_ALERTS_ENABLED="false",
         )
         env.update(settings or {})
-        argv = [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--provider", "fmp",
-                "--upstream-url", self.upstream_url]
+        argv = [
+            sys.executable,
+            "-m",
+            "trio_relay",
+            "serve",
+            "--port",
+            "0",
+            "--provider",
+            "fmp",
+            "--upstream-url",
+            self.upstream_url,
+        ]
         proc, lines = await self.spawn(argv, env)
         relay = RelayProcess(node, proc, lines)
 
@@ -213,7 +225,9 @@ class Fleet:
     async def get(self, relay: RelayProcess, path: str) -> httpx.Response:
         return await self.http.get(relay.api(path))
 
-    async def poll(self, relay: RelayProcess, path: str, predicate: Callable[[httpx.Response], bool], timeout: float) -> httpx.Response:
+    async def poll(
+        self, relay: RelayProcess, path: str, predicate: Callable[[httpx.Response], bool], timeout: float
+    ) -> httpx.Response:
         """GET ``path`` every POLL_INTERVAL until ``predicate(response)`` (fails after ``timeout``)."""
         with trio.fail_after(timeout):
             while True:
@@ -277,7 +291,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_holder_killed_another_takes_over_without_repeating_a_seq(fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path) -> None:
+async def test_holder_killed_another_takes_over_without_repeating_a_seq(
+    fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path
+) -> None:
     symbols = ["AAPL", "MSFT"]
     peak = [0]
     async with trio.open_nursery() as watchers:
@@ -286,7 +302,9 @@ async def test_holder_killed_another_takes_over_without_repeating_a_seq(fleet_pr
             relays = await fleet.start_relays(["r1", "r2", "r3"])
             clients = [await fleet.connect(relay, symbols) for relay in relays]
             # Every client gets prices of both symbols, numbered the same way on every relay.
-            await fleet.changes.until(lambda: all({m["symbol"] for m in c.prices()} == set(symbols) for c in clients), 10)
+            await fleet.changes.until(
+                lambda: all({m["symbol"] for m in c.prices()} == set(symbols) for c in clients), 10
+            )
             holder = await fleet.holder(relays, 10)
             survivors = [r for r in relays if r is not holder]
             before = {c.relay.node: len(c.messages) for c in clients}
@@ -305,7 +323,10 @@ async def test_holder_killed_another_takes_over_without_repeating_a_seq(fleet_pr
             # The survivors' clients stay connected and get new prices (numbered on from before).
             survivor_clients = [c for c in clients if c.relay is not holder]
             await fleet.changes.until(
-                lambda: all(len([m for m in c.prices(before[c.relay.node]) if m["seq"] > top_seq]) >= 5 for c in survivor_clients),
+                lambda: all(
+                    len([m for m in c.prices(before[c.relay.node]) if m["seq"] > top_seq]) >= 5
+                    for c in survivor_clients
+                ),
                 10,
             )
             assert not any(c.closed for c in survivor_clients)
@@ -327,7 +348,9 @@ async def test_holder_killed_another_takes_over_without_repeating_a_seq(fleet_pr
     print(f"takeover in {takeover_s:.2f}s")
 
 
-async def test_a_dead_relays_demand_expires_and_the_holder_unsubscribes(fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path) -> None:
+async def test_a_dead_relays_demand_expires_and_the_holder_unsubscribes(
+    fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path
+) -> None:
     async with open_fleet(fleet_prefix, fake_fmp.url, tmp_path) as fleet:
         holder = await fleet.start_relay("holder")
         await fleet.changes.until(lambda: holder.logged(r"now holds the upstream"), 10)
@@ -362,7 +385,9 @@ def redis_server_or_skip() -> str:
     return path
 
 
-async def test_redis_restarted_relays_keep_clients_and_recover(fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path) -> None:
+async def test_redis_restarted_relays_keep_clients_and_recover(
+    fleet_prefix: str, fake_fmp: FakeFmpServer, tmp_path: Path
+) -> None:
     redis_server = redis_server_or_skip()
     port = free_port()
     redis_argv = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -392,7 +417,9 @@ async def test_redis_restarted_relays_keep_clients_and_recover(fleet_prefix: str
                 assert down.json()["fleet"]["redis"]["state"] == "down"
             # The clients are told, and stay connected.
             await fleet.changes.until(
-                lambda: all(any(s["state"] == "down" for s in c.statuses(mark)) for c, mark in zip(clients, marks, strict=True)),
+                lambda: all(
+                    any(s["state"] == "down" for s in c.statuses(mark)) for c, mark in zip(clients, marks, strict=True)
+                ),
                 10,
             )
             assert not any(c.closed for c in clients)
@@ -405,7 +432,9 @@ async def test_redis_restarted_relays_keep_clients_and_recover(fleet_prefix: str
                 await fleet.poll(relay, "/health", lambda r: r.status_code == 200, 15)
             await fleet.holder(relays, 10)
             # Prices again, on the same connections, in the new Redis's sequence space.
-            await fleet.changes.until(lambda: all(m["epoch"] != first_epoch for c in clients for m in c.prices()[-1:]), 10)
+            await fleet.changes.until(
+                lambda: all(m["epoch"] != first_epoch for c in clients for m in c.prices()[-1:]), 10
+            )
             assert not any(c.closed for c in clients)
             for client in clients:
                 check_numbering(client)

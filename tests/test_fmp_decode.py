@@ -26,9 +26,7 @@ def decode(obj: Any, now_ms: int = NOW_MS) -> Update | None:
 
 def test_trade_frame_field_by_field() -> None:
     frame = {"s": "aapl", "t": T_MS, "type": "T", "lp": 189.5, "ls": 100}
-    assert decode(frame) == Update(
-        symbol="AAPL", kind="T", timestamp=T_MS, last_price=189.5, last_size=100
-    )
+    assert decode(frame) == Update(symbol="AAPL", kind="T", timestamp=T_MS, last_price=189.5, last_size=100)
 
 
 def test_quote_frame_field_by_field_including_as() -> None:

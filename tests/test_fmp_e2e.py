@@ -6,9 +6,7 @@ import json
 import logging
 
 import pytest
-
 import trio
-
 from conftest import FMP_KEY, api, fmp_sections, wait_state
 
 
@@ -168,7 +166,11 @@ async def test_connected_from_another_location_is_fatal_with_a_long_cooldown(sta
             "BTCUSD",
             '{"s":"btcusd","t":1699564800123,"e":"binance","type":"Q","ap":37010.5,"as":0.25,"bp":37010.1,"bs":1.5}',
         ),
-        ("forex", "EURUSD", '{"s":"eurusd","t":1699564800123,"type":"Q","ap":1.0712,"as":1000000,"bp":1.0711,"bs":2000000}'),
+        (
+            "forex",
+            "EURUSD",
+            '{"s":"eurusd","t":1699564800123,"type":"Q","ap":1.0712,"as":1000000,"bp":1.0711,"bs":2000000}',
+        ),
     ],
 )
 async def test_crypto_and_forex_endpoints(start_relay, fake_fmp, ws_connect, endpoint, symbol, frame):

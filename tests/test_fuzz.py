@@ -13,10 +13,10 @@ from typing import Any
 
 import trio
 import trio_websocket
+from conftest import make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_config
 from trio_relay.daemon import Relay, run_relay
 
 ACTIONS = ["subscribe", "unsubscribe", "ping", "list", "auth", "SUBSCRIBE", "", None, 7]

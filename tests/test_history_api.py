@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import api, require, wait_cached
+
 from trio_relay.bars import bars_from_trades
 from trio_relay.model import Update
 
@@ -40,7 +40,9 @@ async def test_ticks_are_stored_and_paginated(start_relay, http, tmp_path):
             params = {"limit": 100, "start": first["start"], "end": first["end"], "cursor": pages[-1]["next_cursor"]}
             pages.append((await http.get(api(relay, "/history/AAPL"), params=params)).json())
         everything = (
-            await http.get(api(relay, "/history/AAPL"), params={"limit": 10000, "start": first["start"], "end": first["end"]})
+            await http.get(
+                api(relay, "/history/AAPL"), params={"limit": 10000, "start": first["start"], "end": first["end"]}
+            )
         ).json()
     ticks = [t for page in pages for t in page["ticks"]]
     assert len(ticks) == 300 and ticks == everything["ticks"][:300]  # pages join with no gap, no repeat
@@ -75,7 +77,12 @@ async def test_bars_from_history_equal_bars_built_from_the_stored_trades(start_r
 @pytest.mark.parametrize(
     "path, params, code, message",
     [
-        ("/history/AAPL", {"start": "2024-11-10T15:00:00Z", "end": "2024-11-10T14:00:00Z"}, "invalid_range", "must be before 'end'"),
+        (
+            "/history/AAPL",
+            {"start": "2024-11-10T15:00:00Z", "end": "2024-11-10T14:00:00Z"},
+            "invalid_range",
+            "must be before 'end'",
+        ),
         ("/history/AAPL", {"start": "1731249000"}, "invalid_range", "looks like seconds"),
         ("/history/AAPL", {"end": "yesterday"}, "invalid_range", "'end'='yesterday' is not a time"),
         ("/history/AAPL", {"limit": "0"}, "invalid_range", "'limit' must be an integer from 1 to 10000"),
@@ -127,6 +134,7 @@ async def test_a_database_that_is_down_never_stops_the_prices(start_relay, http,
 
 async def test_shutdown_writes_everything_pending(nursery, tmp_path):
     from conftest import make_config
+
     from trio_relay.daemon import run_relay
     from trio_relay.history import HistoryStore, SqliteBackend
 

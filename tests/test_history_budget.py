@@ -17,11 +17,19 @@ import psycopg
 import pytest
 import trio
 import trio.testing
-
 from conftest import require
 from test_history_store import PG_DSN, _pg_unreachable
+
 from trio_relay.bars import BudgetExceeded, bars_from_trades
-from trio_relay.history import HistoryBackend, HistoryBusy, QueryTimeout, HistoryStore, PostgresBackend, QueryBudget, SqliteBackend
+from trio_relay.history import (
+    HistoryBackend,
+    HistoryBusy,
+    HistoryStore,
+    PostgresBackend,
+    QueryBudget,
+    QueryTimeout,
+    SqliteBackend,
+)
 from trio_relay.model import Update
 
 T0 = 1_700_000_040_000 - 1_700_000_040_000 % 3_600_000  # on an hour boundary

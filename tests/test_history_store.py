@@ -23,6 +23,7 @@ import psycopg
 import pytest
 import trio
 import trio.testing
+from conftest import require
 
 from trio_relay.config import HistoryConfig
 from trio_relay.history import (
@@ -39,8 +40,6 @@ from trio_relay.history import (
 from trio_relay.history.base import Batch, HistoryConnection
 from trio_relay.model import Update
 from trio_relay.testing.tcpgate import TcpGate
-
-from conftest import require
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
@@ -95,7 +94,16 @@ async def until(writer: HistoryWriter, predicate: Callable[[], bool]) -> None:
 def expected(update: Update, recv_ms: int) -> Tick:
     u = update
     return Tick(
-        u.symbol, u.kind, u.timestamp, recv_ms, u.last_price, u.last_size, u.ask_price, u.ask_size, u.bid_price, u.bid_size
+        u.symbol,
+        u.kind,
+        u.timestamp,
+        recv_ms,
+        u.last_price,
+        u.last_size,
+        u.ask_price,
+        u.ask_size,
+        u.bid_price,
+        u.bid_size,
     )
 
 
@@ -119,7 +127,9 @@ def closed_port() -> int:
 # -- round trip, pagination, trades ---------------------------------------------------------
 
 
-async def test_round_trip_keeps_every_field_and_none(backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_round_trip_keeps_every_field_and_none(
+    backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     updates = [
         Update("AAPL", "T", T0, last_price=189.45, last_size=1000.0),
         Update("AAPL", "Q", T0 + 1, ask_price=189.46, ask_size=5000.0, bid_price=189.44, bid_size=3000.0),
@@ -208,12 +218,12 @@ async def test_pagination_has_no_duplicate_and_no_gap(
 # -- retention ------------------------------------------------------------------------------
 
 
-async def test_retention_deletes_only_the_old_rows(backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_retention_deletes_only_the_old_rows(
+    backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     now = T0
     cutoff = now - 86_400_000  # retention_days=1
-    writer = HistoryWriter(
-        backend, retention_days=1, retention_interval=300, retention_chunk=4, wall_clock=lambda: now
-    )
+    writer = HistoryWriter(backend, retention_days=1, retention_interval=300, retention_chunk=4, wall_clock=lambda: now)
     await nursery.start(writer.run)
     keep: dict[str, list[Tick]] = {}
     for n, symbol in enumerate(["AAPL", "MSFT", "ZZZZ"]):
@@ -335,7 +345,9 @@ class FlakyConnection:
         return getattr(self.conn, name)
 
 
-async def test_backoff_is_exponential_capped_and_reset(tmp_path: Path, nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_backoff_is_exponential_capped_and_reset(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     flaky = FlakyBackend(SqliteBackend(tmp_path))
     flaky.refuse_connect = True
     writer = writer_for(flaky, backoff_initial=0.5, backoff_max=4)
@@ -362,7 +374,9 @@ async def test_backoff_is_exponential_capped_and_reset(tmp_path: Path, nursery: 
     await writer.aclose()
 
 
-async def test_a_slow_database_degrades_then_catches_up(tmp_path: Path, nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_a_slow_database_degrades_then_catches_up(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     flaky = FlakyBackend(SqliteBackend(tmp_path))
     flaky.hold_write = hold = threading.Event()
     writer = writer_for(flaky, queue_size=20, batch_size=5)
@@ -379,7 +393,9 @@ async def test_a_slow_database_degrades_then_catches_up(tmp_path: Path, nursery:
     await writer.aclose()
 
 
-async def test_refused_rows_are_dropped_alone(backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_refused_rows_are_dropped_alone(
+    backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     writer = writer_for(backend, batch_size=100)
     await nursery.start(writer.run)
     await until(writer, lambda: writer.state == "ok" and writer.pending == 0)
@@ -484,7 +500,14 @@ async def test_postgres_password_never_shows(
             await store.ticks("AAPL", 0, 1, 10)
     await writer.aclose()
     assert writer.pending == 10
-    shown = [writer.last_error, str(writer.status()), repr(backend), backend.description, str(failed.value), caplog.text]
+    shown = [
+        writer.last_error,
+        str(writer.status()),
+        repr(backend),
+        backend.description,
+        str(failed.value),
+        caplog.text,
+    ]
     assert all(SECRET not in text for text in shown)
     assert "127.0.0.1" in backend.description
     # Not even an invalid DSN echoes it.
@@ -508,8 +531,19 @@ async def test_sqlite_file_is_created_in_wal_mode_with_its_index(tmp_path: Path)
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert raw.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
         columns = [row[1] for row in raw.execute("PRAGMA table_info(ticks)")]
-        assert columns == ["id", "symbol", "ts", "recv_ms", "kind", "last_price", "last_size",
-                           "bid_price", "bid_size", "ask_price", "ask_size"]
+        assert columns == [
+            "id",
+            "symbol",
+            "ts",
+            "recv_ms",
+            "kind",
+            "last_price",
+            "last_size",
+            "bid_price",
+            "bid_size",
+            "ask_price",
+            "ask_size",
+        ]
         assert [row[2] for row in raw.execute("PRAGMA index_xinfo(ticks_symbol_ts)")][:2] == ["symbol", "ts"]
         query = "SELECT id FROM ticks WHERE symbol = 'A' AND ts >= 0 AND ts < 9 ORDER BY ts, id"
         plan = raw.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()

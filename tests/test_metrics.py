@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import trio
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import FMP_KEY
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -40,5 +39,7 @@ async def test_metrics_show_counters_moving_under_load(start_relay, ws_connect, 
     assert delivered > 0 and now[("trio_relay_delivery_latency_seconds_bucket", (("le", "+Inf"),))] == delivered
     # Bounded labels: nothing per client or per symbol.
     # Bounded label sets only ("reason" and "status" of the edge: a handful of values each).
-    assert not any(dict(labels).keys() - {"state", "le", "version", "provider", "reason", "status"} for _name, labels in now)
+    assert not any(
+        dict(labels).keys() - {"state", "le", "version", "provider", "reason", "status"} for _name, labels in now
+    )
     assert FMP_KEY not in response.text

@@ -357,7 +357,12 @@ async def test_trade_then_quote_merge_into_one_state() -> None:
     assert first["data_type"] == "T" and first["last_price"] == 150.0 and first["bid_price"] is None
     assert second["data_type"] == "Q" and second["timestamp"] == 2000
     assert second["last_price"] == 150.0 and second["last_size"] == 10
-    assert (second["bid_price"], second["bid_size"], second["ask_price"], second["ask_size"]) == (149.9, 100, 150.1, 200)
+    assert (second["bid_price"], second["bid_size"], second["ask_price"], second["ask_size"]) == (
+        149.9,
+        100,
+        150.1,
+        200,
+    )
     state = hub.cache["AAPL"]
     assert (state.last_price, state.bid_price, state.ask_price) == (150.0, 149.9, 150.1)
 

@@ -104,7 +104,17 @@ def test_stock_quote_one_side_only() -> None:
 
 def test_crypto_trade_and_quote_sizes_are_taken_as_given() -> None:
     frame = [
-        {"ev": "XT", "pair": "BTC-USD", "p": 43250.5, "t": T_MS, "s": 0.0125, "c": [2], "i": "987", "x": 1, "r": T_MS + 4},
+        {
+            "ev": "XT",
+            "pair": "BTC-USD",
+            "p": 43250.5,
+            "t": T_MS,
+            "s": 0.0125,
+            "c": [2],
+            "i": "987",
+            "x": 1,
+            "r": T_MS + 4,
+        },
         {"ev": "XQ", "pair": "ETH-USD", "bp": 2250.1, "bs": 0.5, "ap": 2250.3, "as": 12.25, "t": T_MS + 1, "x": 1},
     ]
     updates, _, bad = decode(frame, market="crypto")
@@ -116,7 +126,9 @@ def test_crypto_trade_and_quote_sizes_are_taken_as_given() -> None:
 
 
 def test_forex_quote_has_the_pair_in_p_and_no_sizes() -> None:
-    updates, _, bad = decode([{"ev": "C", "p": "EUR/USD", "x": 48, "a": 1.0857, "b": 1.0856, "t": T_MS}], market="forex")
+    updates, _, bad = decode(
+        [{"ev": "C", "p": "EUR/USD", "x": 48, "a": 1.0857, "b": 1.0856, "t": T_MS}], market="forex"
+    )
     assert updates == [Update("EURUSD", "Q", T_MS, ask_price=1.0857, bid_price=1.0856)]
     assert updates[0].ask_size is None and updates[0].bid_size is None and bad == []
 
@@ -261,7 +273,7 @@ def test_a_bad_event_does_not_lose_the_good_ones_of_its_frame() -> None:
     frame = (
         '[{"ev":"T","sym":"AAPL","p":1.5,"s":1,"t":%d},'
         '{"ev":"Q","sym":"AAPL","bp":"cheap"},'  # wrong type: the whole-frame decode fails
-        '7,'
+        "7,"
         '{"ev":"T","sym":"MSFT","s":1},'  # no price
         '{"ev":"status","status":"success","message":"subscribed to: T.MSFT"},'
         '{"ev":"Q","sym":"MSFT","bp":2.0,"bs":4,"t":%d}]'
@@ -381,7 +393,12 @@ async def test_connection_limit_waits_auth_retry_delay_never_a_hot_loop(autojump
         config = load_config(
             environ={},
             overrides={
-                "upstream": {"provider": "polygon", "backoff_initial": 0.1, "backoff_max": 0.5, "auth_retry_delay": 300.0},
+                "upstream": {
+                    "provider": "polygon",
+                    "backoff_initial": 0.1,
+                    "backoff_max": 0.5,
+                    "auth_retry_delay": 300.0,
+                },
                 "polygon": {"api_key": KEY, "url": fake.url},
             },
             dotenv=None,
@@ -438,7 +455,13 @@ async def test_bad_key_is_auth_failed_and_never_logged(start_relay, http, all_lo
     assert health.json()["reason"] == "auth_failed: Polygon rejected the API key (auth_failed: authentication failed)"
     assert relay.upstream.reconnects == 0 and fake.connections_total == 1  # waiting the long auth delay
     assert fake.received_keys == [BAD_KEY]
-    for text in [health.text, status.text, relay.upstream.last_error, *[r.getMessage() for r in all_logs.records], all_logs.text]:
+    for text in [
+        health.text,
+        status.text,
+        relay.upstream.last_error,
+        *[r.getMessage() for r in all_logs.records],
+        all_logs.text,
+    ]:
         assert BAD_KEY not in text
     assert any("[AUTH]" in r.getMessage() and r.levelno == logging.ERROR for r in all_logs.records)
 
@@ -452,7 +475,9 @@ async def test_subscriptions_follow_client_demand(start_relay, ws_connect) -> No
             await a.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
             await fake.wait_until(lambda: fake.subscriptions == {"T.AAPL", "Q.AAPL", "T.MSFT", "Q.MSFT"})
             await b.request({"action": "subscribe", "symbols": ["MSFT", "BRK.B"]}, "subscribed")
-            await fake.wait_until(lambda: fake.subscriptions == {"T.AAPL", "Q.AAPL", "T.MSFT", "Q.MSFT", "T.BRK.B", "Q.BRK.B"})
+            await fake.wait_until(
+                lambda: fake.subscriptions == {"T.AAPL", "Q.AAPL", "T.MSFT", "Q.MSFT", "T.BRK.B", "Q.BRK.B"}
+            )
             await a.request({"action": "unsubscribe", "symbols": ["AAPL", "MSFT"]}, "unsubscribed")
             await fake.wait_until(lambda: fake.subscriptions == {"T.MSFT", "Q.MSFT", "T.BRK.B", "Q.BRK.B"})
             await b.ws.aclose()
@@ -487,9 +512,19 @@ async def test_stock_events_reach_clients_normalised(start_relay, ws_connect) ->
                 if msg.get("type") == "price_update":
                     got[(msg["symbol"], msg["seq"])] = msg
     aapl_t, msft_q, aapl_q = got[("AAPL", 1)], got[("MSFT", 1)], got[("AAPL", 2)]
-    assert (aapl_t["data_type"], aapl_t["timestamp"], aapl_t["last_price"], aapl_t["last_size"]) == ("T", T_MS, 189.45, 37)
+    assert (aapl_t["data_type"], aapl_t["timestamp"], aapl_t["last_price"], aapl_t["last_size"]) == (
+        "T",
+        T_MS,
+        189.45,
+        37,
+    )
     assert (msft_q["data_type"], msft_q["timestamp"]) == ("Q", T_MS + 5)
-    assert (msft_q["bid_price"], msft_q["bid_size"], msft_q["ask_price"], msft_q["ask_size"]) == (370.2, 300, 370.25, 1200)
+    assert (msft_q["bid_price"], msft_q["bid_size"], msft_q["ask_price"], msft_q["ask_size"]) == (
+        370.2,
+        300,
+        370.25,
+        1200,
+    )
     assert msft_q["last_price"] is None
     assert (aapl_q["bid_size"], aapl_q["ask_size"], aapl_q["last_price"]) == (100, 200, 189.45)
     assert relay.hub.stats.malformed == 0
@@ -500,8 +535,12 @@ async def test_crypto_symbols_both_ways_and_unmapped_not_sent(start_relay, ws_co
         relay = await start_relay(**sections(fake, symbols={"BTCEUR": "BTC-EUR"}))
         client = await ws_connect(relay)
         with trio.fail_after(10):
-            await client.request({"action": "subscribe", "symbols": ["BTCUSD", "AAPL", "BTCEUR", "EURUSD"]}, "subscribed")
-            await fake.wait_until(lambda: fake.subscriptions == {"XT.BTC-USD", "XQ.BTC-USD", "XT.BTC-EUR", "XQ.BTC-EUR"})
+            await client.request(
+                {"action": "subscribe", "symbols": ["BTCUSD", "AAPL", "BTCEUR", "EURUSD"]}, "subscribed"
+            )
+            await fake.wait_until(
+                lambda: fake.subscriptions == {"XT.BTC-USD", "XQ.BTC-USD", "XT.BTC-EUR", "XQ.BTC-EUR"}
+            )
             await fake.inject(json.dumps([
                 {"ev": "XT", "pair": "BTC-USD", "p": 43250.5, "t": T_MS, "s": 0.0125, "c": [1], "i": "1", "x": 1, "r": T_MS},
                 {"ev": "XQ", "pair": "BTC-EUR", "bp": 40000.5, "bs": 0.25, "ap": 40001.0, "as": 1.5, "t": T_MS + 1},
@@ -509,9 +548,21 @@ async def test_crypto_symbols_both_ways_and_unmapped_not_sent(start_relay, ws_co
             trade, _ = await client.recv_until(lambda m: m.get("symbol") == "BTCUSD")
             quote, _ = await client.recv_until(lambda m: m.get("symbol") == "BTCEUR")
     assert fake.history == [("subscribe", ("XT.BTC-EUR", "XQ.BTC-EUR", "XT.BTC-USD", "XQ.BTC-USD"))]
-    assert (trade["data_type"], trade["timestamp"], trade["last_price"], trade["last_size"]) == ("T", T_MS, 43250.5, 0.0125)
-    assert (quote["bid_price"], quote["bid_size"], quote["ask_price"], quote["ask_size"]) == (40000.5, 0.25, 40001.0, 1.5)
-    warned = sorted(r.getMessage() for r in all_logs.records if r.levelno == logging.WARNING and "[SUBSCRIBE]" in r.getMessage())
+    assert (trade["data_type"], trade["timestamp"], trade["last_price"], trade["last_size"]) == (
+        "T",
+        T_MS,
+        43250.5,
+        0.0125,
+    )
+    assert (quote["bid_price"], quote["bid_size"], quote["ask_price"], quote["ask_size"]) == (
+        40000.5,
+        0.25,
+        40001.0,
+        1.5,
+    )
+    warned = sorted(
+        r.getMessage() for r in all_logs.records if r.levelno == logging.WARNING and "[SUBSCRIBE]" in r.getMessage()
+    )
     assert warned == [
         "[SUBSCRIBE] polygon has no symbol for AAPL on the crypto cluster; add it to [polygon.symbols]",
         "[SUBSCRIBE] polygon has no symbol for EURUSD on the crypto cluster; add it to [polygon.symbols]",
@@ -530,7 +581,12 @@ async def test_forex_symbols_both_ways_and_the_stream_flows(start_relay, ws_conn
             quote, _ = await client.recv_until(lambda m: m.get("symbol") == "EURUSD" and m["timestamp"] == T_MS)
     assert simulated["data_type"] == "Q" and simulated["bid_price"] < simulated["ask_price"]
     assert simulated["bid_size"] is None and simulated["last_price"] is None
-    assert (quote["data_type"], quote["ask_price"], quote["bid_price"], quote["ask_size"]) == ("Q", 1.0857, 1.0856, None)
+    assert (quote["data_type"], quote["ask_price"], quote["bid_price"], quote["ask_size"]) == (
+        "Q",
+        1.0857,
+        1.0856,
+        None,
+    )
 
 
 async def test_simulated_stocks_stream_gives_share_sizes(start_relay, ws_connect) -> None:

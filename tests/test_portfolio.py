@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 import msgspec
@@ -29,7 +29,7 @@ from trio_relay.portfolio import (
 
 
 def ms(iso: str) -> int:
-    return int(datetime.fromisoformat(iso).replace(tzinfo=timezone.utc).timestamp() * 1000)
+    return int(datetime.fromisoformat(iso).replace(tzinfo=UTC).timestamp() * 1000)
 
 
 def trade(symbol: str, price: float, at: int = 1_700_000_000_000) -> PriceState:
@@ -134,10 +134,14 @@ async def test_store_round_trip_and_persistence(app: AppStore, tmp_path: Path) -
     again = AppStore(tmp_path)
     try:
         store2 = await open_store(again)  # migrate is idempotent
-        assert await store2.load_all() == everything == [
-            Portfolio("alice", "main", (Position("AAPL", 120.0, 151.25),)),
-            Portfolio("bob", "main", ()),
-        ]
+        assert (
+            await store2.load_all()
+            == everything
+            == [
+                Portfolio("alice", "main", (Position("AAPL", 120.0, 151.25),)),
+                Portfolio("bob", "main", ()),
+            ]
+        )
         # The deleted portfolio's positions went with it: re-creating it starts empty.
         assert (await store2.create("alice", "short")).positions == ()
     finally:
@@ -154,18 +158,28 @@ async def test_store_errors(app: AppStore) -> None:
         return info.value.code, info.value.message, info.value.status
 
     assert await code_of(store.create("alice", "main")) == (
-        "portfolio_exists", "a portfolio named 'main' already exists", 409
+        "portfolio_exists",
+        "a portfolio named 'main' already exists",
+        409,
     )
     assert (await code_of(store.create("alice", "bad name")))[0] == "invalid_name"
     assert await code_of(store.create("alice", "dup", [AAPL_100, Position("AAPL", 1.0, 1.0)])) == (
-        "invalid_symbols", "AAPL is listed twice", 422
+        "invalid_symbols",
+        "AAPL is listed twice",
+        422,
     )
     # A Position built by hand is checked again by the store.
     assert (await code_of(store.create("alice", "x", [Position("AAPL", math.inf, 1.0)])))[0] == "invalid_quantity"
     assert (await code_of(store.put_position("alice", "main", Position("AAPL", 1.0, -5.0))))[0] == "invalid_cost_basis"
-    assert await code_of(store.put_position("alice", "nope", AAPL_100)) == ("not_found", "no portfolio named 'nope'", 404)
+    assert await code_of(store.put_position("alice", "nope", AAPL_100)) == (
+        "not_found",
+        "no portfolio named 'nope'",
+        404,
+    )
     assert await code_of(store.delete_position("alice", "main", "MSFT")) == (
-        "not_found", "portfolio 'main' holds no MSFT", 404
+        "not_found",
+        "portfolio 'main' holds no MSFT",
+        404,
     )
     assert (await code_of(store.delete_position("alice", "nope", "AAPL")))[0] == "not_found"
     assert (await code_of(store.delete_position("alice", "main", "a b")))[0] == "invalid_symbols"
@@ -238,7 +252,12 @@ def test_valuation_of_a_price_path() -> None:
         assert (row.day_open, row.day_change, row.day_change_pct) == (None, None, None)
         t = v.totals
         assert (t.market_value, t.cost, t.unrealised_pnl, t.unrealised_pnl_pct, t.day_change, t.unpriced) == (
-            value, 15000.0, pnl, pct, None, 0
+            value,
+            15000.0,
+            pnl,
+            pct,
+            None,
+            0,
         )
 
 
@@ -267,12 +286,21 @@ def test_valuation_short_mid_unpriced_and_totals() -> None:
     assert rows["AAPL"].price_time == 1_700_000_000_123
 
     tsla = rows["TSLA"]
-    assert (tsla.market_value, tsla.cost, tsla.unrealised_pnl, tsla.unrealised_pnl_pct) == (-9500.0, -10000.0, 500.0, 5.0)
+    assert (tsla.market_value, tsla.cost, tsla.unrealised_pnl, tsla.unrealised_pnl_pct) == (
+        -9500.0,
+        -10000.0,
+        500.0,
+        5.0,
+    )
     assert (tsla.day_open, tsla.day_change, tsla.day_change_pct) == (195.0, 250.0, -2.564103)  # short gains as it falls
 
     spy = rows["SPY"]
     assert (spy.price, spy.price_source, spy.market_value, spy.unrealised_pnl, spy.unrealised_pnl_pct) == (
-        500.0, "mid", 2000.0, 0.0, 0.0
+        500.0,
+        "mid",
+        2000.0,
+        0.0,
+        0.0,
     )
     for symbol in ("MSFT", "XOM"):
         row = rows[symbol]
@@ -284,7 +312,12 @@ def test_valuation_short_mid_unpriced_and_totals() -> None:
     # P&L 1050 over the gross cost 27000, day change only TSLA's.
     t = v.totals
     assert (t.market_value, t.cost, t.unrealised_pnl, t.unrealised_pnl_pct, t.day_change, t.unpriced) == (
-        8050.0, 7000.0, 1050.0, 3.888889, 250.0, 2
+        8050.0,
+        7000.0,
+        1050.0,
+        3.888889,
+        250.0,
+        2,
     )
     assert msgspec.json.decode(msgspec.json.encode(v))["totals"] == {
         "market_value": 8050.0,
@@ -329,7 +362,7 @@ def test_valuation_message_and_rounding() -> None:
     ) | {"unpriced": 0}
     flat = valuate(Portfolio("bob", "flat", (Position("AAPL", 1.0, 150.0),)), {"AAPL": trade("AAPL", 150.0)}, {})
     assert math.copysign(1, flat.positions[0].unrealised_pnl or 0.0) == 1  # never -0.0
-    assert abs(flat.as_of - datetime.now(timezone.utc).timestamp() * 1000) < 60_000  # wall clock by default
+    assert abs(flat.as_of - datetime.now(UTC).timestamp() * 1000) < 60_000  # wall clock by default
 
 
 def test_day_change_across_utc_midnight() -> None:
@@ -346,7 +379,9 @@ def test_day_change_across_utc_midnight() -> None:
     assert (first.positions[0].day_open, first.totals.day_change) == (150.0, 0.0)
     before = tick("2024-11-11T23:59:59.999", 152.0)
     assert (before.positions[0].day_open, before.totals.day_change, before.positions[0].day_change_pct) == (
-        150.0, 200.0, 1.333333
+        150.0,
+        200.0,
+        1.333333,
     )
     assert day_open.day == ms("2024-11-11T00:00:00") // 86_400_000
 

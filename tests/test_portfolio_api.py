@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import trio
-
 from conftest import api, fmp_sections
 
 
@@ -68,12 +67,17 @@ async def test_bad_portfolios_get_clear_errors(start_relay, fake_fmp, ws_connect
     with trio.fail_after(10):
         bad_name = await http.post(api(relay, "/portfolios"), json={"name": "no spaces!", "positions": []})
         absurd = await http.post(
-            api(relay, "/portfolios"), json={"name": "x", "positions": [{"symbol": "AAPL", "quantity": 1e15, "cost_basis": 1}]}
+            api(relay, "/portfolios"),
+            json={"name": "x", "positions": [{"symbol": "AAPL", "quantity": 1e15, "cost_basis": 1}]},
         )
         bad_symbol = await http.put(api(relay, "/portfolios/x/positions/BAD!"), json={"quantity": 1, "cost_basis": 1})
         missing = await http.get(api(relay, "/portfolios/nope"))
-        ws_missing = await client.request({"action": "subscribe", "channel": "portfolio", "portfolio": "nope"}, "subscribed")
-        ws_bad = await client.request({"action": "subscribe", "channel": "portfolio", "portfolio": "no spaces!"}, "subscribed")
+        ws_missing = await client.request(
+            {"action": "subscribe", "channel": "portfolio", "portfolio": "nope"}, "subscribed"
+        )
+        ws_bad = await client.request(
+            {"action": "subscribe", "channel": "portfolio", "portfolio": "no spaces!"}, "subscribed"
+        )
     assert bad_name.status_code == 422 and bad_name.json()["error"] == "invalid_name"
     assert absurd.status_code == 422 and absurd.json()["error"] == "invalid_quantity"
     assert bad_symbol.status_code == 422 and bad_symbol.json()["error"] == "invalid_symbols"
@@ -91,4 +95,6 @@ async def test_portfolios_survive_a_restart(start_relay, fake_fmp, http, tmp_pat
         first.shutdown()
         second = await start_relay(**sections(fake_fmp, tmp_path))
         listed = (await http.get(api(second, "/portfolios"))).json()
-    assert listed == {"portfolios": [{"name": "keep", "positions": [{"symbol": "IBM", "quantity": 5.0, "cost_basis": 120.5}]}]}
+    assert listed == {
+        "portfolios": [{"name": "keep", "positions": [{"symbol": "IBM", "quantity": 5.0, "cost_basis": 120.5}]}]
+    }

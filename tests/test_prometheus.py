@@ -37,10 +37,10 @@ import httpx
 import pytest
 import trio
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import FMP_KEY, fmp_sections, require, wait_state
+from prometheus_client.parser import text_string_to_metric_families
 from test_docs import anchors
+
 from trio_relay.daemon import Relay
 from trio_relay.engine.redis import FleetUpstream
 
@@ -146,11 +146,15 @@ def exported(text: str) -> dict[str, list[dict[str, str]]]:
     return samples
 
 
-def assert_exported(samples: dict[str, list[dict[str, str]]], names: set[str], matchers: set[tuple[str, str, str]]) -> None:
+def assert_exported(
+    samples: dict[str, list[dict[str, str]]], names: set[str], matchers: set[tuple[str, str, str]]
+) -> None:
     assert not names - samples.keys(), f"used but not exported: {sorted(names - samples.keys())}"
     for name, label, value in matchers:
         values = {labels.get(label) for labels in samples[name]}
-        assert value in values, f'{name}{{{label}="{value}"}}: the relay exports only {label} in {sorted(map(str, values))}'
+        assert value in values, (
+            f'{name}{{{label}="{value}"}}: the relay exports only {label} in {sorted(map(str, values))}'
+        )
 
 
 async def test_promtool_checks_the_rules_and_the_example_config(promtool: str) -> None:
@@ -193,7 +197,13 @@ def test_every_alert_has_a_delay_a_severity_and_a_runbook_section() -> None:
         assert name.lower() in sections, f"docs/monitoring.md has no section for {name}"
         assert f"| `{name}` |" in doc, f"docs/monitoring.md's table does not list {name}"
     severity = {r["alert"]: r["labels"]["severity"] for r in rules}
-    for name in ("TrioRelayDown", "TrioRelayUpstreamDown", "TrioRelayUpstreamAuthFailed", "TrioRelayFleetNoHolder", "TrioRelayFleetRedisDown"):
+    for name in (
+        "TrioRelayDown",
+        "TrioRelayUpstreamDown",
+        "TrioRelayUpstreamAuthFailed",
+        "TrioRelayFleetNoHolder",
+        "TrioRelayFleetRedisDown",
+    ):
         assert severity[name] == "critical", name
 
 
@@ -225,7 +235,7 @@ def test_the_dashboard_is_importable_with_a_datasource_input_and_an_instance_var
             assert target["datasource"] == datasource and target["refId"], panel["title"]
             # Every series is chosen by the variables: no panel shows relays the user filtered out.
             selectors = re.findall(r"\b(?:trio_relay_[a-z0-9_]+|up)\b(\{[^}]*\})?", target["expr"])
-            assert selectors and all(f'instance=~"$instance"' in s for s in selectors), target["expr"]
+            assert selectors and all('instance=~"$instance"' in s for s in selectors), target["expr"]
     for wanted in (
         "upstream up", "upstream state", "last upstream message age", "updates in", "messages out",
         "clients", "client queue depth", "delivery latency", "conflated, dropped, slow clients closed",
@@ -234,7 +244,10 @@ def test_the_dashboard_is_importable_with_a_datasource_input_and_an_instance_var
     ):  # fmt: skip
         assert any(wanted in title for title in titles), f"no {wanted!r} panel"
     latency = next(p for p in panels if p["title"] == "Delivery latency")
-    assert [t["expr"].split(",")[0] for t in latency["targets"]] == ["histogram_quantile(0.5", "histogram_quantile(0.99"]
+    assert [t["expr"].split(",")[0] for t in latency["targets"]] == [
+        "histogram_quantile(0.5",
+        "histogram_quantile(0.99",
+    ]
     assert all("trio_relay_delivery_latency_seconds_bucket" in t["expr"] for t in latency["targets"])
 
 
@@ -260,7 +273,9 @@ async def test_the_rules_and_the_dashboard_use_only_what_a_relay_exports(start_r
 
 
 async def test_the_fleet_metrics_used_are_exported_by_a_fleet_relay(start_relay, http, fleet_prefix) -> None:
-    relay = await start_relay(engine={"backend": "redis", "prefix": fleet_prefix, "node_id": "a", "lock_ttl": 1.0, "demand_ttl": 1.0})
+    relay = await start_relay(
+        engine={"backend": "redis", "prefix": fleet_prefix, "node_id": "a", "lock_ttl": 1.0, "demand_ttl": 1.0}
+    )
     samples = await metrics_of(relay, http)
     for queries in (rule_queries(), dashboard_queries()):
         names, matchers = used_selectors(queries)
@@ -324,7 +339,10 @@ class Prometheus:
     async def alerts(self, http: httpx.AsyncClient) -> list[tuple[str, dict[str, str], str]]:
         """The pending and firing alerts: (name, labels, state)."""
         return sorted(
-            ((a["labels"].pop("alertname"), a["labels"], a["state"]) for a in (await self.get(http, "alerts"))["alerts"]),
+            (
+                (a["labels"].pop("alertname"), a["labels"], a["state"])
+                for a in (await self.get(http, "alerts"))["alerts"]
+            ),
             key=repr,
         )
 
@@ -373,7 +391,11 @@ async def prometheus(
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                     "rule_files": [str(RULES)],
                     "scrape_configs": [
-                        {"job_name": JOB, "metrics_path": "/metrics", "static_configs": [{"targets": targets, "labels": labels or {}}]}
+                        {
+                            "job_name": JOB,
+                            "metrics_path": "/metrics",
+                            "static_configs": [{"targets": targets, "labels": labels or {}}],
+                        }
                     ],
                 }
             )
@@ -422,7 +444,11 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
 
     async def targets_up() -> str | None:
         states = await server.targets_down_or_up(http)
-        return None if set(states) == {good_at, refused_at, stalled_at} and set(states.values()) == {("up", "")} else f"targets {states}"
+        return (
+            None
+            if set(states) == {good_at, refused_at, stalled_at} and set(states.values()) == {("up", "")}
+            else f"targets {states}"
+        )
 
     await server.until("the relays scraped", targets_up)
 
@@ -435,7 +461,9 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
         return None if out["result"] else "no messages_out counted yet"
 
     await server.until("the relays' series ingested", ingested)
-    await server.until("every shipped rule loaded and evaluated without error", partial(server.rules_not_evaluated, http))
+    await server.until(
+        "every shipped rule loaded and evaluated without error", partial(server.rules_not_evaluated, http)
+    )
 
     async def raised_by(instance: str) -> set[str]:
         return {name for name, labels, _state in await server.alerts(http) if labels.get("instance") == instance}
@@ -463,10 +491,14 @@ async def test_a_real_prometheus_scrapes_relays_and_runs_the_rules_and_the_dashb
     await server.until("the stalled relay's alerts over once data flows", stalled_quiet)
 
 
-async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(start_relay, fleet_prefix, http, prometheus, tmp_path) -> None:
+async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(
+    start_relay, fleet_prefix, http, prometheus, tmp_path
+) -> None:
     engine = {"backend": "redis", "prefix": fleet_prefix, "lock_ttl": 1.0, "demand_ttl": 1.0}
     relays = [
-        await start_relay(engine={**engine, "node_id": node}, history={"backend": "sqlite", "data_dir": str(tmp_path / node)})
+        await start_relay(
+            engine={**engine, "node_id": node}, history={"backend": "sqlite", "data_dir": str(tmp_path / node)}
+        )
         for node in "ab"
     ]
     with trio.fail_after(10):
@@ -484,7 +516,9 @@ async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(start_re
 
     await server.until("the fleet and its holder ingested", one_holder)
     await server.until("every shipped rule evaluated without error", partial(server.rules_not_evaluated, http))
-    await server.until("every dashboard query answered, the fleet's too", partial(server.dashboard_not_answered, http, fleet=True))
+    await server.until(
+        "every dashboard query answered, the fleet's too", partial(server.dashboard_not_answered, http, fleet=True)
+    )
 
     async def quiet() -> str | None:
         # Until both relays' first scrapes are in, the follower alone (holder 0) can make
@@ -514,6 +548,10 @@ async def test_a_real_prometheus_watches_a_fleet_until_it_has_no_holder(start_re
 
     async def no_holder() -> str | None:
         alerts = await server.alerts(http)
-        return None if ("TrioRelayFleetNoHolder", {**fleet, "severity": "critical"}) in [a[:2] for a in alerts] else f"alerts {alerts}"
+        return (
+            None
+            if ("TrioRelayFleetNoHolder", {**fleet, "severity": "critical"}) in [a[:2] for a in alerts]
+            else f"alerts {alerts}"
+        )
 
     await server.until("TrioRelayFleetNoHolder raised for the vanished fleet", no_holder)

@@ -18,10 +18,9 @@ import trio.testing
 from conftest import FMP_KEY, fmp_sections, make_config
 
 from trio_relay.config import ConfigError
-from trio_relay.providers.replay import ReplayConfig
 from trio_relay.demo import make as demo_make
 from trio_relay.model import BREAK, QUOTE, TRADE, PriceState, Update
-from trio_relay.providers.replay import ReplayProvider
+from trio_relay.providers.replay import ReplayConfig, ReplayProvider
 from trio_relay.recording import (
     FIELDS,
     RawFrame,
@@ -66,7 +65,9 @@ BATCHES: list[tuple[int, list[Update]]] = [
 SYMBOLS = ["AAPL", "MSFT"]
 
 
-def write_recording(path: Path, batches: list[tuple[int, list[Update]]] = BATCHES, symbols: list[str] = SYMBOLS) -> Path:
+def write_recording(
+    path: Path, batches: list[tuple[int, list[Update]]] = BATCHES, symbols: list[str] = SYMBOLS
+) -> Path:
     with RecordingWriter(path, RecordingHeader.new("test", symbols, T0)) as writer:
         for offset, updates in batches:
             writer.write_updates(updates, T0 + offset)
@@ -119,7 +120,9 @@ def test_every_field_round_trips_exactly(tmp_path: Path, name: str) -> None:
     rec = load_recording(path)
     assert rec.header == header
     assert rec.header.fields == list(FIELDS)
-    assert rec.updates == [Recorded(T0 + 10, u) for u in EVERY_FIELD[:3]] + [Recorded(T0 + 12, u) for u in EVERY_FIELD[3:]]
+    assert rec.updates == [Recorded(T0 + 10, u) for u in EVERY_FIELD[:3]] + [
+        Recorded(T0 + 12, u) for u in EVERY_FIELD[3:]
+    ]
     # Every field, with its type: a float stays the same float, a 0 size is not taken for None.
     for got, want in zip(rec.updates, EVERY_FIELD):
         assert msgspec.structs.asdict(got.update) == msgspec.structs.asdict(want)
@@ -150,7 +153,9 @@ def test_an_existing_file_is_not_overwritten_unless_asked(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- damage
 
 
-def test_a_file_cut_mid_line_yields_every_complete_line_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_cut_mid_line_yields_every_complete_line_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = write_recording(tmp_path / "rec.jsonl")
     data = path.read_bytes()
     last_line_start = data.rstrip(b"\n").rfind(b"\n") + 1
@@ -345,7 +350,9 @@ async def test_loop_replays_again_with_times_shifted_forward(autojump_clock, tmp
         again = [u for _, b in got[3 * k : 3 * k + 3] for u in b]
         # Shifted timestamps; a relay's numbering is not replayed backwards.
         assert again == [
-            msgspec.structs.replace(u, timestamp=u.timestamp + k * period, seq=0, epoch=None) for _, us in batches for u in us
+            msgspec.structs.replace(u, timestamp=u.timestamp + k * period, seq=0, epoch=None)
+            for _, us in batches
+            for u in us
         ]
     stamps = [u.timestamp for _, b in got for u in b]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
@@ -437,8 +444,16 @@ def test_record_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     parser = argparse.ArgumentParser(prog="trio-relay")
     add_record_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["record", "--provider", "sim", "--symbols", "AAPL,MSFT", "--out", str(tmp_path / "x.jsonl")])
-    assert (args.command, args.provider, args.symbols, args.raw, args.duration) == ("record", "sim", "AAPL,MSFT", False, None)
+    args = parser.parse_args(
+        ["record", "--provider", "sim", "--symbols", "AAPL,MSFT", "--out", str(tmp_path / "x.jsonl")]
+    )
+    assert (args.command, args.provider, args.symbols, args.raw, args.duration) == (
+        "record",
+        "sim",
+        "AAPL,MSFT",
+        False,
+        None,
+    )
     write_recording(tmp_path / "x.jsonl")
     assert run_record(args) == 2
     assert "exists (use --force" in capsys.readouterr().err
@@ -456,7 +471,10 @@ def expected_states(updates: list[Update]) -> list[dict[str, object]]:
     for u in updates:
         state.apply(u, "")
         out.append(
-            {k: getattr(state, k) for k in ("timestamp", "data_type", "last_price", "last_size", "bid_price", "bid_size")}
+            {
+                k: getattr(state, k)
+                for k in ("timestamp", "data_type", "last_price", "last_size", "bid_price", "bid_size")
+            }
             | {"ask_price": state.ask_price, "ask_size": state.ask_size}
         )
     return out

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import trio
-
 from conftest import api, wait_cached
 
 PRICE_FIELDS = {
-    "type", "symbol", "timestamp", "data_type", "last_price", "last_size",
-    "ask_price", "ask_size", "bid_price", "bid_size", "cached_at", "seq", "provider", "epoch",
+    "type",
+    "symbol",
+    "timestamp",
+    "data_type",
+    "last_price",
+    "last_size",
+    "ask_price",
+    "ask_size",
+    "bid_price",
+    "bid_size",
+    "cached_at",
+    "seq",
+    "provider",
+    "epoch",
 }
 
 

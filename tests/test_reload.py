@@ -10,8 +10,8 @@ import sys
 
 import trio
 import trio_websocket
-
 from conftest import FMP_KEY
+
 from trio_relay.testing.fake_fmp import FakeFmpServer
 
 
@@ -37,7 +37,9 @@ async def test_sighup_applies_pins_limits_and_provider_and_refuses_a_bad_config(
     env["FMP_API_KEY"] = FMP_KEY
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--config", str(config)],
-        stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
     )
     log = bytearray()
     try:
@@ -55,7 +57,9 @@ async def test_sighup_applies_pins_limits_and_provider_and_refuses_a_bad_config(
                     _config(config, fake_fmp.url, ["TSLA"], max_per_request=1)
                     proc.send_signal(signal.SIGHUP)
                     await fake_fmp.wait_until(lambda: fake_fmp.subscriptions == {"TSLA", "AAPL", "MSFT"})
-                    await _read_until(proc.stderr, rb"\[RELOAD\] applied: pinned \+TSLA; pinned -IBM; client limits", log)
+                    await _read_until(
+                        proc.stderr, rb"\[RELOAD\] applied: pinned \+TSLA; pinned -IBM; client limits", log
+                    )
                     await ws.send_message('{"action":"subscribe","symbols":["A","B"]}')
                     while '"too_many_symbols"' not in (reply := await ws.get_message()):
                         pass

@@ -8,8 +8,8 @@ import struct
 import trio
 import wsproto
 import wsproto.events as wse
-
 from conftest import api
+
 from trio_relay.api import WS_PATH
 
 

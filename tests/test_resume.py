@@ -141,7 +141,9 @@ async def test_a_new_epoch_restarts_numbering_and_is_announced() -> None:
         client = hub.connect()
         hub.subscribe(client, ["AAPL"])
         for i in range(3):
-            hub.publish(Update(symbol="AAPL", kind="T", timestamp=1, last_price=100 + i, last_size=1, seq=40 + i, epoch="old"))
+            hub.publish(
+                Update(symbol="AAPL", kind="T", timestamp=1, last_price=100 + i, last_size=1, seq=40 + i, epoch="old")
+            )
         await pending(client)
         assert hub.snapshot("AAPL").seq == 42  # type: ignore[union-attr]
         hub.publish(Update(symbol="AAPL", kind="T", timestamp=2, last_price=200, last_size=1, seq=1, epoch="new"))
@@ -352,7 +354,6 @@ async def test_shutdown_tells_clients_to_reconnect_then_closes_1001(start_relay,
         "retry_after_ms": 1000,
     }
     assert code == 1001
-
 
 
 async def test_a_relay_that_never_connects_tells_its_clients(start_relay, fake_fmp, ws_connect):

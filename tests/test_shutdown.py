@@ -10,8 +10,8 @@ import sys
 
 import trio
 import trio_websocket
-
 from conftest import close_code, fmp_sections, make_config
+
 from trio_relay.daemon import run_relay
 
 

@@ -6,9 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_relay.providers.sim import SimConfig
 from trio_relay.model import Update
-from trio_relay.providers.sim import SimMarket, SimProvider, SimSession
+from trio_relay.providers.sim import SimConfig, SimMarket, SimProvider, SimSession
 
 TS = 1_700_000_000_000
 

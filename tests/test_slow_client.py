@@ -7,8 +7,8 @@ import socket
 import trio
 import wsproto
 import wsproto.events as wse
-
 from conftest import api
+
 from trio_relay.api import WS_PATH
 
 SYMBOLS = [f"S{i:02d}" for i in range(20)]

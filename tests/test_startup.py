@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import FMP_KEY
-
-
 
 async def serve(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``trio-relay serve`` until it exits by itself (a start that fails must exit)."""

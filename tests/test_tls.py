@@ -149,7 +149,9 @@ async def test_bad_certificate_files_stop_the_start(start_relay, ca, tmp_path, p
 
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         encryption = serialization.BestAvailableEncryption(b"secret")
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+        key_path.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        )
     key_text = Path(server["tls_keyfile"]).read_text()
     with trio.fail_after(5):  # an encrypted key must not make OpenSSL prompt for a password
         with pytest.raises(ConfigError, match=r"server\.tls_certfile") as failed:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-
 from conftest import FMP_KEY
+
 from trio_relay.config import Config, load_config
 from trio_relay.hub import Demand, Stats
 from trio_relay.model import Update
@@ -119,9 +119,7 @@ async def tcp_peer(reply: bytes = b"") -> AsyncIterator[TcpPeer]:
 
 
 @asynccontextmanager
-async def run_upstream(
-    url: str, *, api_key: str = FMP_KEY, **upstream: Any
-) -> AsyncIterator[tuple[Upstream, Sink]]:
+async def run_upstream(url: str, *, api_key: str = FMP_KEY, **upstream: Any) -> AsyncIterator[tuple[Upstream, Sink]]:
     """Run an :class:`Upstream` (seeded jitter) for the block; stop it cleanly at the end."""
     config = make_config(url, api_key=api_key, **upstream)
     cfg = config.upstream
@@ -332,7 +330,9 @@ async def test_rejected_key_waits_auth_retry_delay_and_never_leaks(autojump_cloc
                 await fake.wait_until(lambda: fake.failed_logins >= i)
                 failed_at.append(trio.current_time())
                 if i == 1:
-                    await trio.sleep(100.0)  # far past any normal backoff, well short of the delay  # virtual time (MockClock)
+                    await trio.sleep(
+                        100.0
+                    )  # far past any normal backoff, well short of the delay  # virtual time (MockClock)
                     assert up.state == UpstreamState.AUTH_FAILED
                     assert "rejected" in up.last_error and "Unauthorized" in up.last_error
                     assert up.next_attempt_at == pytest.approx(failed_at[0] + expected[0], abs=EXACT)
@@ -493,9 +493,7 @@ async def test_stop_abandons_a_connect_in_progress(autojump_clock):
         hole.url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         config = make_config(hole.url, connect_timeout=30.0)
         send, receive = trio.open_memory_channel[list[Update]](1)
-        up = Upstream(
-            FmpProvider(config.fmp, connect_timeout=30.0), Demand(0, []), send, config.upstream, Stats()
-        )
+        up = Upstream(FmpProvider(config.fmp, connect_timeout=30.0), Demand(0, []), send, config.upstream, Stats())
         async with receive:
             with trio.fail_after(GUARD):
                 async with trio.open_nursery() as inner:

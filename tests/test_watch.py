@@ -132,8 +132,19 @@ async def test_the_command_exits_1_without_a_relay() -> None:
         port = sock.getsockname()[1]
         with trio.fail_after(30):
             done = await trio.run_process(
-                [sys.executable, "-m", "trio_relay", "watch", "AAPL", "--url", f"ws://127.0.0.1:{port}/x", "--count", "1",
-                 "--give-up-after", "1"],
+                [
+                    sys.executable,
+                    "-m",
+                    "trio_relay",
+                    "watch",
+                    "AAPL",
+                    "--url",
+                    f"ws://127.0.0.1:{port}/x",
+                    "--count",
+                    "1",
+                    "--give-up-after",
+                    "1",
+                ],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

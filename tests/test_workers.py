@@ -12,7 +12,6 @@ import sys
 import httpx
 import trio
 import trio_websocket
-
 from conftest import FMP_KEY, close_code
 
 
@@ -21,8 +20,20 @@ async def test_two_workers_share_one_upstream_connection_and_stop_cleanly(fake_f
     env["FMP_API_KEY"] = FMP_KEY
     env["TRIO_RELAY_UPSTREAM_UNSUBSCRIBE_LINGER"] = "0"
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_relay", "serve", "--port", "0", "--workers", "2",
-         "--provider", "fmp", "--upstream-url", fake_fmp.url],
+        [
+            sys.executable,
+            "-m",
+            "trio_relay",
+            "serve",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--provider",
+            "fmp",
+            "--upstream-url",
+            fake_fmp.url,
+        ],
         stderr=subprocess.PIPE,
         cwd=tmp_path,
         env=env,

@@ -151,7 +151,9 @@ class Archiver:
         if update is None:
             self.malformed += 1
             if self.malformed <= 10 or self.malformed % 1000 == 0:
-                log.warning("[ARCHIVE] entry %s is not an update: skipped (%d so far)", entry_id.decode(), self.malformed)
+                log.warning(
+                    "[ARCHIVE] entry %s is not an update: skipped (%d so far)", entry_id.decode(), self.malformed
+                )
             self._unacked.append((self._offered, entry_id))  # nothing to wait for
             self._in_writer.add(entry_id)
             return

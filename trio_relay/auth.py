@@ -30,7 +30,16 @@ from cryptography.hazmat.primitives import serialization
 
 from .config import AuthConfig, Config, ConfigError
 
-__all__ = ["AuthError", "Authenticator", "Principal", "Security", "TokenBucket", "ConnectionCounter", "bearer_token", "OPEN"]
+__all__ = [
+    "AuthError",
+    "Authenticator",
+    "Principal",
+    "Security",
+    "TokenBucket",
+    "ConnectionCounter",
+    "bearer_token",
+    "OPEN",
+]
 
 ANONYMOUS = "anonymous"
 
@@ -88,7 +97,9 @@ class Authenticator:
                     self._key = serialization.load_pem_public_key(Path(config.public_key_file).read_bytes())
                 except (OSError, ValueError, TypeError) as exc:
                     problem = exc.strerror if isinstance(exc, OSError) else "not a PEM public key"
-                    raise ConfigError(f"config error: auth.public_key_file: {config.public_key_file}: {problem}") from None
+                    raise ConfigError(
+                        f"config error: auth.public_key_file: {config.public_key_file}: {problem}"
+                    ) from None
             else:
                 self._key = config.secret
         self._options: jwt.types.Options = {"require": ["exp", "sub"]}

@@ -42,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", *registry.names(aliases=True)],
         help="upstream provider (default: fmp if FMP_API_KEY is set, else sim; relay = another trio-relay)",
     )
-    serve.add_argument("--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)")
+    serve.add_argument(
+        "--upstream-url", help="the provider's WebSocket URL (FMP override, or the upstream relay's price socket)"
+    )
     serve.add_argument("--replay-file", help='for --provider replay: a recording (default "demo", the one shipped)')
     serve.add_argument("--speed", type=float, help="for --provider replay: playback speed (10 = ten times faster)")
-    serve.add_argument("--loop", action="store_true", default=None, help="for --provider replay: start again at the end")
+    serve.add_argument(
+        "--loop", action="store_true", default=None, help="for --provider replay: start again at the end"
+    )
     serve.add_argument("--workers", type=int, help="worker processes sharing one upstream connection (default 1)")
     serve.add_argument("--symbols", help="comma-separated symbols pinned upstream from the start")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
@@ -54,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     fake.add_argument("--port", type=int, default=8765, help="port to listen on (default: %(default)s)")
     fake.add_argument("--key", action="append", help="accepted API key (repeatable; default: demo-key)")
-    fake.add_argument("--rate", type=float, default=5.0, help="frames per second per subscribed symbol (default: %(default)s)")
+    fake.add_argument(
+        "--rate", type=float, default=5.0, help="frames per second per subscribed symbol (default: %(default)s)"
+    )
     fake.add_argument("--seed", type=int, default=7, help="random seed of the simulated prices (default: %(default)s)")
     fake.add_argument(
         "--control",

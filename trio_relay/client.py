@@ -419,7 +419,9 @@ class Feed:
                 delay += ended.retry_after  # the relay's hint, spread by the jitter
             log.info("[CLIENT] %s; reconnecting in %.2fs", ended.reason, delay)
             await self._emit(
-                Status(scope="client", state="disconnected", reason=ended.reason, retry_after_ms=math.ceil(delay * 1000))
+                Status(
+                    scope="client", state="disconnected", reason=ended.reason, retry_after_ms=math.ceil(delay * 1000)
+                )
             )
             await trio.sleep(delay)
 

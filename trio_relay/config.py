@@ -187,7 +187,7 @@ def _networks(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> 
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise _FieldError(attr.name, f"{item!r} is not a network like \"10.0.0.0/8\" or \"::1/128\"") from None
+            raise _FieldError(attr.name, f'{item!r} is not a network like "10.0.0.0/8" or "::1/128"') from None
 
 
 @attrs.frozen
@@ -477,6 +477,7 @@ def _make_converter() -> cattrs.Converter:
         return structure_str_list(value, t)  # type: ignore[no-any-return]
 
     conv.register_structure_hook_func(lambda t: t == list[str], structure_list)
+
     def structure_str_map(value: object, _t: Any) -> dict[str, str]:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ValueError("expected a table of strings (client symbol = provider symbol)")
@@ -718,13 +719,19 @@ def _check_security(config: Config) -> None:
             raise ConfigError(f"config error: server.{key}: file not found: {path}")
     for origin in server.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise ConfigError(f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com")
+            raise ConfigError(
+                f"config error: server.allowed_origins: {origin!r} is not an origin like https://app.example.com"
+            )
     for host in server.allowed_hosts:
         if host != "*" and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?", host):
-            raise ConfigError(f"config error: server.allowed_hosts: {host!r} is not a host name like relay.example.com (or name:port)")
+            raise ConfigError(
+                f"config error: server.allowed_hosts: {host!r} is not a host name like relay.example.com (or name:port)"
+            )
     for alg in auth.algorithms:
         if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
-            raise ConfigError(f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)")
+            raise ConfigError(
+                f"config error: auth.algorithms: unsupported algorithm {alg!r} ('none' is never accepted)"
+            )
     if not auth.enabled:
         if not is_loopback(server.host) and not auth.allow_insecure:
             raise ConfigError(
@@ -736,7 +743,9 @@ def _check_security(config: Config) -> None:
     if not auth.algorithms:
         raise ConfigError("config error: auth.algorithms: at least one algorithm is needed")
     if HMAC_ALGORITHMS & set(auth.algorithms) and KEY_ALGORITHMS & set(auth.algorithms):
-        raise ConfigError("config error: auth.algorithms: mix HMAC (HS*) and public-key algorithms in one relay is refused")
+        raise ConfigError(
+            "config error: auth.algorithms: mix HMAC (HS*) and public-key algorithms in one relay is refused"
+        )
     if HMAC_ALGORITHMS & set(auth.algorithms):
         if len(auth.secret) < 32:
             raise ConfigError(
@@ -785,4 +794,3 @@ def _validate(config: Config) -> Config:
             "(e.g. TRIO_RELAY_HISTORY_POSTGRES_DSN=postgresql://relay@127.0.0.1:5432/ticks)"
         )
     return attrs.evolve(config, upstream=attrs.evolve(config.upstream, pinned=pinned))
-

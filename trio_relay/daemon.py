@@ -23,16 +23,17 @@ import time
 import attrs
 import trio
 
-from .alerts.service import AlertService
 from .alerts import AlertEngine, AlertStore, WebhookSender
+from .alerts.service import AlertService
 from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import tls_context
 from .appstore import AppStore
 from .auth import Security
 from .config import Config, ConfigError
-from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .engine import Engine, open_engine
+from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
+from .model import wall_ms
 from .portfolio import PortfolioStore
 from .portfolio.service import PortfolioService
 from .providers.base import Provider
@@ -210,7 +211,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
                     offer = writer.offer
-                    hub.add_callback(lambda update: offer(update, time.time_ns() // 1_000_000))
+                    hub.add_callback(lambda update: offer(update, wall_ms()))
                     ctx.history_writer = writer
                     h = config.history
                     budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
@@ -244,7 +245,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 # Drain: stop accepting, close every client with 1001 (each handler finishes the
                 # frame it is writing, then sends the close), stop the upstream cleanly, then end
                 # whatever is left (REST requests get the server's graceful_timeout).
-                log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
+                log.info(
+                    "[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY
+                )
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 accepting.cancel()
                 await front_listener.aclose()  # new connections are refused from here on
@@ -292,7 +295,9 @@ def _history_backend(config: Config) -> HistoryBackend | None:
     try:
         return make_backend(config.history)
     except ValueError as exc:  # a DSN that does not parse (its text is never shown: it may hold a password)
-        raise ConfigError(f"config error: history.postgres_dsn: not a valid PostgreSQL DSN ({type(exc).__name__})") from None
+        raise ConfigError(
+            f"config error: history.postgres_dsn: not a valid PostgreSQL DSN ({type(exc).__name__})"
+        ) from None
 
 
 def _banner(relay: Relay, providers: list[Provider]) -> None:

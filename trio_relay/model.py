@@ -29,6 +29,7 @@ __all__ = [
     "Encoder",
     "SYMBOL_RE",
     "normalize_epoch_ms",
+    "wall_ms",
     "control",
     "ws_text_frame",
     "ws_payload",
@@ -132,6 +133,11 @@ class CloseCode(enum.IntEnum):
     TOO_BIG = 1009  # a message larger than clients.max_message_size
     TOKEN_EXPIRED = 4001  # the token expired and no fresh one came (auth on)
     SLOW_CONSUMER = 4008  # no progress for clients.stall_timeout
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds: for timestamps that leave the process, never for timing."""
+    return time.time_ns() // 1_000_000
 
 
 def normalize_epoch_ms(t: int | float) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 __all__ = ["TimeError", "parse_time", "MAX_MS"]
 
@@ -46,7 +46,7 @@ def parse_time(raw: str, name: str) -> int:
             f"'{name}'={text[:40]!r} is not a time; give ISO 8601 (2024-11-10T14:30:00Z) or epoch milliseconds"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     try:
         value = int(when.timestamp() * 1000)
     except (OverflowError, ValueError, OSError):  # year 1 or 9999 with an offset beyond the calendar

@@ -31,10 +31,20 @@ import trio
 from .config import UpstreamConfig
 from .hub import Demand, Stats
 from .masking import mask_secrets
-from .model import ProviderSwitched, Update, UpstreamItem
-from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session
+from .model import ProviderSwitched, UpstreamItem
+from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session, ignore_malformed
 
-__all__ = ["UpstreamView", "ProviderInfo", "Upstream", "Backoff", "StaleFeed", "UpstreamGaveUp", "UpstreamState", "ProviderHealth", "Item"]
+__all__ = [
+    "UpstreamView",
+    "ProviderInfo",
+    "Upstream",
+    "Backoff",
+    "StaleFeed",
+    "UpstreamGaveUp",
+    "UpstreamState",
+    "ProviderHealth",
+    "Item",
+]
 
 log = logging.getLogger("trio_relay.upstream")
 
@@ -383,7 +393,9 @@ class Upstream:
                 health.state, health.last_error = self.state, self.last_error
                 if self.config.max_retries and failures >= self.config.max_retries:
                     self.state = UpstreamState.FAILED
-                    log.error("[GIVE UP] %d consecutive attempts failed (last: %s); stopping", failures, self.last_error)
+                    log.error(
+                        "[GIVE UP] %d consecutive attempts failed (last: %s); stopping", failures, self.last_error
+                    )
                     raise UpstreamGaveUp(self.last_error)
                 if self.failover and self._failover_due():
                     self._fail_over()
@@ -542,7 +554,7 @@ class Upstream:
         health.probes += 1
         health.state = "probing"
         try:
-            async with provider.session(_ignore_malformed) as session:
+            async with provider.session(ignore_malformed) as session:
                 health.healthy_since = trio.current_time()
                 last = trio.current_time()
                 with trio.move_on_after(self.config.failback_after):
@@ -695,14 +707,12 @@ class Upstream:
                     # Stale since the last message: that is when failover's clock starts.
                     if self._unhealthy_since is None:
                         self._unhealthy_since = since
-                    log.warning("[STALE] no message for %.0fs with %d symbol(s) subscribed", limit, len(self.subscribed))
+                    log.warning(
+                        "[STALE] no message for %.0fs with %d symbol(s) subscribed", limit, len(self.subscribed)
+                    )
                     raise StaleFeed(f"feed silent for {limit:g}s")
                 deadline = now + limit
             await trio.sleep_until(deadline)
-
-
-def _ignore_malformed(_exc: MalformedFrame) -> None:
-    pass
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

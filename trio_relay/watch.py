@@ -91,7 +91,9 @@ class Board:
                 # With no relay to ask, nothing is known of its upstream: never a green "up".
                 self.upstream = "unknown"
             elif event.state == "gap":
-                self.notice = f"missed updates of {', '.join(event.symbols)} while away (the relay could not replay them)"
+                self.notice = (
+                    f"missed updates of {', '.join(event.symbols)} while away (the relay could not replay them)"
+                )
         elif event.scope == "upstream":
             self.upstream = "up" if event.state == "failover" else event.state
             if event.provider:
@@ -127,7 +129,9 @@ class Board:
             if ref is not None and first is not None:
                 delta = ref - first
                 pct = f" ({delta / first * 100:+.2f}%)" if first else ""
-                change = Text(f"{delta:+,.{_decimals(first)}f}{pct}", style="green" if delta > 0 else "red" if delta < 0 else "")
+                change = Text(
+                    f"{delta:+,.{_decimals(first)}f}{pct}", style="green" if delta > 0 else "red" if delta < 0 else ""
+                )
             table.add_row(
                 symbol,
                 _price(update.last_price),

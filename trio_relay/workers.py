@@ -24,10 +24,10 @@ import attrs
 import trio
 
 from .config import AuthConfig, Config, EngineConfig, LimitsConfig
-from .providers import registry
-from .providers.relay import RelayConfig
 from .daemon import SHUTDOWN_GRACE, Relay, run_relay
 from .logsetup import configure_logging
+from .providers import registry
+from .providers.relay import RelayConfig
 from .runtime import serve_until_signalled
 from .startup import bind_problem
 
@@ -143,7 +143,13 @@ async def _supervise(index: int, config: Config, workers: Workers, stopping: tri
                 await _stop(proc)
         if stopping.is_set():
             break
-        log.error("[WORKER] %d (pid %s) exited with code %s; restarting in %.0fs", index, proc.pid, proc.exitcode, RESTART_PAUSE)
+        log.error(
+            "[WORKER] %d (pid %s) exited with code %s; restarting in %.0fs",
+            index,
+            proc.pid,
+            proc.exitcode,
+            RESTART_PAUSE,
+        )
         with trio.move_on_after(RESTART_PAUSE):
             await stopping.wait()
 

@@ -27,7 +27,6 @@ import heapq
 import logging
 import math
 import secrets
-import time
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterable, KeysView, Mapping
@@ -37,7 +36,7 @@ from typing import Any, Final
 import trio
 
 from ..config import AlertsConfig
-from ..model import QUOTE, TRADE, PriceState, Update
+from ..model import QUOTE, TRADE, PriceState, Update, wall_ms
 from .rules import (
     ACTIVE,
     ARMED,
@@ -68,9 +67,7 @@ _NEG_INF: Final = float("-inf")
 _SLOTS: Final = 256
 
 
-def wall_clock_ms() -> int:
-    """UTC epoch milliseconds (the engine's default clock)."""
-    return time.time_ns() // 1_000_000
+wall_clock_ms = wall_ms  # the wall clock every module uses (model.wall_ms)
 
 
 # ---------------------------------------------------------------------------------- values
@@ -343,7 +340,19 @@ class _MoveSignal(_Signal):
     are the correctly rounded quotient). The window is two monotonic deques of (slot, price):
     O(1) per update, at most ``_SLOTS`` + 1 entries each."""
 
-    __slots__ = ("get", "window_ms", "slot_ms", "slots", "lows", "highs", "last_ts", "last_slot", "price", "rise", "fall")
+    __slots__ = (
+        "get",
+        "window_ms",
+        "slot_ms",
+        "slots",
+        "lows",
+        "highs",
+        "last_ts",
+        "last_slot",
+        "price",
+        "rise",
+        "fall",
+    )
 
     def __init__(self, field: str, window_ms: int) -> None:
         super().__init__()

@@ -313,7 +313,9 @@ def check_webhook(url: object, allowed_hosts: Sequence[str] = (), policy: Webhoo
     address or a ``localhost`` name here; names are resolved by :meth:`WebhookPolicy.vet`.
     """
     if not isinstance(url, str) or not url or len(url) > MAX_URL:
-        raise RuleError("invalid_webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters")
+        raise RuleError(
+            "invalid_webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters"
+        )
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError on a bad port
@@ -323,7 +325,9 @@ def check_webhook(url: object, allowed_hosts: Sequence[str] = (), policy: Webhoo
         raise RuleError("invalid_webhook", f"webhook must be an http:// or https:// URL with a host, got {url!r}")
     host = parts.hostname.lower()
     if allowed_hosts and host not in {h.lower() for h in allowed_hosts}:
-        raise RuleError("webhook_host_not_allowed", f"webhook host {host!r} is not allowed (allowed: {', '.join(allowed_hosts)})")
+        raise RuleError(
+            "webhook_host_not_allowed", f"webhook host {host!r} is not allowed (allowed: {', '.join(allowed_hosts)})"
+        )
     try:
         (policy or WebhookPolicy()).check_url_host(host)
     except WebhookRefused as exc:
@@ -342,7 +346,9 @@ def _check_numbers(kind: str, fields: dict[str, Any]) -> None:
 
     cooldown = number("cooldown_s")
     if cooldown is not None and not 0 <= cooldown <= MAX_COOLDOWN_S:
-        raise RuleError("invalid_value", f"cooldown_s must be between 0 and {MAX_COOLDOWN_S:.0f} seconds, got {cooldown:g}")
+        raise RuleError(
+            "invalid_value", f"cooldown_s must be between 0 and {MAX_COOLDOWN_S:.0f} seconds, got {cooldown:g}"
+        )
     if kind in ("above", "below"):
         level = number("level")
         assert level is not None
@@ -358,19 +364,26 @@ def _check_numbers(kind: str, fields: dict[str, Any]) -> None:
                 f"-2.0: a fall of 2% or more), got {pct:g}",
             )
         if not 1 <= window <= MAX_WINDOW_S:
-            raise RuleError("invalid_value", f"window_s must be between 1 and {MAX_WINDOW_S:.0f} seconds, got {window:g}")
+            raise RuleError(
+                "invalid_value", f"window_s must be between 1 and {MAX_WINDOW_S:.0f} seconds, got {window:g}"
+            )
     elif kind == "spread":
         absolute, bps = number("max_spread"), number("max_spread_bps")
         if absolute is None and bps is None:
             raise RuleError(
-                "missing_field", "a 'spread' rule needs 'max_spread' (absolute) or 'max_spread_bps' (basis points of mid)"
+                "missing_field",
+                "a 'spread' rule needs 'max_spread' (absolute) or 'max_spread_bps' (basis points of mid)",
             )
         if absolute is not None and bps is not None:
             raise RuleError("invalid_value", "give either 'max_spread' or 'max_spread_bps', not both")
         if absolute is not None and not 0 < absolute < MAX_PRICE:
-            raise RuleError("invalid_value", f"max_spread must be a positive price below {MAX_PRICE:g}, got {absolute:g}")
+            raise RuleError(
+                "invalid_value", f"max_spread must be a positive price below {MAX_PRICE:g}, got {absolute:g}"
+            )
         if bps is not None and not 0 < bps <= MAX_SPREAD_BPS:
-            raise RuleError("invalid_value", f"max_spread_bps must be above 0 and at most {MAX_SPREAD_BPS:g}, got {bps:g}")
+            raise RuleError(
+                "invalid_value", f"max_spread_bps must be above 0 and at most {MAX_SPREAD_BPS:g}, got {bps:g}"
+            )
     elif kind == "stale":
         seconds = number("seconds")
         assert seconds is not None

@@ -145,13 +145,18 @@ class AlertService:
         """
         if self._nursery is None or self._creating >= PENDING_CREATIONS:
             self.hub.send_control(
-                client, control("error", code="busy", message="too many alert rules being created; retry", action="alert_create")
+                client,
+                control(
+                    "error", code="busy", message="too many alert rules being created; retry", action="alert_create"
+                ),
             )
             return
         self._creating += 1
         self._nursery.start_soon(self._create_vetted, client, owner, data, entitlement)
 
-    async def _create_vetted(self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement) -> None:
+    async def _create_vetted(
+        self, client: Client, owner: str, data: Mapping[str, Any], entitlement: Entitlement
+    ) -> None:
         try:
             created = await self.create_checked(owner, data, entitlement)
         except (RuleError, EntitlementError) as exc:
@@ -193,7 +198,11 @@ class AlertService:
         for client in list(self.hub.clients.values()):
             # Each connection gets it only if its own token allows the symbol now (the one that
             # created the rule may have had a wider one).
-            if owner_of(client) == alert.owner and client.entitlement is not None and client.entitlement.allows(alert.symbol):
+            if (
+                owner_of(client) == alert.owner
+                and client.entitlement is not None
+                and client.entitlement.allows(alert.symbol)
+            ):
                 if not client.outbox.put_control(frame):
                     client.close(1008, "too many unread replies")
         rule = self.engine.get(alert.rule_id)

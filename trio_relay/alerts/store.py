@@ -94,8 +94,16 @@ class AlertStore:
     async def save_rule(self, rule: Rule) -> None:
         """Insert or replace the rule, runtime state included."""
         await self.migrate()
-        row = (rule.id, rule.owner, rule.symbol, rule.created_at, encode_rule(rule).decode(), rule.state,
-               rule.fired_at, rule.fire_count)
+        row = (
+            rule.id,
+            rule.owner,
+            rule.symbol,
+            rule.created_at,
+            encode_rule(rule).decode(),
+            rule.state,
+            rule.fired_at,
+            rule.fire_count,
+        )
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO alert_rules VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
@@ -117,7 +125,14 @@ class AlertStore:
         Keeps the newest ``keep_fired`` alerts of the owner.
         """
         await self.migrate()
-        row = (alert.id, alert.rule_id, alert.owner, alert.symbol, alert.fired_at, _fired_encoder.encode(alert).decode())
+        row = (
+            alert.id,
+            alert.rule_id,
+            alert.owner,
+            alert.symbol,
+            alert.fired_at,
+            _fired_encoder.encode(alert).decode(),
+        )
         state = None if rule is None else (rule.state, rule.fired_at, rule.fire_count, rule.id)
         keep = self.keep_fired
 

@@ -154,12 +154,18 @@ class WebhookSender:
                 if error is None:
                     self.stats.delivered += 1
                     return
-                log.debug("[WEBHOOK] alert %s to %s: attempt %d failed: %s", job.alert_id, _where(job.url), attempt, error)
+                log.debug(
+                    "[WEBHOOK] alert %s to %s: attempt %d failed: %s", job.alert_id, _where(job.url), attempt, error
+                )
                 if permanent or attempt == attempts:
                     self.stats.failed += 1
                     log.warning(
                         "[WEBHOOK] alert %s to %s given up after %d attempt%s: %s",
-                        job.alert_id, _where(job.url), attempt, "" if attempt == 1 else "s", error,
+                        job.alert_id,
+                        _where(job.url),
+                        attempt,
+                        "" if attempt == 1 else "s",
+                        error,
                     )
                     return
                 self.stats.retries += 1
@@ -193,7 +199,6 @@ class WebhookSender:
         if 200 <= status < 300:
             return None, False
         return f"HTTP {status}", 400 <= status < 500 and status not in _RETRYABLE_4XX
-
 
     async def _vetted_request(self, client: httpx.AsyncClient, job: _Job) -> httpx.Request:
         """The POST of ``job``, addressed to an address of its host that the policy allows now.

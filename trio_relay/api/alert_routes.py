@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["register_alerts", "AlertsBody"]
 
+
 class AlertsBody(msgspec.Struct):
     """The caller's rules (with their state) and latest fired alerts, newest first."""
 

@@ -222,7 +222,9 @@ class FrontDoor:
                         f"at most {self.table.per_address.cap} connections per address",
                     )
                 else:
-                    data = error_response(h11.Connection(h11.SERVER), 503, "server_full", "the relay is at its connection limit")
+                    data = error_response(
+                        h11.Connection(h11.SERVER), 503, "server_full", "the relay is at its connection limit"
+                    )
                 with trio.move_on_after(REFUSAL_WRITE_TIMEOUT):
                     await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -267,7 +269,13 @@ class FrontDoor:
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 if status == 431:
-                    await self._error(stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+                    await self._error(
+                        stream,
+                        conn,
+                        431,
+                        "header_too_large",
+                        f"the request head is larger than {server.max_header_size} bytes",
+                    )
                 else:
                     await self._error(stream, conn, status, "bad_request", f"malformed HTTP request: {exc}"[:200])
                 return None
@@ -280,7 +288,13 @@ class FrontDoor:
                     conn.receive_data(bytes(data))
                     continue
                 if not waiting:
-                    await self._error(stream, conn, 408, "request_timeout", f"no complete request head within {server.head_timeout:g} s")
+                    await self._error(
+                        stream,
+                        conn,
+                        408,
+                        "request_timeout",
+                        f"no complete request head within {server.head_timeout:g} s",
+                    )
                 return None
             if isinstance(event, h11.Request):
                 return event
@@ -305,13 +319,17 @@ class FrontDoor:
         """Serve one request; (True, _) when the connection became the price socket."""
         server, security = self.server, self.ctx.security
         if len(request.headers) > server.max_headers:
-            await self._error(stream, conn, 431, "too_many_headers", f"at most {server.max_headers} header fields per request")
+            await self._error(
+                stream, conn, 431, "too_many_headers", f"at most {server.max_headers} header fields per request"
+            )
             return False, Outcome.CLOSE
         # h11 bounds a head that arrives in pieces (max_incomplete_event_size); one that came
         # whole in a single read is measured here.
         size = len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
         if size > server.max_header_size:
-            await self._error(stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+            await self._error(
+                stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes"
+            )
             return False, Outcome.CLOSE
         headers: dict[bytes, bytes] = {}
         for name, value in request.headers:
@@ -326,10 +344,14 @@ class FrontDoor:
             # Absolute form (RFC 9112 3.2.2): its authority is the host asked for.
             parts = urlsplit(target.decode("latin-1"))
             if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-                await self._error(stream, conn, 400, "bad_request", "the request target must be a path or an absolute http(s) URL")
+                await self._error(
+                    stream, conn, 400, "bad_request", "the request target must be a path or an absolute http(s) URL"
+                )
                 return False, Outcome.CLOSE
             host = parts.netloc
-            target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+            target = (parts.path or "/").encode("latin-1") + (
+                b"?" + parts.query.encode("latin-1") if parts.query else b""
+            )
         # An HTTP/1.0 request without Host (some health checkers) cannot come from a browser,
         # and only a browser can be made to send a rebinding name.
         if host and not security.host_allowed(host):
@@ -373,7 +395,9 @@ class FrontDoor:
             await self._error(stream, conn, 400, "bad_request", "a WebSocket upgrade must be a GET")
             return
         if not _valid_key(headers.get(b"sec-websocket-key")):
-            await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request: bad Sec-WebSocket-Key")
+            await self._error(
+                stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request: bad Sec-WebSocket-Key"
+            )
             return
         # The rest of the request (a GET has no body): whatever follows is already WebSocket.
         while True:
@@ -398,7 +422,9 @@ class FrontDoor:
         except WsRemoteProtocolError as exc:
             hint = exc.event_hint
             status = hint.status_code if isinstance(hint, wse.RejectConnection) else 400
-            await self._error(stream, conn, status, "bad_request", f"not a valid WebSocket upgrade request: {exc}"[:200])
+            await self._error(
+                stream, conn, status, "bad_request", f"not a valid WebSocket upgrade request: {exc}"[:200]
+            )
             return
         if upgrade is None:
             await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request")

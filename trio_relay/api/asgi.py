@@ -44,9 +44,11 @@ def error_response(conn: h11.Connection, status: int, code: str, message: str, *
     if close:
         headers.append(("connection", "close"))
     reason = HTTPStatus(status).phrase.encode()
-    return conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) + (
-        conn.send(h11.Data(data=body)) or b""
-    ) + (conn.send(h11.EndOfMessage()) or b"")
+    return (
+        conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        + (conn.send(h11.Data(data=body)) or b"")
+        + (conn.send(h11.EndOfMessage()) or b"")
+    )
 
 
 async def call_app(
@@ -95,7 +97,9 @@ async def call_app(
         failure = True  # the peer went away mid-response: routine
     except* h11.LocalProtocolError as group:
         # The app's response broke HTTP framing (e.g. more body than its content-length).
-        log.error("[REST] %s %s: bad response from the app: %s", scope["method"], scope["path"][:100], group.exceptions[0])
+        log.error(
+            "[REST] %s %s: bad response from the app: %s", scope["method"], scope["path"][:100], group.exceptions[0]
+        )
         failure = True
     except* Exception as group:
         log.error("[REST] %s %s failed", scope["method"], scope["path"][:100], exc_info=group)
@@ -109,7 +113,9 @@ async def call_app(
             if state.body_complete:
                 await _send_error(stream, conn, 503, "timeout", f"the request took more than {timeout:g} s")
             else:
-                await _send_error(stream, conn, 408, "request_timeout", f"the request body did not arrive within {timeout:g} s")
+                await _send_error(
+                    stream, conn, 408, "request_timeout", f"the request body did not arrive within {timeout:g} s"
+                )
         return Outcome.CLOSE
     state.drain_buffered()
     if not state.finished or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -182,7 +188,10 @@ class _Exchange:
         kind = message["type"]
         conn = self.conn
         if kind == "http.response.start":
-            headers = [(bytes(k), _relative(bytes(v)) if k.lower() == b"location" else bytes(v)) for k, v in message.get("headers", ())]
+            headers = [
+                (bytes(k), _relative(bytes(v)) if k.lower() == b"location" else bytes(v))
+                for k, v in message.get("headers", ())
+            ]
             if self.closing:
                 headers.append((b"connection", b"close"))
             status = int(message["status"])

@@ -8,19 +8,18 @@ page, same window); bars with ``next_start``.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..bars import INTERVALS, Bar, BudgetExceeded
-from ..history import HistoryBusy, HistoryUnavailable, InvalidCursor, QueryTimeout, Tick
-from ..model import SYMBOL_RE
-from ..timeparse import TimeError, parse_time
 from ..auth import Security
+from ..bars import INTERVALS, Bar, BudgetExceeded
 from ..entitlements import EntitlementError
+from ..history import HistoryBusy, HistoryUnavailable, InvalidCursor, QueryTimeout, Tick
+from ..model import SYMBOL_RE, wall_ms
+from ..timeparse import TimeError, parse_time
 from .responses import entitlement, error_response, json_response
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ __all__ = ["register_history", "TicksPage", "BarsPage", "MAX_LIMIT"]
 MAX_LIMIT = 10_000  # ticks or bars per page
 DEFAULT_LIMIT = 1_000
 DEFAULT_TICKS_WINDOW_MS = 3_600_000
+
 
 class TicksPage(msgspec.Struct, forbid_unknown_fields=True):
     """One page of stored ticks, oldest first."""
@@ -62,8 +62,6 @@ class _BadRequest(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
 
 
 def _busy(code: str, message: str) -> Response:
@@ -103,7 +101,7 @@ def _limit() -> int:
 
 def _window(default_span_ms: int) -> tuple[int, int]:
     try:
-        end = parse_time(request.args["end"], "end") if "end" in request.args else time.time_ns() // 1_000_000
+        end = parse_time(request.args["end"], "end") if "end" in request.args else wall_ms()
         start = parse_time(request.args["start"], "start") if "start" in request.args else end - default_span_ms
     except TimeError as exc:
         raise _BadRequest(400, "invalid_range", str(exc)) from None
@@ -118,7 +116,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
     def history_store() -> Any:
         """The store, or a 404 when the history is off."""
         if ctx.history_store is None:
-            raise _BadRequest(404, "history_off", "tick history is off (history.backend = \"off\")")
+            raise _BadRequest(404, "history_off", 'tick history is off (history.backend = "off")')
         return ctx.history_store
 
     @app.get(prefix + "/history/<symbol>")
@@ -166,7 +164,8 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             return error_response(exc.status, exc.code, exc.message)
         except BudgetExceeded:
             return error_response(
-                422, "query_too_large",
+                422,
+                "query_too_large",
                 f"one {interval} bar holds more trades than the relay reads per request; ask for a finer interval",
             )
         except (QueryTimeout, HistoryBusy, HistoryUnavailable) as exc:

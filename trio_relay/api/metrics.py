@@ -38,23 +38,37 @@ class RelayCollector(Collector):
         info.add_metric([__version__, self.ctx.provider_name], 1)
         yield info
         yield GaugeMetricFamily("trio_relay_start_time_seconds", "Start time (Unix epoch)", value=self.ctx.started_at)
-        yield GaugeMetricFamily("trio_relay_upstream_up", "1 when the upstream is connected and fresh", value=int(upstream.is_fresh()))
-        state = GaugeMetricFamily("trio_relay_upstream_state", "Upstream state (1 for the current one)", labels=["state"])
+        yield GaugeMetricFamily(
+            "trio_relay_upstream_up", "1 when the upstream is connected and fresh", value=int(upstream.is_fresh())
+        )
+        state = GaugeMetricFamily(
+            "trio_relay_upstream_state", "Upstream state (1 for the current one)", labels=["state"]
+        )
         for name in STATES:
             state.add_metric([name], int(upstream.state == name))
         yield state
         age = upstream.message_age()
         yield GaugeMetricFamily(
-            "trio_relay_upstream_last_message_age_seconds", "Seconds since the last upstream frame", value=age if age is not None else float("nan")
+            "trio_relay_upstream_last_message_age_seconds",
+            "Seconds since the last upstream frame",
+            value=age if age is not None else float("nan"),
         )
-        yield GaugeMetricFamily("trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed))
+        yield GaugeMetricFamily(
+            "trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed)
+        )
         edge = self.ctx.edge
         if edge is not None:
-            yield GaugeMetricFamily("trio_relay_edge_connections", "Open connections on the public port", value=edge.open)
             yield GaugeMetricFamily(
-                "trio_relay_edge_connections_idle", "Of which waiting for a request head (evictable)", value=edge.idle_count
+                "trio_relay_edge_connections", "Open connections on the public port", value=edge.open
             )
-            yield GaugeMetricFamily("trio_relay_edge_max_connections", "The connection cap in effect", value=edge.max_connections)
+            yield GaugeMetricFamily(
+                "trio_relay_edge_connections_idle",
+                "Of which waiting for a request head (evictable)",
+                value=edge.idle_count,
+            )
+            yield GaugeMetricFamily(
+                "trio_relay_edge_max_connections", "The connection cap in effect", value=edge.max_connections
+            )
             refused = CounterMetricFamily(
                 "trio_relay_edge_refused", "Connections refused at accept, before any request", labels=["reason"]
             )
@@ -62,21 +76,31 @@ class RelayCollector(Collector):
                 refused.add_metric([admission.value], count)
             yield refused
             yield CounterMetricFamily(
-                "trio_relay_edge_evicted", "Idle connections closed to make room at the connection cap", value=edge.evicted
+                "trio_relay_edge_evicted",
+                "Idle connections closed to make room at the connection cap",
+                value=edge.evicted,
             )
             rejected = CounterMetricFamily(
-                "trio_relay_edge_rejected", "Requests the edge answered with an error (400, 408, 421, 431...)", labels=["status"]
+                "trio_relay_edge_rejected",
+                "Requests the edge answered with an error (400, 408, 421, 431...)",
+                labels=["status"],
             )
             for status, count in sorted(edge.rejected.items()):
                 rejected.add_metric([str(status)], count)
             yield rejected
         writer = self.ctx.history_writer
         if writer is not None:
-            yield CounterMetricFamily("trio_relay_history_written", "Updates written to the tick history", value=writer.written)
             yield CounterMetricFamily(
-                "trio_relay_history_dropped", "Updates the tick history could not take (database slow or down)", value=writer.dropped
+                "trio_relay_history_written", "Updates written to the tick history", value=writer.written
             )
-            yield GaugeMetricFamily("trio_relay_history_pending", "Updates waiting for the database", value=writer.pending)
+            yield CounterMetricFamily(
+                "trio_relay_history_dropped",
+                "Updates the tick history could not take (database slow or down)",
+                value=writer.dropped,
+            )
+            yield GaugeMetricFamily(
+                "trio_relay_history_pending", "Updates waiting for the database", value=writer.pending
+            )
             history_state = GaugeMetricFamily(
                 "trio_relay_history_state", "Tick history writer state (1 for the current one)", labels=["state"]
             )
@@ -84,7 +108,9 @@ class RelayCollector(Collector):
                 history_state.add_metric([name], int(writer.state == name))
             yield history_state
         active = GaugeMetricFamily(
-            "trio_relay_upstream_provider_active", "1 for the provider in use (failover chain order)", labels=["provider"]
+            "trio_relay_upstream_provider_active",
+            "1 for the provider in use (failover chain order)",
+            labels=["provider"],
         )
         for i, health in enumerate(upstream.chain):
             active.add_metric([health.provider.name], int(i == upstream.active))
@@ -116,7 +142,10 @@ class RelayCollector(Collector):
             buckets.append((str(bound), i))
         buckets.append(("+Inf", len(depths)))
         yield HistogramMetricFamily(
-            "trio_relay_client_queue_depth", "Pending messages per client (at scrape time)", buckets=buckets, sum_value=sum(depths)
+            "trio_relay_client_queue_depth",
+            "Pending messages per client (at scrape time)",
+            buckets=buckets,
+            sum_value=sum(depths),
         )
         latency = hub.latency
         yield HistogramMetricFamily(
@@ -142,5 +171,3 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
-
-

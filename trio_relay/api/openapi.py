@@ -305,7 +305,9 @@ _HISTORY_ERRORS = {
 _NOT_READY = Reply("Not ready: `code` says why (for alert rules), `reason` in words.", Health)
 _BAD_SYMBOLS = {
     400: Reply("The body is not JSON (`invalid_json`).", ErrorBody),
-    422: Reply("Missing, malformed or too many symbols (`missing_field`, `invalid_symbols`, `too_many_symbols`).", ErrorBody),
+    422: Reply(
+        "Missing, malformed or too many symbols (`missing_field`, `invalid_symbols`, `too_many_symbols`).", ErrorBody
+    ),
 }
 
 # Keyed by endpoint (the view function's name). Every route under the REST prefix must be here
@@ -322,11 +324,15 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
             {
                 200: Reply("Pinned.", Subscribed),
                 **_BAD_SYMBOLS,
-                403: Reply("The token does not allow some of the symbols (`forbidden_symbols`).", ErrorBody, auth_only=True),
+                403: Reply(
+                    "The token does not allow some of the symbols (`forbidden_symbols`).", ErrorBody, auth_only=True
+                ),
             },
             request=SymbolsRequest,
         ),
-        "unsubscribe": Endpoint("admin", {200: Reply("Unpinned.", Unsubscribed), **_BAD_SYMBOLS}, request=SymbolsRequest),
+        "unsubscribe": Endpoint(
+            "admin", {200: Reply("Unpinned.", Unsubscribed), **_BAD_SYMBOLS}, request=SymbolsRequest
+        ),
         "cache_all": Endpoint("prices", {200: Reply("Every cached price_update, by symbol.", CacheBody)}),
         "cache_one": Endpoint(
             "prices",
@@ -340,7 +346,9 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
         "alerts_list": Endpoint("alerts", {200: Reply("Rules and latest fired alerts.", AlertsBody), **_ALERT_ERRORS}),
         "alerts_create": Endpoint("alerts", {200: Reply("The rule, with its id and state.", dict), **_ALERT_ERRORS}),
         "alerts_delete": Endpoint("alerts", {200: Reply("Deleted.", dict), **_ALERT_ERRORS}),
-        "portfolios_list": Endpoint("portfolio", {200: Reply("The caller's portfolios.", PortfolioList), **_PORTFOLIO_ERRORS}),
+        "portfolios_list": Endpoint(
+            "portfolio", {200: Reply("The caller's portfolios.", PortfolioList), **_PORTFOLIO_ERRORS}
+        ),
         "portfolios_create": Endpoint(
             "portfolio",
             {200: Reply("Created.", PortfolioBody), **_PORTFOLIO_ERRORS},
@@ -361,7 +369,9 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
             {
                 200: Reply("A page of ticks, oldest first; `next_cursor` continues it.", TicksPage),
                 **_HISTORY_ERRORS,
-                400: Reply("Bad symbol, time, window, limit or cursor (`invalid_range`, `invalid_cursor`...).", ErrorBody),
+                400: Reply(
+                    "Bad symbol, time, window, limit or cursor (`invalid_range`, `invalid_cursor`...).", ErrorBody
+                ),
             },
         ),
         "history_bars": Endpoint(
@@ -374,12 +384,16 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
                 ),
                 **_HISTORY_ERRORS,
                 422: Reply("One bar holds more trades than a request may read (`query_too_large`).", ErrorBody),
-                400: Reply("Bad symbol, interval, time, window or limit (`invalid_interval`, `invalid_range`...).", ErrorBody),
+                400: Reply(
+                    "Bad symbol, interval, time, window or limit (`invalid_interval`, `invalid_range`...).", ErrorBody
+                ),
             },
         ),
         # Views without a docstring of their own: Quart's static files and the dashboard's.
         "static": Endpoint(
-            "dashboard", {200: Reply("The file.", None, "application/octet-stream")}, summary="Quart's static files route"
+            "dashboard",
+            {200: Reply("The file.", None, "application/octet-stream")},
+            summary="Quart's static files route",
         ),
         "dashboard_page": Endpoint(
             "dashboard",
@@ -388,7 +402,10 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
         ),
         "dashboard_file": Endpoint(
             "dashboard",
-            {200: Reply("The file (JavaScript, CSS or SVG).", None, "text/javascript"), 404: Reply("No such file.", ErrorBody)},
+            {
+                200: Reply("The file (JavaScript, CSS or SVG).", None, "text/javascript"),
+                404: Reply("No such file.", ErrorBody),
+            },
             summary="A file of the web dashboard",
         ),
     }
@@ -445,7 +462,9 @@ def _serves(app: QuartTrio, rule: Rule) -> bool:
 
 def _methods(rule: Rule) -> list[str]:
     methods = rule.methods or set()
-    return sorted(m for m in methods if m != "HEAD" and not (m == "OPTIONS" and getattr(rule, "provide_automatic_options", True)))
+    return sorted(
+        m for m in methods if m != "HEAD" and not (m == "OPTIONS" and getattr(rule, "provide_automatic_options", True))
+    )
 
 
 class _Schemas:
@@ -505,7 +524,9 @@ def build_openapi(
         is_admin = rule.rule.startswith(admin_prefixes)
         methods = _methods(rule)
         for method in methods:
-            op: dict[str, Any] = {"operationId": rule.endpoint if len(methods) == 1 else f"{rule.endpoint}_{method.lower()}"}
+            op: dict[str, Any] = {
+                "operationId": rule.endpoint if len(methods) == 1 else f"{rule.endpoint}_{method.lower()}"
+            }
             if summary:
                 op["summary"] = summary
             if description:
@@ -522,7 +543,9 @@ def build_openapi(
                     continue
                 responses[str(code)] = response(reply)
             if not is_open:
-                limited = Reply("Too many requests from this address (`rate_limited`): wait Retry-After seconds.", ErrorBody)
+                limited = Reply(
+                    "Too many requests from this address (`rate_limited`): wait Retry-After seconds.", ErrorBody
+                )
                 responses["429"] = {
                     **response(limited),
                     "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},

@@ -28,6 +28,7 @@ __all__ = ["register_portfolios", "PortfolioBody", "PortfolioList"]
 
 MAX_BODY_POSITIONS = 1000
 
+
 class PositionBody(msgspec.Struct, forbid_unknown_fields=True):
     symbol: str
     quantity: float
@@ -82,11 +83,7 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
         """The entitlement check for symbols a user puts in a portfolio (EntitlementError)."""
         allowed = entitlement(ctx.security)
         allowed.require(symbols)
-        held = {
-            p.symbol
-            for portfolio in await service().store.list_portfolios(owner())
-            for p in portfolio.positions
-        }
+        held = {p.symbol for portfolio in await service().store.list_portfolios(owner()) for p in portfolio.positions}
         if ctx.alerts is not None:  # one budget: the symbols of their alert rules count too
             held |= ctx.alerts.engine.owner_symbols(owner())
         allowed.require_budget(held, symbols)

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -39,9 +39,6 @@ MAX_BODY = 64 * 1024
 MAX_CLIENTS_LISTED = 1000
 
 
-
-
-
 def _unauthorized(message: str) -> Response:
     response = error_response(401, "unauthorized", message)
     response.headers["WWW-Authenticate"] = 'Bearer realm="trio-relay", error="invalid_token"'
@@ -51,7 +48,7 @@ def _unauthorized(message: str) -> Response:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _round(value: float | None) -> float | None:
@@ -106,7 +103,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             log.info("[AUTH] REST %s %s refused: %s", request.method, path, exc.reason)
             return _unauthorized(exc.reason)
         if path.startswith(admin_paths) and not g.principal.has_scope(security.config.auth.admin_scope):
-            return error_response(403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope")
+            return error_response(
+                403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope"
+            )
         return None
 
     @app.after_request
@@ -199,7 +198,9 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     async def live() -> Response:
         """The process answers (its event loop runs), whatever the upstream does."""
         ip = ctx.client_ip(request.scope.get("client"))  # the real client's, through the front door
-        return json_response({"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip})
+        return json_response(
+            {"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip}
+        )
 
     @app.get(PREFIX + "/status")
     async def status() -> Response:

@@ -38,8 +38,8 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..alerts.service import AlertService
 from ..alerts import RuleError
+from ..alerts.service import AlertService
 from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
 from ..bars import INTERVALS
 from ..config import Config
@@ -64,7 +64,6 @@ log = logging.getLogger("trio_relay.api.ws")
 WS_PATH = "/api/v2/realtime/ws/prices"
 
 
-
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -81,9 +80,7 @@ def parse_symbols(raw: object, max_per_request: int, field: str = "symbols") -> 
     if not raw:
         raise ProtocolError("invalid_symbols", f"'{field}' must not be empty")
     if len(raw) > max_per_request:
-        raise ProtocolError(
-            "too_many_symbols", f"at most {max_per_request} symbols per request (got {len(raw)})"
-        )
+        raise ProtocolError("too_many_symbols", f"at most {max_per_request} symbols per request (got {len(raw)})")
     symbols = list(dict.fromkeys(s.strip().upper() for s in raw))
     bad = [s for s in symbols if not SYMBOL_RE.match(s)]
     if bad:
@@ -115,7 +112,8 @@ def _interval(msg: dict[str, object], *, required: bool) -> str | None:
         return None
     if interval not in INTERVALS:
         raise ProtocolError(
-            "invalid_interval", f"'interval' must be one of {', '.join(INTERVALS)} for the bars channel (got {interval!r:.40})"
+            "invalid_interval",
+            f"'interval' must be one of {', '.join(INTERVALS)} for the bars channel (got {interval!r:.40})",
         )
     return str(interval)
 
@@ -125,9 +123,7 @@ def _resume_fields(msg: dict[str, object], symbols: list[str]) -> tuple[dict[str
     raw = msg.get("since")
     if raw is None:
         return None, None
-    if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and type(v) is int and v >= 0 for k, v in raw.items()
-    ):
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in raw.items()):
         raise ProtocolError("invalid_since", "'since' must be an object of symbol: last seq seen (an integer >= 0)")
     epoch = msg.get("epoch")
     if not isinstance(epoch, str):
@@ -389,7 +385,11 @@ class ClientProtocol:
             self._error(client, exc.code, message)
             return
         if not isinstance(msg, dict):
-            self._error(client, "invalid_message", 'message must be a JSON object like {"action":"subscribe","symbols":["AAPL"]}')
+            self._error(
+                client,
+                "invalid_message",
+                'message must be a JSON object like {"action":"subscribe","symbols":["AAPL"]}',
+            )
             return
         action = msg.get("action")
         try:
@@ -462,7 +462,7 @@ class ClientProtocol:
             if action == "alert_create":
                 rule = msg.get("rule")
                 if not isinstance(rule, dict):
-                    raise ProtocolError("missing_field", "'rule' is required: an object, e.g. {\"type\":\"above\",...}")
+                    raise ProtocolError("missing_field", '\'rule\' is required: an object, e.g. {"type":"above",...}')
                 # Answered by the alert service once its checks are done (webhook host, budget).
                 self.alerts.create_for(client, owner, rule, entitlement)
             elif action == "alert_delete":
@@ -513,7 +513,9 @@ class ClientProtocol:
         if session.principal is None:
             session.principal = principal
             if not session.claim_user():
-                self._error(client, "too_many_connections", f"at most {security.per_user.cap} connections per user", "auth")
+                self._error(
+                    client, "too_many_connections", f"at most {security.per_user.cap} connections per user", "auth"
+                )
                 client.close(CLOSE_POLICY, "too many connections for this user")
                 return
             client.user = principal.subject

@@ -15,4 +15,13 @@ from .builder import (
     bars_from_trades,
 )
 
-__all__ = ["INTERVALS", "Bar", "BarBuilder", "TradeRow", "BarsPageResult", "BudgetExceeded", "bars_from_trades", "bars_from_sorted_trades"]
+__all__ = [
+    "INTERVALS",
+    "Bar",
+    "BarBuilder",
+    "TradeRow",
+    "BarsPageResult",
+    "BudgetExceeded",
+    "bars_from_trades",
+    "bars_from_sorted_trades",
+]

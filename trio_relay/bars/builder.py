@@ -39,7 +39,16 @@ import msgspec
 
 from ..model import Update
 
-__all__ = ["INTERVALS", "Bar", "BarBuilder", "TradeRow", "BarsPageResult", "BudgetExceeded", "bars_from_trades", "bars_from_sorted_trades"]
+__all__ = [
+    "INTERVALS",
+    "Bar",
+    "BarBuilder",
+    "TradeRow",
+    "BarsPageResult",
+    "BudgetExceeded",
+    "bars_from_trades",
+    "bars_from_sorted_trades",
+]
 
 # Read-only: a module-level dict would be a mutable singleton shared by every builder.
 INTERVALS: Final[Mapping[str, int]] = MappingProxyType({"1s": 1_000, "1m": 60_000, "5m": 300_000, "1h": 3_600_000})
@@ -87,8 +96,23 @@ class _Slot:
     interval's bars are final, so a trade timed before it is late.
     """
 
-    __slots__ = ("symbol", "interval", "ms", "emit", "start", "end", "open", "high", "low", "close",
-                 "volume", "pv", "trades", "open_ts", "close_ts")
+    __slots__ = (
+        "symbol",
+        "interval",
+        "ms",
+        "emit",
+        "start",
+        "end",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "pv",
+        "trades",
+        "open_ts",
+        "close_ts",
+    )
 
     def __init__(self, symbol: str, interval: str, ms: int, emit: bool, floor: int) -> None:
         self.symbol = symbol
@@ -147,8 +171,19 @@ class _Slot:
 
     def bar(self, complete: bool) -> Bar:
         volume = self.volume
-        return Bar(self.symbol, self.interval, self.start, self.open, self.high, self.low, self.close,
-                   volume, self.trades, self.pv / volume if volume > 0 else None, complete)
+        return Bar(
+            self.symbol,
+            self.interval,
+            self.start,
+            self.open,
+            self.high,
+            self.low,
+            self.close,
+            volume,
+            self.trades,
+            self.pv / volume if volume > 0 else None,
+            complete,
+        )
 
 
 def _check_interval(name: str) -> int:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
-from ..model import TRADE, Update, control, ws_text_frame
+from ..model import TRADE, Update, control, wall_ms, ws_text_frame
 from .builder import INTERVALS, Bar, BarBuilder
 
 if TYPE_CHECKING:
@@ -119,7 +118,7 @@ class BarChannel:
             await trio.sleep(1.0)
             if not self.symbols:
                 continue
-            for bar in self.builder.flush(time.time_ns() // 1_000_000 - FLUSH_GRACE_MS):
+            for bar in self.builder.flush(wall_ms() - FLUSH_GRACE_MS):
                 self._send_closed(bar)
             for (symbol, interval), outboxes in self.subs.items():
                 current = self.builder.current(symbol, interval)

@@ -55,9 +55,9 @@ import coredis
 import coredis.exceptions
 import msgspec
 import trio
+from coredis.retry import NoRetryPolicy
 from msgspec import Meta
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from coredis.retry import NoRetryPolicy
 
 from ..config import Config, EngineConfig, UpstreamConfig
 from ..hub import Demand, Hub, Stats, new_epoch
@@ -65,7 +65,19 @@ from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update
 from ..providers.base import Provider
 from ..upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
 
-__all__ = ["RedisEngine", "FleetUpstream", "FleetBatch", "FleetStatus", "FleetHealth", "redis_client", "describe_failure", "is_redis_failure", "fleet_keys", "REDIS_DOWN", "NO_HOLDER"]
+__all__ = [
+    "RedisEngine",
+    "FleetUpstream",
+    "FleetBatch",
+    "FleetStatus",
+    "FleetHealth",
+    "redis_client",
+    "describe_failure",
+    "is_redis_failure",
+    "fleet_keys",
+    "REDIS_DOWN",
+    "NO_HOLDER",
+]
 
 log = logging.getLogger("trio_relay.fleet")
 
@@ -347,8 +359,16 @@ class RedisEngine:
 
     def metrics(self) -> Iterator[Metric]:
         """This relay's part in the fleet, for /metrics."""
-        yield GaugeMetricFamily("trio_relay_fleet_redis_up", "1 while this relay is connected to the fleet's Redis", value=int(self.redis_state == "up"))
-        yield GaugeMetricFamily("trio_relay_fleet_holder", "1 while this relay holds the fleet's upstream connection", value=int(self.role == "holder"))
+        yield GaugeMetricFamily(
+            "trio_relay_fleet_redis_up",
+            "1 while this relay is connected to the fleet's Redis",
+            value=int(self.redis_state == "up"),
+        )
+        yield GaugeMetricFamily(
+            "trio_relay_fleet_holder",
+            "1 while this relay holds the fleet's upstream connection",
+            value=int(self.role == "holder"),
+        )
         for name, doc, value in (
             ("fleet_redis_outages", "Times this relay lost Redis", self.redis_outages),
             ("fleet_terms", "Times this relay became the upstream holder", self.terms),
@@ -702,7 +722,9 @@ class RedisEngine:
             seen = self._holder_seen_at if self._holder_seen_at is not None else joined
             now = trio.current_time()
             quiet = now - seen
-            if quiet >= silence and (self.holder_status is not None or self._signal is None or self._signal[0] != "down"):
+            if quiet >= silence and (
+                self.holder_status is not None or self._signal is None or self._signal[0] != "down"
+            ):
                 self.holder_status = None
                 # The holder too: its clients' prices come back to it through Redis.
                 self._give_signal("down", f"no heartbeat from the fleet's upstream holder for {quiet:.1f}s")
@@ -752,7 +774,9 @@ class RedisEngine:
                 states = await self._load_states(redis, epoch)
             send, receive = trio.open_memory_channel[Item](self.upstream_config.queue_size)
             fleet_demand = Demand(self.upstream_config.unsubscribe_linger)
-            upstream = Upstream(self.providers, fleet_demand, send, self.upstream_config, self.stats, secrets=self.secrets)
+            upstream = Upstream(
+                self.providers, fleet_demand, send, self.upstream_config, self.stats, secrets=self.secrets
+            )
             upstream.on_event = self._on_upstream_event
             self.upstream = upstream
             async with trio.open_nursery() as nursery:
@@ -1184,7 +1208,9 @@ class FleetHealth(msgspec.Struct, forbid_unknown_fields=True):
 class FleetReceived(msgspec.Struct, forbid_unknown_fields=True):
     batches: Annotated[int, Meta(description="fan-out messages received from Redis")]
     duplicates_dropped: Annotated[int, Meta(description="updates already passed on (cache read racing the live feed)")]
-    stale_token_dropped: Annotated[int, Meta(description="messages of an older holder (fencing token below the newest)")]
+    stale_token_dropped: Annotated[
+        int, Meta(description="messages of an older holder (fencing token below the newest)")
+    ]
     malformed: int
 
 

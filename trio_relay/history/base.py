@@ -108,7 +108,9 @@ class HistoryConnection(Protocol):
         """Delete up to ``max_rows`` ticks with ``ts < cutoff_ms``; how many were deleted."""
         ...
 
-    def ticks(self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None) -> list[tuple[Tick, Position]]:
+    def ticks(
+        self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None
+    ) -> list[tuple[Tick, Position]]:
         """Up to ``limit`` ticks of ``symbol`` in ``[start_ms, end_ms)`` after ``after``, by (ts, id)."""
         ...
 

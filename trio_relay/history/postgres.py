@@ -35,7 +35,18 @@ from .base import (
 __all__ = ["PostgresBackend"]
 
 _ROW_ERRORS: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, TypeError, ValueError)
-_COLUMNS: Final = ("symbol", "ts", "recv_ms", "kind", "last_price", "last_size", "bid_price", "bid_size", "ask_price", "ask_size")
+_COLUMNS: Final = (
+    "symbol",
+    "ts",
+    "recv_ms",
+    "kind",
+    "last_price",
+    "last_size",
+    "bid_price",
+    "bid_size",
+    "ask_price",
+    "ask_size",
+)
 _COPY_TYPES: Final = ["text", "int8", "int8", "text", "float8", "float8", "float8", "float8", "float8", "float8"]
 
 
@@ -104,10 +115,14 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise self._unavailable(exc) from None  # no chained driver error: it may quote the DSN
         try:
-            conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(round(self.statement_timeout * 1000))))
+            conn.execute(
+                sql.SQL("SET statement_timeout = {}").format(sql.Literal(round(self.statement_timeout * 1000)))
+            )
             table = sql.Identifier(self.schema, self.table) if self.schema else sql.Identifier(self.table)
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"trio_relay.history.{self.qualified_name}"])
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"trio_relay.history.{self.qualified_name}"]
+                )
                 if self.schema:
                     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
                 conn.execute(
@@ -140,7 +155,9 @@ class _PostgresConnection:
         t = table
         names = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(t, names)
-        columns = sql.SQL("id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size")
+        columns = sql.SQL(
+            "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size"
+        )
         self._ticks = sql.SQL(
             "SELECT {} FROM {} WHERE symbol = %s AND ts >= %s AND ts < %s ORDER BY ts, id LIMIT %s"
         ).format(columns, t)
@@ -166,8 +183,20 @@ class _PostgresConnection:
                 copy.set_types(_COPY_TYPES)
                 write_row = copy.write_row
                 for u, r in batch:
-                    write_row((u.symbol, u.timestamp, r, u.kind, u.last_price, u.last_size,
-                               u.bid_price, u.bid_size, u.ask_price, u.ask_size))
+                    write_row(
+                        (
+                            u.symbol,
+                            u.timestamp,
+                            r,
+                            u.kind,
+                            u.last_price,
+                            u.last_size,
+                            u.bid_price,
+                            u.bid_size,
+                            u.ask_price,
+                            u.ask_size,
+                        )
+                    )
         except _ROW_ERRORS as exc:
             if self._conn.broken:
                 raise self._backend._unavailable(exc) from None
@@ -188,7 +217,9 @@ class _PostgresConnection:
             raise self._backend._unavailable(exc) from None
         return deleted
 
-    def ticks(self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None) -> list[tuple[Tick, Position]]:
+    def ticks(
+        self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None
+    ) -> list[tuple[Tick, Position]]:
         try:
             if after is None:
                 rows = self._conn.execute(self._ticks, (symbol, start_ms, end_ms, limit)).fetchall()
@@ -197,7 +228,9 @@ class _PostgresConnection:
         except psycopg.Error as exc:
             raise self._backend._unavailable(exc) from None
         # Columns are in table order (bid before ask); Tick is in Update order (ask before bid).
-        return [(Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows]
+        return [
+            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows
+        ]
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:
         try:

@@ -145,7 +145,18 @@ class _SqliteConnection:
 
     def write(self, batch: Batch) -> None:
         rows = (
-            (u.symbol, u.timestamp, r, u.kind, u.last_price, u.last_size, u.bid_price, u.bid_size, u.ask_price, u.ask_size)
+            (
+                u.symbol,
+                u.timestamp,
+                r,
+                u.kind,
+                u.last_price,
+                u.last_size,
+                u.bid_price,
+                u.bid_size,
+                u.ask_price,
+                u.ask_size,
+            )
             for u, r in batch
         )
         try:
@@ -174,7 +185,9 @@ class _SqliteConnection:
             raise self._unavailable(exc) from exc
         return deleted
 
-    def ticks(self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None) -> list[tuple[Tick, Position]]:
+    def ticks(
+        self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None
+    ) -> list[tuple[Tick, Position]]:
         try:
             if after is None:
                 cur = self._conn.execute(self._ticks, (symbol, start_ms, end_ms, limit))
@@ -185,7 +198,9 @@ class _SqliteConnection:
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         # Columns are in table order (bid before ask); Tick is in Update order (ask before bid).
-        return [(Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows]
+        return [
+            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows
+        ]
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:
         try:

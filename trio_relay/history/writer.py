@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -33,7 +32,7 @@ from typing import Final, Literal, TypeVar
 import trio
 
 from ..config import HistoryConfig
-from ..model import Update
+from ..model import Update, wall_ms
 from .base import HistoryBackend, HistoryConnection, HistoryUnavailable, RejectedRows
 
 __all__ = ["HistoryWriter", "WriterState"]
@@ -50,8 +49,7 @@ DAY_MS: Final = 86_400_000
 CLOSE_GRACE: Final = 1.0
 
 
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
+wall_clock_ms = wall_ms  # the wall clock every module uses (model.wall_ms)
 
 
 class _Tally:
@@ -146,7 +144,9 @@ class HistoryWriter:
         self._changes = trio.lowlevel.ParkingLot()
 
     @classmethod
-    def from_config(cls, config: HistoryConfig, backend: HistoryBackend, *, shutdown_timeout: float = 5.0) -> HistoryWriter:
+    def from_config(
+        cls, config: HistoryConfig, backend: HistoryBackend, *, shutdown_timeout: float = 5.0
+    ) -> HistoryWriter:
         return cls(
             backend,
             queue_size=config.queue_size,
@@ -268,7 +268,9 @@ class HistoryWriter:
         with self._work_scope:
             await self._loop()
         if self._work_scope.cancelled_caught:
-            log.warning("history: shutdown: %s did not finish within %.1f s", self.backend.description, self.shutdown_timeout)
+            log.warning(
+                "history: shutdown: %s did not finish within %.1f s", self.backend.description, self.shutdown_timeout
+            )
         if self._conn is not None and not self._abandoned:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
                 await self._close_connection()

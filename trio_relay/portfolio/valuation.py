@@ -37,13 +37,12 @@ it saw of each symbol in the current UTC day, and "day change" is relative to th
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import msgspec
 
-from ..model import PriceState
+from ..model import PriceState, wall_ms
 from .model import Portfolio
 
 __all__ = ["valuate", "price_of", "Valuation", "PositionValue", "Totals", "DayOpen", "DECIMALS"]
@@ -205,7 +204,7 @@ def valuate(
         unpriced=unpriced,
     )
     if as_of is None:
-        as_of = time.time_ns() // 1_000_000
+        as_of = wall_ms()
     return Valuation(name=portfolio.name, positions=rows, totals=totals, as_of=as_of)
 
 

@@ -52,20 +52,19 @@ Protocol (see shared/providers.md §3; field names checked against alpaca-trade-
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
 import attrs
 import msgspec
 import trio
 
-from ..model import BREAK, QUOTE, SYMBOL_RE, TRADE, Update
+from ..model import BREAK, QUOTE, SYMBOL_RE, TRADE, Update, wall_ms
 from ..settings import positive, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
 from .symbols import SymbolMap
 from .wsclient import WsClient
 
@@ -143,10 +142,6 @@ RETRY_CODES: dict[int, str] = {404: "auth timeout", 407: "slow client", 500: "in
 _SKIPPED = frozenset({"b", "u", "d", "s", "l", "i", "o", "n", "p"})
 
 
-def _ignore(_exc: MalformedFrame) -> None:
-    pass
-
-
 class AlpacaMessage(msgspec.Struct, gc=False):
     """The fields we read from one array element, data or control.
 
@@ -178,7 +173,7 @@ _RAW_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
 _ONE_DECODER = msgspec.json.Decoder(AlpacaMessage)
 _ENCODER = msgspec.json.Encoder()
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _fromisoformat = datetime.fromisoformat
 
@@ -226,7 +221,7 @@ class AlpacaSession:
         self,
         ws: Transport,
         symbols: SymbolMap,
-        on_malformed: MalformedSink = _ignore,
+        on_malformed: MalformedSink = ignore_malformed,
         *,
         early: Sequence[str] = (),
         warned: set[str] | None = None,
@@ -291,9 +286,7 @@ class AlpacaSession:
         if len(self._warned) >= MAX_WARNED:
             self._warned.clear()
         self._warned.add(symbol)
-        log.warning(
-            "[SUBSCRIBE] %s has no symbol for %s; add it to [alpaca.symbols]", self._provider, symbol
-        )
+        log.warning("[SUBSCRIBE] %s has no symbol for %s; add it to [alpaca.symbols]", self._provider, symbol)
 
     # ------------------------------------------------------------------ receiving
     async def receive(self) -> list[Update]:
@@ -331,7 +324,7 @@ class AlpacaSession:
                         if symbol is None:
                             continue
                     try:
-                        ts = (fromisoformat(m.t) - epoch) // one_ms if m.t is not None else time.time_ns() // 1_000_000
+                        ts = (fromisoformat(m.t) - epoch) // one_ms if m.t is not None else wall_ms()
                     except (ValueError, TypeError):
                         self._malformed(f"bad timestamp {m.t!r}", raw)
                         continue
@@ -474,7 +467,7 @@ class AlpacaProvider:
         return f"Alpaca {feed} at {self.config.resolved_url}"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[AlpacaSession]:
+    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[AlpacaSession]:
         url = self.config.resolved_url
         async with WsClient.open(
             url,

@@ -27,6 +27,7 @@ __all__ = [
     "AuthFailed",
     "MalformedFrame",
     "MalformedSink",
+    "ignore_malformed",
     "Credential",
     "ProviderEntry",
 ]
@@ -55,6 +56,10 @@ class MalformedFrame(Exception):
 
 
 MalformedSink = Callable[[MalformedFrame], None]
+
+
+def ignore_malformed(_exc: MalformedFrame) -> None:
+    """The sink that drops a malformed frame (for callers that count nothing, such as a probe)."""
 
 
 class Session(Protocol):

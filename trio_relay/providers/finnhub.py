@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import quote, urlsplit
@@ -55,9 +54,9 @@ import attrs
 import msgspec
 import trio
 
-from ..model import SYMBOL_RE, TRADE, Update, normalize_epoch_ms
+from ..model import SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
 from ..settings import no_query, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
 from .symbols import SymbolMap
 from .wsclient import HandshakeRejected, WsClient
 
@@ -104,10 +103,6 @@ SILENCE_TIMEOUT = 300.0
 CLOSE_TIMEOUT = 5.0
 # Bounds of per-process / per-session memories that grow with distinct symbols seen.
 MAX_REMEMBERED = 4096
-
-
-def _ignore(_exc: MalformedFrame) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- wire types
@@ -374,10 +369,6 @@ class FinnhubSession:
         return self.decoder.decode_batch(raws, self._on_malformed, wall_ms())
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # --------------------------------------------------------------------------- provider
 
 
@@ -458,11 +449,13 @@ class FinnhubProvider:
             raise
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FinnhubSession]:
+    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[FinnhubSession]:
         ws = await self._connect()
         try:
             decoder = FinnhubDecoder(self.symbols, warned=self._invalid, scrub=self.scrub)
-            yield FinnhubSession(ws, decoder, on_malformed, unmapped=self._unmapped, silence_timeout=self.silence_timeout)
+            yield FinnhubSession(
+                ws, decoder, on_malformed, unmapped=self._unmapped, silence_timeout=self.silence_timeout
+            )
         finally:
             # A dead peer can leave the close frame unsendable; the socket is closed regardless.
             with trio.move_on_after(CLOSE_TIMEOUT):

@@ -12,7 +12,6 @@ are one JSON object each: ``s`` ticker, ``t`` timestamp of unknown unit, ``type`
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -22,9 +21,9 @@ import msgspec
 import trio
 
 from ..masking import mask_secrets
-from ..model import SYMBOL_RE, Update, normalize_epoch_ms
+from ..model import SYMBOL_RE, Update, normalize_epoch_ms, wall_ms
 from ..settings import positive, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ignore_malformed
 from .wsclient import WsClient
 
 __all__ = ["FmpConfig", "ENTRY", "FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
@@ -58,10 +57,6 @@ SUBSCRIBE_CHUNK = 100
 # Data frames kept while waiting for the login reply (they are delivered after it).
 MAX_EARLY = 1024
 MAX_FRAME = 1 << 20
-
-
-def _ignore(_exc: MalformedFrame) -> None:
-    pass
 
 
 class FmpFrame(msgspec.Struct, gc=False):
@@ -134,7 +129,9 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
 
 
 class FmpSession:
-    def __init__(self, ws: WsClient, early: list[str], on_malformed: MalformedSink, secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self, ws: WsClient, early: list[str], on_malformed: MalformedSink, secrets: Sequence[str] = ()
+    ) -> None:
         self._ws = ws
         self._secrets = secrets  # masked out of FMP's messages (a refusal may quote the key)
         self._early = early  # frames that arrived while we waited for the login reply
@@ -171,12 +168,10 @@ class FmpSession:
             if reason is not None:
                 raise AuthFailed(mask_secrets(f"FMP refused the session: {reason}", self._secrets))
             if frame.event != "heartbeat":
-                log.debug("[CONTROL] %s: %s %s", frame.event, frame.status, mask_secrets(str(frame.message), self._secrets))
+                log.debug(
+                    "[CONTROL] %s: %s %s", frame.event, frame.status, mask_secrets(str(frame.message), self._secrets)
+                )
         return updates
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class FmpProvider:
@@ -191,7 +186,7 @@ class FmpProvider:
         return f"FMP {self.config.endpoint} at {self.config.resolved_url}"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[FmpSession]:
+    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[FmpSession]:
         url = self.config.resolved_url
         async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
             yield FmpSession(ws, await self._login(ws), on_malformed, (self.config.api_key,))

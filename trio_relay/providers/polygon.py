@@ -36,7 +36,6 @@ or forex cluster, has no symbol and is not sent.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, Literal
@@ -45,9 +44,9 @@ import attrs
 import msgspec
 import trio
 
-from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms
+from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
 from ..settings import positive, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError
+from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
 from .symbols import SymbolMap
 from .wsclient import WsClient
 
@@ -104,10 +103,6 @@ SYMBOL_CACHE: Final = 4096
 MAX_WARNED: Final = 10_000
 
 Number = int | float
-
-
-def _ignore(_exc: MalformedFrame) -> None:
-    pass
 
 
 class PolygonEvent(msgspec.Struct, gc=False, omit_defaults=True):
@@ -186,7 +181,7 @@ class FrameDecoder:
         return client
 
     def decode(
-        self, raw: str | bytes, now_ms: int, out: list[Update], on_malformed: MalformedSink = _ignore
+        self, raw: str | bytes, now_ms: int, out: list[Update], on_malformed: MalformedSink = ignore_malformed
     ) -> Sequence[PolygonEvent]:
         """Append the frame's updates to ``out``; return its status events.
 
@@ -243,7 +238,15 @@ class FrameDecoder:
                         ask_size = None if ask_size is None else ask_size * 100
                         bid_size = None if bid_size is None else bid_size * 100
                     append(
-                        Update(client, QUOTE, ts, ask_price=event.ap, ask_size=ask_size, bid_price=event.bp, bid_size=bid_size)
+                        Update(
+                            client,
+                            QUOTE,
+                            ts,
+                            ask_price=event.ap,
+                            ask_size=ask_size,
+                            bid_price=event.bp,
+                            bid_size=bid_size,
+                        )
                     )
                 elif kind == "C":
                     if event.a is None and event.b is None:
@@ -288,14 +291,8 @@ class FrameDecoder:
         return self.decode(b"[" + b",".join(good) + b"]", now_ms, out, on_malformed)
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class PolygonSession:
-    def __init__(
-        self, provider: PolygonProvider, ws: WsClient, early: list[str], on_malformed: MalformedSink
-    ) -> None:
+    def __init__(self, provider: PolygonProvider, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
         self._provider = provider
         self._ws = ws
         self._early = early  # frames that came with or before auth_success
@@ -401,7 +398,7 @@ class PolygonProvider:
         return status
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[PolygonSession]:
+    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[PolygonSession]:
         url = self.config.resolved_url
         async with WsClient.open(
             url,

@@ -29,9 +29,9 @@ import msgspec
 import trio
 
 from ..model import Update
-from ..settings import ConfigError, positive
 from ..recording import DEMO, DEMO_RESOURCE, Recorded, RecordingError, RecordingHeader, RecordingReader, recording_path
-from .base import MalformedFrame, MalformedSink, ProviderEntry, ProviderError
+from ..settings import ConfigError, positive
+from .base import MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
 
 __all__ = ["ReplayConfig", "ENTRY", "ReplayProvider", "ReplaySession"]
 
@@ -50,10 +50,6 @@ log = logging.getLogger("trio_relay.providers.replay")
 
 # Most updates returned at once when the hub is behind and several recorded batches are due.
 MAX_BATCH = 10_000
-
-
-def _ignore(_exc: MalformedFrame) -> None:
-    pass
 
 
 class ReplaySession:
@@ -155,7 +151,9 @@ class ReplaySession:
                 self._note_extent(entry)
             if update.symbol in wanted:
                 if self._pass:
-                    update = msgspec.structs.replace(update, timestamp=update.timestamp + self._ts_shift, seq=0, epoch=None)
+                    update = msgspec.structs.replace(
+                        update, timestamp=update.timestamp + self._ts_shift, seq=0, epoch=None
+                    )
                 out.append(update)
         return out
 
@@ -205,7 +203,7 @@ class ReplayProvider:
         return f"replay of {self.label} at {self.config.speed:g}x{loop} (recorded timestamps)"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = _ignore) -> AsyncIterator[ReplaySession]:
+    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[ReplaySession]:
         with recording_path(self.config.file) as path:
             session = ReplaySession(path, self.config, self.header, on_malformed)
             try:
@@ -222,4 +220,6 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-ENTRY = ProviderEntry(name="replay", settings=ReplayConfig, build=lambda settings, _upstream: ReplayProvider(settings), network=False)
+ENTRY = ProviderEntry(
+    name="replay", settings=ReplayConfig, build=lambda settings, _upstream: ReplayProvider(settings), network=False
+)

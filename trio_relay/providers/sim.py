@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
-from ..model import QUOTE, TRADE, Update
-from .base import ProviderEntry
+from ..model import QUOTE, TRADE, Update, wall_ms
 from ..settings import non_negative, positive
+from .base import ProviderEntry
 
 __all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
 
@@ -71,7 +70,7 @@ class SimMarket:
         return Update(
             symbol=symbol,
             kind=QUOTE,
-            timestamp=ts_ms if ts_ms is not None else time.time_ns() // 1_000_000,
+            timestamp=ts_ms if ts_ms is not None else wall_ms(),
             bid_price=bid,
             bid_size=100 * w.rng.randint(1, 50),
             ask_price=ask,
@@ -86,7 +85,7 @@ class SimMarket:
             return Update(
                 symbol=symbol,
                 kind=TRADE,
-                timestamp=ts_ms if ts_ms is not None else time.time_ns() // 1_000_000,
+                timestamp=ts_ms if ts_ms is not None else wall_ms(),
                 last_price=round(round(w.mid / w.tick) * w.tick, 4),
                 last_size=w.rng.choice((1, 5, 10, 25, 50, 100, 100, 100, 200, 300, 500, 1000)),
             )
@@ -154,7 +153,7 @@ class SimSession:
             self._owed -= count
             if count == 0:
                 continue
-            ts = time.time_ns() // 1_000_000
+            ts = wall_ms()
             pick = self._pick.choice
             return [self._market.next(pick(symbols), ts) for _ in range(count)]
 

@@ -24,18 +24,52 @@ CRYPTO_PAIRS: dict[str, tuple[str, str]] = {
     f"{base}{quote}": (base, quote)
     for quote in ("USD",)
     for base in (
-        "BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "AVAX", "LINK", "DOT", "LTC",
-        "BCH", "UNI", "AAVE", "XLM", "ATOM", "ALGO", "SHIB", "PEPE", "USDT", "USDC",
+        "BTC",
+        "ETH",
+        "SOL",
+        "XRP",
+        "DOGE",
+        "ADA",
+        "AVAX",
+        "LINK",
+        "DOT",
+        "LTC",
+        "BCH",
+        "UNI",
+        "AAVE",
+        "XLM",
+        "ATOM",
+        "ALGO",
+        "SHIB",
+        "PEPE",
+        "USDT",
+        "USDC",
     )  # fmt: skip
 } | {"ETHBTC": ("ETH", "BTC"), "BTCUSDT": ("BTC", "USDT"), "ETHUSDT": ("ETH", "USDT")}
 
 FOREX_PAIRS: dict[str, tuple[str, str]] = {
     f"{base}{quote}": (base, quote)
     for base, quote in (
-        ("EUR", "USD"), ("GBP", "USD"), ("USD", "JPY"), ("USD", "CHF"), ("AUD", "USD"),
-        ("USD", "CAD"), ("NZD", "USD"), ("EUR", "GBP"), ("EUR", "JPY"), ("GBP", "JPY"),
-        ("EUR", "CHF"), ("USD", "CNH"), ("USD", "MXN"), ("USD", "SEK"), ("USD", "NOK"),
-        ("USD", "HKD"), ("USD", "SGD"), ("USD", "ZAR"), ("USD", "TRY"), ("XAU", "USD"),
+        ("EUR", "USD"),
+        ("GBP", "USD"),
+        ("USD", "JPY"),
+        ("USD", "CHF"),
+        ("AUD", "USD"),
+        ("USD", "CAD"),
+        ("NZD", "USD"),
+        ("EUR", "GBP"),
+        ("EUR", "JPY"),
+        ("GBP", "JPY"),
+        ("EUR", "CHF"),
+        ("USD", "CNH"),
+        ("USD", "MXN"),
+        ("USD", "SEK"),
+        ("USD", "NOK"),
+        ("USD", "HKD"),
+        ("USD", "SGD"),
+        ("USD", "ZAR"),
+        ("USD", "TRY"),
+        ("XAU", "USD"),
     )  # fmt: skip
 }
 

@@ -272,7 +272,9 @@ class WsClient:
             conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-            await transport.send_all(conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or [])))
+            await transport.send_all(
+                conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or []))
+            )
             client = cls(transport, conn, max_message, ping_interval, ping_timeout)
             await client._await_accept()
             return client
@@ -297,7 +299,9 @@ class WsClient:
         """
         try:
             with trio.fail_after(connect_timeout):
-                ws = await cls.connect(url, max_message=max_message, ping_interval=ping_interval, ping_timeout=ping_timeout)
+                ws = await cls.connect(
+                    url, max_message=max_message, ping_interval=ping_interval, ping_timeout=ping_timeout
+                )
         except trio.TooSlowError:
             raise ProviderError(f"connect timed out after {connect_timeout:g}s") from None
         try:

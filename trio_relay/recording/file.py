@@ -72,6 +72,8 @@ log = logging.getLogger("trio_relay.recording")
 
 FORMAT: Final = "trio-relay-recording"
 VERSION: Final = 1
+
+
 class _Line(msgspec.Struct, array_like=True, gc=False):
     """One update line: the columns of the format (version 1), in order. Changing them is a new version."""
 
@@ -124,7 +126,9 @@ class RecordingHeader(msgspec.Struct, kw_only=True):
     @classmethod
     def new(cls, provider: str, symbols: Sequence[str], started_at: int, *, raw: bool = False) -> RecordingHeader:
         """The header of a recording made now, by this version."""
-        return cls(format=FORMAT, version=VERSION, provider=provider, symbols=list(symbols), started_at=started_at, raw=raw)
+        return cls(
+            format=FORMAT, version=VERSION, provider=provider, symbols=list(symbols), started_at=started_at, raw=raw
+        )
 
 
 class Recorded(NamedTuple):
@@ -420,7 +424,9 @@ class RecordingReader:
             if header.format != FORMAT:
                 raise RecordingError(f"{self.path}: format {header.format!r} is not {FORMAT!r}")
             if header.version > VERSION:
-                raise RecordingError(f"{self.path}: version {header.version} is newer than this relay reads ({VERSION})")
+                raise RecordingError(
+                    f"{self.path}: version {header.version} is newer than this relay reads ({VERSION})"
+                )
             return header
         raise RecordingError(f"{self.path}: empty file (no recording header)")
 
@@ -430,7 +436,9 @@ class RecordingReader:
             self._on_corrupt(f"line {self.line_no}: {reason}", line)
         elif not self._quiet and (self.corrupt <= _LOG_FIRST or self.corrupt % 1000 == 0):
             name, n = self.path.name, self.corrupt
-            log.warning("[RECORDING] %s: corrupt line %d skipped (#%d: %s): %.120r", name, self.line_no, n, reason, line)
+            log.warning(
+                "[RECORDING] %s: corrupt line %d skipped (#%d: %s): %.120r", name, self.line_no, n, reason, line
+            )
 
     def __iter__(self) -> Iterator[Recorded | RawFrame]:
         """Every update and raw frame, in file order."""
@@ -449,7 +457,9 @@ class RecordingReader:
                     self._corrupt(str(exc), line)
                 else:
                     self._partial_tail = True
-                    self._warn(f"final partial line {self.line_no} ({len(line)} bytes) skipped: the recording was cut short")
+                    self._warn(
+                        f"final partial line {self.line_no} ({len(line)} bytes) skipped: the recording was cut short"
+                    )
                 continue
             yield entry
 
@@ -465,7 +475,9 @@ class RecordingReader:
     def __enter__(self) -> RecordingReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

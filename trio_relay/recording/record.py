@@ -123,7 +123,9 @@ class _RawTapProvider:
         async with self._inner.session(on_malformed) as session:
             ws = getattr(session, "_ws", None)
             if ws is None or not hasattr(ws, "receive_batch"):
-                raise RecordingError(f"provider {self.name!r} does not expose its frames: raw recording is not possible")
+                raise RecordingError(
+                    f"provider {self.name!r} does not expose its frames: raw recording is not possible"
+                )
             setattr(session, "_ws", _TapWs(ws, self._sink))  # noqa: B010
             yield session
 

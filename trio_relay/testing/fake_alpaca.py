@@ -63,7 +63,9 @@ def rfc3339_ns(epoch_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z"
 
 
-def trade_msg(symbol: str, price: float, size: float, t: str, *, trade_id: int = 1, crypto: bool = False) -> dict[str, Any]:
+def trade_msg(
+    symbol: str, price: float, size: float, t: str, *, trade_id: int = 1, crypto: bool = False
+) -> dict[str, Any]:
     """A trade message as Alpaca sends it (stock or crypto field set)."""
     if crypto:
         return {"T": "t", "S": symbol, "p": price, "s": size, "t": t, "i": trade_id, "tks": "B"}
@@ -251,7 +253,9 @@ class FakeAlpacaServer(FakeServer[_Conn]):
         self.history.append((action, trades, quotes))
         if action == "subscribe":
             known = {name: {s for s in symbols if s not in self.unknown_symbols} for name, symbols in requested.items()}
-            after = (conn.symbols("trades") | known.get("trades", set())) | (conn.symbols("quotes") | known.get("quotes", set()))
+            after = (conn.symbols("trades") | known.get("trades", set())) | (
+                conn.symbols("quotes") | known.get("quotes", set())
+            )
             if self.symbol_limit is not None and len(after) > self.symbol_limit:
                 await self._error(conn, 405, "symbol limit exceeded")  # the set stays as it was
                 return
@@ -277,7 +281,9 @@ class FakeAlpacaServer(FakeServer[_Conn]):
         if update.kind == "T":
             assert update.last_price is not None and update.last_size is not None
             size = update.last_size / 1000 if self.crypto else update.last_size
-            return trade_msg(update.symbol, update.last_price, size, t, trade_id=next(self._trade_ids), crypto=self.crypto)
+            return trade_msg(
+                update.symbol, update.last_price, size, t, trade_id=next(self._trade_ids), crypto=self.crypto
+            )
         assert update.bid_price is not None and update.ask_price is not None
         assert update.bid_size is not None and update.ask_size is not None
         scale = 1000 if self.crypto else 1

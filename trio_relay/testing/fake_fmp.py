@@ -127,8 +127,12 @@ class FakeFmpServer(FakeServer[_Conn]):
                 return True
             self.failed_logins += 1
             self._notify()
-            message = f"Invalid API key {key} (see https://example.test/?apikey={key})" if self.echo_key else "Unauthorized"
-            await conn.ws.send_message(msgspec.json.encode({"event": "login", "status": 401, "message": message}).decode())
+            message = (
+                f"Invalid API key {key} (see https://example.test/?apikey={key})" if self.echo_key else "Unauthorized"
+            )
+            await conn.ws.send_message(
+                msgspec.json.encode({"event": "login", "status": 401, "message": message}).decode()
+            )
             await conn.ws.aclose(1008, "Unauthorized")
             return False
         await conn.ws.aclose(1008, "login timeout")
@@ -153,7 +157,9 @@ class FakeFmpServer(FakeServer[_Conn]):
                 continue
             self.history.append((event, symbols))
             await conn.ws.send_message(
-                _enc.encode({"event": event, "status": 200, "message": f"{event}d {','.join(symbols).lower()}"}).decode()
+                _enc.encode(
+                    {"event": event, "status": 200, "message": f"{event}d {','.join(symbols).lower()}"}
+                ).decode()
             )
             conn.wake.set()
             self._notify()
