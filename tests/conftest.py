@@ -62,7 +62,7 @@ def fmp_sections(fake: FakeFmpServer, **upstream: Any) -> dict[str, dict[str, An
     }
 
 
-class WsClient:
+class JsonWsClient:
     """A real WebSocket client that speaks JSON."""
 
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
@@ -96,9 +96,9 @@ async def ws_connect() -> AsyncIterator[Callable[..., Any]]:
     """``client = await ws_connect(relay)``: a client connection closed at the end of the test."""
     async with trio.open_nursery() as nursery:
 
-        async def connect(relay: Relay, query: str = "") -> WsClient:
+        async def connect(relay: Relay, query: str = "") -> JsonWsClient:
             ws = await trio_websocket.connect_websocket_url(nursery, relay.ws_url + query, message_queue_size=10_000)
-            return WsClient(ws)
+            return JsonWsClient(ws)
 
         yield connect
         nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import WsClient, api, fmp_sections, wait_cached, wait_state
+from conftest import JsonWsClient, api, fmp_sections, wait_cached, wait_state
 from test_alerts import an_alert, receivers  # noqa: F401  (a fixture)
 from test_alerts_api import trade
 from test_auth import auth_sections, connect, token
@@ -47,7 +47,7 @@ def bearer(**claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(claims)}"}
 
 
-async def authed(relay: Any, nursery: trio.Nursery, **claims: Any) -> WsClient:
+async def authed(relay: Any, nursery: trio.Nursery, **claims: Any) -> JsonWsClient:
     client = await connect(relay, nursery)
     reply = await client.request({"action": "auth", "token": token(claims)}, "authenticated")
     assert reply["type"] == "authenticated", reply

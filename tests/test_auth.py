@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
-from conftest import WsClient, api, close_code
+from conftest import JsonWsClient, api, close_code
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -41,11 +41,11 @@ def auth_sections(**auth: Any) -> dict[str, dict[str, Any]]:
 
 async def connect(
     relay: Any, nursery: trio.Nursery, *, query: str = "", headers: list[tuple[str, str]] | None = None
-) -> WsClient:
+) -> JsonWsClient:
     ws = await trio_websocket.connect_websocket_url(
         nursery, relay.ws_url + query, extra_headers=headers or [], message_queue_size=10_000
     )
-    return WsClient(ws)
+    return JsonWsClient(ws)
 
 
 async def rejected_status(

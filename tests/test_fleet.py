@@ -22,7 +22,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, WsClient, api, fmp_sections, make_config, redis_command
+from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, JsonWsClient, api, fmp_sections, make_config, redis_command
 
 from trio_relay.archive import Archiver
 from trio_relay.config import ConfigError
@@ -93,7 +93,7 @@ async def the_holder(relays: list[Relay], timeout: float = WAIT) -> Relay:
 class Feed:
     """A client's messages, read when a test waits for something (the socket queues the rest)."""
 
-    def __init__(self, client: WsClient) -> None:
+    def __init__(self, client: JsonWsClient) -> None:
         self.client = client
         self.messages: list[dict[str, Any]] = []
         self.prices: list[dict[str, Any]] = []

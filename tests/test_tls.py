@@ -12,7 +12,7 @@ import trio
 import trio.testing
 import trio_websocket
 import trustme
-from conftest import WsClient, api
+from conftest import JsonWsClient, api
 
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
@@ -81,7 +81,7 @@ async def test_alpn_is_http11(tls_relay, ca):
 async def test_prices_over_wss(tls_relay, ca):
     with trio.fail_after(10):
         async with trio_websocket.open_websocket_url(tls_relay.ws_url, ssl_context=trusting(ca)) as ws:
-            client = WsClient(ws)
+            client = JsonWsClient(ws)
             ack = await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
             assert ack == {"type": "subscribed", "symbols": ["AAPL"]}
             update, _ = await client.recv_until(lambda m: m.get("type") == "price_update")

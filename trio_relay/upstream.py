@@ -36,7 +36,7 @@ from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError,
 
 __all__ = [
     "UpstreamView",
-    "ProviderInfo",
+    "NamedProvider",
     "Upstream",
     "Backoff",
     "StaleFeed",
@@ -133,7 +133,7 @@ class ProviderHealth:
         self.probes = 0
 
 
-class ProviderInfo(Protocol):
+class NamedProvider(Protocol):
     """What status pages need of a provider."""
 
     name: str
@@ -147,7 +147,7 @@ class UpstreamView(Protocol):
     @property
     def state(self) -> str: ...
     @property
-    def provider(self) -> ProviderInfo: ...
+    def provider(self) -> NamedProvider: ...
     @property
     def chain(self) -> list[ProviderHealth]: ...
     @property
@@ -521,7 +521,7 @@ class Upstream:
             with trio.CancelScope() as scope:
                 # A switch (or a reload) while probing makes this probe moot.
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_on, changed, scope)
+                    nursery.start_soon(cancel_on, changed, scope)
                     index = await self._probe_round()
                     nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
@@ -715,7 +715,8 @@ class Upstream:
             await trio.sleep_until(deadline)
 
 
-async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+async def cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once ``event`` is set (run it in a nursery inside that scope)."""
     await event.wait()
     scope.cancel()
 

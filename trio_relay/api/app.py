@@ -5,7 +5,7 @@ read; then a server-side ``h11.Connection`` reads one request head after another
 its own:
 
 - a WebSocket upgrade of the price path goes to wsproto (``initiate_upgrade_connection`` with the
-  parsed head) and is served natively by :class:`~trio_relay.api.ws.ClientProtocol` (the hot
+  parsed head) and is served natively by :class:`~trio_relay.api.ws.PriceSocketServer` (the hot
   path: thousands of clients, every frame counts);
 - anything else is an ASGI call of the Quart-Trio REST app, made here (:mod:`.asgi`): no second
   HTTP server, no loopback hop, and the app sees the real client address.
@@ -47,7 +47,7 @@ from ..upstream import UpstreamView
 from .asgi import AsgiApp, Outcome, call_app, error_response, run_lifespan
 from .connections import Admission, ConnectionTable, Entry
 from .rest import create_rest_app
-from .ws import WS_PATH, ClientProtocol, peer
+from .ws import WS_PATH, PriceSocketServer, peer
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
 
@@ -148,7 +148,7 @@ class FrontDoor:
         self.server = ctx.config.server  # server settings need a restart: never reloaded
         self.rest: QuartTrio = create_rest_app(ctx)
         self.app: AsgiApp = self.rest  # type: ignore[assignment]  # QuartTrio is an ASGI app
-        self.ws = ClientProtocol(ctx.hub, ctx.security)
+        self.ws = PriceSocketServer(ctx.hub, ctx.security)
         self.ws.portfolios = ctx.portfolios
         self.ws.alerts = ctx.alerts
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP

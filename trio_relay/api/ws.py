@@ -1,6 +1,6 @@
 """The client WebSocket protocol at ``/api/v2/realtime/ws/prices``.
 
-Served natively (see :class:`ClientProtocol`): one reader loop (client → hub) and one sender task
+Served natively (see :class:`PriceSocketServer`): one reader loop (client → hub) and one sender task
 (outbox → socket) per connection, both owned by the connection's handler. Client messages:
 
 - ``{"action":"subscribe","symbols":["AAPL"]}`` → ``{"type":"subscribed","symbols":[...]}`` then the
@@ -29,7 +29,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
+from types import MappingProxyType
+from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -57,7 +60,7 @@ from ..model import SYMBOL_RE, CloseCode, control, ws_payload, ws_text_frame
 from ..portfolio import PortfolioError, check_name
 from ..portfolio.service import PortfolioService, owner_of
 
-__all__ = ["WS_PATH", "ClientProtocol", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
+__all__ = ["WS_PATH", "PriceSocketServer", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
 
 log = logging.getLogger("trio_relay.api.ws")
 
@@ -136,7 +139,7 @@ def _resume_fields(msg: dict[str, object], symbols: list[str]) -> tuple[dict[str
     return since, epoch
 
 
-class ClientProtocol:
+class PriceSocketServer:
     """The client WebSocket, served natively on Trio + wsproto; one instance serves every connection.
 
     Not through ASGI: every frame through Hypercorn's WebSocket stream cost ~60 µs (wsproto
@@ -404,54 +407,69 @@ class ClientProtocol:
                     self._limited(client, session, wait, "subscribe/unsubscribe requests", action)
                     return
             session.strikes = 0
-            if action in ("subscribe", "unsubscribe") and msg.get("channel") == "portfolio":
-                _entitled(client, session)  # the stream values positions through it
-                self._portfolio(client, action, msg.get("portfolio"))
-            elif action == "subscribe":
-                symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
-                _entitled(client, session).require(symbols)  # before any snapshot is sent
-                if "batch" in msg:
-                    client.batch = _flag(msg["batch"])
-                channel = _channel(msg)
-                try:
-                    if channel == "bars":
-                        self.hub.bars.subscribe(client, symbols, _interval(msg, required=True) or "")
-                    else:
-                        since, epoch = _resume_fields(msg, symbols)
-                        self.hub.subscribe(client, symbols, since=since, epoch=epoch)
-                except SubscriptionError as exc:
-                    raise ProtocolError(exc.code, exc.message) from None
-            elif action == "unsubscribe":
-                symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
-                if _channel(msg) == "bars":
-                    self.hub.bars.unsubscribe(client, symbols, _interval(msg, required=False))
-                else:
-                    self.hub.unsubscribe(client, symbols)
-            elif action in ("alert_create", "alert_delete", "alerts"):
-                self._alerts(client, action, msg, _entitled(client, session))
-            elif action == "ping":
-                self.hub.send_control(client, control("pong"))
-            elif action == "list":
-                listing = control("subscriptions", symbols=sorted(client.symbols))
-                if client.bars:  # only then: a ticks-only client sees the seed's reply
-                    bars: dict[str, list[str]] = {}
-                    for symbol, interval in sorted(client.bars):
-                        bars.setdefault(interval, []).append(symbol)
-                    listing["bars"] = bars
-                self.hub.send_control(client, listing)
-            elif action is None:
+            if action is None:
                 raise ProtocolError("missing_field", "'action' is required: subscribe, unsubscribe, ping or list")
-            else:
+            handler = _ACTIONS.get(action) if isinstance(action, str) else None
+            if handler is None:
                 shown = action if isinstance(action, str) else repr(action)
                 raise ProtocolError(
                     "unknown_action",
                     f"unknown action {shown[:40]!r}; expected subscribe, unsubscribe, ping, list, auth, alert_create, "
                     "alert_delete or alerts",
                 )
+            handler(self, client, session, msg)
         except EntitlementError as exc:
             self._error(client, exc.code, exc.message, action)
         except ProtocolError as exc:
             self._error(client, exc.code, exc.message, action)
+
+    # ---------------------------------------------------------------- one method per action
+    # Each takes the client, its session and the decoded message; it answers through the hub
+    # (never awaits) and raises ProtocolError / EntitlementError for an error frame.
+
+    def _on_subscribe(self, client: Client, session: _Session, msg: dict[str, object]) -> None:
+        if msg.get("channel") == "portfolio":
+            _entitled(client, session)  # the stream values positions through it
+            self._portfolio(client, "subscribe", msg.get("portfolio"))
+            return
+        symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
+        _entitled(client, session).require(symbols)  # before any snapshot is sent
+        if "batch" in msg:
+            client.batch = _flag(msg["batch"])
+        try:
+            if _channel(msg) == "bars":
+                self.hub.bars.subscribe(client, symbols, _interval(msg, required=True) or "")
+            else:
+                since, epoch = _resume_fields(msg, symbols)
+                self.hub.subscribe(client, symbols, since=since, epoch=epoch)
+        except SubscriptionError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+
+    def _on_unsubscribe(self, client: Client, session: _Session, msg: dict[str, object]) -> None:
+        if msg.get("channel") == "portfolio":
+            _entitled(client, session)
+            self._portfolio(client, "unsubscribe", msg.get("portfolio"))
+            return
+        symbols = parse_symbols(msg.get("symbols"), self.hub.config.max_symbols_per_request)
+        if _channel(msg) == "bars":
+            self.hub.bars.unsubscribe(client, symbols, _interval(msg, required=False))
+        else:
+            self.hub.unsubscribe(client, symbols)
+
+    def _on_alerts(self, client: Client, session: _Session, msg: dict[str, object]) -> None:
+        self._alerts(client, str(msg["action"]), msg, _entitled(client, session))
+
+    def _on_ping(self, client: Client, session: _Session, msg: dict[str, object]) -> None:
+        self.hub.send_control(client, control("pong"))
+
+    def _on_list(self, client: Client, session: _Session, msg: dict[str, object]) -> None:
+        listing = control("subscriptions", symbols=sorted(client.symbols))
+        if client.bars:  # only then: a ticks-only client sees the seed's reply
+            bars: dict[str, list[str]] = {}
+            for symbol, interval in sorted(client.bars):
+                bars.setdefault(interval, []).append(symbol)
+            listing["bars"] = bars
+        self.hub.send_control(client, listing)
 
     def _alerts(self, client: Client, action: str, msg: dict[str, object], entitlement: Entitlement) -> None:
         """``alert_create`` {"rule":{...}}, ``alert_delete`` {"id":...}, ``alerts`` (list): the user's rules."""
@@ -540,6 +558,22 @@ class ClientProtocol:
         self.hub.send_control(
             client, control("authenticated", subject=principal.subject, expires_at=principal.expires_at)
         )
+
+
+# The client protocol's actions ("auth" is handled before: it is the one allowed unauthenticated).
+_ACTIONS: Final[Mapping[str, Callable[[PriceSocketServer, Client, _Session, dict[str, object]], None]]] = (
+    MappingProxyType(
+        {
+            "subscribe": PriceSocketServer._on_subscribe,
+            "unsubscribe": PriceSocketServer._on_unsubscribe,
+            "alert_create": PriceSocketServer._on_alerts,
+            "alert_delete": PriceSocketServer._on_alerts,
+            "alerts": PriceSocketServer._on_alerts,
+            "ping": PriceSocketServer._on_ping,
+            "list": PriceSocketServer._on_list,
+        }
+    )
+)
 
 
 def _entitled(client: Client, session: _Session) -> Entitlement:

@@ -63,7 +63,7 @@ from ..config import Config, EngineConfig, UpstreamConfig
 from ..hub import Demand, Hub, Stats, new_epoch
 from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update
 from ..providers.base import Provider
-from ..upstream import Backoff, Item, ProviderHealth, ProviderInfo, Upstream, UpstreamState
+from ..upstream import Backoff, Item, NamedProvider, ProviderHealth, Upstream, UpstreamState
 
 __all__ = [
     "RedisEngine",
@@ -1055,7 +1055,7 @@ class FleetUpstream:
         return str(status.get("state", NO_HOLDER)) if status else NO_HOLDER
 
     @property
-    def provider(self) -> ProviderInfo:
+    def provider(self) -> NamedProvider:
         if self._local is not None:
             return self._local.provider
         status = self._engine.holder_status or {}

@@ -154,11 +154,6 @@ class _Syncer:
                 writer.sync()
 
 
-async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
 async def record(
     config: Config,
     symbols: Sequence[str],
@@ -180,7 +175,7 @@ async def record(
     final one, also logged.
     """
     from ..hub import Demand, Stats
-    from ..upstream import Item, Upstream
+    from ..upstream import Item, Upstream, cancel_on
 
     provider: Provider = registry.make_provider(config)
     if raw and provider.name not in RAW_PROVIDERS:
@@ -232,7 +227,7 @@ async def record(
                 if duration is not None:
                     recording.deadline = trio.current_time() + duration
                 if stop is not None:
-                    nursery.start_soon(_cancel_when, stop, recording)
+                    nursery.start_soon(cancel_on, stop, recording)
                 async for item in receive:
                     write_batch(item)
             upstream.stop()  # a clean close; the channel ends once it is closed
