@@ -7,8 +7,9 @@ import math
 import os
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -25,6 +26,20 @@ from .metrics import make_registry, render
 from .openapi import OPENAPI_PATH, add_openapi_route
 from .portfolio_routes import register_portfolios
 from .responses import entitlement, entitlement_error, error_response, json_response
+from .schemas import (
+    CacheInfo,
+    ClientInfo,
+    ClientsInfo,
+    FailoverInfo,
+    Health,
+    HistoryHealth,
+    HistoryStatus,
+    Live,
+    MessageCounters,
+    ProviderInfo,
+    Status,
+    UpstreamInfo,
+)
 from .ws import ProtocolError, parse_symbols
 
 if TYPE_CHECKING:
@@ -125,52 +140,52 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         log.exception("[REST] %s %s failed", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the relay's log")
 
-    def health_body() -> tuple[dict[str, Any], bool]:
+    def health_body() -> tuple[Health, bool]:
         fresh = upstream.is_fresh()
         age = upstream.message_age()
-        body: dict[str, Any] = {
-            "status": "ok" if fresh else "unavailable",
-            "provider": ctx.provider_name,
-            "state": upstream.state,
-            "last_message_age_s": _round(age),
-            "reconnects": upstream.reconnects,
-            "clients": len(hub.clients),
-        }
+        body = Health(
+            status="ok" if fresh else "unavailable",
+            provider=ctx.provider_name,
+            state=upstream.state,
+            last_message_age_s=_round(age),
+            reconnects=upstream.reconnects,
+            clients=len(hub.clients),
+        )
         if not fresh:
             # "code" is for machines (alert rules), "reason" for people.
-            body["code"] = "stale" if upstream.state == "connected" else upstream.state
+            body.code = "stale" if upstream.state == "connected" else upstream.state
             if upstream.state == "connected":
-                body["reason"] = f"stale: no upstream message for {age or 0:.0f}s"
+                body.reason = f"stale: no upstream message for {age or 0:.0f}s"
             elif upstream.state == "auth_failed":
-                body["reason"] = f"auth_failed: {upstream.last_error}"
+                body.reason = f"auth_failed: {upstream.last_error}"
             elif upstream.last_error:
-                body["reason"] = f"{upstream.state}: {upstream.last_error}"
+                body.reason = f"{upstream.state}: {upstream.last_error}"
             else:
-                body["reason"] = upstream.state
+                body.reason = upstream.state
         if upstream.failover:
-            body["failover"] = failover_body()
+            body.failover = failover_body()
         fleet = ctx.engine.fleet_health()
         if fleet is not None:
-            body["fleet"] = fleet
+            body.fleet = fleet
         writer = ctx.history_writer
         if writer is not None:
             # Live relaying does not depend on the database: a slow or down one degrades, never 503s.
-            body["history"] = {"state": writer.state, "dropped": writer.dropped, "pending": writer.pending}
+            body.history = HistoryHealth(state=writer.state, dropped=writer.dropped, pending=writer.pending)
             if writer.state != "ok":
-                body["degraded"] = ["history"]
+                body.degraded = ["history"]
         if ctx.provider_name == "sim":
-            body["note"] = "simulated market data (no FMP_API_KEY set)"
+            body.note = "simulated market data (no FMP_API_KEY set)"
         return body, fresh
 
-    def failover_body() -> dict[str, Any]:
+    def failover_body() -> FailoverInfo:
         chain = upstream.chain
-        return {
-            "active": upstream.provider.name,
-            "preferred": chain[0].provider.name,
-            "on_preferred": upstream.active == 0,
-            "switches": upstream.switches,
-            "reason": upstream.switch_reason or None,
-        }
+        return FailoverInfo(
+            active=upstream.provider.name,
+            preferred=chain[0].provider.name,
+            on_preferred=upstream.active == 0,
+            switches=upstream.switches,
+            reason=upstream.switch_reason or None,
+        )
 
     @app.get(PREFIX + "/health")
     async def health() -> Response:
@@ -199,7 +214,7 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         """The process answers (its event loop runs), whatever the upstream does."""
         ip = ctx.client_ip(request.scope.get("client"))  # the real client's, through the front door
         return json_response(
-            {"status": "ok", "pid": os.getpid(), "uptime_s": round(time.time() - ctx.started_at, 1), "client_ip": ip}
+            Live(status="ok", pid=os.getpid(), uptime_s=round(time.time() - ctx.started_at, 1), client_ip=ip)
         )
 
     @app.get(PREFIX + "/status")
@@ -211,66 +226,67 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
         now = time.time()
         clients = list(hub.clients.values())
         stats = hub.stats
-        body: dict[str, Any] = {
-            "provider": ctx.provider_name,
-            "upstream": {
-                "state": upstream.state,
-                "source": upstream.provider.describe(),
-                "connected_since": _iso(upstream.connected_since),
-                "reconnects": upstream.reconnects,
-                "attempts": upstream.attempts,
-                "last_error": upstream.last_error or None,
-                "last_message_age_s": _round(upstream.message_age()),
-                "subscribed": sorted(upstream.subscribed),
-                "wanted": sorted(hub.demand.wanted),
-                "providers": [
-                    {
-                        "name": h.provider.name,
-                        "active": i == upstream.active,
-                        "state": upstream.state if i == upstream.active else h.state,
-                        "source": h.provider.describe(),
-                        "last_error": (upstream.last_error if i == upstream.active else h.last_error) or None,
-                        "probes": h.probes,
-                    }
+        writer = ctx.history_writer
+        body = Status(
+            provider=ctx.provider_name,
+            upstream=UpstreamInfo(
+                state=upstream.state,
+                source=upstream.provider.describe(),
+                connected_since=_iso(upstream.connected_since),
+                reconnects=upstream.reconnects,
+                attempts=upstream.attempts,
+                last_error=upstream.last_error or None,
+                last_message_age_s=_round(upstream.message_age()),
+                subscribed=sorted(upstream.subscribed),
+                wanted=sorted(hub.demand.wanted),
+                providers=[
+                    ProviderInfo(
+                        name=h.provider.name,
+                        active=i == upstream.active,
+                        state=upstream.state if i == upstream.active else h.state,
+                        source=h.provider.describe(),
+                        last_error=(upstream.last_error if i == upstream.active else h.last_error) or None,
+                        probes=h.probes,
+                    )
                     for i, h in enumerate(upstream.chain)
                 ],
-            },
-            "failover": failover_body() if upstream.failover else None,
-            "fleet": ctx.engine.fleet_status(),
-            "history": ctx.history_writer.status() if ctx.history_writer is not None else None,
-            "pinned": sorted(hub.demand.pinned),
-            "clients": {
-                "count": len(clients),
-                "total_connected": stats.clients_total,
-                "slow_closed": stats.slow_clients_closed,
-                "subscriptions": [
-                    {
-                        "id": c.id,
-                        "remote": c.remote,
-                        "symbols": len(c.symbols),
-                        "pending": len(c.outbox),
-                        "sent": c.outbox.sent,
-                        "conflated": c.outbox.conflated,
-                        "batch": c.batch,
-                    }
+            ),
+            failover=failover_body() if upstream.failover else None,
+            fleet=ctx.engine.fleet_status(),
+            history=msgspec.convert(writer.status(), HistoryStatus) if writer is not None else None,
+            pinned=sorted(hub.demand.pinned),
+            clients=ClientsInfo(
+                count=len(clients),
+                total_connected=stats.clients_total,
+                slow_closed=stats.slow_clients_closed,
+                subscriptions=[
+                    ClientInfo(
+                        id=c.id,
+                        remote=c.remote,
+                        symbols=len(c.symbols),
+                        pending=len(c.outbox),
+                        sent=c.outbox.sent,
+                        conflated=c.outbox.conflated,
+                        batch=c.batch,
+                    )
                     for c in clients[:MAX_CLIENTS_LISTED]
                 ],
-            },
-            "messages": {
-                "in": stats.updates_in,
-                "out": stats.messages_out,
-                "dropped": stats.dropped,
-                "conflated": hub.conflated_total(),
-                "coalesced": stats.coalesced,
-                "malformed": stats.malformed,
-                "callback_errors": stats.callback_errors,
-                "callback_dropped": stats.callback_dropped,
-            },
-            "cache": {"symbols": len(hub.cache)},
-            "pid": os.getpid(),
-            "started_at": _iso(ctx.started_at),
-            "uptime_s": round(now - ctx.started_at, 1),
-        }
+            ),
+            messages=MessageCounters(
+                in_=stats.updates_in,
+                out=stats.messages_out,
+                dropped=stats.dropped,
+                conflated=hub.conflated_total(),
+                coalesced=stats.coalesced,
+                malformed=stats.malformed,
+                callback_errors=stats.callback_errors,
+                callback_dropped=stats.callback_dropped,
+            ),
+            cache=CacheInfo(symbols=len(hub.cache)),
+            pid=os.getpid(),
+            started_at=_iso(ctx.started_at),
+            uptime_s=round(now - ctx.started_at, 1),
+        )
         return json_response(body)
 
     async def _symbols_from_body() -> list[str] | Response:
