@@ -8,7 +8,10 @@ from quart import Response, g
 from ..auth import Security
 from ..entitlements import Entitlement, EntitlementError, entitlement_for
 
-__all__ = ["json_response", "error_response", "entitlement", "entitlement_error"]
+__all__ = ["PREFIX", "json_response", "error_response", "entitlement", "entitlement_error"]
+
+#: Where the REST routes live (the health, status, pins, cache, history, alerts, portfolios).
+PREFIX = "/api/v2/realtime"
 
 _encoder = msgspec.json.Encoder()
 
