@@ -121,7 +121,7 @@ async def test_a_slowloris_head_gets_408_though_bytes_keep_coming(start_relay):
         try:
             for i in range(10_000):  # a header byte at a time, never the blank line
                 await stream.send_all(b"X-%d: y\r\n" % i)
-                await trio.sleep(0.02)
+                await trio.sleep(0.02)  # the attacker's pace (real time: the relay's clock is real here)
         except trio.BrokenResourceError:
             pass  # the relay closed while we were still sending: what we want
         response, _ = await read_response(stream)
@@ -419,8 +419,7 @@ async def test_2000_idle_sockets_from_one_address_cannot_keep_a_client_from_its_
             refused = attackers[-1]
             response, body = await read_response(refused)
             assert response.status_code == 429 and json.loads(body)["error"] == "too_many_connections"
-            while relay.edge.table.open > 100:
-                await trio.sleep(0.01)  # the refused ones are being closed
+            await relay.edge.table.wait_open_at_most(100)  # the refused ones are being closed
             assert relay.edge.table.refused >= 1900
             price = await first_price(relay, nursery)
             metrics = (await http.get(f"{relay.http_url}/metrics")).text
@@ -467,8 +466,7 @@ async def test_the_global_cap_refuses_with_503_when_nothing_is_idle(start_relay,
         status, body, _ = await send_and_read(relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         assert (status, body["error"]) == (503, "server_full")
         await clients[0].aclose()
-        while relay.edge.table.open > 2:
-            await trio.sleep(0.01)
+        await relay.edge.table.wait_open_at_most(2)
         status, _, _ = await send_and_read(
             relay, f"GET {LIVE} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
         )

@@ -226,6 +226,7 @@ class Chaos:
                 try:
                     response = await http.get(relay.api("/health"))
                     samples.append((trio.current_time(), response.status_code))
+                    self.fleet.changes.notify()
                 except httpx.TransportError:
                     pass
                 await trio.sleep(HEALTH_POLL)
@@ -370,8 +371,14 @@ class Chaos:
             assert not late, f"{fault}: {relay.node} /health not 200 after prices came back: {late[:5]}"
 
     async def settle(self) -> None:
-        """Give /health its HEALTH_LAG (and a few polls) after the last recovery."""
-        await trio.sleep(HEALTH_LAG + 3 * HEALTH_POLL)
+        """Wait until every live relay's /health was sampled three times past its HEALTH_LAG from now."""
+        after = trio.current_time() + HEALTH_LAG
+        await self.fleet.changes.until(
+            lambda: all(
+                sum(t > after for t, _ in self.health[relay.node]) >= 3 for relay in self.relays if self.alive(relay)
+            ),
+            HEALTH_LAG + 10,
+        )
 
 
 @asynccontextmanager
@@ -456,7 +463,10 @@ async def test_redis_restarted_with_its_data_lost_after_a_holder_change(tmp_path
         holder = await chaos.holder()
         holder.proc.send_signal(signal.SIGTERM)
         await chaos.flowing(trio.current_time(), RECOVERY + 5)
-        await trio.sleep(3)  # seqs well above what a new epoch starts from
+        # Every client's seqs well above what a new epoch starts from (20 ticks/s: ~2 s).
+        await chaos.fleet.changes.until(
+            lambda: all(c.last and min(seq for _epoch, seq in c.last.values()) >= 40 for c in chaos.clients), 15
+        )
         epochs = {m["epoch"] for c in chaos.clients for _t, m in c.prices()}
         start = trio.current_time()
         await chaos.redis.kill()

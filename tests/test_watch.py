@@ -74,11 +74,12 @@ def test_the_status_line_follows_the_connection_and_the_upstream() -> None:
     assert "upstream up (fmp)" in text and "feed silent" not in text and "connection closed" not in text
 
 
-async def test_watch_count_gives_up_on_an_unreachable_relay(capsys) -> None:
+async def test_watch_count_gives_up_on_an_unreachable_relay(capsys, autojump_clock) -> None:
     """A script's ``watch --count N`` against no relay exits 1 instead of retrying forever."""
     with trio.socket.socket() as sock:  # a port that refuses: bound, never listening
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+        start = trio.current_time()  # virtual (MockClock): the give-up deadline is exact
         with trio.fail_after(20):
             code = await watch(
                 f"ws://127.0.0.1:{port}/api/v2/realtime/ws/prices",
@@ -87,7 +88,7 @@ async def test_watch_count_gives_up_on_an_unreachable_relay(capsys) -> None:
                 give_up_after=1.0,
                 console=Console(file=io.StringIO()),
             )
-    assert code == 1
+    assert code == 1 and trio.current_time() - start == 1.0
     assert f"trio-relay watch: no connection to ws://127.0.0.1:{port}" in capsys.readouterr().err
 
 

@@ -634,7 +634,7 @@ class Upstream:
             if batch:
                 if self._unhealthy_since is not None:
                     self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
-                if self.state == UpstreamState.STALE:
+                if self._stalled:  # in a session, stalled means state STALE: data ends it
                     self._flowing("data flows again")
                 # May wait when the hub is behind: backpressure towards the provider is fine.
                 await send.send(batch)

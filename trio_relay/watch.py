@@ -9,6 +9,7 @@ alive. ``--count N`` exits after N price updates (scripts, tests); Ctrl-C exits 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -189,7 +190,10 @@ async def watch(
     console = console if console is not None else Console()
     board = Board(url, symbols)
     failure: RelayError | str | None = None
-    offline_since: float | None = trio.current_time()
+    # Cancelled when the relay has been out of reach for give_up_after: its deadline is pushed
+    # to infinity while connected and re-armed at each loss of the connection.
+    patience = give_up_after if give_up_after is not None else math.inf
+    offline = trio.CancelScope(deadline=trio.current_time() + patience)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -198,19 +202,6 @@ async def watch(
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-
-            async def give_up() -> None:
-                nonlocal failure
-                assert give_up_after is not None
-                while True:
-                    await trio.sleep(min(0.25, give_up_after))
-                    if offline_since is not None and trio.current_time() - offline_since >= give_up_after:
-                        failure = f"no connection to {url} for {give_up_after:g}s ({board.connection_reason or board.connection})"
-                        nursery.cancel_scope.cancel()
-                        return
-
-            if give_up_after is not None:
-                nursery.start_soon(give_up)
             # auto_refresh off: no rich thread; the repaint task below is the only painter.
             with Live(board.render(), console=console, auto_refresh=False) as live:
                 changed = trio.Event()
@@ -225,16 +216,20 @@ async def watch(
 
                 nursery.start_soon(repaint)
                 try:
-                    async with client.connect(url, symbols, token=token, batch=batch) as feed:
-                        async for event in feed:
-                            board.apply(event)
-                            if board.connection == "connected":
-                                offline_since = None
-                            elif offline_since is None:
-                                offline_since = trio.current_time()
-                            changed.set()
-                            if count is not None and board.updates >= count:
-                                break
+                    with offline:
+                        async with client.connect(url, symbols, token=token, batch=batch) as feed:
+                            async for event in feed:
+                                board.apply(event)
+                                if board.connection == "connected":
+                                    offline.deadline = math.inf
+                                elif offline.deadline == math.inf:
+                                    offline.deadline = trio.current_time() + patience
+                                changed.set()
+                                if count is not None and board.updates >= count:
+                                    break
+                    if offline.cancelled_caught:
+                        reason = board.connection_reason or board.connection
+                        failure = f"no connection to {url} for {patience:g}s ({reason})"
                 except RelayError as exc:
                     failure = exc
                 finally:

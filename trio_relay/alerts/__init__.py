@@ -37,7 +37,7 @@ Semantics a client may rely on (see also :mod:`.engine`):
   re-arm once an update has arrived and the cooldown has passed.
 """
 
-from .engine import AlertEngine, wall_clock_ms
+from .engine import AlertEngine
 from .rules import (
     AboveRule,
     BelowRule,
@@ -76,5 +76,4 @@ __all__ = [
     "rule_params",
     "encode_rule",
     "decode_rule",
-    "wall_clock_ms",
 ]

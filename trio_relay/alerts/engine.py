@@ -55,7 +55,7 @@ from .rules import (
 )
 from .targets import webhook_policy
 
-__all__ = ["AlertEngine", "wall_clock_ms"]
+__all__ = ["AlertEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,6 @@ _NEG_INF: Final = float("-inf")
 # window/_SLOTS of event time), so its memory is bounded whatever the update rate and the
 # window edge is exact to window/_SLOTS (300 s: 1.2 s).
 _SLOTS: Final = 256
-
-
-wall_clock_ms = wall_ms  # the wall clock every module uses (model.wall_ms)
 
 
 # ---------------------------------------------------------------------------------- values
@@ -481,7 +478,7 @@ class AlertEngine:
         self,
         config: AlertsConfig,
         *,
-        clock: Callable[[], int] = wall_clock_ms,
+        clock: Callable[[], int] = wall_ms,
         on_watch: Callable[[str, bool], None] | None = None,
         pin_all: bool = False,
     ) -> None:

@@ -111,6 +111,7 @@ class ConnectionTable:
         # Insertion-ordered: the first entry has been idle the longest.
         self._idle: dict[Entry, None] = {}
         self._quiet = trio.Event()  # set whenever nothing is busy (see wait_quiet)
+        self._closed = trio.Event()  # set at each release (see wait_open_at_most)
 
     def admit(self, ip: str) -> tuple[Admission, Entry | None]:
         """Decide for a newly accepted connection from ``ip``; an admitted one starts idle."""
@@ -164,11 +165,18 @@ class ConnectionTable:
         self.per_address.release(entry.key)
         if len(self._idle) == self.open:
             self._quiet.set()
+        self._closed.set()
 
     def close_idle(self) -> None:
         """Close every idle connection now (shutdown: nothing more will be served)."""
         for entry in list(self._idle):
             entry.scope.cancel()
+
+    async def wait_open_at_most(self, n: int) -> None:
+        """Return once at most ``n`` connections are open (each release wakes it)."""
+        while self.open > n:
+            self._closed = trio.Event()
+            await self._closed.wait()
 
     async def wait_quiet(self) -> None:
         """Return once no connection is busy (each one is idle, or none is open)."""

@@ -49,9 +49,6 @@ DAY_MS: Final = 86_400_000
 CLOSE_GRACE: Final = 1.0
 
 
-wall_clock_ms = wall_ms  # the wall clock every module uses (model.wall_ms)
-
-
 class _Tally:
     """How far a batch got: rows settled (a prefix of the batch), of which written and refused."""
 
@@ -90,7 +87,7 @@ class HistoryWriter:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         shutdown_timeout: float = 5.0,
-        wall_clock: Callable[[], int] = wall_clock_ms,
+        wall_clock: Callable[[], int] = wall_ms,
     ) -> None:
         for name, value in (
             ("queue_size", queue_size),
