@@ -27,7 +27,8 @@ from conftest import FMP_KEY, REDIS_HOST, REDIS_PORT, JsonWsClient, api, fmp_sec
 from trio_relay.archive import Archiver
 from trio_relay.config import ConfigError
 from trio_relay.daemon import Relay
-from trio_relay.engine.redis import _ACQUIRE, _PUBLISH, FleetBatch, FleetUpstream, RedisEngine, fleet_keys, shard_of
+from trio_relay.engine.fleet_view import FleetUpstream
+from trio_relay.engine.redis import _ACQUIRE, _PUBLISH, FleetBatch, RedisEngine, fleet_keys, shard_of
 from trio_relay.history import HistoryStore, HistoryWriter, make_backend
 from trio_relay.history.sqlite import SqliteBackend
 from trio_relay.model import Update

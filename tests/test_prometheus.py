@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_docs import anchors
 
 from trio_relay.daemon import Relay
-from trio_relay.engine.redis import FleetUpstream
+from trio_relay.engine.fleet_view import FleetUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"

@@ -31,7 +31,8 @@ import msgspec
 import trio
 
 from .config import Config, ConfigError, load_config
-from .engine.redis import describe_failure, fleet_keys, is_redis_failure, redis_client
+from .engine.redis import fleet_keys
+from .engine.redis_client import describe_failure, is_redis_failure, redis_client
 from .history import HistoryWriter
 from .logsetup import configure_logging
 from .model import Update

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from ..engine.redis import FleetHealth, FleetStatus
+from ..engine.schemas import FleetHealth, FleetStatus
 
 __all__ = [
     "ErrorBody",

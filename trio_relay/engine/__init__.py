@@ -30,7 +30,7 @@ from ..upstream import UpstreamView
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from .redis import FleetHealth, FleetStatus
+    from .schemas import FleetHealth, FleetStatus
 
 __all__ = ["Engine", "open_engine"]
 

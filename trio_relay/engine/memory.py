@@ -20,7 +20,7 @@ from ..upstream import Item, Upstream, UpstreamView
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from .redis import FleetHealth, FleetStatus
+    from .schemas import FleetHealth, FleetStatus
 
 __all__ = ["MemoryEngine"]
 

@@ -47,43 +47,28 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal, cast
+from typing import Any, cast
 
-import anyio
 import attrs
 import coredis
 import coredis.exceptions
 import msgspec
 import trio
 from coredis.retry import NoRetryPolicy
-from msgspec import Meta
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..config import Config, EngineConfig, UpstreamConfig
 from ..hub import Demand, Hub, Stats, new_epoch
 from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update
 from ..providers.base import Provider
-from ..upstream import Backoff, Item, NamedProvider, ProviderHealth, Upstream, UpstreamState
+from ..upstream import Backoff, Item, Upstream, UpstreamState
+from .fleet_view import FleetUpstream
+from .redis_client import REDIS_ERRORS, REDIS_FAILURES, describe_failure, is_redis_failure, redis_client
+from .schemas import FleetHealth, FleetStatus
 
-__all__ = [
-    "RedisEngine",
-    "FleetUpstream",
-    "FleetBatch",
-    "FleetStatus",
-    "FleetHealth",
-    "redis_client",
-    "describe_failure",
-    "is_redis_failure",
-    "fleet_keys",
-    "REDIS_DOWN",
-    "NO_HOLDER",
-]
+__all__ = ["RedisEngine", "FleetBatch", "fleet_keys", "shard_of"]
 
 log = logging.getLogger("trio_relay.fleet")
-
-# Upstream states a follower reports when it cannot see a working holder.
-REDIS_DOWN = "redis_down"
-NO_HOLDER = "no_holder"
 
 # The holder's heartbeat (its status, published) goes out every lock_ttl / HEARTBEATS; a relay
 # that hears none for HOLDER_SILENCE × lock_ttl tells its clients the upstream is down (so within
@@ -97,21 +82,6 @@ RETIRED_EPOCHS = 16
 MAX_BATCH = 2000
 # The holder publishes at most once per interval, so a busy feed goes out in batches (seconds).
 PUBLISH_INTERVAL = 0.002
-
-# Errors that mean "Redis is unreachable or went away", not a bug of ours.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    coredis.exceptions.RedisError,
-    OSError,
-    TimeoutError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-)
-
-# ...and a Redis command that took longer than engine.timeout.
-REDIS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, trio.TooSlowError)
 
 # The lock's value is "<epoch>|<token>|<node>#<instance>". The epoch is created with the first
 # lock of a Redis (it is gone with the data), so a fencing token compares within one epoch and a
@@ -241,51 +211,8 @@ def shard_of(symbol: str, shards: int) -> int:
     return zlib.crc32(symbol.encode()) % shards
 
 
-def _only_redis_errors(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_redis_errors(e, also) for e in exc.exceptions)
-    return isinstance(exc, (*REDIS_ERRORS, trio.TooSlowError, *also))
-
-
-def is_redis_failure(exc: BaseException) -> bool:
-    """Redis went away or timed out (every leaf of a group): retried, never a crash."""
-    return _only_redis_errors(exc)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """``Type: message`` of the first leaf of ``exc`` (never a URL's password: coredis shows none)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def redis_client(config: EngineConfig, name: str) -> coredis.Redis[bytes]:
-    """A client of the fleet's Redis, to use as ``async with``. No retries of its own: a failure
-    ends the caller's session, which reports it and retries with backoff."""
-    return coredis.Redis.from_url(
-        config.redis_url,
-        decode_responses=False,
-        connect_timeout=config.timeout,
-        stream_timeout=None,  # pub/sub and XREADGROUP BLOCK wait for as long as they need
-        retry_policy=NoRetryPolicy(),
-        client_name=name,
-    )
-
-
 def _default_node_id() -> str:
     return f"{socket.gethostname().split('.')[0][:32]}-{os.getpid()}-{os.urandom(2).hex()}"
-
-
-class _RemoteProvider:
-    """Names the holder's provider on a relay that does not hold the upstream."""
-
-    def __init__(self, name: str, description: str) -> None:
-        self.name = name
-        self._description = description
-
-    def describe(self) -> str:
-        return self._description
 
 
 class _LockLost(Exception):
@@ -484,7 +411,7 @@ class RedisEngine:
                     finally:
                         self._redis = None
             except BaseException as exc:  # noqa: BLE001 (sorted right below)
-                if not _only_redis_errors(exc, also=(trio.Cancelled,)):
+                if not is_redis_failure(exc, also=(trio.Cancelled,)):
                     raise
                 if isinstance(exc, BaseExceptionGroup):
                     cancelled, _ = exc.split(trio.Cancelled)
@@ -1023,215 +950,3 @@ def _state_update(state: PriceState) -> Update:
         seq=state.seq,
         epoch=state.epoch,
     )
-
-
-class FleetUpstream:
-    """The upstream as this relay sees it, for /health, /status and metrics.
-
-    On the holder it is the running :class:`Upstream`; on any other relay it is what the holder
-    last published, with Redis's own state on top (``redis_down`` when this relay lost Redis,
-    ``no_holder`` while the fleet elects one).
-    """
-
-    def __init__(self, engine: RedisEngine) -> None:
-        self._engine = engine
-
-    @property
-    def engine(self) -> RedisEngine:
-        return self._engine
-
-    @property
-    def _local(self) -> Upstream | None:
-        return self._engine.upstream
-
-    @property
-    def state(self) -> str:
-        engine = self._engine
-        if engine.redis_state != "up":
-            return REDIS_DOWN if engine.redis_state == "down" else UpstreamState.CONNECTING
-        if self._local is not None:
-            return self._local.state
-        status = engine.holder_status
-        return str(status.get("state", NO_HOLDER)) if status else NO_HOLDER
-
-    @property
-    def provider(self) -> NamedProvider:
-        if self._local is not None:
-            return self._local.provider
-        status = self._engine.holder_status or {}
-        name = str(status.get("provider") or (self._engine.providers[0].name if self._engine.providers else "?"))
-        node = status.get("node")
-        source = f"{status.get('source', name)} (held by fleet node {node})" if node else f"{name} (no fleet holder)"
-        return _RemoteProvider(name, source)
-
-    @property
-    def chain(self) -> list[ProviderHealth]:
-        return self._local.chain if self._local is not None else []
-
-    @property
-    def active(self) -> int:
-        return self._local.active if self._local is not None else 0
-
-    @property
-    def failover(self) -> bool:
-        return self._local.failover if self._local is not None else False
-
-    @property
-    def switches(self) -> int:
-        if self._local is not None:
-            return self._local.switches
-        return int((self._engine.holder_status or {}).get("switches", 0))
-
-    @property
-    def switch_reason(self) -> str:
-        return self._local.switch_reason if self._local is not None else ""
-
-    @property
-    def connected_since(self) -> float | None:
-        if self._local is not None:
-            return self._local.connected_since
-        value = (self._engine.holder_status or {}).get("connected_since")
-        return float(value) if value is not None else None
-
-    @property
-    def reconnects(self) -> int:
-        if self._local is not None:
-            return self._local.reconnects
-        return int((self._engine.holder_status or {}).get("reconnects", 0))
-
-    @property
-    def attempts(self) -> int:
-        if self._local is not None:
-            return self._local.attempts
-        return int((self._engine.holder_status or {}).get("attempts", 0))
-
-    @property
-    def last_error(self) -> str:
-        engine = self._engine
-        if engine.redis_state == "down":
-            return f"Redis unreachable: {engine.redis_error}"
-        if self._local is not None:
-            return self._local.last_error
-        if engine.holder_status is None:
-            return "no relay of the fleet holds the upstream" if engine.redis_state == "up" else ""
-        return str(engine.holder_status.get("last_error", ""))
-
-    @property
-    def subscribed(self) -> set[str]:
-        if self._local is not None:
-            return self._local.subscribed
-        return set((self._engine.holder_status or {}).get("subscribed", ()))
-
-    def message_age(self) -> float | None:
-        """Since this relay last received a fleet message (the holder's own included)."""
-        at = self._engine.last_batch_at
-        return None if at is None else trio.current_time() - at
-
-    def is_fresh(self) -> bool:
-        engine = self._engine
-        if engine.redis_state != "up":
-            return False
-        if self._local is not None:
-            return self._local.is_fresh()
-        status = engine.holder_status
-        return bool(status and status.get("state") == UpstreamState.CONNECTED and status.get("fresh", True))
-
-    def stop(self) -> None:
-        self._engine.stop()
-
-    def restart(
-        self, providers: Provider | Sequence[Provider], config: UpstreamConfig, secrets: Sequence[str] = ()
-    ) -> None:
-        chain = [providers] if not isinstance(providers, Sequence) else list(providers)
-        self._engine.restart(chain, config, secrets)
-
-    def fleet_status(self) -> FleetStatus:
-        """The ``fleet`` part of /status."""
-        engine = self._engine
-        status = engine.holder_status or {}
-        holding = engine.role == "holder"
-        return FleetStatus(
-            backend="redis",
-            node=engine.node,
-            prefix=engine.config.prefix,
-            role=engine.role,
-            redis=self.redis_status(),
-            holder=engine.node if holding else status.get("node"),
-            token=engine.token if holding else status.get("token"),
-            terms_held=engine.terms,
-            epoch=engine.epoch,
-            fleet_symbols=len(engine.fleet_symbols) if holding else None,
-            received=FleetReceived(
-                batches=engine.batches_in,
-                duplicates_dropped=engine.duplicates,
-                stale_token_dropped=engine.stale_batches,
-                malformed=engine.malformed,
-            ),
-            published=FleetPublished(batches=engine.batches_out, updates=engine.updates_out),
-            stream=engine.keys.stream if engine.config.stream_maxlen else None,
-        )
-
-    def redis_status(self) -> RedisStatus:
-        engine = self._engine
-        return RedisStatus(
-            state=engine.redis_state,
-            error=engine.redis_error or None,
-            since=engine.redis_since,
-            outages=engine.redis_outages,
-        )
-
-    def fleet_health(self) -> FleetHealth:
-        """The ``fleet`` part of /health."""
-        engine = self._engine
-        holder = engine.node if engine.role == "holder" else (engine.holder_status or {}).get("node")
-        return FleetHealth(node=engine.node, role=engine.role, holder=holder, redis=self.redis_status())
-
-
-class RedisStatus(msgspec.Struct, forbid_unknown_fields=True):
-    """This relay's connection to the fleet's Redis (never shows the URL or its password)."""
-
-    state: Annotated[str, Meta(description="connecting, up or down")]
-    error: Annotated[str | None, Meta(description="why it is down")]
-    since: Annotated[float | None, Meta(description="epoch seconds of the last change of state")]
-    outages: Annotated[int, Meta(description="times Redis was lost since the start")]
-
-
-class FleetHealth(msgspec.Struct, forbid_unknown_fields=True):
-    """Which relay of the fleet this is, and who holds the upstream."""
-
-    node: str
-    role: Annotated[str, Meta(description="holder (holds the upstream connection) or follower")]
-    holder: Annotated[str | None, Meta(description="the node holding the upstream (None: none known)")]
-    redis: RedisStatus
-
-
-class FleetReceived(msgspec.Struct, forbid_unknown_fields=True):
-    batches: Annotated[int, Meta(description="fan-out messages received from Redis")]
-    duplicates_dropped: Annotated[int, Meta(description="updates already passed on (cache read racing the live feed)")]
-    stale_token_dropped: Annotated[
-        int, Meta(description="messages of an older holder (fencing token below the newest)")
-    ]
-    malformed: int
-
-
-class FleetPublished(msgspec.Struct, forbid_unknown_fields=True):
-    batches: Annotated[int, Meta(description="fan-out messages published while this relay held the upstream")]
-    updates: int
-
-
-class FleetStatus(msgspec.Struct, forbid_unknown_fields=True):
-    """The fleet engine (engine.backend = "redis"); null on a single relay."""
-
-    backend: Literal["redis"]
-    node: str
-    prefix: str
-    role: Annotated[str, Meta(description="holder or follower")]
-    redis: RedisStatus
-    holder: str | None
-    token: Annotated[int | None, Meta(description="the holder's fencing token")]
-    terms_held: Annotated[int, Meta(description="times this relay became the holder")]
-    epoch: Annotated[str | None, Meta(description="the fleet's sequence space (seq compares within it)")]
-    fleet_symbols: Annotated[int | None, Meta(description="holder only: symbols the whole fleet wants")]
-    received: FleetReceived
-    published: FleetPublished
-    stream: Annotated[str | None, Meta(description="the Redis stream of every update (stream_maxlen > 0)")]
