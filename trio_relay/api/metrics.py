@@ -30,14 +30,25 @@ class RelayCollector(Collector):
         self.ctx = ctx
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, read from the live objects at scrape time (nothing is kept in between)."""
+        yield from self._build()
+        yield from self._upstream()
+        yield from self._edge()
+        yield from self._history()
+        yield from self._counters()
+        yield from self.ctx.engine.metrics()
+        yield from self._clients()
+
+    def _build(self) -> Iterator[Metric]:
         from .. import __version__
 
-        hub, upstream = self.ctx.hub, self.ctx.upstream
-        stats = hub.stats
         info = GaugeMetricFamily("trio_relay_build_info", "Build information", labels=["version", "provider"])
         info.add_metric([__version__, self.ctx.provider_name], 1)
         yield info
         yield GaugeMetricFamily("trio_relay_start_time_seconds", "Start time (Unix epoch)", value=self.ctx.started_at)
+
+    def _upstream(self) -> Iterator[Metric]:
+        upstream = self.ctx.upstream
         yield GaugeMetricFamily(
             "trio_relay_upstream_up", "1 when the upstream is connected and fresh", value=int(upstream.is_fresh())
         )
@@ -56,57 +67,6 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily(
             "trio_relay_upstream_symbols", "Symbols subscribed upstream", value=len(upstream.subscribed)
         )
-        edge = self.ctx.edge
-        if edge is not None:
-            yield GaugeMetricFamily(
-                "trio_relay_edge_connections", "Open connections on the public port", value=edge.open
-            )
-            yield GaugeMetricFamily(
-                "trio_relay_edge_connections_idle",
-                "Of which waiting for a request head (evictable)",
-                value=edge.idle_count,
-            )
-            yield GaugeMetricFamily(
-                "trio_relay_edge_max_connections", "The connection cap in effect", value=edge.max_connections
-            )
-            refused = CounterMetricFamily(
-                "trio_relay_edge_refused", "Connections refused at accept, before any request", labels=["reason"]
-            )
-            for admission, count in edge.refused_by.items():
-                refused.add_metric([admission.value], count)
-            yield refused
-            yield CounterMetricFamily(
-                "trio_relay_edge_evicted",
-                "Idle connections closed to make room at the connection cap",
-                value=edge.evicted,
-            )
-            rejected = CounterMetricFamily(
-                "trio_relay_edge_rejected",
-                "Requests the edge answered with an error (400, 408, 421, 431...)",
-                labels=["status"],
-            )
-            for status, count in sorted(edge.rejected.items()):
-                rejected.add_metric([str(status)], count)
-            yield rejected
-        writer = self.ctx.history_writer
-        if writer is not None:
-            yield CounterMetricFamily(
-                "trio_relay_history_written", "Updates written to the tick history", value=writer.written
-            )
-            yield CounterMetricFamily(
-                "trio_relay_history_dropped",
-                "Updates the tick history could not take (database slow or down)",
-                value=writer.dropped,
-            )
-            yield GaugeMetricFamily(
-                "trio_relay_history_pending", "Updates waiting for the database", value=writer.pending
-            )
-            history_state = GaugeMetricFamily(
-                "trio_relay_history_state", "Tick history writer state (1 for the current one)", labels=["state"]
-            )
-            for name in ("ok", "degraded", "down"):
-                history_state.add_metric([name], int(writer.state == name))
-            yield history_state
         active = GaugeMetricFamily(
             "trio_relay_upstream_provider_active",
             "1 for the provider in use (failover chain order)",
@@ -115,6 +75,63 @@ class RelayCollector(Collector):
         for i, health in enumerate(upstream.chain):
             active.add_metric([health.provider.name], int(i == upstream.active))
         yield active
+
+    def _edge(self) -> Iterator[Metric]:
+        edge = self.ctx.edge
+        if edge is None:
+            return
+        yield GaugeMetricFamily("trio_relay_edge_connections", "Open connections on the public port", value=edge.open)
+        yield GaugeMetricFamily(
+            "trio_relay_edge_connections_idle",
+            "Of which waiting for a request head (evictable)",
+            value=edge.idle_count,
+        )
+        yield GaugeMetricFamily(
+            "trio_relay_edge_max_connections", "The connection cap in effect", value=edge.max_connections
+        )
+        refused = CounterMetricFamily(
+            "trio_relay_edge_refused", "Connections refused at accept, before any request", labels=["reason"]
+        )
+        for admission, count in edge.refused_by.items():
+            refused.add_metric([admission.value], count)
+        yield refused
+        yield CounterMetricFamily(
+            "trio_relay_edge_evicted",
+            "Idle connections closed to make room at the connection cap",
+            value=edge.evicted,
+        )
+        rejected = CounterMetricFamily(
+            "trio_relay_edge_rejected",
+            "Requests the edge answered with an error (400, 408, 421, 431...)",
+            labels=["status"],
+        )
+        for status, count in sorted(edge.rejected.items()):
+            rejected.add_metric([str(status)], count)
+        yield rejected
+
+    def _history(self) -> Iterator[Metric]:
+        writer = self.ctx.history_writer
+        if writer is None:
+            return
+        yield CounterMetricFamily(
+            "trio_relay_history_written", "Updates written to the tick history", value=writer.written
+        )
+        yield CounterMetricFamily(
+            "trio_relay_history_dropped",
+            "Updates the tick history could not take (database slow or down)",
+            value=writer.dropped,
+        )
+        yield GaugeMetricFamily("trio_relay_history_pending", "Updates waiting for the database", value=writer.pending)
+        history_state = GaugeMetricFamily(
+            "trio_relay_history_state", "Tick history writer state (1 for the current one)", labels=["state"]
+        )
+        for name in ("ok", "degraded", "down"):
+            history_state.add_metric([name], int(writer.state == name))
+        yield history_state
+
+    def _counters(self) -> Iterator[Metric]:
+        hub, upstream = self.ctx.hub, self.ctx.upstream
+        stats = hub.stats
         for name, doc, value in (
             ("upstream_reconnects", "Upstream reconnections", upstream.reconnects),
             ("upstream_failovers", "Switches between providers of the failover chain", upstream.switches),
@@ -130,7 +147,9 @@ class RelayCollector(Collector):
             ("clients_connected", "Client connections accepted", stats.clients_total),
         ):
             yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
-        yield from self.ctx.engine.metrics()
+
+    def _clients(self) -> Iterator[Metric]:
+        hub = self.ctx.hub
         clients = list(hub.clients.values())
         yield GaugeMetricFamily("trio_relay_clients", "Connected WebSocket clients", value=len(clients))
         yield GaugeMetricFamily("trio_relay_cached_symbols", "Symbols in the cache", value=len(hub.cache))

@@ -346,6 +346,123 @@ class _Schemas:
         return list(schemas), components
 
 
+@attrs.define
+class _Builder:
+    """Collects operations; every body schema is resolved once, at the end (:meth:`document`)."""
+
+    open_prefixes: tuple[str, ...]
+    admin_prefixes: tuple[str, ...]
+    open_set: frozenset[str]
+    auth_enabled: bool
+    admin_scope: str
+    schemas: _Schemas = attrs.Factory(_Schemas)
+    pending: list[tuple[dict[str, Any], int]] = attrs.Factory(list)  # (object to receive the schema, type index)
+    paths: dict[str, dict[str, Any]] = attrs.Factory(dict)
+
+    def content(self, reply: Reply) -> dict[str, Any]:
+        media: dict[str, Any] = {}
+        if reply.body is not None:
+            self.pending.append((media, self.schemas.ref(reply.body)))
+        return {reply.media_type: media}
+
+    def response(self, reply: Reply) -> dict[str, Any]:
+        return {"description": reply.description, "content": self.content(reply)}
+
+    def add_rule(self, app: QuartTrio, rule: Rule) -> None:
+        """The operations of one route (one per method)."""
+        view = app.view_functions[rule.endpoint]
+        spec = ENDPOINTS.get(rule.endpoint)
+        summary, description = _docstring(view)
+        if not summary and spec is not None:
+            summary = spec.summary
+        path, params = _path_and_params(rule)
+        methods = _methods(rule)
+        for method in methods:
+            op: dict[str, Any] = {
+                "operationId": rule.endpoint if len(methods) == 1 else f"{rule.endpoint}_{method.lower()}"
+            }
+            if summary:
+                op["summary"] = summary
+            if description:
+                op["description"] = description
+            if spec is not None:
+                op["tags"] = [spec.tag]
+            if params:
+                op["parameters"] = params
+            if spec is not None and spec.request is not None and method in ("POST", "PUT", "PATCH"):
+                op["requestBody"] = {"required": True, "content": self.content(Reply("", spec.request))}
+            responses: dict[str, Any] = {}
+            for code, reply in sorted((spec.responses if spec else {}).items()):
+                if reply.auth_only and not self.auth_enabled:
+                    continue
+                responses[str(code)] = self.response(reply)
+            self._guard(rule.rule, op, responses)
+            if "200" not in responses:
+                responses["200"] = {"description": "OK"}
+            responses["default"] = self.response(
+                Reply("Any other error, e.g. 405 wrong method, 413 body too large, 500 internal error.", ErrorBody)
+            )
+            op["responses"] = dict(sorted(responses.items()))
+            self.paths.setdefault(path, {})[method.lower()] = op
+
+    def _guard(self, rule: str, op: dict[str, Any], responses: dict[str, Any]) -> None:
+        """What the guard adds to an operation: its security and its 429/401/403 answers."""
+        if rule in self.open_set or rule.startswith(self.open_prefixes):
+            op["security"] = []
+            return
+        limited = Reply("Too many requests from this address (`rate_limited`): wait Retry-After seconds.", ErrorBody)
+        responses["429"] = {
+            **self.response(limited),
+            "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+        }
+        if not self.auth_enabled:
+            return
+        is_admin = rule.startswith(self.admin_prefixes)
+        responses["401"] = {
+            **self.response(Reply("No valid Bearer token (`unauthorized`).", ErrorBody)),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        }
+        if is_admin:
+            responses["403"] = self.response(
+                Reply(f"The token lacks the {self.admin_scope!r} scope (`insufficient_scope`).", ErrorBody)
+            )
+        op["security"] = [{"bearerAuth": [self.admin_scope] if is_admin else []}]
+
+    def document(self) -> dict[str, Any]:
+        """The whole document, with every body schema resolved into ``components``."""
+        resolved, components = self.schemas.resolve()
+        for media, index in self.pending:
+            media["schema"] = resolved[index]
+        return {
+            "openapi": OPENAPI_VERSION,
+            "info": {
+                "title": "trio-relay",
+                "version": _version(),
+                "summary": "Real-time market data relay: REST routes (the price stream is a WebSocket).",
+                "description": (
+                    'Every REST error is JSON `{"error": code, "message": text}`. '
+                    f"The price stream is the WebSocket at `{ws.WS_PATH}` (listed below with its handshake); "
+                    "its messages are described in the repository's docs/api.md."
+                ),
+                "license": {"name": "MIT", "identifier": "MIT"},
+            },
+            "tags": [{"name": name, "description": text} for name, text in _TAGS.items()],
+            "paths": dict(sorted(self.paths.items())),
+            "components": {
+                "schemas": components,
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "bearerFormat": "JWT",
+                        "description": "Only with `[auth] enabled = true`. Admin routes need the scope in "
+                        "auth.admin_scope (claim `scope` or `scopes`).",
+                    }
+                },
+            },
+        }
+
+
 def build_openapi(
     app: QuartTrio,
     *,
@@ -361,112 +478,12 @@ def build_openapi(
     the admin scope), ``open_exact`` the paths it lets through as they are; with
     ``auth_enabled`` the other operations require a Bearer JWT.
     """
-    open_prefixes, admin_prefixes, open_set = tuple(open_paths), tuple(admin_paths), frozenset(open_exact)
-    schemas = _Schemas()
-    pending: list[tuple[dict[str, Any], int]] = []  # (object to receive the schema, type index)
-    paths: dict[str, dict[str, Any]] = {}
-
-    def content(reply: Reply) -> dict[str, Any]:
-        media: dict[str, Any] = {}
-        if reply.body is not None:
-            pending.append((media, schemas.ref(reply.body)))
-        return {reply.media_type: media}
-
-    def response(reply: Reply) -> dict[str, Any]:
-        return {"description": reply.description, "content": content(reply)}
-
+    builder = _Builder(tuple(open_paths), tuple(admin_paths), frozenset(open_exact), auth_enabled, admin_scope)
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if not _serves(app, rule):
-            continue
-        view = app.view_functions[rule.endpoint]
-        spec = ENDPOINTS.get(rule.endpoint)
-        summary, description = _docstring(view)
-        if not summary and spec is not None:
-            summary = spec.summary
-        path, params = _path_and_params(rule)
-        is_open = rule.rule in open_set or rule.rule.startswith(open_prefixes)
-        is_admin = rule.rule.startswith(admin_prefixes)
-        methods = _methods(rule)
-        for method in methods:
-            op: dict[str, Any] = {
-                "operationId": rule.endpoint if len(methods) == 1 else f"{rule.endpoint}_{method.lower()}"
-            }
-            if summary:
-                op["summary"] = summary
-            if description:
-                op["description"] = description
-            if spec is not None:
-                op["tags"] = [spec.tag]
-            if params:
-                op["parameters"] = params
-            if spec is not None and spec.request is not None and method in ("POST", "PUT", "PATCH"):
-                op["requestBody"] = {"required": True, "content": content(Reply("", spec.request))}
-            responses: dict[str, Any] = {}
-            for code, reply in sorted((spec.responses if spec else {}).items()):
-                if reply.auth_only and not auth_enabled:
-                    continue
-                responses[str(code)] = response(reply)
-            if not is_open:
-                limited = Reply(
-                    "Too many requests from this address (`rate_limited`): wait Retry-After seconds.", ErrorBody
-                )
-                responses["429"] = {
-                    **response(limited),
-                    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
-                }
-                if auth_enabled:
-                    responses["401"] = {
-                        **response(Reply("No valid Bearer token (`unauthorized`).", ErrorBody)),
-                        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-                    }
-                    if is_admin:
-                        responses["403"] = response(
-                            Reply(f"The token lacks the {admin_scope!r} scope (`insufficient_scope`).", ErrorBody)
-                        )
-                    op["security"] = [{"bearerAuth": [admin_scope] if is_admin else []}]
-            else:
-                op["security"] = []
-            if "200" not in responses:
-                responses["200"] = {"description": "OK"}
-            responses["default"] = response(
-                Reply("Any other error, e.g. 405 wrong method, 413 body too large, 500 internal error.", ErrorBody)
-            )
-            op["responses"] = dict(sorted(responses.items()))
-            paths.setdefault(path, {})[method.lower()] = op
-
-    paths[ws.WS_PATH] = {"get": _websocket_operation(auth_enabled, response)}
-
-    resolved, components = schemas.resolve()
-    for media, index in pending:
-        media["schema"] = resolved[index]
-    return {
-        "openapi": OPENAPI_VERSION,
-        "info": {
-            "title": "trio-relay",
-            "version": _version(),
-            "summary": "Real-time market data relay: REST routes (the price stream is a WebSocket).",
-            "description": (
-                'Every REST error is JSON `{"error": code, "message": text}`. '
-                f"The price stream is the WebSocket at `{ws.WS_PATH}` (listed below with its handshake); "
-                "its messages are described in the repository's docs/api.md."
-            ),
-            "license": {"name": "MIT", "identifier": "MIT"},
-        },
-        "tags": [{"name": name, "description": text} for name, text in _TAGS.items()],
-        "paths": dict(sorted(paths.items())),
-        "components": {
-            "schemas": components,
-            "securitySchemes": {
-                "bearerAuth": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "bearerFormat": "JWT",
-                    "description": "Only with `[auth] enabled = true`. Admin routes need the scope in "
-                    "auth.admin_scope (claim `scope` or `scopes`).",
-                }
-            },
-        },
-    }
+        if _serves(app, rule):
+            builder.add_rule(app, rule)
+    builder.paths[ws.WS_PATH] = {"get": _websocket_operation(auth_enabled, builder.response)}
+    return builder.document()
 
 
 _WEBSOCKET = """\
