@@ -425,49 +425,55 @@ def _canonical_provider(name: str) -> str:
     return found.name if found is not None else name
 
 
+# Strict scalar hooks: TOML, environment strings and flags all arrive here; none is coerced silently.
+def _structure_bool(value: object, _t: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+def _structure_int(value: object, _t: type) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _structure_float(value: object, _t: type) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def _structure_str(value: object, _t: type) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _structure_secret(value: object, _t: type) -> str:
+    # Never echo the value: a mistyped key (e.g. unquoted digits in TOML) is still a secret.
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got a value of type {type(value).__name__}")
+    return value
+
+
 def _make_converter() -> cattrs.Converter:
+    """A converter that takes each section strictly (unknown keys and wrong types are errors)."""
     conv = cattrs.Converter(forbid_extra_keys=True)
-
-    def structure_bool(value: object, _t: type) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-
-    def structure_int(value: object, _t: type) -> int:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
-        try:
-            return int(value)  # type: ignore[call-overload, no-any-return]
-        except (TypeError, ValueError):
-            raise ValueError(f"expected an integer, got {value!r}") from None
-
-    def structure_float(value: object, _t: type) -> float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
-
-    def structure_str(value: object, _t: type) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        return value
-
-    def structure_secret(value: object, _t: type) -> str:
-        # Never echo the value: a mistyped key (e.g. unquoted digits in TOML) is still a secret.
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got a value of type {type(value).__name__}")
-        return value
-
-    conv.register_structure_hook(bool, structure_bool)
-    conv.register_structure_hook(int, structure_int)
-    conv.register_structure_hook(float, structure_float)
-    conv.register_structure_hook(str, structure_str)
+    conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(str, _structure_str)
     structure_str_list = conv.get_structure_hook(list[str])
 
     def structure_list(value: object, t: Any) -> list[str]:
@@ -484,7 +490,7 @@ def _make_converter() -> cattrs.Converter:
         return {k.upper(): v for k, v in value.items()}
 
     conv.register_structure_hook_func(lambda t: t == dict[str, str], structure_str_map)
-    secret = override(struct_hook=structure_secret)
+    secret = override(struct_hook=_structure_secret)
     overrides: dict[type, dict[str, Any]] = {
         AuthConfig: {"secret": secret},
         HistoryConfig: {"postgres_dsn": secret},

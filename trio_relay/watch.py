@@ -172,6 +172,60 @@ class Board:
         return Group(self.table(), self.status_line())
 
 
+class _Repainter:
+    """Repaints the live table after a change, at most ``REPAINT_HZ`` times a second."""
+
+    def __init__(self, live: Live, board: Board) -> None:
+        self._live, self._board = live, board
+        self._changed = trio.Event()
+
+    def poke(self) -> None:
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            self._live.update(self._board.render(), refresh=True)
+            await trio.sleep(1 / REPAINT_HZ)
+
+
+async def _follow(
+    url: str,
+    symbols: list[str],
+    board: Board,
+    repainter: _Repainter,
+    *,
+    token: str | None,
+    batch: bool,
+    count: int | None,
+    give_up_after: float | None,
+) -> RelayError | str | None:
+    """Feed the board until ``count`` updates or the relay's refusal; what went wrong, if anything."""
+    # Cancelled when the relay has been out of reach for give_up_after: its deadline is pushed
+    # to infinity while connected and re-armed at each loss of the connection.
+    patience = give_up_after if give_up_after is not None else math.inf
+    offline = trio.CancelScope(deadline=trio.current_time() + patience)
+    try:
+        with offline:
+            async with client.connect(url, symbols, token=token, batch=batch) as feed:
+                async for event in feed:
+                    board.apply(event)
+                    if board.connection == "connected":
+                        offline.deadline = math.inf
+                    elif offline.deadline == math.inf:
+                        offline.deadline = trio.current_time() + patience
+                    repainter.poke()
+                    if count is not None and board.updates >= count:
+                        break
+    except RelayError as exc:
+        return exc
+    if offline.cancelled_caught:
+        reason = board.connection_reason or board.connection
+        return f"no connection to {url} for {patience:g}s ({reason})"
+    return None
+
+
 async def watch(
     url: str,
     symbols: list[str],
@@ -190,10 +244,6 @@ async def watch(
     console = console if console is not None else Console()
     board = Board(url, symbols)
     failure: RelayError | str | None = None
-    # Cancelled when the relay has been out of reach for give_up_after: its deadline is pushed
-    # to infinity while connected and re-armed at each loss of the connection.
-    patience = give_up_after if give_up_after is not None else math.inf
-    offline = trio.CancelScope(deadline=trio.current_time() + patience)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -202,49 +252,31 @@ async def watch(
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            # auto_refresh off: no rich thread; the repaint task below is the only painter.
+            # auto_refresh off: no rich thread; the repainter is the only painter.
             with Live(board.render(), console=console, auto_refresh=False) as live:
-                changed = trio.Event()
-
-                async def repaint() -> None:
-                    nonlocal changed
-                    while True:
-                        await changed.wait()
-                        changed = trio.Event()
-                        live.update(board.render(), refresh=True)
-                        await trio.sleep(1 / REPAINT_HZ)
-
-                nursery.start_soon(repaint)
+                repainter = _Repainter(live, board)
+                nursery.start_soon(repainter.run)
                 try:
-                    with offline:
-                        async with client.connect(url, symbols, token=token, batch=batch) as feed:
-                            async for event in feed:
-                                board.apply(event)
-                                if board.connection == "connected":
-                                    offline.deadline = math.inf
-                                elif offline.deadline == math.inf:
-                                    offline.deadline = trio.current_time() + patience
-                                changed.set()
-                                if count is not None and board.updates >= count:
-                                    break
-                    if offline.cancelled_caught:
-                        reason = board.connection_reason or board.connection
-                        failure = f"no connection to {url} for {patience:g}s ({reason})"
-                except RelayError as exc:
-                    failure = exc
+                    failure = await _follow(
+                        url,
+                        symbols,
+                        board,
+                        repainter,
+                        token=token,
+                        batch=batch,
+                        count=count,
+                        give_up_after=give_up_after,
+                    )
                 finally:
                     live.update(board.render(), refresh=True)
             if not console.is_terminal:
                 console.line()  # the last render ends without one when it is not a terminal
             nursery.cancel_scope.cancel()
-    if isinstance(failure, str):
-        print(f"trio-relay watch: {failure}", file=sys.stderr)
-        return 1
-    if failure is not None:
-        hint = "; pass a fresh --token" if isinstance(failure, TokenExpired) else ""
-        print(f"trio-relay watch: {failure}{hint}", file=sys.stderr)
-        return 1
-    return 0
+    if failure is None:
+        return 0
+    hint = "; pass a fresh --token" if isinstance(failure, TokenExpired) else ""
+    print(f"trio-relay watch: {failure}{hint}", file=sys.stderr)
+    return 1
 
 
 def main(args: argparse.Namespace) -> int:
