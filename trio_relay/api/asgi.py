@@ -71,22 +71,7 @@ async def call_app(
     response had begun is cut (the connection closes). An exception from the app (Quart
     answers its own errors, so this is a bug) gets a 500 with a JSON body, never a traceback.
     """
-    path, _, query = target.partition(b"?")
-    scope: Message = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": request.http_version.decode("ascii"),
-        "method": request.method.decode("ascii"),
-        "scheme": scheme,
-        "path": unquote_to_bytes(path).decode("utf-8", "replace"),
-        "raw_path": path,
-        "query_string": query,
-        "root_path": "",
-        "headers": [(bytes(k), bytes(v)) for k, v in request.headers],
-        "client": client,
-        "server": server,
-        "extensions": {},
-    }
+    scope = _scope(request, target, scheme=scheme, client=client, server=server)
     state = _Exchange(conn, stream, closing, head=request.method == b"HEAD")
     failure = False
     try:
@@ -110,12 +95,7 @@ async def call_app(
         return Outcome.CLOSE
     if limit.cancelled_caught:
         if not state.started:
-            if state.body_complete:
-                await _send_error(stream, conn, 503, "timeout", f"the request took more than {timeout:g} s")
-            else:
-                await _send_error(
-                    stream, conn, 408, "request_timeout", f"the request body did not arrive within {timeout:g} s"
-                )
+            await _send_timeout(stream, conn, timeout, body_complete=state.body_complete)
         return Outcome.CLOSE
     state.drain_buffered()
     if not state.finished or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -123,6 +103,41 @@ async def call_app(
         # the connection cannot be reused.
         return Outcome.CLOSE
     return Outcome.DONE
+
+
+def _scope(
+    request: h11.Request,
+    target: bytes,
+    *,
+    scheme: str,
+    client: tuple[str, int] | None,
+    server: tuple[str, int] | None,
+) -> Message:
+    """The ASGI HTTP scope of ``request`` (``target``: its origin-form target)."""
+    path, _, query = target.partition(b"?")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": request.http_version.decode("ascii"),
+        "method": request.method.decode("ascii"),
+        "scheme": scheme,
+        "path": unquote_to_bytes(path).decode("utf-8", "replace"),
+        "raw_path": path,
+        "query_string": query,
+        "root_path": "",
+        "headers": [(bytes(k), bytes(v)) for k, v in request.headers],
+        "client": client,
+        "server": server,
+        "extensions": {},
+    }
+
+
+async def _send_timeout(stream: trio.abc.Stream, conn: h11.Connection, timeout: float, *, body_complete: bool) -> None:
+    """408 while the request body was still arriving, 503 once the app had it all."""
+    if body_complete:
+        await _send_error(stream, conn, 503, "timeout", f"the request took more than {timeout:g} s")
+    else:
+        await _send_error(stream, conn, 408, "request_timeout", f"the request body did not arrive within {timeout:g} s")
 
 
 async def _send_error(stream: trio.abc.Stream, conn: h11.Connection, status: int, code: str, message: str) -> None:
