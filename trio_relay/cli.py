@@ -23,6 +23,8 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line: every command and flag (long on purpose: one declaration per flag, in
+    the order ``--help`` shows them, so it reads as the help does)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(

@@ -695,7 +695,6 @@ class RedisEngine:
             epoch,
             token,
         )
-        released = False
         try:
             with trio.fail_after(self.config.timeout * 2):
                 states = await self._load_states(redis, epoch)
@@ -729,22 +728,27 @@ class RedisEngine:
             self.upstream = None
             self.role, self.token = "follower", 0
             self.fleet_symbols = set()
-            with trio.CancelScope(shield=True), trio.move_on_after(min(1.0, self.config.timeout)):
-                try:
-                    release = redis.register_script(_RELEASE)
-                    released = bool(
-                        await release(
-                            keys=[self.keys.holder, self.keys.status],
-                            args=[value, self.keys.control, b'{"t":"released"}'],
-                        )
-                    )
-                except REDIS_ERRORS:
-                    pass
+            released = await self._release(redis, value)
             self._stepped_down.set()
             if released:
                 log.info("[FLEET] node %s released the upstream lock", self.node)
         if self._stop.is_set():
             await trio.sleep_forever()  # shutting down: do not take the lock again
+
+    async def _release(self, redis: coredis.Redis[bytes], value: str) -> bool:
+        """Give the lock up if it is still ours (shielded, at most a second); True if it was."""
+        with trio.CancelScope(shield=True), trio.move_on_after(min(1.0, self.config.timeout)):
+            try:
+                release = redis.register_script(_RELEASE)
+                return bool(
+                    await release(
+                        keys=[self.keys.holder, self.keys.status],
+                        args=[value, self.keys.control, b'{"t":"released"}'],
+                    )
+                )
+            except REDIS_ERRORS:
+                pass
+        return False
 
     async def _load_states(self, redis: coredis.Redis[bytes], epoch: str) -> dict[str, PriceState]:
         """The cache, to number on from it: a takeover never repeats or steps back a seq."""
@@ -850,8 +854,6 @@ class RedisEngine:
         """Number, then publish every upstream update once (refused if the lock is no longer ours)."""
         script = redis.register_script(_PUBLISH)
         keys = [self.keys.holder, self.keys.cache, self.keys.stream]
-        cap = self.config.stream_maxlen
-        encode, jencode = self._msgpack.encode, self._json.encode
         now_iso = Encoder().now_iso
         provider = self.upstream.provider.name if self.upstream is not None else ""
         pace = Pacer(PUBLISH_INTERVAL)
@@ -864,58 +866,82 @@ class RedisEngine:
                 # Busy: what comes in the rest of the interval goes in the same publish (each
                 # costs ~0.5 ms of the client library's time). A quiet feed waits for nothing.
                 await pace.wait()
-                updates: list[Update] = []
-                while True:
-                    if isinstance(item, ProviderSwitched):
-                        provider = item.provider
-                    else:
-                        for update in item:
-                            if update.provider is None:
-                                update.provider = provider
-                        updates.extend(item)
-                    if len(updates) >= MAX_BATCH:
-                        break
-                    try:
-                        item = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                updates, provider = _take_batch(item, receive, provider)
                 if not updates:
                     continue
-                cached_at = now_iso()
-                shards: dict[str, list[Update]] = {}
-                changed: dict[str, PriceState] = {}
-                for update in updates:
-                    symbol = update.symbol
-                    state = states.get(symbol)
-                    if state is None:
-                        state = states[symbol] = PriceState(symbol=symbol, epoch=epoch)
-                    update.seq = state.seq + 1
-                    update.epoch = epoch
-                    if update.kind == BREAK:
-                        state.seq = update.seq  # a break corrects an earlier print; the state stays
-                    else:
-                        state.apply(update, cached_at)
-                    state.provider = update.provider or provider
-                    changed[symbol] = state
-                    channel = self.channel(symbol)
-                    shard = shards.get(channel)
-                    if shard is None:
-                        shard = shards[channel] = []
-                    shard.append(update)
-                args: list[str | bytes | int] = [value, len(shards), len(changed), cap]
-                for channel, shard in shards.items():
-                    args += [channel, encode(FleetBatch(self.token, epoch, shard))]
-                for symbol, state in changed.items():
-                    args += [symbol, jencode(state)]
-                if cap:
-                    for update in updates:
-                        args += [update.symbol, jencode(update)]
+                args = self._script_args(value, updates, states, epoch, provider, now_iso())
                 with trio.fail_after(self.config.lock_ttl / 3):
                     accepted: Any = await script(keys=keys, args=args)
                 if not accepted:
                     raise _LockLost("a publish was refused: the lock no longer holds this relay's token")
                 self.batches_out += 1
                 self.updates_out += len(updates)
+
+    def _script_args(
+        self,
+        value: str,
+        updates: list[Update],
+        states: dict[str, PriceState],
+        epoch: str,
+        provider: str,
+        cached_at: str,
+    ) -> list[str | bytes | int]:
+        """Number ``updates`` on from ``states`` (merged into them), as the publish script's ARGV."""
+        cap = self.config.stream_maxlen
+        encode, jencode = self._msgpack.encode, self._json.encode
+        shards: dict[str, list[Update]] = {}
+        changed: dict[str, PriceState] = {}
+        for update in updates:
+            symbol = update.symbol
+            state = states.get(symbol)
+            if state is None:
+                state = states[symbol] = PriceState(symbol=symbol, epoch=epoch)
+            update.seq = state.seq + 1
+            update.epoch = epoch
+            if update.kind == BREAK:
+                state.seq = update.seq  # a break corrects an earlier print; the state stays
+            else:
+                state.apply(update, cached_at)
+            state.provider = update.provider or provider
+            changed[symbol] = state
+            channel = self.channel(symbol)
+            shard = shards.get(channel)
+            if shard is None:
+                shard = shards[channel] = []
+            shard.append(update)
+        args: list[str | bytes | int] = [value, len(shards), len(changed), cap]
+        for channel, shard in shards.items():
+            args += [channel, encode(FleetBatch(self.token, epoch, shard))]
+        for symbol, state in changed.items():
+            args += [symbol, jencode(state)]
+        if cap:
+            for update in updates:
+                args += [update.symbol, jencode(update)]
+        return args
+
+
+def _take_batch(first: Item, receive: trio.MemoryReceiveChannel[Item], provider: str) -> tuple[list[Update], str]:
+    """``first`` and what is already queued behind it (up to ``MAX_BATCH``), and the provider by then.
+
+    Updates that came without a provider name get the one in effect when they arrived.
+    """
+    updates: list[Update] = []
+    item = first
+    while True:
+        if isinstance(item, ProviderSwitched):
+            provider = item.provider
+        else:
+            for update in item:
+                if update.provider is None:
+                    update.provider = provider
+            updates.extend(item)
+        if len(updates) >= MAX_BATCH:
+            break
+        try:
+            item = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return updates, provider
 
 
 class Pacer:
