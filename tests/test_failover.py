@@ -30,7 +30,17 @@ EXACT = 1e-6  # virtual seconds: loopback I/O takes none
 GUARD = 3600.0
 
 
-def make_config(url: str, **upstream: Any) -> Config:
+# The timings most tests use; a test passing defaults=True gets the shipped defaults instead.
+TIMINGS = {
+    "backoff_initial": 0.5,
+    "backoff_max": 2.0,
+    "failover_after": 10.0,
+    "failback_after": 60.0,
+    "stale_after": 5.0,
+}
+
+
+def make_config(url: str, *, defaults: bool = False, **upstream: Any) -> Config:
     return load_config(
         environ={},
         overrides={
@@ -38,11 +48,7 @@ def make_config(url: str, **upstream: Any) -> Config:
                 "providers": ["fmp", "sim"],
                 "unsubscribe_linger": 0.0,
                 "pinned": ["AAPL"],
-                "backoff_initial": 0.5,
-                "backoff_max": 2.0,
-                "failover_after": 10.0,
-                "failback_after": 60.0,
-                "stale_after": 5.0,
+                **({} if defaults else TIMINGS),
                 **upstream,
             },
             "fmp": {"api_key": FMP_KEY, "url": url, "login_timeout": 1.0},
@@ -59,6 +65,7 @@ class Sink:
         self.source = source
         self.sources: list[str] = [source]  # the sequence of providers seen, in order
         self.counts: dict[str, int] = {}
+        self.last_data_at: dict[str, float] = {}  # provider → trio time of its last batch
         self._changed = trio.Event()
 
     async def drain(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
@@ -69,6 +76,7 @@ class Sink:
                     self.sources.append(item.provider)
                 else:
                     self.counts[self.source] = self.counts.get(self.source, 0) + len(item)
+                    self.last_data_at[self.source] = trio.current_time()
                 self._changed.set()
                 self._changed = trio.Event()
 
@@ -78,8 +86,8 @@ class Sink:
 
 
 @asynccontextmanager
-async def run_upstream(url: str, **upstream: Any) -> AsyncIterator[tuple[Upstream, Sink]]:
-    config = make_config(url, **upstream)
+async def run_upstream(url: str, *, defaults: bool = False, **upstream: Any) -> AsyncIterator[tuple[Upstream, Sink]]:
+    config = make_config(url, defaults=defaults, **upstream)
     cfg = config.upstream
     send, receive = trio.open_memory_channel[Item](cfg.queue_size)
     up = Upstream(make_providers(config), Demand(0.0, cfg.pinned), send, cfg, Stats(), rng=random.Random(SEED))
@@ -134,7 +142,8 @@ async def _revive_and_wait_failback(up: Upstream, sink: Sink, port: int) -> None
     async with FakeFmpServer.open(port=port, api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
         await fake.wait_until(lambda: fake.logins >= 1)
         probe_logged_in = trio.current_time()
-        assert fake.subscriptions == set()  # a probe subscribes nothing
+        # The probe subscribes a sample of what is wanted and must get data for it.
+        await fake.wait_until(lambda: fake.subscriptions == {"AAPL"})
         back_at = await wait_active(up, "fmp")
         assert back_at - probe_logged_in == pytest.approx(60.0, abs=EXACT)
         await fake.wait_until(lambda: fake.subscriptions == {"AAPL"})
@@ -319,3 +328,181 @@ async def test_fmp_to_finnhub_and_back_when_the_fmp_server_dies_and_revives(star
     assert btc["last_price"] > 0 and aapl["last_price"] > 0
     assert relay.upstream.switches == 2 and relay.upstream.provider.name == "fmp"
     assert len(relay.hub.clients) == 1  # the same client connection all along
+
+
+# ---------------------------------------------------------------------- failback that proves delivery
+class FmpHost:
+    """A fake FMP server that can be killed (listener and connections gone) and revived on its port."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._stop = trio.Event()
+        self.port = 0
+        self.fake: FakeFmpServer | None = None
+
+    async def start(self, **kwargs: Any) -> FakeFmpServer:
+        self._stop = trio.Event()
+        fake: FakeFmpServer = await self._nursery.start(self._serve, self._stop, kwargs)
+        self.port, self.fake = fake.port, fake
+        return fake
+
+    async def _serve(
+        self, stop: trio.Event, kwargs: dict[str, Any], task_status: trio.TaskStatus[FakeFmpServer]
+    ) -> None:
+        async with FakeFmpServer.open(port=self.port, api_keys=[FMP_KEY], **kwargs) as fake:
+            task_status.started(fake)
+            await stop.wait()
+
+    def kill(self) -> None:
+        self._stop.set()
+
+
+async def test_defaults_fail_back_to_an_fmp_that_is_silent_when_idle(autojump_clock):
+    """Shipped timings; an FMP that sends nothing to an idle session. The probe subscribes, gets data, returns."""
+    async with trio.open_nursery() as nursery:
+        host = FmpHost(nursery)
+        fake = await host.start(idle_silent=True)
+        async with run_upstream(fake.url, defaults=True) as (up, sink):
+            await sink.wait_data_from("fmp")
+            host.kill()
+            await wait_active(up, "sim")
+            await trio.sleep(120.0)  # virtual time (MockClock): down for two minutes; probes fail at connect
+            assert up.provider.name == "sim" and up.chain[0].probes >= 10
+            healthy_at = trio.current_time()
+            fake = await host.start(idle_silent=True)
+            await fake.wait_until(lambda: fake.subscriptions == {"AAPL"})  # the probe asks for a sample
+            probe_at = trio.current_time()
+            back_at = await wait_active(up, "fmp")
+            await sink.wait_data_from("fmp", sink.counts["fmp"] + 1)
+            nursery.cancel_scope.cancel()
+    # Back within failback_after + failback_probe_interval of the server becoming healthy.
+    assert probe_at - healthy_at <= 5.0
+    assert back_at - probe_at == pytest.approx(60.0, abs=EXACT)
+    assert up.switches == 2 and sink.sources == ["fmp", "sim", "fmp"]
+    print(f"\nidle-silent FMP: healthy -> probe {probe_at - healthy_at:.3f}s, -> back {back_at - healthy_at:.3f}s")
+
+
+async def test_with_nothing_wanted_a_silent_idle_fmp_is_proven_by_staying_up(autojump_clock):
+    """Nothing to sample: the probe may be silent for all of failback_after (FMP owes an idle session nothing)."""
+    async with trio.open_nursery() as nursery:
+        host = FmpHost(nursery)
+        fake = await host.start(idle_silent=True)
+        async with run_upstream(fake.url, defaults=True, pinned=[]) as (up, sink):
+            await wait_active(up, "fmp")
+            await trio.sleep(100.0)  # virtual time: idle and silent for longer than stale_after, still fine
+            assert up.provider.name == "fmp" and up.state == UpstreamState.CONNECTED and up.switches == 0
+            host.kill()
+            await wait_active(up, "sim")
+            fake = await host.start(idle_silent=True)
+            healthy_at = trio.current_time()
+            back_at = await wait_active(up, "fmp")
+            assert fake.frames_sent == 0  # not a frame was sent to the probe, nor heartbeats
+            nursery.cancel_scope.cancel()
+    assert 60.0 <= back_at - healthy_at <= 65.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "timings", "why"),
+    [
+        ("mute", {}, "probe: no data for 30s"),  # heartbeats, no data: defaults
+        ("mute", {"stale_after": 90.0}, "probe: no data in 60s"),  # stale_after >= failback_after
+        ("stall", {}, "probe: no data for 30s"),  # nothing at all
+        ("stall", {"stale_after": 90.0}, "probe: no data in 60s"),
+    ],
+)
+async def test_a_preferred_provider_that_logs_in_but_delivers_nothing_is_never_switched_back_to(
+    autojump_clock, fault, timings, why
+):
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, defaults=True, **timings) as (up, sink):
+            await sink.wait_data_from("fmp")
+            if fault == "mute":
+                fake.deliver = False
+                await fake.drop_all()  # the session ends; every one after it logs in and heartbeats
+            else:
+                fake.stall()
+            await wait_active(up, "sim")
+            left_at = trio.current_time()
+            await trio.sleep(1800.0)  # virtual time: half an hour of probes
+            assert up.provider.name == "sim" and up.switches == 1 and sink.sources == ["fmp", "sim"]
+            assert up.chain[0].probes >= 20
+            assert up.chain[0].last_error == why
+            assert up.chain[0].state in (UpstreamState.STALE, "probing")
+            # Every probe subscribed the sample; none was ever switched back to.
+            assert ("subscribe", ("AAPL",)) in fake.history[1:]
+            # Once it delivers, it is back within failback_after + failback_probe_interval (+ the probe
+            # that was running, found silent, when data started: at most stale_after or failback_after).
+            fake.deliver = True
+            fake.resume()
+            healthy_at = trio.current_time()
+            back_at = await wait_active(up, "fmp")
+    assert back_at - healthy_at <= 60.0 + 5.0 + max(timings.get("stale_after", 30.0), 60.0)
+    print(f"\n{fault} {timings}: {up.chain[0].probes} probes failed in 30 min; delivering -> back {back_at - healthy_at:.3f}s")
+    assert back_at - left_at > 1800.0
+
+
+async def test_a_stall_fails_over_failover_after_from_the_last_data_with_default_stale_after(autojump_clock):
+    """stale_after 30 (default) > failover_after 10: the switch still comes at exactly 10 s."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, defaults=True) as (up, sink):
+            await sink.wait_data_from("fmp", 20)
+            fake.stall()
+            switched_at = await wait_active(up, "sim")
+            last_data = sink.last_data_at["fmp"]
+            assert switched_at - last_data == pytest.approx(10.0, abs=EXACT)
+            assert up.switch_reason == "fmp unhealthy for 10s (feed silent for 10s)"
+            print(f"\nstall: last data -> switch {switched_at - last_data:.6f}s")
+
+
+async def test_an_idle_session_silent_past_stale_after_is_not_stale(autojump_clock):
+    """Nothing subscribed: silence is normal (idle FMP); once a symbol is wanted, data is due as usual."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], idle_silent=True, heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, defaults=True, pinned=[]) as (up, sink):
+            await wait_active(up, "fmp")
+            await trio.sleep(300.0)  # virtual time
+            assert up.switches == 0 and up.state == UpstreamState.CONNECTED and fake.logins == 1
+            up.demand.acquire(["MSFT"])
+            await sink.wait_data_from("fmp")
+            subscribed_at = trio.current_time()
+            fake.stall()
+            switched_at = await wait_active(up, "sim")
+            assert switched_at - sink.last_data_at["fmp"] == pytest.approx(10.0, abs=EXACT)
+            assert switched_at - subscribed_at <= 10.0 + EXACT
+
+
+async def test_the_flap_guard_holds_off_a_provider_that_fails_soon_after_a_failback(autojump_clock):
+    """Fails again right after each failback: held off 60 s, then 120 s; forgiven after the window."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, defaults=True) as (up, sink):
+            fmp = up.chain[0]
+            await sink.wait_data_from("fmp")
+            fake.stall()
+            await wait_active(up, "sim")
+            fake.resume()
+            # The first failover is not a flap (the relay started on fmp): probed at once.
+            assert fmp.flaps == 0 and fmp.held_until is None
+            holds = []
+            for n in (1, 2):
+                await wait_active(up, "fmp")
+                await sink.wait_data_from("fmp", sink.counts["fmp"] + 1)
+                fake.stall()  # fails again at once
+                left_at = await wait_active(up, "sim")
+                fake.resume()
+                assert fmp.flaps == n and fmp.state == "held_off"
+                probes = fmp.probes
+                logins = fake.logins
+                await fake.wait_until(lambda: fake.logins > logins)
+                holds.append(trio.current_time() - left_at)
+                assert fmp.probes == probes + 1
+            assert holds == [pytest.approx(60.0, abs=EXACT), pytest.approx(120.0, abs=EXACT)]
+            # Held for longer than failback_flap_window after a failback: forgiven.
+            await wait_active(up, "fmp")
+            await trio.sleep(601.0)  # virtual time
+            fake.stall()
+            left_at = await wait_active(up, "sim")
+            fake.resume()
+            assert fmp.flaps == 0 and fmp.held_until is None and fmp.state != "held_off"
+            logins = fake.logins
+            await fake.wait_until(lambda: fake.logins > logins)
+            assert trio.current_time() - left_at <= 5.0
+    print(f"\nflap guard hold-offs: {holds}")
