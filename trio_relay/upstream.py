@@ -644,40 +644,22 @@ class Upstream:
         return (wanted[start:] + wanted[:start])[:n]
 
     async def _probe(self, health: ProviderHealth) -> bool:
-        """One probe session: log in, subscribe a sample of the wanted symbols, hold ``failback_after``.
+        """One probe session: log in, subscribe a sample of the wanted symbols, prove delivery.
 
-        It passes only if the session stays up that long and, with something wanted, delivers:
-        at least one update for the sample, and for providers with heartbeats (``detects_stale``)
-        no stretch of ``stale_after`` without one. A login or a heartbeat proves nothing here.
-        With nothing wanted there is nothing to sample and nobody misses a price: staying up
-        (for providers that ping, with the pings answered) is all it can prove, and silence is
-        allowed, since FMP need not send anything to an idle session.
+        It passes when the provider has delivered for ``failback_after`` (see :meth:`_prove`);
+        a login or a heartbeat proves nothing. The session is closed either way: the switch
+        back opens a session of its own.
         """
         provider = health.provider
-        config = self.config
         health.probes += 1
         health.state = "probing"
         sample = self._probe_sample()
         try:
             async with provider.session(ignore_malformed) as session:
-                health.healthy_since = trio.current_time()
                 if sample:
                     await session.subscribe(sample)
                     log.info("[FAILOVER] probing %s with %s", provider.name, _short(sample))
-                gap = config.stale_after if sample and provider.detects_stale else math.inf
-                last = trio.current_time()
-                delivered = 0
-                with trio.move_on_after(config.failback_after):
-                    while True:
-                        with trio.move_on_at(last + gap) as silent:
-                            batch = await session.receive()
-                        if silent.cancelled_caught:
-                            raise StaleFeed(f"probe: no data for {gap:g}s")
-                        if batch:
-                            delivered += len(batch)
-                            last = trio.current_time()
-                if sample and not delivered:
-                    raise StaleFeed(f"probe: no data in {config.failback_after:g}s")
+                await self._prove(health, session, bool(sample))
                 health.state = "healthy"
                 return True
         except AuthFailed as exc:
@@ -690,6 +672,43 @@ class Upstream:
         health.healthy_since = None
         log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
         return False
+
+    async def _prove(self, health: ProviderHealth, session: Session, sampled: bool) -> None:
+        """Return once the probe session has delivered for ``failback_after``; raise if it does not.
+
+        With a sample subscribed: the first update must come within ``stale_after`` (providers
+        with heartbeats, ``detects_stale``) or ``failback_after`` (the others, which may be
+        quiet), then ``failback_after`` counts from that update, and for ``detects_stale``
+        providers no stretch of ``stale_after`` may pass without an update (heartbeats do not
+        count). With nothing wanted there is nothing to sample and nobody misses a price:
+        staying up for ``failback_after`` (for providers that ping, with the pings answered) is
+        all a probe can prove, and silence is allowed, since FMP need not send anything to an
+        idle session.
+        """
+        config = self.config
+        if not sampled:
+            health.healthy_since = trio.current_time()
+            with trio.move_on_after(config.failback_after):
+                while True:
+                    await session.receive()
+            return
+        detects_stale = health.provider.detects_stale
+        first_within = config.stale_after if detects_stale else config.failback_after
+        with trio.move_on_after(first_within) as silent:
+            while not await session.receive():
+                pass
+        if silent.cancelled_caught:
+            raise StaleFeed(f"probe: no data in {first_within:g}s")
+        health.healthy_since = last = trio.current_time()
+        gap = config.stale_after if detects_stale else math.inf
+        with trio.move_on_after(config.failback_after):
+            while True:
+                with trio.move_on_at(last + gap) as silent:
+                    batch = await session.receive()
+                if silent.cancelled_caught:
+                    raise StaleFeed(f"probe: no data for {gap:g}s")
+                if batch:
+                    last = trio.current_time()
 
     def _disconnected(self) -> None:
         if self._unhealthy_since is None:
