@@ -794,7 +794,7 @@ def timing_warnings(config: Config) -> list[str]:
     if up.stale_after >= up.failback_after:
         warnings.append(
             f"upstream.stale_after ({up.stale_after:g}s) >= upstream.failback_after ({up.failback_after:g}s): "
-            "a failback probe then proves only one update in failback_after, not data throughout; "
+            "a failback probe then proves one update and failback_after without a disconnect, not data throughout; "
             "set stale_after below failback_after"
         )
     if up.failback_probe_interval >= up.failback_after:
