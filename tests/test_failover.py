@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 import trio
@@ -22,6 +22,8 @@ from trio_relay.config import Config, load_config
 from trio_relay.hub import Demand, Stats
 from trio_relay.model import ProviderSwitched
 from trio_relay.providers.registry import make_providers
+from trio_relay.testing.base import FakeServer
+from trio_relay.testing.fake_finnhub import FakeFinnhubServer
 from trio_relay.testing.fake_fmp import FakeFmpServer
 from trio_relay.upstream import Item, Upstream, UpstreamState
 
@@ -286,7 +288,6 @@ async def test_clients_keep_their_connection_across_failover_and_failback(start_
 
 async def test_fmp_to_finnhub_and_back_when_the_fmp_server_dies_and_revives(start_relay, ws_connect, nursery):
     """Two real provider protocols: the FMP server is killed (listener gone) and revived on its port."""
-    from trio_relay.testing.fake_finnhub import FakeFinnhubServer
 
     finnhub_key = "fh-failover-key-51c9"
     kill = trio.Event()
@@ -335,25 +336,30 @@ async def test_fmp_to_finnhub_and_back_when_the_fmp_server_dies_and_revives(star
 
 
 # ---------------------------------------------------------------------- failback that proves delivery
-class FmpHost:
-    """A fake FMP server that can be killed (listener and connections gone) and revived on its port."""
+F = TypeVar("F", bound=FakeServer[Any])
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+
+class FakeHost(Generic[F]):
+    """A fake provider server that can be killed (listener and connections gone) and revived on its port."""
+
+    def __init__(self, nursery: trio.Nursery, server: type[F], key: str = FMP_KEY) -> None:
         self._nursery = nursery
+        self._server = server
+        self._key = key
         self._stop = trio.Event()
         self.port = 0
-        self.fake: FakeFmpServer | None = None
 
-    async def start(self, **kwargs: Any) -> FakeFmpServer:
+    async def start(self, *, deliver: bool = True, **kwargs: Any) -> F:
         self._stop = trio.Event()
-        fake: FakeFmpServer = await self._nursery.start(self._serve, self._stop, kwargs)
-        self.port, self.fake = fake.port, fake
+        fake: F = await self._nursery.start(self._serve, self._stop, deliver, kwargs)
+        self.port = fake.port
         return fake
 
     async def _serve(
-        self, stop: trio.Event, kwargs: dict[str, Any], task_status: trio.TaskStatus[FakeFmpServer]
+        self, stop: trio.Event, deliver: bool, kwargs: dict[str, Any], task_status: trio.TaskStatus[F]
     ) -> None:
-        async with FakeFmpServer.open(port=self.port, api_keys=[FMP_KEY], **kwargs) as fake:
+        async with self._server.open(port=self.port, api_keys=[self._key], **kwargs) as fake:
+            fake.deliver = deliver  # before any connection can stream (no checkpoint since it listens)
             task_status.started(fake)
             await stop.wait()
 
@@ -364,7 +370,7 @@ class FmpHost:
 async def test_defaults_fail_back_to_an_fmp_that_is_silent_when_idle(autojump_clock):
     """Shipped timings; an FMP that sends nothing to an idle session. The probe subscribes, gets data, returns."""
     async with trio.open_nursery() as nursery:
-        host = FmpHost(nursery)
+        host = FakeHost(nursery, FakeFmpServer)
         fake = await host.start(idle_silent=True)
         async with run_upstream(fake.url, defaults=True) as (up, sink):
             await sink.wait_data_from("fmp")
@@ -390,7 +396,7 @@ async def test_defaults_fail_back_to_an_fmp_that_is_silent_when_idle(autojump_cl
 async def test_with_nothing_wanted_a_silent_idle_fmp_is_proven_by_staying_up(autojump_clock):
     """Nothing to sample: the probe may be silent for all of failback_after (FMP owes an idle session nothing)."""
     async with trio.open_nursery() as nursery:
-        host = FmpHost(nursery)
+        host = FakeHost(nursery, FakeFmpServer)
         fake = await host.start(idle_silent=True)
         async with run_upstream(fake.url, defaults=True, pinned=[]) as (up, sink):
             await wait_active(up, "fmp")
@@ -511,3 +517,56 @@ async def test_the_flap_guard_holds_off_a_provider_that_fails_soon_after_a_failb
             await fake.wait_until(lambda: fake.logins > logins)
             assert trio.current_time() - left_at <= 5.0
     print(f"\nflap guard hold-offs: {holds}")
+
+
+async def test_the_daemon_warns_at_start_about_timings_that_weaken_failback(start_relay, caplog):
+    """One [CONFIG] line naming the keys, logged with the start banner."""
+    caplog.set_level("WARNING", logger="trio_relay.daemon")
+    await start_relay(upstream={"providers": ["sim", "fmp"], "stale_after": 90.0}, fmp={"api_key": FMP_KEY})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[CONFIG]")]
+    assert len(lines) == 1
+    assert lines[0].startswith("[CONFIG] upstream.stale_after (90s) >= upstream.failback_after (60s)")
+
+
+async def test_a_quiet_provider_that_delivers_nothing_is_not_switched_back_to(autojump_clock):
+    """Finnhub (no heartbeat, may be quiet): its probe needs an update within failback_after, pings do not count."""
+    key = "fh-failback-key-20d7"
+    with trio.fail_after(GUARD):
+        back_at, healthy_at = await _quiet_provider_round_trip(key)
+    # A probe waiting for its first update gets it now, or the next one starts within 5 s.
+    assert 60.0 <= back_at - healthy_at <= 65.1
+    print(f"\nquiet provider: delivering -> back {back_at - healthy_at:.3f}s")
+
+
+async def _quiet_provider_round_trip(key: str) -> tuple[float, float]:
+    async with trio.open_nursery() as nursery:
+        host = FakeHost(nursery, FakeFinnhubServer, key)
+        fake = await host.start(ping_interval=10.0)
+        config = load_config(
+            environ={},
+            overrides={
+                "upstream": {"providers": ["finnhub", "sim"], "unsubscribe_linger": 0.0, "pinned": ["AAPL"]},
+                "finnhub": {"api_key": key, "url": fake.url},
+                "sim": {"rate": 2.0},
+            },
+            dotenv=None,
+        )
+        send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
+        up = Upstream(make_providers(config), Demand(0.0, ["AAPL"]), send, config.upstream, Stats(), rng=random.Random(SEED))
+        sink = Sink("finnhub")
+        nursery.start_soon(sink.drain, receive)
+        await nursery.start(up.run)
+        await sink.wait_data_from("finnhub")
+        host.kill()
+        await wait_active(up, "sim")
+        fake = await host.start(ping_interval=10.0, deliver=False)
+        await trio.sleep(1200.0)  # virtual time: twenty minutes of probes that get pings and no data
+        assert up.provider.name == "sim" and up.switches == 1
+        assert up.chain[0].probes >= 15 and up.chain[0].last_error == "probe: no data in 60s"
+        assert fake.pings_sent > 0
+        fake.deliver = True
+        healthy_at = trio.current_time()
+        back_at = await wait_active(up, "finnhub")
+        await sink.wait_data_from("finnhub", sink.counts["finnhub"] + 1)
+        nursery.cancel_scope.cancel()
+    return back_at, healthy_at

@@ -99,8 +99,7 @@ class FakeFmpServer(FakeServer[_Conn]):
         self.ts_unit = ts_unit
         # No heartbeat while a connection has nothing subscribed (silent when idle).
         self.idle_silent = idle_silent
-        # False: log in, acknowledge, send heartbeats, but never a data frame.
-        self.deliver = deliver
+        self.deliver = deliver  # FakeServer's: False = log in, acknowledge, heartbeats, never data
         self.market = SimMarket(seed)
         self.logins = 0
         self.failed_logins = 0
@@ -196,8 +195,6 @@ class FakeFmpServer(FakeServer[_Conn]):
         return ts
 
     async def _send_ticks(self, conn: _Conn, symbols: list[str]) -> None:
-        if not self.deliver:
-            return
         for symbol in symbols:
             await conn.ws.send_message(fmp_frame(self.market.next(symbol, self.stamp(symbol)), self.ts_unit))
             self.frames_sent += 1
