@@ -448,7 +448,9 @@ async def test_a_preferred_provider_that_logs_in_but_delivers_nothing_is_never_s
             healthy_at = trio.current_time()
             back_at = await wait_active(up, "fmp")
     assert 60.0 <= back_at - healthy_at <= 60.0 + 5.0 + 0.1
-    print(f"\n{fault} {timings}: {up.chain[0].probes} probes failed in 30 min; delivering -> back {back_at - healthy_at:.3f}s")
+    print(
+        f"\n{fault} {timings}: {up.chain[0].probes} probes failed in 30 min; delivering -> back {back_at - healthy_at:.3f}s"
+    )
     assert back_at - left_at > 1800.0
 
 
@@ -552,7 +554,9 @@ async def _quiet_provider_round_trip(key: str) -> tuple[float, float]:
             dotenv=None,
         )
         send, receive = trio.open_memory_channel[Item](config.upstream.queue_size)
-        up = Upstream(make_providers(config), Demand(0.0, ["AAPL"]), send, config.upstream, Stats(), rng=random.Random(SEED))
+        up = Upstream(
+            make_providers(config), Demand(0.0, ["AAPL"]), send, config.upstream, Stats(), rng=random.Random(SEED)
+        )
         sink = Sink("finnhub")
         nursery.start_soon(sink.drain, receive)
         await nursery.start(up.run)

@@ -49,7 +49,10 @@ async def _fake_control(server: Any, stream: trio.abc.ReceiveStream) -> None:
             elif cmd == "idle-silent":
                 server.idle_silent = bool(rest) and rest[0].lower() == "on"
                 what = "no heartbeat" if server.idle_silent else "heartbeats"
-                print(f"idle-silent {'on' if server.idle_silent else 'off'}: {what} while nothing is subscribed", flush=True)
+                print(
+                    f"idle-silent {'on' if server.idle_silent else 'off'}: {what} while nothing is subscribed",
+                    flush=True,
+                )
             elif cmd == "malformed":
                 count = int(rest[0]) if rest and rest[0].isdigit() else 6
                 server.send_malformed(count)
