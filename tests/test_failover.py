@@ -374,8 +374,9 @@ async def test_defaults_fail_back_to_an_fmp_that_is_silent_when_idle(autojump_cl
         fake = await host.start(idle_silent=True)
         async with run_upstream(fake.url, defaults=True) as (up, sink):
             await sink.wait_data_from("fmp")
+            killed_at = trio.current_time()
             host.kill()
-            await wait_active(up, "sim")
+            assert await wait_active(up, "sim") - killed_at == pytest.approx(10.0, abs=EXACT)
             await trio.sleep(120.0)  # virtual time (MockClock): down for two minutes; probes fail at connect
             assert up.provider.name == "sim" and up.chain[0].probes >= 10
             healthy_at = trio.current_time()
@@ -385,12 +386,17 @@ async def test_defaults_fail_back_to_an_fmp_that_is_silent_when_idle(autojump_cl
             back_at = await wait_active(up, "fmp")
             first_data = up.chain[0].healthy_since
             await sink.wait_data_from("fmp", sink.counts["fmp"] + 1)
+            gap = sink.last_data_at["fmp"] - back_at  # from the switch to fmp's first update
             nursery.cancel_scope.cancel()
     # Back within failback_after + failback_probe_interval of the server becoming healthy.
     assert probe_at - healthy_at <= 5.0
     assert first_data is not None and back_at - first_data == pytest.approx(60.0, abs=EXACT)
     assert up.switches == 2 and sink.sources == ["fmp", "sim", "fmp"]
-    print(f"\nidle-silent FMP: healthy -> probe {probe_at - healthy_at:.3f}s, -> back {back_at - healthy_at:.3f}s")
+    assert gap < 0.1
+    print(
+        f"\nidle-silent FMP: healthy -> probe {probe_at - healthy_at:.3f}s, -> back {back_at - healthy_at:.3f}s,"
+        f" switch -> first fmp update {gap:.3f}s"
+    )
 
 
 async def test_with_nothing_wanted_a_silent_idle_fmp_is_proven_by_staying_up(autojump_clock):
