@@ -489,6 +489,29 @@ async def test_an_idle_session_silent_past_stale_after_is_not_stale(autojump_clo
             assert switched_at - subscribed_at <= 10.0 + EXACT
 
 
+async def test_symbols_wanted_after_an_idle_reconnect_get_failover_after_to_arrive(autojump_clock):
+    """Dropped while idle, reconnected, idle past failover_after: a first subscribe is not failed over at once."""
+    async with FakeFmpServer.open(api_keys=[FMP_KEY], idle_silent=True, heartbeat_interval=1.0) as fake:
+        async with run_upstream(fake.url, defaults=True, pinned=[]) as (up, sink):
+            await wait_active(up, "fmp")
+            await fake.drop_all()
+            await fake.wait_until(lambda: fake.logins == 2)
+            await trio.sleep(12.0)  # virtual time: idle (and silent) past failover_after since the drop
+            up.demand.acquire(["MSFT"])
+            await sink.wait_data_from("fmp")
+            await trio.sleep(60.0)  # virtual time
+            assert up.provider.name == "fmp" and up.switches == 0 and up.state == UpstreamState.CONNECTED
+            # A feed that then says nothing at all is still left failover_after after its last frame
+            # (a heartbeat may follow the last data by one of the fake's 0.02 s ticks).
+            fake.stall()
+            await trio.sleep(1.0)  # virtual time: the stall is in force
+            last_frame = up.last_message_at
+            assert last_frame is not None
+            switched_at = await wait_active(up, "sim")
+            assert switched_at - last_frame == pytest.approx(10.0, abs=EXACT)
+            assert switched_at - sink.last_data_at["fmp"] == pytest.approx(10.0, abs=0.05)
+
+
 async def test_the_flap_guard_holds_off_a_provider_that_fails_soon_after_a_failback(autojump_clock):
     """Fails again right after each failback: held off 60 s, then 120 s; forgiven after the window."""
     async with FakeFmpServer.open(api_keys=[FMP_KEY], heartbeat_interval=1.0) as fake:

@@ -829,7 +829,8 @@ class Upstream:
         With a failover chain, silent for ``failover_after`` (when that is shorter) ends it with
         failover due, so a stall is left ``failover_after`` after its last frame whatever
         ``stale_after`` is; and a session that has carried no data since a failure (heartbeats
-        alone do not count) is left ``failover_after`` after that failure. An idle session
+        alone do not count) is left ``failover_after`` after that failure (or after its first
+        subscribe, when it was idle until then). An idle session
         (nothing subscribed) may be silent: FMP need not send anything then. It counts as
         healthy once it has stayed up for ``stale_after``.
         """
@@ -846,6 +847,10 @@ class Upstream:
         cutoff = math.inf
         if self.failover and unhealthy is not None:
             cutoff = unhealthy + config.failover_after
+            if self._active_since >= cutoff:
+                # Idle until failover would have been due: nobody missed data, and the symbols
+                # wanted now get failover_after of their own to arrive.
+                cutoff = self._active_since + config.failover_after
             if now >= cutoff:
                 log.warning("[STALE] no data from %s since it failed; failing over", self.provider.name)
                 raise StaleFeed(f"no data for {now - unhealthy:g}s")
