@@ -142,7 +142,7 @@ class ProviderHealth:
         self.provider = provider
         self.state = "standby"
         self.last_error = ""
-        self.healthy_since: float | None = None  # trio clock; set while a probe holds up
+        self.healthy_since: float | None = None  # trio clock: its probe's first update (None: failed)
         self.auth_failed_at: float | None = None  # trio clock
         self.probes = 0
         # The flap guard (Upstream._guard_flap): when the relay last failed back to it (trio
