@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_relay.config import Config, ConfigError, config_sections, load_config
+from trio_relay.config import Config, ConfigError, config_sections, load_config, timing_warnings
 
 SECRET = "k3y-5ecret-9d8c7b6a5f4e"
 
@@ -510,3 +510,31 @@ def test_the_jwt_secret_is_never_shown() -> None:
 )
 def test_bad_tls_and_origin_settings(server: dict[str, Any], problem: str) -> None:
     assert problem in error_of(overrides={"server": server})
+
+
+# --------------------------------------------------------------------------- failover timings
+CHAIN = {"providers": ["sim", "replay"]}
+
+
+def test_failover_timings_that_cannot_work_are_one_line_errors_naming_the_keys() -> None:
+    message = error_of(overrides={"upstream": {**CHAIN, "failback_after": 120.0, "failback_holdoff_max": 60.0}})
+    assert message == (
+        "config error: upstream.failback_holdoff_max: must be >= upstream.failback_after (the first hold-off)"
+    )
+    assert "\n" not in message
+    # Without a chain the failback keys are unused: nothing to refuse.
+    load(overrides={"upstream": {"failback_after": 120.0, "failback_holdoff_max": 60.0}})
+
+
+def test_failover_timings_that_weaken_failback_are_warnings_naming_the_keys() -> None:
+    assert timing_warnings(load(overrides={"upstream": CHAIN})) == []  # the defaults are consistent
+    assert timing_warnings(load(overrides={"upstream": {"stale_after": 90.0, "failback_probe_interval": 99.0}})) == []
+    warnings = timing_warnings(load(overrides={"upstream": {**CHAIN, "stale_after": 60.0}}))
+    assert warnings == [
+        "upstream.stale_after (60s) >= upstream.failback_after (60s): a failback probe then proves one update "
+        "and failback_after without a disconnect, not data throughout; set stale_after below failback_after"
+    ]
+    warnings = timing_warnings(load(overrides={"upstream": {**CHAIN, "failback_probe_interval": 90.0}}))
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "upstream.failback_probe_interval (90s) >= upstream.failback_after (60s)"
+    )

@@ -40,6 +40,7 @@ __all__ = [
     "LoggingConfig",
     "load_config",
     "read_dotenv",
+    "timing_warnings",
 ]
 
 ENV_PREFIX = "TRIO_RELAY_"
@@ -128,8 +129,19 @@ class UpstreamConfig:
     providers: list[str] = attrs.Factory(list)
     # Seconds the active provider may be down (or stale) before the relay fails over.
     failover_after: float = attrs.field(default=10.0, validator=_positive)
-    # Seconds a preferred provider must stay healthy (probed in the background) before failing back.
+    # Seconds a preferred provider must prove itself before failing back: a background probe
+    # session subscribes a sample of the wanted symbols and must receive data throughout (no gap
+    # longer than stale_after, for providers with heartbeats).
     failback_after: float = attrs.field(default=60.0, validator=_positive)
+    # How many wanted symbols the probe subscribes (a different sample at each probe).
+    failback_probe_symbols: int = attrs.field(default=3, validator=_positive)
+    # Longest wait between two probes of a preferred provider that is down (jittered backoff up to this).
+    failback_probe_interval: float = attrs.field(default=5.0, validator=_positive)
+    # Flap guard: a provider failed back to that fails again within this many seconds is not
+    # probed again for a hold-off: failback_after, doubled at each such failure, at most
+    # failback_holdoff_max. It is forgiven once it holds for failback_flap_window.
+    failback_flap_window: float = attrs.field(default=600.0, validator=_positive)
+    failback_holdoff_max: float = attrs.field(default=3600.0, validator=_positive)
     connect_timeout: float = attrs.field(default=30.0, validator=_positive)
     # No frame at all (heartbeats count) for this long while symbols are subscribed: reconnect.
     stale_after: float = attrs.field(default=30.0, validator=_positive)
@@ -775,6 +787,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def timing_warnings(config: Config) -> list[str]:
+    """Upstream timings that load but weaken failover or failback: one line each, naming the keys.
+
+    Orderings that cannot work at all are :class:`ConfigError` in :func:`load_config` instead
+    (``failback_holdoff_max`` below ``failback_after``). Logged at start; empty for one provider.
+    """
+    up = config.upstream
+    if len(config.provider_chain) < 2:
+        return []
+    warnings = []
+    if up.stale_after >= up.failback_after:
+        warnings.append(
+            f"upstream.stale_after ({up.stale_after:g}s) >= upstream.failback_after ({up.failback_after:g}s): "
+            "a failback probe then proves one update and failback_after without a disconnect, not data throughout; "
+            "set stale_after below failback_after"
+        )
+    if up.failback_probe_interval >= up.failback_after:
+        warnings.append(
+            f"upstream.failback_probe_interval ({up.failback_probe_interval:g}s) >= upstream.failback_after "
+            f"({up.failback_after:g}s): a preferred provider that comes back may wait longer for its probe "
+            "than the probe lasts"
+        )
+    return warnings
+
+
 def _validate(config: Config) -> Config:
     from .model import SYMBOL_RE
 
@@ -793,6 +830,10 @@ def _validate(config: Config) -> Config:
         raise ConfigError("config error: upstream.providers: a provider is listed twice")
     for name in config.provider_chain:
         _check_provider(config, name)
+    if len(config.provider_chain) > 1 and config.upstream.failback_holdoff_max < config.upstream.failback_after:
+        raise ConfigError(
+            "config error: upstream.failback_holdoff_max: must be >= upstream.failback_after (the first hold-off)"
+        )
     _check_security(config)
     if config.history.backend == "postgres" and not config.history.postgres_dsn:
         raise ConfigError(

@@ -29,7 +29,7 @@ from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import tls_context
 from .appstore import AppStore
 from .auth import Security
-from .config import Config, ConfigError
+from .config import Config, ConfigError, timing_warnings
 from .engine import Engine, open_engine
 from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
@@ -309,6 +309,8 @@ def _banner(relay: Relay, providers: list[Provider]) -> None:
     for fallback in providers[1:]:
         log.info("[START] failover: %s", fallback.describe())
     config = relay.config
+    for warning in timing_warnings(config):
+        log.warning("[CONFIG] %s", warning)
     if not config.auth.enabled and config.auth.allow_insecure:
         log.warning("[SECURITY] ******************************************************************")
         log.warning("[SECURITY] Authentication is OFF on %s (auth.allow_insecure = true):", config.server.host)

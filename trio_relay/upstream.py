@@ -9,11 +9,15 @@ exponential backoff with full jitter, reset once a connection has stayed up for
 gives up.
 
 Failover: given several providers (priority order), the upstream uses one at a time. When the
-active one has been down, or stale, for ``failover_after`` seconds it switches to the next one
-with the same demand (clients keep their connections; a ``str`` item on the hub channel names the
-provider of the batches that follow). While a less preferred one is active, a prober keeps trying
-the preferred ones in the background (login only, no subscriptions); one that stays up for
-``failback_after`` seconds is switched back to.
+active one has been down, or silent while symbols are subscribed, for ``failover_after`` seconds
+it switches to the next one with the same demand (clients keep their connections; a
+:class:`~trio_relay.model.ProviderSwitched` item on the hub channel names the provider of the
+batches that follow). While a less preferred one is active, a prober keeps trying the preferred
+ones in the background: a probe session subscribes a small sample of the wanted symbols and must
+*deliver* (data, not just a login or heartbeats) for ``failback_after`` seconds before the relay
+switches back. A provider that fails again within ``failback_flap_window`` of a failback is not
+probed for a hold-off that doubles at each such failure (``failback_after`` up to
+``failback_holdoff_max``).
 """
 
 from __future__ import annotations
@@ -122,15 +126,40 @@ Item = UpstreamItem
 class ProviderHealth:
     """What the failover logic knows about one provider of the chain (shown in /status)."""
 
-    __slots__ = ("provider", "state", "last_error", "healthy_since", "auth_failed_at", "probes")
+    __slots__ = (
+        "provider",
+        "state",
+        "last_error",
+        "healthy_since",
+        "auth_failed_at",
+        "probes",
+        "failed_back_at",
+        "flaps",
+        "held_until",
+    )
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
         self.state = "standby"
         self.last_error = ""
-        self.healthy_since: float | None = None  # trio clock; set while a probe holds up
+        self.healthy_since: float | None = None  # trio clock: its probe's first update (None: failed)
         self.auth_failed_at: float | None = None  # trio clock
         self.probes = 0
+        # The flap guard (Upstream._guard_flap): when the relay last failed back to it (trio
+        # clock; None once it has been left again), how many times in a row it failed soon
+        # after a failback, and until when it is not probed.
+        self.failed_back_at: float | None = None
+        self.flaps = 0
+        self.held_until: float | None = None
+
+    def probe_allowed_at(self, auth_retry_delay: float) -> float:
+        """The trio time from which it may be probed (-inf: now): after a refused key, after a hold-off."""
+        allowed = -math.inf
+        if self.auth_failed_at is not None:
+            allowed = self.auth_failed_at + auth_retry_delay
+        if self.held_until is not None:
+            allowed = max(allowed, self.held_until)
+        return allowed
 
 
 class NamedProvider(Protocol):
@@ -206,6 +235,8 @@ class Upstream:
         self.switch_reason = ""  # why the active provider is the active one (after a switch)
         self._unhealthy_since: float | None = None  # trio clock; None while connected and fresh
         self._switch_to: int | None = None  # set by the prober: fail back to this index
+        self._probe_turn = 0  # rotates the probe's sample of wanted symbols
+        self._subscribing = trio.Event()  # set when a session subscribes its first symbols
         self._chain_changed = trio.Event()
         self._state_changed = trio.Event()
         self._state = UpstreamState.STARTING
@@ -365,7 +396,7 @@ class Upstream:
                     self._emit(kind, self._describe(lost) if lost is not None else "connection ended")
                 if self._switch_to is not None:
                     # The prober found a preferred provider healthy: fail back to it now.
-                    self._switch(self._switch_to, self.switch_reason)
+                    self._fail_back(self._switch_to)
                     failures = 0
                     continue
                 if self._restart:
@@ -426,7 +457,7 @@ class Upstream:
                 if self._stop.is_set():
                     break
                 if self._switch_to is not None:
-                    self._switch(self._switch_to, self.switch_reason)
+                    self._fail_back(self._switch_to)
                     failures = 0
                     continue
                 if self.failover and self._failover_due():
@@ -456,7 +487,45 @@ class Upstream:
         old = self.chain[self.active]
         target = (self.active + 1) % len(self.chain)
         reason = f"{old.provider.name} unhealthy for {self.config.failover_after:g}s ({self.last_error or self.state})"
+        held = self._guard_flap(old)
         self._switch(target, reason)
+        if held:
+            old.state = "held_off"
+
+    def _fail_back(self, target: int) -> None:
+        """Switch back to the preferred provider ``target`` (its probe delivered for ``failback_after``)."""
+        self._switch(target, self.switch_reason)
+        self.chain[target].failed_back_at = trio.current_time()
+
+    def _guard_flap(self, health: ProviderHealth) -> bool:
+        """The flap guard, as ``health`` is left: True when it is now held off from probes.
+
+        A provider the relay failed back to whose failure began within ``failback_flap_window``
+        of that failback is not probed again for ``failback_after · 2^(n-1)`` seconds (at most
+        ``failback_holdoff_max``), n counting such failures in a row; one that held for the
+        window is forgiven (n starts again). Only failbacks count: the provider the relay started
+        on, or reached by failing over, has proved nothing yet.
+        """
+        back_at, health.failed_back_at = health.failed_back_at, None
+        if back_at is None:
+            return False
+        config = self.config
+        now = trio.current_time()
+        failed_at = self._unhealthy_since if self._unhealthy_since is not None else now
+        if failed_at - back_at >= config.failback_flap_window:
+            health.flaps = 0
+            return False
+        health.flaps += 1
+        hold = min(config.failback_holdoff_max, config.failback_after * 2.0 ** min(health.flaps - 1, 64))
+        health.held_until = now + hold
+        log.warning(
+            "[FAILOVER] %s failed %.0fs after a failback (%d in a row); not probed for %gs",
+            health.provider.name,
+            failed_at - back_at,
+            health.flaps,
+            hold,
+        )
+        return True
 
     def _switch(self, target: int, reason: str) -> None:
         old = self.chain[self.active]
@@ -506,17 +575,18 @@ class Upstream:
     async def _probe_preferred(self) -> None:
         """While a less preferred provider is active, probe the preferred ones in order.
 
-        A probe logs in (no subscriptions) and holds the session; one that stays up for
-        ``failback_after`` (with messages, for providers that send heartbeats) triggers the
-        switch back. Failed probes are retried under their own backoff; a provider that
-        rejected the key waits ``auth_retry_delay`` first.
+        A probe (:meth:`_probe`) must prove that its provider delivers; the first that does for
+        ``failback_after`` triggers the switch back. Failed probes are retried under their own
+        backoff, capped at ``failback_probe_interval`` so that a provider coming back is probed
+        within seconds; a provider that rejected the key waits ``auth_retry_delay`` first, and
+        one held off by the flap guard waits out its hold-off.
         """
-        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        backoff = self._probe_backoff()
         while True:
             changed = self._chain_changed
             if self.active == 0 or self._switch_to is not None:
                 await changed.wait()
-                backoff.reset()
+                backoff = self._probe_backoff()
                 continue
             with trio.CancelScope() as scope:
                 # A switch (or a reload) while probing makes this probe moot.
@@ -534,49 +604,111 @@ class Upstream:
                 if not self.in_session:
                     self._connect_scope.cancel()
                 await changed.wait()
-                backoff.reset()
+                backoff = self._probe_backoff()
                 continue
-            await trio.sleep(backoff.next_delay())
+            with trio.move_on_at(self._next_probe_at(backoff)):
+                await changed.wait()
+
+    def _probe_backoff(self) -> Backoff:
+        return Backoff(self.config.backoff_initial, self.config.failback_probe_interval, self._rng)
+
+    def _next_probe_at(self, backoff: Backoff) -> float:
+        """After a round in which no provider passed: the backoff's delay, or later if none may be probed yet."""
+        now = trio.current_time()
+        allowed = min(h.probe_allowed_at(self.config.auth_retry_delay) for h in self.chain[: self.active])
+        return max(now + backoff.next_delay(), allowed)
 
     async def _probe_round(self) -> int | None:
         """Probe each provider preferred to the active one; the first that holds up, or None."""
-        now = trio.current_time()
         for index in range(self.active):
             health = self.chain[index]
-            if health.auth_failed_at is not None and now - health.auth_failed_at < self.config.auth_retry_delay:
+            if health.probe_allowed_at(self.config.auth_retry_delay) > trio.current_time():
                 continue
+            health.held_until = None
             if await self._probe(health):
                 return index
         return None
 
+    def _probe_sample(self) -> list[str]:
+        """Up to ``failback_probe_symbols`` wanted symbols; each probe takes the next ones (sorted, wrapping).
+
+        Rotating means a sample that happens to be quiet (a halted stock) does not keep a healthy
+        provider out for ever: the next probe asks for other symbols.
+        """
+        wanted = sorted(self.demand.wanted)
+        if not wanted:
+            return []
+        n = min(self.config.failback_probe_symbols, len(wanted))
+        start = (self._probe_turn * n) % len(wanted)
+        self._probe_turn += 1
+        return (wanted[start:] + wanted[:start])[:n]
+
     async def _probe(self, health: ProviderHealth) -> bool:
+        """One probe session: log in, subscribe a sample of the wanted symbols, prove delivery.
+
+        It passes when the provider has delivered for ``failback_after`` (see :meth:`_prove`);
+        a login or a heartbeat proves nothing. The session is closed either way: the switch
+        back opens a session of its own.
+        """
         provider = health.provider
         health.probes += 1
         health.state = "probing"
+        sample = self._probe_sample()
         try:
             async with provider.session(ignore_malformed) as session:
-                health.healthy_since = trio.current_time()
-                last = trio.current_time()
-                with trio.move_on_after(self.config.failback_after):
-                    while True:
-                        if provider.detects_stale:
-                            with trio.move_on_at(last + self.config.stale_after) as silent:
-                                await session.receive()
-                            if silent.cancelled_caught:
-                                raise StaleFeed(f"silent for {self.config.stale_after:g}s")
-                        else:
-                            await session.receive()
-                        last = trio.current_time()
+                if sample:
+                    await session.subscribe(sample)
+                    log.info("[FAILOVER] probing %s with %s", provider.name, _short(sample))
+                await self._prove(health, session, bool(sample))
                 health.state = "healthy"
                 return True
         except AuthFailed as exc:
             health.auth_failed_at = trio.current_time()
             health.state, health.last_error = UpstreamState.AUTH_FAILED, self._describe(exc)
+        except StaleFeed as exc:
+            health.state, health.last_error = UpstreamState.STALE, self._describe(exc)
         except RETRYABLE as exc:
             health.state, health.last_error = "down", self._describe(exc)
         health.healthy_since = None
         log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
         return False
+
+    async def _prove(self, health: ProviderHealth, session: Session, sampled: bool) -> None:
+        """Return once the probe session has delivered for ``failback_after``; raise if it does not.
+
+        With a sample subscribed: the first update must come within ``stale_after`` (providers
+        with heartbeats, ``detects_stale``) or ``failback_after`` (the others, which may be
+        quiet), then ``failback_after`` counts from that update, and for ``detects_stale``
+        providers no stretch of ``stale_after`` may pass without an update (heartbeats do not
+        count). With nothing wanted there is nothing to sample and nobody misses a price:
+        staying up for ``failback_after`` (for providers that ping, with the pings answered) is
+        all a probe can prove, and silence is allowed, since FMP need not send anything to an
+        idle session.
+        """
+        config = self.config
+        if not sampled:
+            health.healthy_since = trio.current_time()
+            with trio.move_on_after(config.failback_after):
+                while True:
+                    await session.receive()
+            return
+        detects_stale = health.provider.detects_stale
+        first_within = config.stale_after if detects_stale else config.failback_after
+        with trio.move_on_after(first_within) as silent:
+            while not await session.receive():
+                pass
+        if silent.cancelled_caught:
+            raise StaleFeed(f"probe: no data in {first_within:g}s")
+        health.healthy_since = last = trio.current_time()
+        gap = config.stale_after if detects_stale else math.inf
+        with trio.move_on_after(config.failback_after):
+            while True:
+                with trio.move_on_at(last + gap) as silent:
+                    batch = await session.receive()
+                if silent.cancelled_caught:
+                    raise StaleFeed(f"probe: no data for {gap:g}s")
+                if batch:
+                    last = trio.current_time()
 
     def _disconnected(self) -> None:
         if self._unhealthy_since is None:
@@ -668,6 +800,8 @@ class Upstream:
                 await session.subscribe(add)
                 if not self.subscribed:
                     self._active_since = trio.current_time()
+                    self._subscribing.set()
+                    self._subscribing = trio.Event()
                 self.subscribed.update(add)
                 log.info("[SUBSCRIBE] %d symbol(s): %s", len(add), _short(add))
             if remove:
@@ -680,39 +814,54 @@ class Upstream:
                 await changed.wait()
 
     async def _watch_stale(self) -> None:
-        limit = self.config.stale_after
+        """End the session when a subscribed feed goes silent; see :meth:`_check_silence`."""
         while True:
-            since = max(self.last_message_at or 0.0, self._active_since)
-            deadline = since + limit
-            now = trio.current_time()
-            if self._unhealthy_since is not None and self.connected_at is not None:
-                # A connection that has carried no data yet is healthy once it has stayed
-                # fresh for the stale limit (heartbeats only, nothing subscribed)...
-                proven = self.connected_at + limit
-                if now >= proven:
-                    self._unhealthy_since = None
-                else:
-                    deadline = min(deadline, proven)
-                    if self.failover:
-                        # ...but a peer that accepts, logs in and sends no data since the
-                        # failure is still down as far as failover is concerned.
-                        cutoff = self._unhealthy_since + self.config.failover_after
-                        if now < cutoff:
-                            deadline = min(deadline, cutoff)
-                        elif self.subscribed:
-                            log.warning("[STALE] no data from %s since it failed; failing over", self.provider.name)
-                            raise StaleFeed(f"no data for {now - self._unhealthy_since:g}s")
-            if now >= deadline:
-                if self.subscribed:
-                    # Stale since the last message: that is when failover's clock starts.
-                    if self._unhealthy_since is None:
-                        self._unhealthy_since = since
-                    log.warning(
-                        "[STALE] no message for %.0fs with %d symbol(s) subscribed", limit, len(self.subscribed)
-                    )
-                    raise StaleFeed(f"feed silent for {limit:g}s")
-                deadline = now + limit
-            await trio.sleep_until(deadline)
+            subscribing = self._subscribing
+            deadline = self._check_silence(trio.current_time())
+            with trio.move_on_at(deadline):
+                await subscribing.wait()  # the first subscribe starts the silence clock anew
+
+    def _check_silence(self, now: float) -> float:
+        """Raise :class:`StaleFeed` when the session must end; else when to look again.
+
+        Silence is no frame at all (heartbeats count) while symbols are subscribed, measured
+        from the last frame or the first subscribe. Silent for ``stale_after``: stale, reconnect.
+        With a failover chain, silent for ``failover_after`` (when that is shorter) ends it with
+        failover due, so a stall is left ``failover_after`` after its last frame whatever
+        ``stale_after`` is; and a session that has carried no data since a failure (heartbeats
+        alone do not count) is left ``failover_after`` after that failure (or after its first
+        subscribe, when it was idle until then). An idle session
+        (nothing subscribed) may be silent: FMP need not send anything then. It counts as
+        healthy once it has stayed up for ``stale_after``.
+        """
+        config = self.config
+        since = max(self.last_message_at or 0.0, self._active_since)
+        unhealthy = self._unhealthy_since
+        if not self.subscribed:
+            if unhealthy is not None and self.connected_at is not None:
+                proven = self.connected_at + config.stale_after
+                if now < proven:
+                    return proven
+                self._unhealthy_since = None
+            return math.inf
+        cutoff = math.inf
+        if self.failover and unhealthy is not None:
+            cutoff = unhealthy + config.failover_after
+            if self._active_since >= cutoff:
+                # Idle until failover would have been due: nobody missed data, and the symbols
+                # wanted now get failover_after of their own to arrive.
+                cutoff = self._active_since + config.failover_after
+            if now >= cutoff:
+                log.warning("[STALE] no data from %s since it failed; failing over", self.provider.name)
+                raise StaleFeed(f"no data for {now - unhealthy:g}s")
+        silence = min(config.stale_after, config.failover_after) if self.failover else config.stale_after
+        if now >= since + silence:
+            # Stale since the last frame: that is when failover's clock starts.
+            if unhealthy is None:
+                self._unhealthy_since = since
+            log.warning("[STALE] no message for %gs with %d symbol(s) subscribed", silence, len(self.subscribed))
+            raise StaleFeed(f"feed silent for {silence:g}s")
+        return min(since + silence, cutoff)
 
 
 async def cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

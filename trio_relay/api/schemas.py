@@ -104,10 +104,18 @@ class Live(msgspec.Struct, forbid_unknown_fields=True):
 class ProviderInfo(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     active: bool
-    state: str
+    state: Annotated[
+        str,
+        Meta(
+            description="the active one's upstream state; for the others standby, probing, healthy, down, "
+            "stale (its probe got no data), auth_failed, or held_off (flap guard)"
+        ),
+    ]
     source: Annotated[str, Meta(description="where it connects (never with a key)")]
     last_error: str | None
-    probes: Annotated[int, Meta(description="background login probes (failback)")]
+    probes: Annotated[
+        int, Meta(description="failback probes so far (each subscribes a few wanted symbols and must get data)")
+    ]
 
 
 class UpstreamInfo(msgspec.Struct, forbid_unknown_fields=True):

@@ -5,8 +5,9 @@ A fake subclasses :class:`FakeServer` and supplies only its protocol: how a conn
 which symbols a connection streams (``_streamed``) and how simulated ticks become frames
 (``_send_ticks``). Tests rely on what the base gives every fake: ``url``, ``connections``,
 ``connections_total``, ``frames_sent``, :meth:`~FakeServer.wait_until`, :meth:`~FakeServer.drop_all`,
-:meth:`~FakeServer.stall` / :meth:`~FakeServer.resume`, :meth:`~FakeServer.inject` and
-:meth:`~FakeServer.send_malformed`.
+:meth:`~FakeServer.stall` / :meth:`~FakeServer.resume`, :meth:`~FakeServer.inject`,
+:meth:`~FakeServer.send_malformed`, and ``deliver``: set it False for a server that logs clients
+in and answers them (heartbeats and pings included) but never sends a data frame.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class FakeServer(ABC, Generic[C]):
         self.connections_total = 0  # connections accepted
         self.frames_sent = 0
         self.stalled = False
+        self.deliver = True  # False: everything but data frames (a feed that is "up" and delivers nothing)
         self._resume = trio.Event()
         self._changed = trio.Event()
         self._pending_malformed: list[str] = []
@@ -191,7 +193,7 @@ class FakeServer(ABC, Generic[C]):
                 owed -= 1
                 turn += 1
                 ticks.append(symbols[turn % len(symbols)])  # round robin
-            if ticks:
+            if ticks and self.deliver:
                 await self._send_ticks(conn, ticks)
             with trio.move_on_after(self.tick):
                 await conn.woken()

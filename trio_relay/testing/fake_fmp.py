@@ -6,6 +6,11 @@ simulated ticks as FMP frames (``t`` in nanoseconds, like FMP's stock examples),
 ``{"event":"heartbeat"}``, and can misbehave on request: drop every connection abruptly, stall
 (send nothing, not even heartbeats), send malformed frames, or push any raw frame.
 
+Two modes model what FMP does not document: ``idle_silent`` (no heartbeat on a connection with
+nothing subscribed: a real FMP session may be quiet when idle) and ``deliver = False`` (logins
+accepted, subscriptions acknowledged, heartbeats sent, but never a data frame: a feed that is
+"up" and delivers nothing). Both are attributes a test may flip at any time.
+
 Everything a test wants to observe is an attribute (``subscriptions``, ``history``, ``logins``...)
 and :meth:`wait_until` waits for a condition without sleeping.
 """
@@ -82,6 +87,8 @@ class FakeFmpServer(FakeServer[_Conn]):
         login_reply: bool = True,
         ts_unit: str = "ns",
         echo_key: bool = False,
+        idle_silent: bool = False,
+        deliver: bool = True,
     ) -> None:
         super().__init__(rate=rate, tick=tick)
         self.api_keys = set(api_keys)
@@ -90,6 +97,9 @@ class FakeFmpServer(FakeServer[_Conn]):
         # Refuse a key by quoting it back ("Invalid API key <key>"), as some vendors do.
         self.echo_key = echo_key
         self.ts_unit = ts_unit
+        # No heartbeat while a connection has nothing subscribed (silent when idle).
+        self.idle_silent = idle_silent
+        self.deliver = deliver  # FakeServer's: False = log in, acknowledge, heartbeats, never data
         self.market = SimMarket(seed)
         self.logins = 0
         self.failed_logins = 0
@@ -168,6 +178,8 @@ class FakeFmpServer(FakeServer[_Conn]):
         while True:
             await trio.sleep(self.heartbeat_interval)
             await self._unstalled()
+            if self.idle_silent and not conn.subscribed:
+                continue
             await conn.ws.send_message('{"event":"heartbeat","timestamp":0}')
 
     def _streamed(self, conn: _Conn) -> list[str]:

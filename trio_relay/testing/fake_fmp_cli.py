@@ -15,7 +15,7 @@ from .fake_fmp import FakeFmpServer
 __all__ = ["FAKE_COMMANDS", "run_fake_fmp"]
 
 
-FAKE_COMMANDS = "drop | stall | resume | malformed [N] | status"
+FAKE_COMMANDS = "drop | stall | resume | mute | unmute | idle-silent on|off | malformed [N] | status"
 
 
 async def _fake_control(server: Any, stream: trio.abc.ReceiveStream) -> None:
@@ -40,6 +40,19 @@ async def _fake_control(server: Any, stream: trio.abc.ReceiveStream) -> None:
             elif cmd == "resume":
                 server.resume()
                 print("resumed", flush=True)
+            elif cmd == "mute":
+                server.deliver = False
+                print("muted: logins, acknowledgements and heartbeats, but no data until 'unmute'", flush=True)
+            elif cmd == "unmute":
+                server.deliver = True
+                print("unmuted: data flows again", flush=True)
+            elif cmd == "idle-silent":
+                server.idle_silent = bool(rest) and rest[0].lower() == "on"
+                what = "no heartbeat" if server.idle_silent else "heartbeats"
+                print(
+                    f"idle-silent {'on' if server.idle_silent else 'off'}: {what} while nothing is subscribed",
+                    flush=True,
+                )
             elif cmd == "malformed":
                 count = int(rest[0]) if rest and rest[0].isdigit() else 6
                 server.send_malformed(count)
