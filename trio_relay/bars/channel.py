@@ -1,15 +1,25 @@
 """Live OHLCV bars over the client WebSocket: the ``bars`` channel.
 
 ``{"action":"subscribe","symbols":["AAPL"],"channel":"bars","interval":"1m"}`` subscribes a client
-to the symbol's 1-minute bars: each completed bar (``{"type":"bar",...,"complete":true}``) as it
-closes, and the bar in progress (``complete:false``) at most once a second while it changes.
-Ticks stay the default channel, so the seed's clients are unchanged.
+to the symbol's 1-minute bars:
+
+* the bar in progress (``complete:false``) at most once a second while it changes (conflated:
+  the newest replaces an unsent older one);
+* each bar once when it closes (a trade of a later interval, or the clock passed its end):
+  ``complete:true`` if its lateness window has passed already, else ``complete:false``;
+* the bar again, ``amended:true``, each time a late trade within the lateness window changes it
+  (or adds a bar behind those sent);
+* the bar once more with ``complete:true`` when its lateness window passes, if it was sent
+  incomplete: from then on it equals the bar ``GET /bars`` returns for the same interval.
+
+Closed, amended and complete bars are never conflated away. Which trades count is
+:class:`~trio_relay.bars.Lateness` (``[bars]`` in the config), the same rule as the history's
+bars; a trade's arrival time is the hub's ``received_ms``, the value the history stores with it.
 
 A symbol's bars are built from the trades the relay sees once someone subscribes to its bars; a
 bar is sent only if no trade of its interval can have been missed, i.e. its interval starts at or
-after the first trade seen (a bar built from half an interval's trades would lie). This works in
-event time, so replayed recordings get bars too. Earlier bars come from
-``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
+after the first trade seen (a bar built from half an interval's trades would lie). Earlier bars
+come from ``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
 """
 
 from __future__ import annotations
@@ -22,18 +32,14 @@ import msgspec
 import trio
 
 from ..model import TRADE, Update, control, wall_ms, ws_text_frame
-from .builder import INTERVALS, Bar, BarBuilder
+from .builder import INTERVALS, Bar, BarBuilder, Lateness
 
 if TYPE_CHECKING:
     from ..hub import Client, Hub, Outbox
 
-__all__ = ["BarChannel", "FLUSH_GRACE_MS"]
+__all__ = ["BarChannel"]
 
 log = logging.getLogger("trio_relay.bars")
-
-# A bar is closed by the clock this long after its interval ended (event timestamps lag the
-# wall clock a little); a later trade of the symbol closes it earlier.
-FLUSH_GRACE_MS = 2_000
 
 _encoder = msgspec.json.Encoder()
 _NO_TRADE_YET = 1 << 62  # later than any bar: nothing is whole before the first trade
@@ -42,9 +48,9 @@ _NO_TRADE_YET = 1 << 62  # later than any bar: nothing is whole before the first
 class BarChannel:
     """Bar subscriptions and the one :class:`BarBuilder` that feeds them; owned by the hub."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, lateness: Lateness | None = None) -> None:
         self.hub = hub
-        self.builder = BarBuilder(INTERVALS)
+        self.builder = BarBuilder(INTERVALS, lateness)
         self.subs: dict[tuple[str, str], set[Outbox]] = {}
         # Symbol → event time (epoch ms) from which its bars are whole: its first trade seen.
         self.symbols: dict[str, int] = {}
@@ -109,16 +115,17 @@ class BarChannel:
             return
         if self.symbols[update.symbol] == _NO_TRADE_YET:
             self.symbols[update.symbol] = update.timestamp
-        for bar in self.builder.add(update):
+        # received_ms is 0 only for a hub fed by direct publish() calls (tests): the clock then.
+        for bar in self.builder.add(update, self.hub.received_ms or wall_ms()):
             self._send_closed(bar)
 
     async def run(self) -> None:
-        """Once a second: close the bars whose interval is over, send the changed open bars."""
+        """Once a second: close the bars the clock has passed, complete the final ones, send the changed open bars."""
         while True:
             await trio.sleep(1.0)
             if not self.symbols:
                 continue
-            for bar in self.builder.flush(wall_ms() - FLUSH_GRACE_MS):
+            for bar in self.builder.flush(wall_ms()):
                 self._send_closed(bar)
             for (symbol, interval), outboxes in self.subs.items():
                 current = self.builder.current(symbol, interval)
@@ -131,6 +138,7 @@ class BarChannel:
                     outbox.put(key, frame)  # one pending per pair: conflated to the newest
 
     def _send_closed(self, bar: Bar) -> None:
+        """A closed, amended or complete bar: to every subscriber, never conflated."""
         outboxes = self.subs.get((bar.symbol, bar.interval))
         if not outboxes or not self._whole(bar):
             return
