@@ -34,6 +34,7 @@ from trio_relay.model import Update
 
 T0 = 1_700_000_040_000 - 1_700_000_040_000 % 3_600_000  # on an hour boundary
 N = 30_000  # trades, one every 120 ms: 3,600 s = one hour, 60 one-minute bars
+NOW = T0 + 86_400_000  # the wall clock of the queries: a day later, every lateness window has passed
 
 
 def trades() -> list[Update]:
@@ -48,7 +49,7 @@ def fill(backend: HistoryBackend) -> list[Update]:
     conn = backend.connect()
     try:
         quotes = [Update("AAPL", "Q", T0 + i * 120 + 1, bid_price=99.0, ask_price=101.0) for i in range(0, N, 10)]
-        conn.write([(u, 0) for u in rows + quotes])
+        conn.write([(u, u.timestamp) for u in rows + quotes])  # each arrived when stamped: on time
     finally:
         conn.close()
     return rows
@@ -79,8 +80,8 @@ async def test_streamed_bars_equal_bars_built_from_every_trade(backend: HistoryB
     end = T0 + N * 120 - 30_000  # the last bar is still open at the window's end
     expected = bars_from_trades(rows, "1m", T0, end)
     async with HistoryStore(backend) as store:
-        page = await store.bars("AAPL", "1m", T0, end, 1000)
-        first = await store.bars("AAPL", "1m", T0, end, 10)
+        page = await store.bars("AAPL", "1m", T0, end, 1000, now_ms=NOW)
+        first = await store.bars("AAPL", "1m", T0, end, 10, now_ms=NOW)
     assert [key(b) for b in page.bars] == [key(b) for b in expected] and len(expected) == 60
     assert not page.bars[-1].complete and page.bars[-2].complete
     assert page.next_start is None and not page.truncated and page.trades_read == N - 250
@@ -97,7 +98,7 @@ async def test_a_page_over_the_row_budget_is_truncated_and_resumes_exactly(backe
     async with HistoryStore(backend, QueryBudget(max_rows=4_000)) as store:
         start: int | None = T0
         while start is not None and len(pages) < 100:
-            page = await store.bars("AAPL", "1m", start, end, 1000)
+            page = await store.bars("AAPL", "1m", start, end, 1000, now_ms=NOW)
             pages.append(page)
             start = page.next_start
     assert all(p.truncated for p in pages[:-1]) and not pages[-1].truncated
@@ -109,16 +110,16 @@ async def test_one_bar_over_the_budget_is_refused(backend: HistoryBackend) -> No
     fill(backend)
     async with HistoryStore(backend, QueryBudget(max_rows=4_000)) as store:
         with pytest.raises(BudgetExceeded):
-            await store.bars("AAPL", "1h", T0, T0 + N * 120, 10)
+            await store.bars("AAPL", "1h", T0, T0 + N * 120, 10, now_ms=NOW)
         # The connection is still good for the next request.
-        assert len((await store.bars("AAPL", "1m", T0, T0 + 120_000, 10)).bars) == 2
+        assert len((await store.bars("AAPL", "1m", T0, T0 + 120_000, 10, now_ms=NOW)).bars) == 2
 
 
 async def test_the_time_budget_stops_a_query(backend: HistoryBackend) -> None:
     fill(backend)
     async with HistoryStore(backend, QueryBudget(timeout=1e-9)) as store:
         try:
-            page = await store.bars("AAPL", "1m", T0, T0 + N * 120, 1000)
+            page = await store.bars("AAPL", "1m", T0, T0 + N * 120, 1000, now_ms=NOW)
         except (BudgetExceeded, QueryTimeout):
             return  # stopped inside the database, or before one bar was done
         # Or stopped after the first batch (the database answered it within its deadline).

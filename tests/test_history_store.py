@@ -158,13 +158,14 @@ async def test_round_trip_keeps_every_field_and_none(
         # [start, end): start included, end excluded.
         rows = await all_ticks(store, "AAPL", T0 + 1, T0 + 3)
         assert [(t.timestamp, t.kind) for t in rows] == [(T0 + 1, "Q"), (T0 + 1, "Q"), (T0 + 2, "B")]
-        # Trades for bars: kind T with a price only, as bars.TradeRow, in time order.
+        # Trades for bars: kind T with a price only, as bars.TradeRow (with the arrival time the
+        # lateness rule reads), in time order.
         assert await store.trades("AAPL", T0 - 10, T0 + 10) == [
-            ("AAPL", T0 - 5, -1.5e-300, 1e300),
-            ("AAPL", T0, 189.45, 1000.0),
-            ("AAPL", T0 + 3, 0.1 + 0.2, 0.000123),
+            ("AAPL", T0 - 5, -1.5e-300, 1e300, T0 + 1005),
+            ("AAPL", T0, 189.45, 1000.0, T0 + 1000),
+            ("AAPL", T0 + 3, 0.1 + 0.2, 0.000123, T0 + 1004),
         ]
-        assert await store.trades("AAPL", T0 - 10, T0 + 10, limit=1) == [("AAPL", T0 - 5, -1.5e-300, 1e300)]
+        assert await store.trades("AAPL", T0 - 10, T0 + 10, limit=1) == [("AAPL", T0 - 5, -1.5e-300, 1e300, T0 + 1005)]
     await writer.aclose()
 
 
@@ -211,7 +212,7 @@ async def test_pagination_has_no_duplicate_and_no_gap(
         with pytest.raises(ValueError):
             await store.ticks("AAPL", start, end, 0)
         trades = await store.trades("AAPL", start, end)
-        assert trades == [("AAPL", t.timestamp, t.last_price, None) for t in want if t.kind == "T"]
+        assert trades == [("AAPL", t.timestamp, t.last_price, None, t.recv_ms) for t in want if t.kind == "T"]
     await writer.aclose()
 
 

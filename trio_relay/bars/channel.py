@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -51,6 +52,8 @@ class BarChannel:
     def __init__(self, hub: Hub, lateness: Lateness | None = None) -> None:
         self.hub = hub
         self.builder = BarBuilder(INTERVALS, lateness)
+        # The wall clock (UTC epoch ms) that closes and completes bars; a test may replace it.
+        self.clock: Callable[[], int] = wall_ms
         self.subs: dict[tuple[str, str], set[Outbox]] = {}
         # Symbol → event time (epoch ms) from which its bars are whole: its first trade seen.
         self.symbols: dict[str, int] = {}
@@ -116,7 +119,7 @@ class BarChannel:
         if self.symbols[update.symbol] == _NO_TRADE_YET:
             self.symbols[update.symbol] = update.timestamp
         # received_ms is 0 only for a hub fed by direct publish() calls (tests): the clock then.
-        for bar in self.builder.add(update, self.hub.received_ms or wall_ms()):
+        for bar in self.builder.add(update, self.hub.received_ms or self.clock()):
             self._send_closed(bar)
 
     async def run(self) -> None:
@@ -125,7 +128,7 @@ class BarChannel:
             await trio.sleep(1.0)
             if not self.symbols:
                 continue
-            for bar in self.builder.flush(wall_ms()):
+            for bar in self.builder.flush(self.clock()):
                 self._send_closed(bar)
             for (symbol, interval), outboxes in self.subs.items():
                 current = self.builder.current(symbol, interval)
