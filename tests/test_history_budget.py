@@ -20,7 +20,7 @@ import trio.testing
 from conftest import require
 from test_history_store import PG_DSN, _pg_unreachable
 
-from trio_relay.bars import BudgetExceeded, bars_from_trades
+from trio_relay.bars import BarBuilder, BudgetExceeded, Lateness, bars_from_trades
 from trio_relay.history import (
     HistoryBackend,
     HistoryBusy,
@@ -155,3 +155,34 @@ async def test_a_query_that_finds_every_slot_busy_gets_history_busy(tmp_path: Pa
                 await store.ticks("AAPL", T0, T0 + 1000)
             backend.gate.set()
     assert outcome == [([], None)]
+
+
+async def test_stored_bars_follow_the_live_lateness_rule_and_complete_rule(backend: HistoryBackend) -> None:
+    """Issue 22, cases 1 and 2 at the store, on SQLite and PostgreSQL: the same rule as live."""
+    rule = Lateness({"1s": 1_000}, grace_ms=1_000)
+    arrivals = [  # (timestamp, price, size, received): in arrival order
+        (T0 + 100, 10.0, 5.0, T0 + 100),
+        (T0 + 1_200, 11.0, 5.0, T0 + 1_200),
+        (T0 + 900, 9.0, 2.0, T0 + 2_999),  # late by 2 s: within end + grace + lateness, counts
+        (T0 + 950, 1.0, 100.0, T0 + 3_000),  # late by 2 s and 1 ms: in no 1s bar
+        (T0 + 2_500, 12.0, 1.0, T0 + 2_500),
+    ]
+    conn = backend.connect()
+    try:
+        conn.write([(Update("AAPL", "T", ts, last_price=p, last_size=q), r) for ts, p, q, r in arrivals])
+    finally:
+        conn.close()
+    live = BarBuilder(["1s"], rule)
+    sent = [bar for ts, p, q, r in arrivals for bar in live.add(Update("AAPL", "T", ts, last_price=p, last_size=q), r)]
+    sent += live.flush(T0 + 60_000)
+    final = {bar.start_ms: bar for bar in sent if bar.complete}
+    async with HistoryStore(backend, lateness=rule) as store:
+        page = await store.bars("AAPL", "1s", T0, T0 + 10_000, 100, now_ms=T0 + 60_000)
+        # Asked at T0+4.5 s: [T0, T0+1s) is final (from T0+3 s), [T0+1s, T0+2s) is not (T0+4 s)...
+        early = await store.bars("AAPL", "1s", T0, T0 + 10_000, 100, now_ms=T0 + 3_999)
+        # ... and a start inside an interval makes that first bar incomplete whatever the time.
+        cut = await store.bars("AAPL", "1s", T0, T0 + 10_000, 100, now_ms=T0 + 60_000, window_start=T0 + 1)
+    assert page.bars == [final[start] for start in sorted(final)] and page.late == 1
+    assert [(b.start_ms - T0, b.low, b.trades) for b in page.bars] == [(0, 9.0, 2), (1_000, 11.0, 1), (2_000, 12.0, 1)]
+    assert [b.complete for b in early.bars] == [True, False, False]
+    assert [b.complete for b in cut.bars] == [False, True, True]
