@@ -34,9 +34,17 @@ def ohlc(bar: Bar) -> tuple[float, float, float, float, float, int]:
 
 def test_first_trade_opens_and_last_trade_closes_the_interval() -> None:
     b = BarBuilder(["1s"], RULE)
-    assert on_time(b, trade(T0, 10.0, 5), trade(T0 + 400, 12.0, 1), trade(T0 + 700, 9.0, 2), trade(T0 + 999, 11.0, 2)) == []
+    assert (
+        on_time(b, trade(T0, 10.0, 5), trade(T0 + 400, 12.0, 1), trade(T0 + 700, 9.0, 2), trade(T0 + 999, 11.0, 2))
+        == []
+    )
     [closed] = on_time(b, trade(T0 + 1_000, 10.5))  # a later interval traded: closed, not yet complete
-    assert (closed.start_ms, ohlc(closed), closed.complete, closed.amended) == (T0, (10.0, 12.0, 9.0, 11.0, 10.0, 4), False, False)
+    assert (closed.start_ms, ohlc(closed), closed.complete, closed.amended) == (
+        T0,
+        (10.0, 12.0, 9.0, 11.0, 10.0, 4),
+        False,
+        False,
+    )
     assert closed.vwap == pytest.approx((10 * 5 + 12 + 9 * 2 + 11 * 2) / 10)
     # Complete once its lateness window has passed: end + grace + lateness = T0 + 3 s.
     assert b.flush(T0 + 2_999) == []  # the open bar [T0+1s, T0+2s) is not over by the clock yet
@@ -107,7 +115,10 @@ def test_a_late_trade_within_the_lateness_amends_its_closed_bar_live_and_in_hist
         stored = bars_from_sorted_trades([history], interval, T0, T0 + 60_000, 10, lateness=RULE, now_ms=T0 + 120_000)
         assert stored.bars == [x for x in live if x.interval == interval]
         assert stored.late == (1 if interval == "1s" else 0)
-    assert [ohlc(x) for x in live if x.interval == "1s"] == [(10.0, 10.0, 9.0, 9.0, 7.0, 2), (11.0, 11.0, 11.0, 11.0, 5.0, 1)]
+    assert [ohlc(x) for x in live if x.interval == "1s"] == [
+        (10.0, 10.0, 9.0, 9.0, 7.0, 2),
+        (11.0, 11.0, 11.0, 11.0, 5.0, 1),
+    ]
 
 
 def test_a_late_trade_may_add_a_bar_behind_those_sent() -> None:
@@ -123,7 +134,12 @@ def test_a_trade_stamped_ahead_of_the_clock_beyond_the_grace_is_late() -> None:
     assert b.add(trade(T0 + 5_000, 10.0), T0 + 3_999) == () and b.late == 1
     assert b.add(trade(T0 + 5_000, 10.0), T0 + 4_000) == () and b.late == 1
     assert b.current("AAPL", "1s") is not None
-    assert bars_from_sorted_trades([[("AAPL", T0 + 5_000, 10.0, 1.0, T0 + 3_999)]], "1s", T0, T0 + 9_000, 9, lateness=RULE).late == 1
+    assert (
+        bars_from_sorted_trades(
+            [[("AAPL", T0 + 5_000, 10.0, 1.0, T0 + 3_999)]], "1s", T0, T0 + 9_000, 9, lateness=RULE
+        ).late
+        == 1
+    )
 
 
 def test_flush_closes_by_the_clock_then_completes_after_the_lateness() -> None:
@@ -325,8 +341,13 @@ def test_after_the_lateness_window_live_and_history_bars_are_identical(
         for symbol, ts, price, size, arrived in rows:
             if RULE.counts(interval, ts, arrived):
                 groups.setdefault((symbol, ts - ts % ms), []).append((ts, price, size or 0.0))
-        assert [(x.symbol, x.start_ms, x.trades) for x in live] == [(s, t, len(g)) for (s, t), g in sorted(groups.items())]
+        assert [(x.symbol, x.start_ms, x.trades) for x in live] == [
+            (s, t, len(g)) for (s, t), g in sorted(groups.items())
+        ]
         for bar, (_, group) in zip(live, sorted(groups.items())):
             assert (bar.volume, bar.vwap) == _exact(group)
             assert (bar.high, bar.low) == (max(p for _, p, _ in group), min(p for _, p, _ in group))
-            assert bar.open == min(group, key=lambda t: t[0])[1] and bar.close == max(reversed(group), key=lambda t: t[0])[1]
+            assert (
+                bar.open == min(group, key=lambda t: t[0])[1]
+                and bar.close == max(reversed(group), key=lambda t: t[0])[1]
+            )

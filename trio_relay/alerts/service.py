@@ -2,7 +2,8 @@
 
 A fired alert goes to every WebSocket connection of its owner (``{"type":"alert",...}``, never
 conflated), to the rule's webhook (if any; :class:`~trio_relay.alerts.WebhookSender`), and to
-the store (fired alerts and the rule's new state survive a restart). Nothing here waits in the
+the store (fired alerts and the rule's new state survive a restart, and so does each change of
+state that decides the next crossing: armed -> active, the end of a cooldown). Nothing here waits in the
 hub's path: evaluation is synchronous and cheap (:class:`~trio_relay.alerts.AlertEngine`), and
 what must reach the database goes through a bounded channel to one writer task (full: counted,
 logged, never blocking).
@@ -42,7 +43,8 @@ PENDING_CREATIONS = 100
 
 _encoder = msgspec.json.Encoder()
 
-_Op = tuple[str, Any, Any]  # ("save", rule, None) | ("delete", rule_id, None) | ("fired", alert, rule)
+# ("save", rule, None) | ("state", rule, None) | ("delete", rule_id, None) | ("fired", alert, rule)
+_Op = tuple[str, Any, Any]
 
 
 class AlertService:
@@ -186,6 +188,8 @@ class AlertService:
             return
         for alert in self.engine.on_update(update, state):
             self._fire(alert)
+        for rule in self.engine.take_changed():  # rare: a rule crossed to the near side
+            self._queue(("state", rule, None))
 
     async def _stale_checks(self) -> None:
         while True:
@@ -238,6 +242,8 @@ class AlertService:
             try:
                 if op == "save":
                     await self.store.save_rule(subject)
+                elif op == "state":
+                    await self.store.save_state(subject)
                 elif op == "delete":
                     await self.store.delete_rule(subject)
                 else:

@@ -252,7 +252,9 @@ class BarBuilder:
         self.late = 0  # trades left out of at least one interval by the lateness rule
         g = self.lateness.grace_ms
         # Per interval: (name, length, final_at offset from start, index).
-        self._spec = tuple((n, INTERVALS[n], INTERVALS[n] + g + self.lateness.allowed(n), k) for k, n in enumerate(names))
+        self._spec = tuple(
+            (n, INTERVALS[n], INTERVALS[n] + g + self.lateness.allowed(n), k) for k, n in enumerate(names)
+        )
         # symbol -> per interval, start -> bar (the open one and the closed ones not yet complete).
         self._bars: dict[str, tuple[dict[int, _Agg], ...]] = {}
 
