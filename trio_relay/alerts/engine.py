@@ -36,7 +36,7 @@ from typing import Any, Final
 import trio
 
 from ..config import AlertsConfig
-from ..model import QUOTE, TRADE, PriceState, Update, wall_ms
+from ..model import QUOTE, TRADE, PriceState, Update, mid_price, wall_ms
 from .rules import (
     ACTIVE,
     ARMED,
@@ -72,7 +72,8 @@ def _mid(s: PriceState) -> float | None:
     bid, ask = s.bid_price, s.ask_price
     if bid is None or ask is None:
         return None
-    return (bid + ask) / 2
+    # In decimal: "mid >= 40.15" holds for 40.1/40.2, and a fired alert shows 40.15.
+    return mid_price(bid, ask)
 
 
 _FIELD: Final[dict[str, Callable[[PriceState], float | None]]] = {
