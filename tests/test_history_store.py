@@ -557,3 +557,31 @@ async def test_sqlite_file_is_created_in_wal_mode_with_its_index(tmp_path: Path)
     assert isinstance(pg, PostgresBackend) and SECRET not in repr(pg)
     writer = HistoryWriter.from_config(HistoryConfig(queue_size=7, batch_size=3, flush_interval=0.25), backend)
     assert (writer.queue_size, writer.batch_size, writer.flush_interval, writer.retention_days) == (7, 3, 0.25, 7.0)
+
+
+async def test_retention_runs_on_its_schedule_as_rows_age(
+    backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    """Not only at start: every retention_interval, what has aged past retention_days since goes."""
+    start = trio.current_time()
+
+    def wall() -> int:  # the wall clock follows the virtual one
+        return T0 + round((trio.current_time() - start) * 1000)
+
+    # Kept 1/1440 of a day (60 s); a pass every 300 s.
+    writer = HistoryWriter(
+        backend, retention_days=1 / 1440, retention_interval=300, retention_chunk=1000, wall_clock=wall
+    )
+    await nursery.start(writer.run)
+    for i in range(10):  # one tick every 100 s of event time, all offered now
+        writer.offer(Update("AAPL", "T", T0 + i * 100_000, last_price=1.0), T0)
+    await until(writer, lambda: writer.written == 10)
+    assert writer.deleted == 0  # the pass at start found nothing older than T0 - 60 s
+    with trio.fail_after(1_000):  # virtual time: a writer that never runs retention again fails here
+        for t, gone in [(300.0, 3), (600.0, 6), (900.0, 9)]:
+            # At t the cutoff is T0 + t - 60 s: the ticks stamped before it go, at that pass.
+            await until(writer, lambda: writer.deleted >= gone)  # noqa: B023 (used at once)
+            assert (trio.current_time() - start, writer.deleted) == (at(t), gone)
+    await writer.aclose()  # no pass runs while the query below waits for its thread
+    async with HistoryStore(backend) as store:
+        assert [x.timestamp for x in await all_ticks(store, "AAPL")] == [T0 + 900_000]
