@@ -102,7 +102,7 @@ async def test_late_trades_within_the_lateness_are_sent_as_amendments_never_conf
         arrive(hub, trade(t0 + 600, 96.0, 10), t0 + 3_999)
         arrive(hub, trade(t0 + 700, 1.0, 10), t0 + 4_000)  # too late: in no 1s bar
         got = await pending(client)
-        late = hub.bars.builder.late
+        late = hub.bars.late
     assert [(m["start_ms"], m["low"], m["trades"], m["complete"], m.get("amended", False)) for m in got] == [
         (t0, 100.0, 1, False, False),
         (t0, 97.0, 2, False, True),
@@ -209,3 +209,19 @@ async def test_bars_channel_through_the_relay(start_relay, ws_connect):
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_an_interval_subscribed_later_starts_with_its_own_first_trade() -> None:
+    async with open_hub() as hub:
+        client = hub.connect()
+        hub.bars.subscribe(client, ["AAPL"], "1s")
+        await pending(client)
+        t0 = (future_second() // 60_000 + 1) * 60_000
+        arrive(hub, trade(t0 + 100, 10.0), t0 + 100)
+        hub.bars.subscribe(client, ["AAPL"], "1m")  # the 1m builder has not seen t0+100
+        await pending(client)
+        arrive(hub, trade(t0 + 1_100, 11.0), t0 + 1_100)
+        arrive(hub, trade(t0 + 60_100, 12.0), t0 + 60_100)
+        got = [(m["interval"], m["start_ms"] - t0, m["trades"]) for m in await pending(client)]
+    # The 1s bars are whole; the minute t0 lacks the first trade for 1m bars: never sent.
+    assert got == [("1s", 0, 1), ("1s", 1_000, 1)]

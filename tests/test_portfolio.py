@@ -515,7 +515,13 @@ async def test_streamer_follows_portfolio_edits_and_a_slow_client(autojump_clock
 
 @pytest.mark.parametrize(
     "bid, ask, mid",
-    [(40.1, 40.2, "40.15"), (0.1, 0.2, "0.15"), (189.44, 189.46, "189.45"), (0.00001, 0.00002, "1.5e-05"), (7.0, 7.0, "7.0")],
+    [
+        (40.1, 40.2, "40.15"),
+        (0.1, 0.2, "0.15"),
+        (189.44, 189.46, "189.45"),
+        (0.00001, 0.00002, "1.5e-05"),
+        (7.0, 7.0, "7.0"),
+    ],
 )
 def test_a_mid_price_is_shown_as_the_decimal_it_is(bid: float, ask: float, mid: str) -> None:
     """Issue 22, case 4: (40.1 + 40.2) / 2 is 40.150000000000006 in binary floating point."""

@@ -151,19 +151,23 @@ class Lateness:
         return f"Lateness({dict(self._allowed)!r}, grace_ms={self.grace_ms})"
 
 
-def _grow(partials: list[float], x: float) -> None:
-    """Add ``x`` to the exact sum kept as non-overlapping ``partials`` (Shewchuk; as math.fsum)."""
-    i = 0
-    for y in partials:
-        if abs(x) < abs(y):
-            x, y = y, x
-        hi = x + y
-        lo = y - (hi - x)
-        if lo:
-            partials[i] = lo
-            i += 1
-        x = hi
-    partials[i:] = [x]
+# Terms a bar's sums buffer before they are compacted: memory per bar vs work per trade.
+_BUFFER: Final = 64
+
+
+def _compact(terms: list[float]) -> None:
+    """Replace ``terms`` by a few floats with exactly the same sum (in place).
+
+    ``math.fsum`` rounds the exact sum correctly; what it leaves out is again a sum of floats,
+    so repeating it on the terms minus what was taken yields an exact expansion (2 or 3 floats in
+    practice: each round takes ~53 more bits). Done once per ``_BUFFER`` trades, in C.
+    """
+    taken: list[float] = []
+    rest = math.fsum(terms)
+    while rest:
+        taken.append(rest)
+        rest = math.fsum(terms + [-x for x in taken])
+    terms[:] = taken
 
 
 _OPEN: Final = 0  # the bar in progress (the latest interval traded)
@@ -171,7 +175,11 @@ _CLOSED: Final = 1  # sent as closed (a later interval traded, or the clock pass
 
 
 class _Agg:
-    """The aggregates of one bar; the same code adds trades live and over history."""
+    """The aggregates of one bar; the same code adds trades live and over history.
+
+    ``volume`` and ``pv`` are the terms of exact sums (appended per trade, compacted now and
+    then): :meth:`bar` rounds them once, so the result does not depend on the trades' order.
+    """
 
     __slots__ = ("start", "open", "high", "low", "close", "open_ts", "close_ts", "volume", "pv", "trades", "state")
 
@@ -188,8 +196,12 @@ class _Agg:
         """Add one trade (in any order: ties of timestamp go to the earlier arrival for ``open``)."""
         self.trades += 1
         if size:
-            _grow(self.volume, size)
-            _grow(self.pv, price * size)
+            volume = self.volume
+            volume.append(size)
+            self.pv.append(price * size)
+            if len(volume) > _BUFFER:
+                _compact(volume)
+                _compact(self.pv)
         if price > self.high:
             self.high = price
         elif price < self.low:
@@ -220,6 +232,17 @@ class _Agg:
         )
 
 
+class _Line:
+    """One (symbol, interval): its open bar and the closed bars not yet complete, by start."""
+
+    __slots__ = ("open", "bars", "top")
+
+    def __init__(self) -> None:
+        self.open: _Agg | None = None  # the bar in progress, also in ``bars``
+        self.bars: dict[int, _Agg] = {}
+        self.top = -(1 << 62)  # the latest start held (a new bar before it is behind: amended)
+
+
 class BarBuilder:
     """Live OHLCV bars of every symbol traded, for each of ``intervals`` (names from INTERVALS).
 
@@ -227,7 +250,8 @@ class BarBuilder:
 
     * a bar **closed** by a trade of a later interval (``complete`` only if its lateness window
       has passed already, else ``complete=False``: late trades may still amend it);
-    * a bar **amended** by a late trade that still counts (``amended=True``, ``complete=False``).
+    * a bar **amended** by a late trade that still counts (``amended=True``, ``complete=False``);
+    * a bar **completed**, when a trade that opens a bar finds closed ones past their lateness.
 
     Call :meth:`flush` with the wall clock about once a second: it closes the bars whose interval
     the clock has passed (the symbol stopped trading) and sends each bar once more, with
@@ -239,7 +263,7 @@ class BarBuilder:
     :meth:`forget` drops a symbol's.
     """
 
-    __slots__ = ("intervals", "lateness", "late", "_spec", "_bars")
+    __slots__ = ("intervals", "lateness", "late", "_spec", "_lines")
 
     def __init__(self, intervals: Iterable[str], lateness: Lateness | None = None) -> None:
         names = tuple(dict.fromkeys(intervals))
@@ -255,11 +279,10 @@ class BarBuilder:
         self._spec = tuple(
             (n, INTERVALS[n], INTERVALS[n] + g + self.lateness.allowed(n), k) for k, n in enumerate(names)
         )
-        # symbol -> per interval, start -> bar (the open one and the closed ones not yet complete).
-        self._bars: dict[str, tuple[dict[int, _Agg], ...]] = {}
+        self._lines: dict[str, tuple[_Line, ...]] = {}
 
     def add(self, update: Update, recv_ms: int) -> tuple[Bar, ...]:
-        """Aggregate ``update`` if it is a trade; return the bars to send (closed or amended).
+        """Aggregate ``update`` if it is a trade; return the bars to send (closed, amended, completed).
 
         ``recv_ms``: when the relay received it (wall clock, UTC epoch ms), the same value the
         history stores. Quotes and trade breaks are ignored. A tuple, so that the usual answer
@@ -272,87 +295,121 @@ class BarBuilder:
         if price is None:
             return _NO_BARS
         ts = update.timestamp
-        size = update.last_size or 0.0
-        symbol = update.symbol
-        per = self._bars.get(symbol)
-        if per is None:
-            per = self._bars[symbol] = tuple({} for _ in self._spec)
+        lines = self._lines.get(update.symbol)
+        if lines is None:
+            lines = self._lines[update.symbol] = tuple(_Line() for _ in self._spec)
         if ts > recv_ms + self.lateness.grace_ms:
             self.late += 1  # stamped too far ahead of the clock: late for every interval
             return _NO_BARS
+        size = update.last_size or 0.0
         out: list[Bar] | None = None
         late = False
-        grace = self.lateness.grace_ms
         for name, ms, final, k in self._spec:
             start = ts - ts % ms
             if recv_ms >= start + final:
                 late = True
                 continue
-            bars = per[k]
-            agg = bars.get(start)
-            sent: Bar | None
-            if agg is not None:
-                agg.take(ts, price, size)
-                if agg.state == _OPEN:
-                    continue  # the common case: inside the open bar
-                sent = agg.bar(symbol, name, False, True)
-            else:
-                agg = bars[start] = _Agg(start, ts, price, size)
-                sent = self._opened(symbol, name, ms, final, bars, agg, recv_ms, grace)
-                if sent is None:
-                    continue
-            if out is None:
-                out = [sent]
-            else:
-                out.append(sent)
+            line = lines[k]
+            agg = line.open
+            if agg is not None and agg.start == start:
+                # The common case, _Agg.take inlined: inside the open bar.
+                agg.trades += 1
+                if size:
+                    volume = agg.volume
+                    volume.append(size)
+                    agg.pv.append(price * size)
+                    if len(volume) > _BUFFER:
+                        _compact(volume)
+                        _compact(agg.pv)
+                if price > agg.high:
+                    agg.high = price
+                elif price < agg.low:
+                    agg.low = price
+                if ts >= agg.close_ts:
+                    agg.close = price
+                    agg.close_ts = ts
+                if ts < agg.open_ts:
+                    agg.open = price
+                    agg.open_ts = ts
+                continue
+            sent = self._place(update.symbol, name, ms, final, line, start, ts, price, size, recv_ms)
+            if sent:
+                if out is None:
+                    out = sent
+                else:
+                    out += sent
         if late:
             self.late += 1
         return tuple(out) if out else _NO_BARS
 
-    @staticmethod
-    def _opened(
-        symbol: str, name: str, ms: int, final: int, bars: dict[int, _Agg], agg: _Agg, recv_ms: int, grace: int
-    ) -> Bar | None:
-        """A bar just made by a trade that arrived at ``recv_ms``: what to send, if anything.
+    def _place(
+        self,
+        symbol: str,
+        name: str,
+        ms: int,
+        final: int,
+        line: _Line,
+        start: int,
+        ts: int,
+        price: float,
+        size: float,
+        recv_ms: int,
+    ) -> list[Bar] | None:
+        """A trade that counts, outside the open bar: amend a closed bar, or open a new one.
 
-        Behind a bar already held, or after the clock (less the grace) passed its end: the trade
-        was late, the bar is born closed and sent as an amendment. Otherwise it is the open bar,
-        and the one open before it (if any) is closed: sent complete (and dropped) if its
-        lateness window has passed already, else ``complete=False``.
+        Behind the latest bar held, or after the clock (less the grace) passed its interval: the
+        trade was late, and its bar (held, or born closed) is sent as an amendment. Otherwise it
+        opens the next bar: the open one (if any) is closed, and the closed ones whose lateness
+        window has passed are sent complete and dropped (so memory stays bounded between flushes).
         """
-        start = agg.start
-        if recv_ms - grace >= start + ms or any(other.start > start for other in bars.values()):
+        bars = line.bars
+        agg = bars.get(start)
+        if agg is not None:  # a closed bar (the open one is handled by add)
+            agg.take(ts, price, size)
+            return [agg.bar(symbol, name, False, True)]
+        agg = _Agg(start, ts, price, size)
+        bars[start] = agg
+        if start < line.top or recv_ms - self.lateness.grace_ms >= start + ms:
             agg.state = _CLOSED
-            return agg.bar(symbol, name, False, True)
-        for other in bars.values():
-            if other.state == _OPEN and other is not agg:
-                if recv_ms >= other.start + final:
-                    del bars[other.start]
-                    return other.bar(symbol, name, True)
-                other.state = _CLOSED
-                return other.bar(symbol, name, False)
-        return None
+            line.top = max(line.top, start)
+            return [agg.bar(symbol, name, False, True)]
+        out: list[Bar] = []
+        previous = line.open
+        if previous is not None:
+            previous.state = _CLOSED
+            if recv_ms < previous.start + final:
+                out.append(previous.bar(symbol, name, False))
+        for held in [b for b in bars.values() if b.state == _CLOSED and recv_ms >= b.start + final]:
+            out.append(held.bar(symbol, name, True))
+            del bars[held.start]
+        line.open = agg
+        line.top = start
+        return out
 
     def flush(self, now_ms: int) -> list[Bar]:
         """Close the bars whose interval the wall clock ``now_ms`` has passed, complete the final ones.
 
         Returns them: a bar the clock closes is sent ``complete=False`` (or ``True`` at once when
         its lateness window has passed too), and every bar sent before is sent once more with
-        ``complete=True`` when its lateness window passes. Costs a few checks per open bar.
+        ``complete=True`` when its lateness window passes. Costs a few checks per bar held.
         """
         out: list[Bar] = []
         g = self.lateness.grace_ms
-        for symbol, per in self._bars.items():
+        for symbol, lines in self._lines.items():
             for name, ms, final, k in self._spec:
-                bars = per[k]
+                line = lines[k]
+                bars = line.bars
                 if not bars:
                     continue
                 for start, agg in list(bars.items()):
                     if now_ms >= start + final:
                         out.append(agg.bar(symbol, name, True))
                         del bars[start]
+                        if agg is line.open:
+                            line.open = None
                     elif agg.state == _OPEN and now_ms - g >= start + ms:
                         agg.state = _CLOSED
+                        line.open = None
                         out.append(agg.bar(symbol, name, False))
         return out
 
@@ -360,21 +417,19 @@ class BarBuilder:
         """The open bar of ``symbol`` in ``interval`` (``complete=False``), or None if it has none."""
         if interval not in self.intervals:
             raise ValueError(f"interval {interval!r} is not built here; built: {', '.join(self.intervals)}")
-        per = self._bars.get(symbol)
-        if per is None:
+        lines = self._lines.get(symbol)
+        if lines is None:
             return None
-        for agg in per[self.intervals.index(interval)].values():
-            if agg.state == _OPEN:
-                return agg.bar(symbol, interval, False)
-        return None
+        agg = lines[self.intervals.index(interval)].open
+        return None if agg is None else agg.bar(symbol, interval, False)
 
     def pending(self) -> int:
         """Bars held (open, or closed and not yet complete), over every symbol and interval."""
-        return sum(len(bars) for per in self._bars.values() for bars in per)
+        return sum(len(line.bars) for lines in self._lines.values() for line in lines)
 
     def forget(self, symbol: str) -> None:
         """Drop ``symbol``'s bars, unpublished (e.g. once nobody wants its bars any more)."""
-        self._bars.pop(symbol, None)
+        self._lines.pop(symbol, None)
 
 
 def _row(trade: Update | TradeRow) -> TradeRow:

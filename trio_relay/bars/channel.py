@@ -16,9 +16,10 @@ Closed, amended and complete bars are never conflated away. Which trades count i
 :class:`~trio_relay.bars.Lateness` (``[bars]`` in the config), the same rule as the history's
 bars; a trade's arrival time is the hub's ``received_ms``, the value the history stores with it.
 
-A symbol's bars are built from the trades the relay sees once someone subscribes to its bars; a
-bar is sent only if no trade of its interval can have been missed, i.e. its interval starts at or
-after the first trade seen (a bar built from half an interval's trades would lie). Earlier bars
+A symbol's bars of an interval are built from the trades the relay sees once someone subscribes
+to that interval of it; a bar is sent only if no trade of its interval can have been missed, i.e.
+its interval starts at or after the first trade seen since (a bar built from half an interval's
+trades would lie). Earlier bars
 come from ``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
 """
 
@@ -47,16 +48,21 @@ _NO_TRADE_YET = 1 << 62  # later than any bar: nothing is whole before the first
 
 
 class BarChannel:
-    """Bar subscriptions and the one :class:`BarBuilder` that feeds them; owned by the hub."""
+    """Bar subscriptions and the :class:`BarBuilder` of each interval that feeds them; owned by the hub.
+
+    A trade costs the intervals someone wants of its symbol, not all four: one builder per
+    interval, fed only the symbols subscribed in it.
+    """
 
     def __init__(self, hub: Hub, lateness: Lateness | None = None) -> None:
         self.hub = hub
-        self.builder = BarBuilder(INTERVALS, lateness)
+        self.builders = {interval: BarBuilder((interval,), lateness) for interval in INTERVALS}
         # The wall clock (UTC epoch ms) that closes and completes bars; a test may replace it.
         self.clock: Callable[[], int] = wall_ms
         self.subs: dict[tuple[str, str], set[Outbox]] = {}
-        # Symbol → event time (epoch ms) from which its bars are whole: its first trade seen.
-        self.symbols: dict[str, int] = {}
+        # Symbol → interval → event time (epoch ms) from which its bars are whole: the first
+        # trade seen since someone wanted that interval of it. The hub reads the symbols.
+        self.symbols: dict[str, dict[str, int]] = {}
         self._sent_open: dict[tuple[str, str], Bar] = {}
         self._keys = itertools.count()
 
@@ -69,13 +75,13 @@ class BarChannel:
         for pair in pairs:
             client.bars.add(pair)
             self.subs.setdefault(pair, set()).add(outbox)
-            self.symbols.setdefault(pair[0], _NO_TRADE_YET)
+            self.symbols.setdefault(pair[0], {}).setdefault(interval, _NO_TRADE_YET)
         self.hub.demand.acquire([s for s, _ in pairs])
         self.hub.send_control(
             client, control("subscribed", symbols=list(dict.fromkeys(symbols)), channel="bars", interval=interval)
         )
         for symbol, _ in pairs:
-            bar = self.builder.current(symbol, interval)
+            bar = self.builders[interval].current(symbol, interval)
             if bar is not None and self._whole(bar):
                 outbox.put(self._open_key(symbol, interval), self._frame(bar))
         return [s for s, _ in pairs]
@@ -105,22 +111,32 @@ class BarChannel:
                     del self.subs[pair]
                     self._sent_open.pop(pair, None)
         self.hub.demand.release([s for s, _ in pairs])
-        still = {s for s, _ in self.subs}
-        for symbol, _ in pairs:
-            if symbol not in still and symbol in self.symbols:
-                del self.symbols[symbol]
-                self.builder.forget(symbol)
+        for symbol, interval in pairs:
+            wanted = self.symbols.get(symbol)
+            if (symbol, interval) not in self.subs and wanted is not None and interval in wanted:
+                del wanted[interval]
+                self.builders[interval].forget(symbol)
+                if not wanted:
+                    del self.symbols[symbol]
 
     # ------------------------------------------------------------------ data
     def feed(self, update: Update) -> None:
         """A trade of a symbol someone wants bars of (the hub calls it only for those)."""
         if update.kind != TRADE:
             return
-        if self.symbols[update.symbol] == _NO_TRADE_YET:
-            self.symbols[update.symbol] = update.timestamp
         # received_ms is 0 only for a hub fed by direct publish() calls (tests): the clock then.
-        for bar in self.builder.add(update, self.hub.received_ms or self.clock()):
-            self._send_closed(bar)
+        recv_ms = self.hub.received_ms or self.clock()
+        wanted = self.symbols[update.symbol]
+        for interval, whole_from in wanted.items():
+            if whole_from == _NO_TRADE_YET:
+                wanted[interval] = update.timestamp
+            for bar in self.builders[interval].add(update, recv_ms):
+                self._send_closed(bar)
+
+    @property
+    def late(self) -> int:
+        """Trades the lateness rule left out of a bar (counted once per interval built)."""
+        return sum(builder.late for builder in self.builders.values())
 
     async def run(self) -> None:
         """Once a second: close the bars the clock has passed, complete the final ones, send the changed open bars."""
@@ -128,10 +144,12 @@ class BarChannel:
             await trio.sleep(1.0)
             if not self.symbols:
                 continue
-            for bar in self.builder.flush(self.clock()):
-                self._send_closed(bar)
+            now = self.clock()
+            for builder in self.builders.values():
+                for bar in builder.flush(now):
+                    self._send_closed(bar)
             for (symbol, interval), outboxes in self.subs.items():
-                current = self.builder.current(symbol, interval)
+                current = self.builders[interval].current(symbol, interval)
                 if current is None or not self._whole(current) or self._sent_open.get((symbol, interval)) == current:
                     continue
                 self._sent_open[(symbol, interval)] = current
@@ -152,7 +170,7 @@ class BarChannel:
         self.hub.stats.messages_out += len(outboxes)
 
     def _whole(self, bar: Bar) -> bool:
-        return bar.start_ms >= self.symbols.get(bar.symbol, _NO_TRADE_YET)
+        return bar.start_ms >= self.symbols.get(bar.symbol, {}).get(bar.interval, _NO_TRADE_YET)
 
     @staticmethod
     def _frame(bar: Bar) -> bytes:
