@@ -223,5 +223,6 @@ async def test_an_interval_subscribed_later_starts_with_its_own_first_trade() ->
         arrive(hub, trade(t0 + 1_100, 11.0), t0 + 1_100)
         arrive(hub, trade(t0 + 60_100, 12.0), t0 + 60_100)
         got = [(m["interval"], m["start_ms"] - t0, m["trades"]) for m in await pending(client)]
-    # The 1s bars are whole; the minute t0 lacks the first trade for 1m bars: never sent.
-    assert got == [("1s", 0, 1), ("1s", 1_000, 1)]
+    # Whole bars only: for 1s from t0+1 s (the second of t0+100 ms began before it), and the
+    # minute t0 lacks the trade at t0+100 ms for 1m bars: closed by t0+60.1 s, never sent.
+    assert got == [("1s", 1_000, 1)]
