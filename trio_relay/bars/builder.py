@@ -302,6 +302,7 @@ class BarBuilder:
             self.late += 1  # stamped too far ahead of the clock: late for every interval
             return _NO_BARS
         size = update.last_size or 0.0
+        pv = price * size  # once, for every interval
         out: list[Bar] | None = None
         late = False
         for name, ms, final, k in self._spec:
@@ -317,7 +318,7 @@ class BarBuilder:
                 if size:
                     volume = agg.volume
                     volume.append(size)
-                    agg.pv.append(price * size)
+                    agg.pv.append(pv)
                     if len(volume) > _BUFFER:
                         _compact(volume)
                         _compact(agg.pv)
