@@ -103,6 +103,10 @@ class Relay:
         if new.engine != old.engine:
             changes.append("engine settings need a restart: kept as they were")
             new = attrs.evolve(new, engine=old.engine)
+        if new.bars != old.bars:
+            # Live bars and /bars share one lateness rule: changed in both at once, at a restart.
+            changes.append("bars settings need a restart: kept as they were")
+            new = attrs.evolve(new, bars=old.bars)
         hub = self.hub
         added = [s for s in new.upstream.pinned if s not in old.upstream.pinned]
         removed = [s for s in old.upstream.pinned if s not in new.upstream.pinned]
