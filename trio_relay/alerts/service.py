@@ -40,6 +40,8 @@ STORE_QUEUE = 10_000
 # WebSocket rule creations in progress (resolving a webhook, reading the user's portfolios);
 # beyond, refused with "busy".
 PENDING_CREATIONS = 100
+# Longest a fired-alerts read waits for the store writer to catch up (then it reads anyway).
+SETTLE_TIMEOUT = 2.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -65,6 +67,9 @@ class AlertService:
         self.sender = sender
         self.store_dropped = 0
         self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
+        self._queued = 0  # store operations accepted into the queue
+        self._stored = 0  # of those, finished by the writer (written or failed)
+        self._progress = trio.Event()  # set (and replaced) at each finished operation
         self._written = trio.Event()  # the writer task took everything and ended
         self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations in progress
         self._creating = 0
@@ -178,6 +183,16 @@ class AlertService:
     def rules(self, owner: str) -> list[Rule]:
         return self.engine.rules(owner)
 
+    async def fired(self, owner: str, *, limit: int = 50) -> list[FiredAlert]:
+        """``owner``'s fired alerts from the store, newest first, including every alert fired
+        before the call: it first waits (at most ``SETTLE_TIMEOUT``) for the store writer to
+        finish the operations queued so far, so an alert just pushed over the WebSocket is listed."""
+        target = self._queued
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while self._stored < target:
+                await self._progress.wait()
+        return await self.store.fired(owner, limit=limit)
+
     # ------------------------------------------------------------------ evaluation
     def on_update(self, update: Update) -> None:
         """Hub callback: a dict lookup for symbols without rules."""
@@ -219,6 +234,7 @@ class AlertService:
     def _queue(self, op: _Op) -> None:
         try:
             self._send.send_nowait(op)
+            self._queued += 1
         except trio.ClosedResourceError:
             log.warning("[ALERT] shutting down: %s not saved", op[0])
         except trio.WouldBlock:
@@ -250,3 +266,7 @@ class AlertService:
                     await self.store.record_fired(subject, extra)
             except Exception:
                 log.exception("[ALERT] could not store a %s", op)
+            finally:
+                self._stored += 1
+                self._progress.set()
+                self._progress = trio.Event()
