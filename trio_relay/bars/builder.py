@@ -286,7 +286,8 @@ class BarBuilder:
 
         ``recv_ms``: when the relay received it (wall clock, UTC epoch ms), the same value the
         history stores. Quotes and trade breaks are ignored. A tuple, so that the usual answer
-        (nothing to send) is the shared ``()``, not a new list.
+        (nothing to send) is the shared ``()``, not a new list. (Longer than most functions: the
+        update of the open bar, nearly every trade, is inlined here.)
         """
         # The literal, not model.TRADE: a constant instead of a global lookup, on every update.
         if update.kind != "T":
