@@ -769,3 +769,35 @@ async def test_offer_never_blocks_full_queue_drops_and_hosts_are_checked() -> No
     assert not sender.offer(an_alert("3"), "http://127.0.0.1:1/x")  # not running: the queue is full
     assert not sender.offer(an_alert("4"), "http://elsewhere.example/x")
     assert (sender.pending, sender.stats.dropped, sender.stats.refused) == (2, 1, 1)
+
+
+async def test_the_state_that_decides_the_next_crossing_is_saved_and_restored(tmp_path: Any) -> None:
+    """Issue 22, case 3: armed -> active is saved as it happens; a stored active rule loads active."""
+    e = engine()
+    feed = Feed(e)
+    feed.trade(125.0)
+    app = AppStore(tmp_path)
+    store = AlertStore(app)
+    rule = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 120}, cache=feed.cache)
+    await store.save_rule(rule)
+    assert rule.state == "armed" and e.take_changed() == []
+    feed.trade(121.0)  # still beyond: nothing changes
+    assert e.take_changed() == []
+    feed.trade(109.0)  # the near side: active, to be saved
+    assert [r.id for r in e.take_changed()] == [rule.id] and e.take_changed() == []
+    await store.save_state(rule)
+    gone = e.create("ann", {"type": "above", "symbol": "AAPL", "level": 130}, cache=feed.cache)
+    assert e.remove("ann", gone.id) is gone
+    await store.save_state(gone)  # a deleted rule is not brought back by a late state write
+    await app.aclose()
+
+    app2 = AppStore(tmp_path)
+    loaded = await AlertStore(app2).load()
+    await app2.aclose()
+    assert [(r.id, r.state) for r in loaded] == [(rule.id, "active")]
+    e2 = engine()
+    e2.load(loaded)  # no price known yet: the stored state stands
+    assert e2.get(rule.id) is not None and e2.get(rule.id).state == "active"  # type: ignore[union-attr]
+    feed2 = Feed(e2)
+    feed2.ts = feed.ts
+    assert fired_at(feed2.trades(121.0, 122.0)) == [0]  # the crossing that spanned the restart, once

@@ -6,7 +6,11 @@ import json
 from typing import Any
 
 import trio
-from conftest import api, fmp_sections
+from conftest import api, fmp_sections, make_config
+
+from trio_relay.alerts import AlertStore
+from trio_relay.appstore import AppStore
+from trio_relay.daemon import Relay, run_relay
 
 
 def sections(fake: Any, tmp_path: Any) -> dict[str, dict[str, Any]]:
@@ -22,6 +26,23 @@ def sections(fake: Any, tmp_path: Any) -> dict[str, dict[str, Any]]:
 
 def trade(symbol: str, price: float, t: int) -> str:
     return f'{{"s":"{symbol.lower()}","t":{t},"type":"T","lp":{price},"ls":10}}'
+
+
+async def wait_price(relay: Relay, symbol: str, price: float) -> None:
+    """Wait (on a hub callback, not a timer) until ``symbol``'s cached last price is ``price``."""
+    arrived = trio.Event()
+
+    def check(_: Any) -> None:
+        state = relay.hub.cache.get(symbol)
+        if state is not None and state.last_price == price:
+            arrived.set()
+
+    unregister = relay.hub.add_callback(check)
+    try:
+        check(None)
+        await arrived.wait()
+    finally:
+        unregister()
 
 
 class Receiver:
@@ -113,3 +134,50 @@ async def test_rules_over_rest_validation_and_restart(start_relay, fake_fmp, htt
     assert ok.status_code == 200
     assert [r["id"] for r in listed["rules"]] == [rule_id]  # survived the restart
     assert deleted.status_code == 200 and gone.status_code == 404
+
+
+async def test_a_crossing_that_spans_a_restart_fires_once(fake_fmp, ws_connect, http, tmp_path):
+    """Issue 22, case 3: a rule waiting to cross keeps that state across a clean restart.
+
+    ``above 110`` created while the price is 109 is active at once; ``above 120`` created at 125
+    is armed, and becomes active (saved) when the price falls to 109. After the restart, 111 fires
+    the first exactly once, 121 the second, and nothing fires again.
+    """
+    fake_fmp.rate = 0.0
+    t = 1_700_000_000_000
+    with trio.fail_after(20):
+        async with trio.open_nursery() as first:
+            relay = await first.start(run_relay, make_config(**sections(fake_fmp, tmp_path)))
+            near = (
+                await http.post(api(relay, "/alerts"), json={"type": "above", "symbol": "AAPL", "level": 120})
+            ).json()
+            await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+            await fake_fmp.inject(trade("AAPL", 125.0, t))
+            await wait_price(relay, "AAPL", 125.0)
+            await fake_fmp.inject(trade("AAPL", 109.0, t + 1_000))
+            await wait_price(relay, "AAPL", 109.0)
+            waiting = (
+                await http.post(api(relay, "/alerts"), json={"type": "above", "symbol": "AAPL", "level": 110})
+            ).json()
+            before = {r["id"]: r["state"] for r in (await http.get(api(relay, "/alerts"))).json()["rules"]}
+            relay.shutdown()  # the nursery waits for the whole shutdown: every store write done
+        async with trio.open_nursery() as second:
+            relay = await second.start(run_relay, make_config(**sections(fake_fmp, tmp_path)))
+            after = {r["id"]: r["state"] for r in (await http.get(api(relay, "/alerts"))).json()["rules"]}
+            owner = await ws_connect(relay)
+            await owner.request({"action": "alerts"}, "alerts")  # connected as the owner before any price
+            await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+            for i, price in enumerate([111.0, 112.0, 121.0, 122.0]):
+                await fake_fmp.inject(trade("AAPL", price, t + 10_000 + i * 1_000))
+            fired = []
+            while len(fired) < 2:
+                alert, _ = await owner.recv_until(lambda m: m.get("type") == "alert")
+                fired.append((alert["rule_id"], alert["price"]))
+            relay.shutdown()  # every fired alert is stored by the end of it
+    app = AppStore(tmp_path / "data")
+    stored = await AlertStore(app).fired(near["owner"])
+    await app.aclose()
+    assert before == {near["id"]: "active", waiting["id"]: "active"}
+    assert after == before  # not "armed": the state that decides the next crossing survived
+    assert fired == [(waiting["id"], 111.0), (near["id"], 121.0)]
+    assert sorted((a.rule_id, a.price) for a in stored) == sorted(fired)  # each fired once, not again at 112 or 122

@@ -11,7 +11,7 @@ import trio
 from conftest import api, require, wait_cached
 
 from trio_relay.bars import bars_from_trades
-from trio_relay.model import Update
+from trio_relay.model import Update, wall_ms
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -72,6 +72,29 @@ async def test_bars_from_history_equal_bars_built_from_the_stored_trades(start_r
     assert [(b["start_ms"], b["open"], b["high"], b["low"], b["close"], b["trades"]) for b in bars["bars"]] == [
         (b.start_ms, b.open, b.high, b.low, b.close, b.trades) for b in expected
     ]
+
+
+async def test_bars_are_complete_only_inside_the_window_and_past_their_lateness(start_relay, http, tmp_path):
+    """Issue 22, case 2: a start off the boundary and an end in the future, over REST."""
+    relay = await start_relay(**sqlite_sections(tmp_path))
+    with trio.fail_after(20):
+        await written_at_least(relay, 600)
+        first = (await http.get(api(relay, "/history/AAPL"), params={"limit": 1})).json()["ticks"][0]["timestamp"]
+        while wall_ms() < first + 7_000:  # some bars past their lateness window (the writer wakes us)
+            await relay.history_writer.changed()
+        start = first - first % 1000 + 500  # inside an interval
+        end = wall_ms() + 60_000  # in the future: the running bar is in the window
+        before = wall_ms()
+        bars = (await http.get(api(relay, "/bars/AAPL"), params={"interval": "1s", "start": start, "end": end})).json()
+        after = wall_ms()
+    final_after = 1_000 + 2_000 + 1_000  # a 1s bar can change until its end + grace (2 s) + lateness (1 s)
+    assert bars["bars"] and bars["bars"][0]["start_ms"] < start and not bars["bars"][0]["complete"]
+    for bar in bars["bars"][1:]:
+        if bar["start_ms"] + final_after <= before:
+            assert bar["complete"], bar
+        elif bar["start_ms"] + final_after > after:
+            assert not bar["complete"], bar  # still running, or within its lateness
+    assert any(not b["complete"] for b in bars["bars"][1:]) and any(b["complete"] for b in bars["bars"][1:])
 
 
 @pytest.mark.parametrize(

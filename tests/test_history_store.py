@@ -158,13 +158,14 @@ async def test_round_trip_keeps_every_field_and_none(
         # [start, end): start included, end excluded.
         rows = await all_ticks(store, "AAPL", T0 + 1, T0 + 3)
         assert [(t.timestamp, t.kind) for t in rows] == [(T0 + 1, "Q"), (T0 + 1, "Q"), (T0 + 2, "B")]
-        # Trades for bars: kind T with a price only, as bars.TradeRow, in time order.
+        # Trades for bars: kind T with a price only, as bars.TradeRow (with the arrival time the
+        # lateness rule reads), in time order.
         assert await store.trades("AAPL", T0 - 10, T0 + 10) == [
-            ("AAPL", T0 - 5, -1.5e-300, 1e300),
-            ("AAPL", T0, 189.45, 1000.0),
-            ("AAPL", T0 + 3, 0.1 + 0.2, 0.000123),
+            ("AAPL", T0 - 5, -1.5e-300, 1e300, T0 + 1005),
+            ("AAPL", T0, 189.45, 1000.0, T0 + 1000),
+            ("AAPL", T0 + 3, 0.1 + 0.2, 0.000123, T0 + 1004),
         ]
-        assert await store.trades("AAPL", T0 - 10, T0 + 10, limit=1) == [("AAPL", T0 - 5, -1.5e-300, 1e300)]
+        assert await store.trades("AAPL", T0 - 10, T0 + 10, limit=1) == [("AAPL", T0 - 5, -1.5e-300, 1e300, T0 + 1005)]
     await writer.aclose()
 
 
@@ -211,7 +212,7 @@ async def test_pagination_has_no_duplicate_and_no_gap(
         with pytest.raises(ValueError):
             await store.ticks("AAPL", start, end, 0)
         trades = await store.trades("AAPL", start, end)
-        assert trades == [("AAPL", t.timestamp, t.last_price, None) for t in want if t.kind == "T"]
+        assert trades == [("AAPL", t.timestamp, t.last_price, None, t.recv_ms) for t in want if t.kind == "T"]
     await writer.aclose()
 
 
@@ -556,3 +557,32 @@ async def test_sqlite_file_is_created_in_wal_mode_with_its_index(tmp_path: Path)
     assert isinstance(pg, PostgresBackend) and SECRET not in repr(pg)
     writer = HistoryWriter.from_config(HistoryConfig(queue_size=7, batch_size=3, flush_interval=0.25), backend)
     assert (writer.queue_size, writer.batch_size, writer.flush_interval, writer.retention_days) == (7, 3, 0.25, 7.0)
+
+
+async def test_retention_runs_on_its_schedule_as_rows_age(
+    backend: HistoryBackend, nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    """Not only at start: every retention_interval, what has aged past retention_days since goes."""
+    start = trio.current_time()
+
+    def wall() -> int:  # the wall clock follows the virtual one
+        return T0 + round((trio.current_time() - start) * 1000)
+
+    # Kept 1/1440 of a day (60 s); a pass every 300 s.
+    writer = HistoryWriter(
+        backend, retention_days=1 / 1440, retention_interval=300, retention_chunk=1000, wall_clock=wall
+    )
+    await nursery.start(writer.run)
+    for i in range(10):  # one tick every 100 s of event time, all offered now
+        writer.offer(Update("AAPL", "T", T0 + i * 100_000, last_price=1.0), T0)
+    await until(writer, lambda: writer.written == 10)
+    assert writer.deleted == 0  # the pass at start found nothing older than T0 - 60 s
+    # No deadline of the test's own here: autojump would jump to it while a pass runs in its
+    # worker thread. The passes are the only deadlines, so each wait ends at the next one.
+    for t, gone in [(300.0, 3), (600.0, 6), (900.0, 9)]:
+        # At t the cutoff is T0 + t - 60 s: the ticks stamped before it go, at that pass.
+        await until(writer, lambda: writer.deleted >= gone)  # noqa: B023 (used at once)
+        assert (trio.current_time() - start, writer.deleted) == (at(t), gone)
+    await writer.aclose()  # no pass runs while the query below waits for its thread
+    async with HistoryStore(backend) as store:
+        assert [x.timestamp for x in await all_ticks(store, "AAPL")] == [T0 + 900_000]

@@ -35,6 +35,7 @@ async def test_metrics_show_counters_moving_under_load(start_relay, ws_connect, 
     assert now[("trio_relay_upstream_state", (("state", "auth_failed"),))] == 0
     assert now[("trio_relay_build_info", (("provider", "sim"), ("version", "0.1.0")))] == 1
     assert now[("trio_relay_client_queue_depth_count", ())] == 1
+    assert now[("trio_relay_bars_late_total", ())] == 0  # no bar subscription: no bars built
     delivered = now[("trio_relay_delivery_latency_seconds_count", ())]
     assert delivered > 0 and now[("trio_relay_delivery_latency_seconds_bucket", (("le", "+Inf"),))] == delivered
     # Bounded labels: nothing per client or per symbol.

@@ -511,3 +511,28 @@ async def test_streamer_follows_portfolio_edits_and_a_slow_client(autojump_clock
         await trio.sleep(0.1)  # virtual time (MockClock)
     await trio.sleep(10)  # virtual time (MockClock)
     assert len(sent) == 3
+
+
+@pytest.mark.parametrize(
+    "bid, ask, mid",
+    [
+        (40.1, 40.2, "40.15"),
+        (0.1, 0.2, "0.15"),
+        (189.44, 189.46, "189.45"),
+        (0.00001, 0.00002, "1.5e-05"),
+        (7.0, 7.0, "7.0"),
+    ],
+)
+def test_a_mid_price_is_shown_as_the_decimal_it_is(bid: float, ask: float, mid: str) -> None:
+    """Issue 22, case 4: (40.1 + 40.2) / 2 is 40.150000000000006 in binary floating point."""
+    v = valuate(Portfolio("alice", "p", (Position("X", 3.0, 40.0),)), {"X": quote("X", bid, ask)}, {}, as_of=0)
+    [row] = v.positions
+    assert row.price_source == "mid" and repr(row.price) == mid
+    encoded = msgspec.json.encode(v)
+    assert b'"price":' + msgspec.json.encode(float(mid)) + b"," in encoded
+    # Nothing in the message carries a float artefact: every number is at most 6 decimals long.
+    numbers = [x for x in msgspec.json.decode(encoded)["positions"][0].values() if isinstance(x, float)]
+    assert all(len(repr(x).split(".")[-1]) <= 6 or "e" in repr(x) for x in numbers), numbers
+    day_open = DayOpen()
+    day_open.observe(quote("X", bid, ask, at=1_700_000_000_000))
+    assert repr(day_open["X"]) == mid

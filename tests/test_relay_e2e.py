@@ -251,3 +251,14 @@ async def test_a_reload_keeps_the_engine_until_a_restart(start_relay) -> None:
     changes = relay.reload(new)
     assert "engine settings need a restart: kept as they were" in changes
     assert relay.config.engine.backend == "memory"
+
+
+async def test_a_reload_keeps_the_bars_lateness_until_a_restart(start_relay) -> None:
+    import attrs
+
+    relay = await start_relay()
+    new = attrs.evolve(relay.config, bars=attrs.evolve(relay.config.bars, lateness_1m=60.0))
+    changes = relay.reload(new)
+    assert "bars settings need a restart: kept as they were" in changes
+    assert relay.config.bars.lateness_1m == 5.0
+    assert relay.hub.bars.builders["1m"].lateness.allowed("1m") == 5_000

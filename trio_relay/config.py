@@ -34,6 +34,7 @@ __all__ = [
     "ClientsConfig",
     "AuthConfig",
     "HistoryConfig",
+    "BarsConfig",
     "AlertsConfig",
     "PortfolioConfig",
     "LimitsConfig",
@@ -236,6 +237,19 @@ class HistoryConfig:
 
 
 @attrs.frozen
+class BarsConfig:
+    # The lateness rule of bars, live and over history alike (docs/api.md, "Live bars"). A trade
+    # counts in its bar if the relay received it before the bar's end + grace + the interval's
+    # lateness, and it is stamped at most `grace` ahead of the relay's clock; otherwise it is left
+    # out of that interval's bars everywhere. Seconds.
+    grace: float = attrs.field(default=2.0, validator=_non_negative)
+    lateness_1s: float = attrs.field(default=1.0, validator=_non_negative)
+    lateness_1m: float = attrs.field(default=5.0, validator=_non_negative)
+    lateness_5m: float = attrs.field(default=10.0, validator=_non_negative)
+    lateness_1h: float = attrs.field(default=30.0, validator=_non_negative)
+
+
+@attrs.frozen
 class AlertsConfig:
     # Price alerts and portfolios (REST and WebSocket). Their rules, fired alerts and positions
     # live in data_dir/app.sqlite3 and survive restarts.
@@ -360,6 +374,7 @@ class Config:
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
     clients: ClientsConfig = attrs.Factory(ClientsConfig)
     history: HistoryConfig = attrs.Factory(HistoryConfig)
+    bars: BarsConfig = attrs.Factory(BarsConfig)
     alerts: AlertsConfig = attrs.Factory(AlertsConfig)
     portfolio: PortfolioConfig = attrs.Factory(PortfolioConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
@@ -515,6 +530,7 @@ def _make_converter() -> cattrs.Converter:
     later = (
         ClientsConfig,
         HistoryConfig,
+        BarsConfig,
         AlertsConfig,
         PortfolioConfig,
         AuthConfig,

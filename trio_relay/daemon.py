@@ -29,7 +29,8 @@ from .api import WS_PATH, FrontDoor, RelayContext
 from .api.app import tls_context
 from .appstore import AppStore
 from .auth import Security
-from .config import Config, ConfigError, timing_warnings
+from .bars import Lateness
+from .config import BarsConfig, Config, ConfigError, timing_warnings
 from .engine import Engine, open_engine
 from .history import HistoryBackend, HistoryStore, HistoryWriter, QueryBudget, make_backend
 from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
@@ -102,6 +103,10 @@ class Relay:
         if new.engine != old.engine:
             changes.append("engine settings need a restart: kept as they were")
             new = attrs.evolve(new, engine=old.engine)
+        if new.bars != old.bars:
+            # Live bars and /bars share one lateness rule: changed in both at once, at a restart.
+            changes.append("bars settings need a restart: kept as they were")
+            new = attrs.evolve(new, bars=old.bars)
         hub = self.hub
         added = [s for s in new.upstream.pinned if s not in old.upstream.pinned]
         removed = [s for s in old.upstream.pinned if s not in new.upstream.pinned]
@@ -175,8 +180,14 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     check_data_dirs(config)  # an unwritable data directory: one line now, not a traceback later
     listener = _listening_socket(config)
     try:
+        lateness = bars_lateness(config.bars)  # one rule for the live bars and /bars
         hub_open = Hub.open(
-            config.clients, demand, stats, coalesce_above=config.upstream.coalesce_above, source=providers[0].name
+            config.clients,
+            demand,
+            stats,
+            coalesce_above=config.upstream.coalesce_above,
+            source=providers[0].name,
+            lateness=lateness,
         )
         async with hub_open as hub:
             # Chosen once, here: this relay's own upstream (memory) or a fleet's (redis).
@@ -211,11 +222,12 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
                     offer = writer.offer
-                    hub.add_callback(lambda update: offer(update, wall_ms()))
+                    # The arrival time the live bars used too (one clock reading per hub turn).
+                    hub.add_callback(lambda update: offer(update, hub.received_ms or wall_ms()))
                     ctx.history_writer = writer
                     h = config.history
                     budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
-                    ctx.history_store = HistoryStore(history_backend, budget)
+                    ctx.history_store = HistoryStore(history_backend, budget, lateness)
                     log.info("[START] tick history: %s", history_backend.description)
                 await nursery.start(engine.run)  # the hub gets updates from here on
                 await nursery.start(front.run_app)
@@ -289,6 +301,17 @@ async def _run_in(
                 if service is not None:
                     await inner.start(service.run)
             task_status.started()
+
+
+def bars_lateness(config: BarsConfig) -> Lateness:
+    """The ``[bars]`` section as the lateness rule the live bars and ``/bars`` share."""
+    allowed = {
+        "1s": config.lateness_1s,
+        "1m": config.lateness_1m,
+        "5m": config.lateness_5m,
+        "1h": config.lateness_1h,
+    }
+    return Lateness({name: round(seconds * 1000) for name, seconds in allowed.items()}, round(config.grace * 1000))
 
 
 def _history_backend(config: Config) -> HistoryBackend | None:

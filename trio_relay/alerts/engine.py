@@ -36,7 +36,7 @@ from typing import Any, Final
 import trio
 
 from ..config import AlertsConfig
-from ..model import QUOTE, TRADE, PriceState, Update, wall_ms
+from ..model import QUOTE, TRADE, PriceState, Update, mid_price, wall_ms
 from .rules import (
     ACTIVE,
     ARMED,
@@ -72,7 +72,8 @@ def _mid(s: PriceState) -> float | None:
     bid, ask = s.bid_price, s.ask_price
     if bid is None or ask is None:
         return None
-    return (bid + ask) / 2
+    # In decimal: "mid >= 40.15" holds for 40.1/40.2, and a fired alert shows 40.15.
+    return mid_price(bid, ask)
 
 
 _FIELD: Final[dict[str, Callable[[PriceState], float | None]]] = {
@@ -108,7 +109,7 @@ class _Index:
     due (``ts < wake``), an update changes nothing, and the signals skip :meth:`process`.
     """
 
-    __slots__ = ("active", "armed", "cooling", "last", "lo", "hi", "wake")
+    __slots__ = ("active", "armed", "cooling", "last", "lo", "hi", "wake", "changed")
 
     def __init__(self) -> None:
         self.active: list[tuple[float, int, _Trigger]] = []  # fire when value >= level
@@ -118,6 +119,9 @@ class _Index:
         self.lo = _NEG_INF  # highest armed level
         self.hi = _INF  # lowest active level
         self.wake = _INF  # earliest end of a cooldown
+        # The engine's list of rules whose state changed without firing (armed -> active, a
+        # cooldown's end): the caller saves them, so the next crossing survives a restart.
+        self.changed: list[Rule] | None = None
 
     def __len__(self) -> int:
         cooling = sum(1 for ready, _, t in self.cooling if not t.dead and t.rule.state == COOLING and t.ready == ready)
@@ -135,7 +139,9 @@ class _Index:
         if rule.state == COOLING:
             trig.ready = (rule.fired_at or 0) + int(rule.cooldown_s * 1000)
             heapq.heappush(self.cooling, (trig.ready, trig.n, trig))
-        elif value is not None and value < trig.level:
+        elif (value is not None and value < trig.level) or (value is None and rule.state == ACTIVE):
+            # Unknown value: a stored "active" rule stays active (it saw the near side before the
+            # restart, so the first update beyond the threshold is a crossing and fires).
             rule.state = ACTIVE
             insort(self.active, (trig.level, trig.n, trig))
         else:
@@ -168,8 +174,11 @@ class _Index:
             i = bisect_right(armed, (value, _INF))
             moved = armed[i:]
             del armed[i:]
+            changed = self.changed
             for _, _, t in moved:
                 t.rule.state = ACTIVE
+                if changed is not None:
+                    changed.append(t.rule)
             active.extend(moved)
             active.sort()  # two sorted runs: linear
         self.last = value
@@ -202,6 +211,8 @@ class _Index:
             else:
                 t.rule.state = ARMED
                 insort(self.armed, (t.level, t.n, t))
+            if self.changed is not None:
+                self.changed.append(t.rule)
 
 
 # ---------------------------------------------------------------------------------- signals
@@ -494,6 +505,8 @@ class AlertEngine:
         self._by_owner: dict[str, dict[str, Rule]] = {}
         self._n = 0
         self.fired_total = 0
+        # Rules whose state changed without firing since take_changed(): emptied by each call.
+        self._changed: list[Rule] = []
 
     # ------------------------------------------------------------------ rules
     def create(
@@ -576,6 +589,7 @@ class AlertEngine:
             signal = watch.signals[key] = _make_signal(key)
             watch.index_signals()
         idx = signal.index(side)
+        idx.changed = self._changed
         value = idx.last if idx.last is not None else signal.peek(current, side) if current is not None else None
         idx.add(trig, value)
 
@@ -683,6 +697,20 @@ class AlertEngine:
             if trig.rule.state == FIRED:
                 self._retire(trig.rule)
         return alerts
+
+    def take_changed(self) -> list[Rule]:
+        """The live rules whose state changed without firing since the last call (armed -> active,
+        a cooldown that ended), for the caller to save: what decides the next crossing then
+        survives a restart. Each rule at most once; empty for almost every update."""
+        if not self._changed:
+            return []
+        latest = {rule.id: rule for rule in self._changed}  # rules are not hashable: by id
+        self._changed.clear()
+        return [
+            rule
+            for rule_id, rule in latest.items()
+            if (t := self._triggers.get(rule_id)) is not None and t.rule is rule
+        ]
 
     def check_stale(self, now_ms: int | None = None) -> list[FiredAlert]:
         """Fire the stale rules whose symbol had no update for their ``seconds`` (engine clock).

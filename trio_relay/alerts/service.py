@@ -2,7 +2,8 @@
 
 A fired alert goes to every WebSocket connection of its owner (``{"type":"alert",...}``, never
 conflated), to the rule's webhook (if any; :class:`~trio_relay.alerts.WebhookSender`), and to
-the store (fired alerts and the rule's new state survive a restart). Nothing here waits in the
+the store (fired alerts and the rule's new state survive a restart, and so does each change of
+state that decides the next crossing: armed -> active, the end of a cooldown). Nothing here waits in the
 hub's path: evaluation is synchronous and cheap (:class:`~trio_relay.alerts.AlertEngine`), and
 what must reach the database goes through a bounded channel to one writer task (full: counted,
 logged, never blocking).
@@ -39,10 +40,13 @@ STORE_QUEUE = 10_000
 # WebSocket rule creations in progress (resolving a webhook, reading the user's portfolios);
 # beyond, refused with "busy".
 PENDING_CREATIONS = 100
+# Longest a fired-alerts read waits for the store writer to catch up (then it reads anyway).
+SETTLE_TIMEOUT = 2.0
 
 _encoder = msgspec.json.Encoder()
 
-_Op = tuple[str, Any, Any]  # ("save", rule, None) | ("delete", rule_id, None) | ("fired", alert, rule)
+# ("save", rule, None) | ("state", rule, None) | ("delete", rule_id, None) | ("fired", alert, rule)
+_Op = tuple[str, Any, Any]
 
 
 class AlertService:
@@ -63,6 +67,9 @@ class AlertService:
         self.sender = sender
         self.store_dropped = 0
         self._send, self._receive = trio.open_memory_channel[_Op](STORE_QUEUE)
+        self._queued = 0  # store operations accepted into the queue
+        self._stored = 0  # of those, finished by the writer (written or failed)
+        self._progress = trio.Event()  # set (and replaced) at each finished operation
         self._written = trio.Event()  # the writer task took everything and ended
         self._nursery: trio.Nursery | None = None  # run()'s: WebSocket creations in progress
         self._creating = 0
@@ -176,6 +183,16 @@ class AlertService:
     def rules(self, owner: str) -> list[Rule]:
         return self.engine.rules(owner)
 
+    async def fired(self, owner: str, *, limit: int = 50) -> list[FiredAlert]:
+        """``owner``'s fired alerts from the store, newest first, including every alert fired
+        before the call: it first waits (at most ``SETTLE_TIMEOUT``) for the store writer to
+        finish the operations queued so far, so an alert just pushed over the WebSocket is listed."""
+        target = self._queued
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while self._stored < target:
+                await self._progress.wait()
+        return await self.store.fired(owner, limit=limit)
+
     # ------------------------------------------------------------------ evaluation
     def on_update(self, update: Update) -> None:
         """Hub callback: a dict lookup for symbols without rules."""
@@ -186,6 +203,8 @@ class AlertService:
             return
         for alert in self.engine.on_update(update, state):
             self._fire(alert)
+        for rule in self.engine.take_changed():  # rare: a rule crossed to the near side
+            self._queue(("state", rule, None))
 
     async def _stale_checks(self) -> None:
         while True:
@@ -215,6 +234,7 @@ class AlertService:
     def _queue(self, op: _Op) -> None:
         try:
             self._send.send_nowait(op)
+            self._queued += 1
         except trio.ClosedResourceError:
             log.warning("[ALERT] shutting down: %s not saved", op[0])
         except trio.WouldBlock:
@@ -238,9 +258,15 @@ class AlertService:
             try:
                 if op == "save":
                     await self.store.save_rule(subject)
+                elif op == "state":
+                    await self.store.save_state(subject)
                 elif op == "delete":
                     await self.store.delete_rule(subject)
                 else:
                     await self.store.record_fired(subject, extra)
             except Exception:
                 log.exception("[ALERT] could not store a %s", op)
+            finally:
+                self._stored += 1
+                self._progress.set()
+                self._progress = trio.Event()

@@ -3,10 +3,12 @@
 Two tables, prefixed ``alert_`` (the file is shared with other features):
 
 - ``alert_rules``: one row per rule, its definition as JSON plus the runtime columns ``state``,
-  ``fired_at`` and ``fire_count``. The row is written when the rule is created and when it
-  fires (:meth:`AlertStore.record_fired`), so a one-shot rule that fired stays fired across a
-  restart and a re-arming one finishes its cooldown. The transitions in between (armed <->
-  active) live in memory: after a restart such a rule starts ``armed`` again.
+  ``fired_at`` and ``fire_count``. The row is written when the rule is created, when it fires
+  (:meth:`AlertStore.record_fired`) and when its state changes without firing
+  (:meth:`AlertStore.save_state`: armed -> active, the end of a cooldown), so after a restart
+  every rule is in the state it had: a one-shot rule that fired stays fired, a re-arming one
+  finishes its cooldown, and an ``active`` rule (the price was on the near side) fires on the
+  first update beyond its threshold: a crossing that spans the restart fires once.
 - ``alert_fired``: the fired alerts, newest kept: at most ``keep_fired`` per user, older ones
   are deleted as new ones arrive.
 """
@@ -107,6 +109,16 @@ class AlertStore:
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO alert_rules VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+        await self.store.call(run)
+
+    async def save_state(self, rule: Rule) -> None:
+        """Update the runtime state of a stored rule (a deleted rule stays deleted)."""
+        await self.migrate()
+        row = (rule.state, rule.fired_at, rule.fire_count, rule.id)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE alert_rules SET state = ?, fired_at = ?, fire_count = ? WHERE id = ?", row)
 
         await self.store.call(run)
 

@@ -54,7 +54,7 @@ def register_alerts(app: QuartTrio, ctx: RelayContext) -> None:
             limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 and 0 < int(raw) <= 1000 else 50
             allows = entitlement(ctx.security).allows
             # A fired alert carries a price: not shown to a token that no longer allows its symbol.
-            fired = [f for f in await svc.store.fired(owner, limit=limit) if allows(f.symbol)]
+            fired = [f for f in await svc.fired(owner, limit=limit) if allows(f.symbol)]
         except RuleError as exc:
             return _error(exc)
         return json_response(AlertsBody([msgspec.to_builtins(r) for r in svc.rules(owner)], fired))

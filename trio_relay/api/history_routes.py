@@ -146,8 +146,10 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
 
         Query: `interval` (1s, 1m, 5m or 1h; default 1m), `start`, `end` (ISO 8601 or epoch ms;
         default: the `limit` bars before now), `limit` (1..10000, default 1000). A bar is
-        `complete` when its whole interval lies inside the window. More bars than `limit` in the
-        window: the first `limit`, and `next_start` to ask for the rest.
+        `complete` when its whole interval lies inside the window and its lateness window has
+        passed (it can no longer change). Trades that came later than the bar's lateness window
+        count in no bar, as live. More bars than `limit` in the window: the first `limit`, and
+        `next_start` to ask for the rest.
         """
         try:
             name = _symbol(symbol, ctx.security)
@@ -159,7 +161,7 @@ def register_history(app: QuartTrio, ctx: RelayContext) -> None:
             start, end = _window(step * limit)
             store = history_store()
             first = start - start % step  # whole intervals: the first bar starts on its boundary
-            page = await store.bars(name, interval, first, end, limit)
+            page = await store.bars(name, interval, first, end, limit, now_ms=wall_ms(), window_start=start)
         except _BadRequest as exc:
             return error_response(exc.status, exc.code, exc.message)
         except BudgetExceeded:

@@ -144,6 +144,7 @@ class RelayCollector(Collector):
             ("callback_errors", "Exceptions raised by update callbacks", stats.callback_errors),
             ("callback_dropped", "Updates a slow async callback missed", stats.callback_dropped),
             ("slow_clients_closed", "Clients closed for making no progress", stats.slow_clients_closed),
+            ("bars_late", "Trades the bars' lateness rule left out of a live bar (once per interval)", hub.bars.late),
             ("clients_connected", "Client connections accepted", stats.clients_total),
         ):
             yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)

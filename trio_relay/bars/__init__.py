@@ -5,11 +5,14 @@ hub; the channel (which the hub runs) is imported as ``trio_relay.bars.channel``
 """
 
 from .builder import (
+    DEFAULT_GRACE_MS,
+    DEFAULT_LATENESS_MS,
     INTERVALS,
     Bar,
     BarBuilder,
     BarsPageResult,
     BudgetExceeded,
+    Lateness,
     TradeRow,
     bars_from_sorted_trades,
     bars_from_trades,
@@ -17,6 +20,9 @@ from .builder import (
 
 __all__ = [
     "INTERVALS",
+    "DEFAULT_GRACE_MS",
+    "DEFAULT_LATENESS_MS",
+    "Lateness",
     "Bar",
     "BarBuilder",
     "TradeRow",

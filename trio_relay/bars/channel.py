@@ -1,53 +1,68 @@
 """Live OHLCV bars over the client WebSocket: the ``bars`` channel.
 
 ``{"action":"subscribe","symbols":["AAPL"],"channel":"bars","interval":"1m"}`` subscribes a client
-to the symbol's 1-minute bars: each completed bar (``{"type":"bar",...,"complete":true}``) as it
-closes, and the bar in progress (``complete:false``) at most once a second while it changes.
-Ticks stay the default channel, so the seed's clients are unchanged.
+to the symbol's 1-minute bars:
 
-A symbol's bars are built from the trades the relay sees once someone subscribes to its bars; a
-bar is sent only if no trade of its interval can have been missed, i.e. its interval starts at or
-after the first trade seen (a bar built from half an interval's trades would lie). This works in
-event time, so replayed recordings get bars too. Earlier bars come from
-``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
+* the bar in progress (``complete:false``) at most once a second while it changes (conflated:
+  the newest replaces an unsent older one);
+* each bar once when it closes (a trade of a later interval, or the clock passed its end):
+  ``complete:true`` if its lateness window has passed already, else ``complete:false``;
+* the bar again, ``amended:true``, each time a late trade within the lateness window changes it
+  (or adds a bar behind those sent);
+* the bar once more with ``complete:true`` when its lateness window passes, if it was sent
+  incomplete: from then on it equals the bar ``GET /bars`` returns for the same interval.
+
+Closed, amended and complete bars are never conflated away. Which trades count is
+:class:`~trio_relay.bars.Lateness` (``[bars]`` in the config), the same rule as the history's
+bars; a trade's arrival time is the hub's ``received_ms``, the value the history stores with it.
+
+A symbol's bars of an interval are built from the trades the relay sees once someone subscribes
+to that interval of it; a bar is sent only if no trade of its interval can have been missed, i.e.
+its interval starts at or after the first trade seen since (a bar built from half an interval's
+trades would lie). Earlier bars
+come from ``GET /api/v2/realtime/bars/{symbol}``, built from the tick history.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
 from ..model import TRADE, Update, control, wall_ms, ws_text_frame
-from .builder import INTERVALS, Bar, BarBuilder
+from .builder import INTERVALS, Bar, BarBuilder, Lateness
 
 if TYPE_CHECKING:
     from ..hub import Client, Hub, Outbox
 
-__all__ = ["BarChannel", "FLUSH_GRACE_MS"]
+__all__ = ["BarChannel"]
 
 log = logging.getLogger("trio_relay.bars")
-
-# A bar is closed by the clock this long after its interval ended (event timestamps lag the
-# wall clock a little); a later trade of the symbol closes it earlier.
-FLUSH_GRACE_MS = 2_000
 
 _encoder = msgspec.json.Encoder()
 _NO_TRADE_YET = 1 << 62  # later than any bar: nothing is whole before the first trade
 
 
 class BarChannel:
-    """Bar subscriptions and the one :class:`BarBuilder` that feeds them; owned by the hub."""
+    """Bar subscriptions and the :class:`BarBuilder` of each interval that feeds them; owned by the hub.
 
-    def __init__(self, hub: Hub) -> None:
+    A trade costs the intervals someone wants of its symbol, not all four: one builder per
+    interval, fed only the symbols subscribed in it.
+    """
+
+    def __init__(self, hub: Hub, lateness: Lateness | None = None) -> None:
         self.hub = hub
-        self.builder = BarBuilder(INTERVALS)
+        self.builders = {interval: BarBuilder((interval,), lateness) for interval in INTERVALS}
+        # The wall clock (UTC epoch ms) that closes and completes bars; a test may replace it.
+        self.clock: Callable[[], int] = wall_ms
         self.subs: dict[tuple[str, str], set[Outbox]] = {}
-        # Symbol → event time (epoch ms) from which its bars are whole: its first trade seen.
-        self.symbols: dict[str, int] = {}
+        # Symbol → interval → event time (epoch ms) from which its bars are whole: the first
+        # trade seen since someone wanted that interval of it. The hub reads the symbols.
+        self.symbols: dict[str, dict[str, int]] = {}
         self._sent_open: dict[tuple[str, str], Bar] = {}
         self._keys = itertools.count()
 
@@ -60,13 +75,13 @@ class BarChannel:
         for pair in pairs:
             client.bars.add(pair)
             self.subs.setdefault(pair, set()).add(outbox)
-            self.symbols.setdefault(pair[0], _NO_TRADE_YET)
+            self.symbols.setdefault(pair[0], {}).setdefault(interval, _NO_TRADE_YET)
         self.hub.demand.acquire([s for s, _ in pairs])
         self.hub.send_control(
             client, control("subscribed", symbols=list(dict.fromkeys(symbols)), channel="bars", interval=interval)
         )
         for symbol, _ in pairs:
-            bar = self.builder.current(symbol, interval)
+            bar = self.builders[interval].current(symbol, interval)
             if bar is not None and self._whole(bar):
                 outbox.put(self._open_key(symbol, interval), self._frame(bar))
         return [s for s, _ in pairs]
@@ -96,32 +111,45 @@ class BarChannel:
                     del self.subs[pair]
                     self._sent_open.pop(pair, None)
         self.hub.demand.release([s for s, _ in pairs])
-        still = {s for s, _ in self.subs}
-        for symbol, _ in pairs:
-            if symbol not in still and symbol in self.symbols:
-                del self.symbols[symbol]
-                self.builder.forget(symbol)
+        for symbol, interval in pairs:
+            wanted = self.symbols.get(symbol)
+            if (symbol, interval) not in self.subs and wanted is not None and interval in wanted:
+                del wanted[interval]
+                self.builders[interval].forget(symbol)
+                if not wanted:
+                    del self.symbols[symbol]
 
     # ------------------------------------------------------------------ data
     def feed(self, update: Update) -> None:
         """A trade of a symbol someone wants bars of (the hub calls it only for those)."""
         if update.kind != TRADE:
             return
-        if self.symbols[update.symbol] == _NO_TRADE_YET:
-            self.symbols[update.symbol] = update.timestamp
-        for bar in self.builder.add(update):
-            self._send_closed(bar)
+        # received_ms is 0 only for a hub fed by direct publish() calls (tests): the clock then.
+        recv_ms = self.hub.received_ms or self.clock()
+        wanted = self.symbols[update.symbol]
+        for interval, whole_from in wanted.items():
+            if whole_from == _NO_TRADE_YET:
+                wanted[interval] = update.timestamp
+            for bar in self.builders[interval].add(update, recv_ms):
+                self._send_closed(bar)
+
+    @property
+    def late(self) -> int:
+        """Trades the lateness rule left out of a bar (counted once per interval built)."""
+        return sum(builder.late for builder in self.builders.values())
 
     async def run(self) -> None:
-        """Once a second: close the bars whose interval is over, send the changed open bars."""
+        """Once a second: close the bars the clock has passed, complete the final ones, send the changed open bars."""
         while True:
             await trio.sleep(1.0)
             if not self.symbols:
                 continue
-            for bar in self.builder.flush(wall_ms() - FLUSH_GRACE_MS):
-                self._send_closed(bar)
+            now = self.clock()
+            for builder in self.builders.values():
+                for bar in builder.flush(now):
+                    self._send_closed(bar)
             for (symbol, interval), outboxes in self.subs.items():
-                current = self.builder.current(symbol, interval)
+                current = self.builders[interval].current(symbol, interval)
                 if current is None or not self._whole(current) or self._sent_open.get((symbol, interval)) == current:
                     continue
                 self._sent_open[(symbol, interval)] = current
@@ -131,6 +159,7 @@ class BarChannel:
                     outbox.put(key, frame)  # one pending per pair: conflated to the newest
 
     def _send_closed(self, bar: Bar) -> None:
+        """A closed, amended or complete bar: to every subscriber, never conflated."""
         outboxes = self.subs.get((bar.symbol, bar.interval))
         if not outboxes or not self._whole(bar):
             return
@@ -141,7 +170,7 @@ class BarChannel:
         self.hub.stats.messages_out += len(outboxes)
 
     def _whole(self, bar: Bar) -> bool:
-        return bar.start_ms >= self.symbols.get(bar.symbol, _NO_TRADE_YET)
+        return bar.start_ms >= self.symbols.get(bar.symbol, {}).get(bar.interval, _NO_TRADE_YET)
 
     @staticmethod
     def _frame(bar: Bar) -> bytes:

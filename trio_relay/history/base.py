@@ -45,8 +45,8 @@ __all__ = [
 # What the writer hands to a backend: each update with the wall-clock ms at which it arrived.
 Batch = Sequence[tuple[Update, int]]
 
-# A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size).
-TradeRow = tuple[str, int, float, float | None]
+# A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size, recv_ms).
+TradeRow = tuple[str, int, float, float | None, int]
 
 # (ts, id) of the last row of a page: where the next page starts.
 Position = tuple[int, int]

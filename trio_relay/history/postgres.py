@@ -165,7 +165,7 @@ class _PostgresConnection:
             "SELECT {} FROM {} WHERE symbol = %s AND ts >= %s AND ts < %s AND (ts, id) > (%s, %s) ORDER BY ts, id LIMIT %s"
         ).format(columns, t)
         self._trades = sql.SQL(
-            "SELECT symbol, ts, last_price, last_size FROM {}"
+            "SELECT symbol, ts, last_price, last_size, recv_ms FROM {}"
             " WHERE symbol = %s AND ts >= %s AND ts < %s AND kind = 'T' AND last_price IS NOT NULL ORDER BY ts, id LIMIT %s"
         ).format(t)
         self._symbols = sql.SQL(

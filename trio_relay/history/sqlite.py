@@ -122,7 +122,7 @@ class _SqliteConnection:
             " ORDER BY ts, id LIMIT ?"
         )
         self._trades = (
-            f'SELECT symbol, ts, last_price, last_size FROM "{t}"'
+            f'SELECT symbol, ts, last_price, last_size, recv_ms FROM "{t}"'
             " WHERE symbol = ? AND ts >= ? AND ts < ? AND kind = 'T' AND last_price IS NOT NULL ORDER BY ts, id LIMIT ?"
         )
         # Every symbol in the table, one index seek each (a "loose index scan").

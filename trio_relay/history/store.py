@@ -28,7 +28,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from ..bars import BarsPageResult, bars_from_sorted_trades
+from ..bars import BarsPageResult, Lateness, bars_from_sorted_trades
 from .base import (
     HistoryBackend,
     HistoryBusy,
@@ -62,9 +62,12 @@ class QueryBudget:
 class HistoryStore:
     """Read access to the history: ``async with HistoryStore(backend) as store: ...``."""
 
-    def __init__(self, backend: HistoryBackend, budget: QueryBudget | None = None) -> None:
+    def __init__(
+        self, backend: HistoryBackend, budget: QueryBudget | None = None, lateness: Lateness | None = None
+    ) -> None:
         self.backend = backend
         self.budget = budget or QueryBudget()
+        self.lateness = lateness or Lateness()  # the live bars' rule (one per relay: [bars])
         self._idle: list[HistoryConnection] = []  # connections between two queries
         self._lock = threading.Lock()  # guards _idle and _closed (worker threads share them)
         self._closed = False
@@ -102,7 +105,7 @@ class HistoryStore:
     async def trades(self, symbol: str, start_ms: int, end_ms: int, *, limit: int | None = None) -> list[TradeRow]:
         """The trades (``kind == "T"`` with a price) of ``symbol`` with ``start_ms <= timestamp < end_ms``.
 
-        ``(symbol, timestamp, price, size)`` tuples (:data:`trio_relay.bars.TradeRow`), in the
+        ``(symbol, timestamp, price, size, recv_ms)`` tuples (:data:`trio_relay.bars.TradeRow`), in the
         order of :meth:`ticks` (by timestamp, then arrival), at most ``limit`` (None: all: only
         for callers that know the window is small; requests use :meth:`bars`).
         """
@@ -110,10 +113,22 @@ class HistoryStore:
             raise ValueError(f"limit must be >= 1 (got {limit})")
         return await self._call(lambda conn: conn.trades(symbol, start_ms, end_ms, limit))
 
-    async def bars(self, symbol: str, interval: str, start_ms: int, end_ms: int, limit: int) -> BarsPageResult:
+    async def bars(
+        self,
+        symbol: str,
+        interval: str,
+        start_ms: int,
+        end_ms: int,
+        limit: int,
+        *,
+        now_ms: int,
+        window_start: int | None = None,
+    ) -> BarsPageResult:
         """Up to ``limit`` ``interval`` bars of ``symbol``'s trades in ``[start_ms, end_ms)``.
 
-        ``start_ms`` on an interval boundary. Computed in a worker thread while the trades stream
+        ``start_ms`` on an interval boundary. The trades the store's :class:`~trio_relay.bars.Lateness`
+        leaves out are left out here too, and ``complete`` is its rule over ``[window_start,
+        end_ms)`` (default ``start_ms``) at wall-clock ``now_ms``. Computed in a worker thread while the trades stream
         from the database cursor (:func:`~trio_relay.bars.bars_from_sorted_trades`): memory is
         one batch and the bars, whatever the window. Within the budget (``max_rows`` trades,
         ``timeout`` seconds), else a page ``truncated`` at the bar being read (its
@@ -140,6 +155,9 @@ class HistoryStore:
                     start_ms,
                     end_ms,
                     limit,
+                    lateness=self.lateness,
+                    now_ms=now_ms,
+                    window_start=window_start,
                     keep_going=lambda read: keep_going(read, deadline),
                 )
             finally:

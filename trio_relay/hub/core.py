@@ -25,9 +25,10 @@ from typing import Any
 import msgspec
 import trio
 
+from ..bars import Lateness
 from ..bars.channel import BarChannel
 from ..config import ClientsConfig
-from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, ws_payload
+from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, wall_ms, ws_payload
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
 from .demand import Demand
 from .outbox import Outbox
@@ -84,6 +85,7 @@ class Hub:
         *,
         coalesce_above: int = 5000,
         source: str = "",
+        lateness: Lateness | None = None,
     ) -> None:
         self.config = config
         # The provider the updates come from (the upstream names a new one on a failover).
@@ -111,7 +113,10 @@ class Hub:
         self.upstream_status: dict[str, Any] | None = None
         self.clients: dict[int, Client] = {}
         self._subs: dict[str, set[Outbox]] = {}
-        self.bars = BarChannel(self)
+        # When the batch being published was received (wall clock, UTC epoch ms): set once per
+        # turn, and what the bars and the history take as each update's arrival time.
+        self.received_ms = 0
+        self.bars = BarChannel(self, lateness)
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -135,9 +140,10 @@ class Hub:
         *,
         coalesce_above: int = 5000,
         source: str = "",
+        lateness: Lateness | None = None,
     ) -> AsyncIterator[Hub]:
         """Run the hub's own tasks (stall reaper, async callbacks) for the block's duration."""
-        hub = cls(config, demand, stats, coalesce_above=coalesce_above, source=source)
+        hub = cls(config, demand, stats, coalesce_above=coalesce_above, source=source, lateness=lateness)
         async with trio.open_nursery() as nursery:
             hub._nursery = nursery
             nursery.start_soon(hub._reap_stalled)
@@ -192,6 +198,7 @@ class Hub:
                     return
 
     def _publish_all(self, batches: list[list[Update]], total: int) -> None:
+        self.received_ms = wall_ms()  # once per turn, not per update
         if self.coalesce_above and total > self.coalesce_above:
             self._publish_coalesced(batches, total)
         else:

@@ -1,7 +1,8 @@
 """What a portfolio is worth at the relay's latest prices: :func:`valuate` and :class:`DayOpen`.
 
 **Price used.** A symbol's price is its last trade price; without one, the mid of its bid and ask
-(both needed); otherwise it is unknown. A price counts only when it is a finite number > 0
+(both needed), computed in decimal (:func:`~trio_relay.model.mid_price`: 40.1 and 40.2 give
+40.15, never 40.150000000000006); otherwise it is unknown. A price counts only when it is a finite number > 0
 (providers send 0 for an empty side of the book).
 
 **Per position** (``q`` quantity, ``cb`` cost basis, ``p`` price, ``o`` day open)::
@@ -27,8 +28,8 @@ to is ``null`` (an empty portfolio's totals are all ``null``).
 **Rounding.** Everything is computed in binary floating point, unrounded; each derived amount and
 percentage (costs, market values, P&L, day changes, their percentages, totals) is then rounded once,
 with ``round(x, 6)``, as it is put into the :class:`Valuation`. Totals are computed from the
-unrounded per-position values. Inputs (quantity, cost basis, price, day open) pass through as they
-are. So ``100 * 155.5`` is ``15550.0`` and ``550 / 15000 * 100`` is ``3.666667``, exactly.
+unrounded per-position values. Inputs (quantity, cost basis, a last trade price, day open) pass
+through as they are; a mid price has at most one decimal more than the quotes it is made of. So ``100 * 155.5`` is ``15550.0`` and ``550 / 15000 * 100`` is ``3.666667``, exactly.
 
 **Day open.** The relay has no official previous close: :class:`DayOpen` remembers the first price
 it saw of each symbol in the current UTC day, and "day change" is relative to that.
@@ -42,7 +43,7 @@ from typing import Final
 
 import msgspec
 
-from ..model import PriceState, wall_ms
+from ..model import PriceState, mid_price, wall_ms
 from .model import Portfolio
 
 __all__ = ["valuate", "price_of", "Valuation", "PositionValue", "Totals", "DayOpen", "DECIMALS"]
@@ -103,7 +104,7 @@ def price_of(state: PriceState) -> tuple[float, str] | None:
         return last, "last"
     bid, ask = state.bid_price, state.ask_price
     if bid is not None and ask is not None and _usable(bid) and _usable(ask):
-        return (bid + ask) / 2, "mid"
+        return mid_price(bid, ask), "mid"
     return None
 
 
