@@ -49,7 +49,7 @@ def test_defaults() -> None:
     assert config.fmp.api_key == ""
     assert config.fmp.endpoint == "stocks"
     assert config.fmp.resolved_url == "wss://websockets.financialmodelingprep.com"
-    assert config.sim.rate == 4.0 and config.sim.seed == 42
+    assert config.sim.rate == 4.0 and config.sim.seed is None  # a fresh path on every start
     assert config.clients.outbox_size == 256
     assert config.clients.max_symbols_per_client == 500
     assert config.clients.stall_timeout == 30.0

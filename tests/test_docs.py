@@ -739,6 +739,8 @@ def test_every_close_code_is_documented() -> None:
 
 
 def _toml_literal(value: Any) -> str:
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
