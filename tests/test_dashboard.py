@@ -366,19 +366,19 @@ def test_alerts_panel_creates_lists_fires_and_deletes(
     expect(error).to_contain_text("needs 'level'")
     expect(page.locator("#alert-rows tr")).to_have_count(0)
 
-    # A spread rule that fires within a few quotes: the sim's spread wanders between about 1 and
-    # 6 basis points of the mid on every quote (50 updates/s here), so it soon goes from 3.5 bps
-    # or less (the rule becomes active) to wider (it fires).
+    # A spread rule that fires within a few quotes: the sim's AAPL spread wanders between one and
+    # four cents (0.36 to 1.44 bps of ~278) on every quote (50 updates/s here), so it soon goes
+    # from 0.7 bps or less (one cent: the rule becomes active) to wider (it fires).
     page.select_option("#alert-type", "spread")
     expect(page.locator("#alert-level")).to_be_hidden()
-    page.fill("#alert-spread", "3.5")
+    page.fill("#alert-spread", "0.7")
     page.select_option("#alert-spread-unit", "max_spread_bps")
     page.click("#alert-create")
     expect(error).to_be_hidden()
     rules = page.locator("#alert-rows tr")
     expect(rules).to_have_count(1)
     expect(rules.locator("th.symbol")).to_have_text("AAPL")
-    expect(rules.locator("td.rule")).to_have_text("spread > 3.5 bps")
+    expect(rules.locator("td.rule")).to_have_text("spread > 0.7 bps")
 
     fired = page.locator("#fired li")
     expect(fired.first).to_be_visible()
