@@ -296,3 +296,25 @@ async def test_provider_session_is_a_sim_session() -> None:
     # Without a seed the provider draws one at start, and every session of this start shares it.
     fresh = SimProvider(SimConfig())
     assert f"seed {fresh.market.seed}" in fresh.describe()
+
+
+def test_prices_move_with_time_not_with_the_number_of_updates() -> None:
+    """A symbol updated 50 times a second wanders no faster than one updated 4 times."""
+
+    def spread_after(rate: float, seconds: float) -> float:
+        moves = []
+        for seed in range(300):
+            market = SimMarket(seed=seed, trade_ratio=0.0)
+            start = market.quote("AAPL", TS).bid_price
+            steps = int(rate * seconds)
+            last = None
+            for i in range(1, steps + 1):
+                last = market.next("AAPL", TS + int(i * 1000 / rate)).bid_price
+            assert start is not None and last is not None
+            moves.append(math.log(last / start))
+        return math.sqrt(sum(m * m for m in moves) / len(moves))
+
+    slow, fast = spread_after(4, 60), spread_after(50, 60)
+    assert 0.75 < fast / slow < 1.33
+    # About what a lively day says for a minute: 2 x 1.5 % x sqrt(60 s / 6.5 h) ~ 0.15 %.
+    assert 0.0008 < slow < 0.003

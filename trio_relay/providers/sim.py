@@ -35,10 +35,13 @@ from .instruments import AssetClass, Instrument, instrument
 
 __all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
 
-# A walk step is one update; at the default pace (a few per second per symbol) a trading day
-# has about 100,000 of them. The walk moves twice as fast as that would say: a lively day.
-_STEPS_PER_DAY = 6.5 * 3600 * 4
+# The walk moves with the time between two updates (their timestamps), not with their number:
+# a symbol updated 50 times a second moves no faster than one updated 4 times. A trading day
+# is 6.5 hours; the walk moves twice as fast as the daily volatility says (a lively day).
+_DAY_S = 6.5 * 3600
 _LIVELINESS = 2.0
+_MIN_STEP_S = 0.05  # a step moves at least this much time's worth (updates stamped alike still move)
+_MAX_STEP_S = 60.0  # a symbol not updated for a long while does not jump
 # How much of a day has passed at the opening quote (the day's change so far).
 _OPEN_FRACTION = 0.3
 MAX_WALKS = 4096  # symbols remembered by one market (an outsider chooses the symbols)
@@ -62,7 +65,7 @@ def _round_to(price: float, tick: float) -> float:
 class _Walk:
     """One symbol's path: a latent mid that wanders, and the book last published from it."""
 
-    __slots__ = ("rng", "inst", "prev_close", "mid", "step_vol", "bid", "ask")
+    __slots__ = ("rng", "inst", "prev_close", "mid", "second_vol", "bid", "ask", "last_ts")
 
     def __init__(self, seed: int, symbol: str) -> None:
         # Seeding with a str hashes it with SHA-512: stable across runs (unlike hash()).
@@ -71,11 +74,16 @@ class _Walk:
         vol = self.inst.daily_vol
         self.prev_close = _round_to(self.inst.level * math.exp(self.rng.gauss(0.0, vol)), self.inst.tick)
         self.mid = self.prev_close * math.exp(self.rng.gauss(0.0, vol * math.sqrt(_OPEN_FRACTION)))
-        self.step_vol = _LIVELINESS * vol / math.sqrt(_STEPS_PER_DAY)
+        self.second_vol = _LIVELINESS * vol / math.sqrt(_DAY_S)  # per square root of a second
         self.bid, self.ask = self._book()
+        self.last_ts: int | None = None
 
-    def step(self) -> None:
-        self.mid = max(self.inst.tick * 2, self.mid * math.exp(self.rng.gauss(0.0, self.step_vol)))
+    def step(self, ts_ms: int) -> None:
+        """Move the mid by the time since the previous step (a Brownian walk in wall time)."""
+        seconds = _MIN_STEP_S if self.last_ts is None else (ts_ms - self.last_ts) / 1000
+        self.last_ts = ts_ms
+        vol = self.second_vol * math.sqrt(min(_MAX_STEP_S, max(_MIN_STEP_S, seconds)))
+        self.mid = max(self.inst.tick * 2, self.mid * math.exp(self.rng.gauss(0.0, vol)))
 
     def _book(self) -> tuple[float, float]:
         """A bid and ask around the mid, on the tick, at least one tick apart."""
@@ -184,18 +192,19 @@ class SimMarket:
     def next(self, symbol: str, ts_ms: int | None = None) -> Update:
         """Advance the symbol's walk one step and return a trade or a quote."""
         w = self._walk(symbol)
-        w.step()
+        ts = ts_ms if ts_ms is not None else wall_ms()
+        w.step(ts)
         if self.trade_ratio >= 1:
             w.publish_book()  # no quote is ever sent: the book follows the mid unseen
         if w.inst.asset is AssetClass.INDEX or w.rng.random() < self.trade_ratio:
             return Update(
                 symbol=symbol,
                 kind=TRADE,
-                timestamp=ts_ms if ts_ms is not None else wall_ms(),
+                timestamp=ts,
                 last_price=w.trade_price(),
                 last_size=w.trade_size(),
             )
-        return self.quote(symbol, ts_ms)
+        return self.quote(symbol, ts)
 
 
 class SimSession:
