@@ -303,7 +303,7 @@ def test_prices_move_with_time_not_with_the_number_of_updates() -> None:
 
     def spread_after(rate: float, seconds: float) -> float:
         moves = []
-        for seed in range(300):
+        for seed in range(150):
             market = SimMarket(seed=seed, trade_ratio=0.0)
             start = market.quote("AAPL", TS).bid_price
             steps = int(rate * seconds)

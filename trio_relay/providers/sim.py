@@ -40,7 +40,7 @@ __all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
 # is 6.5 hours; the walk moves twice as fast as the daily volatility says (a lively day).
 _DAY_S = 6.5 * 3600
 _LIVELINESS = 2.0
-_MIN_STEP_S = 0.05  # a step moves at least this much time's worth (updates stamped alike still move)
+_MIN_STEP_S = 0.001  # updates stamped alike (one batch) still move a little
 _MAX_STEP_S = 60.0  # a symbol not updated for a long while does not jump
 # How much of a day has passed at the opening quote (the day's change so far).
 _OPEN_FRACTION = 0.3
