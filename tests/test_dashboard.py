@@ -649,3 +649,26 @@ def test_the_badge_shows_stale_and_down_on_every_screen(
         fake.kill()
         fake.wait(10)
     assert errors == []
+
+
+def test_alerts_are_private_to_each_browser_with_auth_off(
+    browser: Browser, errors: list[str], relay: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_ENABLED="true", TRIO_RELAY_ALERTS_DATA_DIR=str(tmp_path / "alerts"))
+    one, other = open_page(browser, errors, DESKTOP), open_page(browser, errors, DESKTOP)  # two browsers
+    for page in (one, other):
+        page.goto(daemon.url)
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    one.fill("#alert-symbol", "AAPL")
+    one.select_option("#alert-type", "above")
+    one.fill("#alert-level", "1000")
+    one.click("#alert-create")
+    expect(one.locator("#alert-rows tr")).to_have_count(1)
+    other.reload()  # a new list from the relay
+    other.wait_for_function("() => window.relayDashboard.alertLists > 0")
+    expect(other.locator("#alert-rows tr")).to_have_count(0)
+    one.reload()  # the same browser keeps its id (localStorage), so its rules
+    expect(one.locator("#alert-rows tr")).to_have_count(1)
+    for page in (one, other):
+        page.context.close()
+    assert errors == []

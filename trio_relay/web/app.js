@@ -9,6 +9,7 @@ import { Quote } from "./quotes.js";
 
 const SYMBOLS_KEY = "trio-relay.symbols";  // localStorage: the list survives reloads
 const TOKEN_KEY = "trio-relay.token";  // sessionStorage: the token does not outlive the tab
+const BROWSER_KEY = "trio-relay.browser";  // localStorage: this browser's own id (auth off)
 const MAX_SYMBOLS = 500;  // clients.max_symbols_per_client (default)
 // A changed price's cell is tinted this long (a faint tint: at 50 updates/s longer flashes
 // would keep half the table coloured); never with prefers-reduced-motion.
@@ -120,10 +121,27 @@ function saveSymbols() {
   storageSet("localStorage", SYMBOLS_KEY, JSON.stringify([...quotes.keys()]));
 }
 
+/**
+ * This browser's id: random, made once, kept in localStorage. With auth off the relay makes it
+ * the owner of the alerts and portfolios made here (not everyone's "anonymous"); with auth on
+ * the token decides and the relay ignores it. Storage blocked: a new id per page load.
+ */
+function browserId() {
+  let id = storageGet("localStorage", BROWSER_KEY);
+  if (!id || !/^[A-Za-z0-9_-]{16,64}$/.test(id)) {
+    const bytes = crypto.getRandomValues(new Uint8Array(18));
+    id = btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_");
+    storageSet("localStorage", BROWSER_KEY, id);
+  }
+  return id;
+}
+
 // ------------------------------------------------------------------ the feed
 // Relative to this module (…/static/app.js), so the page also works behind a path prefix.
 const wsUrl = new URL("../api/v2/realtime/ws/prices?batch=1", import.meta.url);
 wsUrl.protocol = wsUrl.protocol === "https:" ? "wss:" : "ws:";
+const BROWSER = browserId();
+wsUrl.searchParams.set("browser", BROWSER);
 
 const feed = new RelayFeed(wsUrl.href, {
   update(msg) {
