@@ -116,7 +116,8 @@ def blocks(path: Path) -> list[Block]:
 
 
 def doc_files() -> list[Path]:
-    return sorted(DOCS.rglob("*.md"))
+    """The README and every page under docs/."""
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 
 def marked(lang: str) -> list[Block]:
@@ -124,9 +125,9 @@ def marked(lang: str) -> list[Block]:
 
 
 def localize(text: str, relay: Relay) -> str:
-    """The docs' 127.0.0.1:8000 replaced by the test relay's address."""
+    """The docs' 127.0.0.1:8000 (or localhost:8000) replaced by the test relay's address."""
     host = relay.http_url.split("://", 1)[1]
-    return text.replace(DOC_BASE, host)
+    return text.replace(DOC_BASE, host).replace("localhost:8000", host)
 
 
 async def start_docs_relay(start_relay: Any, **sections: Any) -> Relay:
@@ -359,6 +360,75 @@ async def test_health_503_body_matches_its_type(start_relay: Any, fake_fmp: Any,
     assert response.json()["code"] == "auth_failed"
 
 
+# ----------------------------------------------------------------------------- shapes
+
+# Fields whose documented value is compared, not only its type: they name what a body is.
+_NAMING = ("status", "error", "type", "openapi", "interval", "code", "channel")
+
+
+def shape_differences(shown: Any, actual: Any, path: str = "$") -> list[str]:
+    """How ``actual`` differs in shape from the documented example ``shown``; [] if it does not.
+
+    Objects must have the same field names (all of them: a field added, renamed or removed is a
+    difference), unless the example has a ``"..."`` key (then its fields must exist). Values must
+    have the same JSON type (a null on either side matches: the field is nullable; integers and
+    floats are both numbers); a list is compared element by element with the example's first
+    element; a ``"..."`` value matches anything. The values of :data:`_NAMING` fields must be
+    equal. Other values (prices, times, ids) are volatile and not compared.
+    """
+    if shown == "..." or shown is None or actual is None:
+        return []
+    if isinstance(shown, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: documented an object, got {type(actual).__name__}"]
+        found = []
+        documented = set(shown) - {"..."}
+        missing = documented - set(actual)
+        if missing:
+            found.append(f"{path}: documented fields not in the response: {sorted(missing)}")
+        extra = set(actual) - documented
+        if extra and "..." not in shown:
+            found.append(f"{path}: fields in the response that the docs do not show: {sorted(extra)}")
+        for key in sorted(documented & set(actual)):
+            if key in _NAMING and isinstance(shown[key], str) and shown[key] != "...":
+                if actual[key] != shown[key]:
+                    found.append(f"{path}.{key}: documented {shown[key]!r}, got {actual[key]!r}")
+                continue
+            found += shape_differences(shown[key], actual[key], f"{path}.{key}")
+        return found
+    if isinstance(shown, list):
+        if not isinstance(actual, list):
+            return [f"{path}: documented a list, got {type(actual).__name__}"]
+        if not shown:
+            return []
+        return [d for i, item in enumerate(actual[:5]) for d in shape_differences(shown[0], item, f"{path}[{i}]")]
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string"}
+    if kinds.get(type(shown)) != kinds.get(type(actual)):
+        return [f"{path}: documented a {kinds.get(type(shown))} ({shown!r}), got {actual!r}"]
+    return []
+
+
+def assert_same_shape(shown: Any, actual: Any, where: str) -> None:
+    differences = shape_differences(shown, actual)
+    assert not differences, f"{where}: the documented example differs from the real response:\n" + "\n".join(
+        differences
+    )
+
+
+def test_the_shape_check_sees_a_changed_shape() -> None:
+    """The doc tests below fail when a response changes shape, not when its values move."""
+    doc = {"type": "price_update", "symbol": "AAPL", "last_price": 277.45, "seq": 42, "ticks": [{"a": 1}]}
+    same = {"type": "price_update", "symbol": "MSFT", "last_price": 480, "seq": 7, "ticks": [{"a": 2}, {"a": 3}]}
+    assert shape_differences(doc, same) == []
+    assert shape_differences(doc, {**same, "new_field": 1})  # a field the docs do not show
+    assert shape_differences(doc, {k: v for k, v in same.items() if k != "seq"})  # a field gone
+    assert shape_differences(doc, {**same, "seq": "42"})  # a number became a string
+    assert shape_differences(doc, {**same, "type": "quote"})  # a message renamed
+    assert shape_differences(doc, {**same, "ticks": [{"b": 2}]})  # inside a list
+    assert shape_differences({**doc, "...": "..."}, {**same, "new_field": 1}) == []  # "...": more may come
+    assert shape_differences(doc, {**same, "last_price": None}) == []  # nullable
+
+
 # ----------------------------------------------------------------------------- curl examples
 
 
@@ -382,8 +452,11 @@ def curl_examples(auth: bool) -> list[Exchange]:
         for i, block in enumerate(all_blocks):
             if block.lang != "sh" or block.marker is None or ("auth" in block.options) != auth:
                 continue
-            assert i + 1 < len(all_blocks) and all_blocks[i + 1].lang == "http", f"{block}: no ```http response follows"
-            found.append(parse_exchange(block, all_blocks[i + 1].code))
+            follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
+            assert follows is not None and follows.lang in ("http", "json"), f"{block}: no ```http or ```json follows"
+            # A ```json block after a curl is the body of a 200 response.
+            response = follows.code if follows.lang == "http" else "HTTP/1.1 200 OK\n\n" + follows.code
+            found.append(parse_exchange(block, response))
     return found
 
 
@@ -450,28 +523,48 @@ async def run_exchange(exchange: Exchange, relay: Relay, http: httpx.AsyncClient
         return
     actual_body = response.json()
     assert isinstance(shown, dict) and isinstance(actual_body, dict), where
-    assert set(shown) - {"..."} <= set(actual_body), f"{where}: documented fields not in the response"
-    for key in ("status", "error", "type", "openapi"):
-        if key in shown and isinstance(shown[key], str):
-            assert actual_body[key] == shown[key], f"{where}: {key} is {actual_body[key]!r}"
+    assert_same_shape(shown, actual_body, where)
 
 
-async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient) -> None:
+async def run_all(examples: list[Exchange], relay: Relay, http: httpx.AsyncClient, secrets: dict[str, str]) -> None:
+    """Every example, in order; every difference reported at once."""
+    failures = []
+    with trio.fail_after(TIMEOUT * 3):
+        for exchange in examples:
+            try:
+                await run_exchange(exchange, relay, http, secrets)
+            except AssertionError as exc:
+                failures.append(str(exc).split("\nassert")[0])
+    assert not failures, "\n\n".join(failures)
+
+
+async def wait_history(relay: Relay, http: httpx.AsyncClient, symbol: str) -> None:
+    """Until the tick history has ticks and a trade of ``symbol`` (the history examples show some)."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            body = (await http.get(api(relay, f"/history/{symbol}?start=-5m&limit=1000"))).json()
+            if any(t["kind"] == "T" for t in body["ticks"]):
+                return
+            await trio.sleep(0.05)  # the writer flushes in its own time; nothing to wait on from here
+
+
+async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient, tmp_path: Path) -> None:
     examples = curl_examples(auth=False)
     assert len(examples) >= 10
-    relay = await start_docs_relay(start_relay)
-    with trio.fail_after(TIMEOUT):
-        for exchange in examples:
-            await run_exchange(exchange, relay, http, {})
+    relay = await start_docs_relay(
+        start_relay,
+        history={"backend": "sqlite", "data_dir": str(tmp_path / "history")},
+        alerts={"enabled": True, "data_dir": str(tmp_path / "app")},
+    )
+    await wait_history(relay, http, "AAPL")
+    await run_all(examples, relay, http, {})
 
 
 async def test_curl_examples_with_auth_on(start_relay: Any, http: httpx.AsyncClient) -> None:
     examples = curl_examples(auth=True)
     assert examples
     relay = await start_relay(auth={"enabled": True, "secret": SECRET})
-    with trio.fail_after(TIMEOUT):
-        for exchange in examples:
-            await run_exchange(exchange, relay, http, tokens())
+    await run_all(examples, relay, http, tokens())
 
 
 # ----------------------------------------------------------------------------- Python examples
