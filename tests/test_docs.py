@@ -363,7 +363,7 @@ async def test_health_503_body_matches_its_type(start_relay: Any, fake_fmp: Any,
 # ----------------------------------------------------------------------------- shapes
 
 # Fields whose documented value is compared, not only its type: they name what a body is.
-_NAMING = ("status", "error", "type", "openapi", "interval", "code", "channel")
+_NAMING = ("status", "error", "type", "openapi", "code", "channel")
 
 
 def shape_differences(shown: Any, actual: Any, path: str = "$") -> list[str]:
@@ -452,6 +452,8 @@ def curl_examples(auth: bool) -> list[Exchange]:
         for i, block in enumerate(all_blocks):
             if block.lang != "sh" or block.marker is None or ("auth" in block.options) != auth:
                 continue
+            if "ws" in block.options:
+                continue  # a WebSocket example (below)
             follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
             assert follows is not None and follows.lang in ("http", "json"), f"{block}: no ```http or ```json follows"
             # A ```json block after a curl is the body of a 200 response.
@@ -916,3 +918,166 @@ def test_docs_exist() -> None:
     for name in ("quickstart.md", "api.md", "faq.md", "openapi.md", "examples/README.md"):
         assert (DOCS / name).is_file(), name
     assert os.access(EXAMPLES / "python_client.py", os.R_OK)
+
+
+# ----------------------------------------------------------------------------- WebSocket examples
+#
+# Three kinds, all run against one relay and compared by shape (as the curl examples):
+# - the rows of api.md's "Messages a client sends" table whose message is complete JSON: sent,
+#   and the first reply of the documented type compared with the documented reply;
+# - blocks marked ``<!-- test: ws -->`` (``websocat URL`` then the lines to send, or JSON lines
+#   to send): sent, and when a ```json block follows, each line of it (a message) compared with
+#   the first real message of its type (a line that is not JSON, "{...}" or "...", is skipped);
+# - ```json blocks marked ``<!-- test: message -->``: each line compared with a real message of
+#   its type (price_update, error, bar, alert, portfolio), made by the scenario below.
+
+
+def json_lines(code: str) -> list[dict[str, Any]]:
+    """The JSON objects of a block: the whole block, or one per line; lines that do not parse are skipped."""
+    try:
+        whole = json.loads(code)
+        return [whole] if isinstance(whole, dict) else []
+    except ValueError:
+        pass
+    found = []
+    for line in code.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def table_exchanges() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, message, first documented reply) of the rows of "Messages a client sends"."""
+    text = API_GUIDE.read_text()
+    start = text.index("### Messages a client sends")
+    table = text[start : text.index("\n\n**", start)]
+    found = []
+    for n, line in enumerate(table.splitlines()):
+        cells = line.split(" | ")
+        if len(cells) < 2 or not line.startswith("| `{"):
+            continue
+        sent = re.findall(r"`(\{.*?\})`", cells[0])
+        replies = re.findall(r"`(\{.*?\})`", cells[1])
+        try:
+            message, reply = json.loads(sent[0]), json.loads(replies[0])
+        except (IndexError, ValueError):
+            continue  # a row with a placeholder ([...], "...")
+        found.append((f"docs/api.md table row {n}", message, reply))
+    return found
+
+
+def ws_blocks(option: str) -> list[tuple[Block, Block | None]]:
+    """Blocks marked ``<!-- test: <option> -->``, each with the block that follows it."""
+    found = []
+    for path in doc_files():
+        all_blocks = blocks(path)
+        for i, block in enumerate(all_blocks):
+            if block.marker is not None and option in block.options:
+                follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
+                end = block.line + block.code.count("\n")
+                if follows is not None and follows.line - end > 6:
+                    follows = None  # a block further down is not this one's answer
+                found.append((block, follows))
+    return found
+
+
+def sent_lines(block: Block) -> list[dict[str, Any]]:
+    lines = block.code.strip().splitlines()
+    if block.lang == "sh":
+        assert lines[0].split()[0] in ("websocat", "npx"), f"{block}: a ws block starts with websocat or npx wscat"
+        lines = lines[1:]
+    return [json.loads(line) for line in lines]
+
+
+class Session:
+    """One client of the docs relay: send, and find the next message of a type."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def next_of(self, kind: str, **match: Any) -> dict[str, Any]:
+        def wanted(m: Any) -> bool:
+            return m.get("type") == kind and all(m.get(k) == v for k, v in match.items())
+
+        msg, _ = await self.client.recv_until(wanted)
+        return dict(msg)
+
+
+async def real_messages(relay: Relay, ws_connect: Any, http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    """One real message of each type the docs show, from a scenario on ``relay``."""
+    got: dict[str, dict[str, Any]] = {}
+    s = Session(await ws_connect(relay))
+    await s.client.send({"action": "subscribe", "symbols": ["AAPL"]})
+    got["subscribed"] = await s.next_of("subscribed")
+    got["price_update"] = first = await s.next_of("price_update", symbol="AAPL")
+    await s.client.send({"action": "subscribe", "symbols": ["BAD SYMBOL!"]})
+    got["error"] = await s.next_of("error")
+    await s.client.send({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"})
+    got["bar"] = await s.next_of("bar")
+    # An alert: a level just above the price, which the walk crosses from below within seconds.
+    price = first["last_price"] or first["bid_price"]
+    rule = {"type": "above", "symbol": "AAPL", "level": round(price + 0.01, 2), "one_shot": False}
+    await s.client.send({"action": "alert_create", "rule": rule})
+    await s.next_of("alert_created")
+    got["alert"] = await s.next_of("alert")
+    body = {"name": "main", "positions": [{"symbol": "AAPL", "quantity": 100, "cost_basis": 250}]}
+    created = await http.post(api(relay, "/portfolios"), json=body)
+    assert created.status_code == 200, created.text
+    await s.client.send({"action": "subscribe", "channel": "portfolio", "portfolio": "main"})
+    got["portfolio"] = await s.next_of("portfolio")
+    return got
+
+
+async def test_websocket_examples_match_the_relay(
+    start_relay: Any, ws_connect: Any, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    rows, exchanges, messages = table_exchanges(), ws_blocks("ws"), ws_blocks("message")
+    assert len(rows) >= 5 and len(exchanges) >= 3 and len(messages) >= 5
+    relay = await start_docs_relay(start_relay, alerts={"enabled": True, "data_dir": str(tmp_path / "app")})
+    failures: list[str] = []
+
+    def compare(shown: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+        failures.extend(f"{where}: {d}" for d in shape_differences(shown, actual))
+
+    with trio.fail_after(TIMEOUT * 3):
+        for where, message, reply in rows:
+            s = Session(await ws_connect(relay))
+            await s.client.send(message)
+            compare(reply, await s.next_of(reply["type"]), where)
+        for block, follows in exchanges:
+            s = Session(await ws_connect(relay))
+            for message in sent_lines(block):
+                await s.client.send(message)
+            expected = json_lines(follows.code) if follows is not None and follows.lang == "json" else []
+            if not expected:  # requests alone: the relay must not refuse them
+                await s.client.send({"action": "ping"})
+                _, before = await s.client.recv_until(lambda m: m.get("type") == "pong")
+                failures.extend(f"{block}: refused: {m}" for m in before if m.get("type") == "error")
+            for shown in expected:
+                compare(shown, await s.next_of(shown["type"], **_named(shown)), str(block))
+        real = await real_messages(relay, ws_connect, http)
+        for block, _ in messages:
+            for shown in json_lines(block.code):
+                assert shown.get("type") in real, f"{block}: no real {shown.get('type')!r} message to compare with"
+                compare(shown, real[shown["type"]], str(block))
+    assert not failures, "\n".join(failures)
+
+
+def _named(shown: dict[str, Any]) -> dict[str, Any]:
+    """What picks the real message an example stands for: its symbol, when it names one."""
+    return {"symbol": shown["symbol"]} if isinstance(shown.get("symbol"), str) else {}
+
+
+def test_every_page_with_an_example_says_which_port_it_assumes() -> None:
+    """A reader on another port must be told, before the first example, that they assume 8000."""
+    for path in doc_files():
+        text = path.read_text()
+        first = min((text.find(s) for s in (":8000", "localhost:8000") if s in text), default=-1)
+        if first < 0:
+            continue
+        before = text[:first]
+        assert re.search(r"port 8000", before), f"{path.relative_to(ROOT)}: no 'port 8000' before its first example"
