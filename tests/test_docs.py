@@ -348,16 +348,29 @@ async def test_live_responses_match_the_documented_types(
     assert {"health", "ready", "live", "status", "subscribe", "unsubscribe", "cache_all", "cache_one"} <= checked
 
 
-async def test_health_503_body_matches_its_type(start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient) -> None:
+async def test_health_503_body_matches_its_type(
+    start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient, ws_connect: Any
+) -> None:
+    """The 503 body is its type and what the docs show (blocks marked ``health-503``); a client
+    that subscribes while the upstream has never got in is told so at once (as the FAQ says)."""
     sections = fmp_sections(fake_fmp)
     sections["fmp"]["api_key"] = "a-wrong-key-0123456789"
     relay = await start_relay(**sections)
     with trio.fail_after(TIMEOUT):
         await wait_state(relay, "auth_failed")
         response = await http.get(api(relay, "/health"))
+        client = await ws_connect(relay)
+        await client.send({"action": "subscribe", "symbols": ["AAPL"]})
+        status, _ = await client.recv_until(lambda m: m.get("type") == "status")
     assert response.status_code == 503
     _check_body("health", 503, response.json())
     assert response.json()["code"] == "auth_failed"
+    assert status["scope"] == "upstream" and status["state"] == "down" and status["symbols"] == ["AAPL"]
+    shown = [(b, json_lines(b.code)) for b, _ in ws_blocks("health-503")]
+    assert len(shown) >= 2
+    for block, bodies in shown:
+        for body in bodies:
+            assert_same_shape(body, response.json(), str(block))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -454,11 +467,34 @@ def curl_examples(auth: bool) -> list[Exchange]:
                 continue
             if "ws" in block.options:
                 continue  # a WebSocket example (below)
+            if "runs" in block.options:
+                found.extend(runnable_curls(block))
+                continue
             follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
             assert follows is not None and follows.lang in ("http", "json"), f"{block}: no ```http or ```json follows"
             # A ```json block after a curl is the body of a 200 response.
             response = follows.code if follows.lang == "http" else "HTTP/1.1 200 OK\n\n" + follows.code
             found.append(parse_exchange(block, response))
+    return found
+
+
+def runnable_curls(block: Block) -> list[Exchange]:
+    """The curl commands of a block marked ``runs`` (no response shown): each must succeed (2xx).
+
+    One command per line (``\\`` continues a line); a ``# comment``, a pipe or a redirection
+    ends the command.
+    """
+    found = []
+    for command in block.code.replace("\\\n", " ").splitlines():
+        words = shlex.split(command, comments=True)
+        if not words or words[0] != "curl":
+            continue
+        cut = next((i for i, w in enumerate(words) if w in ("|", ">", ">>")), len(words))
+        one = Block(block.path, block.line, "sh", shlex.join(words[:cut]), block.marker)
+        exchange = parse_exchange(one, "HTTP/1.1 200 OK\n\n")
+        exchange.status = 0  # any 2xx
+        found.append(exchange)
+    assert found, f"{block}: no curl command"
     return found
 
 
@@ -507,6 +543,9 @@ async def run_exchange(exchange: Exchange, relay: Relay, http: httpx.AsyncClient
         headers={k: real(v) for k, v in exchange.headers.items()},
         content=exchange.body,
     )
+    if exchange.status == 0:  # a command shown without its response: it must succeed
+        assert 200 <= response.status_code < 300, f"{where}: {exchange.url} got {response.status_code}"
+        return
     assert response.status_code == exchange.status, f"{where}: documented {exchange.status}, got {response.status_code}"
     for name, value in exchange.response_headers.items():
         actual = response.headers.get(name)
