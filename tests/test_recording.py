@@ -19,7 +19,7 @@ from conftest import FMP_KEY, fmp_sections, make_config
 
 from trio_relay.config import ConfigError
 from trio_relay.demo import make as demo_make
-from trio_relay.model import wall_ms, BREAK, QUOTE, TRADE, PriceState, Update
+from trio_relay.model import BREAK, QUOTE, TRADE, PriceState, Update, wall_ms
 from trio_relay.providers.replay import ReplayConfig, ReplayProvider
 from trio_relay.recording import (
     FIELDS,

@@ -695,7 +695,7 @@ def _separate_run_data(config: Config) -> Config:
     if label is None:
         return config
 
-    def own(path: str, default: str) -> str:
+    def own(path: str, default: object) -> str:
         return os.path.join(path, label) if path == default else path
 
     history_default = attrs.fields(HistoryConfig).data_dir.default
