@@ -567,13 +567,17 @@ def test_flashes_are_brief_and_respect_reduced_motion(
     add(page, "AAPL, MSFT")
     wait_updates(page, "AAPL", 2)
     page.evaluate(FLASHES)
-    wait_updates(page, "AAPL", page.evaluate("() => window.relayDashboard.updates('AAPL')") + 30)
+    started = time.monotonic()
+    wait_updates(page, "AAPL", page.evaluate("() => window.relayDashboard.updates('AAPL')") + 150)  # ~3 s
     wait_prices_change(page, "MSFT")
     flashes = page.evaluate("() => window.flashes")
+    seconds = time.monotonic() - started
     if motion == "reduce":
         assert flashes == 0
     else:
-        assert flashes > 0
+        # Some, but a cell flashes at most once a second (6 price cells here), however often it
+        # changes: at 50 updates/s the table is not permanently tinted.
+        assert 0 < flashes <= 6 * (seconds + 1)
     page.context.close()
     assert errors == []
 
@@ -672,3 +676,49 @@ def test_alerts_are_private_to_each_browser_with_auth_off(
     for page in (one, other):
         page.context.close()
     assert errors == []
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1440", "390"])
+def test_the_portfolio_panel_values_positions_live(
+    browser: Browser, errors: list[str], relay: Callable[..., Daemon], tmp_path: Path, viewport: dict[str, int]
+) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_DATA_DIR=str(tmp_path / "app"))
+    page = open_page(browser, errors, viewport)
+    watch_all(page, daemon.url)
+    expect(page.locator("#positions-empty")).to_be_visible()
+    for symbol, qty, cost in (("AAPL", "100", "250"), ("BTCUSD", "0.5", "90000"), ("EURUSD", "-10000", "1.17")):
+        page.fill("#position-symbol", symbol)
+        page.fill("#position-qty", qty)
+        page.fill("#position-cost", cost)
+        page.click("#position-set")
+        expect(page.locator(f'#position-rows tr[data-symbol="{symbol}"]')).to_have_count(1)
+    expect(page.locator("#position-error")).to_be_hidden()
+    aapl = page.locator('#position-rows tr[data-symbol="AAPL"]')
+    expect(aapl.locator("td.price")).to_have_text(re.compile(r"^\d+\.\d+$"))
+    expect(aapl.locator("td.value")).to_have_text(re.compile(r"^2\d,\d{3}\.\d\d$"))  # 100 x ~278
+    expect(aapl.locator("td.pnl")).to_have_text(re.compile(r"^[+−][\d,]+\.\d\d \([+−]\d+\.\d\d%\)$"))
+    expect(page.locator("#total-value")).to_have_text(re.compile(r"^−?[\d,]+\.\d\d$"))
+    expect(page.locator('#position-rows tr[data-symbol="EURUSD"] td.value')).to_have_text(
+        re.compile(r"^−1\d,\d{3}\.\d\d$")
+    )
+    # Valued live: the AAPL value moves with its price (the portfolio channel).
+    before = aapl.locator("td.value").text_content()
+    page.wait_for_function(
+        "(b) => document.querySelector('#position-rows tr[data-symbol=\"AAPL\"] td.value').textContent !== b",
+        arg=before,
+    )
+    shoot(page, f"dashboard-portfolio-{viewport['width']}.png")
+    assert page.evaluate(CUT.replace("#rows", "#position-rows")) == []
+    # A bad position is refused with the relay's reason, nothing else changes.
+    page.fill("#position-symbol", "bad sym!")
+    page.fill("#position-qty", "1")
+    page.click("#position-set")
+    expect(page.locator("#position-error")).to_be_visible()
+    # Kept for this browser across a reload; removed with its button.
+    page.reload()
+    expect(page.locator("#position-rows tr")).to_have_count(3)
+    aapl.locator("button.drop").click()
+    expect(page.locator("#position-rows tr")).to_have_count(2)
+    page.context.close()
+    # Chromium logs the refused request (422) on the console: that one was asked for.
+    assert [e for e in errors if "422" not in e] == []

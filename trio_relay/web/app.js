@@ -5,6 +5,7 @@
 
 import { Chart } from "./chart.js";
 import { CONNECTING, LIVE, NEED_TOKEN, RECONNECTING, RelayFeed, STOPPED, SYMBOL_RE } from "./feed.js";
+import { PortfolioPanel } from "./portfolio.js";
 import { Quote } from "./quotes.js";
 
 const SYMBOLS_KEY = "trio-relay.symbols";  // localStorage: the list survives reloads
@@ -248,6 +249,9 @@ const feed = new RelayFeed(wsUrl.href, {
     requestRender();
     feed.listAlerts();
   },
+  portfolio(msg) {
+    portfolio.show(msg);
+  },
   alert(msg) {
     firedCount++;
     firedPending.push(msg);
@@ -265,6 +269,32 @@ const feed = new RelayFeed(wsUrl.href, {
     requestRender();
   },
 });
+
+// REST calls carry what the socket carries: this browser's id and, with auth on, the token.
+const apiBase = new URL("../api/v2/realtime/", import.meta.url);
+const portfolio = new PortfolioPanel(
+  {
+    form: $("position-form"),
+    symbol: $("position-symbol"),
+    quantity: $("position-qty"),
+    cost: $("position-cost"),
+    error: $("position-error"),
+    table: $("positions"),
+    rows: $("position-rows"),
+    empty: $("positions-empty"),
+    totalValue: $("total-value"),
+    totalPnl: $("total-pnl"),
+    totalDay: $("total-day"),
+  },
+  apiBase,
+  () => ({ "X-Relay-Browser": BROWSER, ...(feed.token ? { Authorization: `Bearer ${feed.token}` } : {}) }),
+  (name) => feed.watchPortfolio(name),
+  () => {
+    portfolioDirty = true;
+    requestRender();
+  },
+);
+let portfolioDirty = false;
 
 function askToken(reason) {
   ui.tokenReason.textContent = reason;
@@ -530,6 +560,10 @@ function render(now) {
   if (firedPending.length) {
     renderFired(firedPending);
     firedPending = [];
+  }
+  if (portfolioDirty) {
+    portfolioDirty = false;
+    portfolio.render(formatPrice);
   }
   for (const [cell, until] of flashing) {
     if (until <= now) {
@@ -953,4 +987,5 @@ feed.add(initial);
 feed.token = storageGet("sessionStorage", TOKEN_KEY);
 syncAlertForm();
 feed.start();
+portfolio.start();
 requestRender();
