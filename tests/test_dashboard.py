@@ -9,6 +9,7 @@ wait is on a condition in the page (``expect``, ``wait_for_function``), never a 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
@@ -552,10 +553,14 @@ def test_a_bad_symbol_is_refused_not_mangled(page: Page, sim_relay: Daemon) -> N
     expect(row(page, "AAPL").locator("td.change")).to_have_attribute("title", re.compile(r"^since \d\d:\d\d:\d\d"))
 
 
+# Counts the flashes that start: a class attribute that gains flash-up or flash-down.
 FLASHES = """() => { window.flashes = 0;
+  const flash = /\\bflash-(up|down)\\b/;
   new MutationObserver((records) => { for (const r of records)
-    if (r.target.classList.contains('flash-up') || r.target.classList.contains('flash-down')) window.flashes++; })
-  .observe(document.getElementById('rows'), {subtree: true, attributes: true, attributeFilter: ['class']}); }"""
+    if (!flash.test(r.oldValue || '') && r.target.classList.contains('flash-up') !== r.target.classList.contains('flash-down'))
+      window.flashes++; })
+  .observe(document.getElementById('rows'),
+           {subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ['class']}); }"""
 
 
 @pytest.mark.parametrize("motion", ["no-preference", "reduce"])
@@ -722,3 +727,30 @@ def test_the_portfolio_panel_values_positions_live(
     page.context.close()
     # Chromium logs the refused request (422) on the console: that one was asked for.
     assert [e for e in errors if "422" not in e] == []
+
+
+def test_the_docs_browser_console_snippet_works_from_the_relays_page(
+    browser: Browser, errors: list[str], sim_relay: Daemon
+) -> None:
+    """README's and the quick start's console snippet, pasted into the console of the relay's page."""
+    root = Path(__file__).resolve().parent.parent
+    snippets = []
+    for doc in (root / "README.md", root / "docs" / "quickstart.md"):
+        snippets += re.findall(r"```js\n(.*?)```", doc.read_text(), re.S)
+    assert len(snippets) == 2
+    for snippet in snippets:
+        page = open_page(browser, errors, DESKTOP)
+        page.goto(sim_relay.url)
+        # What the snippet logs, kept in the page (as JSON) for the test to wait on.
+        page.evaluate(
+            "() => { window.logged = []; const log = console.log;"
+            " console.log = (...a) => { window.logged.push(JSON.stringify(a[0])); log(...a); }; }"
+        )
+        code = snippet.replace("127.0.0.1:8000", sim_relay.url.split("//")[1].rstrip("/"))
+        page.evaluate(f"() => {{ {code} }}")  # as pasted into the console (its own scope)
+        page.wait_for_function("() => window.logged.some((l) => l.includes('\"price_update\"'))")
+        logged = page.evaluate("() => window.logged")
+        assert json.loads(logged[0]) == {"type": "subscribed", "symbols": ["AAPL"]}, logged
+        assert any(json.loads(line).get("symbol") == "AAPL" for line in logged[1:])
+        page.context.close()
+    assert errors == []

@@ -670,7 +670,7 @@ function setPrice(row, name, value, now) {
     if (now - (row.flashedAt[name] ?? -Infinity) < FLASH_GAP_MS) return;
     row.flashedAt[name] = now;
     const cell = row.cells[name];
-    cell.classList.remove("flash-up", "flash-down");
+    // A flash lasts less than the gap between two, so none is running: one class change only.
     cell.classList.add(value > before ? "flash-up" : "flash-down");
     flashing.set(cell, now + FLASH_MS);
   }
