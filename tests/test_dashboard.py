@@ -369,8 +369,8 @@ def test_alerts_panel_creates_lists_fires_and_deletes(
     expect(error).to_contain_text("needs 'level'")
     expect(page.locator("#alert-rows tr")).to_have_count(0)
 
-    # A spread rule that fires within a few quotes: the sim's AAPL spread wanders between one and
-    # four cents (0.36 to 1.44 bps of ~278) on every quote (50 updates/s here), so it soon goes
+    # A spread rule that fires within a few quotes: the sim's AAPL spread is one or two cents
+    # (0.36 or 0.72 bps of ~278), drawn again on every quote (50 updates/s here), so it soon goes
     # from 0.7 bps or less (one cent: the rule becomes active) to wider (it fires).
     page.select_option("#alert-type", "spread")
     expect(page.locator("#alert-level")).to_be_hidden()

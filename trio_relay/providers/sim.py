@@ -7,8 +7,8 @@ moved by one day's noise) and an opening price (the previous close moved by part
 a random walk at an intraday pace. What a caller may rely on:
 
 - quotes: ``0 < bid < ask`` on the instrument's tick (cents for stocks, a tenth of a pip for
-  forex, four significant figures or cents for crypto), a spread of one to a few ticks
-  (stocks), fractions of a basis point (big coins) or about a pip (forex); sizes in round lots
+  forex, four significant figures or cents for crypto), a spread of one to a few cents
+  (stocks: under a basis point), fractions of a basis point (big coins) or about a pip (forex); sizes in round lots
   (stocks), coin amounts worth $200-$100k (crypto), 1-10 million units (forex);
 - trades print inside or at the last published spread (at the bid or the ask most of the time),
   with odd lots and round lots (stocks), fractions of a coin (crypto), 10k-5M units (forex);
@@ -37,9 +37,9 @@ __all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
 
 # The walk moves with the time between two updates (their timestamps), not with their number:
 # a symbol updated 50 times a second moves no faster than one updated 4 times. A trading day
-# is 6.5 hours; the walk moves twice as fast as the daily volatility says (a lively day).
+# is 6.5 hours; the walk moves 1.5 times as fast as the daily volatility says (a lively day).
 _DAY_S = 6.5 * 3600
-_LIVELINESS = 2.0
+_LIVELINESS = 1.5
 _MIN_STEP_S = 0.001  # updates stamped alike (one batch) still move a little
 _MAX_STEP_S = 60.0  # a symbol not updated for a long while does not jump
 # How much of a day has passed at the opening quote (the day's change so far).
@@ -89,7 +89,7 @@ class _Walk:
         """A bid and ask around the mid, on the tick, at least one tick apart."""
         tick, rng = self.inst.tick, self.rng
         bps = {
-            AssetClass.EQUITY: rng.uniform(0.2, 1.5),
+            AssetClass.EQUITY: rng.uniform(0.1, 0.9),
             AssetClass.CRYPTO: rng.uniform(0.1, 1.0),
             AssetClass.FOREX: rng.uniform(0.4, 1.2),
             AssetClass.INDEX: 0.0,
