@@ -37,9 +37,9 @@ __all__ = ["SimConfig", "ENTRY", "SimMarket", "SimProvider", "SimSession"]
 
 # The walk moves with the time between two updates (their timestamps), not with their number:
 # a symbol updated 50 times a second moves no faster than one updated 4 times. A trading day
-# is 6.5 hours; the walk moves 1.5 times as fast as the daily volatility says (a lively day).
+# is 6.5 hours; the walk moves as the instrument's daily volatility says (AAPL: about 0.6 % an hour).
 _DAY_S = 6.5 * 3600
-_LIVELINESS = 1.5
+_LIVELINESS = 1.0
 _MIN_STEP_S = 0.001  # updates stamped alike (one batch) still move a little
 _MAX_STEP_S = 60.0  # a symbol not updated for a long while does not jump
 # How much of a day has passed at the opening quote (the day's change so far).
