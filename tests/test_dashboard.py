@@ -430,7 +430,8 @@ PHONE = {"width": 390, "height": 844}
 SMALLEST = {"width": 360, "height": 740}
 # The symbols a trader looks at first: a price that is cut, or absurd, is seen at once.
 WATCHED = "AAPL, MSFT, NVDA, BTCUSD, EURUSD, ^GSPC"
-SCREENSHOTS = Path(os.environ.get("TRIO_RELAY_SCREENSHOTS", str(ARTIFACTS)))
+# Where the screenshots go (not a TRIO_RELAY_ variable: those are the relay's configuration).
+SCREENSHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS", str(ARTIFACTS)))
 
 
 def shoot(page: Page, name: str) -> None:
