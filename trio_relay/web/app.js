@@ -690,7 +690,8 @@ function updateRow(row, quote, now) {
     const sign = abs > 0 ? "+" : abs < 0 ? "−" : "";
     // Two parts, so that a narrow screen can show the percentage alone.
     setPart(row, "changeAbs", `${sign}${formatPrice(Math.abs(abs), row.digits)}`);
-    setPart(row, "changePct", `(${sign}${Math.abs(pct).toFixed(2)}%)`);
+    const pctSign = Math.abs(pct) < 0.005 ? "" : sign;  // no "−0.00%": it rounds to nothing
+    setPart(row, "changePct", `(${pctSign}${Math.abs(pct).toFixed(2)}%)`);
     if (row.shown.since !== quote.firstAt) {
       row.shown.since = quote.firstAt;
       cell.title = `since ${formatTime(quote.firstAt)}, the first price this page saw (not the previous close)`;
