@@ -181,3 +181,49 @@ async def test_a_crossing_that_spans_a_restart_fires_once(fake_fmp, ws_connect, 
     assert after == before  # not "armed": the state that decides the next crossing survived
     assert fired == [(waiting["id"], 111.0), (near["id"], 121.0)]
     assert sorted((a.rule_id, a.price) for a in stored) == sorted(fired)  # each fired once, not again at 112 or 122
+
+
+async def test_with_auth_off_each_browser_has_its_own_alerts(start_relay, fake_fmp, ws_connect, http, tmp_path):
+    """Two browsers (their own ids) and an old client (none): each sees and is told of its own rules only."""
+    fake_fmp.rate = 0.0
+    relay = await start_relay(**sections(fake_fmp, tmp_path))
+    ids = {"a": "browser-a-0123456789abcdef", "b": "browser-b-0123456789abcdef"}
+    a = await ws_connect(relay, f"?browser={ids['a']}")
+    b = await ws_connect(relay, f"?browser={ids['b']}")
+    plain = await ws_connect(relay)
+    rule = {"type": "above", "symbol": "AAPL", "level": 280}
+    with trio.fail_after(10):
+        made = await a.request({"action": "alert_create", "rule": rule}, "alert_created")
+        b_made = await b.request({"action": "alert_create", "rule": {**rule, "level": 300}}, "alert_created")
+        me = await a.request({"action": "auth", "token": "x"}, "authenticated")
+        await fake_fmp.wait_until(lambda: "AAPL" in fake_fmp.subscriptions)
+        for i, price in enumerate([279.0, 281.0]):
+            await fake_fmp.inject(trade("AAPL", price, 1_700_000_000_000 + i * 1000))
+        alert, _ = await a.recv_until(lambda m: m.get("type") == "alert")
+        lists = [(await c.request({"action": "alerts"}, "alerts"))["rules"] for c in (a, b, plain)]
+        # REST: the same owners through the header.
+        rest_a = (await http.get(api(relay, "/alerts"), headers={"X-Relay-Browser": ids["a"]})).json()
+        rest_plain = (await http.get(api(relay, "/alerts"))).json()
+        bad_rest = await http.get(api(relay, "/alerts"), headers={"X-Relay-Browser": "short"})
+        # b's socket got no alert of a's: its next message is the reply to a ping.
+        await b.send({"action": "ping"})
+        pong, _ = await b.recv_until(lambda m: m.get("type") in ("pong", "alert"))
+    assert alert["rule_id"] == made["rule"]["id"]
+    assert me["subject"].startswith("browser:") and ids["a"] not in me["subject"]  # a hash, never the id
+    assert [r["id"] for r in lists[0]] == [made["rule"]["id"]]
+    assert [r["id"] for r in lists[1]] == [b_made["rule"]["id"]]
+    assert lists[2] == []  # "anonymous" sees neither
+    assert [r["id"] for r in rest_a["rules"]] == [made["rule"]["id"]] and rest_plain["rules"] == []
+    assert [f["rule_id"] for f in rest_a["fired"]] == [made["rule"]["id"]]
+    assert bad_rest.status_code == 400 and bad_rest.json()["error"] == "invalid_browser"
+    assert pong["type"] == "pong"
+
+
+async def test_a_bad_browser_id_is_refused_at_the_handshake(start_relay, http):
+    relay = await start_relay()
+    url = relay.http_url + "/api/v2/realtime/ws/prices?browser=no!"
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+    headers["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+    with trio.fail_after(10):
+        response = await http.get(url, headers=headers)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_browser"

@@ -49,7 +49,7 @@ def test_defaults() -> None:
     assert config.fmp.api_key == ""
     assert config.fmp.endpoint == "stocks"
     assert config.fmp.resolved_url == "wss://websockets.financialmodelingprep.com"
-    assert config.sim.rate == 4.0 and config.sim.seed == 42
+    assert config.sim.rate == 4.0 and config.sim.seed is None  # a fresh path on every start
     assert config.clients.outbox_size == 256
     assert config.clients.max_symbols_per_client == 500
     assert config.clients.stall_timeout == 30.0
@@ -538,3 +538,48 @@ def test_failover_timings_that_weaken_failback_are_warnings_naming_the_keys() ->
     assert len(warnings) == 1 and warnings[0].startswith(
         "upstream.failback_probe_interval (90s) >= upstream.failback_after (60s)"
     )
+
+
+# --------------------------------------------------------------------------- separate state per run
+
+
+@pytest.mark.parametrize(
+    "overrides, label",
+    [
+        ({"upstream": {"provider": "replay"}}, "replay"),
+        ({"upstream": {"provider": "fmp"}, "fmp": {"api_key": "k", "url": "ws://127.0.0.1:8765"}}, "fmp-local"),
+        (
+            {"upstream": {"provider": "finnhub"}, "finnhub": {"api_key": "k", "url": "ws://localhost:9000"}},
+            "finnhub-local",
+        ),
+        ({"upstream": {"provider": "fmp"}, "fmp": {"api_key": "k", "url": "ws://[::1]:8765"}}, "fmp-local"),
+    ],
+)
+def test_a_replay_or_a_local_fake_keeps_its_own_data(overrides: dict[str, Any], label: str) -> None:
+    config = load(overrides=overrides)
+    assert config.history.data_dir == os.path.join("data", label)
+    assert config.alerts.data_dir == os.path.join("data", label)  # alerts and portfolios
+    # Under systemd it is still under the state directory.
+    systemd = load(overrides=overrides, env={"STATE_DIRECTORY": "/var/lib/trio-relay"})
+    assert systemd.history.data_dir == os.path.join("/var/lib/trio-relay", "data", label)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"upstream": {"provider": "sim"}},  # the live relay (the sim is its own data source)
+        {"upstream": {"provider": "fmp"}, "fmp": {"api_key": "k"}},  # the real FMP
+        {"upstream": {"provider": "fmp"}, "fmp": {"api_key": "k", "url": "wss://fmp.example.com/ws"}},
+        {"upstream": {"provider": "relay"}, "relay": {"url": "ws://127.0.0.1:8000/api/v2/realtime/ws/prices"}},
+        {"upstream": {"provider": "replay", "separate_data": False}},  # told to share
+    ],
+)
+def test_a_live_run_uses_the_data_dir_itself(overrides: dict[str, Any]) -> None:
+    config = load(overrides=overrides)
+    assert config.history.data_dir == "data" and config.alerts.data_dir == "data"
+
+
+def test_a_data_dir_set_by_the_operator_is_kept() -> None:
+    config = load(overrides={"upstream": {"provider": "replay"}, "history": {"data_dir": "/srv/ticks"}})
+    assert config.history.data_dir == "/srv/ticks"
+    assert config.alerts.data_dir == os.path.join("data", "replay")

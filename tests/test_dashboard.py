@@ -9,6 +9,7 @@ wait is on a condition in the page (``expect``, ``wait_for_function``), never a 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import axe_playwright_python
 import httpx
 import jwt
 import pytest
@@ -47,7 +49,8 @@ def _free_port() -> int:
 class Daemon:
     """``trio-relay serve --provider sim`` in a subprocess; ``start()`` again after ``kill()``."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], provider: str = "sim") -> None:
+        self.provider = provider
         self.workdir = workdir
         self.env = env
         self.port = _free_port()
@@ -56,7 +59,7 @@ class Daemon:
         self.log: collections.deque[str] = collections.deque(maxlen=200)
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "trio_relay", "serve", "--port", str(self.port), "--provider", "sim"]
+        cmd = [sys.executable, "-m", "trio_relay", "serve", "--port", str(self.port), "--provider", self.provider]
         proc = self.proc = subprocess.Popen(
             cmd, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -128,8 +131,8 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """``daemon = relay(TRIO_RELAY_X="...")``: a relay of the test's own, killed at its end."""
     started: list[Daemon] = []
 
-    def start(**env: str) -> Daemon:
-        daemon = Daemon(tmp_path, _environ(**env))
+    def start(provider: str = "sim", **env: str) -> Daemon:
+        daemon = Daemon(tmp_path, _environ(**env), provider)
         started.append(daemon)
         daemon.start()
         return daemon
@@ -312,7 +315,7 @@ def test_stale_symbol_is_greyed(page: Page, relay: Callable[..., Daemon]) -> Non
     opacity = row(page, "IBM").evaluate("(tr) => Number(getComputedStyle(tr).opacity)")
     assert opacity < 1
     # Every row stale: the badge must not say "live" whatever the upstream reports.
-    expect(page.locator("#conn")).to_have_attribute("data-state", "upstream-down")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "stale")
     expect(page.locator("#conn-text")).to_have_text("stale: no updates for any symbol")
 
 
@@ -366,19 +369,19 @@ def test_alerts_panel_creates_lists_fires_and_deletes(
     expect(error).to_contain_text("needs 'level'")
     expect(page.locator("#alert-rows tr")).to_have_count(0)
 
-    # A spread rule that fires within a few quotes: the sim's spread wanders between about 1 and
-    # 6 basis points of the mid on every quote (50 updates/s here), so it soon goes from 3.5 bps
-    # or less (the rule becomes active) to wider (it fires).
+    # A spread rule that fires within a few quotes: the sim's AAPL spread is one or two cents
+    # (0.36 or 0.72 bps of ~278), drawn again on every quote (50 updates/s here), so it soon goes
+    # from 0.7 bps or less (one cent: the rule becomes active) to wider (it fires).
     page.select_option("#alert-type", "spread")
     expect(page.locator("#alert-level")).to_be_hidden()
-    page.fill("#alert-spread", "3.5")
+    page.fill("#alert-spread", "0.7")
     page.select_option("#alert-spread-unit", "max_spread_bps")
     page.click("#alert-create")
     expect(error).to_be_hidden()
     rules = page.locator("#alert-rows tr")
     expect(rules).to_have_count(1)
     expect(rules.locator("th.symbol")).to_have_text("AAPL")
-    expect(rules.locator("td.rule")).to_have_text("spread > 3.5 bps")
+    expect(rules.locator("td.rule")).to_have_text("spread > 0.7 bps")
 
     fired = page.locator("#fired li")
     expect(fired.first).to_be_visible()
@@ -418,3 +421,337 @@ def test_alerts_panel_says_when_alerts_are_off(page: Page, relay: Callable[..., 
     expect(page.locator("#alerts-off")).to_contain_text("alerts are off")
     expect(page.locator("#alert-form")).to_be_hidden()
     expect(page.locator("#notice")).to_be_hidden()
+
+
+# --------------------------------------------------------------------------- every screen
+
+DESKTOP = {"width": 1440, "height": 900}
+PHONE = {"width": 390, "height": 844}
+SMALLEST = {"width": 360, "height": 740}
+# The symbols a trader looks at first: a price that is cut, or absurd, is seen at once.
+WATCHED = "AAPL, MSFT, NVDA, BTCUSD, EURUSD, ^GSPC"
+# Where the screenshots go (not a TRIO_RELAY_ variable: those are the relay's configuration).
+SCREENSHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS", str(ARTIFACTS)))
+
+
+def shoot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / name, full_page=False)
+
+
+def open_page(browser: Browser, errors: list[str], viewport: dict[str, int], **options: object) -> Page:
+    context = browser.new_context(viewport=viewport, **options)  # type: ignore[arg-type]
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    return page
+
+
+def watch_all(page: Page, url: str) -> None:
+    page.goto(url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    add(page, WATCHED)
+    for symbol in [s.strip() for s in WATCHED.split(",")]:
+        # Every row has a price to show (an index prints values only: last, no bid/ask).
+        page.wait_for_function(
+            """(s) => { const r = document.querySelector(`#rows tr[data-symbol="${s}"]`);
+                        return r && (r.querySelector('td.last').textContent !== '—'
+                                     || r.querySelector('td.bid').textContent !== '—'); }""",
+            arg=symbol,
+        )
+
+
+# What is cut or off-screen: cells whose text is wider than the cell, and anything past the
+# right edge of the viewport (the remove buttons, a row, the page itself).
+CUT = """() => {
+  const cut = [];
+  const right = document.documentElement.clientWidth;
+  for (const cell of document.querySelectorAll('#rows th, #rows td')) {
+    if (getComputedStyle(cell).display === 'none') continue;
+    const box = cell.getBoundingClientRect();
+    if (cell.scrollWidth > cell.clientWidth + 1 || box.right > right + 0.5)
+      cut.push(`${cell.parentElement.dataset.symbol} ${cell.className}: ${cell.textContent}`);
+  }
+  for (const b of document.querySelectorAll('#rows button.drop'))
+    if (b.getBoundingClientRect().right > right || b.getBoundingClientRect().width < 16) cut.push('remove button');
+  if (document.documentElement.scrollWidth > right) cut.push(`page scrolls sideways: ${document.documentElement.scrollWidth}`);
+  return cut;
+}"""
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE, SMALLEST], ids=["1440", "390", "360"])
+def test_every_price_is_whole_on_every_screen(
+    browser: Browser, errors: list[str], sim_relay: Daemon, viewport: dict[str, int]
+) -> None:
+    page = open_page(browser, errors, viewport)
+    watch_all(page, sim_relay.url)
+    for _ in range(5):  # the widest prices come and go: look at several frames
+        wait_prices_change(page, "BTCUSD")
+        assert page.evaluate(CUT) == []
+    # The prices a trader knows, at levels they know (the simulator's reference table).
+    levels = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#rows tr')].map(r => [r.dataset.symbol, "
+        "Number(r.querySelector('td.last').textContent) || Number(r.querySelector('td.bid').textContent)]))"
+    )
+    for symbol, (lo, hi) in {
+        "AAPL": (200, 360),
+        "MSFT": (380, 600),
+        "NVDA": (130, 240),
+        "BTCUSD": (60_000, 130_000),
+        "EURUSD": (1.0, 1.35),
+        "^GSPC": (5_500, 8_200),
+    }.items():
+        assert lo < levels[symbol] < hi, (symbol, levels[symbol])
+    row(page, "BTCUSD").locator("button.sym").click()
+    expect(page.locator('figure.chart[data-symbol="BTCUSD"] canvas')).to_be_visible()
+    wait_updates(page, "BTCUSD", page.evaluate("() => window.relayDashboard.updates('BTCUSD')") + 20)
+    shoot(page, f"dashboard-live-{viewport['width']}x{viewport['height']}.png")
+    page.context.close()
+    assert errors == []
+
+
+def test_the_page_passes_axe_core(browser: Browser, errors: list[str], sim_relay: Daemon) -> None:
+    """axe-core (bundled by axe-playwright-python: nothing is fetched) finds no violation."""
+    axe_script = (Path(axe_playwright_python.__file__).parent / "axe.min.js").read_text()
+    for viewport in (DESKTOP, PHONE):
+        for scheme in ("light", "dark"):
+            page = open_page(browser, errors, viewport, color_scheme=scheme)
+            watch_all(page, sim_relay.url)
+            row(page, "AAPL").locator("button.sym").click()
+            expect(row(page, "AAPL").locator("button.sym")).to_have_attribute("aria-expanded", "true")
+            page.fill("#symbol-input", "bad sym!")
+            page.click("#add")
+            expect(page.locator("#symbol-error")).to_be_visible()
+            page.evaluate(axe_script)
+            result = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
+            found = [
+                f"{v['id']} ({v['impact']}): {v['help']}: " + "; ".join(n["target"][0] for n in v["nodes"][:5])
+                for v in result["violations"]
+            ]
+            assert found == [], f"{viewport['width']}px, {scheme}: " + " | ".join(found)
+            page.context.close()
+    assert errors == []
+
+
+def test_a_bad_symbol_is_refused_not_mangled(page: Page, sim_relay: Daemon) -> None:
+    page.goto(sim_relay.url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    add(page, "bad sym!")
+    error = page.locator("#symbol-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text('"SYM!"')
+    expect(page.locator("#symbol-input")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#symbol-input")).to_have_value("bad sym!")  # kept, to be corrected
+    expect(page.locator("#rows tr")).to_have_count(0)  # not "BAD"
+    page.fill("#symbol-input", "aapl, brk.b ^gspc")  # typing clears the error
+    expect(error).to_be_hidden()
+    page.click("#add")
+    expect(page.locator("#rows tr")).to_have_count(3)
+    assert page.evaluate("() => window.relayDashboard.symbols") == ["AAPL", "BRK.B", "^GSPC"]
+    # Change says since when.
+    expect(page.locator("#quotes thead th.change")).to_have_text(re.compile(r"^Change since \d\d:\d\d$"))
+    wait_updates(page, "AAPL", 3)
+    expect(row(page, "AAPL").locator("td.change")).to_have_attribute("title", re.compile(r"^since \d\d:\d\d:\d\d"))
+
+
+# Counts the flashes that start: a class attribute that gains flash-up or flash-down.
+FLASHES = """() => { window.flashes = 0;
+  const flash = /\\bflash-(up|down)\\b/;
+  new MutationObserver((records) => { for (const r of records)
+    if (!flash.test(r.oldValue || '') && r.target.classList.contains('flash-up') !== r.target.classList.contains('flash-down'))
+      window.flashes++; })
+  .observe(document.getElementById('rows'),
+           {subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ['class']}); }"""
+
+
+@pytest.mark.parametrize("motion", ["no-preference", "reduce"])
+def test_flashes_are_brief_and_respect_reduced_motion(
+    browser: Browser, errors: list[str], sim_relay: Daemon, motion: str
+) -> None:
+    page = open_page(browser, errors, DESKTOP, reduced_motion=motion)
+    page.goto(sim_relay.url)
+    add(page, "AAPL, MSFT")
+    wait_updates(page, "AAPL", 2)
+    page.evaluate(FLASHES)
+    started = time.monotonic()
+    wait_updates(page, "AAPL", page.evaluate("() => window.relayDashboard.updates('AAPL')") + 150)  # ~3 s
+    wait_prices_change(page, "MSFT")
+    flashes = page.evaluate("() => window.flashes")
+    seconds = time.monotonic() - started
+    if motion == "reduce":
+        assert flashes == 0
+    else:
+        # Some, but a cell flashes at most once a second (6 price cells here), however often it
+        # changes: at 50 updates/s the table is not permanently tinted.
+        assert 0 < flashes <= 6 * (seconds + 1)
+    page.context.close()
+    assert errors == []
+
+
+def test_the_chart_has_a_time_axis(page: Page, sim_relay: Daemon) -> None:
+    page.goto(sim_relay.url)
+    add(page, "MSFT")
+    wait_updates(page, "MSFT", 40)
+    row(page, "MSFT").locator("button.sym").click()
+    # Labels and ticks are drawn in the strip under the plot.
+    page.wait_for_function(
+        """() => { const c = document.querySelector('figure.chart[data-symbol="MSFT"] canvas');
+                   if (!c || !c.width) return false;
+                   const r = c.height / c.clientHeight, h = Math.round(14 * r);
+                   const px = c.getContext('2d').getImageData(0, c.height - h, c.width, h).data;
+                   let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i]) n++;
+                   return n > 200; }"""
+    )
+
+
+def fake_fmp(port: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "trio_relay", "fake-fmp", "--port", str(port), "--control", "--rate", "20"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line
+    return proc
+
+
+def command(proc: subprocess.Popen[str], text: str) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(text + "\n")
+    proc.stdin.flush()
+    proc.stdout.readline()
+
+
+def test_the_badge_shows_stale_and_down_on_every_screen(
+    browser: Browser, errors: list[str], relay: Callable[..., Daemon]
+) -> None:
+    port = _free_port()
+    fake = fake_fmp(port)
+    try:
+        daemon = relay(
+            "fmp",
+            FMP_API_KEY="demo-key",
+            TRIO_RELAY_FMP_URL=f"ws://127.0.0.1:{port}",
+            TRIO_RELAY_UPSTREAM_STALE_AFTER="1",
+        )
+        pages = {"desktop": open_page(browser, errors, DESKTOP), "phone": open_page(browser, errors, PHONE)}
+        for page in pages.values():
+            watch_all(page, daemon.url)
+        command(fake, "stall")  # no data, no heartbeat: stale after a second
+        for name, page in pages.items():
+            conn = page.locator("#conn")
+            expect(conn).to_have_attribute("data-state", "stale")
+            expect(page.locator("#conn-text")).to_have_text(re.compile(r"^stale: fmp"))
+            assert page.evaluate(CUT) == []
+            shoot(page, f"dashboard-stale-{name}.png")
+        command(fake, "resume")
+        for page in pages.values():
+            expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+        fake.kill()
+        fake.wait(10)
+        for name, page in pages.items():
+            expect(page.locator("#conn")).to_have_attribute("data-state", "upstream-down")
+            expect(page.locator("#conn-text")).to_have_text(re.compile(r"^down: fmp"))
+            expect(page.locator("#quotes")).to_have_class(re.compile(r"\boffline\b"))
+            assert page.evaluate(CUT) == []
+            shoot(page, f"dashboard-down-{name}.png")
+        for page in pages.values():
+            page.context.close()
+    finally:
+        fake.kill()
+        fake.wait(10)
+    assert errors == []
+
+
+def test_alerts_are_private_to_each_browser_with_auth_off(
+    browser: Browser, errors: list[str], relay: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_ENABLED="true", TRIO_RELAY_ALERTS_DATA_DIR=str(tmp_path / "alerts"))
+    one, other = open_page(browser, errors, DESKTOP), open_page(browser, errors, DESKTOP)  # two browsers
+    for page in (one, other):
+        page.goto(daemon.url)
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    one.fill("#alert-symbol", "AAPL")
+    one.select_option("#alert-type", "above")
+    one.fill("#alert-level", "1000")
+    one.click("#alert-create")
+    expect(one.locator("#alert-rows tr")).to_have_count(1)
+    other.reload()  # a new list from the relay
+    other.wait_for_function("() => window.relayDashboard.alertLists > 0")
+    expect(other.locator("#alert-rows tr")).to_have_count(0)
+    one.reload()  # the same browser keeps its id (localStorage), so its rules
+    expect(one.locator("#alert-rows tr")).to_have_count(1)
+    for page in (one, other):
+        page.context.close()
+    assert errors == []
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1440", "390"])
+def test_the_portfolio_panel_values_positions_live(
+    browser: Browser, errors: list[str], relay: Callable[..., Daemon], tmp_path: Path, viewport: dict[str, int]
+) -> None:
+    daemon = relay(TRIO_RELAY_ALERTS_DATA_DIR=str(tmp_path / "app"))
+    page = open_page(browser, errors, viewport)
+    watch_all(page, daemon.url)
+    expect(page.locator("#positions-empty")).to_be_visible()
+    for symbol, qty, cost in (("AAPL", "100", "250"), ("BTCUSD", "0.5", "90000"), ("EURUSD", "-10000", "1.17")):
+        page.fill("#position-symbol", symbol)
+        page.fill("#position-qty", qty)
+        page.fill("#position-cost", cost)
+        page.click("#position-set")
+        expect(page.locator(f'#position-rows tr[data-symbol="{symbol}"]')).to_have_count(1)
+    expect(page.locator("#position-error")).to_be_hidden()
+    aapl = page.locator('#position-rows tr[data-symbol="AAPL"]')
+    expect(aapl.locator("td.price")).to_have_text(re.compile(r"^\d+\.\d+$"))
+    expect(aapl.locator("td.value")).to_have_text(re.compile(r"^2\d,\d{3}\.\d\d$"))  # 100 x ~278
+    expect(aapl.locator("td.pnl")).to_have_text(re.compile(r"^[+−][\d,]+\.\d\d \([+−]\d+\.\d\d%\)$"))
+    expect(page.locator("#total-value")).to_have_text(re.compile(r"^−?[\d,]+\.\d\d$"))
+    expect(page.locator('#position-rows tr[data-symbol="EURUSD"] td.value')).to_have_text(
+        re.compile(r"^−1\d,\d{3}\.\d\d$")
+    )
+    # Valued live: the AAPL value moves with its price (the portfolio channel).
+    before = aapl.locator("td.value").text_content()
+    page.wait_for_function(
+        "(b) => document.querySelector('#position-rows tr[data-symbol=\"AAPL\"] td.value').textContent !== b",
+        arg=before,
+    )
+    shoot(page, f"dashboard-portfolio-{viewport['width']}.png")
+    assert page.evaluate(CUT.replace("#rows", "#position-rows")) == []
+    # A bad position is refused with the relay's reason, nothing else changes.
+    page.fill("#position-symbol", "bad sym!")
+    page.fill("#position-qty", "1")
+    page.click("#position-set")
+    expect(page.locator("#position-error")).to_be_visible()
+    # Kept for this browser across a reload; removed with its button.
+    page.reload()
+    expect(page.locator("#position-rows tr")).to_have_count(3)
+    aapl.locator("button.drop").click()
+    expect(page.locator("#position-rows tr")).to_have_count(2)
+    page.context.close()
+    # Chromium logs the refused request (422) on the console: that one was asked for.
+    assert [e for e in errors if "422" not in e] == []
+
+
+def test_the_docs_browser_console_snippet_works_from_the_relays_page(
+    browser: Browser, errors: list[str], sim_relay: Daemon
+) -> None:
+    """README's and the quick start's console snippet, pasted into the console of the relay's page."""
+    root = Path(__file__).resolve().parent.parent
+    snippets = []
+    for doc in (root / "README.md", root / "docs" / "quickstart.md"):
+        snippets += re.findall(r"```js\n(.*?)```", doc.read_text(), re.S)
+    assert len(snippets) == 2
+    for snippet in snippets:
+        page = open_page(browser, errors, DESKTOP)
+        page.goto(sim_relay.url)
+        # What the snippet logs, kept in the page (as JSON) for the test to wait on.
+        page.evaluate(
+            "() => { window.logged = []; const log = console.log;"
+            " console.log = (...a) => { window.logged.push(JSON.stringify(a[0])); log(...a); }; }"
+        )
+        code = snippet.replace("127.0.0.1:8000", sim_relay.url.split("//")[1].rstrip("/"))
+        page.evaluate(f"() => {{ {code} }}")  # as pasted into the console (its own scope)
+        page.wait_for_function("() => window.logged.some((l) => l.includes('\"price_update\"'))")
+        logged = page.evaluate("() => window.logged")
+        assert json.loads(logged[0]) == {"type": "subscribed", "symbols": ["AAPL"]}, logged
+        assert any(json.loads(line).get("symbol") == "AAPL" for line in logged[1:])
+        page.context.close()
+    assert errors == []

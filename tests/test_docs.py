@@ -116,7 +116,8 @@ def blocks(path: Path) -> list[Block]:
 
 
 def doc_files() -> list[Path]:
-    return sorted(DOCS.rglob("*.md"))
+    """The README and every page under docs/."""
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 
 def marked(lang: str) -> list[Block]:
@@ -124,9 +125,9 @@ def marked(lang: str) -> list[Block]:
 
 
 def localize(text: str, relay: Relay) -> str:
-    """The docs' 127.0.0.1:8000 replaced by the test relay's address."""
+    """The docs' 127.0.0.1:8000 (or localhost:8000) replaced by the test relay's address."""
     host = relay.http_url.split("://", 1)[1]
-    return text.replace(DOC_BASE, host)
+    return text.replace(DOC_BASE, host).replace("localhost:8000", host)
 
 
 async def start_docs_relay(start_relay: Any, **sections: Any) -> Relay:
@@ -347,16 +348,98 @@ async def test_live_responses_match_the_documented_types(
     assert {"health", "ready", "live", "status", "subscribe", "unsubscribe", "cache_all", "cache_one"} <= checked
 
 
-async def test_health_503_body_matches_its_type(start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient) -> None:
+async def test_health_503_body_matches_its_type(
+    start_relay: Any, fake_fmp: Any, http: httpx.AsyncClient, ws_connect: Any
+) -> None:
+    """The 503 body is its type and what the docs show (blocks marked ``health-503``); a client
+    that subscribes while the upstream has never got in is told so at once (as the FAQ says)."""
     sections = fmp_sections(fake_fmp)
     sections["fmp"]["api_key"] = "a-wrong-key-0123456789"
     relay = await start_relay(**sections)
     with trio.fail_after(TIMEOUT):
         await wait_state(relay, "auth_failed")
         response = await http.get(api(relay, "/health"))
+        client = await ws_connect(relay)
+        await client.send({"action": "subscribe", "symbols": ["AAPL"]})
+        status, _ = await client.recv_until(lambda m: m.get("type") == "status")
     assert response.status_code == 503
     _check_body("health", 503, response.json())
     assert response.json()["code"] == "auth_failed"
+    assert status["scope"] == "upstream" and status["state"] == "down" and status["symbols"] == ["AAPL"]
+    shown = [(b, json_lines(b.code)) for b, _ in ws_blocks("health-503")]
+    assert len(shown) >= 2
+    for block, bodies in shown:
+        for body in bodies:
+            assert_same_shape(body, response.json(), str(block))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+# Fields whose documented value is compared, not only its type: they name what a body is.
+_NAMING = ("status", "error", "type", "openapi", "code", "channel")
+
+
+def shape_differences(shown: Any, actual: Any, path: str = "$") -> list[str]:
+    """How ``actual`` differs in shape from the documented example ``shown``; [] if it does not.
+
+    Objects must have the same field names (all of them: a field added, renamed or removed is a
+    difference), unless the example has a ``"..."`` key (then its fields must exist). Values must
+    have the same JSON type (a null on either side matches: the field is nullable; integers and
+    floats are both numbers); a list is compared element by element with the example's first
+    element; a ``"..."`` value matches anything. The values of :data:`_NAMING` fields must be
+    equal. Other values (prices, times, ids) are volatile and not compared.
+    """
+    if shown == "..." or shown is None or actual is None:
+        return []
+    if isinstance(shown, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: documented an object, got {type(actual).__name__}"]
+        found = []
+        documented = set(shown) - {"..."}
+        missing = documented - set(actual)
+        if missing:
+            found.append(f"{path}: documented fields not in the response: {sorted(missing)}")
+        extra = set(actual) - documented
+        if extra and "..." not in shown:
+            found.append(f"{path}: fields in the response that the docs do not show: {sorted(extra)}")
+        for key in sorted(documented & set(actual)):
+            if key in _NAMING and isinstance(shown[key], str) and shown[key] != "...":
+                if actual[key] != shown[key]:
+                    found.append(f"{path}.{key}: documented {shown[key]!r}, got {actual[key]!r}")
+                continue
+            found += shape_differences(shown[key], actual[key], f"{path}.{key}")
+        return found
+    if isinstance(shown, list):
+        if not isinstance(actual, list):
+            return [f"{path}: documented a list, got {type(actual).__name__}"]
+        if not shown:
+            return []
+        return [d for i, item in enumerate(actual[:5]) for d in shape_differences(shown[0], item, f"{path}[{i}]")]
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string"}
+    if kinds.get(type(shown)) != kinds.get(type(actual)):
+        return [f"{path}: documented a {kinds.get(type(shown))} ({shown!r}), got {actual!r}"]
+    return []
+
+
+def assert_same_shape(shown: Any, actual: Any, where: str) -> None:
+    differences = shape_differences(shown, actual)
+    assert not differences, f"{where}: the documented example differs from the real response:\n" + "\n".join(
+        differences
+    )
+
+
+def test_the_shape_check_sees_a_changed_shape() -> None:
+    """The doc tests below fail when a response changes shape, not when its values move."""
+    doc = {"type": "price_update", "symbol": "AAPL", "last_price": 277.45, "seq": 42, "ticks": [{"a": 1}]}
+    same = {"type": "price_update", "symbol": "MSFT", "last_price": 480, "seq": 7, "ticks": [{"a": 2}, {"a": 3}]}
+    assert shape_differences(doc, same) == []
+    assert shape_differences(doc, {**same, "new_field": 1})  # a field the docs do not show
+    assert shape_differences(doc, {k: v for k, v in same.items() if k != "seq"})  # a field gone
+    assert shape_differences(doc, {**same, "seq": "42"})  # a number became a string
+    assert shape_differences(doc, {**same, "type": "quote"})  # a message renamed
+    assert shape_differences(doc, {**same, "ticks": [{"b": 2}]})  # inside a list
+    assert shape_differences({**doc, "...": "..."}, {**same, "new_field": 1}) == []  # "...": more may come
+    assert shape_differences(doc, {**same, "last_price": None}) == []  # nullable
 
 
 # ----------------------------------------------------------------------------- curl examples
@@ -382,8 +465,36 @@ def curl_examples(auth: bool) -> list[Exchange]:
         for i, block in enumerate(all_blocks):
             if block.lang != "sh" or block.marker is None or ("auth" in block.options) != auth:
                 continue
-            assert i + 1 < len(all_blocks) and all_blocks[i + 1].lang == "http", f"{block}: no ```http response follows"
-            found.append(parse_exchange(block, all_blocks[i + 1].code))
+            if "ws" in block.options:
+                continue  # a WebSocket example (below)
+            if "runs" in block.options:
+                found.extend(runnable_curls(block))
+                continue
+            follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
+            assert follows is not None and follows.lang in ("http", "json"), f"{block}: no ```http or ```json follows"
+            # A ```json block after a curl is the body of a 200 response.
+            response = follows.code if follows.lang == "http" else "HTTP/1.1 200 OK\n\n" + follows.code
+            found.append(parse_exchange(block, response))
+    return found
+
+
+def runnable_curls(block: Block) -> list[Exchange]:
+    """The curl commands of a block marked ``runs`` (no response shown): each must succeed (2xx).
+
+    One command per line (``\\`` continues a line); a ``# comment``, a pipe or a redirection
+    ends the command.
+    """
+    found = []
+    for command in block.code.replace("\\\n", " ").splitlines():
+        words = shlex.split(command, comments=True)
+        if not words or words[0] != "curl":
+            continue
+        cut = next((i for i, w in enumerate(words) if w in ("|", ">", ">>")), len(words))
+        one = Block(block.path, block.line, "sh", shlex.join(words[:cut]), block.marker)
+        exchange = parse_exchange(one, "HTTP/1.1 200 OK\n\n")
+        exchange.status = 0  # any 2xx
+        found.append(exchange)
+    assert found, f"{block}: no curl command"
     return found
 
 
@@ -432,6 +543,9 @@ async def run_exchange(exchange: Exchange, relay: Relay, http: httpx.AsyncClient
         headers={k: real(v) for k, v in exchange.headers.items()},
         content=exchange.body,
     )
+    if exchange.status == 0:  # a command shown without its response: it must succeed
+        assert 200 <= response.status_code < 300, f"{where}: {exchange.url} got {response.status_code}"
+        return
     assert response.status_code == exchange.status, f"{where}: documented {exchange.status}, got {response.status_code}"
     for name, value in exchange.response_headers.items():
         actual = response.headers.get(name)
@@ -450,28 +564,48 @@ async def run_exchange(exchange: Exchange, relay: Relay, http: httpx.AsyncClient
         return
     actual_body = response.json()
     assert isinstance(shown, dict) and isinstance(actual_body, dict), where
-    assert set(shown) - {"..."} <= set(actual_body), f"{where}: documented fields not in the response"
-    for key in ("status", "error", "type", "openapi"):
-        if key in shown and isinstance(shown[key], str):
-            assert actual_body[key] == shown[key], f"{where}: {key} is {actual_body[key]!r}"
+    assert_same_shape(shown, actual_body, where)
 
 
-async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient) -> None:
+async def run_all(examples: list[Exchange], relay: Relay, http: httpx.AsyncClient, secrets: dict[str, str]) -> None:
+    """Every example, in order; every difference reported at once."""
+    failures = []
+    with trio.fail_after(TIMEOUT * 3):
+        for exchange in examples:
+            try:
+                await run_exchange(exchange, relay, http, secrets)
+            except AssertionError as exc:
+                failures.append(str(exc).split("\nassert")[0])
+    assert not failures, "\n\n".join(failures)
+
+
+async def wait_history(relay: Relay, http: httpx.AsyncClient, symbol: str) -> None:
+    """Until the tick history has ticks and a trade of ``symbol`` (the history examples show some)."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            body = (await http.get(api(relay, f"/history/{symbol}?start=-5m&limit=1000"))).json()
+            if any(t["kind"] == "T" for t in body["ticks"]):
+                return
+            await trio.sleep(0.05)  # the writer flushes in its own time; nothing to wait on from here
+
+
+async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient, tmp_path: Path) -> None:
     examples = curl_examples(auth=False)
     assert len(examples) >= 10
-    relay = await start_docs_relay(start_relay)
-    with trio.fail_after(TIMEOUT):
-        for exchange in examples:
-            await run_exchange(exchange, relay, http, {})
+    relay = await start_docs_relay(
+        start_relay,
+        history={"backend": "sqlite", "data_dir": str(tmp_path / "history")},
+        alerts={"enabled": True, "data_dir": str(tmp_path / "app")},
+    )
+    await wait_history(relay, http, "AAPL")
+    await run_all(examples, relay, http, {})
 
 
 async def test_curl_examples_with_auth_on(start_relay: Any, http: httpx.AsyncClient) -> None:
     examples = curl_examples(auth=True)
     assert examples
     relay = await start_relay(auth={"enabled": True, "secret": SECRET})
-    with trio.fail_after(TIMEOUT):
-        for exchange in examples:
-            await run_exchange(exchange, relay, http, tokens())
+    await run_all(examples, relay, http, tokens())
 
 
 # ----------------------------------------------------------------------------- Python examples
@@ -739,6 +873,8 @@ def test_every_close_code_is_documented() -> None:
 
 
 def _toml_literal(value: Any) -> str:
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -821,3 +957,166 @@ def test_docs_exist() -> None:
     for name in ("quickstart.md", "api.md", "faq.md", "openapi.md", "examples/README.md"):
         assert (DOCS / name).is_file(), name
     assert os.access(EXAMPLES / "python_client.py", os.R_OK)
+
+
+# ----------------------------------------------------------------------------- WebSocket examples
+#
+# Three kinds, all run against one relay and compared by shape (as the curl examples):
+# - the rows of api.md's "Messages a client sends" table whose message is complete JSON: sent,
+#   and the first reply of the documented type compared with the documented reply;
+# - blocks marked ``<!-- test: ws -->`` (``websocat URL`` then the lines to send, or JSON lines
+#   to send): sent, and when a ```json block follows, each line of it (a message) compared with
+#   the first real message of its type (a line that is not JSON, "{...}" or "...", is skipped);
+# - ```json blocks marked ``<!-- test: message -->``: each line compared with a real message of
+#   its type (price_update, error, bar, alert, portfolio), made by the scenario below.
+
+
+def json_lines(code: str) -> list[dict[str, Any]]:
+    """The JSON objects of a block: the whole block, or one per line; lines that do not parse are skipped."""
+    try:
+        whole = json.loads(code)
+        return [whole] if isinstance(whole, dict) else []
+    except ValueError:
+        pass
+    found = []
+    for line in code.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def table_exchanges() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, message, first documented reply) of the rows of "Messages a client sends"."""
+    text = API_GUIDE.read_text()
+    start = text.index("### Messages a client sends")
+    table = text[start : text.index("\n\n**", start)]
+    found = []
+    for n, line in enumerate(table.splitlines()):
+        cells = line.split(" | ")
+        if len(cells) < 2 or not line.startswith("| `{"):
+            continue
+        sent = re.findall(r"`(\{.*?\})`", cells[0])
+        replies = re.findall(r"`(\{.*?\})`", cells[1])
+        try:
+            message, reply = json.loads(sent[0]), json.loads(replies[0])
+        except (IndexError, ValueError):
+            continue  # a row with a placeholder ([...], "...")
+        found.append((f"docs/api.md table row {n}", message, reply))
+    return found
+
+
+def ws_blocks(option: str) -> list[tuple[Block, Block | None]]:
+    """Blocks marked ``<!-- test: <option> -->``, each with the block that follows it."""
+    found = []
+    for path in doc_files():
+        all_blocks = blocks(path)
+        for i, block in enumerate(all_blocks):
+            if block.marker is not None and option in block.options:
+                follows = all_blocks[i + 1] if i + 1 < len(all_blocks) else None
+                end = block.line + block.code.count("\n")
+                if follows is not None and follows.line - end > 6:
+                    follows = None  # a block further down is not this one's answer
+                found.append((block, follows))
+    return found
+
+
+def sent_lines(block: Block) -> list[dict[str, Any]]:
+    lines = block.code.strip().splitlines()
+    if block.lang == "sh":
+        assert lines[0].split()[0] in ("websocat", "npx"), f"{block}: a ws block starts with websocat or npx wscat"
+        lines = lines[1:]
+    return [json.loads(line) for line in lines]
+
+
+class Session:
+    """One client of the docs relay: send, and find the next message of a type."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def next_of(self, kind: str, **match: Any) -> dict[str, Any]:
+        def wanted(m: Any) -> bool:
+            return m.get("type") == kind and all(m.get(k) == v for k, v in match.items())
+
+        msg, _ = await self.client.recv_until(wanted)
+        return dict(msg)
+
+
+async def real_messages(relay: Relay, ws_connect: Any, http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    """One real message of each type the docs show, from a scenario on ``relay``."""
+    got: dict[str, dict[str, Any]] = {}
+    s = Session(await ws_connect(relay))
+    await s.client.send({"action": "subscribe", "symbols": ["AAPL"]})
+    got["subscribed"] = await s.next_of("subscribed")
+    got["price_update"] = first = await s.next_of("price_update", symbol="AAPL")
+    await s.client.send({"action": "subscribe", "symbols": ["BAD SYMBOL!"]})
+    got["error"] = await s.next_of("error")
+    await s.client.send({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"})
+    got["bar"] = await s.next_of("bar")
+    # An alert: a level just above the price, which the walk crosses from below within seconds.
+    price = first["last_price"] or first["bid_price"]
+    rule = {"type": "above", "symbol": "AAPL", "level": round(price + 0.01, 2), "one_shot": False}
+    await s.client.send({"action": "alert_create", "rule": rule})
+    await s.next_of("alert_created")
+    got["alert"] = await s.next_of("alert")
+    body = {"name": "main", "positions": [{"symbol": "AAPL", "quantity": 100, "cost_basis": 250}]}
+    created = await http.post(api(relay, "/portfolios"), json=body)
+    assert created.status_code == 200, created.text
+    await s.client.send({"action": "subscribe", "channel": "portfolio", "portfolio": "main"})
+    got["portfolio"] = await s.next_of("portfolio")
+    return got
+
+
+async def test_websocket_examples_match_the_relay(
+    start_relay: Any, ws_connect: Any, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    rows, exchanges, messages = table_exchanges(), ws_blocks("ws"), ws_blocks("message")
+    assert len(rows) >= 5 and len(exchanges) >= 3 and len(messages) >= 5
+    relay = await start_docs_relay(start_relay, alerts={"enabled": True, "data_dir": str(tmp_path / "app")})
+    failures: list[str] = []
+
+    def compare(shown: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+        failures.extend(f"{where}: {d}" for d in shape_differences(shown, actual))
+
+    with trio.fail_after(TIMEOUT * 3):
+        for where, message, reply in rows:
+            s = Session(await ws_connect(relay))
+            await s.client.send(message)
+            compare(reply, await s.next_of(reply["type"]), where)
+        for block, follows in exchanges:
+            s = Session(await ws_connect(relay))
+            for message in sent_lines(block):
+                await s.client.send(message)
+            expected = json_lines(follows.code) if follows is not None and follows.lang == "json" else []
+            if not expected:  # requests alone: the relay must not refuse them
+                await s.client.send({"action": "ping"})
+                _, before = await s.client.recv_until(lambda m: m.get("type") == "pong")
+                failures.extend(f"{block}: refused: {m}" for m in before if m.get("type") == "error")
+            for shown in expected:
+                compare(shown, await s.next_of(shown["type"], **_named(shown)), str(block))
+        real = await real_messages(relay, ws_connect, http)
+        for block, _ in messages:
+            for shown in json_lines(block.code):
+                assert shown.get("type") in real, f"{block}: no real {shown.get('type')!r} message to compare with"
+                compare(shown, real[shown["type"]], str(block))
+    assert not failures, "\n".join(failures)
+
+
+def _named(shown: dict[str, Any]) -> dict[str, Any]:
+    """What picks the real message an example stands for: its symbol, when it names one."""
+    return {"symbol": shown["symbol"]} if isinstance(shown.get("symbol"), str) else {}
+
+
+def test_every_page_with_an_example_says_which_port_it_assumes() -> None:
+    """A reader on another port must be told, before the first example, that they assume 8000."""
+    for path in doc_files():
+        text = path.read_text()
+        first = min((text.find(s) for s in (":8000", "localhost:8000") if s in text), default=-1)
+        if first < 0:
+            continue
+        before = text[:first]
+        assert re.search(r"port 8000", before), f"{path.relative_to(ROOT)}: no 'port 8000' before its first example"

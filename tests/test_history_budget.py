@@ -49,7 +49,7 @@ def fill(backend: HistoryBackend) -> list[Update]:
     conn = backend.connect()
     try:
         quotes = [Update("AAPL", "Q", T0 + i * 120 + 1, bid_price=99.0, ask_price=101.0) for i in range(0, N, 10)]
-        conn.write([(u, u.timestamp) for u in rows + quotes])  # each arrived when stamped: on time
+        conn.write([(u, u.timestamp, None) for u in rows + quotes])  # each arrived when stamped: on time
     finally:
         conn.close()
     return rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -544,6 +545,7 @@ async def test_sqlite_file_is_created_in_wal_mode_with_its_index(tmp_path: Path)
             "bid_size",
             "ask_price",
             "ask_size",
+            "provider",
         ]
         assert [row[2] for row in raw.execute("PRAGMA index_xinfo(ticks_symbol_ts)")][:2] == ["symbol", "ts"]
         query = "SELECT id FROM ticks WHERE symbol = 'A' AND ts >= 0 AND ts < 9 ORDER BY ts, id"
@@ -586,3 +588,55 @@ async def test_retention_runs_on_its_schedule_as_rows_age(
     await writer.aclose()  # no pass runs while the query below waits for its thread
     async with HistoryStore(backend) as store:
         assert [x.timestamp for x in await all_ticks(store, "AAPL")] == [T0 + 900_000]
+
+
+# -- the provider column ----------------------------------------------------------------------
+
+# The table as relays before the provider column made it (both backends' DDL of that time).
+OLD_SQLITE = (
+    "CREATE TABLE ticks (id INTEGER PRIMARY KEY, symbol TEXT NOT NULL, ts INTEGER NOT NULL, recv_ms INTEGER NOT NULL,"
+    " kind TEXT NOT NULL, last_price REAL, last_size REAL, bid_price REAL, bid_size REAL, ask_price REAL, ask_size REAL)"
+)
+OLD_POSTGRES = (
+    'CREATE TABLE "{t}" (id BIGINT GENERATED ALWAYS AS IDENTITY (CACHE 1000), symbol TEXT NOT NULL, ts BIGINT NOT NULL,'
+    " recv_ms BIGINT NOT NULL, kind TEXT NOT NULL, last_price DOUBLE PRECISION, last_size DOUBLE PRECISION,"
+    " bid_price DOUBLE PRECISION, bid_size DOUBLE PRECISION, ask_price DOUBLE PRECISION, ask_size DOUBLE PRECISION)"
+)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_an_old_database_gets_the_provider_column(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A database made before the column: the relay adds it at start; old rows say None, new ones their provider."""
+    old_row = ("AAPL", T0, T0 + 5, "T", 1.0, 10.0)
+    insert = "INSERT INTO {t} (symbol, ts, recv_ms, kind, last_price, last_size) VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
+    backend: HistoryBackend
+    if kind == "sqlite":
+        (tmp_path / "data").mkdir(mode=0o700)
+        with sqlite3.connect(tmp_path / "data" / "history.sqlite3") as raw:
+            raw.execute(OLD_SQLITE)
+            raw.execute(insert.format(t="ticks", p="?"), old_row)
+        backend = SqliteBackend(tmp_path / "data")
+    else:
+        table = request.getfixturevalue("pg_table")
+        with psycopg.connect(PG_DSN, autocommit=True) as raw_pg:
+            raw_pg.execute(OLD_POSTGRES.format(t=table))
+            raw_pg.execute(insert.format(t=f'"{table}"', p="%s"), old_row)
+        backend = PostgresBackend(PG_DSN, table=table)
+    for _ in range(2):  # connecting again finds the column and changes nothing
+        conn = await trio.to_thread.run_sync(backend.connect)
+        await trio.to_thread.run_sync(conn.close)
+    conn = await trio.to_thread.run_sync(backend.connect)
+    try:
+        batch = [
+            (Update("AAPL", "T", T0 + 1, last_price=2.0, last_size=1.0), T0 + 6, "sim"),
+            (Update("AAPL", "Q", T0 + 2, bid_price=1.5, ask_price=2.5, provider="fmp"), T0 + 7, "sim"),
+        ]
+        await trio.to_thread.run_sync(conn.write, batch)
+        rows = await trio.to_thread.run_sync(conn.ticks, "AAPL", T0, T0 + 10, 10, None)
+    finally:
+        await trio.to_thread.run_sync(conn.close)
+    # The update's own provider wins over the hub's source (an upstream relay passes its provider on).
+    assert [(t.timestamp, t.provider) for t, _ in rows] == [(T0, None), (T0 + 1, "sim"), (T0 + 2, "fmp")]
+    assert rows[0][0].last_price == 1.0  # the old row is intact

@@ -19,7 +19,7 @@ from conftest import FMP_KEY, fmp_sections, make_config
 
 from trio_relay.config import ConfigError
 from trio_relay.demo import make as demo_make
-from trio_relay.model import BREAK, QUOTE, TRADE, PriceState, Update
+from trio_relay.model import BREAK, QUOTE, TRADE, PriceState, Update, wall_ms
 from trio_relay.providers.replay import ReplayConfig, ReplayProvider
 from trio_relay.recording import (
     FIELDS,
@@ -262,8 +262,9 @@ def test_the_demo_recording_is_shipped_small_and_rebuildable(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- replay timing
 
 
-def provider_for(path: Path, speed: float = 1.0, loop: bool = False) -> ReplayProvider:
-    return ReplayProvider(ReplayConfig(file=str(path), speed=speed, loop=loop))
+def provider_for(path: Path, speed: float = 1.0, loop: bool = False, retime: bool = False) -> ReplayProvider:
+    """Fidelity tests compare recorded timestamps: re-timing (the default in a relay) is off here."""
+    return ReplayProvider(ReplayConfig(file=str(path), speed=speed, loop=loop, retime=retime))
 
 
 @pytest.mark.parametrize("speed", [1.0, 10.0])
@@ -482,7 +483,9 @@ def expected_states(updates: list[Update]) -> list[dict[str, object]]:
 
 async def test_a_client_of_a_replaying_relay_gets_exactly_the_recorded_prices(start_relay, ws_connect, tmp_path):
     path = write_recording(tmp_path / "rec.jsonl")
-    relay = await start_relay(upstream={"provider": "replay"}, replay={"file": str(path), "speed": 100})
+    relay = await start_relay(
+        upstream={"provider": "replay"}, replay={"file": str(path), "speed": 100, "retime": False}
+    )
     assert relay.upstream.provider.describe() == f"replay of {path} at 100x (recorded timestamps)"
     client = await ws_connect(relay)
     aapl = [u for _, updates in BATCHES for u in updates if u.symbol == "AAPL"]
@@ -501,8 +504,11 @@ async def test_a_client_of_a_replaying_relay_gets_exactly_the_recorded_prices(st
 
 
 async def test_the_demo_plays_through_the_relay(start_relay, ws_connect):
+    """Re-timed (the default): stamped from the moment it plays, at the recorded gaps / speed."""
     relay = await start_relay(upstream={"provider": "replay"}, replay={"speed": 1000})
     assert "demo (sim-demo.jsonl.gz)" in relay.upstream.provider.describe()
+    assert "re-timed to now" in relay.upstream.provider.describe()
+    before = wall_ms()
     client = await ws_connect(relay)
     btc = [r.update for r in load_recording("demo").updates if r.update.symbol == "BTCUSD"]
     with trio.fail_after(10):
@@ -512,4 +518,43 @@ async def test_the_demo_plays_through_the_relay(start_relay, ws_connect):
             msg = await client.recv()
             if msg.get("type") == "price_update":
                 got.append(msg)
-    assert [m["timestamp"] for m in got] == [u.timestamp for u in btc]
+    after = wall_ms()
+    first = load_recording("demo").updates[0].update.timestamp  # playback starts at the recording's first update
+    start = got[0]["timestamp"] - round((btc[0].timestamp - first) / 1000)
+    assert before <= start <= after
+    assert [m["timestamp"] for m in got] == [start + round((u.timestamp - first) / 1000) for u in btc]
+
+
+async def test_retimed_replay_lands_now_in_the_tick_history(start_relay, ws_connect, http, tmp_path):
+    """Replayed ticks are stored at the time they were played (and as provider "replay"), not in 2025."""
+    data = tmp_path / "data"
+    relay = await start_relay(
+        upstream={"provider": "replay"}, replay={"speed": 100}, history={"backend": "sqlite", "data_dir": str(data)}
+    )
+    client = await ws_connect(relay)
+    before = wall_ms()
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await client.recv_until(lambda m: m.get("type") == "price_update")
+        while True:
+            body = (await http.get(f"{relay.http_url}/api/v2/realtime/history/AAPL?start=-1m")).json()
+            if body["ticks"]:
+                break
+            await trio.sleep(0.05)  # the writer flushes on its own schedule
+    tick = body["ticks"][0]
+    assert before - 1000 <= tick["timestamp"] <= wall_ms() + 60_000 and tick["provider"] == "replay"
+
+
+async def test_replay_can_keep_the_recorded_timestamps(start_relay, ws_connect):
+    relay = await start_relay(upstream={"provider": "replay"}, replay={"speed": 1000, "retime": False})
+    assert "recorded timestamps" in relay.upstream.provider.describe()
+    client = await ws_connect(relay)
+    btc = [r.update for r in load_recording("demo").updates if r.update.symbol == "BTCUSD"]
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["BTCUSD"]}, "subscribed")
+        got = []
+        while len(got) < 5:
+            msg = await client.recv()
+            if msg.get("type") == "price_update":
+                got.append(msg)
+    assert [m["timestamp"] for m in got] == [u.timestamp for u in btc[:5]]

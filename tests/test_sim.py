@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
 
 from trio_relay.model import Update
-from trio_relay.providers.sim import SimConfig, SimMarket, SimProvider, SimSession
+from trio_relay.providers.instruments import AssetClass, instrument
+from trio_relay.providers.sim import MAX_WALKS, SimConfig, SimMarket, SimProvider, SimSession
 
 TS = 1_700_000_000_000
 
@@ -70,27 +73,101 @@ def test_forget_restarts_the_path() -> None:
 @pytest.mark.parametrize("seed", [1, 42, 2024])
 def test_prices_and_sizes_are_plausible_over_many_steps(seed: int) -> None:
     market = SimMarket(seed=seed, trade_ratio=0.4)
-    symbols = ["AAPL", "MSFT", "BRK.B", "PENNY", "BTC/USD"]
+    symbols = ["AAPL", "MSFT", "BRK.B", "PENNY", "BTC/USD", "EURUSD", "DOGEUSD"]
     kinds = {"T": 0, "Q": 0}
+    book: dict[str, tuple[float, float]] = {}
+    for symbol in symbols:
+        q = market.quote(symbol, TS)
+        assert q.bid_price is not None and q.ask_price is not None
+        book[symbol] = (q.bid_price, q.ask_price)
     for step in range(4000):
         for symbol in symbols:
             u = market.next(symbol, TS + step)
             assert u.symbol == symbol and u.timestamp == TS + step
             kinds[u.kind] += 1
+            tick = instrument(symbol).tick
             if u.kind == "T":
-                assert u.last_price is not None and u.last_price > 0
-                assert u.last_size is not None and u.last_size > 0
+                assert u.last_price is not None and u.last_size is not None and u.last_size > 0
                 assert u.bid_price is None and u.ask_price is None
+                bid, ask = book[symbol]
+                assert bid <= u.last_price <= ask, f"{symbol}: trade {u.last_price} outside {bid}-{ask}"
+                assert on_tick(u.last_price, tick)
             else:
                 assert u.kind == "Q"
                 assert u.bid_price is not None and u.ask_price is not None
                 assert 0 < u.bid_price < u.ask_price
+                assert on_tick(u.bid_price, tick) and on_tick(u.ask_price, tick)
+                # A tight spread: a few basis points at most (a cent is more on a cheap stock).
+                assert u.ask_price - u.bid_price <= max(3 * tick, u.bid_price * 3e-4)
                 assert u.bid_size is not None and u.ask_size is not None
                 assert u.bid_size > 0 and u.ask_size > 0
-                assert u.bid_size % 100 == 0 and u.ask_size % 100 == 0  # round lots
                 assert u.last_price is None
+                book[symbol] = (u.bid_price, u.ask_price)
     total = kinds["T"] + kinds["Q"]
     assert 0.35 < kinds["T"] / total < 0.45  # trade_ratio 0.4
+
+
+def on_tick(price: float, tick: float) -> bool:
+    return abs(price / tick - round(price / tick)) < 1e-6
+
+
+# Where these traded in late 2025 (what the simulator's reference table says, give or take).
+KNOWN = {"AAPL": 278.0, "MSFT": 485.0, "NVDA": 182.0, "BTCUSD": 92_400.0, "EURUSD": 1.165, "^GSPC": 6_840.0}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_well_known_symbols_open_near_their_real_levels(seed: int) -> None:
+    market = SimMarket(seed=seed)
+    for symbol, level in KNOWN.items():
+        close = market.previous_close(symbol)
+        first = market.quote(symbol, TS)
+        price = first.last_price if first.last_price is not None else first.bid_price
+        assert price is not None
+        vol = instrument(symbol).daily_vol
+        assert abs(math.log(close / level)) < 4 * vol, (symbol, close)
+        assert abs(math.log(price / close)) < 4 * vol, (symbol, price, close)  # the day's change so far
+
+
+def test_instrument_profiles() -> None:
+    assert instrument("AAPL").asset is AssetClass.EQUITY and instrument("AAPL").tick == 0.01
+    assert instrument("EURUSD").tick == 0.00001 and instrument("USDJPY").tick == 0.001
+    assert instrument("EUR/USD") == instrument("EURUSD") == instrument("EURUSD=X")
+    assert instrument("BTC/USD") == instrument("BTCUSD") == instrument("BTC-USD")
+    assert instrument("EURGBP").level == pytest.approx(1.165 / 1.332, rel=1e-3)  # a cross from USD values
+    assert instrument("^GSPC").asset is AssetClass.INDEX
+    assert instrument("^SOMETHING").asset is AssetClass.INDEX and 1_000 <= instrument("^SOMETHING").level <= 20_000
+    unknown = instrument("ZZZQ")
+    assert unknown.asset is AssetClass.EQUITY and 8 <= unknown.level <= 400
+    assert instrument("ZZZQ") == unknown  # from the name alone: the same on every run
+
+
+def test_an_index_prints_values_only() -> None:
+    market = SimMarket(seed=3)
+    updates = [market.quote("^GSPC", TS)] + [market.next("^GSPC", TS) for _ in range(200)]
+    assert {u.kind for u in updates} == {"T"}
+    assert all(u.last_size is None and u.bid_price is None for u in updates)
+
+
+def test_without_a_seed_each_start_walks_a_new_path() -> None:
+    a, b = SimMarket(seed=None), SimMarket(seed=None)
+    assert a.seed != b.seed
+    assert path(a, "AAPL", 50) != path(b, "AAPL", 50)
+    # A new path, not a new market: both open within a day's move of the reference level.
+    assert abs(math.log(a.previous_close("AAPL") / b.previous_close("AAPL"))) < 8 * instrument("AAPL").daily_vol
+
+
+def test_the_walk_is_intraday_not_wild() -> None:
+    market = SimMarket(seed=5)
+    prices = [u.last_price or u.bid_price for u in path(market, "AAPL", 2400)]  # ten minutes at 4/s
+    first = market.previous_close("AAPL")
+    assert all(p is not None and abs(p / first - 1) < 0.05 for p in prices)  # no +5 % in ten minutes
+
+
+def test_the_number_of_walks_is_bounded() -> None:
+    market = SimMarket(seed=1)
+    for i in range(MAX_WALKS + 10):
+        market.quote(f"S{i}", TS)
+    assert len(market._walks) == MAX_WALKS
 
 
 def test_trade_ratio_bounds() -> None:
@@ -191,6 +268,22 @@ async def test_unsubscribe_stops_a_symbol(autojump_clock: trio.testing.MockClock
     assert seen == {"MSFT"}
 
 
+async def test_a_symbol_subscribed_again_continues_its_path(autojump_clock: trio.testing.MockClock) -> None:
+    """No fake jump on a resubscribe (it used to restart the path and fire move alerts)."""
+    session = SimSession(SimConfig(rate=50.0, seed=1, trade_ratio=0.0))
+    await session.subscribe(["AAPL"])
+    last = None
+    with trio.move_on_after(20):
+        while True:
+            last = (await session.receive())[-1].bid_price
+    await session.unsubscribe(["AAPL"])
+    await session.subscribe(["AAPL"])
+    again = (await session.receive())[0]
+    assert last is not None and again.bid_price is not None
+    assert abs(again.bid_price / last - 1) < 0.002
+    assert not same_quote(again, SimMarket(seed=1).quote("AAPL"))  # not the opening quote again
+
+
 async def test_provider_session_is_a_sim_session() -> None:
     provider = SimProvider(SimConfig(rate=3.0, seed=9))
     assert provider.name == "sim" and not provider.detects_stale
@@ -199,3 +292,29 @@ async def test_provider_session_is_a_sim_session() -> None:
         assert isinstance(session, SimSession)
         await session.subscribe(["AAPL"])
         assert [u.symbol for u in await session.receive()] == ["AAPL"]
+    assert provider.market.previous_close("AAPL") == SimMarket(seed=9).previous_close("AAPL")
+    # Without a seed the provider draws one at start, and every session of this start shares it.
+    fresh = SimProvider(SimConfig())
+    assert f"seed {fresh.market.seed}" in fresh.describe()
+
+
+def test_prices_move_with_time_not_with_the_number_of_updates() -> None:
+    """A symbol updated 50 times a second wanders no faster than one updated 4 times."""
+
+    def spread_after(rate: float, seconds: float) -> float:
+        moves = []
+        for seed in range(150):
+            market = SimMarket(seed=seed, trade_ratio=0.0)
+            start = market.quote("AAPL", TS).bid_price
+            steps = int(rate * seconds)
+            last = None
+            for i in range(1, steps + 1):
+                last = market.next("AAPL", TS + int(i * 1000 / rate)).bid_price
+            assert start is not None and last is not None
+            moves.append(math.log(last / start))
+        return math.sqrt(sum(m * m for m in moves) / len(moves))
+
+    slow, fast = spread_after(4, 60), spread_after(50, 60)
+    assert 0.75 < fast / slow < 1.33
+    # About what the daily volatility says for a minute: 1.5 % x sqrt(60 s / 6.5 h) ~ 0.076 %.
+    assert 0.0005 < slow < 0.0011

@@ -42,3 +42,25 @@ def test_refused_with_a_message(raw: str, message: str) -> None:
     with pytest.raises(TimeError) as info:
         parse_time(raw, "start")
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw, before",
+    [("now", 0), ("-90s", 90_000), ("-5m", 300_000), ("-2h", 7_200_000), ("-1d", 86_400_000), (" -0s ", 0)],
+)
+def test_relative_to_now(raw: str, before: int) -> None:
+    """Examples that work on any day: "the last five minutes" is start=-5m."""
+    assert parse_time(raw, "start", now_ms=T) == T - before
+
+
+def test_relative_uses_the_wall_clock_by_default() -> None:
+    import time
+
+    low = time.time_ns() // 1_000_000 - 60_000
+    assert low <= parse_time("-1m", "start") <= low + 5_000
+
+
+@pytest.mark.parametrize("raw", ["-5y", "+5m", "-m", "5m", "-1.5h", "now-5m"])
+def test_relative_forms_that_are_not_times(raw: str) -> None:
+    with pytest.raises(TimeError):
+        parse_time(raw, "start", now_ms=T)

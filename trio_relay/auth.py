@@ -19,6 +19,7 @@ A token never appears in a log line, an error message or a response.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,6 +40,9 @@ __all__ = [
     "ConnectionCounter",
     "bearer_token",
     "OPEN",
+    "BROWSER_HEADER",
+    "BROWSER_PARAM",
+    "open_principal",
 ]
 
 ANONYMOUS = "anonymous"
@@ -75,6 +79,28 @@ class Principal:
 
 
 OPEN = Principal(ANONYMOUS, frozenset({"*"}))  # auth off: everything allowed
+
+# Auth off, a browser may name itself with a random id it keeps (the dashboard does): the WebSocket
+# query parameter ``browser`` or the REST header below. Its alerts and portfolios are then its own.
+BROWSER_PARAM = "browser"
+BROWSER_HEADER = "X-Relay-Browser"
+_BROWSER_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def open_principal(browser_id: str | None) -> Principal:
+    """Who a request is with auth off: :data:`OPEN`, or a browser's own owner when it names one.
+
+    The owner is ``browser:`` and a hash of the id, so the id itself (whoever knows it sees that
+    browser's alerts) is never in a log, in ``/status`` or in a store. Privacy between browsers,
+    not security: with auth off anyone may present any id; turn auth on to tell users apart.
+    Raises :class:`AuthError` for an id that is not 16-64 of ``A-Z a-z 0-9 _ -``.
+    """
+    if not browser_id:
+        return OPEN
+    if not _BROWSER_ID.match(browser_id):
+        raise AuthError(f"{BROWSER_PARAM} must be 16-64 of A-Z a-z 0-9 _ - (a random id the browser keeps)")
+    digest = hashlib.sha256(browser_id.encode()).hexdigest()[:16]
+    return Principal(f"browser:{digest}", frozenset({"*"}))
 
 
 def _compile(patterns: tuple[str, ...] | None) -> re.Pattern[str] | None:

@@ -8,12 +8,14 @@ Every problem is reported as :class:`ConfigError` whose message names the key, e
 ``config error: server.port: must be between 0 and 65535 (got 70000)``.
 """
 
+import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -40,6 +42,7 @@ __all__ = [
     "LimitsConfig",
     "LoggingConfig",
     "load_config",
+    "run_label",
     "read_dotenv",
     "timing_warnings",
 ]
@@ -164,6 +167,10 @@ class UpstreamConfig:
     # routes each symbol's latest state once instead of every update (all still reach the cache).
     # 0 = never coalesce.
     coalesce_above: int = attrs.field(default=5000, validator=_non_negative)
+    # A replay, or a provider whose URL is on this machine (a local fake server), keeps its tick
+    # history, alerts and portfolios in <data_dir>/<run> (data/replay, data/fmp-local...) instead
+    # of data_dir itself, so that they never mix with the live relay's. false: share them.
+    separate_data: bool = True
 
 
 @attrs.frozen
@@ -688,7 +695,50 @@ def load_config(
             raise ConfigError(_format_cattrs_error(exc)) from None
         raise ConfigError(f"config error: {exc}") from None
     config = attrs.evolve(config, providers=providers)
-    return _validate(_resolve_data_dirs(config, env.get("STATE_DIRECTORY", "")))
+    return _validate(_resolve_data_dirs(_separate_run_data(config), env.get("STATE_DIRECTORY", "")))
+
+
+def run_label(config: Config) -> str | None:
+    """The name of a run that must not share the live relay's state, or None for a live run.
+
+    ``replay`` for a replay; ``<provider>-local`` for a provider whose URL is on this machine
+    (a ``trio-relay fake-fmp`` or another local fake). Not the ``relay`` provider: the workers of
+    one relay reach it on loopback and are the live relay.
+    """
+    name = config.provider
+    if name == "replay":
+        return "replay"
+    url = getattr(config.providers.get(name), "url", "") or ""
+    if name == "relay" or not isinstance(url, str) or not url:
+        return None
+    host = urlsplit(url).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return f"{name}-local" if local else None
+
+
+def _separate_run_data(config: Config) -> Config:
+    """A replay or local-fake run gets ``<data_dir>/<run>`` for each data_dir left at its default.
+
+    A data_dir the operator changed is theirs: kept as set. ``upstream.separate_data = false``
+    turns this off.
+    """
+    label = run_label(config) if config.upstream.separate_data else None
+    if label is None:
+        return config
+
+    def own(path: str, default: object) -> str:
+        return os.path.join(path, label) if path == default else path
+
+    history_default = attrs.fields(HistoryConfig).data_dir.default
+    alerts_default = attrs.fields(AlertsConfig).data_dir.default
+    return attrs.evolve(
+        config,
+        history=attrs.evolve(config.history, data_dir=own(config.history.data_dir, history_default)),
+        alerts=attrs.evolve(config.alerts, data_dir=own(config.alerts.data_dir, alerts_default)),
+    )
 
 
 def _resolve_data_dirs(config: Config, state_directory: str) -> Config:

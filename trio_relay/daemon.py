@@ -222,8 +222,9 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                     writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
                     await nursery.start(writer.run)
                     offer = writer.offer
-                    # The arrival time the live bars used too (one clock reading per hub turn).
-                    hub.add_callback(lambda update: offer(update, hub.received_ms or wall_ms()))
+                    # The arrival time the live bars used too (one clock reading per hub turn); the
+                    # hub's source is the provider an update came from when it does not say.
+                    hub.add_callback(lambda update: offer(update, hub.received_ms or wall_ms(), hub.source))
                     ctx.history_writer = writer
                     h = config.history
                     budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)

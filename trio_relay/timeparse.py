@@ -1,8 +1,9 @@
-"""Times given by people and programs: ISO 8601 or epoch milliseconds, to epoch ms (UTC)."""
+"""Times given by people and programs: ISO 8601, epoch milliseconds, or relative to now, to epoch ms (UTC)."""
 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 
 __all__ = ["TimeError", "parse_time", "MAX_MS"]
@@ -14,22 +15,31 @@ _MS_FLOOR = 100_000_000_000  # 1973-03-03 in ms; 5138-11-16 in seconds
 MAX_MS = 253_402_300_799_999
 _INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only: int() would take "²" or "١" too
 _MAX_TEXT = 64
+# "-90s", "-5m", "-2h", "-1d": that long before now (examples that work on any day).
+_RELATIVE = re.compile(r"-([0-9]{1,7})([smhd])")
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 class TimeError(ValueError):
     """A time that cannot be read; the message says what was expected."""
 
 
-def parse_time(raw: str, name: str) -> int:
-    """``raw`` (ISO 8601, or an integer of epoch milliseconds) as epoch ms; :class:`TimeError` otherwise.
+def parse_time(raw: str, name: str, now_ms: int | None = None) -> int:
+    """``raw`` as epoch ms; :class:`TimeError` otherwise.
 
-    ISO times without an offset are UTC; a date alone is its midnight UTC.
+    ``raw`` is ISO 8601 (without an offset: UTC; a date alone: its midnight UTC), an integer of
+    epoch milliseconds, ``now``, or a time before now: ``-90s``, ``-5m``, ``-2h``, ``-1d``
+    (``now_ms``, the wall clock by default, is "now").
     """
     text = raw.strip()
     if not text:
         raise TimeError(f"'{name}' is empty; give ISO 8601 (2024-11-10T14:30:00Z) or epoch milliseconds")
     if len(text) > _MAX_TEXT:
         raise TimeError(f"'{name}' is too long to be a time ({len(text)} characters)")
+    relative = _RELATIVE.fullmatch(text)
+    if relative or text == "now":
+        now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+        return max(0, now - int(relative.group(1)) * _UNIT_MS[relative.group(2)]) if relative else now
     if _INTEGER.fullmatch(text):
         value = int(text)
         if value > MAX_MS:
@@ -43,7 +53,7 @@ def parse_time(raw: str, name: str) -> int:
         when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise TimeError(
-            f"'{name}'={text[:40]!r} is not a time; give ISO 8601 (2024-11-10T14:30:00Z) or epoch milliseconds"
+            f"'{name}'={text[:40]!r} is not a time; give ISO 8601 (2024-11-10T14:30:00Z), epoch milliseconds, or -5m (before now)"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -7,7 +7,7 @@ Inside the relay only the typed objects travel.
 
 A rule's JSON (what a client sends; ``type`` and ``symbol`` always, the rest per type)::
 
-    {"type": "above", "symbol": "AAPL", "level": 190, "field": "last",
+    {"type": "above", "symbol": "AAPL", "level": 280, "field": "last",
      "name": "AAPL breakout", "one_shot": false, "cooldown_s": 600,
      "webhook": "https://hooks.example.com/x"}
 

@@ -16,7 +16,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..auth import OPEN, AuthError, bearer_token
+from ..auth import BROWSER_HEADER, OPEN, AuthError, bearer_token, open_principal
 from .alert_routes import register_alerts
 from .cache_routes import register_cache
 from .dashboard import OPEN_PREFIXES, PAGE_PATH, register_dashboard
@@ -83,6 +83,10 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
         if not security.auth.enabled:
+            try:
+                g.principal = open_principal(request.headers.get(BROWSER_HEADER))
+            except AuthError as exc:
+                return error_response(400, "invalid_browser", exc.reason)
             return None
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:

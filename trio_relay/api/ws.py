@@ -43,7 +43,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..alerts import RuleError
 from ..alerts.service import AlertService
-from ..auth import OPEN, AuthError, Principal, Security, TokenBucket, bearer_token
+from ..auth import BROWSER_PARAM, OPEN, AuthError, Principal, Security, TokenBucket, bearer_token, open_principal
 from ..bars import INTERVALS
 from ..config import Config
 from ..entitlements import Entitlement, EntitlementError, entitlement_for
@@ -173,7 +173,11 @@ class PriceSocketServer:
             return
         session = _Session(security)
         if not security.auth.enabled:
-            session.principal = OPEN
+            try:
+                session.principal = open_principal(query.get(BROWSER_PARAM, [""])[-1])
+            except AuthError as exc:
+                await _reject(stream, 400, "invalid_browser", exc.reason)
+                return
         else:
             token = query.get("token", [""])[-1] or bearer_token(headers.get(b"authorization"))
             if token:
@@ -512,7 +516,8 @@ class PriceSocketServer:
         """``{"action":"auth","token":...}``: first authentication, or a refresh before expiry."""
         security = self.security
         if not security.auth.enabled:
-            self.hub.send_control(client, control("authenticated", subject=OPEN.subject, expires_at=None))
+            subject = (session.principal or OPEN).subject
+            self.hub.send_control(client, control("authenticated", subject=subject, expires_at=None))
             return
         if not isinstance(token, str) or not token:
             raise_first = session.principal is None

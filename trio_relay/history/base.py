@@ -42,8 +42,9 @@ __all__ = [
     "redact",
 ]
 
-# What the writer hands to a backend: each update with the wall-clock ms at which it arrived.
-Batch = Sequence[tuple[Update, int]]
+# What the writer hands to a backend: each update with the wall-clock ms at which it arrived and
+# the provider it came from (stored as ``update.provider or provider``; None: not known).
+Batch = Sequence[tuple[Update, int, str | None]]
 
 # A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size, recv_ms).
 TradeRow = tuple[str, int, float, float | None, int]
@@ -69,6 +70,9 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
     ask_size: float | None = None
     bid_price: float | None = None
     bid_size: float | None = None
+    # The provider it came from ("fmp", "sim", "replay"...); None for ticks stored before the
+    # column existed (a database created by an older relay gets the column, empty, at start).
+    provider: str | None = None
 
 
 class HistoryError(Exception):

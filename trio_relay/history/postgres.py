@@ -46,8 +46,21 @@ _COLUMNS: Final = (
     "bid_size",
     "ask_price",
     "ask_size",
+    "provider",
 )
-_COPY_TYPES: Final = ["text", "int8", "int8", "text", "float8", "float8", "float8", "float8", "float8", "float8"]
+_COPY_TYPES: Final = [
+    "text",
+    "int8",
+    "int8",
+    "text",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "text",
+]
 
 
 class PostgresBackend:
@@ -131,9 +144,11 @@ class PostgresBackend:
                         "id BIGINT GENERATED ALWAYS AS IDENTITY (CACHE 1000), symbol TEXT NOT NULL, ts BIGINT NOT NULL,"
                         " recv_ms BIGINT NOT NULL, kind TEXT NOT NULL, last_price DOUBLE PRECISION,"
                         " last_size DOUBLE PRECISION, bid_price DOUBLE PRECISION, bid_size DOUBLE PRECISION,"
-                        " ask_price DOUBLE PRECISION, ask_size DOUBLE PRECISION)"
+                        " ask_price DOUBLE PRECISION, ask_size DOUBLE PRECISION, provider TEXT)"
                     ).format(table)
                 )
+                # A table made by an older relay: the provider column, NULL in old rows (no rewrite).
+                conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS provider TEXT").format(table))
                 conn.execute(
                     sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (symbol, ts, id)").format(
                         sql.Identifier(f"{self.table}_symbol_ts_id"), table
@@ -156,7 +171,7 @@ class _PostgresConnection:
         names = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(t, names)
         columns = sql.SQL(
-            "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size"
+            "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
         )
         self._ticks = sql.SQL(
             "SELECT {} FROM {} WHERE symbol = %s AND ts >= %s AND ts < %s ORDER BY ts, id LIMIT %s"
@@ -182,7 +197,7 @@ class _PostgresConnection:
             with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(self._copy) as copy:
                 copy.set_types(_COPY_TYPES)
                 write_row = copy.write_row
-                for u, r in batch:
+                for u, r, p in batch:
                     write_row(
                         (
                             u.symbol,
@@ -195,6 +210,7 @@ class _PostgresConnection:
                             u.bid_size,
                             u.ask_price,
                             u.ask_size,
+                            u.provider or p,
                         )
                     )
         except _ROW_ERRORS as exc:
@@ -229,7 +245,8 @@ class _PostgresConnection:
             raise self._backend._unavailable(exc) from None
         # Columns are in table order (bid before ask); Tick is in Update order (ask before bid).
         return [
-            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows
+            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz, pv), (ts, i))
+            for i, s, ts, rv, k, lp, ls, bp, bz, ap, az, pv in rows
         ]
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:

@@ -93,9 +93,10 @@ class SqliteBackend:
                 f'CREATE TABLE IF NOT EXISTS "{t}" ('
                 "id INTEGER PRIMARY KEY, symbol TEXT NOT NULL, ts INTEGER NOT NULL, recv_ms INTEGER NOT NULL,"
                 " kind TEXT NOT NULL, last_price REAL, last_size REAL, bid_price REAL, bid_size REAL,"
-                " ask_price REAL, ask_size REAL)"
+                " ask_price REAL, ask_size REAL, provider TEXT)"
             )
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_symbol_ts" ON "{t}" (symbol, ts)')
+            _migrate(conn, t)
         except sqlite3.Error as exc:
             conn.close()
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
@@ -105,16 +106,25 @@ class SqliteBackend:
         return _SqliteConnection(conn, self.table, self.description)
 
 
+def _migrate(conn: sqlite3.Connection, table: str) -> None:
+    """Bring a table made by an older relay up to date: the ``provider`` column (NULL in old rows)."""
+    columns = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
+    if "provider" not in columns:
+        conn.execute(f'ALTER TABLE "{table}" ADD COLUMN provider TEXT')  # instant: no row is rewritten
+
+
 class _SqliteConnection:
     def __init__(self, conn: sqlite3.Connection, table: str, description: str) -> None:
         self._conn = conn
         self._description = description
         t = table
         self._insert = (
-            f'INSERT INTO "{t}" (symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size)'
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f'INSERT INTO "{t}" (symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,'
+            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        columns = "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size"
+        columns = (
+            "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
+        )
         self._ticks = f'SELECT {columns} FROM "{t}" WHERE symbol = ? AND ts >= ? AND ts < ? ORDER BY ts, id LIMIT ?'
         # After a cursor (ts0, id0): ts >= max(start, ts0) bounds the index range, the OR trims ts0's rows.
         self._ticks_after = (
@@ -156,8 +166,9 @@ class _SqliteConnection:
                 u.bid_size,
                 u.ask_price,
                 u.ask_size,
+                u.provider or p,
             )
-            for u, r in batch
+            for u, r, p in batch
         )
         try:
             self._conn.execute("BEGIN")
@@ -199,7 +210,8 @@ class _SqliteConnection:
             raise self._unavailable(exc) from exc
         # Columns are in table order (bid before ask); Tick is in Update order (ask before bid).
         return [
-            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz), (ts, i)) for i, s, ts, rv, k, lp, ls, bp, bz, ap, az in rows
+            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz, pv), (ts, i))
+            for i, s, ts, rv, k, lp, ls, bp, bz, ap, az, pv in rows
         ]
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:

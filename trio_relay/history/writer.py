@@ -115,7 +115,7 @@ class HistoryWriter:
 
         # Updates in the order offered, with their receive time. Bounded by queue_size in offer();
         # the batch being written stays here until its commit, so a failed batch is retried.
-        self._buffer: deque[tuple[Update, int]] = deque()
+        self._buffer: deque[tuple[Update, int, str | None]] = deque()
         self.written = 0
         self.dropped = 0
         self.rejected = 0  # refused by the database itself (a value it cannot store)
@@ -187,8 +187,10 @@ class HistoryWriter:
             "last_error": self.last_error,
         }
 
-    def offer(self, update: Update, recv_ms: int) -> bool:
+    def offer(self, update: Update, recv_ms: int, provider: str | None = None) -> bool:
         """Queue ``update`` (received at wall-clock ``recv_ms``) for writing; False if it was dropped.
+
+        ``provider`` is stored with it when the update itself does not name one (the hub's source).
 
         Never blocks: when ``queue_size`` updates are waiting (or the writer is stopping), the
         update is dropped and counted in :attr:`dropped`.
@@ -206,7 +208,7 @@ class HistoryWriter:
                 )
                 self._changes.unpark_all()
             return False
-        buffer.append((update, recv_ms))
+        buffer.append((update, recv_ms, provider))
         if n == 0 or n + 1 == self.batch_size:
             self._wake.set()
         return True
@@ -367,7 +369,7 @@ class HistoryWriter:
         self._succeeded()
         return True
 
-    async def _write_sorted(self, batch: list[tuple[Update, int]], lo: int, hi: int, tally: _Tally) -> None:
+    async def _write_sorted(self, batch: list[tuple[Update, int, str | None]], lo: int, hi: int, tally: _Tally) -> None:
         """Write ``batch[lo:hi]``; if the database refuses rows, halve until each refused row is alone."""
         assert self._conn is not None
         try:

@@ -5,7 +5,12 @@ updates received together are returned together, at the recorded gaps between re
 divided by ``speed``. The clock starts at the session's first subscribe, so a client that
 subscribes to an idle relay sees the recording from its beginning; from then on it runs
 whatever is subscribed: only subscribed symbols' updates are returned, the others are skipped
-but their time still passes (like a live feed). Updates keep their recorded event timestamps.
+but their time still passes (like a live feed).
+
+Event timestamps are re-timed to now (``retime``, the default): the first recorded update is
+stamped with the wall-clock time at which playback starts, the others at their recorded distance
+from it divided by ``speed``, so replayed ticks sit where they are played (in a chart, in the
+tick history) instead of at the recording's date. ``retime = false`` keeps the recorded ones.
 
 At the end it loops (``loop``: every update and timestamp shifted forward by the recording's
 length plus one average gap, so times keep increasing) or stays connected and idle, logging
@@ -28,7 +33,7 @@ import attrs
 import msgspec
 import trio
 
-from ..model import Update
+from ..model import Update, wall_ms
 from ..recording import DEMO, DEMO_RESOURCE, Recorded, RecordingError, RecordingHeader, RecordingReader, recording_path
 from ..settings import ConfigError, positive
 from .base import MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
@@ -44,6 +49,9 @@ class ReplayConfig:
     speed: float = attrs.field(default=1.0, validator=positive)
     # Start again from the beginning at the end of the file.
     loop: bool = False
+    # Stamp the replayed updates with the time they are played (the first at playback start, the
+    # others at their recorded distance / speed); false: keep the recorded timestamps.
+    retime: bool = True
 
 
 log = logging.getLogger("trio_relay.providers.replay")
@@ -59,6 +67,9 @@ class ReplaySession:
         self._path = path
         self._speed = config.speed
         self._loop = config.loop
+        self._retime = config.retime
+        self._wall0 = 0  # wall-clock ms at which playback started (retime)
+        self._ts0: int | None = None  # the first recorded event timestamp (retime)
         self._on_malformed = on_malformed
         self._known = set(header.symbols)
         self._symbols: set[str] = set()
@@ -100,6 +111,7 @@ class ReplaySession:
         self._symbols.update(symbols)
         if not self._started.is_set():
             self._origin = trio.current_time()
+            self._wall0 = wall_ms()
             self._started.set()
 
     async def unsubscribe(self, symbols: Sequence[str]) -> None:
@@ -149,13 +161,23 @@ class ReplaySession:
             update = entry.update
             if self._pass == 0:
                 self._note_extent(entry)
+            if self._ts0 is None:
+                self._ts0 = update.timestamp
             if update.symbol in wanted:
+                if self._pass or self._retime:
+                    update = msgspec.structs.replace(update, timestamp=self._stamp(update.timestamp))
                 if self._pass:
-                    update = msgspec.structs.replace(
-                        update, timestamp=update.timestamp + self._ts_shift, seq=0, epoch=None
-                    )
+                    update = msgspec.structs.replace(update, seq=0, epoch=None)
                 out.append(update)
         return out
+
+    def _stamp(self, recorded: int) -> int:
+        """An update's event time on this pass: shifted past the earlier passes, re-timed to now if asked."""
+        ts = recorded + self._ts_shift
+        if not self._retime:
+            return ts
+        assert self._ts0 is not None
+        return self._wall0 + round((ts - self._ts0) / self._speed)
 
     def _note_extent(self, entry: Recorded) -> None:
         if self._groups == 0 or entry.t != self._last_t:
@@ -200,7 +222,8 @@ class ReplayProvider:
 
     def describe(self) -> str:
         loop = ", looping" if self.config.loop else ""
-        return f"replay of {self.label} at {self.config.speed:g}x{loop} (recorded timestamps)"
+        stamps = "re-timed to now" if self.config.retime else "recorded timestamps"
+        return f"replay of {self.label} at {self.config.speed:g}x{loop} ({stamps})"
 
     @asynccontextmanager
     async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[ReplaySession]:

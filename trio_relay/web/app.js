@@ -1,16 +1,22 @@
 // The dashboard page: a symbol list (kept in localStorage), a live table, a chart per selected
-// row, the user's alert rules and the alerts they fired, and the connection's state. Messages are applied to plain objects (Quote) and the DOM is
-// touched once per animation frame, only where something changed: 50 symbols updating many
+// row, the user's alert rules and the alerts they fired, and the connection's state. Messages
+// are applied to plain objects (Quote) and the DOM is touched once per animation frame, only where something changed: 50 symbols updating many
 // times a second cost one small render per frame, not one per message.
 
 import { Chart } from "./chart.js";
 import { CONNECTING, LIVE, NEED_TOKEN, RECONNECTING, RelayFeed, STOPPED, SYMBOL_RE } from "./feed.js";
+import { PortfolioPanel } from "./portfolio.js";
 import { Quote } from "./quotes.js";
 
 const SYMBOLS_KEY = "trio-relay.symbols";  // localStorage: the list survives reloads
 const TOKEN_KEY = "trio-relay.token";  // sessionStorage: the token does not outlive the tab
+const BROWSER_KEY = "trio-relay.browser";  // localStorage: this browser's own id (auth off)
 const MAX_SYMBOLS = 500;  // clients.max_symbols_per_client (default)
-const FLASH_MS = 400;
+// A changed price's cell is tinted this long (a faint tint: at 50 updates/s longer flashes
+// would keep half the table coloured); never with prefers-reduced-motion.
+const FLASH_MS = 250;
+const FLASH_GAP_MS = 1000;  // a cell flashes at most once a second, however often it changes
+const reducedMotion = window.matchMedia?.("(prefers-reduced-motion: reduce)");
 const MAX_FIRED = 50;  // fired alerts listed (newest first); older ones drop off the end
 const REFRESH_AFTER_FIRE_MS = 500;  // re-read the rules (states, counts) this long after an alert
 
@@ -21,6 +27,8 @@ const ui = {
   retry: $("retry"),
   addForm: $("add-form"),
   input: $("symbol-input"),
+  symbolError: $("symbol-error"),
+  changeSince: $("change-since"),
   remove: $("remove"),
   notice: $("notice"),
   tokenForm: $("token-form"),
@@ -114,10 +122,27 @@ function saveSymbols() {
   storageSet("localStorage", SYMBOLS_KEY, JSON.stringify([...quotes.keys()]));
 }
 
+/**
+ * This browser's id: random, made once, kept in localStorage. With auth off the relay makes it
+ * the owner of the alerts and portfolios made here (not everyone's "anonymous"); with auth on
+ * the token decides and the relay ignores it. Storage blocked: a new id per page load.
+ */
+function browserId() {
+  let id = storageGet("localStorage", BROWSER_KEY);
+  if (!id || !/^[A-Za-z0-9_-]{16,64}$/.test(id)) {
+    const bytes = crypto.getRandomValues(new Uint8Array(18));
+    id = btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_");
+    storageSet("localStorage", BROWSER_KEY, id);
+  }
+  return id;
+}
+
 // ------------------------------------------------------------------ the feed
 // Relative to this module (…/static/app.js), so the page also works behind a path prefix.
 const wsUrl = new URL("../api/v2/realtime/ws/prices?batch=1", import.meta.url);
 wsUrl.protocol = wsUrl.protocol === "https:" ? "wss:" : "ws:";
+const BROWSER = browserId();
+wsUrl.searchParams.set("browser", BROWSER);
 
 const feed = new RelayFeed(wsUrl.href, {
   update(msg) {
@@ -224,6 +249,9 @@ const feed = new RelayFeed(wsUrl.href, {
     requestRender();
     feed.listAlerts();
   },
+  portfolio(msg) {
+    portfolio.show(msg);
+  },
   alert(msg) {
     firedCount++;
     firedPending.push(msg);
@@ -242,6 +270,32 @@ const feed = new RelayFeed(wsUrl.href, {
   },
 });
 
+// REST calls carry what the socket carries: this browser's id and, with auth on, the token.
+const apiBase = new URL("../api/v2/realtime/", import.meta.url);
+const portfolio = new PortfolioPanel(
+  {
+    form: $("position-form"),
+    symbol: $("position-symbol"),
+    quantity: $("position-qty"),
+    cost: $("position-cost"),
+    error: $("position-error"),
+    table: $("positions"),
+    rows: $("position-rows"),
+    empty: $("positions-empty"),
+    totalValue: $("total-value"),
+    totalPnl: $("total-pnl"),
+    totalDay: $("total-day"),
+  },
+  apiBase,
+  () => ({ "X-Relay-Browser": BROWSER, ...(feed.token ? { Authorization: `Bearer ${feed.token}` } : {}) }),
+  (name) => feed.watchPortfolio(name),
+  () => {
+    portfolioDirty = true;
+    requestRender();
+  },
+);
+let portfolioDirty = false;
+
 function askToken(reason) {
   ui.tokenReason.textContent = reason;
   ui.tokenForm.hidden = false;
@@ -249,11 +303,28 @@ function askToken(reason) {
 }
 
 // ------------------------------------------------------------------ user actions
+/**
+ * The symbols typed (separated by commas, semicolons or spaces; upper-cased, as the relay
+ * does), or null when any of them is not a symbol the relay accepts: then nothing is added or
+ * removed, the input keeps its text and says what is wrong ("bad sym!" is refused, not "BAD").
+ */
 function parseInput() {
   const words = ui.input.value.split(/[\s,;]+/).map((s) => s.trim().toUpperCase()).filter(Boolean);
   const bad = words.filter((s) => !SYMBOL_RE.test(s));
-  if (bad.length) showNotice(`not a symbol: ${bad.slice(0, 5).join(", ")} (1-20 of A-Z 0-9 . - / ^ =)`);
-  return [...new Set(words.filter((s) => SYMBOL_RE.test(s)))];
+  if (bad.length) {
+    const shown = bad.slice(0, 5).map((s) => `"${s}"`).join(", ");
+    setSymbolError(`not a symbol: ${shown}. A symbol is 1-20 of A-Z 0-9 . - / ^ = (AAPL, BRK.B, ^GSPC, EURUSD)`);
+    return null;
+  }
+  setSymbolError(null);
+  return [...new Set(words)];
+}
+
+function setSymbolError(text) {
+  ui.symbolError.textContent = text ?? "";
+  ui.symbolError.hidden = text === null;
+  if (text === null) ui.input.removeAttribute("aria-invalid");
+  else ui.input.setAttribute("aria-invalid", "true");
 }
 
 function addSymbols(symbols) {
@@ -285,13 +356,21 @@ function removeSymbols(symbols) {
 
 ui.addForm.addEventListener("submit", (event) => {
   event.preventDefault();
-  addSymbols(parseInput());
+  const symbols = parseInput();
+  if (symbols === null) return;
+  addSymbols(symbols);
   ui.input.value = "";
 });
 
 ui.remove.addEventListener("click", () => {
-  removeSymbols(parseInput());
+  const symbols = parseInput();
+  if (symbols === null) return;
+  removeSymbols(symbols);
   ui.input.value = "";
+});
+
+ui.input.addEventListener("input", () => {
+  if (!ui.symbolError.hidden) setSymbolError(null);
 });
 
 ui.tokenForm.addEventListener("submit", (event) => {
@@ -420,19 +499,13 @@ function toggleChart(symbol) {
   requestRender();
 }
 
+// A click anywhere on a row opens its chart; for the keyboard and screen readers the symbol is
+// a button that says whether its chart is open (aria-expanded belongs on a button, not a row).
 ui.rows.addEventListener("click", (event) => {
   const tr = event.target.closest("tr");
   if (!tr) return;
   if (event.target.closest("button.drop")) removeSymbols([tr.dataset.symbol]);
   else toggleChart(tr.dataset.symbol);
-});
-
-ui.rows.addEventListener("keydown", (event) => {
-  const tr = event.target.closest("tr");
-  if (tr && event.target === tr && (event.key === "Enter" || event.key === " ")) {
-    event.preventDefault();
-    toggleChart(tr.dataset.symbol);
-  }
 });
 
 ui.charts.addEventListener("click", (event) => {
@@ -488,6 +561,10 @@ function render(now) {
     renderFired(firedPending);
     firedPending = [];
   }
+  if (portfolioDirty) {
+    portfolioDirty = false;
+    portfolio.render(formatPrice);
+  }
   for (const [cell, until] of flashing) {
     if (until <= now) {
       cell.classList.remove("flash-up", "flash-down");
@@ -513,7 +590,7 @@ function buildRows() {
       dirty.add(symbol);  // filled in by this frame's update pass
     }
     row.tr.classList.toggle("selected", selected.has(symbol));
-    row.tr.setAttribute("aria-expanded", String(selected.has(symbol)));
+    row.toggle.setAttribute("aria-expanded", String(selected.has(symbol)));
     ordered.push(row.tr);
   }
   ui.rows.replaceChildren(...ordered);
@@ -534,7 +611,6 @@ const COLUMNS = ["symbol", "last", "bid", "ask", "change", "updated", "provider"
 function makeRow(symbol) {
   const tr = document.createElement("tr");
   tr.dataset.symbol = symbol;
-  tr.tabIndex = 0;
   tr.title = "show or hide the chart";
   const cells = {};
   for (const name of COLUMNS) {
@@ -544,8 +620,20 @@ function makeRow(symbol) {
     tr.append(td);
     cells[name] = td;
   }
-  cells.symbol.textContent = symbol;
+  const toggle = document.createElement("button");
+  toggle.type = "button";
+  toggle.className = "sym";
+  toggle.textContent = symbol;
+  toggle.setAttribute("aria-expanded", "false");
+  toggle.setAttribute("aria-controls", "charts");
+  toggle.title = `show or hide the ${symbol} chart`;
+  cells.symbol.append(toggle);
+  const parts = { changeAbs: document.createElement("span"), changePct: document.createElement("span") };
+  parts.changeAbs.className = "abs";
+  parts.changePct.className = "pct";
+  cells.change.append(parts.changeAbs, " ", parts.changePct);
   const td = document.createElement("td");
+  td.className = "remove";
   const drop = document.createElement("button");
   drop.type = "button";
   drop.className = "drop";
@@ -554,7 +642,7 @@ function makeRow(symbol) {
   drop.setAttribute("aria-label", `remove ${symbol}`);
   td.append(drop);
   tr.append(td);
-  return { tr, cells, shown: {}, values: {} };
+  return { tr, toggle, cells, parts, shown: {}, values: {}, flashedAt: {}, digits: 2 };
 }
 
 function setText(row, name, text) {
@@ -564,13 +652,25 @@ function setText(row, name, text) {
   }
 }
 
+function setPart(row, name, text) {
+  if (row.shown[name] !== text) {
+    row.shown[name] = text;
+    row.parts[name].textContent = text;
+  }
+}
+
 function setPrice(row, name, value, now) {
   const before = row.values[name];
   row.values[name] = value;
-  setText(row, name, formatPrice(value));
+  // As many decimals as this symbol's prices have had (1.16310, not 1.1631 after 1.16314).
+  if (value !== null) row.digits = Math.max(row.digits, decimals(value));
+  setText(row, name, formatPrice(value, row.digits));
+  if (reducedMotion?.matches) return;
   if (before !== undefined && before !== null && value !== null && value !== before) {
+    if (now - (row.flashedAt[name] ?? -Infinity) < FLASH_GAP_MS) return;
+    row.flashedAt[name] = now;
     const cell = row.cells[name];
-    cell.classList.remove("flash-up", "flash-down");
+    // A flash lasts less than the gap between two, so none is running: one class change only.
     cell.classList.add(value > before ? "flash-up" : "flash-down");
     flashing.set(cell, now + FLASH_MS);
   }
@@ -583,11 +683,19 @@ function updateRow(row, quote, now) {
   const change = quote.change;
   const cell = row.cells.change;
   if (change === null) {
-    setText(row, "change", "—");
+    setPart(row, "changeAbs", "—");
+    setPart(row, "changePct", "");
   } else {
     const [abs, pct] = change;
     const sign = abs > 0 ? "+" : abs < 0 ? "−" : "";
-    setText(row, "change", `${sign}${formatPrice(Math.abs(abs))} (${sign}${Math.abs(pct).toFixed(2)}%)`);
+    // Two parts, so that a narrow screen can show the percentage alone.
+    setPart(row, "changeAbs", `${sign}${formatPrice(Math.abs(abs), row.digits)}`);
+    const pctSign = Math.abs(pct) < 0.005 ? "" : sign;  // no "−0.00%": it rounds to nothing
+    setPart(row, "changePct", `(${pctSign}${Math.abs(pct).toFixed(2)}%)`);
+    if (row.shown.since !== quote.firstAt) {
+      row.shown.since = quote.firstAt;
+      cell.title = `since ${formatTime(quote.firstAt)}, the first price this page saw (not the previous close)`;
+    }
   }
   const direction = change === null || change[0] === 0 ? "" : change[0] > 0 ? "pos" : "neg";
   if (row.shown.direction !== direction) {
@@ -784,20 +892,28 @@ function renderStatus(now) {
     case STOPPED:
       text = `stopped: ${feed.detail}`;
       break;
-    default:
-      if (upstream.state === "down" || upstream.state === "stale") {
+    default: {
+      // Connected. The badge says what the prices are worth: "down" (the relay lost its
+      // provider: nothing moves), "stale" (the provider is silent, or every row is stale: the
+      // prices may be old), or "live" (with how many rows are stale, if any).
+      const staleRows = [...quotes.values()].filter((quote) => quote.stale).length;
+      const why = `${upstream.provider || "the provider"}${upstream.reason ? ` — ${upstream.reason}` : ""}`;
+      if (upstream.state === "down") {
         state = "upstream-down";
-        text = `upstream ${upstream.state}: ${upstream.provider}${upstream.reason ? ` — ${upstream.reason}` : ""}`;
-        title = text;
-      } else if (quotes.size > 0 && [...quotes.values()].every((quote) => quote.stale)) {
+        text = `down: ${why}`;
+      } else if (upstream.state === "stale") {
+        state = "stale";
+        text = `stale: ${why}`;
+      } else if (quotes.size > 0 && staleRows === quotes.size) {
         // Every row the relay has flagged stale: whatever the upstream reports, nothing here is
         // live, and the badge must not say otherwise.
-        state = "upstream-down";
+        state = "stale";
         text = "stale: no updates for any symbol";
-        title = text;
       } else {
-        text = "live";
+        text = staleRows ? `live (${staleRows} stale)` : "live";
       }
+      if (state !== LIVE) title = text;
+    }
   }
   if (ui.conn.dataset.state !== state) ui.conn.dataset.state = state;
   if (ui.connText.textContent !== text) ui.connText.textContent = text;
@@ -815,12 +931,16 @@ function showNotice(text) {
 }
 
 // ------------------------------------------------------------------ formatting
-function formatPrice(value) {
-  if (value === null || value === undefined) return "—";
-  // As many decimals as the price has (2 to 6): 189.45, 1.08453, 0.000123.
+/** The decimals a price needs (2 to 6): 277.45 → 2, 1.08453 → 5, 0.000123 → 6. */
+function decimals(value) {
   let digits = 2;
   while (digits < 6 && Math.abs(value * 10 ** digits - Math.round(value * 10 ** digits)) > 1e-6) digits++;
-  return value.toFixed(digits);
+  return digits;
+}
+
+function formatPrice(value, digits = 0) {
+  if (value === null || value === undefined) return "—";
+  return value.toFixed(Math.max(digits, decimals(value)));
 }
 
 const pad = (n, width = 2) => String(n).padStart(width, "0");
@@ -860,10 +980,13 @@ window.relayDashboard = {
   },
 };
 
+const started = new Date();
+ui.changeSince.textContent = `since ${pad(started.getHours())}:${pad(started.getMinutes())}`;
 const initial = loadSymbols();
 for (const s of initial) quotes.set(s, new Quote(s));
 feed.add(initial);
 feed.token = storageGet("sessionStorage", TOKEN_KEY);
 syncAlertForm();
 feed.start();
+portfolio.start();
 requestRender();

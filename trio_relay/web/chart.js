@@ -1,8 +1,11 @@
 // A small line chart on a <canvas>, without libraries: the mid (line) and the last trade price
-// (thinner line) of a symbol's stored points, with the session's first price as a dashed line.
+// (thinner line) of a symbol's stored points against their event time (a time axis along the
+// bottom, local time), with the first price the page saw as a dashed line.
 // Colours come from CSS custom properties on the canvas (--mid, --last, --ref, --text).
 
-import { HISTORY } from "./quotes.js";
+// Time-axis steps (ms): the smallest that leaves room between two labels is used.
+const STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600].map((s) => s * 1000);
+const AXIS = 16;  // px under the plot for the time labels
 
 /**
  * One symbol's chart. Drawing reads no layout and no style (both would force the browser to
@@ -74,11 +77,12 @@ function drawChart(ctx, width, height, colors, quote) {
     lo -= Math.max(Math.abs(lo) * 1e-4, 1e-4);
   }
   const top = 14;
-  const bottom = height - 14;
+  const bottom = height - AXIS - 4;
   const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
-  // The newest point at the right edge; older ones scroll off to the left.
-  const step = (width - 1) / (HISTORY - 1);
-  const x = (i) => width - 1 - (quote.count - 1 - i) * step;
+  // The newest point at the right edge, the oldest stored one at the left (by event time).
+  const [t0, t1] = quote.timeSpan ?? [0, 0];
+  const span = Math.max(t1 - t0, 1000);
+  const x = (_i, t) => width - 1 - ((t1 - t) / span) * (width - 1);
 
   if (ref !== null) {
     ctx.strokeStyle = colors.ref;
@@ -94,9 +98,46 @@ function drawChart(ctx, width, height, colors, quote) {
   line(ctx, quote, 2, x, y, colors.last, 1);
 
   ctx.fillStyle = colors.text;
-  const digits = hi >= 1 ? 2 : 4;
+  const digits = hi >= 1 ? 2 : hi >= 0.01 ? 5 : 6;
   ctx.fillText(hi.toFixed(digits), 4, 11);
-  ctx.fillText(lo.toFixed(digits), 4, height - 3);
+  ctx.fillText(lo.toFixed(digits), 4, bottom - 3);
+  timeAxis(ctx, width, height, colors, t1 - span, t1, x);
+}
+
+/** Ticks and HH:MM:SS labels along the bottom, at a round step that leaves room for each. */
+function timeAxis(ctx, width, height, colors, from, to, x) {
+  const axisY = height - AXIS;
+  ctx.strokeStyle = colors.ref;
+  ctx.lineWidth = 1;
+  ctx.beginPath();
+  ctx.moveTo(0, axisY + 0.5);
+  ctx.lineTo(width, axisY + 0.5);
+  const labelWidth = ctx.measureText("00:00:00").width + 12;
+  const step = STEPS.find((s) => (s / (to - from)) * width >= labelWidth) ?? STEPS[STEPS.length - 1];
+  const labels = [];
+  for (let t = Math.ceil(from / step) * step; t <= to; t += step) {
+    const px = x(0, t);
+    ctx.moveTo(Math.round(px) + 0.5, axisY);
+    ctx.lineTo(Math.round(px) + 0.5, axisY + 4);
+    labels.push([px, t]);
+  }
+  ctx.stroke();
+  ctx.fillStyle = colors.text;
+  ctx.textAlign = "center";
+  for (const [px, t] of labels) {
+    const half = labelWidth / 2 - 6;
+    if (px - half < 0 || px + half > width) continue;  // no label cut at an edge
+    ctx.fillText(clock(t, step), px, height - 3);
+  }
+  ctx.textAlign = "start";
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+function clock(ms, step) {
+  const d = new Date(ms);
+  const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  return step >= 60000 ? hm : `${hm}:${pad(d.getSeconds())}`;
 }
 
 function line(ctx, quote, which, x, y, strokeStyle, lineWidth) {
@@ -104,14 +145,14 @@ function line(ctx, quote, which, x, y, strokeStyle, lineWidth) {
   ctx.lineWidth = lineWidth;
   ctx.beginPath();
   let pen = false;
-  quote.eachPoint((i, mid, last) => {
+  quote.eachPoint((i, mid, last, t) => {
     const v = which === 1 ? mid : last;
-    if (v !== v) {  // NaN: a gap in this series
+    if (v !== v || t !== t) {  // NaN: a gap in this series
       pen = false;
       return;
     }
-    if (pen) ctx.lineTo(x(i), y(v));
-    else ctx.moveTo(x(i), y(v));
+    if (pen) ctx.lineTo(x(i, t), y(v));
+    else ctx.moveTo(x(i, t), y(v));
     pen = true;
   });
   ctx.stroke();

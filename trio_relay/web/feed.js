@@ -33,12 +33,14 @@ export class RelayFeed {
    * @param {string} url the price socket's URL (with ?batch=1)
    * @param {object} on callbacks, all optional: update(msg), status(msg), subscribed(msg),
    *   error(msg), state(), needToken(reason), tokenRefused(), authenticated(msg), expiring(msg),
-   *   alerts(rules), alertCreated(rule), alertDeleted(id), alert(msg) (a fired alert)
+   *   alerts(rules), alertCreated(rule), alertDeleted(id), alert(msg) (a fired alert),
+   *   portfolio(msg) (a valuation of the watched portfolio)
    */
   constructor(url, on) {
     this.url = url;
     this.on = on;
     this.symbols = new Set();
+    this.portfolio = null;  // the portfolio whose valuations are wanted (on every reconnect)
     this.lastSeq = new Map();
     this.epoch = null;
     this.token = null;
@@ -83,6 +85,13 @@ export class RelayFeed {
     if (gone.length && this._ready()) {
       for (const chunk of chunks(gone)) this._send({ action: "unsubscribe", symbols: chunk });
     }
+  }
+
+  /** Follow the valuations of portfolio `name` now if connected, and on every reconnect. */
+  watchPortfolio(name) {
+    if (this.portfolio === name) return;
+    this.portfolio = name;
+    if (this._ready()) this._send({ action: "subscribe", channel: "portfolio", portfolio: name });
   }
 
   /** Ask for the user's alert rules (the reply goes to `on.alerts`); false when not connected. */
@@ -149,6 +158,7 @@ export class RelayFeed {
     if (this.symbols.size) this._subscribe([...this.symbols], true);
     else this._send({ action: "list" });  // any reply tells us the connection works (and needs no token)
     if (this.on.alerts) this._send({ action: "alerts" });  // a new connection may follow changes made meanwhile
+    if (this.portfolio) this._send({ action: "subscribe", channel: "portfolio", portfolio: this.portfolio });
     this._watchdog = setInterval(() => this._checkAlive(), 5000);
   }
 
@@ -345,6 +355,10 @@ export class RelayFeed {
       case "alert_deleted":
         this._live();
         this.on.alertDeleted?.(msg.id);
+        return;
+      case "portfolio":
+        this._live();
+        this.on.portfolio?.(msg);
         return;
       case "status":
         if (msg.scope === "relay" && msg.state === "closing") {

@@ -11,12 +11,15 @@ export class Quote {
     this.ask = null;
     this.firstLast = null;  // first trade price seen this session: the reference for "change"
     this.firstMid = null;  // the same for the mid, while no trade has been seen
+    this.firstAt = null;  // when (epoch ms, event time) the page saw the reference price
     this.updatedAt = null;  // the update's event time, epoch ms
     this.provider = "";
     this.seq = 0;
     this.stale = false;  // the relay said this symbol stopped ticking
     this.updates = 0;
-    // Ring buffers of the last HISTORY mids and last prices (NaN where there was none).
+    // Ring buffers of the last HISTORY mids, last prices (NaN where there was none) and event
+    // times (epoch ms: the chart's time axis).
+    this.times = new Float64Array(HISTORY).fill(NaN);
     this.mids = new Float64Array(HISTORY).fill(NaN);
     this.lasts = new Float64Array(HISTORY).fill(NaN);
     this.head = 0;  // next slot to write
@@ -27,7 +30,10 @@ export class Quote {
     return this.bid !== null && this.ask !== null ? (this.bid + this.ask) / 2 : null;
   }
 
-  /** The change since the first price seen this session: [absolute, percent], or null. */
+  /**
+   * The change since the first price this page saw (at `firstAt`): [absolute, percent], or
+   * null. Not the change on the day: the relay's updates carry no previous close.
+   */
   get change() {
     let now = this.last;
     let first = this.firstLast;
@@ -52,18 +58,28 @@ export class Quote {
     const mid = this.mid;
     if (this.firstLast === null && this.last !== null) this.firstLast = this.last;
     if (this.firstMid === null && mid !== null) this.firstMid = mid;
+    if (this.firstAt === null && (this.last !== null || mid !== null)) this.firstAt = this.updatedAt ?? Date.now();
+    this.times[this.head] = this.updatedAt ?? NaN;
     this.mids[this.head] = mid ?? NaN;
     this.lasts[this.head] = this.last ?? NaN;
     this.head = (this.head + 1) % HISTORY;
     if (this.count < HISTORY) this.count++;
   }
 
-  /** Calls fn(i, mid, last) for the stored points, oldest first (i from 0). */
+  /** Calls fn(i, mid, last, time) for the stored points, oldest first (i from 0). */
   eachPoint(fn) {
     const start = (this.head - this.count + HISTORY) % HISTORY;
     for (let i = 0; i < this.count; i++) {
       const k = (start + i) % HISTORY;
-      fn(i, this.mids[k], this.lasts[k]);
+      fn(i, this.mids[k], this.lasts[k], this.times[k]);
     }
+  }
+
+  /** The event times of the oldest and newest stored points (epoch ms), or null. */
+  get timeSpan() {
+    if (!this.count) return null;
+    const newest = this.times[(this.head - 1 + HISTORY) % HISTORY];
+    const oldest = this.times[(this.head - this.count + HISTORY) % HISTORY];
+    return newest === newest && oldest === oldest ? [oldest, newest] : null;
   }
 }
