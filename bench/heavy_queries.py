@@ -75,6 +75,7 @@ def fill(data_dir: Path, trades: int) -> tuple[int, int]:
                         last_size=float(1 + i % 9),
                     ),
                     0,
+                    None,
                 )
                 for i in range(first, min(trades, first + batch))
             ]

@@ -133,10 +133,12 @@ def day_rows(symbols: int) -> list[tuple[Update, int]]:
         for k in range(symbols):
             s = f"DAY{k:02d}"
             if sec % 3 == 0:
-                rows.append((Update(s, "T", ts + k, last_price=100 + sec % 100 * 0.01, last_size=100.0), ts + k + 5))
+                rows.append(
+                    (Update(s, "T", ts + k, last_price=100 + sec % 100 * 0.01, last_size=100.0), ts + k + 5, None)
+                )
             else:
                 quote = Update(s, "Q", ts + k, ask_price=100.01, ask_size=300.0, bid_price=99.99, bid_size=200.0)
-                rows.append((quote, ts + k + 5))
+                rows.append((quote, ts + k + 5, None))
     return rows
 
 

@@ -169,7 +169,7 @@ async def test_stored_bars_follow_the_live_lateness_rule_and_complete_rule(backe
     ]
     conn = backend.connect()
     try:
-        conn.write([(Update("AAPL", "T", ts, last_price=p, last_size=q), r) for ts, p, q, r in arrivals])
+        conn.write([(Update("AAPL", "T", ts, last_price=p, last_size=q), r, None) for ts, p, q, r in arrivals])
     finally:
         conn.close()
     live = BarBuilder(["1s"], rule)
