@@ -700,10 +700,12 @@ def _source(name: str) -> str:
 
 
 def test_every_error_code_is_documented() -> None:
-    ws, hub, rest, app = _source("api/ws.py"), _source("hub/core.py"), _source("api/rest.py"), _source("api/app.py")
+    # The client protocol: its parsers, the sessions applying it, the transports' refusals.
+    ws = "".join(_source(f"api/{n}.py") for n in ("ws", "protocol", "sessions"))
+    hub, rest, app = _source("hub/core.py"), _source("api/rest.py"), _source("api/app.py")
     codes = set()
     codes |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', ws))
-    codes |= set(re.findall(r'_error\(\s*client,\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'(?:_error|\.error)\(\s*client,\s*"(\w+)"', ws))
     codes |= set(re.findall(r'code="(\w+)"', ws))
     codes |= set(re.findall(r'_reject\(\s*stream,\s*\d+,\s*"(\w+)"', ws))
     codes |= set(re.findall(r'SubscriptionError\(\s*"(\w+)"', hub))

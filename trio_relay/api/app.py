@@ -47,6 +47,7 @@ from ..upstream import UpstreamView
 from .asgi import AsgiApp, Outcome, call_app, error_response, run_lifespan
 from .connections import Admission, ConnectionTable, Entry
 from .rest import create_rest_app
+from .sessions import Actions
 from .ws import WS_PATH, PriceSocketServer, peer
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
@@ -148,9 +149,10 @@ class FrontDoor:
         self.server = ctx.config.server  # server settings need a restart: never reloaded
         self.rest: QuartTrio = create_rest_app(ctx)
         self.app: AsgiApp = self.rest  # type: ignore[assignment]  # QuartTrio is an ASGI app
-        self.ws = PriceSocketServer(ctx.hub, ctx.security)
-        self.ws.portfolios = ctx.portfolios
-        self.ws.alerts = ctx.alerts
+        self.actions = Actions(ctx.hub, ctx.security)
+        self.actions.portfolios = ctx.portfolios
+        self.actions.alerts = ctx.alerts
+        self.ws = PriceSocketServer(self.actions)
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
         self.table = ConnectionTable(self.server.max_connections, ctx.security.per_ip)
         ctx.edge = self.table  # for /metrics
