@@ -21,6 +21,7 @@ from typing import Final
 import attrs
 
 from ..bars import INTERVALS
+from ..hub.delivery import DeliveryOptions, OptionsError, parse_options
 from ..jsonbody import JsonError, decode_json
 from ..model import SYMBOL_RE, control
 
@@ -96,7 +97,8 @@ class Subscribe:
     """``subscribe``: ticks of ``symbols`` (with their delivery options), bars, or a portfolio.
 
     ``batch`` is None when the message did not say (the connection keeps its mode).
-    ``since``/``epoch``: a resume (the last seq seen per symbol).
+    ``since``/``epoch``: a resume (the last seq seen per symbol). ``options``: the delivery
+    options of these symbols (None: the defaults; see :mod:`trio_relay.hub.delivery`).
     """
 
     channel: Channel
@@ -106,6 +108,7 @@ class Subscribe:
     epoch: str | None = None
     batch: bool | None = None
     portfolio: object = None
+    options: DeliveryOptions | None = None
 
 
 @attrs.frozen
@@ -226,6 +229,14 @@ def resume_fields(raw: object, epoch: object, symbols: list[str]) -> tuple[dict[
     return since, epoch
 
 
+def delivery_options(msg: Mapping[str, object]) -> DeliveryOptions | None:
+    """The ``max_rate``, ``fields`` and ``delta`` of a subscribe, validated (None: the defaults)."""
+    try:
+        return parse_options(msg.get("max_rate"), msg.get("fields"), msg.get("delta"))
+    except OptionsError as exc:
+        raise ProtocolError(exc.code, exc.message) from None
+
+
 def _subscribe(msg: Mapping[str, object], max_per_request: int) -> Subscribe:
     if msg.get("channel") == "portfolio":
         return Subscribe(Channel.PORTFOLIO, portfolio=msg.get("portfolio"))
@@ -235,7 +246,8 @@ def _subscribe(msg: Mapping[str, object], max_per_request: int) -> Subscribe:
     if channel is Channel.BARS:
         return Subscribe(channel, symbols, interval=_interval(msg, required=True), batch=batch)
     since, epoch = resume_fields(msg.get("since"), msg.get("epoch"), symbols)
-    return Subscribe(channel, symbols, since=since, epoch=epoch, batch=batch)
+    options = delivery_options(msg)
+    return Subscribe(channel, symbols, since=since, epoch=epoch, batch=batch, options=options)
 
 
 def _unsubscribe(msg: Mapping[str, object], max_per_request: int) -> Unsubscribe:

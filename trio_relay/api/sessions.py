@@ -175,7 +175,8 @@ class Actions:
             if action.channel is Channel.BARS:
                 self.hub.bars.subscribe(client, action.symbols, action.interval or "")
             else:
-                self.hub.subscribe(client, action.symbols, since=action.since, epoch=action.epoch)
+                hub = self.hub
+                hub.subscribe(client, action.symbols, since=action.since, epoch=action.epoch, options=action.options)
         except SubscriptionError as exc:
             raise ProtocolError(exc.code, exc.message) from None
 
@@ -194,6 +195,8 @@ class Actions:
 
     def _on_list(self, client: Client, session: Session, action: ListSubscriptions) -> None:
         listing = control("subscriptions", symbols=sorted(client.symbols))
+        if client.options:  # only then, likewise: the symbols delivered with options, and theirs
+            listing["options"] = {s: o.as_json() for s, o in sorted(client.options.items())}
         if client.bars:  # only then: a ticks-only client sees the seed's reply
             bars: dict[str, list[str]] = {}
             for symbol, interval in sorted(client.bars):

@@ -236,7 +236,6 @@ class PriceSocketServer:
                 return True
 
 
-
 async def _reject(stream: trio.abc.Stream, status: int, code: str, message: str, *, bearer: bool = False) -> None:
     """Refuse a WebSocket upgrade with an HTTP error and a JSON body."""
     body = msgspec.json.encode({"error": code, "message": message})
