@@ -701,13 +701,15 @@ def _source(name: str) -> str:
 
 def test_every_error_code_is_documented() -> None:
     # The client protocol: its parsers, the sessions applying it, the transports' refusals.
-    ws = "".join(_source(f"api/{n}.py") for n in ("ws", "protocol", "sessions"))
+    ws = "".join(_source(f"api/{n}.py") for n in ("ws", "sse", "protocol", "sessions"))
+    ws += _source("hub/delivery.py")
     hub, rest, app = _source("hub/core.py"), _source("api/rest.py"), _source("api/app.py")
     codes = set()
     codes |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', ws))
     codes |= set(re.findall(r'(?:_error|\.error)\(\s*client,\s*"(\w+)"', ws))
     codes |= set(re.findall(r'code="(\w+)"', ws))
-    codes |= set(re.findall(r'_reject\(\s*stream,\s*\d+,\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'reject\(\s*stream,\s*\d+,\s*"(\w+)"', ws))
+    codes |= set(re.findall(r'OptionsError\(\s*"(\w+)"', ws))
     codes |= set(re.findall(r'SubscriptionError\(\s*"(\w+)"', hub))
     routes = rest + "".join(_source(f"api/{n}_routes.py") for n in ("health", "pin", "cache", "alert", "portfolio"))
     codes |= set(re.findall(r'(?:_error|error_response)\(\s*\d+,\s*"(\w+)"', routes))

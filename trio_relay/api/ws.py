@@ -44,7 +44,7 @@ from ..model import CloseCode, ws_payload, ws_text_frame
 from .protocol import ProtocolError, flag, parse_symbols
 from .sessions import Actions, Session
 
-__all__ = ["WS_PATH", "PriceSocketServer", "ProtocolError", "parse_symbols", "peer", "peer_ip"]
+__all__ = ["WS_PATH", "PriceSocketServer", "ProtocolError", "parse_symbols", "peer", "peer_ip", "reject"]
 
 log = logging.getLogger("trio_relay.api.ws")
 
@@ -80,7 +80,7 @@ class PriceSocketServer:
         security = self.security
         if not security.origin_allowed(headers.get(b"origin"), request.host):
             log.warning("[CLIENT] refused: origin %.100r is not allowed", headers.get(b"origin"))
-            await _reject(stream, 403, "forbidden_origin", "this page's origin may not open the price socket")
+            await reject(stream, 403, "forbidden_origin", "this page's origin may not open the price socket")
             return
         session = Session(security)
         if not security.auth.enabled:
@@ -92,12 +92,12 @@ class PriceSocketServer:
                     session.principal = security.auth.verify(token)
                 except AuthError as exc:
                     log.info("[AUTH] WebSocket refused: %s", exc.reason)
-                    await _reject(stream, 401, "unauthorized", exc.reason, bearer=True)
+                    await reject(stream, 401, "unauthorized", exc.reason, bearer=True)
                     return
         try:
             if session.principal is not None and not session.claim_user():
                 cap = security.per_user.cap
-                await _reject(stream, 429, "too_many_connections", f"at most {cap} connections per user")
+                await reject(stream, 429, "too_many_connections", f"at most {cap} connections per user")
                 return
             # No extensions offered back: permessage-deflate stays off (it would cost a
             # compression per client per frame, and our frames are encoded once for everyone).
@@ -236,7 +236,7 @@ class PriceSocketServer:
                 return True
 
 
-async def _reject(stream: trio.abc.Stream, status: int, code: str, message: str, *, bearer: bool = False) -> None:
+async def reject(stream: trio.abc.Stream, status: int, code: str, message: str, *, bearer: bool = False) -> None:
     """Refuse a WebSocket upgrade with an HTTP error and a JSON body."""
     body = msgspec.json.encode({"error": code, "message": message})
     extra = b'www-authenticate: Bearer realm="trio-relay"\r\n' if bearer else b""
