@@ -1,6 +1,6 @@
 """The web dashboard: a static page at ``/`` and its files under ``/static/``.
 
-The files are plain ES modules, a stylesheet and an icon shipped in the ``trio_relay.web``
+The files are plain ES modules (the official client among them, from ``web/client/``), a stylesheet and an icon shipped in the ``trio_relay.web``
 package (no build step, nothing fetched from another site). They are read once, when the REST
 app is created, and served from memory: the set of names that can be asked for is fixed at start,
 so a request can never reach another file.
@@ -40,9 +40,14 @@ _PAGE = "index.html"
 
 
 def _load_files() -> dict[str, tuple[bytes, str]]:
-    """Every servable file of ``trio_relay.web``: name → (content, content type)."""
+    """Every servable file of ``trio_relay.web`` and of its ``client/``: name → (content, content type).
+
+    ``client/`` is the official JavaScript client's package (``@trio-relay/client``): the page
+    loads ``relay-client.js`` from there, served flat like the others.
+    """
     files: dict[str, tuple[bytes, str]] = {}
-    for entry in resources.files("trio_relay.web").iterdir():
+    web = resources.files("trio_relay.web")
+    for entry in [*web.iterdir(), *web.joinpath("client").iterdir()]:
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in _TYPES:
             files[entry.name] = (entry.read_bytes(), _TYPES[suffix])

@@ -11,7 +11,8 @@ of the stream (``<epoch>~AAPL:41,MSFT:7``). A browser's ``EventSource`` that los
 reconnects with that id in ``Last-Event-ID`` (a client that opens a new stream may pass it as
 ``last_event_id`` in the query) and the relay resumes it: exactly the missed updates, or, when
 they are gone, the ``subscribed`` event says ``"recovered": false`` and snapshots follow.
-Other messages (``subscribed``, ``status``, ``error``) are events named by their ``type``. A
+Other messages (``subscribed``, ``status``) are events named by their ``type``; an ``error``
+message is the event ``relay_error`` (an ``EventSource``'s own ``error`` event is its connection's). A
 stream with nothing to send gets a ``: keep-alive`` comment every ``clients.sse_heartbeat``.
 """
 
@@ -65,6 +66,11 @@ def parse_event_id(raw: str) -> tuple[str, dict[str, int]] | None:
             return None
         since[symbol.strip().upper()] = int(seq)
     return epoch, since
+
+
+def _event_name(kind: str) -> bytes:
+    # An EventSource's own "error" event is about its connection: the relay's error is another name.
+    return b"relay_error" if kind == "error" else (kind or "message").encode()
 
 
 def event_id(epoch: str, seqs: dict[str, int]) -> bytes:
@@ -230,6 +236,6 @@ class SsePriceServer:
                         seqs[head.symbol] = head.seq
                         out.append(b"id: %s\nevent: price_update\ndata: %s\n\n" % (event_id(epoch, seqs), payload))
                     else:
-                        out.append(b"event: %s\ndata: %s\n\n" % ((head.type or "message").encode(), payload))
+                        out.append(b"event: %s\ndata: %s\n\n" % (_event_name(head.type), payload))
                 await stream.send_all(b"".join(out))
                 outbox.progressed(len(frames))
