@@ -296,7 +296,17 @@ export class RelayClient {
     };
     ws.onmessage = (/** @type {{data: any}} */ event) => this._received(ws, event.data);
     ws.onclose = (/** @type {{code: number, reason: string}} */ event) => this._closed(ws, event.code, event.reason, opened);
-    // onerror is always followed by onclose, which decides what to do.
+    // In browsers onerror is always followed by onclose, which decides what to do. A socket that
+    // never opened is given up at its error: some runtimes (Node 20's) never close it.
+    ws.onerror = () => {
+      if (opened) return;
+      this._closed(ws, 1006, "", false);
+      try {
+        ws.close();
+      } catch {
+        // not open: nothing to close
+      }
+    };
   }
 
   /** @param {any} ws */
@@ -462,7 +472,7 @@ export class RelayClient {
     this._closeStreams();
     clearTimeout(this._timer);
     if (ws) {
-      ws.onopen = ws.onmessage = ws.onclose = null;
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
       try {
         ws.close(code, reason);
       } catch {
