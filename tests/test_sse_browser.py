@@ -9,6 +9,9 @@ the official client.
 
 from __future__ import annotations
 
+import functools
+import http.server
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -119,3 +122,47 @@ def test_dashboard_over_sse(page: Page, errors: list[str], pinned_relay: Daemon)
     assert any("/api/v2/realtime/sse/prices?symbols=AAPL" in url for url in requests)
     assert not any("/ws/prices" in url for url in requests)
     assert errors == []
+
+
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+
+
+@pytest.fixture
+def examples_site() -> Iterator[str]:
+    """docs/examples served over HTTP (as its README says), on a port of its own: another origin."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(EXAMPLES))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_the_html_example_on_another_origin(
+    page: Page,
+    errors: list[str],  # noqa: F811 (a fixture)
+    examples_site: str,
+    tmp_path: Path,
+    transport: str,
+) -> None:
+    """docs/examples/index.html loads the client from the relay (CORS) and shows live prices."""
+    daemon = Daemon(tmp_path, _environ(TRIO_RELAY_SERVER_ALLOWED_ORIGINS=examples_site, TRIO_RELAY_SIM_RATE="40"))
+    daemon.start()
+    try:
+        base = daemon.url.rstrip("/")
+        page.goto(f"{examples_site}/index.html?url={base}&symbols=AAPL&transport={transport}&delta=1")
+        expect(page.locator("#state")).to_have_attribute("data-state", "live")
+        expect(page.locator("#state")).to_contain_text(transport)
+        seq = page.locator('#prices tbody tr[data-symbol="AAPL"] td.seq')
+        expect(seq).to_have_text(re.compile(r"^\d+$"))
+        first = int(seq.text_content() or 0)
+        page.wait_for_function(
+            "(n) => Number(document.querySelector('tr[data-symbol=AAPL] td.seq').textContent) > n + 5", arg=first
+        )
+        # Deltas were merged: the full price is shown, not only what changed.
+        for cell in ("last", "bid", "ask"):
+            expect(page.locator(f'#prices tbody tr[data-symbol="AAPL"] td.{cell}')).to_have_text(re.compile(r"^\d"))
+        assert [e for e in errors if "favicon" not in e] == []
+    finally:
+        daemon.kill()

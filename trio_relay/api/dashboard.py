@@ -37,6 +37,7 @@ _TYPES = {
     ".svg": "image/svg+xml",
 }
 _PAGE = "index.html"
+CLIENT_MODULE = "relay-client.js"  # the official JavaScript client (web/client/)
 
 
 def _load_files() -> dict[str, tuple[bytes, str]]:
@@ -65,6 +66,10 @@ def register_dashboard(app: QuartTrio) -> None:
         body, content_type = found
         response = Response(body, status=200, content_type=content_type)
         response.headers["Content-Security-Policy"] = CSP
+        if name == CLIENT_MODULE:
+            # Public code, no credentials: any page (docs/examples/index.html opened from disk,
+            # an app on another origin) may import the official client from its relay.
+            response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
     @app.get(PAGE_PATH)
