@@ -46,6 +46,8 @@ PRICE_FIELDS: Final = tuple(f for f in PriceState.__struct_fields__ if f != "typ
 #: Always sent, whatever ``fields`` says: a client needs them to place and resume an update.
 ALWAYS_FIELDS: Final = frozenset({"symbol", "seq", "epoch"})
 
+_EMISSIONS: Final = itertools.count()  # numbers the delta feeds' in-order messages (see Feed.emit)
+
 MIN_RATE: Final = 0.1  # updates/s: one every 10 s
 MAX_RATE: Final = 100.0
 
@@ -169,16 +171,19 @@ class Feed:
             delta = ws_text_frame(self._encode.encode(body))
         self.last = values
         synced = self.synced
+        # One key for this emission in every outbox: a tuple never equals a symbol, so it is
+        # never conflated, and its number makes it unique (Outbox.discard still finds it).
+        key = (self.symbol, next(_EMISSIONS))
         for outbox in self.outboxes:
             if outbox.conflating:
                 # A full message that may replace an older full one, never a delta.
                 full = full or self.full_frame(state)
                 outbox.put_last(self.symbol, full)
             elif delta is not None and outbox in synced:
-                outbox.put_replay(self.symbol, delta)  # in order, never conflated
+                outbox.put(key, delta)  # in order, never conflated
             else:
                 full = full or self.full_frame(state)
-                outbox.put_replay(self.symbol, full)
+                outbox.put(key, full)
             synced.add(outbox)
         return len(self.outboxes)
 
