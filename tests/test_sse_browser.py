@@ -163,6 +163,30 @@ def test_the_html_example_on_another_origin(
         # Deltas were merged: the full price is shown, not only what changed.
         for cell in ("last", "bid", "ask"):
             expect(page.locator(f'#prices tbody tr[data-symbol="AAPL"] td.{cell}')).to_have_text(re.compile(r"^\d"))
-        assert [e for e in errors if "favicon" not in e] == []
+        assert [e for e in errors if "File not found" not in e] == []  # the static server has no favicon
     finally:
         daemon.kill()
+
+
+def test_the_quick_start_page(page: Page, errors: list[str], tmp_path: Path) -> None:  # noqa: F811 (a fixture)
+    """docs/quickstart.md's prices.html, served as it says, against a relay that allows its origin."""
+    quickstart = (Path(__file__).parent.parent / "docs" / "quickstart.md").read_text()
+    [html] = re.findall(r"```html\n(.*?)```", quickstart, re.S)
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    daemon = Daemon(tmp_path, _environ(TRIO_RELAY_SERVER_ALLOWED_ORIGINS=origin))
+    daemon.start()
+    try:
+        (site / "prices.html").write_text(html.replace("http://127.0.0.1:8000", daemon.url.rstrip("/")))
+        page.goto(f"{origin}/prices.html")
+        expect(page.locator("#out")).to_contain_text(re.compile(r"AAPL \d+\.\d+ \d+\.\d+/\d+\.\d+"))
+        expect(page.locator("#out")).to_contain_text("MSFT")
+        assert [e for e in errors if "File not found" not in e] == []  # the static server has no favicon
+    finally:
+        daemon.kill()
+        server.shutdown()
+        server.server_close()
