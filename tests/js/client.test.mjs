@@ -138,6 +138,26 @@ describe("the JavaScript client against a real relay", () => {
     }
   });
 
+  test("after a fallback to SSE, back to the WebSocket once it passes again", async () => {
+    const proxy = await startBlockingProxy(relay.url);
+    const { client, seen } = open(proxy.url, { sseAfterFailures: 1, wsProbeMs: 100 });
+    client.add(["AAPL"]);
+    client.start();
+    try {
+      await waitFor(() => client.transport === "sse" && seqsOf(seen, "AAPL").length >= 3, 15000, "prices over SSE");
+      proxy.blocking = false; // the proxy (or the relay, back from a restart) lets WebSockets through
+      await waitFor(() => client.transport === "websocket" && client.ws, 15000, "the WebSocket again");
+      const before = seqsOf(seen, "AAPL").length;
+      await waitFor(() => seqsOf(seen, "AAPL").length >= before + 5, 15000, "prices over the WebSocket");
+      assert.equal(client.streams.length, 0);
+      assert.ok(contiguous(seqsOf(seen, "AAPL")), `gap or repeat in ${seqsOf(seen, "AAPL")}`);
+      assert.equal(client._ready(), true); // alerts and pings are reachable again
+    } finally {
+      client.stop();
+      await proxy.close();
+    }
+  });
+
   test("a subscribe refused for its options is an error callback, the connection stays", async () => {
     const errors = [];
     const { client, seen } = open(relay.url, {}, { error: (e) => errors.push(e) });

@@ -70,8 +70,8 @@ export async function startRelay(env = {}) {
 
 /**
  * A real HTTP proxy in front of `target` that passes plain requests (SSE among them) and refuses
- * every WebSocket upgrade with 403, as a proxy that blocks WebSockets does. `cut()` drops every
- * connection it carries (the client sees the network go).
+ * every WebSocket upgrade with 403, as a proxy that blocks WebSockets does (until `blocking` is
+ * set to false). `cut()` drops every connection it carries (the client sees the network go).
  */
 export async function startBlockingProxy(target) {
   const upstream = new URL(target);
@@ -91,12 +91,29 @@ export async function startBlockingProxy(target) {
     sockets.add(socket);
     socket.on("close", () => sockets.delete(socket));
   });
-  server.on("upgrade", (_req, socket) => {
-    socket.end("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+  const proxy = {
+    blocking: true, // false: WebSocket upgrades pass, as through a proxy that allows them
+  };
+  server.on("upgrade", (req, socket, head) => {
+    if (proxy.blocking) {
+      socket.end("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+      return;
+    }
+    const upstreamSocket = net.connect(Number(upstream.port), upstream.hostname, () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      upstreamSocket.write(lines.join("\r\n") + "\r\n\r\n");
+      upstreamSocket.write(head);
+      socket.pipe(upstreamSocket).pipe(socket);
+    });
+    sockets.add(upstreamSocket);
+    upstreamSocket.on("close", () => sockets.delete(upstreamSocket));
+    upstreamSocket.on("error", () => socket.destroy());
+    socket.on("error", () => upstreamSocket.destroy());
   });
   const port = await freePort();
   await new Promise((resolve) => server.listen(port, "127.0.0.1", () => resolve(undefined)));
-  return {
+  return Object.assign(proxy, {
     url: `http://127.0.0.1:${port}`,
     cut() {
       for (const socket of sockets) socket.destroy();
@@ -105,7 +122,7 @@ export async function startBlockingProxy(target) {
       for (const socket of sockets) socket.destroy();
       await new Promise((resolve) => server.close(() => resolve(undefined)));
     },
-  };
+  });
 }
 
 /**

@@ -43,12 +43,16 @@ RETRY_MS = 1000
 
 
 class _Head(msgspec.Struct):
-    """What the stream reads back from a routed frame: its type, and a price's place in the sequence."""
+    """What the stream reads back from a routed frame: its type, and a price's place in the sequence.
 
-    type: str = ""
-    symbol: str = ""
-    seq: int = 0
-    epoch: str = ""
+    Loosely typed on purpose: any message the relay sends must read (a reply whose ``symbol``
+    is null is not a price and needs no id).
+    """
+
+    type: object = ""
+    symbol: object = ""
+    seq: object = 0
+    epoch: object = ""
 
 
 _HEAD = msgspec.json.Decoder(_Head)
@@ -230,12 +234,13 @@ class SsePriceServer:
                 for frame in frames:
                     payload = ws_payload(frame)
                     head = _HEAD.decode(payload)
-                    if head.type == "price_update" and head.seq:
+                    kind = head.type if isinstance(head.type, str) else ""
+                    if kind == "price_update" and type(head.seq) is int and isinstance(head.symbol, str):
                         if head.epoch != epoch:
-                            epoch, seqs = head.epoch, {}
+                            epoch, seqs = str(head.epoch), {}
                         seqs[head.symbol] = head.seq
                         out.append(b"id: %s\nevent: price_update\ndata: %s\n\n" % (event_id(epoch, seqs), payload))
                     else:
-                        out.append(b"event: %s\ndata: %s\n\n" % (_event_name(head.type), payload))
+                        out.append(b"event: %s\ndata: %s\n\n" % (_event_name(kind), payload))
                 await stream.send_all(b"".join(out))
                 outbox.progressed(len(frames))

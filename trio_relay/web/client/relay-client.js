@@ -72,6 +72,8 @@ export const STOPPED = "stopped";
  * @property {"auto" | "websocket" | "sse"} [transport] "auto" (default): the WebSocket, and SSE
  *   after `sseAfterFailures` WebSocket attempts in a row that never opened
  * @property {number} [sseAfterFailures] default 2
+ * @property {number} [wsProbeMs] on SSE after a fallback, try the WebSocket again after this
+ *   long (doubling up to 5 minutes): the relay may just have been down (default 30000)
  * @property {boolean} [batch] batched WebSocket frames (default: `?batch=1` on the URL)
  * @property {string | null} [token] a JWT when the relay has auth on (or call setToken)
  * @property {number} [backoffInitialMs] default 500
@@ -99,6 +101,8 @@ export class RelayClient {
     this.batch = options.batch ?? batch;
     this.mode = options.transport ?? "auto";
     this.sseAfterFailures = options.sseAfterFailures ?? 2;
+    this.wsProbeMs = options.wsProbeMs ?? 30000;
+    this._probeDelayMs = this.wsProbeMs;
     this.backoffInitialMs = options.backoffInitialMs ?? 500;
     this.backoffMaxMs = options.backoffMaxMs ?? 15000;
     this.pingAfterMs = options.pingAfterMs ?? 20000;
@@ -149,6 +153,7 @@ export class RelayClient {
     /** @type {any} */ this._expiryTimer = 0;
     /** @type {any} */ this._watchdog = 0;
     /** @type {any} */ this._resyncTimer = 0;
+    /** @type {any} */ this._probeTimer = 0;
     this._reopenQueued = false;
     this._heardAt = 0;
     this._pingAt = 0;
@@ -288,8 +293,16 @@ export class RelayClient {
       this._retry(this._backoff(), String(exc));
       return;
     }
+    this._watchSocket(ws, false);
+  }
+
+  /**
+   * Make `ws` the connection: its events drive the client from now on.
+   * @param {any} ws
+   * @param {boolean} opened
+   */
+  _watchSocket(ws, opened) {
     this.ws = ws;
-    let opened = false;
     ws.onopen = () => {
       opened = true;
       this._opened(ws);
@@ -362,6 +375,52 @@ export class RelayClient {
       default: // 4008 (too slow), 1006 (connection lost), anything else: back off and resume
         this._retry(this._backoff(), code === 1006 ? "connection lost" : why);
     }
+  }
+
+  /** After a fallback to SSE: try the WebSocket again later (the relay may only have been down). */
+  _probeLater() {
+    if (this.mode !== "auto" || this._probeTimer || this._stopped) return;
+    this._probeTimer = setTimeout(() => {
+      this._probeTimer = 0;
+      this._probe();
+    }, this._probeDelayMs);
+    this._probeDelayMs = Math.min(this._probeDelayMs * 2, 300000);
+  }
+
+  _probe() {
+    if (this.transport !== "sse" || this._stopped) return;
+    /** @type {any} */
+    let ws;
+    try {
+      ws = new this.WebSocketImpl(this.wsUrl + (this.batch ? "?batch=1" : ""));
+    } catch {
+      this._probeLater();
+      return;
+    }
+    let settled = false;
+    ws.onopen = () => {
+      settled = true;
+      if (this.transport !== "sse" || this._stopped) {
+        ws.close(1000, "not needed");
+        return;
+      }
+      // The WebSocket passes now: back to it, resuming from what the streams delivered.
+      this._closeStreams();
+      this.transport = "websocket";
+      this._probeDelayMs = this.wsProbeMs;
+      this._watchSocket(ws, true);
+      this._opened(ws);
+    };
+    ws.onerror = ws.onclose = () => {
+      if (settled) return;
+      settled = true;
+      try {
+        ws.close();
+      } catch {
+        // not open
+      }
+      this._probeLater();
+    };
   }
 
   _openStreams() {
@@ -487,6 +546,8 @@ export class RelayClient {
     clearInterval(this._watchdog);
     clearTimeout(this._expiryTimer);
     clearTimeout(this._resyncTimer);
+    clearTimeout(this._probeTimer);
+    this._probeTimer = 0;
   }
 
   _checkAlive() {
@@ -564,6 +625,7 @@ export class RelayClient {
     // accepts and closes at once would be retried in a tight loop.)
     this._attempt = 0;
     this._setState(LIVE, "");
+    if (this.transport === "sse") this._probeLater();
   }
 
   // ------------------------------------------------------------------ messages
