@@ -191,6 +191,9 @@ class ClientsConfig:
     # A subscribed symbol with no update for this long is reported stale to its clients (a
     # {"type":"status"} message), and fresh again at its next update. 0 = never.
     symbol_stale_after: float = attrs.field(default=60.0, validator=_non_negative)
+    # An SSE stream with nothing to send for this long gets a comment line, so proxies and the
+    # browser see it is alive.
+    sse_heartbeat: float = attrs.field(default=15.0, validator=_positive)
 
 
 def _identifier(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:

@@ -7,6 +7,8 @@ its own:
 - a WebSocket upgrade of the price path goes to wsproto (``initiate_upgrade_connection`` with the
   parsed head) and is served natively by :class:`~trio_relay.api.ws.PriceSocketServer` (the hot
   path: thousands of clients, every frame counts);
+- a ``GET`` of the SSE price stream is served by :class:`~trio_relay.api.sse.SsePriceServer` on the
+  same connection (the same hub client, limits and slow-client policy as the socket);
 - anything else is an ASGI call of the Quart-Trio REST app, made here (:mod:`.asgi`): no second
   HTTP server, no loopback hop, and the app sees the real client address.
 
@@ -47,6 +49,8 @@ from ..upstream import UpstreamView
 from .asgi import AsgiApp, Outcome, call_app, error_response, run_lifespan
 from .connections import Admission, ConnectionTable, Entry
 from .rest import create_rest_app
+from .sessions import Actions
+from .sse import SSE_PATH, SsePriceServer
 from .ws import WS_PATH, PriceSocketServer, peer
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
@@ -148,9 +152,11 @@ class FrontDoor:
         self.server = ctx.config.server  # server settings need a restart: never reloaded
         self.rest: QuartTrio = create_rest_app(ctx)
         self.app: AsgiApp = self.rest  # type: ignore[assignment]  # QuartTrio is an ASGI app
-        self.ws = PriceSocketServer(ctx.hub, ctx.security)
-        self.ws.portfolios = ctx.portfolios
-        self.ws.alerts = ctx.alerts
+        self.actions = Actions(ctx.hub, ctx.security)
+        self.actions.portfolios = ctx.portfolios
+        self.actions.alerts = ctx.alerts
+        self.ws = PriceSocketServer(self.actions)
+        self.sse = SsePriceServer(self.actions)
         self.ssl_context = ssl_context  # built once at start; None: plain HTTP
         self.table = ConnectionTable(self.server.max_connections, ctx.security.per_ip)
         ctx.edge = self.table  # for /metrics
@@ -362,6 +368,10 @@ class FrontDoor:
         if path.rstrip(b"/") == WS_PATH.encode() and upgrade == b"websocket":
             await self._upgrade(stream, conn, request, headers, target, host)
             return True, Outcome.CLOSE
+        if path.rstrip(b"/") == SSE_PATH.encode() and request.method == b"GET":
+            if await self._request_done(stream, conn):
+                await self.sse.serve(stream, target, headers, host)
+            return True, Outcome.CLOSE
         if request.method in WRITE_METHODS:
             refusal = _write_refusal(request, headers, host, security)
             if refusal is not None:
@@ -380,6 +390,21 @@ class FrontDoor:
             closing=self.closing,
         )
         return False, outcome
+
+    async def _request_done(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+        """Read the rest of a GET that takes the connection over (it has no body); False: refused."""
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                await self._error(stream, conn, 400, "bad_request", "not a valid request")
+                return False
+            if event is h11.PAUSED or isinstance(event, h11.EndOfMessage) or event is h11.NEED_DATA:
+                return True
+            if isinstance(event, h11.Data) and not event.data:
+                continue
+            await self._error(stream, conn, 400, "bad_request", "this request carries no body")
+            return False
 
     async def _upgrade(
         self,

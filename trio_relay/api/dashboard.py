@@ -1,6 +1,6 @@
 """The web dashboard: a static page at ``/`` and its files under ``/static/``.
 
-The files are plain ES modules, a stylesheet and an icon shipped in the ``trio_relay.web``
+The files are plain ES modules (the official client among them, from ``web/client/``), a stylesheet and an icon shipped in the ``trio_relay.web``
 package (no build step, nothing fetched from another site). They are read once, when the REST
 app is created, and served from memory: the set of names that can be asked for is fixed at start,
 so a request can never reach another file.
@@ -37,12 +37,18 @@ _TYPES = {
     ".svg": "image/svg+xml",
 }
 _PAGE = "index.html"
+CLIENT_MODULE = "relay-client.js"  # the official JavaScript client (web/client/)
 
 
 def _load_files() -> dict[str, tuple[bytes, str]]:
-    """Every servable file of ``trio_relay.web``: name → (content, content type)."""
+    """Every servable file of ``trio_relay.web`` and of its ``client/``: name → (content, content type).
+
+    ``client/`` is the official JavaScript client's package (``@trio-relay/client``): the page
+    loads ``relay-client.js`` from there, served flat like the others.
+    """
     files: dict[str, tuple[bytes, str]] = {}
-    for entry in resources.files("trio_relay.web").iterdir():
+    web = resources.files("trio_relay.web")
+    for entry in [*web.iterdir(), *web.joinpath("client").iterdir()]:
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in _TYPES:
             files[entry.name] = (entry.read_bytes(), _TYPES[suffix])
@@ -60,6 +66,10 @@ def register_dashboard(app: QuartTrio) -> None:
         body, content_type = found
         response = Response(body, status=200, content_type=content_type)
         response.headers["Content-Security-Policy"] = CSP
+        if name == CLIENT_MODULE:
+            # Public code, no credentials: any page (docs/examples/index.html opened from disk,
+            # an app on another origin) may import the official client from its relay.
+            response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
     @app.get(PAGE_PATH)

@@ -12,6 +12,7 @@ from .outbox import Outbox
 
 if TYPE_CHECKING:
     from ..entitlements import Entitlement
+    from .delivery import DeliveryOptions
 
 __all__ = ["Client", "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_SLOW_CONSUMER", "CLOSE_TOKEN_EXPIRED", "CLOSE_GRACE"]
 
@@ -37,6 +38,8 @@ class Client:
     connected_at: float = 0.0
     close_code: int | None = None
     close_reason: str = ""
+    # Symbols delivered with options (a rate cap, fields, deltas); the others get the shared frame.
+    options: dict[str, DeliveryOptions] = attrs.Factory(dict)
     bars: set[tuple[str, str]] = attrs.Factory(set)  # (symbol, interval) of the bars channel
     user: str = ""  # the token's subject (auth on)
     max_symbols: int | None = None  # the token's own cap, below the relay's

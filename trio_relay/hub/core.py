@@ -30,6 +30,7 @@ from ..bars.channel import BarChannel
 from ..config import ClientsConfig
 from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, wall_ms, ws_payload
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
+from .delivery import Delivery, DeliveryOptions
 from .demand import Demand
 from .outbox import Outbox
 from .stats import LatencyHistogram, Stats
@@ -62,6 +63,14 @@ class _Seq(msgspec.Struct):
 
 
 _SEQ_DECODER = msgspec.json.Decoder(_Seq)
+
+
+_STATE_DECODER = msgspec.json.Decoder(PriceState)
+
+
+def _state_of(frame: bytes) -> PriceState:
+    """The state a routed price_update frame carries (read back only to replay it with options)."""
+    return _STATE_DECODER.decode(ws_payload(frame))
 
 
 def _seq_of(frame: bytes) -> int:
@@ -117,6 +126,8 @@ class Hub:
         # turn, and what the bars and the history take as each update's arrival time.
         self.received_ms = 0
         self.bars = BarChannel(self, lateness)
+        # Subscriptions with delivery options (rate cap, fields, deltas): one feed per option set.
+        self.delivery = Delivery(self.cache, self.stats)
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -149,6 +160,7 @@ class Hub:
             nursery.start_soon(hub._reap_stalled)
             nursery.start_soon(hub._watch_symbols)
             nursery.start_soon(hub.bars.run)
+            nursery.start_soon(hub.delivery.run)
             try:
                 yield hub
             finally:
@@ -231,6 +243,9 @@ class Hub:
         if state is not None:
             frame = self._enc.price_update(state)
             self._route(update.symbol, frame, state.seq)
+            routes = self.delivery.routes
+            if routes and update.symbol in routes:
+                self.delivery.publish(update.symbol, state)
             if self._keep:
                 history = self._history.get(update.symbol)
                 if history is None:
@@ -266,9 +281,12 @@ class Hub:
                     self._feed_async_callbacks(update)
         self.stats.coalesced += total - len(changed)
         encode = self._enc.price_update
+        routes = self.delivery.routes
         for symbol, state in changed.items():
             frame = encode(state)
             self._route(symbol, frame, state.seq)
+            if routes and symbol in routes:
+                self.delivery.publish(symbol, state)
             if self._keep:
                 self._remember(symbol, frame)
 
@@ -298,17 +316,18 @@ class Hub:
             # A break corrects an earlier print; it does not become the last trade. It is
             # routed at once, on its own: it must never be coalesced away.
             state.seq = update.seq or state.seq + 1
-            frame = self._enc.price_update(
-                msgspec.structs.replace(
-                    state,
-                    data_type=BREAK,
-                    timestamp=update.timestamp,
-                    last_price=update.last_price,
-                    last_size=update.last_size,
-                    cached_at=self._enc.now_iso(),
-                )
+            corrected = msgspec.structs.replace(
+                state,
+                data_type=BREAK,
+                timestamp=update.timestamp,
+                last_price=update.last_price,
+                last_size=update.last_size,
+                cached_at=self._enc.now_iso(),
             )
+            frame = self._enc.price_update(corrected)
             self._route(symbol, frame, state.seq)
+            if symbol in self.delivery.routes:
+                self.delivery.publish_break(symbol, corrected)
             if self._keep:
                 self._remember(symbol, frame)
             return None
@@ -467,6 +486,7 @@ class Hub:
         *,
         since: dict[str, int] | None = None,
         epoch: str | None = None,
+        options: DeliveryOptions | None = None,
     ) -> list[str]:
         """Add ``symbols`` to the client's set; queue the ack and the cached snapshot of each.
 
@@ -476,52 +496,95 @@ class Hub:
         restarted) or the gap is older than the history, the client gets the snapshot and
         ``"recovered": false`` with the symbols concerned in ``"unrecovered"``.
 
+        ``options`` (None: the defaults) become the delivery options of every symbol named:
+        a symbol already subscribed with other options switches to these and gets a fresh
+        snapshot under them (see :mod:`.delivery`; under a rate cap a resume replays only the
+        latest missed state).
+
         Raises :class:`SubscriptionError` (and changes nothing) past the per-client cap.
         Returns the symbols that were new for this client.
         """
         new = [s for s in dict.fromkeys(symbols) if s not in client.symbols]
         self.check_capacity(client, len(new))
+        changed = [s for s in dict.fromkeys(symbols) if s in client.symbols and client.options.get(s) != options]
         outbox = client.outbox
+        for s in changed:
+            self._unroute(client, s)
+            outbox.discard({s})
         for s in new:
             client.symbols.add(s)
-            self._subs.setdefault(s, set()).add(outbox)
+        for s in new + changed:
+            self._add_route(client, s, options)
         self.demand.acquire(new)
-        replay: dict[str, list[bytes]] = {}
-        unrecovered: list[str] = []
-        if since is not None:
-            for s in new:
-                if s in since:
-                    frames = self._missed(s, since[s]) if epoch == self.epoch else None
-                    if frames is None:
-                        unrecovered.append(s)
-                        if epoch == self.epoch and since[s] > self._seq_of_state(s):
-                            # Ahead of this relay in the same sequence: whatever comes here at
-                            # or below since (a cached state, a lagging feed) it already has.
-                            self._floors.setdefault(s, {})[outbox] = since[s]
-                    else:
-                        replay[s] = frames
+        replay, unrecovered = self._replays(client, new, since, epoch)
         ack: dict[str, Any] = {"symbols": list(dict.fromkeys(symbols))}
+        if options is not None:
+            ack["options"] = options.as_json()
         if since is not None:
             ack["epoch"] = self.epoch
             ack["recovered"] = not unrecovered
             if unrecovered:
                 ack["unrecovered"] = unrecovered
         self.send_control(client, control("subscribed", **ack))
-        for s in new:
+        for s in new + changed:
             frames = replay.get(s)
             if frames is not None:
+                if options is not None:
+                    frames = self.delivery.frames_for(options, [_state_of(f) for f in frames])
                 for frame in frames:
                     outbox.put_replay(s, frame)
                 continue
             state = self.cache.get(s)
             if state is not None and state.seq and state.seq > self._floors.get(s, {}).get(outbox, 0):
-                outbox.put(s, self._enc.price_update(state))
+                if options is None:
+                    outbox.put(s, self._enc.price_update(state))
+                else:
+                    outbox.put_replay(s, self.delivery.snapshot(options, state))
         stale = [s for s in new if s in self.stale_symbols]
         if stale:
             self.send_control(client, self._symbol_status("stale", stale))
         if self.upstream_status is not None and new:
             self.send_control(client, {**self.upstream_status, "symbols": new})
         return new
+
+    def _replays(
+        self, client: Client, new: list[str], since: dict[str, int] | None, epoch: str | None
+    ) -> tuple[dict[str, list[bytes]], list[str]]:
+        """A resume's missed frames per symbol, and the symbols it cannot recover."""
+        replay: dict[str, list[bytes]] = {}
+        unrecovered: list[str] = []
+        if since is None:
+            return replay, unrecovered
+        for s in new:
+            if s in since:
+                frames = self._missed(s, since[s]) if epoch == self.epoch else None
+                if frames is None:
+                    unrecovered.append(s)
+                    if epoch == self.epoch and since[s] > self._seq_of_state(s):
+                        # Ahead of this relay in the same sequence: whatever comes here at
+                        # or below since (a cached state, a lagging feed) it already has.
+                        self._floors.setdefault(s, {})[client.outbox] = since[s]
+                else:
+                    replay[s] = frames
+        return replay, unrecovered
+
+    def _add_route(self, client: Client, symbol: str, options: DeliveryOptions | None) -> None:
+        if options is None:
+            self._subs.setdefault(symbol, set()).add(client.outbox)
+        else:
+            client.options[symbol] = options
+            self.delivery.add(symbol, options, client.outbox)
+
+    def _unroute(self, client: Client, symbol: str) -> None:
+        options = client.options.pop(symbol, None)
+        if options is not None:
+            self.delivery.remove(symbol, options, client.outbox)
+            return
+        outboxes = self._subs.get(symbol)
+        if outboxes is not None:
+            outboxes.discard(client.outbox)
+            if not outboxes:
+                del self._subs[symbol]
 
     def check_capacity(self, client: Client, more: int) -> None:
         """Raise :class:`SubscriptionError` if ``more`` subscriptions (ticks or bars) exceed the cap."""
@@ -567,11 +630,7 @@ class Hub:
                 floors.pop(client.outbox, None)
                 if not floors:
                     del self._floors[s]
-            outboxes = self._subs.get(s)
-            if outboxes is not None:
-                outboxes.discard(client.outbox)
-                if not outboxes:
-                    del self._subs[s]
+            self._unroute(client, s)
         self.demand.release(removed)
         return removed
 
@@ -647,7 +706,8 @@ class Hub:
             went_stale: set[str] = set()
             came_back: set[str] = set()
             cache = self.cache
-            for symbol in self._subs:
+            subscribed = self._subs.keys() | self.delivery.routes.keys()
+            for symbol in subscribed:
                 state = cache.get(symbol)
                 seq = state.seq if state is not None else 0
                 if seen.get(symbol) != seq:
@@ -657,7 +717,7 @@ class Hub:
                     changed_at[symbol] = now
                 elif now - changed_at[symbol] >= limit and symbol not in self.stale_symbols:
                     went_stale.add(symbol)
-            for symbol in [s for s in seen if s not in self._subs]:
+            for symbol in [s for s in seen if s not in subscribed]:
                 del seen[symbol], changed_at[symbol]
                 self.stale_symbols.discard(symbol)
             self.stale_symbols -= came_back
@@ -697,7 +757,7 @@ class Hub:
         self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:
-        return len(self._subs.get(symbol, ()))
+        return len(self._subs.get(symbol, ())) + self.delivery.subscriber_count(symbol)
 
     def conflated_total(self) -> int:
         return self.stats.conflated + sum(c.outbox.conflated for c in self.clients.values())

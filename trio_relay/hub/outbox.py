@@ -84,6 +84,22 @@ class Outbox:
         if self._lot:
             self._lot.unpark()
 
+    @property
+    def conflating(self) -> bool:
+        """True while full: one pending frame per key, the latest."""
+        return self._latest is not None
+
+    def put_last(self, key: object, msg: bytes) -> None:
+        """Queue ``msg`` for ``key`` after everything pending (a full state replacing an older one).
+
+        Unlike :meth:`put`, a replaced frame's place is not kept: the new one goes last, after
+        any frame queued since (a delta feed's in-order messages, see :mod:`.delivery`).
+        """
+        if self._latest is not None and key in self._latest:
+            del self._latest[key]
+            self.conflated += 1
+        self.put(key, msg)
+
     def put_control(self, msg: bytes) -> bool:
         """Queue a reply; False if the client already has ``capacity`` unread replies."""
         if self._controls >= self.capacity:
