@@ -42,8 +42,10 @@ describe("the JavaScript client against a real relay", () => {
       ws: "wss://h:1/pre/api/v2/realtime/ws/prices",
       sse: "https://h:1/pre/api/v2/realtime/sse/prices",
       batch: false,
+      browser: null,
     });
     assert.equal(endpoints("ws://h/api/v2/realtime/ws/prices?batch=1").batch, true);
+    assert.equal(endpoints("ws://h/api/v2/realtime/ws/prices?batch=1&browser=b-0123456789abcdef").browser, "b-0123456789abcdef");
     assert.equal(endpoints("http://h/api/v2/realtime/sse/prices").ws, "ws://h/api/v2/realtime/ws/prices");
   });
 
