@@ -68,40 +68,48 @@ async def _json_object(max_depth: int) -> dict[str, Any]:
     return body
 
 
-def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
-    prefix = "/api/v2/realtime/portfolios"
+PREFIX = "/api/v2/realtime/portfolios"
 
-    def service() -> Any:
-        if ctx.portfolios is None:
+
+class _PortfolioRoutes:
+    """The portfolio routes' views, one method each, over the relay's context (see the module doc)."""
+
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+
+    def service(self) -> Any:
+        if self.ctx.portfolios is None:
             raise PortfolioError("not_found", "portfolios are off on this relay (alerts.enabled = false)")
-        return ctx.portfolios
+        return self.ctx.portfolios
 
+    @staticmethod
     def owner() -> str:
         return str(g.principal.subject)
 
-    async def admit(symbols: list[str]) -> None:
+    async def admit(self, symbols: list[str]) -> None:
         """The entitlement check for symbols a user puts in a portfolio (EntitlementError)."""
+        ctx, owner = self.ctx, self.owner()
         allowed = entitlement(ctx.security)
         allowed.require(symbols)
-        held = {p.symbol for portfolio in await service().store.list_portfolios(owner()) for p in portfolio.positions}
+        held = {
+            p.symbol for portfolio in await self.service().store.list_portfolios(owner) for p in portfolio.positions
+        }
         if ctx.alerts is not None:  # one budget: the symbols of their alert rules count too
-            held |= ctx.alerts.engine.owner_symbols(owner())
+            held |= ctx.alerts.engine.owner_symbols(owner)
         allowed.require_budget(held, symbols)
 
-    @app.get(prefix)
-    async def portfolios_list() -> Response:
+    async def portfolios_list(self) -> Response:
         """The caller's portfolios and their positions."""
         try:
-            found = await service().store.list_portfolios(owner())
+            found = await self.service().store.list_portfolios(self.owner())
         except PortfolioError as exc:
             return _error(exc)
         return json_response(PortfolioList([_body(p) for p in found]))
 
-    @app.post(prefix)
-    async def portfolios_create() -> Response:
+    async def portfolios_create(self) -> Response:
         """Create a portfolio: `{"name":"main","positions":[{"symbol","quantity","cost_basis"}...]}`."""
         try:
-            body = await _json_object(ctx.security.limits.json_max_depth)
+            body = await _json_object(self.ctx.security.limits.json_max_depth)
             raw = body.get("positions", [])
             if not isinstance(raw, list) or len(raw) > MAX_BODY_POSITIONS:
                 raise PortfolioError("invalid_json", f"'positions' must be a list of at most {MAX_BODY_POSITIONS}")
@@ -111,65 +119,75 @@ def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
                     raise PortfolioError("invalid_json", "each position is an object: symbol, quantity, cost_basis")
                 positions.append(make_position(item.get("symbol"), item.get("quantity"), item.get("cost_basis")))
             name = check_name(body.get("name"))
-            await admit([p.symbol for p in positions])
-            created = await service().store.create(owner(), name, positions)
+            await self.admit([p.symbol for p in positions])
+            created = await self.service().store.create(self.owner(), name, positions)
         except PortfolioError as exc:
             return _error(exc)
         except EntitlementError as exc:
             return entitlement_error(exc)
         return json_response(_body(created))
 
-    @app.get(prefix + "/<name>")
-    async def portfolio_value(name: str) -> Response:
+    async def portfolio_value(self, name: str) -> Response:
         """The portfolio valued now at the relay's prices (as the WebSocket `portfolio` channel sends it)."""
         try:
-            svc = service()
-            portfolio = await svc.store.get(owner(), check_name(name))
+            svc = self.service()
+            portfolio = await svc.store.get(self.owner(), check_name(name))
             if portfolio is None:
                 raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
         except PortfolioError as exc:
             return _error(exc)
-        return json_response(valuate(portfolio, ctx.hub.cache, svc.day_open, entitled=entitlement(ctx.security).allows))
+        return json_response(
+            valuate(portfolio, self.ctx.hub.cache, svc.day_open, entitled=entitlement(self.ctx.security).allows)
+        )
 
-    @app.delete(prefix + "/<name>")
-    async def portfolio_delete(name: str) -> Response:
+    async def portfolio_delete(self, name: str) -> Response:
         """Delete a portfolio (its live streams end with a not_found error)."""
         try:
-            svc = service()
+            svc = self.service()
             checked = check_name(name)
-            if not await svc.store.delete(owner(), checked):
+            if not await svc.store.delete(self.owner(), checked):
                 raise PortfolioError("not_found", f"no portfolio {name[:40]!r}")
         except PortfolioError as exc:
             return _error(exc)
-        svc.changed(owner(), checked, None)
+        svc.changed(self.owner(), checked, None)
         return json_response({"status": "deleted", "name": checked})
 
-    @app.put(prefix + "/<name>/positions/<symbol>")
-    async def position_put(name: str, symbol: str) -> Response:
+    async def position_put(self, name: str, symbol: str) -> Response:
         """Set a position: `{"quantity": 100, "cost_basis": 150.0}` (quantity 0 removes it)."""
         try:
-            svc = service()
-            body = await _json_object(ctx.security.limits.json_max_depth)
+            svc = self.service()
+            body = await _json_object(self.ctx.security.limits.json_max_depth)
             position = make_position(symbol, body.get("quantity"), body.get("cost_basis"))
             checked = check_name(name)
             if position.quantity:
-                await admit([position.symbol])
-            portfolio = await svc.store.put_position(owner(), checked, position)
+                await self.admit([position.symbol])
+            portfolio = await svc.store.put_position(self.owner(), checked, position)
         except PortfolioError as exc:
             return _error(exc)
         except EntitlementError as exc:
             return entitlement_error(exc)
-        svc.changed(owner(), checked, portfolio)
+        svc.changed(self.owner(), checked, portfolio)
         return json_response(_body(portfolio))
 
-    @app.delete(prefix + "/<name>/positions/<symbol>")
-    async def position_delete(name: str, symbol: str) -> Response:
+    async def position_delete(self, name: str, symbol: str) -> Response:
         """Remove a position."""
         try:
-            svc = service()
+            svc = self.service()
             checked = check_name(name)
-            portfolio = await svc.store.delete_position(owner(), checked, check_symbol(symbol))
+            portfolio = await svc.store.delete_position(self.owner(), checked, check_symbol(symbol))
         except PortfolioError as exc:
             return _error(exc)
-        svc.changed(owner(), checked, portfolio)
+        svc.changed(self.owner(), checked, portfolio)
         return json_response(_body(portfolio))
+
+
+def register_portfolios(app: QuartTrio, ctx: RelayContext) -> None:
+    routes = _PortfolioRoutes(ctx)
+    app.add_url_rule(PREFIX, "portfolios_list", routes.portfolios_list, methods=["GET"])
+    app.add_url_rule(PREFIX, "portfolios_create", routes.portfolios_create, methods=["POST"])
+    app.add_url_rule(PREFIX + "/<name>", "portfolio_value", routes.portfolio_value, methods=["GET"])
+    app.add_url_rule(PREFIX + "/<name>", "portfolio_delete", routes.portfolio_delete, methods=["DELETE"])
+    app.add_url_rule(PREFIX + "/<name>/positions/<symbol>", "position_put", routes.position_put, methods=["PUT"])
+    app.add_url_rule(
+        PREFIX + "/<name>/positions/<symbol>", "position_delete", routes.position_delete, methods=["DELETE"]
+    )
