@@ -44,7 +44,7 @@ from typing import Final
 import msgspec
 
 from ..model import PriceState, mid_price, wall_ms
-from .model import Portfolio
+from .model import Portfolio, Position
 
 __all__ = ["valuate", "price_of", "Valuation", "PositionValue", "Totals", "DayOpen", "DECIMALS"]
 
@@ -116,6 +116,84 @@ def _r_opt(x: float | None) -> float | None:
     return None if x is None else _r(x)
 
 
+class _Sums:
+    """The running totals of a valuation (unrounded until :meth:`totals`)."""
+
+    def __init__(self) -> None:
+        self.market_value = self.cost = self.gross_cost = self.day_change = 0.0
+        self.priced = self.with_day = self.unpriced = 0
+
+    def add(self, value: float, cost: float, change: float | None) -> None:
+        self.priced += 1
+        self.market_value += value
+        self.cost += cost
+        self.gross_cost += abs(cost)
+        if change is not None:
+            self.day_change += change
+            self.with_day += 1
+
+    def totals(self) -> Totals:
+        priced = self.priced
+        pnl = self.market_value - self.cost
+        return Totals(
+            market_value=_r(self.market_value) if priced else None,
+            cost=_r(self.cost) if priced else None,
+            unrealised_pnl=_r(pnl) if priced else None,
+            unrealised_pnl_pct=_r(pnl / self.gross_cost * 100) if self.gross_cost else None,
+            day_change=_r(self.day_change) if self.with_day else None,
+            unpriced=self.unpriced,
+        )
+
+
+def _unpriced(position: Position, opened: float | None, allowed: bool) -> PositionValue:
+    return PositionValue(
+        symbol=position.symbol,
+        quantity=position.quantity,
+        cost_basis=position.cost_basis,
+        price=None,
+        price_source=None,
+        price_time=None,
+        market_value=None,
+        cost=_r(position.quantity * position.cost_basis),
+        unrealised_pnl=None,
+        unrealised_pnl_pct=None,
+        day_open=opened,
+        day_change=None,
+        day_change_pct=None,
+        entitled=allowed,
+    )
+
+
+def _priced(
+    position: Position, price: float, source: str, state: PriceState, opened: float | None, sums: _Sums
+) -> PositionValue:
+    q = position.quantity
+    cost = q * position.cost_basis
+    value = q * price
+    pnl = value - cost
+    change: float | None = None
+    change_pct: float | None = None
+    if opened is not None:
+        change = q * (price - opened)
+        change_pct = (price - opened) / opened * 100
+    sums.add(value, cost, change)
+    return PositionValue(
+        symbol=position.symbol,
+        quantity=q,
+        cost_basis=position.cost_basis,
+        price=price,
+        price_source=source,
+        price_time=state.timestamp or None,
+        market_value=_r(value),
+        cost=_r(cost),
+        unrealised_pnl=_r(pnl),
+        unrealised_pnl_pct=_r(pnl / abs(cost) * 100) if cost else None,
+        day_open=opened,
+        day_change=_r_opt(change),
+        day_change_pct=_r_opt(change_pct),
+    )
+
+
 def valuate(
     portfolio: Portfolio,
     prices: Mapping[str, PriceState],
@@ -132,11 +210,9 @@ def valuate(
     no price and no day open, with ``entitled=False``; None: every symbol is allowed.
     """
     rows: list[PositionValue] = []
-    market_value = cost_total = gross_cost = day_change = 0.0
-    priced = with_day = unpriced = 0
+    sums = _Sums()
     for position in portfolio.positions:
-        symbol, q = position.symbol, position.quantity
-        cost = q * position.cost_basis
+        symbol = position.symbol
         allowed = entitled is None or entitled(symbol)
         state = prices.get(symbol) if allowed else None
         found = price_of(state) if state is not None else None
@@ -144,69 +220,13 @@ def valuate(
         if opened is not None and not _usable(opened):
             opened = None
         if state is None or found is None:
-            unpriced += 1
-            rows.append(
-                PositionValue(
-                    symbol=symbol,
-                    quantity=q,
-                    cost_basis=position.cost_basis,
-                    price=None,
-                    price_source=None,
-                    price_time=None,
-                    market_value=None,
-                    cost=_r(cost),
-                    unrealised_pnl=None,
-                    unrealised_pnl_pct=None,
-                    day_open=opened,
-                    day_change=None,
-                    day_change_pct=None,
-                    entitled=allowed,
-                )
-            )
-            continue
-        price, source = found
-        value = q * price
-        pnl = value - cost
-        change: float | None = None
-        change_pct: float | None = None
-        if opened is not None:
-            change = q * (price - opened)
-            change_pct = (price - opened) / opened * 100
-            day_change += change
-            with_day += 1
-        priced += 1
-        market_value += value
-        cost_total += cost
-        gross_cost += abs(cost)
-        rows.append(
-            PositionValue(
-                symbol=symbol,
-                quantity=q,
-                cost_basis=position.cost_basis,
-                price=price,
-                price_source=source,
-                price_time=state.timestamp or None,
-                market_value=_r(value),
-                cost=_r(cost),
-                unrealised_pnl=_r(pnl),
-                unrealised_pnl_pct=_r(pnl / abs(cost) * 100) if cost else None,
-                day_open=opened,
-                day_change=_r_opt(change),
-                day_change_pct=_r_opt(change_pct),
-            )
-        )
-    pnl_total = market_value - cost_total
-    totals = Totals(
-        market_value=_r(market_value) if priced else None,
-        cost=_r(cost_total) if priced else None,
-        unrealised_pnl=_r(pnl_total) if priced else None,
-        unrealised_pnl_pct=_r(pnl_total / gross_cost * 100) if gross_cost else None,
-        day_change=_r(day_change) if with_day else None,
-        unpriced=unpriced,
-    )
+            sums.unpriced += 1
+            rows.append(_unpriced(position, opened, allowed))
+        else:
+            rows.append(_priced(position, *found, state, opened, sums))
     if as_of is None:
         as_of = wall_ms()
-    return Valuation(name=portfolio.name, positions=rows, totals=totals, as_of=as_of)
+    return Valuation(name=portfolio.name, positions=rows, totals=sums.totals(), as_of=as_of)
 
 
 class DayOpen(Mapping[str, float]):
