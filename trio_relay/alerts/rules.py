@@ -246,6 +246,28 @@ def parse_rule(
 
     ``allowed_hosts``: the webhook hosts allowed (empty: any). The symbol is upper-cased.
     """
+    obj = _rule_object(data)
+    kind = _check_shape(obj)
+    raw_symbol = obj["symbol"]
+    symbol = raw_symbol.strip().upper() if isinstance(raw_symbol, str) else ""
+    if not SYMBOL_RE.match(symbol):
+        raise RuleError("invalid_symbol", f"invalid symbol {raw_symbol!r}")
+
+    fields: dict[str, Any] = dict(obj)
+    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at, pins=pins)
+    _check_numbers(kind, fields)
+    _check_options(fields)
+    webhook = fields.get("webhook")
+    if webhook is not None:
+        fields["webhook"] = check_webhook(webhook, allowed_hosts, policy)
+    try:
+        return msgspec.convert(fields, type=_TYPES[kind])
+    except msgspec.ValidationError as e:  # anything the checks above did not name
+        raise RuleError("invalid_value", _readable(str(e))) from None
+
+
+def _rule_object(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The rule as a mapping (decoded with the depth limit when it is JSON text)."""
     if isinstance(data, (bytes, str)):
         try:
             obj = decode_json(data, MAX_DEPTH)
@@ -255,6 +277,11 @@ def parse_rule(
         obj = data
     if not isinstance(obj, Mapping):
         raise RuleError("invalid_json", "a rule must be a JSON object")
+    return obj
+
+
+def _check_shape(obj: Mapping[str, Any]) -> str:
+    """The rule's type, once its keys are known: the type's own, none set by the relay, none missing."""
     kind = obj.get("type")
     if kind is None:
         raise RuleError("missing_field", f"'type' is required (one of: {', '.join(RULE_TYPES)})")
@@ -275,15 +302,11 @@ def parse_rule(
     for key, what in _REQUIRED[kind]:
         if obj.get(key) is None:
             raise RuleError("missing_field", f"{_a(kind)} rule needs {key!r} ({what})")
+    return kind
 
-    raw_symbol = obj["symbol"]
-    symbol = raw_symbol.strip().upper() if isinstance(raw_symbol, str) else ""
-    if not SYMBOL_RE.match(symbol):
-        raise RuleError("invalid_symbol", f"invalid symbol {raw_symbol!r}")
 
-    fields: dict[str, Any] = dict(obj)
-    fields.update(id=rule_id, owner=owner, symbol=symbol, created_at=created_at, pins=pins)
-    _check_numbers(kind, fields)
+def _check_options(fields: Mapping[str, Any]) -> None:
+    """name, one_shot, cooldown_s and field: the options every rule type may have."""
     name = fields.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
         raise RuleError("invalid_value", f"name must be a string of at most {MAX_NAME} characters")
@@ -293,13 +316,6 @@ def parse_rule(
         raise RuleError("invalid_value", "cooldown_s applies to re-arming rules: set one_shot to false")
     if "field" in fields and fields["field"] not in PRICE_FIELDS:
         raise RuleError("invalid_value", f"field must be one of {', '.join(PRICE_FIELDS)}, got {fields['field']!r}")
-    webhook = fields.get("webhook")
-    if webhook is not None:
-        fields["webhook"] = check_webhook(webhook, allowed_hosts, policy)
-    try:
-        return msgspec.convert(fields, type=_TYPES[kind])
-    except msgspec.ValidationError as e:  # anything the checks above did not name
-        raise RuleError("invalid_value", _readable(str(e))) from None
 
 
 def _a(kind: str) -> str:
