@@ -520,6 +520,9 @@ def bars_from_sorted_trades(
     time budget): the bars closed so far are returned with ``truncated=True`` and ``next_start``
     at the bar being read. When it stops before any bar closed, :class:`BudgetExceeded` is raised
     (no progress can be offered: the caller should ask for a finer interval or narrower window).
+
+    Long by this contract; the body is one pass over the trades, kept in one piece on purpose
+    (it runs once per stored trade of a ``/bars`` request).
     """
     ms = _check_interval(interval)
     if start_ms % ms:

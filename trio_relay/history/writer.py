@@ -89,6 +89,10 @@ class HistoryWriter:
         shutdown_timeout: float = 5.0,
         wall_clock: Callable[[], int] = wall_ms,
     ) -> None:
+        """Check the settings (ValueError) and set up an idle writer; :meth:`run` starts it.
+
+        Long only by its settings and counters, one line each (every one is read elsewhere).
+        """
         for name, value in (
             ("queue_size", queue_size),
             ("batch_size", batch_size),
