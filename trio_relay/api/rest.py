@@ -67,51 +67,14 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
     # Routes that change what the relay holds upstream for everybody, or show every client.
     admin_paths = (PREFIX + "/subscribe", PREFIX + "/unsubscribe", PREFIX + "/status")
 
-    def client_ip() -> str:
-        return ctx.client_ip(request.scope.get("client"))
-
     @app.before_request
     async def guard() -> Response | None:
         """Rate limit per client IP, then (auth on) a valid Bearer token and, for pins, the admin scope."""
-        path = request.path
-        g.principal = OPEN
-        if path == PAGE_PATH or path.startswith(open_paths):
-            return None
-        wait = security.rest_allowed(client_ip(), trio.current_time())
-        if wait:
-            response = error_response(429, "rate_limited", "too many requests; slow down")
-            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return response
-        if not security.auth.enabled:
-            try:
-                g.principal = open_principal(request.headers.get(BROWSER_HEADER))
-            except AuthError as exc:
-                return error_response(400, "invalid_browser", exc.reason)
-            return None
-        token = bearer_token(request.headers.get("Authorization"))
-        if token is None:
-            return _unauthorized("a Bearer token is required (Authorization: Bearer <JWT>)")
-        try:
-            g.principal = security.auth.verify(token)
-        except AuthError as exc:
-            log.info("[AUTH] REST %s %s refused: %s", request.method, path, exc.reason)
-            return _unauthorized(exc.reason)
-        if path.startswith(admin_paths) and not g.principal.has_scope(security.config.auth.admin_scope):
-            return error_response(
-                403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope"
-            )
-        return None
+        return await _guard(ctx, open_paths, admin_paths)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
-        headers = response.headers
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("X-Frame-Options", "DENY")
-        headers.setdefault("Referrer-Policy", "no-referrer")
-        headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
-        headers.setdefault("Cache-Control", "no-store")
-        if security.config.server.tls_certfile:
-            headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        _set_security_headers(response, tls=bool(security.config.server.tls_certfile))
         return response
 
     @app.errorhandler(Exception)
@@ -121,3 +84,47 @@ def create_rest_app(ctx: RelayContext) -> QuartTrio:
 
     add_openapi_route(app, security, open_paths=open_paths, open_exact=(PAGE_PATH,), admin_paths=admin_paths)
     return app
+
+
+async def _guard(ctx: RelayContext, open_paths: tuple[str, ...], admin_paths: tuple[str, ...]) -> Response | None:
+    """The guard of every request: None lets it through (with ``g.principal`` set), else the answer."""
+    security = ctx.security
+    path = request.path
+    g.principal = OPEN
+    if path == PAGE_PATH or path.startswith(open_paths):
+        return None
+    wait = security.rest_allowed(ctx.client_ip(request.scope.get("client")), trio.current_time())
+    if wait:
+        response = error_response(429, "rate_limited", "too many requests; slow down")
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
+    if not security.auth.enabled:
+        try:
+            g.principal = open_principal(request.headers.get(BROWSER_HEADER))
+        except AuthError as exc:
+            return error_response(400, "invalid_browser", exc.reason)
+        return None
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        return _unauthorized("a Bearer token is required (Authorization: Bearer <JWT>)")
+    try:
+        g.principal = security.auth.verify(token)
+    except AuthError as exc:
+        log.info("[AUTH] REST %s %s refused: %s", request.method, path, exc.reason)
+        return _unauthorized(exc.reason)
+    if path.startswith(admin_paths) and not g.principal.has_scope(security.config.auth.admin_scope):
+        return error_response(
+            403, "insufficient_scope", f"this route needs the {security.config.auth.admin_scope!r} scope"
+        )
+    return None
+
+
+def _set_security_headers(response: Response, *, tls: bool) -> None:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    headers.setdefault("Cache-Control", "no-store")
+    if tls:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000")
