@@ -324,45 +324,11 @@ class FrontDoor:
     ) -> tuple[bool, Outcome]:
         """Serve one request; (True, _) when the connection became the price socket."""
         server, security = self.server, self.ctx.security
-        if len(request.headers) > server.max_headers:
-            await self._error(
-                stream, conn, 431, "too_many_headers", f"at most {server.max_headers} header fields per request"
-            )
+        head = _read_head(request, server, security)
+        if isinstance(head, _Refusal):
+            await self._error(stream, conn, head.status, head.code, head.message)
             return False, Outcome.CLOSE
-        # h11 bounds a head that arrives in pieces (max_incomplete_event_size); one that came
-        # whole in a single read is measured here.
-        size = len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
-        if size > server.max_header_size:
-            await self._error(
-                stream, conn, 431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes"
-            )
-            return False, Outcome.CLOSE
-        headers: dict[bytes, bytes] = {}
-        for name, value in request.headers:
-            headers.setdefault(bytes(name), bytes(value))  # h11 lower-cases the names
-        target = bytes(request.target)
-        hosts = sum(1 for name, _ in request.headers if name == b"host")
-        if hosts > 1 or (hosts == 0 and request.http_version != b"1.0"):
-            await self._error(stream, conn, 400, "bad_request", "a request needs exactly one Host header")
-            return False, Outcome.CLOSE
-        host = headers.get(b"host", b"").decode("latin-1")
-        if not target.startswith(b"/"):
-            # Absolute form (RFC 9112 3.2.2): its authority is the host asked for.
-            parts = urlsplit(target.decode("latin-1"))
-            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-                await self._error(
-                    stream, conn, 400, "bad_request", "the request target must be a path or an absolute http(s) URL"
-                )
-                return False, Outcome.CLOSE
-            host = parts.netloc
-            target = (parts.path or "/").encode("latin-1") + (
-                b"?" + parts.query.encode("latin-1") if parts.query else b""
-            )
-        # An HTTP/1.0 request without Host (some health checkers) cannot come from a browser,
-        # and only a browser can be made to send a rebinding name.
-        if host and not security.host_allowed(host):
-            await self._error(stream, conn, 421, "misdirected_request", "this relay does not serve that host name")
-            return False, Outcome.CLOSE
+        target, host, headers = head.target, head.host, head.headers
         path = target.split(b"?", 1)[0]
         upgrade = headers.get(b"upgrade", b"").lower()
         if path.rstrip(b"/") == WS_PATH.encode() and upgrade == b"websocket":
@@ -467,6 +433,55 @@ def _valid_key(key: bytes | None) -> bool:
         return len(base64.b64decode(key, validate=True)) == 16
     except (binascii.Error, ValueError):
         return False
+
+
+@attrs.frozen
+class _Refusal:
+    """A request the edge answers itself, with an error (never reaching a route)."""
+
+    status: int
+    code: str
+    message: str
+
+
+@attrs.frozen
+class _Head:
+    """A request head that passed the edge's checks: its origin-form target, host and headers."""
+
+    target: bytes
+    host: str
+    headers: dict[bytes, bytes]  # the first of each name (h11 lower-cases names)
+
+
+def _read_head(request: h11.Request, server: ServerConfig, security: Security) -> _Head | _Refusal:
+    """Check a request's head (size, Host, target form, allowed host names) before any routing."""
+    if len(request.headers) > server.max_headers:
+        return _Refusal(431, "too_many_headers", f"at most {server.max_headers} header fields per request")
+    # h11 bounds a head that arrives in pieces (max_incomplete_event_size); one that came
+    # whole in a single read is measured here.
+    size = len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
+    if size > server.max_header_size:
+        return _Refusal(431, "header_too_large", f"the request head is larger than {server.max_header_size} bytes")
+    headers: dict[bytes, bytes] = {}
+    for name, value in request.headers:
+        headers.setdefault(bytes(name), bytes(value))
+    target = bytes(request.target)
+    hosts = sum(1 for name, _ in request.headers if name == b"host")
+    if hosts > 1 or (hosts == 0 and request.http_version != b"1.0"):
+        return _Refusal(400, "bad_request", "a request needs exactly one Host header")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not target.startswith(b"/"):
+        # Absolute form (RFC 9112 3.2.2): its authority is the host asked for.
+        parts = urlsplit(target.decode("latin-1"))
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            return _Refusal(400, "bad_request", "the request target must be a path or an absolute http(s) URL")
+        host = parts.netloc
+        target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+    # An HTTP/1.0 request without Host (some health checkers) cannot come from a browser,
+    # and only a browser can be made to send a rebinding name.
+    if host and not security.host_allowed(host):
+        return _Refusal(421, "misdirected_request", "this relay does not serve that host name")
+    return _Head(target, host, headers)
 
 
 def _write_refusal(
