@@ -170,7 +170,11 @@ def _listening_socket(config: Config) -> socket.socket:
 
 
 async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the relay until :meth:`Relay.shutdown`; started() hands over the :class:`Relay`."""
+    """Run the relay until :meth:`Relay.shutdown`; started() hands over the :class:`Relay`.
+
+    The supervisor, a little over 60 lines on purpose: it reads top to bottom as the relay's
+    lifetime, every long-lived task started in order in one nursery, then the shutdown's order.
+    """
     stats = Stats()
     demand = Demand(config.upstream.unsubscribe_linger, config.upstream.pinned)
     providers = make_providers(config)
@@ -192,44 +196,15 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
         async with hub_open as hub:
             # Chosen once, here: this relay's own upstream (memory) or a fleet's (redis).
             engine = open_engine(config, hub, providers, stats)
-            upstream = engine.view
             ctx = RelayContext(hub=hub, engine=engine, config=config, started_at=time.time(), security=Security(config))
-            app_store = AppStore(config.alerts.data_dir) if config.alerts.enabled else None
-            if app_store is not None:
-                portfolio_store = PortfolioStore(app_store, config.portfolio)
-                await portfolio_store.migrate()
-                ctx.portfolios = PortfolioService(hub, portfolio_store, config.portfolio.update_interval)
-                hub.add_callback(ctx.portfolios.on_update)
-                alert_store = AlertStore(app_store)
-                await alert_store.migrate()
-
-                def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
-                    (hub.demand.acquire if on else hub.demand.release)([symbol])
-
-                # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
-                rules = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
-                rules.load(await alert_store.load())
-                ctx.alerts = AlertService(
-                    hub, rules, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
-                )
-                hub.add_callback(ctx.alerts.on_update)
+            app_store = await _open_app_services(config, hub, ctx)
             front = FrontDoor(ctx, ssl_context)
             async with trio.open_nursery() as nursery:
                 # Portfolios and alerts run until shutdown ends them (they have no end of their own).
                 services = trio.CancelScope()
                 await nursery.start(_run_in, services, [ctx.portfolios, ctx.alerts])
                 if history_backend is not None:
-                    writer = HistoryWriter.from_config(config.history, history_backend, shutdown_timeout=HISTORY_DRAIN)
-                    await nursery.start(writer.run)
-                    offer = writer.offer
-                    # The arrival time the live bars used too (one clock reading per hub turn); the
-                    # hub's source is the provider an update came from when it does not say.
-                    hub.add_callback(lambda update: offer(update, hub.received_ms or wall_ms(), hub.source))
-                    ctx.history_writer = writer
-                    h = config.history
-                    budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
-                    ctx.history_store = HistoryStore(history_backend, budget, lateness)
-                    log.info("[START] tick history: %s", history_backend.description)
+                    await _start_history(nursery, config, history_backend, hub, ctx, lateness)
                 await nursery.start(engine.run)  # the hub gets updates from here on
                 await nursery.start(front.run_app)
                 host, port = listener.getsockname()[:2]
@@ -255,28 +230,10 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
                 task_status.started(relay)
 
                 await shutdown.wait()
-                # Drain: stop accepting, close every client with 1001 (each handler finishes the
-                # frame it is writing, then sends the close), stop the upstream cleanly, then end
-                # whatever is left (REST requests get the server's graceful_timeout).
-                log.info(
-                    "[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY
-                )
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 accepting.cancel()
                 await front_listener.aclose()  # new connections are refused from here on
-                front.begin_drain()  # idle connections close; each REST response says connection: close
-                hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
-                upstream.stop()
-                with trio.move_on_after(SHUTDOWN_GRACE / 2):
-                    await hub.wait_no_clients()
-                if ctx.history_writer is not None:
-                    await ctx.history_writer.aclose()  # writes what is pending, within HISTORY_DRAIN
-                if ctx.alerts is not None:
-                    with trio.move_on_after(HISTORY_DRAIN):
-                        await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
-                services.cancel()
-                await front.drain(config.server.graceful_timeout)  # REST requests in flight finish
-                front.stop_app()
+                await _drain(config, ctx, front, services)
                 connections.cancel()
                 if ctx.history_store is not None:
                     with trio.move_on_after(0.5):
@@ -287,6 +244,72 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     finally:
         listener.close()  # closed already once serving began; this is for a failed start
     log.info("[SHUTDOWN] done")
+
+
+async def _open_app_services(config: Config, hub: Hub, ctx: RelayContext) -> AppStore | None:
+    """Portfolios and alerts (``alerts.enabled``), on their store, fed by the hub; the store or None."""
+    if not config.alerts.enabled:
+        return None
+    app_store = AppStore(config.alerts.data_dir)
+    portfolio_store = PortfolioStore(app_store, config.portfolio)
+    await portfolio_store.migrate()
+    ctx.portfolios = PortfolioService(hub, portfolio_store, config.portfolio.update_interval)
+    hub.add_callback(ctx.portfolios.on_update)
+    alert_store = AlertStore(app_store)
+    await alert_store.migrate()
+
+    def watch(symbol: str, on: bool) -> None:  # symbols with live rules stay wanted upstream
+        (hub.demand.acquire if on else hub.demand.release)([symbol])
+
+    # Auth off: every rule pins (see trio_relay.entitlements); on: admins' rules only.
+    rules = AlertEngine(config.alerts, on_watch=watch, pin_all=not config.auth.enabled)
+    rules.load(await alert_store.load())
+    ctx.alerts = AlertService(
+        hub, rules, alert_store, WebhookSender(config.alerts), held_elsewhere=portfolio_store.held_symbols
+    )
+    hub.add_callback(ctx.alerts.on_update)
+    return app_store
+
+
+async def _start_history(
+    nursery: trio.Nursery, config: Config, backend: HistoryBackend, hub: Hub, ctx: RelayContext, lateness: Lateness
+) -> None:
+    """The tick history's writer (a task of ``nursery``, fed by the hub) and its query side."""
+    writer = HistoryWriter.from_config(config.history, backend, shutdown_timeout=HISTORY_DRAIN)
+    await nursery.start(writer.run)
+    offer = writer.offer
+    # The arrival time the live bars used too (one clock reading per hub turn); the
+    # hub's source is the provider an update came from when it does not say.
+    hub.add_callback(lambda update: offer(update, hub.received_ms or wall_ms(), hub.source))
+    ctx.history_writer = writer
+    h = config.history
+    budget = QueryBudget(h.query_concurrency, h.query_queue_timeout, h.query_timeout, h.query_max_rows)
+    ctx.history_store = HistoryStore(backend, budget, lateness)
+    log.info("[START] tick history: %s", backend.description)
+
+
+async def _drain(config: Config, ctx: RelayContext, front: FrontDoor, services: trio.CancelScope) -> None:
+    """The orderly part of a shutdown, once no new connection is accepted.
+
+    Every client is closed with 1001 (each handler finishes the frame it is writing, then sends
+    the close), the upstream stops cleanly, the history and the alerts write what is pending
+    (each within its bound), then the REST requests in flight get ``graceful_timeout``.
+    """
+    hub, upstream = ctx.hub, ctx.upstream
+    log.info("[SHUTDOWN] closing %d client(s) with %d, stopping upstream", len(hub.clients), CLOSE_GOING_AWAY)
+    front.begin_drain()  # idle connections close; each REST response says connection: close
+    hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+    upstream.stop()
+    with trio.move_on_after(SHUTDOWN_GRACE / 2):
+        await hub.wait_no_clients()
+    if ctx.history_writer is not None:
+        await ctx.history_writer.aclose()  # writes what is pending, within HISTORY_DRAIN
+    if ctx.alerts is not None:
+        with trio.move_on_after(HISTORY_DRAIN):
+            await ctx.alerts.aclose()  # saves the rules and fired alerts still queued
+    services.cancel()  # portfolios and alerts
+    await front.drain(config.server.graceful_timeout)  # REST requests in flight finish
+    front.stop_app()
 
 
 async def _run_in(
