@@ -28,12 +28,27 @@ import trio
 from ..bars import Lateness
 from ..bars.channel import BarChannel
 from ..config import ClientsConfig
-from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, wall_ms, ws_payload
+from ..model import (
+    AMENDS,
+    TRADE,
+    Amend,
+    AmendAction,
+    AmendedState,
+    Encoder,
+    PriceState,
+    ProviderSwitched,
+    Update,
+    UpstreamItem,
+    control,
+    wall_ms,
+    ws_payload,
+)
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
 from .delivery import Delivery, DeliveryOptions
 from .demand import Demand
 from .outbox import Outbox
 from .stats import LatencyHistogram, Stats
+from .trades import TradeMemory
 
 __all__ = ["Hub", "SubscriptionError", "new_epoch", "RECONNECT_HINT_MS"]
 
@@ -128,6 +143,8 @@ class Hub:
         self.bars = BarChannel(self, lateness)
         # Subscriptions with delivery options (rate cap, fields, deltas): one feed per option set.
         self.delivery = Delivery(self.cache, self.stats)
+        # The last few trades of each cached symbol: what a break, cancel or correction amends.
+        self.trades = TradeMemory()
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -312,27 +329,41 @@ class Hub:
             seq = self._evicted_seq.pop(symbol, self._seq_floor)
             state = self.cache[symbol] = PriceState(symbol=symbol, epoch=self.epoch, seq=seq)
         state.provider = update.provider or self.source
-        if update.kind == BREAK:
-            # A break corrects an earlier print; it does not become the last trade. It is
-            # routed at once, on its own: it must never be coalesced away.
-            state.seq = update.seq or state.seq + 1
-            corrected = msgspec.structs.replace(
-                state,
-                data_type=BREAK,
-                timestamp=update.timestamp,
-                last_price=update.last_price,
-                last_size=update.last_size,
-                cached_at=self._enc.now_iso(),
-            )
-            frame = self._enc.price_update(corrected)
-            self._route(symbol, frame, state.seq)
-            if symbol in self.delivery.routes:
-                self.delivery.publish_break(symbol, corrected)
-            if self._keep:
-                self._remember(symbol, frame)
-            return None
+        kind = update.kind
+        if kind == TRADE:
+            if not update.merged:
+                self.trades.record(symbol, update.trade_id, update.last_price, update.last_size)
+        elif kind in AMENDS:
+            if not update.merged:
+                self._amend(state, update)
+                return None
+            self.trades.forget(symbol)  # an upstream relay's state after its own amendment
         state.apply(update, self._enc.now_iso())
         return state
+
+    def _amend(self, state: PriceState, update: Update) -> None:
+        """Apply a break, cancel or correction to the cache and route its frame at once.
+
+        The amended trade is looked up in the trade memory: if it was the cached last trade, the
+        state's last trade becomes the previous valid one (break, cancel) or the corrected one.
+        The frame is the state after that plus ``amends``; it is routed on its own, never
+        coalesced with other updates of the batch, so each amendment reaches the clients.
+        """
+        amend = update.amend or Amend(action=AmendAction.BREAK, price=update.last_price, size=update.last_size)
+        matched, last = self.trades.amend(state.symbol, amend)
+        if last is not None:
+            state.last_price, state.last_size = last
+        state.seq = update.seq or state.seq + 1
+        state.timestamp = update.timestamp
+        state.data_type = update.kind
+        state.cached_at = self._enc.now_iso()
+        amended = AmendedState(**msgspec.structs.asdict(state), amends=msgspec.structs.replace(amend, matched=matched))
+        frame = self._enc.encode(amended)
+        self._route(state.symbol, frame, state.seq)
+        if state.symbol in self.delivery.routes:
+            self.delivery.publish_break(state.symbol, amended)
+        if self._keep:
+            self._remember(state.symbol, frame)
 
     def _remember(self, symbol: str, frame: bytes) -> None:
         history = self._history.get(symbol)
@@ -754,6 +785,7 @@ class Hub:
                 forget = list(self._evicted_seq)[: MAX_EVICTED_SEQS // 2]
                 self._seq_floor = max(self._seq_floor, *(self._evicted_seq.pop(s) for s in forget))
         self._history.pop(symbol, None)
+        self.trades.forget(symbol)
         self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:

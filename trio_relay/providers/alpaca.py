@@ -16,11 +16,14 @@ Protocol (see shared/providers.md §3; field names checked against alpaca-trade-
   replies are matched in order to warn about symbols the server left out. Stock trades bring
   ``corrections`` and ``cancelErrors`` along automatically. Bars are not subscribed: an
   :class:`~trio_relay.model.Update` has no bar kind.
-- Data, by ``T``: ``t`` trade (``S p s t``; crypto sizes are fractional), ``q`` quote
-  (``S bp bs ap as t``), ``c`` correction (``S cp cs t``, plus the original ``oi op os oc`` we
-  do not need) → kind ``B`` carrying the corrected price and size; ``x`` cancel/error is
-  skipped (debug log); ``b u d s l i o n p`` (bars, statuses, LULD, imbalances, order books,
-  news, futures pricing) are skipped without looking at their fields.
+- Data, by ``T``: ``t`` trade (``S p s t``, trade id ``i``; crypto sizes are fractional), ``q``
+  quote (``S bp bs ap as t``), ``c`` correction (``S t``, the original trade ``oi op os`` and
+  the corrected one ``ci cp cs``) → kind ``C`` whose :class:`~trio_relay.model.Amend` names
+  both; ``x`` cancel/error (``S t``, the cancelled trade ``i p s``; action ``a`` is ``C`` cancel
+  or ``E`` error, both void the trade) → kind ``X``. Field names as alpaca-py's
+  ``TRADE_CORRECTION_MAPPING`` / ``TRADE_CANCEL_MAPPING`` (alpaca/data/mappings.py).
+  ``b u d s l i o n p`` (bars, statuses, LULD, imbalances, order books, news, futures pricing)
+  are skipped without looking at their fields.
 - ``t`` is RFC-3339 text with up to nanosecond precision (``2021-02-22T15:51:44.208123456Z``),
   turned into epoch ms (floor) by :func:`rfc3339_ms`: ``datetime.fromisoformat`` (C code,
   truncates past µs) minus the epoch, floor-divided by 1 ms, all integer arithmetic. Measured on
@@ -62,7 +65,7 @@ import attrs
 import msgspec
 import trio
 
-from ..model import BREAK, QUOTE, SYMBOL_RE, TRADE, Update, wall_ms
+from ..model import CANCEL, CORRECTION, QUOTE, SYMBOL_RE, TRADE, Amend, AmendAction, Update, wall_ms
 from ..settings import positive, symbol_map, ws_url
 from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
 from .symbols import SymbolMap
@@ -147,7 +150,7 @@ class AlpacaMessage(msgspec.Struct, gc=False):
 
     Only fields whose JSON type is the same in every message type are declared (``c`` is a
     condition list in a trade but a price in a bar, ``i`` an int in a trade but a string in a
-    LULD): anything else is skipped by the decoder, so a message we skip can never make a
+    LULD, ``a`` a cancel's action but an order book's asks): anything else is skipped by the decoder, so a message we skip can never make a
     frame fail to decode.
     """
 
@@ -160,6 +163,12 @@ class AlpacaMessage(msgspec.Struct, gc=False):
     bs: int | float | None = None
     ap: int | float | None = None
     as_: int | float | None = msgspec.field(default=None, name="as")
+    # A trade's id (an int; a LULD's "i" is a string of indicators, never read there).
+    i: int | str | None = None
+    oi: int | str | None = None
+    op: int | float | None = None
+    os: int | float | None = None
+    ci: int | str | None = None
     cp: int | float | None = None
     cs: int | float | None = None
     code: int | None = None
@@ -197,6 +206,27 @@ def error_outcome(code: int | None, message: str) -> ProviderError | None:
     if code in RETRY_CODES:
         return ProviderError(text)
     return None
+
+
+def _amendment(symbol: str, ts: int, m: AlpacaMessage) -> Update | None:
+    """A correction (``c``) or cancel/error (``x``) as an amendment update; None if unreadable."""
+    if m.T == "c":
+        if m.cp is None:
+            return None
+        amend = Amend(
+            action=AmendAction.CORRECTION,
+            trade_id=None if m.oi is None else str(m.oi),
+            price=m.op,
+            size=m.os,
+            corrected_id=None if m.ci is None else str(m.ci),
+            corrected_price=m.cp,
+            corrected_size=m.cs,
+        )
+        return Update(symbol, CORRECTION, ts, m.cp, m.cs, amend=amend)
+    if m.p is None and m.i is None:
+        return None
+    amend = Amend(action=AmendAction.CANCEL, trade_id=None if m.i is None else str(m.i), price=m.p, size=m.s)
+    return Update(symbol, CANCEL, ts, m.p, m.s, amend=amend)
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
@@ -313,7 +343,7 @@ class AlpacaSession:
                 messages = self._salvage(raw)
             for m in messages:
                 kind = m.T
-                if kind == "q" or kind == "t" or kind == "c":
+                if kind == "q" or kind == "t" or kind == "c" or kind == "x":
                     native = m.S
                     if native is None:
                         self._malformed(f"{kind!r} message without S", raw)
@@ -347,16 +377,16 @@ class AlpacaSession:
                         if m.p is None:
                             self._malformed("trade without p", raw)
                             continue
-                        append(Update(symbol, TRADE, ts, m.p, m.s))
+                        trade_id = None if m.i is None else str(m.i)
+                        append(Update(symbol, TRADE, ts, m.p, m.s, trade_id=trade_id))
                     else:
-                        if m.cp is None:
-                            self._malformed("correction without cp", raw)
+                        update = _amendment(symbol, ts, m)
+                        if update is None:
+                            self._malformed("correction without cp" if kind == "c" else "cancel without p or i", raw)
                             continue
-                        append(Update(symbol, BREAK, ts, m.cp, m.cs))
+                        append(update)
                 elif kind in _SKIPPED:
                     continue
-                elif kind == "x":
-                    log.debug("[CANCEL] trade cancel/error for %s at %s skipped", m.S, m.t)
                 else:
                     self._control(m, raw)
         return updates

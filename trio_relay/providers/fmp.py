@@ -21,7 +21,7 @@ import msgspec
 import trio
 
 from ..masking import mask_secrets
-from ..model import SYMBOL_RE, Update, normalize_epoch_ms, wall_ms
+from ..model import BREAK, SYMBOL_RE, Amend, AmendAction, Update, normalize_epoch_ms, wall_ms
 from ..settings import positive, ws_url
 from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ignore_malformed
 from .wsclient import WsClient
@@ -112,6 +112,10 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
     if kind == "T" or kind == "B":
         if frame.lp is None:
             raise MalformedFrame(f"{kind} frame without lp", raw)
+        if kind == "B":
+            # A break voids the trade it carries (FMP gives no trade ids: the hub matches by price and size).
+            amend = Amend(action=AmendAction.BREAK, price=frame.lp, size=frame.ls)
+            return frame, Update(symbol, BREAK, ts, last_price=frame.lp, last_size=frame.ls, amend=amend)
         return frame, Update(symbol, kind, ts, last_price=frame.lp, last_size=frame.ls)
     if kind == "Q":
         if frame.bp is None and frame.ap is None:

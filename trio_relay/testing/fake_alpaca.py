@@ -39,6 +39,7 @@ __all__ = [
     "trade_msg",
     "quote_msg",
     "correction_msg",
+    "cancel_msg",
     "frame",
 ]
 
@@ -100,6 +101,14 @@ def correction_msg(
         "T": "c", "S": symbol, "x": "V", "oi": original_id, "op": original_price, "os": original_size, "oc": ["@"],
         "ci": corrected_id, "cp": corrected_price, "cs": corrected_size, "cc": ["@"], "z": "C", "t": t,
     }  # fmt: skip
+
+
+def cancel_msg(symbol: str, *, trade_id: int, price: float, size: float, t: str, action: str = "C") -> dict[str, Any]:
+    """A trade cancel/error (``"T":"x"``) as alpaca-py's ``TRADE_CANCEL_MAPPING`` reads it.
+
+    ``action`` is ``C`` (cancel) or ``E`` (error); ``i``/``p``/``s`` are the cancelled trade's.
+    """
+    return {"T": "x", "S": symbol, "i": trade_id, "x": "V", "p": price, "s": size, "a": action, "z": "C", "t": t}
 
 
 def frame(*messages: Mapping[str, Any]) -> str:
@@ -180,6 +189,10 @@ class FakeAlpacaServer(FakeServer[_Conn]):
     async def send_correction(self, symbol: str, **fields: Any) -> None:
         """Inject a trade correction (keyword arguments of :func:`correction_msg`)."""
         await self.inject(frame(correction_msg(symbol, **fields)))
+
+    async def send_cancel(self, symbol: str, **fields: Any) -> None:
+        """Inject a trade cancel/error (keyword arguments of :func:`cancel_msg`)."""
+        await self.inject(frame(cancel_msg(symbol, **fields)))
 
     async def _accept(self, request: trio_websocket.WebSocketRequest) -> _Conn:
         return _Conn(await request.accept())
