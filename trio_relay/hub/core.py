@@ -30,6 +30,8 @@ from ..bars.channel import BarChannel
 from ..config import ClientsConfig
 from ..model import (
     AMENDS,
+    CANCEL,
+    CORRECTION,
     TRADE,
     Amend,
     AmendAction,
@@ -91,6 +93,18 @@ def _state_of(frame: bytes) -> PriceState:
 def _seq_of(frame: bytes) -> int:
     """The seq of a routed price_update frame (read back only on a resume)."""
     return _SEQ_DECODER.decode(ws_payload(frame)).seq
+
+
+def _bare_amend(update: Update) -> Amend:
+    """The amendment an update without one stands for (a recording or history replayed).
+
+    A break or cancel voids the trade it carries; a bare correction names no original, so it
+    can only be reported (``matched: "unknown"``).
+    """
+    if update.kind == CORRECTION:
+        return Amend(action=AmendAction.CORRECTION, corrected_price=update.last_price, corrected_size=update.last_size)
+    action = AmendAction.CANCEL if update.kind == CANCEL else AmendAction.BREAK
+    return Amend(action=action, price=update.last_price, size=update.last_size)
 
 
 def new_epoch() -> str:
@@ -349,7 +363,7 @@ class Hub:
         The frame is the state after that plus ``amends``; it is routed on its own, never
         coalesced with other updates of the batch, so each amendment reaches the clients.
         """
-        amend = update.amend or Amend(action=AmendAction.BREAK, price=update.last_price, size=update.last_size)
+        amend = update.amend or _bare_amend(update)
         matched, last = self.trades.amend(state.symbol, amend)
         if last is not None:
             state.last_price, state.last_size = last
