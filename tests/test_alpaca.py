@@ -16,7 +16,7 @@ from conftest import api, wait_state
 
 from trio_relay.model import Amend, AmendAction, Update
 from trio_relay.providers.alpaca import AlpacaConfig, AlpacaProvider, AlpacaSession, rfc3339_ms
-from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
+from trio_relay.providers.base import AuthFailed, ConnectionLimit, MalformedFrame, ProviderError
 from trio_relay.testing.fake_alpaca import (
     MALFORMED_FRAMES,
     FakeAlpacaServer,
@@ -322,7 +322,7 @@ def test_element_of_the_wrong_type_only_loses_itself() -> None:
     "code, msg, error",
     [
         (402, "auth failed", AuthFailed),
-        (406, "connection limit exceeded", AuthFailed),
+        (406, "connection limit exceeded", AuthFailed),  # in a logged-in session: someone else took over
         (408, "v2 not enabled", AuthFailed),
         (409, "insufficient subscription", AuthFailed),
         (410, "invalid subscribe action for this feed", AuthFailed),
@@ -608,7 +608,7 @@ async def test_wrong_key_reports_auth_failed_and_never_logs_the_secret(start_rel
 @pytest.mark.parametrize(
     "code, msg, state",
     [
-        (406, "connection limit exceeded", "auth_failed"),
+        (406, "connection limit exceeded", "auth_failed"),  # after limit_retries quick retries
         (408, "v2 not enabled", "auth_failed"),
         (409, "insufficient subscription", "auth_failed"),
         (410, "invalid subscribe action for this feed", "auth_failed"),
@@ -621,11 +621,13 @@ async def test_wrong_key_reports_auth_failed_and_never_logs_the_secret(start_rel
 async def test_documented_errors_at_login_map_to_relay_states(start_relay, code, msg, state):
     async with FakeAlpacaServer.open(credentials={KEY_ID: SECRET}, auth_error=(code, msg)) as fake:
         # A long backoff keeps the relay in "backoff" once it gets there.
-        relay = await start_relay(**alpaca_sections(fake, backoff_initial=60.0, backoff_max=60.0))
+        relay = await start_relay(
+            **alpaca_sections(fake, backoff_initial=60.0, backoff_max=60.0, limit_retries=2, limit_retry_delay=0.01)
+        )
         with trio.fail_after(10):
             await wait_state(relay, state)
         assert relay.upstream.last_error == f"Alpaca error {code}: {msg}"
-        assert fake.errors_sent[0] == code
+        assert fake.errors_sent == [code] * (3 if code == 406 else 1)
 
 
 async def test_kicked_mid_session_by_connection_limit(start_relay, fake_alpaca, ws_connect):
@@ -732,7 +734,7 @@ async def test_second_session_hits_the_connection_limit(autojump_clock):
         provider = _provider(fake)
         async with provider.session() as session:
             await session.subscribe(["AAPL"])
-            with pytest.raises(AuthFailed) as info:
+            with pytest.raises(ConnectionLimit) as info:  # at login: maybe our own lingering connection
                 async with provider.session():
                     pass
             assert str(info.value) == "Alpaca error 406: connection limit exceeded"

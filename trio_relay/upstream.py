@@ -36,7 +36,17 @@ from .config import UpstreamConfig
 from .hub import Demand, Stats
 from .masking import mask_secrets
 from .model import ProviderSwitched, UpstreamItem
-from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session, ignore_malformed
+from .providers.base import (
+    AuthFailed,
+    ConnectionLimit,
+    MalformedFrame,
+    Provider,
+    ProviderError,
+    RateLimited,
+    Session,
+    ignore_malformed,
+    ignore_refused,
+)
 
 __all__ = [
     "UpstreamView",
@@ -48,6 +58,7 @@ __all__ = [
     "UpstreamState",
     "ProviderHealth",
     "Item",
+    "RefusalListener",
 ]
 
 log = logging.getLogger("trio_relay.upstream")
@@ -170,6 +181,14 @@ class NamedProvider(Protocol):
     def describe(self) -> str: ...
 
 
+class RefusalListener(Protocol):
+    """Who tells clients about symbols the provider refuses (the hub)."""
+
+    def symbols_refused(self, symbols: list[str], provider: str, reason: str) -> None: ...
+
+    def refusals_cleared(self, symbols: list[str]) -> None: ...
+
+
 class UpstreamView(Protocol):
     """The upstream as the API sees it: the :class:`Upstream` itself, or a fleet's view of it."""
 
@@ -197,6 +216,8 @@ class UpstreamView(Protocol):
     def last_error(self) -> str: ...
     @property
     def subscribed(self) -> set[str]: ...
+    @property
+    def refused(self) -> dict[str, str]: ...
 
     def message_age(self) -> float | None: ...
 
@@ -258,7 +279,14 @@ class Upstream:
         self.reconnects = 0
         self.last_error = ""
         self.subscribed: set[str] = set()
+        # Wanted symbols the active provider refused (plan limit, unknown, entitlement, no spelling),
+        # with the reason: never asked for again until their demand changes (they stop being wanted)
+        # or the provider changes. A subset of the wanted symbols, so bounded by demand.
+        self.refused: dict[str, str] = {}
+        self.refusals: RefusalListener | None = None
         self._marker_pending = False
+        # Connection-limit answers retried quickly since the last login (see _retry_delay).
+        self._limit_retries = 0
         # Told of each change the clients should see: ("up" | "down" | "stale" | "failover",
         # provider name, reason). Wired to the hub, which sends {"type":"status"} messages.
         self.on_event: Callable[[str, str, str], None] | None = None
@@ -325,6 +353,8 @@ class Upstream:
         self.active = 0
         self._switch_to = None
         self._unhealthy_since = None
+        self._limit_retries = 0
+        self._clear_refusals()
         self._chain_changed.set()
         self._chain_changed = trio.Event()
         if self.provider.name != old:
@@ -410,6 +440,9 @@ class Upstream:
                     self._backoff.reset()
                     failures = 0
                 failures += 1
+                if isinstance(error, ConnectionLimit) and self._limit_retries >= self.config.limit_retries:
+                    # Not our own lingering connection after all: another process holds the key.
+                    auth_error, error = error, None
                 health = self.chain[self.active]
                 if auth_error is not None:
                     self.state = UpstreamState.AUTH_FAILED
@@ -440,7 +473,7 @@ class Upstream:
                         delay,
                     )
                 else:
-                    delay = self._backoff.next_delay()
+                    delay = self._retry_delay(error)
                     log.warning(
                         "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)",
                         self.last_error,
@@ -471,6 +504,22 @@ class Upstream:
         for health in self.chain:
             health.state = UpstreamState.STOPPED
         log.info("[STOP] upstream closed")
+
+    def _retry_delay(self, error: BaseException | None) -> float:
+        """The wait before the next attempt after ``error``, by its class (auth is the caller's).
+
+        A connection limit is retried quickly (``limit_retry_delay`` x n, ``limit_retries``
+        times: the caller turns the next one into an auth cool-down); a rate limit waits at
+        least its ``Retry-After`` (else ``rate_limit_delay``); anything else takes the backoff.
+        """
+        if isinstance(error, ConnectionLimit):
+            self._limit_retries += 1
+            return self.config.limit_retry_delay * self._limit_retries
+        delay = self._backoff.next_delay()
+        if isinstance(error, RateLimited):
+            wait = error.retry_after if error.retry_after is not None else self.config.rate_limit_delay
+            delay = max(delay, wait)
+        return delay
 
     # ------------------------------------------------------------------ failover
     def _failover_due(self) -> bool:
@@ -533,6 +582,8 @@ class Upstream:
             old.state = "standby"
         self.active = target
         self._switch_to = None
+        self._limit_retries = 0
+        self._clear_refusals()
         self.switches += 1
         self.switch_reason = reason
         self._backoff.reset()
@@ -655,7 +706,7 @@ class Upstream:
         health.state = "probing"
         sample = self._probe_sample()
         try:
-            async with provider.session(ignore_malformed) as session:
+            async with provider.session(ignore_malformed, ignore_refused) as session:
                 if sample:
                     await session.subscribe(sample)
                     log.info("[FAILOVER] probing %s with %s", provider.name, _short(sample))
@@ -720,13 +771,14 @@ class Upstream:
     async def _attempt(self) -> None:
         self.state = UpstreamState.CONNECTING
         log.info("[CONNECT] connecting to %s", self.provider.describe())
-        async with self.provider.session(self._malformed) as session:
+        async with self.provider.session(self._malformed, self._refused) as session:
             now = trio.current_time()
             self.connected_at = now
             self.connected_since = time.time()
             self.last_message_at = now
             self._active_since = now
             self.subscribed = set()
+            self._limit_retries = 0
             self._connect_scope.deadline = math.inf
             if not self.provider.detects_stale:
                 # Nothing proves a quiet provider alive but the connection itself. One that sends
@@ -794,7 +846,10 @@ class Upstream:
             changed = demand.changed_event()
             demand.expire()
             wanted = demand.wanted
-            add = sorted(wanted - self.subscribed)
+            if self.refused:
+                for symbol in [s for s in self.refused if s not in wanted]:
+                    del self.refused[symbol]  # demand changed: asked for again if wanted again
+            add = sorted(wanted - self.subscribed - self.refused.keys())
             remove = sorted(self.subscribed - wanted)
             if add:
                 await session.subscribe(add)
@@ -802,7 +857,8 @@ class Upstream:
                     self._active_since = trio.current_time()
                     self._subscribing.set()
                     self._subscribing = trio.Event()
-                self.subscribed.update(add)
+                # Those refused during the call (no spelling for them, say) are not subscribed.
+                self.subscribed.update(s for s in add if s not in self.refused)
                 log.info("[SUBSCRIBE] %d symbol(s): %s", len(add), _short(add))
             if remove:
                 await session.unsubscribe(remove)
@@ -812,6 +868,28 @@ class Upstream:
                 self._flowing("nothing is wanted any more, so no data is missing")
             with trio.move_on_at(demand.next_expiry()):
                 await changed.wait()
+
+    def _refused(self, symbols: Sequence[str], reason: str) -> None:
+        """The session's refusal sink: keep these symbols out of requests and tell their clients."""
+        reason = mask_secrets(reason, self.secrets)[:200]
+        wanted = self.demand.wanted
+        self.subscribed.difference_update(symbols)
+        new = [s for s in dict.fromkeys(symbols) if s in wanted and s not in self.refused]
+        if not new:
+            return
+        for symbol in new:
+            self.refused[symbol] = reason
+        log.warning("[REFUSED] %s refused %d symbol(s): %s (%s)", self.provider.name, len(new), _short(new), reason)
+        if self.refusals is not None:
+            self.refusals.symbols_refused(new, self.provider.name, reason)
+
+    def _clear_refusals(self) -> None:
+        """Another provider (a failover, a reload): it may serve what this one refused."""
+        if self.refused:
+            cleared = sorted(self.refused)
+            self.refused.clear()
+            if self.refusals is not None:
+                self.refusals.refusals_cleared(cleared)
 
     async def _watch_stale(self) -> None:
         """End the session when a subscribed feed goes silent; see :meth:`_check_silence`."""

@@ -147,6 +147,9 @@ class Hub:
         # it is routed to that outbox; the entry goes at the first update past it.
         self._floors: dict[str, dict[Outbox, int]] = {}
         self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
+        # Wanted symbols the provider refused → the status sent about them (new subscribers get it
+        # too); they go when nobody wants them (_evict) or the provider changes. Bounded by demand.
+        self.refused: dict[str, dict[str, Any]] = {}
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
         self.clients: dict[int, Client] = {}
@@ -590,6 +593,11 @@ class Hub:
             self.send_control(client, self._symbol_status("stale", stale))
         if self.upstream_status is not None and new:
             self.send_control(client, {**self.upstream_status, "symbols": new})
+        if self.refused:
+            for s in new:
+                message = self.refused.get(s)
+                if message is not None:
+                    self.send_control(client, {**message, "symbols": [s]})
         return new
 
     def _replays(
@@ -724,6 +732,28 @@ class Hub:
             if client.symbols:
                 self.send_control(client, {**message, "symbols": sorted(client.symbols)})
 
+    def symbols_refused(self, symbols: list[str], provider: str, reason: str) -> None:
+        """The provider refused these symbols: tell each client holding some of them, and later ones.
+
+        ``{"type":"status","scope":"symbols","state":"refused","symbols":[...],"provider":..,"reason":..}``
+        """
+        message = control("status", scope="symbols", state="refused", provider=provider, reason=reason)
+        for symbol in symbols:
+            self.refused[symbol] = message
+        self._notify_each(set(symbols), message)
+
+    def refusals_cleared(self, symbols: list[str]) -> None:
+        """Asked for again (another provider): ``state: "retrying"`` to the clients holding them."""
+        for symbol in symbols:
+            self.refused.pop(symbol, None)
+        self._notify_each(set(symbols), control("status", scope="symbols", state="retrying"))
+
+    def _notify_each(self, symbols: set[str], message: dict[str, Any]) -> None:
+        for client in list(self.clients.values()):
+            mine = sorted(client.symbols & symbols)
+            if mine:
+                self.send_control(client, {**message, "symbols": mine})
+
     def _symbol_status(self, state: str, symbols: list[str]) -> dict[str, Any]:
         return control(
             "status", scope="symbols", state=state, symbols=symbols, stale_after=self.config.symbol_stale_after
@@ -800,6 +830,7 @@ class Hub:
                 self._seq_floor = max(self._seq_floor, *(self._evicted_seq.pop(s) for s in forget))
         self._history.pop(symbol, None)
         self.trades.forget(symbol)
+        self.refused.pop(symbol, None)
         self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:

@@ -21,11 +21,20 @@ they go through :func:`normalize_epoch_ms` anyway):
 - ``C`` forex quote: ``p`` is the *pair* (``"EUR/USD"``), ``a`` ask, ``b`` bid, ``t``; no sizes.
 
 Aggregates (``A``/``AM``/``XA``/``CA``...) and every other event type are skipped without being
-looked at. Status ``auth_failed`` and ``max_connections`` (an account gets one connection per
-cluster; which connection the server drops is UNCONFIRMED, so both the refused new one and the
-kicked-out old one end here) are :class:`AuthFailed`: the upstream then waits its long
-``auth_retry_delay``, never a reconnect hot loop. There is no application-level heartbeat, so a
-quiet feed cannot be told from a dead one (``detects_stale = False``).
+looked at. Status events are classified in :data:`STATUSES` (one table, from the spec's status
+enums in ``.massive/websocket.json``): ``auth_failed`` waits ``auth_retry_delay``;
+``max_connections`` (an account gets one connection per cluster; right after a blip it is
+usually our own previous connection) is retried quickly a few times first, then waits
+``auth_retry_delay`` too, never a reconnect hot loop; ``auth_timeout``, ``force_disconnect`` and
+``slow_consumer`` reconnect at the normal backoff. The older wording of a refused key,
+``{"status":"error","message":"authentication failed"}`` (alpacahq/Alpaca-API #68), is an auth
+failure too (:data:`AUTH_TEXTS`), not a login timeout. There is no application-level heartbeat,
+so a quiet feed cannot be told from a dead one (``detects_stale = False``).
+
+Trade ids: ``i`` is unique per exchange ``x``, so a trade's id is ``"x:i"``; the upstream drops a
+trade whose id it has just seen for that symbol (the same trade twice in one frame). The spec
+documents no cancel or correction event, and no condition code we found documented as one, so
+nothing maps to an amendment.
 
 Symbols: stocks pass through unchanged; crypto pairs are ``BASE-QUOTE`` (``BTCUSD`` ↔
 ``BTC-USD``), forex ``BASE/QUOTE`` (``EURUSD`` ↔ ``EUR/USD``), plus ``[polygon.symbols]``. A
@@ -46,7 +55,18 @@ import trio
 
 from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
 from ..settings import positive, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
+from .base import (
+    Credential,
+    ErrorClass,
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    ProviderError,
+    RefusalSink,
+    error_for,
+    ignore_malformed,
+    ignore_refused,
+)
 from .symbols import SymbolMap
 from .wsclient import WsClient
 
@@ -83,6 +103,20 @@ class PolygonConfig:
 
 
 log = logging.getLogger("trio_relay.providers.polygon")
+
+#: What each status means (the spec's enums: auth, disconnect, subscribe). Others: NOTICE.
+STATUSES: Final[Mapping[str, ErrorClass]] = {
+    "connected": ErrorClass.NOTICE,
+    "auth_success": ErrorClass.NOTICE,
+    "success": ErrorClass.NOTICE,
+    "auth_failed": ErrorClass.AUTH,
+    "auth_timeout": ErrorClass.RETRY,
+    "max_connections": ErrorClass.CONNECTION_LIMIT,
+    "force_disconnect": ErrorClass.RETRY,
+    "slow_consumer": ErrorClass.RETRY,
+}
+#: Texts of an older refused-key answer under status "error" (lower case).
+AUTH_TEXTS: Final = ("authentication failed", "not authorized", "unauthorized", "invalid api key")
 
 #: The channels subscribed for each client symbol, by market.
 CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {"stocks": ("T", "Q"), "crypto": ("XT", "XQ"), "forex": ("C",)}
@@ -123,6 +157,8 @@ class PolygonEvent(msgspec.Struct, gc=False, omit_defaults=True):
     as_: Number | None = msgspec.field(default=None, name="as")
     a: Number | None = None
     b: Number | None = None
+    i: str | int | list[int] | None = None  # a trade's id (a string); a quote's or LULD's indicators (ints)
+    x: int | str | None = None  # the exchange of a trade
     status: str | None = None
     message: str | None = None
 
@@ -256,7 +292,8 @@ class FrameDecoder:
                     price = event.p
                     if price is None or isinstance(price, str):
                         raise MalformedFrame(f"{kind} event without a numeric p", raw)
-                    append(Update(client, TRADE, ts, last_price=price, last_size=event.s))
+                    trade_id = None if event.i is None or isinstance(event.i, list) else f"{event.x}:{event.i}"
+                    append(Update(client, TRADE, ts, last_price=price, last_size=event.s, trade_id=trade_id))
             except MalformedFrame as exc:
                 # The raw text given with the error is the event alone, not the whole frame.
                 exc.frame = _ENCODER.encode(event).decode()
@@ -292,8 +329,16 @@ class FrameDecoder:
 
 
 class PolygonSession:
-    def __init__(self, provider: PolygonProvider, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
+    def __init__(
+        self,
+        provider: PolygonProvider,
+        ws: WsClient,
+        early: list[str],
+        on_malformed: MalformedSink,
+        on_refused: RefusalSink = ignore_refused,
+    ) -> None:
         self._provider = provider
+        self._on_refused = on_refused
         self._ws = ws
         self._early = early  # frames that came with or before auth_success
         self._on_malformed = on_malformed
@@ -321,10 +366,13 @@ class PolygonSession:
         await self._ws.send_text(_ENCODER.encode({"action": action, "params": ",".join(entries)}).decode())
 
     async def subscribe(self, symbols: Sequence[str]) -> None:
-        await self._send("subscribe", self._provider.natives(symbols, warn=True))
+        natives, missing = self._provider.natives(symbols, warn=True)
+        if missing:
+            self._on_refused(missing, f"polygon has no symbol for it on the {self._provider.config.market} cluster")
+        await self._send("subscribe", natives)
 
     async def unsubscribe(self, symbols: Sequence[str]) -> None:
-        await self._send("unsubscribe", self._provider.natives(symbols, warn=False))
+        await self._send("unsubscribe", self._provider.natives(symbols, warn=False)[0])
 
     async def receive(self) -> list[Update]:
         if self._early:
@@ -337,7 +385,7 @@ class PolygonSession:
         for raw in raws:
             statuses = decode(raw, now, updates, self._on_malformed)
             for status in statuses:
-                self._provider.check_status(status)
+                self._provider.check_status(status, logged_in=True)
         return updates
 
 
@@ -355,8 +403,8 @@ class PolygonProvider:
         feed = "delayed" if self.config.delayed else "real-time"
         return f"Polygon/Massive {self.config.market} ({feed}) at {self.config.resolved_url}"
 
-    def natives(self, symbols: Sequence[str], *, warn: bool) -> list[str]:
-        """Polygon tickers for client symbols; those with none are left out (and warned about once)."""
+    def natives(self, symbols: Sequence[str], *, warn: bool) -> tuple[list[str], list[str]]:
+        """(Polygon tickers for client symbols, the client symbols with none: warned about once)."""
         natives, missing = self.symbols.split(symbols)
         if warn:
             for symbol in missing:
@@ -370,7 +418,7 @@ class PolygonProvider:
                     symbol,
                     self.config.market,
                 )
-        return natives
+        return natives, missing
 
     def _clean(self, text: str | None) -> str:
         """Server text fit for a log line or an exception: short, and never with the key."""
@@ -381,24 +429,40 @@ class PolygonProvider:
     def _text(self, event: PolygonEvent) -> str:
         return self._clean(event.message)
 
-    def check_status(self, event: PolygonEvent) -> str | None:
-        """Log a status event; raise :class:`AuthFailed` for a fatal one. Returns the status."""
+    def check_status(self, event: PolygonEvent, *, logged_in: bool = False) -> str | None:
+        """Log a status event; raise for one that ends the session (:data:`STATUSES`). Returns it.
+
+        ``max_connections`` while logging in may be our own previous connection, still counted
+        after a blip (quick retries); once logged in it means another connection with the key
+        took over, and fighting it would be a reconnect loop: an auth failure.
+        """
         status = event.status
-        if status == "success" or status == "connected" or status == "auth_success":
-            log.debug("[STATUS] %s: %s", status, self._text(event))  # several per subscribe: debug
-        elif status == "auth_failed":
-            raise AuthFailed(f"Polygon rejected the API key (auth_failed: {self._text(event) or 'no message'})")
-        elif status == "max_connections":
-            raise AuthFailed(
-                "Polygon connection limit reached: another connection uses this API key "
-                f"(max_connections: {self._text(event) or 'no message'})"
-            )
+        cls = STATUSES.get(status or "", ErrorClass.NOTICE)
+        if cls is ErrorClass.CONNECTION_LIMIT and logged_in:
+            cls = ErrorClass.AUTH
+        if status == "error" and any(text in (event.message or "").lower() for text in AUTH_TEXTS):
+            cls = ErrorClass.AUTH  # the older wording of auth_failed
+        if cls is ErrorClass.NOTICE:
+            if status in STATUSES:
+                log.debug("[STATUS] %s: %s", status, self._text(event))  # several per subscribe: debug
+            else:
+                log.info("[STATUS] Polygon says %s: %s", self._clean(status), self._text(event))
+            return status
+        said = self._text(event) or "no message"
+        if status == "max_connections":
+            text = f"Polygon connection limit reached: another connection uses this API key ({status}: {said})"
+        elif cls is ErrorClass.AUTH:
+            text = f"Polygon rejected the API key ({self._clean(status)}: {said})"
+        elif cls is ErrorClass.CONNECTION_LIMIT:
+            text = f"Polygon connection limit reached: another connection uses this API key ({status}: {said})"
         else:
-            log.info("[STATUS] Polygon says %s: %s", self._clean(status), self._text(event))
-        return status
+            text = f"Polygon ended the connection ({self._clean(status)}: {said})"
+        raise error_for(cls, text) or ProviderError(text)
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[PolygonSession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[PolygonSession]:
         url = self.config.resolved_url
         async with WsClient.open(
             url,
@@ -407,7 +471,7 @@ class PolygonProvider:
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
         ) as ws:
-            yield PolygonSession(self, ws, await self._login(ws), on_malformed)
+            yield PolygonSession(self, ws, await self._login(ws), on_malformed, on_refused)
 
     async def _login(self, ws: WsClient) -> list[str]:
         """Wait for ``connected``, send the key, wait for ``auth_success``: all within auth_timeout."""
