@@ -16,7 +16,7 @@ from conftest import api, wait_state
 
 from trio_relay.model import Amend, AmendAction, Update
 from trio_relay.providers.alpaca import AlpacaConfig, AlpacaProvider, AlpacaSession, rfc3339_ms
-from trio_relay.providers.base import AuthFailed, ConnectionLimit, MalformedFrame, ProviderError
+from trio_relay.providers.base import AuthFailed, ConnectionLimit, MalformedFrame, ProviderError, ignore_refused
 from trio_relay.testing.fake_alpaca import (
     MALFORMED_FRAMES,
     FakeAlpacaServer,
@@ -50,14 +50,20 @@ class StubWs:
 
 
 def make_session(
-    feed: str = "iex", *, symbols: dict[str, str] | None = None, provider: AlpacaProvider | None = None
+    feed: str = "iex",
+    *,
+    symbols: dict[str, str] | None = None,
+    provider: AlpacaProvider | None = None,
+    on_refused: Any = ignore_refused,
 ) -> tuple[AlpacaSession, StubWs, list[MalformedFrame]]:
     provider = provider or AlpacaProvider(
         AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed=feed, symbols=symbols or {})
     )  # type: ignore[arg-type]
     ws = StubWs()
     bad: list[MalformedFrame] = []
-    session = AlpacaSession(ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET))
+    session = AlpacaSession(
+        ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET), on_refused=on_refused
+    )
     return session, ws, bad
 
 
@@ -742,3 +748,57 @@ async def test_second_session_hits_the_connection_limit(autojump_clock):
         await fake.wait_until(lambda: not fake.connections)
         async with provider.session():  # the first one is gone: room again
             assert fake.logins == 2
+
+
+async def test_a_refused_symbol_is_told_kept_out_of_reconnects_and_shown(start_relay, ws_connect, http):
+    """The issue's bad day: a 405 on one symbol must not take the others down at the next reconnect."""
+    async with FakeAlpacaServer.open(credentials={KEY_ID: SECRET}, rate=50.0, symbol_limit=2) as fake:
+        relay = await start_relay(**alpaca_sections(fake, backoff_initial=0.05, backoff_max=0.2))
+        client = await ws_connect(relay)
+        later_client = await ws_connect(relay)
+        with trio.fail_after(15):
+            await client.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
+            await fake.wait_until(lambda: fake.subscriptions == {"AAPL", "MSFT"})
+            await client.request({"action": "subscribe", "symbols": ["TSLA"]}, "subscribed")
+            refused, _ = await client.recv_until(lambda m: m.get("type") == "status" and m.get("state") == "refused")
+            health = await http.get(api(relay, "/health"))
+            status = (await http.get(api(relay, "/status"))).json()
+            # A reconnect asks for what is wanted minus what was refused: AAPL and MSFT stay served.
+            assert await fake.drop_all() == 1
+            await fake.wait_until(lambda: fake.logins == 2 and fake.subscriptions == {"AAPL", "MSFT"})
+            first, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL")
+            await client.recv_until(lambda m: m.get("symbol") == "AAPL" and m["seq"] > first["seq"])
+            # A newcomer asking for it hears at once why it gets nothing.
+            await later_client.request({"action": "subscribe", "symbols": ["TSLA"]}, "subscribed")
+            told, _ = await later_client.recv_until(lambda m: m.get("type") == "status")
+            # Nobody wants it any more: forgotten, and asked for again when wanted again.
+            await client.request({"action": "unsubscribe", "symbols": ["TSLA"]}, "unsubscribed")
+            await later_client.request({"action": "unsubscribe", "symbols": ["TSLA"]}, "unsubscribed")
+            await relay.upstream.wait_for(lambda: not relay.upstream.refused)
+    reason = "Alpaca error 405: symbol limit exceeded"
+    assert refused == {
+        "type": "status", "scope": "symbols", "state": "refused", "provider": "alpaca", "reason": reason,
+        "symbols": ["TSLA"],
+    }  # fmt: skip
+    assert told == refused
+    assert health.status_code == 200 and health.json()["refused"] == ["TSLA"]
+    assert status["upstream"]["refused"] == {"TSLA": reason}
+    assert status["upstream"]["subscribed"] == ["AAPL", "MSFT"]
+    subscribes = [trades for action, trades, _ in fake.history if action == "subscribe"]
+    assert subscribes == [("AAPL", "MSFT"), ("TSLA",), ("AAPL", "MSFT")]  # TSLA never asked for again
+    assert relay.hub.refused == {}
+
+
+async def test_symbols_left_out_of_the_reply_and_unmapped_ones_are_refused() -> None:
+    provider = AlpacaProvider(AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed="crypto"))
+    refusals: list[tuple[list[str], str]] = []
+    session, _, _ = make_session(
+        provider=provider, on_refused=lambda symbols, reason: refusals.append((list(symbols), reason))
+    )
+    await session.subscribe(["BTCUSD", "ETHUSD", "AAPL"])
+    decode(session, {"T": "subscription", "trades": ["BTC/USD"], "quotes": ["BTC/USD"]})
+    assert refusals == [
+        (["AAPL"], "alpaca has no symbol for it on this feed"),
+        (["ETHUSD"], "left out of Alpaca's subscription reply (unknown symbol or not in the plan)"),
+    ]
+    assert session.wanted == {"BTC/USD"}

@@ -21,9 +21,9 @@ from trio_relay.model import Update
 from trio_relay.providers.base import AuthFailed, ConnectionLimit, ErrorClass, MalformedFrame, ProviderError
 from trio_relay.providers.polygon import (
     MAX_SUBSCRIBE_BYTES,
+    STATUSES,
     FrameDecoder,
     PolygonEvent,
-    STATUSES,
     PolygonProvider,
     polygon_symbols,
 )

@@ -334,9 +334,6 @@ class FinnhubDecoder:
                 log.debug("[SUBSCRIBE] Finnhub says invalid symbol %s (again)", native)
         elif lowered.startswith(_TOO_MANY):
             self.too_many += 1
-            if self._order:
-                newest = next(reversed(self._order))
-                self._refuse(newest, "Finnhub: subscribing to too many symbols (the plan's limit)")
             level = logging.ERROR if self.too_many == 1 else logging.DEBUG
             log.log(
                 level,
@@ -344,6 +341,9 @@ class FinnhubDecoder:
                 "the plan's limit is lower, so some symbols get no data)",
                 len(self.subscribed),
             )
+            if self._order:
+                newest = next(reversed(self._order))
+                self._refuse(newest, "Finnhub: subscribing to too many symbols (the plan's limit)")
         else:
             log.warning("[PROVIDER] Finnhub error: %.200s", text)
 
