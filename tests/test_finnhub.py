@@ -13,9 +13,9 @@ import trio
 import trio.testing
 from conftest import api, wait_state
 
-from trio_relay.model import Update
 from trio_relay.config import UpstreamConfig
 from trio_relay.hub import Demand, Stats
+from trio_relay.model import Update
 from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError, RateLimited
 from trio_relay.providers.finnhub import (
     RATE_LIMIT_WAIT,
