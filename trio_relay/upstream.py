@@ -35,7 +35,7 @@ import trio
 from .config import UpstreamConfig
 from .hub import Demand, Stats
 from .masking import mask_secrets
-from .model import ProviderSwitched, UpstreamItem
+from .model import ProviderSwitched, Update, UpstreamItem
 from .providers.base import (
     AuthFailed,
     ConnectionLimit,
@@ -47,6 +47,7 @@ from .providers.base import (
     ignore_malformed,
     ignore_refused,
 )
+from .providers.dedup import TradeIds
 
 __all__ = [
     "UpstreamView",
@@ -284,6 +285,8 @@ class Upstream:
         # or the provider changes. A subset of the wanted symbols, so bounded by demand.
         self.refused: dict[str, str] = {}
         self.refusals: RefusalListener | None = None
+        # Recent trade ids per subscribed symbol: a trade seen again is dropped (and counted).
+        self.trade_ids = TradeIds()
         self._marker_pending = False
         # Connection-limit answers retried quickly since the last login (see _retry_delay).
         self._limit_retries = 0
@@ -812,9 +815,16 @@ class Upstream:
         if self._marker_pending:
             await send.send(ProviderSwitched(self.provider.name))
             self._marker_pending = False
+        seen = self.trade_ids.seen
         while True:
             batch = await session.receive()
             self.last_message_at = trio.current_time()
+            for i, update in enumerate(batch):
+                if update.trade_id is not None and seen(update.symbol, update.trade_id):
+                    before = len(batch)
+                    batch = _without_duplicates(batch, i, seen)
+                    self.stats.duplicate_trades += before - len(batch)
+                    break
             if batch:
                 if self._unhealthy_since is not None:
                     self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
@@ -863,6 +873,8 @@ class Upstream:
             if remove:
                 await session.unsubscribe(remove)
                 self.subscribed.difference_update(remove)
+                for symbol in remove:
+                    self.trade_ids.forget(symbol)
                 log.info("[UNSUBSCRIBE] %d symbol(s): %s", len(remove), _short(remove))
             if not wanted and self.state == UpstreamState.STALE:
                 self._flowing("nothing is wanted any more, so no data is missing")
@@ -940,6 +952,15 @@ class Upstream:
             log.warning("[STALE] no message for %gs with %d symbol(s) subscribed", silence, len(self.subscribed))
             raise StaleFeed(f"feed silent for {silence:g}s")
         return min(since + silence, cutoff)
+
+
+def _without_duplicates(batch: list[Update], first: int, seen: Callable[[str, str], bool]) -> list[Update]:
+    """``batch`` without the duplicate at ``first`` and the later ones (the ids before it were checked)."""
+    kept = batch[:first]
+    for update in batch[first + 1 :]:
+        if update.trade_id is None or not seen(update.symbol, update.trade_id):
+            kept.append(update)
+    return kept
 
 
 async def cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -203,6 +203,7 @@ def register_health(app: QuartTrio, ctx: RelayContext) -> None:
                 conflated=hub.conflated_total(),
                 coalesced=stats.coalesced,
                 malformed=stats.malformed,
+                duplicate_trades=stats.duplicate_trades,
                 callback_errors=stats.callback_errors,
                 callback_dropped=stats.callback_dropped,
             ),

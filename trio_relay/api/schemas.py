@@ -165,6 +165,7 @@ class MessageCounters(msgspec.Struct, forbid_unknown_fields=True, rename={"in_":
     conflated: int
     coalesced: int
     malformed: Annotated[int, Meta(description="upstream frames that could not be decoded")]
+    duplicate_trades: Annotated[int, Meta(description="upstream trades dropped as repeats of a recent trade id")]
     callback_errors: int
     callback_dropped: int
 

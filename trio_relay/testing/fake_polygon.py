@@ -120,6 +120,7 @@ class FakePolygonServer(FakeServer[_Conn]):
         self.auth_failure = auth_failure or {"status": "auth_failed", "message": "authentication failed"}
         # Each trade sent twice in the same frame (same id), as a duplicating feed does.
         self.duplicate_trades = duplicate_trades
+        self.duplicates_sent = 0  # repeated trade events sent
         self.sim = SimMarket(seed)
         self.logins = 0
         self.failed_logins = 0
@@ -234,6 +235,7 @@ class FakePolygonServer(FakeServer[_Conn]):
         ]
         if self.duplicate_trades:
             events = [copy for event in events for copy in ((event, event) if event["ev"] in ("T", "XT") else (event,))]
+            self.duplicates_sent += sum(1 for event in events if event["ev"] in ("T", "XT")) // 2
         for i in range(0, len(events), MAX_BATCH):
             await self._send(conn, events[i : i + MAX_BATCH])
             self.frames_sent += 1
