@@ -178,8 +178,8 @@ def test_aggregates_only_frame_gives_nothing() -> None:
 
 
 def test_event_for_a_symbol_that_is_not_ours_is_skipped_silently() -> None:
-    # DOGE-EUR is in no table: not a malformed frame, just nothing for our clients.
-    frame = [{"ev": "XT", "pair": "DOGE-EUR", "p": 0.08, "s": 10, "t": T_MS},
+    # DOGE-XYZ is in no table and XYZ is no quote currency: not malformed, just nothing for our clients.
+    frame = [{"ev": "XT", "pair": "DOGE-XYZ", "p": 0.08, "s": 10, "t": T_MS},
              {"ev": "XT", "pair": "BTC-USD", "p": 43000.0, "s": 1, "t": T_MS}]  # fmt: skip
     updates, _, bad = decode(frame, market="crypto")
     assert updates == [Update("BTCUSD", "T", T_MS, last_price=43000.0, last_size=1)] and bad == []

@@ -47,8 +47,8 @@ Protocol (see shared/providers.md §3; field names checked against alpaca-trade-
   not mean a dead feed (``detects_stale = False``); the socket's own ping/pong is answered by
   :class:`~trio_relay.providers.wsclient.WsClient`.
 - Symbols: stock feeds pass tickers through (``AAPL``); the crypto feed speaks ``BTC/USD`` for
-  the client's ``BTCUSD`` and refuses anything not in its pair table (plus
-  ``[alpaca.symbols]``).
+  the client's ``BTCUSD``, by rule for every pair quoted in :data:`CRYPTO_QUOTES` (``BATUSD`` →
+  ``BAT/USD``), ``[alpaca.symbols]`` for exceptions; anything else (a stock ticker) is refused.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ from .base import (
     ignore_malformed,
     ignore_refused,
 )
-from .symbols import SymbolMap
+from .symbols import FOREX_PAIRS, PairRule, SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
@@ -92,6 +92,10 @@ __all__ = [
     "error_outcome",
     "error_class",
 ]
+
+#: The quote currencies of Alpaca's crypto pairs: "trading pairs are based on BTC, USD, USDT and
+#: USDC" (docs.alpaca.markets/docs/crypto-trading). Any BASEQUOTE with one of them maps to BASE/QUOTE.
+CRYPTO_QUOTES = ("USD", "USDT", "USDC", "BTC")
 
 ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
 
@@ -526,7 +530,12 @@ class AlpacaProvider:
         self.config = config
         self.connect_timeout = connect_timeout
         if config.feed == "crypto":
-            self.symbols = SymbolMap(crypto=lambda base, quote: f"{base}/{quote}", extra=config.symbols, stocks=None)
+            self.symbols = SymbolMap(
+                crypto=lambda base, quote: f"{base}/{quote}",
+                extra=config.symbols,
+                stocks=None,
+                rule=PairRule("/", CRYPTO_QUOTES, excluded=FOREX_PAIRS),
+            )
         else:
             self.symbols = SymbolMap(extra=config.symbols)
         self._warned: set[str] = set()  # unmapped client symbols already logged (once each)

@@ -54,7 +54,7 @@ import msgspec
 import trio
 
 from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
-from ..settings import positive, symbol_map, ws_url
+from ..settings import ConfigError, positive, symbol_map, ws_url
 from .base import (
     Credential,
     ErrorClass,
@@ -67,7 +67,7 @@ from .base import (
     ignore_malformed,
     ignore_refused,
 )
-from .symbols import SymbolMap
+from .symbols import FOREX_CURRENCIES, FOREX_PAIRS, PairRule, SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
@@ -82,15 +82,51 @@ __all__ = [
     "polygon_symbols",
 ]
 
+
+def _cluster(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value and value not in CLUSTERS:
+        raise ConfigError(f"{attribute.name}: unknown Polygon/Massive cluster {value!r} (one of {', '.join(CLUSTERS)})")
+
+
 POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
+#: The vendor's own list of hosts (massive/websocket/models/common.py, ``Feed``), by the name a
+#: config uses: ``cluster = "business"`` connects to business.massive.com.
+CLUSTERS: Final[Mapping[str, str]] = {
+    "realtime": "socket.massive.com",
+    "delayed": "delayed.massive.com",
+    "nasdaq": "nasdaqfeed.massive.com",
+    "polyfeed": "polyfeed.massive.com",
+    "polyfeedplus": "polyfeedplus.massive.com",
+    "starterfeed": "starterfeed.massive.com",
+    "launchpad": "launchpad.massive.com",
+    "business": "business.massive.com",
+    "edgx-business": "edgx-business.massive.com",
+    "iex-business": "iex-business.massive.com",
+    "delayed-business": "delayed-business.massive.com",
+    "delayed-edgx-business": "delayed-edgx-business.massive.com",
+    "delayed-nasdaq-last-sale-business": "delayed-nasdaq-last-sale-business.massive.com",
+    "delayed-nasdaq-basic-business": "delayed-nasdaq-basic-business.massive.com",
+    "delayed-fullmarket-business": "delayed-fullmarket-business.massive.com",
+    "fullmarket-business": "fullmarket-business.massive.com",
+    "nasdaq-last-sale-business": "nasdaq-last-sale-business.massive.com",
+    "nasdaq-basic-business": "nasdaq-basic-business.massive.com",
+}
+#: Markets whose data exists only in real time: no delayed host serves them.
+REALTIME_ONLY: Final = frozenset({"crypto", "forex"})
 
 
 @attrs.frozen
 class PolygonConfig:
     api_key: str = attrs.field(default="", repr=False)
-    market: Literal["stocks", "crypto", "forex"] = "stocks"
-    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
+    # The market paths the vendor lists (options are not served: their tickers, O:..., are no
+    # client symbol).
+    market: Literal["stocks", "crypto", "forex", "indices"] = "stocks"
+    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one (stocks
+    # and indices only: crypto and forex are real-time only).
     delayed: bool = False
+    # Another of the vendor's hosts by name (CLUSTERS: "business", "launchpad", "delayed-business"...);
+    # "" = socket.massive.com, or delayed.massive.com with delayed = true.
+    cluster: str = attrs.field(default="", validator=_cluster)
     # Overrides the URL built from market/delayed (tests and the local fake server use this).
     url: str = attrs.field(default="", validator=ws_url)
     # Seconds to wait for auth_success after sending the key.
@@ -99,7 +135,22 @@ class PolygonConfig:
 
     @property
     def resolved_url(self) -> str:
-        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+        if self.url:
+            return self.url
+        if self.cluster:
+            return f"wss://{CLUSTERS[self.cluster]}/{self.market}"
+        return f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+
+    @property
+    def is_delayed(self) -> bool:
+        return self.delayed or self.cluster.startswith("delayed")
+
+
+def _check(settings: PolygonConfig) -> str | None:
+    """A delayed host for a market that has none (the vendor lists crypto and forex real-time only)."""
+    if settings.market in REALTIME_ONLY and settings.is_delayed and not settings.url:
+        return f"delayed: Polygon/Massive serves {settings.market} in real time only (no delayed host)"
+    return None
 
 
 log = logging.getLogger("trio_relay.providers.polygon")
@@ -119,7 +170,15 @@ STATUSES: Final[Mapping[str, ErrorClass]] = {
 AUTH_TEXTS: Final = ("authentication failed", "not authorized", "unauthorized", "invalid api key")
 
 #: The channels subscribed for each client symbol, by market.
-CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {"stocks": ("T", "Q"), "crypto": ("XT", "XQ"), "forex": ("C",)}
+CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {
+    "stocks": ("T", "Q"),
+    "crypto": ("XT", "XQ"),
+    "forex": ("C",),
+    "indices": ("V",),  # index values (no trades, no quotes): a price without a size
+}
+#: Quote currencies of Polygon's crypto pairs mapped by rule (BASEQUOTE ↔ BASE-QUOTE); others
+#: need a [polygon.symbols] entry. Its crypto tickers (X:BTCUSD, X:ETHEUR...) quote in these.
+CRYPTO_QUOTES: Final = ("USD", "USDT", "USDC", "EUR", "GBP", "JPY", "BTC", "ETH")
 #: One subscribe/unsubscribe message stays below this many bytes (a few thousand entries).
 MAX_SUBSCRIBE_BYTES: Final = 32 * 1024
 # WebSocket keepalive: Polygon sends nothing while nothing trades, so only pings can tell a quiet feed
@@ -150,6 +209,8 @@ class PolygonEvent(msgspec.Struct, gc=False, omit_defaults=True):
     pair: str | None = None
     p: Number | str | None = None
     s: Number | None = None
+    val: Number | None = None  # an index value (V)
+    T: str | None = None  # an index ticker (V): I:SPX
     t: Number | None = None
     bp: Number | None = None
     bs: Number | None = None
@@ -176,7 +237,7 @@ class _EventType(msgspec.Struct):
 
 _EVENT_TYPE = msgspec.json.Decoder(_EventType)
 # The events we read; any other may use our field names with other types (XL2's "a"/"b" are lists).
-_OURS: Final = frozenset({"T", "Q", "XT", "XQ", "C", "status", ""})
+_OURS: Final = frozenset({"T", "Q", "XT", "XQ", "C", "V", "status", ""})
 _ENCODER = msgspec.json.Encoder()
 _NO_STATUS: Final[tuple[PolygonEvent, ...]] = ()
 _NOT_OURS: Final = ""
@@ -186,12 +247,29 @@ _MS_HIGH: Final = 100_000_000_000_000
 
 
 def polygon_symbols(market: str, extra: Mapping[str, str] | None = None) -> SymbolMap:
-    """Client ↔ Polygon symbols for one market's cluster."""
+    """Client ↔ Polygon symbols for one market's cluster: pairs by rule, tables for exceptions."""
     if market == "crypto":
-        return SymbolMap(crypto=lambda b, q: f"{b}-{q}", extra=extra, stocks=None)
+        rule = PairRule("-", CRYPTO_QUOTES, excluded=FOREX_PAIRS)
+        return SymbolMap(crypto=lambda b, q: f"{b}-{q}", extra=extra, stocks=None, rule=rule)
     if market == "forex":
-        return SymbolMap(forex=lambda b, q: f"{b}/{q}", extra=extra, stocks=None)
+        rule = PairRule("/", FOREX_CURRENCIES, bases=FOREX_CURRENCIES)
+        return SymbolMap(forex=lambda b, q: f"{b}/{q}", extra=extra, stocks=None, rule=rule)
+    if market == "indices":
+        return SymbolMap(extra=extra, stocks=None, rule=IndexRule())
     return SymbolMap(extra=extra)
+
+
+class IndexRule(PairRule):
+    """Indices: the client's ``^SPX`` is Polygon's ``I:SPX``."""
+
+    def __init__(self) -> None:
+        super().__init__(":", ())
+
+    def to_native(self, symbol: str) -> str | None:
+        return f"I:{symbol[1:]}" if symbol.startswith("^") and len(symbol) > 1 else None
+
+    def to_client(self, native: str) -> str | None:
+        return f"^{native[2:]}" if native.upper().startswith("I:") and len(native) > 2 else None
 
 
 class FrameDecoder:
@@ -247,6 +325,8 @@ class FrameDecoder:
                     if pair is not None and not isinstance(pair, str):
                         raise MalformedFrame("C event whose p is not a pair", raw)
                     native = pair
+                elif kind == "V":
+                    native = event.T
                 elif kind == "status":
                     if statuses is None:
                         statuses = []
@@ -288,6 +368,10 @@ class FrameDecoder:
                     if event.a is None and event.b is None:
                         raise MalformedFrame("C event without a or b", raw)
                     append(Update(client, QUOTE, ts, ask_price=event.a, bid_price=event.b))
+                elif kind == "V":
+                    if event.val is None:
+                        raise MalformedFrame("V event without val", raw)
+                    append(Update(client, TRADE, ts, last_price=event.val))
                 else:
                     price = event.p
                     if price is None or isinstance(price, str):
@@ -400,7 +484,7 @@ class PolygonProvider:
         self._warned: set[str] = set()
 
     def describe(self) -> str:
-        feed = "delayed" if self.config.delayed else "real-time"
+        feed = "delayed" if self.config.is_delayed else "real-time"
         return f"Polygon/Massive {self.config.market} ({feed}) at {self.config.resolved_url}"
 
     def natives(self, symbols: Sequence[str], *, warn: bool) -> tuple[list[str], list[str]]:
@@ -517,4 +601,5 @@ ENTRY = ProviderEntry(
     build=lambda settings, upstream: PolygonProvider(settings, connect_timeout=upstream.connect_timeout),
     credentials=(Credential("api_key", ("POLYGON_API_KEY", "MASSIVE_API_KEY")),),
     aliases=("massive",),
+    check=_check,
 )
