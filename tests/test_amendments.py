@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
+from trio_relay.client import PriceUpdate
 from trio_relay.config import ClientsConfig
 from trio_relay.hub import Client, Demand, Hub, Stats
 from trio_relay.hub.trades import TRADE_MEMORY, TradeMemory
@@ -144,3 +146,20 @@ def test_matching_without_ids(amend: Amend, expected: tuple[AmendMatch, Any]) ->
     if amend.action is AmendAction.BREAK and amend.price == 1.0:
         memory.amend("X", amend)  # the newest of the two identical prints first
     assert memory.amend("X", amend) == expected
+
+
+async def test_the_python_client_reads_the_amendment() -> None:
+    async with open_hub("AAPL") as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["AAPL"])
+        await drain(client)
+        hub.publish(trade("AAPL", 10.0, 5, trade_id="t1"))
+        hub.publish(cancel("AAPL", "t1", 10.0, 5))
+        frames = await client.outbox.get()
+    update = msgspec.json.decode(ws_payload(frames[-1]), type=PriceUpdate)
+    assert update.data_type == "X" and update.amends is not None
+    assert (update.amends.action, update.amends.trade_id, update.amends.matched) == (
+        AmendAction.CANCEL,
+        "t1",
+        AmendMatch.LAST,
+    )
