@@ -142,7 +142,7 @@ async def test_the_memory_is_bounded_and_goes_with_the_symbol() -> None:
 def test_matching_without_ids(amend: Amend, expected: tuple[AmendMatch, Any]) -> None:
     memory = TradeMemory()
     for price, size in ((2.0, 2), (1.0, 1), (1.0, 1)):
-        memory.record("X", None, price, size)
+        memory.record(Update("X", "T", 1, last_price=price, last_size=size))
     if amend.action is AmendAction.BREAK and amend.price == 1.0:
         memory.amend("X", amend)  # the newest of the two identical prints first
     assert memory.amend("X", amend) == expected

@@ -162,6 +162,7 @@ class Hub:
         self.delivery = Delivery(self.cache, self.stats)
         # The last few trades of each cached symbol: what a break, cancel or correction amends.
         self.trades = TradeMemory()
+        self._recent_trades = self.trades.by_symbol
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -349,7 +350,11 @@ class Hub:
         kind = update.kind
         if kind == TRADE:
             if not update.merged:
-                self.trades.record(symbol, update.trade_id, update.last_price, update.last_size)
+                # The trade memory (hub/trades.py), inlined: one lookup and one append per trade.
+                recent = self._recent_trades.get(symbol)
+                if recent is None:
+                    recent = self.trades.start(symbol)
+                recent.append(update)
         elif kind in AMENDS:
             if not update.merged:
                 self._amend(state, update)

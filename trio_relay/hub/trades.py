@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-from ..model import Amend, AmendAction, AmendMatch
+import msgspec
+
+from ..model import Amend, AmendAction, AmendMatch, Update
 
 __all__ = ["TradeMemory", "TRADE_MEMORY", "LastTrade"]
 
@@ -23,50 +25,56 @@ __all__ = ["TradeMemory", "TRADE_MEMORY", "LastTrade"]
 #: reported as "unknown" and leaves the cache alone (the trade it names is no longer the last).
 TRADE_MEMORY: Final = 16
 
-#: (trade id or None, price, size) of one remembered trade.
-_Trade = tuple[str | None, float | None, float | None]
 #: The cache's last trade after an amendment: (price, size), both None when no valid one is left.
 LastTrade = tuple[float | None, float | None]
 
 
 class TradeMemory:
-    """Per symbol, the last :data:`TRADE_MEMORY` trades (oldest first)."""
+    """Per symbol, the last :data:`TRADE_MEMORY` trades (oldest first), as the updates themselves.
 
-    __slots__ = ("_trades",)
+    The hot path is the hub's: ``recent = memory.by_symbol.get(symbol) or memory.start(symbol)``
+    then ``recent.append(update)``, no call and no allocation per trade (the update is kept as it
+    is: updates are never changed once published).
+    """
+
+    __slots__ = ("by_symbol",)
 
     def __init__(self) -> None:
-        self._trades: dict[str, deque[_Trade]] = {}
+        self.by_symbol: dict[str, deque[Update]] = {}
 
-    def record(self, symbol: str, trade_id: str | None, price: float | None, size: float | None) -> None:
-        """Remember a trade (the hot path: one dict lookup and one append)."""
-        trades = self._trades.get(symbol)
-        if trades is None:
-            trades = self._trades[symbol] = deque(maxlen=TRADE_MEMORY)
-        trades.append((trade_id, price, size))
+    def start(self, symbol: str) -> deque[Update]:
+        """The (new, empty) memory of ``symbol``."""
+        trades = self.by_symbol[symbol] = deque(maxlen=TRADE_MEMORY)
+        return trades
+
+    def record(self, update: Update) -> None:
+        """Remember a trade (what the hub inlines)."""
+        (self.by_symbol.get(update.symbol) or self.start(update.symbol)).append(update)
 
     def forget(self, symbol: str) -> None:
         """The symbol is no longer wanted: its trades go with its cache entry."""
-        self._trades.pop(symbol, None)
+        self.by_symbol.pop(symbol, None)
 
     def clear(self) -> None:
-        self._trades.clear()
+        self.by_symbol.clear()
 
     def __len__(self) -> int:
-        return len(self._trades)
+        return len(self.by_symbol)
 
     def amend(self, symbol: str, amend: Amend) -> tuple[AmendMatch, LastTrade | None]:
         """Apply ``amend``: where its trade was found, and the new last trade (None: unchanged)."""
-        trades = self._trades.get(symbol)
+        trades = self.by_symbol.get(symbol)
         index = self._find(trades, amend) if trades else None
         if trades is None or index is None:
             return AmendMatch.UNKNOWN, None
         last = index == len(trades) - 1
         if amend.action is AmendAction.CORRECTION:
-            old_id, old_price, old_size = trades[index]
-            trades[index] = (
-                amend.corrected_id or old_id,
-                amend.corrected_price if amend.corrected_price is not None else old_price,
-                amend.corrected_size if amend.corrected_size is not None else old_size,
+            old = trades[index]
+            trades[index] = msgspec.structs.replace(
+                old,
+                trade_id=amend.corrected_id or old.trade_id,
+                last_price=amend.corrected_price if amend.corrected_price is not None else old.last_price,
+                last_size=amend.corrected_size if amend.corrected_size is not None else old.last_size,
             )
         else:
             del trades[index]
@@ -74,17 +82,17 @@ class TradeMemory:
             return AmendMatch.EARLIER, None
         if not trades:
             return AmendMatch.LAST, (None, None)
-        _id, price, size = trades[-1]
-        return AmendMatch.LAST, (price, size)
+        newest = trades[-1]
+        return AmendMatch.LAST, (newest.last_price, newest.last_size)
 
     @staticmethod
-    def _find(trades: deque[_Trade], amend: Amend) -> int | None:
+    def _find(trades: deque[Update], amend: Amend) -> int | None:
         """The index of the amended trade, newest first; None when it is not remembered."""
         for i in range(len(trades) - 1, -1, -1):
-            trade_id, price, size = trades[i]
-            if amend.trade_id is not None and trade_id is not None:
-                if trade_id == amend.trade_id:
+            trade = trades[i]
+            if amend.trade_id is not None and trade.trade_id is not None:
+                if trade.trade_id == amend.trade_id:
                     return i
-            elif price == amend.price and (amend.size is None or size == amend.size):
+            elif trade.last_price == amend.price and (amend.size is None or trade.last_size == amend.size):
                 return i
         return None
