@@ -164,7 +164,9 @@ class FakeAlpacaServer(FakeServer[_Conn]):
         # (action, trades, quotes) of every subscribe/unsubscribe, in Alpaca spelling.
         self.history: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         self.received_credentials: list[tuple[str, str]] = []  # what clients sent (tests check no leak)
-        self._trade_ids = itertools.count(1)
+        # Ids of the streamed trades: large, like the real ones, so that a trade a test injects with
+        # a small id is never taken for a repeat of a streamed one (the relay drops repeats).
+        self._trade_ids = itertools.count(52_983_525_000_000)
         self._sub_ms = itertools.count(1)
 
     def _union(self, channel: str) -> set[str]:

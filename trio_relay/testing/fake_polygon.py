@@ -72,7 +72,7 @@ def polygon_events(update: Update, ticker: str, market: str, seq: int) -> list[d
         if update.kind == TRADE:
             size = (update.last_size or 0) / 1000
             return [{"ev": "XT", "pair": ticker, "p": update.last_price, "t": t, "s": size, "c": [1],
-                     "i": str(seq), "x": 1, "r": t + 3}]  # fmt: skip
+                     "i": str(1_000_000_000 + seq), "x": 1, "r": t + 3}]  # fmt: skip
         return [
             {"ev": "XQ", "pair": ticker, "bp": update.bid_price, "bs": (update.bid_size or 0) / 1000,
              "ap": update.ask_price, "as": (update.ask_size or 0) / 1000, "t": t, "x": 1, "r": t + 3}
