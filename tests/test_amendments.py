@@ -18,6 +18,7 @@ import trio
 from trio_relay.client import PriceUpdate
 from trio_relay.config import ClientsConfig
 from trio_relay.hub import Client, Demand, Hub, Stats
+from trio_relay.hub.delivery import DeliveryOptions
 from trio_relay.hub.trades import TRADE_MEMORY, TradeMemory
 from trio_relay.model import Amend, AmendAction, AmendMatch, Update, ws_payload
 
@@ -163,3 +164,18 @@ async def test_the_python_client_reads_the_amendment() -> None:
         "t1",
         AmendMatch.LAST,
     )
+
+
+async def test_a_client_with_delivery_options_gets_the_amendment_whole_and_at_once() -> None:
+    """Rate caps, field lists and deltas never defer, trim or merge away an amendment."""
+    async with open_hub("AAPL") as hub:
+        client = hub.connect()
+        options = DeliveryOptions(delta=True, max_rate=1.0, fields=("symbol", "last_price"))
+        hub.subscribe(client, ["AAPL"], options=options)
+        hub.publish(trade("AAPL", 10.0, 5, trade_id="a"))
+        hub.publish(trade("AAPL", 11.0, 6, trade_id="b"))  # within the rate cap: deferred
+        hub.publish(cancel("AAPL", "b", 11.0, 6))
+        got = [json.loads(ws_payload(m)) for m in await client.outbox.get()]
+    amendment = next(m for m in got if "amends" in m)
+    assert amendment["last_price"] == 10.0 and "delta" not in amendment
+    assert amendment["amends"]["trade_id"] == "b" and amendment["amends"]["matched"] == "last"
