@@ -14,12 +14,13 @@ import trio.testing
 import trio_websocket
 from conftest import api, wait_state
 
-from trio_relay.model import Update
+from trio_relay.model import Amend, AmendAction, Update
 from trio_relay.providers.alpaca import AlpacaConfig, AlpacaProvider, AlpacaSession, rfc3339_ms
-from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
+from trio_relay.providers.base import AuthFailed, ConnectionLimit, MalformedFrame, ProviderError, ignore_refused
 from trio_relay.testing.fake_alpaca import (
     MALFORMED_FRAMES,
     FakeAlpacaServer,
+    cancel_msg,
     correction_msg,
     frame,
     quote_msg,
@@ -49,14 +50,20 @@ class StubWs:
 
 
 def make_session(
-    feed: str = "iex", *, symbols: dict[str, str] | None = None, provider: AlpacaProvider | None = None
+    feed: str = "iex",
+    *,
+    symbols: dict[str, str] | None = None,
+    provider: AlpacaProvider | None = None,
+    on_refused: Any = ignore_refused,
 ) -> tuple[AlpacaSession, StubWs, list[MalformedFrame]]:
     provider = provider or AlpacaProvider(
         AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed=feed, symbols=symbols or {})
     )  # type: ignore[arg-type]
     ws = StubWs()
     bad: list[MalformedFrame] = []
-    session = AlpacaSession(ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET))
+    session = AlpacaSession(
+        ws, provider.symbols, bad.append, warned=provider._warned, secrets=(KEY_ID, SECRET), on_refused=on_refused
+    )
     return session, ws, bad
 
 
@@ -128,7 +135,7 @@ def test_rfc3339_without_zone_is_refused() -> None:
 def test_stock_trade_field_by_field() -> None:
     session, _, bad = make_session()
     updates = decode(session, trade_msg("AAPL", 189.45, 100, T, trade_id=52983525029461))
-    assert updates == [Update("AAPL", "T", T_MS, last_price=189.45, last_size=100)]
+    assert updates == [Update("AAPL", "T", T_MS, last_price=189.45, last_size=100, trade_id="52983525029461")]
     assert type(updates[0].last_size) is int  # sizes pass through as sent (shares)
     assert bad == []
 
@@ -157,24 +164,38 @@ def test_crypto_trade_and_quote_map_to_client_symbols() -> None:
         quote_msg("ETH/USD", 2300.1, 1.5, 2300.3, 0.25, T, crypto=True),
     )
     assert updates == [
-        Update("BTCUSD", "T", T_MS, last_price=43000.5, last_size=0.0125),
+        Update("BTCUSD", "T", T_MS, last_price=43000.5, last_size=0.0125, trade_id="1"),
         Update("ETHUSD", "Q", T_MS, ask_price=2300.3, ask_size=0.25, bid_price=2300.1, bid_size=1.5),
     ]
     assert bad == []
 
 
-def test_correction_is_a_break_with_the_corrected_price() -> None:
+def test_correction_names_the_original_trade_and_the_corrected_one() -> None:
     session, _, _ = make_session()
     msg = correction_msg(
-        "AAPL", original_price=189.45, original_size=100, corrected_price=189.5, corrected_size=90, t=T
-    )
-    assert decode(session, msg) == [Update("AAPL", "B", T_MS, last_price=189.5, last_size=90)]
+        "AAPL", original_price=189.45, original_size=100, corrected_price=189.5, corrected_size=90, t=T,
+        original_id=7, corrected_id=8,
+    )  # fmt: skip
+    amend = Amend(
+        action=AmendAction.CORRECTION, trade_id="7", price=189.45, size=100,
+        corrected_id="8", corrected_price=189.5, corrected_size=90,
+    )  # fmt: skip
+    assert decode(session, msg) == [Update("AAPL", "C", T_MS, last_price=189.5, last_size=90, amend=amend)]
 
 
-def test_cancel_status_luld_and_bars_give_nothing(all_logs: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("action", ["C", "E"])
+def test_cancel_and_error_name_the_void_trade(action: str) -> None:
+    """alpaca-py's TradeCancel: ``a`` is C (cancel) or E (error); both void trade ``i``."""
+    session, _, bad = make_session()
+    updates = decode(session, cancel_msg("AAPL", trade_id=52983525029461, price=189.45, size=100, t=T, action=action))
+    amend = Amend(action=AmendAction.CANCEL, trade_id="52983525029461", price=189.45, size=100)
+    assert updates == [Update("AAPL", "X", T_MS, last_price=189.45, last_size=100, amend=amend)]
+    assert bad == []
+
+
+def test_status_luld_and_bars_give_nothing() -> None:
     session, _, bad = make_session()
     messages = [
-        {"T": "x", "S": "AAPL", "i": 1, "x": "V", "p": 189.45, "s": 100, "a": "C", "z": "C", "t": T},
         {"T": "s", "S": "AAPL", "sc": "H", "sm": "Trading Halt", "rc": "T12", "rm": "News", "t": T, "z": "C"},
         {"T": "l", "S": "AAPL", "u": 200.1, "d": 180.2, "i": "B", "t": T, "z": "C"},
         {
@@ -217,7 +238,6 @@ def test_cancel_status_luld_and_bars_give_nothing(all_logs: pytest.LogCaptureFix
     ]
     assert decode(session, *messages) == []
     assert bad == []
-    assert any("[CANCEL]" in r.getMessage() and r.levelno == logging.DEBUG for r in all_logs.records)
 
 
 def test_batched_frame_gives_every_update_in_order() -> None:
@@ -234,7 +254,7 @@ def test_batched_frame_gives_every_update_in_order() -> None:
         ("AAPL", "Q", T_MS, None),
         ("AAPL", "T", T_MS, 189.45),
         ("MSFT", "T", T_MS - 208 + 1000, 370.0),
-        ("AAPL", "B", T_MS, 189.46),
+        ("AAPL", "C", T_MS, 189.46),
     ]
     assert bad == []
 
@@ -276,6 +296,7 @@ def test_malformed_frames_are_reported_not_raised(raw: str) -> None:
         ({"T": "t", "S": "AAPL", "p": None, "t": T}, "trade without p"),
         ({"T": "q", "S": "AAPL", "bs": 1, "as": 2, "t": T}, "quote without bp or ap"),
         ({"T": "c", "S": "AAPL", "op": 1.0, "t": T}, "correction without cp"),
+        ({"T": "x", "S": "AAPL", "a": "C", "t": T}, "cancel without p or i"),
         ({"T": "t", "p": 1.0, "t": T}, "message without S"),
         ({"T": "t", "S": "AAPL", "p": 1.0, "t": "2021-02-22 nope"}, "bad timestamp"),
         ({"T": "t", "S": "AAPL", "p": 1.0, "t": "2021-02-22T15:51:44"}, "bad timestamp"),  # no zone
@@ -307,7 +328,7 @@ def test_element_of_the_wrong_type_only_loses_itself() -> None:
     "code, msg, error",
     [
         (402, "auth failed", AuthFailed),
-        (406, "connection limit exceeded", AuthFailed),
+        (406, "connection limit exceeded", AuthFailed),  # in a logged-in session: someone else took over
         (408, "v2 not enabled", AuthFailed),
         (409, "insufficient subscription", AuthFailed),
         (410, "invalid subscribe action for this feed", AuthFailed),
@@ -334,7 +355,7 @@ def test_other_errors_are_logged_and_the_session_goes_on(
 ) -> None:
     session, _, _ = make_session()
     assert decode(session, {"T": "error", "code": code, "msg": "whatever"}, trade_msg("A", 1.0, 1, T)) == [
-        Update("A", "T", T_MS, last_price=1.0, last_size=1)
+        Update("A", "T", T_MS, last_price=1.0, last_size=1, trade_id="1")
     ]
     [record] = [r for r in all_logs.records if f"error {code}" in r.getMessage()]
     assert record.levelno == level
@@ -396,7 +417,7 @@ async def test_crypto_feed_maps_pairs_and_refuses_stocks_once(all_logs: pytest.L
     warnings = [r.getMessage() for r in all_logs.records if r.levelno == logging.WARNING]
     assert warnings == ["[SUBSCRIBE] alpaca has no symbol for AAPL; add it to [alpaca.symbols]"]
     assert decode(session, trade_msg("DOGE/USDT", 0.08, 1000.0, T, crypto=True)) == [
-        Update("DOGEUSDT", "T", T_MS, last_price=0.08, last_size=1000.0)
+        Update("DOGEUSDT", "T", T_MS, last_price=0.08, last_size=1000.0, trade_id="1")
     ]
     await session.unsubscribe(["ETHBTC", "AAPL"])
     assert ws.sent[-1] == {"action": "unsubscribe", "trades": ["ETH/BTC"], "quotes": ["ETH/BTC"]}
@@ -477,28 +498,64 @@ async def test_trades_quotes_and_corrections_reach_clients_normalised(start_rela
         await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
         await fake_alpaca.wait_until(lambda: "AAPL" in fake_alpaca.subscriptions)
         fake_alpaca.stall()  # only the frames below from now on
-        await fake_alpaca.inject(frame(trade_msg("AAPL", 1189.45, 137, T)))
+        await fake_alpaca.inject(frame(trade_msg("AAPL", 1189.45, 137, T, trade_id=41)))
         trade, _ = await client.recv_until(lambda m: m.get("last_price") == 1189.45)
         await fake_alpaca.inject(frame(quote_msg("AAPL", 1189.4, 300, 1189.5, 1200, "2021-02-22T15:51:45.5Z")))
         quote, _ = await client.recv_until(lambda m: m.get("bid_price") == 1189.4)
         await fake_alpaca.send_correction(
-            "AAPL", original_price=1189.45, original_size=137, corrected_price=1189.47, corrected_size=137,
-            t="2021-02-22T15:51:46.000000001Z",
+            "AAPL", original_price=1189.45, original_size=137, corrected_price=1189.47, corrected_size=130,
+            t="2021-02-22T15:51:46.000000001Z", original_id=41, corrected_id=42,
         )  # fmt: skip
-        correction, _ = await client.recv_until(lambda m: m.get("data_type") == "B")
+        correction, _ = await client.recv_until(lambda m: m.get("data_type") == "C")
     assert (trade["symbol"], trade["data_type"], trade["timestamp"], trade["last_size"]) == ("AAPL", "T", T_MS, 137)
+    assert "amends" not in trade and "amends" not in quote  # only amendments carry it
     assert (quote["data_type"], quote["timestamp"]) == ("Q", T_MS - 208 + 1500)
     assert (quote["bid_price"], quote["bid_size"], quote["ask_price"], quote["ask_size"]) == (1189.4, 300, 1189.5, 1200)
     assert quote["last_price"] == 1189.45  # the cached state keeps the last trade
-    # A correction is not a new print: it is flagged B, carries the corrected price, and the
-    # cached last trade stays as it was.
+    # A correction names the trade it amends and what it becomes; that trade was the last one,
+    # so the state (and the cache) now hold the corrected values.
+    assert correction["amends"] == {
+        "action": "correction", "trade_id": "41", "price": 1189.45, "size": 137, "corrected_id": "42",
+        "corrected_price": 1189.47, "corrected_size": 130, "matched": "last",
+    }  # fmt: skip
     assert (correction["timestamp"], correction["last_price"], correction["last_size"]) == (
         T_MS - 208 + 2000,
         1189.47,
-        137,
+        130,
     )
+    assert correction["bid_price"] == 1189.4 and correction["seq"] == quote["seq"] + 1
     snapshot = relay.hub.snapshot("AAPL")
-    assert snapshot is not None and snapshot.last_price == 1189.45
+    assert snapshot is not None and (snapshot.last_price, snapshot.last_size) == (1189.47, 130)
+
+
+async def test_a_cancelled_last_trade_gives_way_to_the_previous_valid_one(start_relay, fake_alpaca, ws_connect):
+    """Cancel the last trade: the state goes back to the one before; cancel an older one: no change."""
+    relay = await start_relay(**alpaca_sections(fake_alpaca))
+    client = await ws_connect(relay)
+    with trio.fail_after(10):
+        await client.request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        await fake_alpaca.wait_until(lambda: "AAPL" in fake_alpaca.subscriptions)
+        fake_alpaca.stall()
+        await fake_alpaca.inject(
+            frame(
+                trade_msg("AAPL", 2001.0, 10, T, trade_id=901),
+                trade_msg("AAPL", 2002.0, 20, T, trade_id=902),
+                trade_msg("AAPL", 2003.0, 30, T, trade_id=903),
+            )
+        )
+        await client.recv_until(lambda m: m.get("last_price") == 2003.0)
+        await fake_alpaca.send_cancel("AAPL", trade_id=903, price=2003.0, size=30, t=T)
+        last, _ = await client.recv_until(lambda m: m.get("data_type") == "X")
+        await fake_alpaca.send_cancel("AAPL", trade_id=901, price=2001.0, size=10, t=T, action="E")
+        earlier, _ = await client.recv_until(lambda m: m.get("data_type") == "X")
+        await fake_alpaca.send_cancel("AAPL", trade_id=5, price=1.0, size=1, t=T)
+        unknown, _ = await client.recv_until(lambda m: m.get("data_type") == "X")
+    assert last["amends"]["matched"] == "last" and last["amends"]["trade_id"] == "903"
+    assert (last["last_price"], last["last_size"]) == (2002.0, 20)  # the previous valid trade
+    assert earlier["amends"]["matched"] == "earlier" and earlier["last_price"] == 2002.0
+    assert unknown["amends"]["matched"] == "unknown" and unknown["last_price"] == 2002.0
+    snapshot = relay.hub.snapshot("AAPL")
+    assert snapshot is not None and (snapshot.last_price, snapshot.last_size, snapshot.data_type) == (2002.0, 20, "X")
 
 
 async def test_batched_frames_deliver_every_message(start_relay, fake_alpaca, ws_connect):
@@ -557,7 +614,7 @@ async def test_wrong_key_reports_auth_failed_and_never_logs_the_secret(start_rel
 @pytest.mark.parametrize(
     "code, msg, state",
     [
-        (406, "connection limit exceeded", "auth_failed"),
+        (406, "connection limit exceeded", "auth_failed"),  # after limit_retries quick retries
         (408, "v2 not enabled", "auth_failed"),
         (409, "insufficient subscription", "auth_failed"),
         (410, "invalid subscribe action for this feed", "auth_failed"),
@@ -570,11 +627,13 @@ async def test_wrong_key_reports_auth_failed_and_never_logs_the_secret(start_rel
 async def test_documented_errors_at_login_map_to_relay_states(start_relay, code, msg, state):
     async with FakeAlpacaServer.open(credentials={KEY_ID: SECRET}, auth_error=(code, msg)) as fake:
         # A long backoff keeps the relay in "backoff" once it gets there.
-        relay = await start_relay(**alpaca_sections(fake, backoff_initial=60.0, backoff_max=60.0))
+        relay = await start_relay(
+            **alpaca_sections(fake, backoff_initial=60.0, backoff_max=60.0, limit_retries=2, limit_retry_delay=0.01)
+        )
         with trio.fail_after(10):
             await wait_state(relay, state)
         assert relay.upstream.last_error == f"Alpaca error {code}: {msg}"
-        assert fake.errors_sent[0] == code
+        assert fake.errors_sent == [code] * (3 if code == 406 else 1)
 
 
 async def test_kicked_mid_session_by_connection_limit(start_relay, fake_alpaca, ws_connect):
@@ -681,7 +740,7 @@ async def test_second_session_hits_the_connection_limit(autojump_clock):
         provider = _provider(fake)
         async with provider.session() as session:
             await session.subscribe(["AAPL"])
-            with pytest.raises(AuthFailed) as info:
+            with pytest.raises(ConnectionLimit) as info:  # at login: maybe our own lingering connection
                 async with provider.session():
                     pass
             assert str(info.value) == "Alpaca error 406: connection limit exceeded"
@@ -689,3 +748,57 @@ async def test_second_session_hits_the_connection_limit(autojump_clock):
         await fake.wait_until(lambda: not fake.connections)
         async with provider.session():  # the first one is gone: room again
             assert fake.logins == 2
+
+
+async def test_a_refused_symbol_is_told_kept_out_of_reconnects_and_shown(start_relay, ws_connect, http):
+    """The issue's bad day: a 405 on one symbol must not take the others down at the next reconnect."""
+    async with FakeAlpacaServer.open(credentials={KEY_ID: SECRET}, rate=50.0, symbol_limit=2) as fake:
+        relay = await start_relay(**alpaca_sections(fake, backoff_initial=0.05, backoff_max=0.2))
+        client = await ws_connect(relay)
+        later_client = await ws_connect(relay)
+        with trio.fail_after(15):
+            await client.request({"action": "subscribe", "symbols": ["AAPL", "MSFT"]}, "subscribed")
+            await fake.wait_until(lambda: fake.subscriptions == {"AAPL", "MSFT"})
+            await client.request({"action": "subscribe", "symbols": ["TSLA"]}, "subscribed")
+            refused, _ = await client.recv_until(lambda m: m.get("type") == "status" and m.get("state") == "refused")
+            health = await http.get(api(relay, "/health"))
+            status = (await http.get(api(relay, "/status"))).json()
+            # A reconnect asks for what is wanted minus what was refused: AAPL and MSFT stay served.
+            assert await fake.drop_all() == 1
+            await fake.wait_until(lambda: fake.logins == 2 and fake.subscriptions == {"AAPL", "MSFT"})
+            first, _ = await client.recv_until(lambda m: m.get("symbol") == "AAPL")
+            await client.recv_until(lambda m: m.get("symbol") == "AAPL" and m["seq"] > first["seq"])
+            # A newcomer asking for it hears at once why it gets nothing.
+            await later_client.request({"action": "subscribe", "symbols": ["TSLA"]}, "subscribed")
+            told, _ = await later_client.recv_until(lambda m: m.get("type") == "status")
+            # Nobody wants it any more: forgotten, and asked for again when wanted again.
+            await client.request({"action": "unsubscribe", "symbols": ["TSLA"]}, "unsubscribed")
+            await later_client.request({"action": "unsubscribe", "symbols": ["TSLA"]}, "unsubscribed")
+            await relay.upstream.wait_for(lambda: not relay.upstream.refused)
+    reason = "Alpaca error 405: symbol limit exceeded"
+    assert refused == {
+        "type": "status", "scope": "symbols", "state": "refused", "provider": "alpaca", "reason": reason,
+        "symbols": ["TSLA"],
+    }  # fmt: skip
+    assert told == refused
+    assert health.status_code == 200 and health.json()["refused"] == ["TSLA"]
+    assert status["upstream"]["refused"] == {"TSLA": reason}
+    assert status["upstream"]["subscribed"] == ["AAPL", "MSFT"]
+    subscribes = [trades for action, trades, _ in fake.history if action == "subscribe"]
+    assert subscribes == [("AAPL", "MSFT"), ("TSLA",), ("AAPL", "MSFT")]  # TSLA never asked for again
+    assert relay.hub.refused == {}
+
+
+async def test_symbols_left_out_of_the_reply_and_unmapped_ones_are_refused() -> None:
+    provider = AlpacaProvider(AlpacaConfig(key_id=KEY_ID, secret_key=SECRET, feed="crypto"))
+    refusals: list[tuple[list[str], str]] = []
+    session, _, _ = make_session(
+        provider=provider, on_refused=lambda symbols, reason: refusals.append((list(symbols), reason))
+    )
+    await session.subscribe(["BTCUSD", "ETHUSD", "AAPL"])
+    decode(session, {"T": "subscription", "trades": ["BTC/USD"], "quotes": ["BTC/USD"]})
+    assert refusals == [
+        (["AAPL"], "alpaca has no symbol for it on this feed"),
+        (["ETHUSD"], "left out of Alpaca's subscription reply (unknown symbol or not in the plan)"),
+    ]
+    assert session.wanted == {"BTC/USD"}

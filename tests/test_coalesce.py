@@ -69,5 +69,5 @@ async def test_a_break_is_never_coalesced_away():
     brk = Update("A", "B", 5_000, last_price=1.0, last_size=7)
     hub, got, _ = await _run(5, [updates[:15] + [brk] + updates[15:]])
     breaks = [m for m in got if m["data_type"] == "B"]
-    assert len(breaks) == 1 and breaks[0]["last_price"] == 1.0
+    assert len(breaks) == 1 and breaks[0]["amends"]["price"] == 1.0 and breaks[0]["amends"]["size"] == 7
     assert hub.cache["A"].last_price != 1.0  # the break did not become the last trade

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from trio_relay.model import Update, normalize_epoch_ms
+from trio_relay.model import Amend, AmendAction, Update, normalize_epoch_ms
 from trio_relay.providers.base import MalformedFrame
 from trio_relay.providers.fmp import decode_frame
 
@@ -46,7 +46,8 @@ def test_quote_frame_field_by_field_including_as() -> None:
 
 def test_break_frame() -> None:
     update = decode({"s": "ibm", "t": T_MS, "type": "B", "lp": 150.0, "ls": 10})
-    assert update == Update("IBM", "B", T_MS, last_price=150.0, last_size=10)
+    amend = Amend(action=AmendAction.BREAK, price=150.0, size=10)  # FMP has no trade ids
+    assert update == Update("IBM", "B", T_MS, last_price=150.0, last_size=10, amend=amend)
 
 
 def test_trade_ignores_quote_fields_and_quote_ignores_trade_fields() -> None:

@@ -195,7 +195,7 @@ async def test_crypto_and_forex_endpoints(start_relay, fake_fmp, ws_connect, end
 
 
 async def test_trade_break_reaches_clients_as_a_correction(start_relay, fake_fmp, ws_connect):
-    """A B frame is sent as data_type B with its price, and does not become the last trade."""
+    """A B frame is data_type B naming the broken trade; a broken last trade gives way to the one before."""
     fake_fmp.rate = 0.0  # only the frames injected here
     relay = await start_relay(**fmp_sections(fake_fmp))
     client = await ws_connect(relay)
@@ -205,12 +205,23 @@ async def test_trade_break_reaches_clients_as_a_correction(start_relay, fake_fmp
         await fake_fmp.inject('{"s":"ibm","t":1699564800100,"type":"T","lp":150.0,"ls":100}')
         await fake_fmp.inject('{"s":"ibm","t":1699564800200,"type":"B","lp":149.0,"ls":7}')
         trade, _ = await client.recv_until(lambda m: m.get("data_type") == "T")
-        brk, _ = await client.recv_until(lambda m: m.get("data_type") == "B")
+        unknown, _ = await client.recv_until(lambda m: m.get("data_type") == "B")
+        await fake_fmp.inject('{"s":"ibm","t":1699564800300,"type":"T","lp":151.0,"ls":50}')
+        await fake_fmp.inject('{"s":"ibm","t":1699564800400,"type":"B","lp":151.0,"ls":50}')
+        await client.recv_until(lambda m: m.get("last_price") == 151.0)
+        last, _ = await client.recv_until(lambda m: m.get("data_type") == "B")
     assert (trade["last_price"], trade["last_size"]) == (150.0, 100)
-    assert (brk["last_price"], brk["last_size"], brk["timestamp"]) == (149.0, 7, 1699564800200)
-    assert brk["seq"] == trade["seq"] + 1
+    # A break of a trade the relay never saw changes nothing but names what was broken.
+    assert unknown["amends"] == {
+        "action": "break", "trade_id": None, "price": 149.0, "size": 7, "corrected_id": None,
+        "corrected_price": None, "corrected_size": None, "matched": "unknown",
+    }  # fmt: skip
+    assert (unknown["last_price"], unknown["last_size"], unknown["timestamp"]) == (150.0, 100, 1699564800200)
+    assert unknown["seq"] == trade["seq"] + 1
+    # The last trade broken (matched by price and size: FMP has no ids): the one before is back.
+    assert last["amends"]["matched"] == "last" and (last["last_price"], last["last_size"]) == (150.0, 100)
     cached = relay.hub.snapshot("IBM")
-    assert cached is not None and cached.last_price == 150.0 and cached.data_type == "T"
+    assert cached is not None and cached.last_price == 150.0 and cached.data_type == "B"
 
 
 async def test_a_stalled_feed_is_503_and_stale_everywhere_until_data_flows(start_relay, fake_fmp, ws_connect, http):

@@ -377,27 +377,29 @@ async def test_one_sided_quote_keeps_other_side() -> None:
         assert (state.bid_price, state.bid_size, state.ask_price, state.ask_size) == (10.1, 5, 10.3, 7)
 
 
-async def test_break_is_delivered_but_does_not_replace_last_trade() -> None:
+async def test_break_of_an_unknown_trade_is_delivered_and_changes_no_price() -> None:
     async with open_hub(pinned=["AAPL"]) as hub:
         client = hub.connect()
         hub.subscribe(client, ["AAPL"])
         await drain(client)
         hub.publish(trade("AAPL", 150.0, size=10, ts=1000))
-        hub.publish(Update("AAPL", "B", 1500, last_price=149.0, last_size=7))
+        hub.publish(Update("AAPL", "B", 1500, last_price=149.0, last_size=7))  # an old recording: no amend
         hub.publish(quote("AAPL", 150.1, 150.2, ts=2000))
         got = await drain(client)
         brk = got[1]
-        assert brk["data_type"] == "B"
-        assert brk["last_price"] == 149.0 and brk["last_size"] == 7 and brk["timestamp"] == 1500
+        assert brk["data_type"] == "B" and brk["timestamp"] == 1500
+        assert brk["amends"]["action"] == "break" and brk["amends"]["matched"] == "unknown"
+        assert (brk["amends"]["price"], brk["amends"]["size"]) == (149.0, 7)
+        assert brk["last_price"] == 150.0 and brk["last_size"] == 10  # the state: unchanged
         assert [m["seq"] for m in got] == [1, 2, 3]
-        assert got[2]["last_price"] == 150.0 and got[2]["last_size"] == 10
+        assert "amends" not in got[2] and got[2]["last_price"] == 150.0 and got[2]["last_size"] == 10
         state = hub.cache["AAPL"]
         assert state.last_price == 150.0 and state.last_size == 10 and state.seq == 3
-        # A new subscriber's snapshot shows the trade, not the break.
+        # A new subscriber's snapshot is the state (no amends).
         other = hub.connect()
         hub.subscribe(other, ["AAPL"])
         snap = (await drain(other))[1]
-        assert snap["last_price"] == 150.0 and snap["seq"] == 3
+        assert snap["last_price"] == 150.0 and snap["seq"] == 3 and "amends" not in snap
 
 
 async def test_seq_increases_by_one_per_update_per_symbol() -> None:

@@ -18,9 +18,10 @@ from conftest import api, wait_state
 from trio_relay.config import Config, load_config
 from trio_relay.hub import Demand, Stats
 from trio_relay.model import Update
-from trio_relay.providers.base import AuthFailed, MalformedFrame, ProviderError
+from trio_relay.providers.base import AuthFailed, ConnectionLimit, ErrorClass, MalformedFrame, ProviderError
 from trio_relay.providers.polygon import (
     MAX_SUBSCRIBE_BYTES,
+    STATUSES,
     FrameDecoder,
     PolygonEvent,
     PolygonProvider,
@@ -84,7 +85,7 @@ def test_stock_trade_every_field() -> None:
     event = {"ev": "T", "sym": "AAPL", "x": 4, "i": "52983525029461", "z": 3, "p": 189.45, "s": 100,
              "c": [12, 37], "t": T_MS, "q": 1063, "trfi": 202, "trft": T_MS - 5}  # fmt: skip
     updates, statuses, bad = decode([event])
-    assert updates == [Update("AAPL", "T", T_MS, last_price=189.45, last_size=100)]
+    assert updates == [Update("AAPL", "T", T_MS, last_price=189.45, last_size=100, trade_id="4:52983525029461")]
     assert statuses == [] and bad == []
 
 
@@ -119,7 +120,7 @@ def test_crypto_trade_and_quote_sizes_are_taken_as_given() -> None:
     ]
     updates, _, bad = decode(frame, market="crypto")
     assert updates == [
-        Update("BTCUSD", "T", T_MS, last_price=43250.5, last_size=0.0125),
+        Update("BTCUSD", "T", T_MS, last_price=43250.5, last_size=0.0125, trade_id="1:987"),
         Update("ETHUSD", "Q", T_MS + 1, ask_price=2250.3, ask_size=12.25, bid_price=2250.1, bid_size=0.5),
     ]
     assert bad == []
@@ -177,8 +178,8 @@ def test_aggregates_only_frame_gives_nothing() -> None:
 
 
 def test_event_for_a_symbol_that_is_not_ours_is_skipped_silently() -> None:
-    # DOGE-EUR is in no table: not a malformed frame, just nothing for our clients.
-    frame = [{"ev": "XT", "pair": "DOGE-EUR", "p": 0.08, "s": 10, "t": T_MS},
+    # DOGE-XYZ is in no table and XYZ is no quote currency: not malformed, just nothing for our clients.
+    frame = [{"ev": "XT", "pair": "DOGE-XYZ", "p": 0.08, "s": 10, "t": T_MS},
              {"ev": "XT", "pair": "BTC-USD", "p": 43000.0, "s": 1, "t": T_MS}]  # fmt: skip
     updates, _, bad = decode(frame, market="crypto")
     assert updates == [Update("BTCUSD", "T", T_MS, last_price=43000.0, last_size=1)] and bad == []
@@ -324,9 +325,45 @@ def test_status_messages_log_levels_and_fatal_ones(caplog: pytest.LogCaptureFixt
     with pytest.raises(AuthFailed) as failed:
         provider.check_status(PolygonEvent("status", status="auth_failed", message=f"bad key {KEY}"))
     assert str(failed.value) == "Polygon rejected the API key (auth_failed: bad key ***)"
-    with pytest.raises(AuthFailed) as limit:
+    with pytest.raises(ConnectionLimit) as limit:
         provider.check_status(PolygonEvent("status", status="max_connections", message=MAX_CONNECTIONS_MESSAGE))
     assert "connection limit" in str(limit.value) and MAX_CONNECTIONS_MESSAGE in str(limit.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "error"),
+    [
+        ("auth_failed", "authentication failed", AuthFailed),
+        # The older wording (alpacahq/Alpaca-API #68): an auth failure, not a login timeout.
+        ("error", "authentication failed", AuthFailed),
+        ("error", "Not authorized", AuthFailed),
+        ("max_connections", MAX_CONNECTIONS_MESSAGE, ConnectionLimit),
+        ("auth_timeout", "no auth", ProviderError),
+        ("force_disconnect", "maintenance", ProviderError),
+        ("slow_consumer", "too slow", ProviderError),
+        ("error", "something else", None),
+        ("success", "subscribed to: T.AAPL", None),
+    ],
+)
+def test_every_status_class_maps_to_the_relays_answer(status: str, message: str, error: type | None) -> None:
+    """The STATUSES table, row by row: which exception (so which wait) each status gives."""
+    provider = PolygonProvider(polygon_config().polygon)
+    event = PolygonEvent("status", status=status, message=message)
+    if error is None:
+        assert provider.check_status(event) == status
+        return
+    with pytest.raises(ProviderError) as info:
+        provider.check_status(event)
+    assert type(info.value) is error
+    assert STATUSES.get(status, ErrorClass.AUTH if error is AuthFailed else None) is not None
+
+
+async def test_the_older_auth_failure_wording_is_auth_failed_not_a_timeout(start_relay) -> None:
+    async with fake_polygon(rate=0.0, auth_failure={"status": "error", "message": "authentication failed"}) as fake:
+        relay = await start_relay(**sections(fake, api_key="wrong"))
+        with trio.fail_after(10):
+            await wait_state(relay, "auth_failed")
+    assert relay.upstream.last_error == "Polygon rejected the API key (error: authentication failed)"
 
 
 def test_provider_identity_and_no_secret_anywhere() -> None:
@@ -388,7 +425,7 @@ async def test_login_waits_for_auth_success_within_auth_timeout(autojump_clock) 
 
 
 async def test_connection_limit_waits_auth_retry_delay_never_a_hot_loop(autojump_clock) -> None:
-    """Over the per-key limit the NEW connection is refused; the relay waits auth_retry_delay, not the backoff."""
+    """Over the per-key limit the NEW connection is refused: a few quick retries, then auth_retry_delay."""
     async with fake_polygon(rate=0.0, max_connections=1) as fake:
         config = load_config(
             environ={},
@@ -398,6 +435,8 @@ async def test_connection_limit_waits_auth_retry_delay_never_a_hot_loop(autojump
                     "backoff_initial": 0.1,
                     "backoff_max": 0.5,
                     "auth_retry_delay": 300.0,
+                    "limit_retries": 3,
+                    "limit_retry_delay": 0.25,
                 },
                 "polygon": {"api_key": KEY, "url": fake.url},
             },
@@ -413,15 +452,21 @@ async def test_connection_limit_waits_auth_retry_delay_never_a_hot_loop(autojump
                 async with trio.open_nursery() as nursery:
                     await nursery.start(up.run)
                     await fake.wait_until(lambda: fake.refused_over_limit == 1)
-                    refused_at = trio.current_time()
+                    first = trio.current_time()
+                    # Retried after 0.25, 0.5 and 0.75 s (limit_retry_delay x n), then the cool-down.
+                    await fake.wait_until(lambda: fake.refused_over_limit == 4)
+                    quick = trio.current_time() - first
                     await wait_state_idle(up, UpstreamState.AUTH_FAILED)
+                    refused_at = trio.current_time()
                     assert "connection limit" in up.last_error and KEY not in up.last_error
-                    await fake.wait_until(lambda: fake.refused_over_limit == 2)
+                    await fake.wait_until(lambda: fake.refused_over_limit == 5)
                     gap = trio.current_time() - refused_at
                     up.stop()
-    expected = 300.0 * random.Random(5).uniform(0.9, 1.1)
+    assert quick == pytest.approx(0.25 + 0.5 + 0.75, abs=1e-6)
+    rng = random.Random(5)
+    expected = 300.0 * rng.uniform(0.9, 1.1)
     assert gap == pytest.approx(expected, abs=1e-6)
-    assert fake.connections_total == 3 and fake.logins == 1
+    assert fake.connections_total == 6 and fake.logins == 1
 
 
 async def wait_state_idle(up: Upstream, state: str) -> None:
@@ -632,7 +677,7 @@ async def test_connection_limit_refusing_the_new_connection_is_auth_failed(start
     async with fake_polygon(rate=0.0, max_connections=1, limit_drops="new") as fake:
         holder = PolygonProvider(polygon_config(fake.url).polygon)
         async with holder.session():
-            relay = await start_relay(**sections(fake))
+            relay = await start_relay(**sections(fake, limit_retries=2, limit_retry_delay=0.01))
             with trio.fail_after(10):
                 await wait_state(relay, "auth_failed")
                 health = (await http.get(api(relay, "/health"))).json()
@@ -640,7 +685,28 @@ async def test_connection_limit_refusing_the_new_connection_is_auth_failed(start
         "auth_failed: Polygon connection limit reached: another connection uses this API key "
         f"(max_connections: {MAX_CONNECTIONS_MESSAGE})"
     )
-    assert fake.refused_over_limit == 1 and fake.logins == 1
+    assert fake.refused_over_limit == 3 and fake.logins == 1  # two quick retries first
+
+
+async def test_a_lingering_own_connection_is_outlived_by_quick_retries(start_relay) -> None:
+    """After a blip the vendor may still count our old connection: quick retries get back in."""
+    async with fake_polygon(rate=0.0, max_connections=1, limit_drops="new") as fake:
+        holder = PolygonProvider(polygon_config(fake.url).polygon)
+        async with trio.open_nursery() as nursery:
+            held = trio.Event()
+
+            async def lingering() -> None:
+                async with holder.session():
+                    held.set()
+                    await fake.wait_until(lambda: fake.refused_over_limit >= 2)
+
+            nursery.start_soon(lingering)
+            await held.wait()
+            relay = await start_relay(**sections(fake, limit_retries=20, limit_retry_delay=0.02))
+            with trio.fail_after(10):
+                await wait_state(relay, "connected")
+            assert fake.refused_over_limit >= 2 and fake.logins == 2
+            # Connected within the deadline: it never waited auth_retry_delay (300 s by default).
 
 
 async def test_connection_limit_kicking_out_the_old_connection_is_auth_failed(start_relay) -> None:
@@ -650,6 +716,8 @@ async def test_connection_limit_kicking_out_the_old_connection_is_auth_failed(st
             await wait_state(relay, "connected")
             intruder = PolygonProvider(polygon_config(fake.url).polygon)
             async with intruder.session():  # the same key logs in elsewhere: the relay is kicked out
+                # Kicked out of a logged-in session: not its own lingering connection, so no quick
+                # retries (they would kick the other one out in turn): it waits auth_retry_delay.
                 await wait_state(relay, "auth_failed")
                 assert fake.logins == 2 and fake.refused_over_limit == 1
                 assert "connection limit" in relay.upstream.last_error

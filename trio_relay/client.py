@@ -71,6 +71,7 @@ import msgspec
 import trio
 import trio_websocket
 
+from .model import Amend
 from .upstream import Backoff
 
 __all__ = ["connect", "Feed", "PriceUpdate", "Status", "Event", "RelayError", "TokenExpired", "TokenSource"]
@@ -94,7 +95,7 @@ class PriceUpdate(msgspec.Struct, tag="price_update", tag_field="type", kw_only=
 
     symbol: str
     timestamp: int  # event time, UTC epoch ms
-    data_type: str  # "T" trade, "Q" quote, "B" trade break
+    data_type: str  # "T" trade, "Q" quote; amendments of an earlier trade: "B" break, "X" cancel, "C" correction
     last_price: float | None = None
     last_size: float | None = None
     ask_price: float | None = None
@@ -105,6 +106,8 @@ class PriceUpdate(msgspec.Struct, tag="price_update", tag_field="type", kw_only=
     seq: int = 0  # per symbol, compares only within one epoch
     provider: str = ""
     epoch: str = ""
+    # Only on an amendment (B, X, C): the trade it amends and with what (docs/api.md).
+    amends: Amend | None = None
 
 
 class Status(msgspec.Struct, tag="status", tag_field="type", kw_only=True, frozen=True):

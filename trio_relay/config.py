@@ -155,6 +155,13 @@ class UpstreamConfig:
     backoff_reset_after: float = attrs.field(default=60.0, validator=_non_negative)
     # Wait after a rejected API key before trying again (never hammer a provider with a bad key).
     auth_retry_delay: float = attrs.field(default=300.0, validator=_positive)
+    # "Connection limit" answers (Alpaca 406, Polygon max_connections) are usually our own previous
+    # connection, still held by the vendor after a blip: retried this many times, the n-th after
+    # limit_retry_delay * n seconds, before waiting auth_retry_delay like a rejected key.
+    limit_retries: int = attrs.field(default=10, validator=_non_negative)
+    limit_retry_delay: float = attrs.field(default=0.5, validator=_positive)
+    # Least wait after an HTTP 429 without a Retry-After (a provider may document a longer one).
+    rate_limit_delay: float = attrs.field(default=60.0, validator=_positive)
     # 0 = retry forever. Otherwise the daemon exits (non-zero) after this many failed attempts.
     max_retries: int = attrs.field(default=0, validator=_non_negative)
     # Seconds a symbol stays subscribed upstream after its last client left (avoids churn).

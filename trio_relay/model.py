@@ -5,7 +5,8 @@ Every provider turns its frames into :class:`Update` objects; the hub merges the
 ``price_update`` text frame that every subscribed client receives.
 
 The encoded message is the merged *state* of the symbol after the update: ``data_type`` says which
-event produced it (``T`` trade, ``Q`` quote, ``B`` trade break), ``timestamp`` is that event's time
+event produced it (``T`` trade, ``Q`` quote, and the three amendments of an earlier trade: ``B``
+break, ``C`` correction, ``X`` cancel; see :class:`Amend`), ``timestamp`` is that event's time
 (UTC epoch milliseconds), and the price fields carry the latest known trade and the latest known
 top of book. A client that is conflated (sees only the latest update of a symbol) therefore still
 holds the full current picture.
@@ -23,6 +24,11 @@ import msgspec
 
 __all__ = [
     "Update",
+    "Amend",
+    "AmendAction",
+    "AmendMatch",
+    "AmendedState",
+    "AMENDS",
     "PriceState",
     "ProviderSwitched",
     "UpstreamItem",
@@ -41,14 +47,53 @@ SYMBOL_RE: Final = re.compile(r"^[A-Z0-9^][A-Z0-9./^=\-]{0,19}$")
 
 TRADE: Final = "T"
 QUOTE: Final = "Q"
-BREAK: Final = "B"
+BREAK: Final = "B"  # an earlier trade is void (FMP's "B")
+CORRECTION: Final = "C"  # an earlier trade's price or size was corrected (Alpaca's "c")
+CANCEL: Final = "X"  # an earlier trade was cancelled or was an error (Alpaca's "x")
+#: The kinds that amend an earlier trade instead of reporting a new event.
+AMENDS: Final = frozenset({BREAK, CORRECTION, CANCEL})
+
+
+class AmendAction(enum.StrEnum):
+    """What an amendment does to the trade it names (``amends.action`` on the wire)."""
+
+    BREAK = "break"  # the trade is void
+    CANCEL = "cancel"  # the trade is void (a cancel, or a trade reported in error)
+    CORRECTION = "correction"  # the trade stands with corrected_price / corrected_size
+
+
+class AmendMatch(enum.StrEnum):
+    """Where the relay found the amended trade in its short per-symbol trade memory."""
+
+    LAST = "last"  # it was the cached last trade: last_price/last_size changed
+    EARLIER = "earlier"  # an earlier remembered trade: the cached last trade is unchanged
+    UNKNOWN = "unknown"  # not remembered (older, or before the relay saw the symbol): nothing changed
+
+
+class Amend(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """Which trade an amendment (kind ``B``, ``C`` or ``X``) names, and with what.
+
+    ``trade_id`` is the provider's id of the amended trade (None when the provider has no ids:
+    FMP); ``price``/``size`` are that trade as first reported. A correction adds the corrected
+    values (and the corrected trade's new id, when the provider gives one). ``matched`` is
+    filled in by the hub (see :class:`AmendMatch`); providers leave it ``unknown``.
+    """
+
+    action: AmendAction
+    trade_id: str | None = None
+    price: float | None = None
+    size: float | None = None
+    corrected_id: str | None = None
+    corrected_price: float | None = None
+    corrected_size: float | None = None
+    matched: AmendMatch = AmendMatch.UNKNOWN
 
 
 class Update(msgspec.Struct, gc=False):
     """One normalized upstream event. ``None`` means "the provider did not say"."""
 
     symbol: str
-    kind: str  # "T" | "Q" | "B"
+    kind: str  # "T" | "Q", or an amendment of an earlier trade: "B" | "C" | "X" (see AMENDS)
     timestamp: int  # event time, UTC epoch ms
     last_price: float | None = None
     last_size: float | None = None
@@ -66,6 +111,12 @@ class Update(msgspec.Struct, gc=False):
     # worker of one relay see the same sequence and can resume on any of them. 0 / None: none.
     seq: int = 0
     epoch: str | None = None
+    # The provider's id of this trade (kind "T"), when it has ids: the hub's trade memory and the
+    # providers' duplicate filters match on it.
+    trade_id: str | None = None
+    # For an amendment (kind in AMENDS): the trade it names and what it does. An amendment's own
+    # last_price/last_size are the void trade's (B, X) or the corrected values (C).
+    amend: Amend | None = None
 
 
 class PriceState(msgspec.Struct, gc=False, kw_only=True):
@@ -87,7 +138,10 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
     epoch: str = ""  # the relay's sequence space: seq values compare only within one epoch
 
     def apply(self, update: Update, cached_at: str) -> None:
-        """Merge ``update`` into this state (a break does not replace the last trade)."""
+        """Merge a trade, a quote or a whole state into this one.
+
+        Amendments (``B``/``C``/``X``) are the hub's to apply: they need its trade memory.
+        """
         self.seq = update.seq or self.seq + 1
         self.timestamp = update.timestamp
         self.data_type = update.kind
@@ -109,6 +163,15 @@ class PriceState(msgspec.Struct, gc=False, kw_only=True):
             if update.ask_price is not None:
                 self.ask_price = update.ask_price
                 self.ask_size = update.ask_size
+
+
+class AmendedState(PriceState, kw_only=True):
+    """The ``price_update`` of an amendment: the symbol's state after it, plus ``amends``.
+
+    Only amendment frames carry ``amends`` (a subclass, so every other frame is unchanged).
+    """
+
+    amends: Amend
 
 
 class ProviderSwitched(msgspec.Struct, frozen=True):

@@ -35,8 +35,19 @@ import trio
 from .config import UpstreamConfig
 from .hub import Demand, Stats
 from .masking import mask_secrets
-from .model import ProviderSwitched, UpstreamItem
-from .providers.base import AuthFailed, MalformedFrame, Provider, ProviderError, Session, ignore_malformed
+from .model import ProviderSwitched, Update, UpstreamItem
+from .providers.base import (
+    AuthFailed,
+    ConnectionLimit,
+    MalformedFrame,
+    Provider,
+    ProviderError,
+    RateLimited,
+    Session,
+    ignore_malformed,
+    ignore_refused,
+)
+from .providers.dedup import TradeIds
 
 __all__ = [
     "UpstreamView",
@@ -48,6 +59,7 @@ __all__ = [
     "UpstreamState",
     "ProviderHealth",
     "Item",
+    "RefusalListener",
 ]
 
 log = logging.getLogger("trio_relay.upstream")
@@ -170,6 +182,14 @@ class NamedProvider(Protocol):
     def describe(self) -> str: ...
 
 
+class RefusalListener(Protocol):
+    """Who tells clients about symbols the provider refuses (the hub)."""
+
+    def symbols_refused(self, symbols: list[str], provider: str, reason: str) -> None: ...
+
+    def refusals_cleared(self, symbols: list[str]) -> None: ...
+
+
 class UpstreamView(Protocol):
     """The upstream as the API sees it: the :class:`Upstream` itself, or a fleet's view of it."""
 
@@ -197,6 +217,8 @@ class UpstreamView(Protocol):
     def last_error(self) -> str: ...
     @property
     def subscribed(self) -> set[str]: ...
+    @property
+    def refused(self) -> dict[str, str]: ...
 
     def message_age(self) -> float | None: ...
 
@@ -258,7 +280,16 @@ class Upstream:
         self.reconnects = 0
         self.last_error = ""
         self.subscribed: set[str] = set()
+        # Wanted symbols the active provider refused (plan limit, unknown, entitlement, no spelling),
+        # with the reason: never asked for again until their demand changes (they stop being wanted)
+        # or the provider changes. A subset of the wanted symbols, so bounded by demand.
+        self.refused: dict[str, str] = {}
+        self.refusals: RefusalListener | None = None
+        # Recent trade ids per subscribed symbol: a trade seen again is dropped (and counted).
+        self.trade_ids = TradeIds()
         self._marker_pending = False
+        # Connection-limit answers retried quickly since the last login (see _retry_delay).
+        self._limit_retries = 0
         # Told of each change the clients should see: ("up" | "down" | "stale" | "failover",
         # provider name, reason). Wired to the hub, which sends {"type":"status"} messages.
         self.on_event: Callable[[str, str, str], None] | None = None
@@ -325,6 +356,8 @@ class Upstream:
         self.active = 0
         self._switch_to = None
         self._unhealthy_since = None
+        self._limit_retries = 0
+        self._clear_refusals()
         self._chain_changed.set()
         self._chain_changed = trio.Event()
         if self.provider.name != old:
@@ -410,6 +443,9 @@ class Upstream:
                     self._backoff.reset()
                     failures = 0
                 failures += 1
+                if isinstance(error, ConnectionLimit) and self._limit_retries >= self.config.limit_retries:
+                    # Not our own lingering connection after all: another process holds the key.
+                    auth_error, error = error, None
                 health = self.chain[self.active]
                 if auth_error is not None:
                     self.state = UpstreamState.AUTH_FAILED
@@ -440,7 +476,7 @@ class Upstream:
                         delay,
                     )
                 else:
-                    delay = self._backoff.next_delay()
+                    delay = self._retry_delay(error)
                     log.warning(
                         "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)",
                         self.last_error,
@@ -471,6 +507,22 @@ class Upstream:
         for health in self.chain:
             health.state = UpstreamState.STOPPED
         log.info("[STOP] upstream closed")
+
+    def _retry_delay(self, error: BaseException | None) -> float:
+        """The wait before the next attempt after ``error``, by its class (auth is the caller's).
+
+        A connection limit is retried quickly (``limit_retry_delay`` x n, ``limit_retries``
+        times: the caller turns the next one into an auth cool-down); a rate limit waits at
+        least its ``Retry-After`` (else ``rate_limit_delay``); anything else takes the backoff.
+        """
+        if isinstance(error, ConnectionLimit):
+            self._limit_retries += 1
+            return self.config.limit_retry_delay * self._limit_retries
+        delay = self._backoff.next_delay()
+        if isinstance(error, RateLimited):
+            wait = error.retry_after if error.retry_after is not None else self.config.rate_limit_delay
+            delay = max(delay, wait)
+        return delay
 
     # ------------------------------------------------------------------ failover
     def _failover_due(self) -> bool:
@@ -533,6 +585,8 @@ class Upstream:
             old.state = "standby"
         self.active = target
         self._switch_to = None
+        self._limit_retries = 0
+        self._clear_refusals()
         self.switches += 1
         self.switch_reason = reason
         self._backoff.reset()
@@ -655,7 +709,7 @@ class Upstream:
         health.state = "probing"
         sample = self._probe_sample()
         try:
-            async with provider.session(ignore_malformed) as session:
+            async with provider.session(ignore_malformed, ignore_refused) as session:
                 if sample:
                     await session.subscribe(sample)
                     log.info("[FAILOVER] probing %s with %s", provider.name, _short(sample))
@@ -720,13 +774,14 @@ class Upstream:
     async def _attempt(self) -> None:
         self.state = UpstreamState.CONNECTING
         log.info("[CONNECT] connecting to %s", self.provider.describe())
-        async with self.provider.session(self._malformed) as session:
+        async with self.provider.session(self._malformed, self._refused) as session:
             now = trio.current_time()
             self.connected_at = now
             self.connected_since = time.time()
             self.last_message_at = now
             self._active_since = now
             self.subscribed = set()
+            self._limit_retries = 0
             self._connect_scope.deadline = math.inf
             if not self.provider.detects_stale:
                 # Nothing proves a quiet provider alive but the connection itself. One that sends
@@ -760,9 +815,16 @@ class Upstream:
         if self._marker_pending:
             await send.send(ProviderSwitched(self.provider.name))
             self._marker_pending = False
+        seen = self.trade_ids.seen
         while True:
             batch = await session.receive()
             self.last_message_at = trio.current_time()
+            for i, update in enumerate(batch):
+                if update.trade_id is not None and seen(update.symbol, update.trade_id):
+                    before = len(batch)
+                    batch = _without_duplicates(batch, i, seen)
+                    self.stats.duplicate_trades += before - len(batch)
+                    break
             if batch:
                 if self._unhealthy_since is not None:
                     self._unhealthy_since = None  # data flows: healthy (see also _watch_stale)
@@ -794,7 +856,10 @@ class Upstream:
             changed = demand.changed_event()
             demand.expire()
             wanted = demand.wanted
-            add = sorted(wanted - self.subscribed)
+            if self.refused:
+                for symbol in [s for s in self.refused if s not in wanted]:
+                    del self.refused[symbol]  # demand changed: asked for again if wanted again
+            add = sorted(wanted - self.subscribed - self.refused.keys())
             remove = sorted(self.subscribed - wanted)
             if add:
                 await session.subscribe(add)
@@ -802,16 +867,41 @@ class Upstream:
                     self._active_since = trio.current_time()
                     self._subscribing.set()
                     self._subscribing = trio.Event()
-                self.subscribed.update(add)
+                # Those refused during the call (no spelling for them, say) are not subscribed.
+                self.subscribed.update(s for s in add if s not in self.refused)
                 log.info("[SUBSCRIBE] %d symbol(s): %s", len(add), _short(add))
             if remove:
                 await session.unsubscribe(remove)
                 self.subscribed.difference_update(remove)
+                for symbol in remove:
+                    self.trade_ids.forget(symbol)
                 log.info("[UNSUBSCRIBE] %d symbol(s): %s", len(remove), _short(remove))
             if not wanted and self.state == UpstreamState.STALE:
                 self._flowing("nothing is wanted any more, so no data is missing")
             with trio.move_on_at(demand.next_expiry()):
                 await changed.wait()
+
+    def _refused(self, symbols: Sequence[str], reason: str) -> None:
+        """The session's refusal sink: keep these symbols out of requests and tell their clients."""
+        reason = mask_secrets(reason, self.secrets)[:200]
+        wanted = self.demand.wanted
+        self.subscribed.difference_update(symbols)
+        new = [s for s in dict.fromkeys(symbols) if s in wanted and s not in self.refused]
+        if not new:
+            return
+        for symbol in new:
+            self.refused[symbol] = reason
+        log.warning("[REFUSED] %s refused %d symbol(s): %s (%s)", self.provider.name, len(new), _short(new), reason)
+        if self.refusals is not None:
+            self.refusals.symbols_refused(new, self.provider.name, reason)
+
+    def _clear_refusals(self) -> None:
+        """Another provider (a failover, a reload): it may serve what this one refused."""
+        if self.refused:
+            cleared = sorted(self.refused)
+            self.refused.clear()
+            if self.refusals is not None:
+                self.refusals.refusals_cleared(cleared)
 
     async def _watch_stale(self) -> None:
         """End the session when a subscribed feed goes silent; see :meth:`_check_silence`."""
@@ -862,6 +952,15 @@ class Upstream:
             log.warning("[STALE] no message for %gs with %d symbol(s) subscribed", silence, len(self.subscribed))
             raise StaleFeed(f"feed silent for {silence:g}s")
         return min(since + silence, cutoff)
+
+
+def _without_duplicates(batch: list[Update], first: int, seen: Callable[[str, str], bool]) -> list[Update]:
+    """``batch`` without the duplicate at ``first`` and the later ones (the ids before it were checked)."""
+    kept = batch[:first]
+    for update in batch[first + 1 :]:
+        if update.trade_id is None or not seen(update.symbol, update.trade_id):
+            kept.append(update)
+    return kept
 
 
 async def cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

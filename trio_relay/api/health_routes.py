@@ -52,6 +52,10 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+# Refused symbols listed in /health (it must stay small: monitors poll it); /status lists them all.
+MAX_REFUSED_SHOWN = 100
+
+
 def register_health(app: QuartTrio, ctx: RelayContext) -> None:
     """Add the health, status and metrics routes to ``app``."""
     hub, upstream = ctx.hub, ctx.upstream
@@ -89,6 +93,9 @@ def register_health(app: QuartTrio, ctx: RelayContext) -> None:
             body.history = HistoryHealth(state=writer.state, dropped=writer.dropped, pending=writer.pending)
             if writer.state != "ok":
                 body.degraded = ["history"]
+        refused = upstream.refused
+        if refused:
+            body.refused = sorted(refused)[:MAX_REFUSED_SHOWN]
         if ctx.provider_name == "sim":
             body.note = "simulated market data (no FMP_API_KEY set)"
         return body, fresh
@@ -155,6 +162,7 @@ def register_health(app: QuartTrio, ctx: RelayContext) -> None:
                 last_message_age_s=_round(upstream.message_age()),
                 subscribed=sorted(upstream.subscribed),
                 wanted=sorted(hub.demand.wanted),
+                refused=dict(sorted(upstream.refused.items())),
                 providers=[
                     ProviderInfo(
                         name=h.provider.name,
@@ -195,6 +203,7 @@ def register_health(app: QuartTrio, ctx: RelayContext) -> None:
                 conflated=hub.conflated_total(),
                 coalesced=stats.coalesced,
                 malformed=stats.malformed,
+                duplicate_trades=stats.duplicate_trades,
                 callback_errors=stats.callback_errors,
                 callback_dropped=stats.callback_dropped,
             ),

@@ -141,6 +141,7 @@ class RelayCollector(Collector):
             ("conflated", "Updates replaced by a newer one in a full client queue", hub.conflated_total()),
             ("coalesced", "Backlogged upstream updates merged before routing", stats.coalesced),
             ("malformed", "Upstream frames that could not be decoded", stats.malformed),
+            ("duplicate_trades", "Upstream trades dropped as repeats of a recent trade id", stats.duplicate_trades),
             ("callback_errors", "Exceptions raised by update callbacks", stats.callback_errors),
             ("callback_dropped", "Updates a slow async callback missed", stats.callback_dropped),
             ("slow_clients_closed", "Clients closed for making no progress", stats.slow_clients_closed),

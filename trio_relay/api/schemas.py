@@ -90,6 +90,11 @@ class Health(msgspec.Struct, forbid_unknown_fields=True):
         list[str] | UnsetType, Meta(description='parts not working fully while prices flow, e.g. ["history"]')
     ] = UNSET
     note: Annotated[str | UnsetType, Meta(description="present while serving simulated data")] = UNSET
+    refused: Annotated[
+        list[str] | UnsetType,
+        Meta(description="only when the provider refused some wanted symbols (the others are served): "
+             "the first 100, sorted; reasons in /status"),
+    ] = UNSET  # fmt: skip
 
 
 class Live(msgspec.Struct, forbid_unknown_fields=True):
@@ -129,6 +134,11 @@ class UpstreamInfo(msgspec.Struct, forbid_unknown_fields=True):
     subscribed: Annotated[list[str], Meta(description="symbols subscribed upstream now")]
     wanted: Annotated[list[str], Meta(description="symbols clients or pins want")]
     providers: list[ProviderInfo]
+    refused: Annotated[
+        dict[str, str],
+        Meta(description="wanted symbols the provider refused, with its reason; not asked for again "
+             "until nobody wants them or the provider changes"),
+    ] = msgspec.field(default_factory=dict)  # fmt: skip
 
 
 class ClientInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -155,6 +165,7 @@ class MessageCounters(msgspec.Struct, forbid_unknown_fields=True, rename={"in_":
     conflated: int
     coalesced: int
     malformed: Annotated[int, Meta(description="upstream frames that could not be decoded")]
+    duplicate_trades: Annotated[int, Meta(description="upstream trades dropped as repeats of a recent trade id")]
     callback_errors: int
     callback_dropped: int
 

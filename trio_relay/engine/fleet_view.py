@@ -135,6 +135,11 @@ class FleetUpstream:
             return self._local.subscribed
         return set((self._engine.holder_status or {}).get("subscribed", ()))
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """The holder's refused symbols, when this relay is the holder (others do not see them yet)."""
+        return self._local.refused if self._local is not None else {}
+
     def message_age(self) -> float | None:
         """Since this relay last received a fleet message (the holder's own included)."""
         at = self._engine.last_batch_at

@@ -35,6 +35,7 @@ class MemoryEngine:
         send, self._receive = trio.open_memory_channel[Item](config.upstream.queue_size)
         self.upstream = Upstream(list(providers), hub.demand, send, config.upstream, stats, secrets=config.secrets())
         self.upstream.on_event = hub.upstream_event
+        self.upstream.refusals = hub
 
     @property
     def view(self) -> UpstreamView:

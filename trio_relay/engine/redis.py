@@ -59,7 +59,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..config import Config, EngineConfig, UpstreamConfig
 from ..hub import Demand, Hub, Stats, new_epoch
-from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update
+from ..model import AMENDS, Encoder, PriceState, ProviderSwitched, Update
 from ..providers.base import Provider
 from ..upstream import Backoff, Item, Upstream, UpstreamState
 from .fleet_view import FleetUpstream
@@ -898,8 +898,10 @@ class RedisEngine:
                 state = states[symbol] = PriceState(symbol=symbol, epoch=epoch)
             update.seq = state.seq + 1
             update.epoch = epoch
-            if update.kind == BREAK:
-                state.seq = update.seq  # a break corrects an earlier print; the state stays
+            if update.kind in AMENDS:
+                # An amendment of an earlier trade: each relay's hub applies it with its own
+                # trade memory; the shared state keeps its last trade until the next.
+                state.seq = update.seq
             else:
                 state.apply(update, cached_at)
             state.provider = update.provider or provider

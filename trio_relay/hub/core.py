@@ -28,12 +28,29 @@ import trio
 from ..bars import Lateness
 from ..bars.channel import BarChannel
 from ..config import ClientsConfig
-from ..model import BREAK, Encoder, PriceState, ProviderSwitched, Update, UpstreamItem, control, wall_ms, ws_payload
+from ..model import (
+    AMENDS,
+    CANCEL,
+    CORRECTION,
+    TRADE,
+    Amend,
+    AmendAction,
+    AmendedState,
+    Encoder,
+    PriceState,
+    ProviderSwitched,
+    Update,
+    UpstreamItem,
+    control,
+    wall_ms,
+    ws_payload,
+)
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
 from .delivery import Delivery, DeliveryOptions
 from .demand import Demand
 from .outbox import Outbox
 from .stats import LatencyHistogram, Stats
+from .trades import TradeMemory
 
 __all__ = ["Hub", "SubscriptionError", "new_epoch", "RECONNECT_HINT_MS"]
 
@@ -78,6 +95,18 @@ def _seq_of(frame: bytes) -> int:
     return _SEQ_DECODER.decode(ws_payload(frame)).seq
 
 
+def _bare_amend(update: Update) -> Amend:
+    """The amendment an update without one stands for (a recording or history replayed).
+
+    A break or cancel voids the trade it carries; a bare correction names no original, so it
+    can only be reported (``matched: "unknown"``).
+    """
+    if update.kind == CORRECTION:
+        return Amend(action=AmendAction.CORRECTION, corrected_price=update.last_price, corrected_size=update.last_size)
+    action = AmendAction.CANCEL if update.kind == CANCEL else AmendAction.BREAK
+    return Amend(action=action, price=update.last_price, size=update.last_size)
+
+
 def new_epoch() -> str:
     """A short id for one run's sequence space: start time plus randomness, e.g. ``6745c1a0-9f3b2c``."""
     return f"{int(time.time()):x}-{secrets.token_hex(3)}"
@@ -118,6 +147,9 @@ class Hub:
         # it is routed to that outbox; the entry goes at the first update past it.
         self._floors: dict[str, dict[Outbox, int]] = {}
         self.stale_symbols: set[str] = set()  # subscribed symbols reported stale to clients
+        # Wanted symbols the provider refused → the status sent about them (new subscribers get it
+        # too); they go when nobody wants them (_evict) or the provider changes. Bounded by demand.
+        self.refused: dict[str, dict[str, Any]] = {}
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
         self.clients: dict[int, Client] = {}
@@ -128,6 +160,9 @@ class Hub:
         self.bars = BarChannel(self, lateness)
         # Subscriptions with delivery options (rate cap, fields, deltas): one feed per option set.
         self.delivery = Delivery(self.cache, self.stats)
+        # The last few trades of each cached symbol: what a break, cancel or correction amends.
+        self.trades = TradeMemory()
+        self._recent_trades = self.trades.by_symbol
         self._enc = Encoder()
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
@@ -312,27 +347,45 @@ class Hub:
             seq = self._evicted_seq.pop(symbol, self._seq_floor)
             state = self.cache[symbol] = PriceState(symbol=symbol, epoch=self.epoch, seq=seq)
         state.provider = update.provider or self.source
-        if update.kind == BREAK:
-            # A break corrects an earlier print; it does not become the last trade. It is
-            # routed at once, on its own: it must never be coalesced away.
-            state.seq = update.seq or state.seq + 1
-            corrected = msgspec.structs.replace(
-                state,
-                data_type=BREAK,
-                timestamp=update.timestamp,
-                last_price=update.last_price,
-                last_size=update.last_size,
-                cached_at=self._enc.now_iso(),
-            )
-            frame = self._enc.price_update(corrected)
-            self._route(symbol, frame, state.seq)
-            if symbol in self.delivery.routes:
-                self.delivery.publish_break(symbol, corrected)
-            if self._keep:
-                self._remember(symbol, frame)
-            return None
+        kind = update.kind
+        if kind == TRADE:
+            if not update.merged:
+                # The trade memory (hub/trades.py), inlined: one lookup and one append per trade.
+                recent = self._recent_trades.get(symbol)
+                if recent is None:
+                    recent = self.trades.start(symbol)
+                recent.append(update)
+        elif kind in AMENDS:
+            if not update.merged:
+                self._amend(state, update)
+                return None
+            self.trades.forget(symbol)  # an upstream relay's state after its own amendment
         state.apply(update, self._enc.now_iso())
         return state
+
+    def _amend(self, state: PriceState, update: Update) -> None:
+        """Apply a break, cancel or correction to the cache and route its frame at once.
+
+        The amended trade is looked up in the trade memory: if it was the cached last trade, the
+        state's last trade becomes the previous valid one (break, cancel) or the corrected one.
+        The frame is the state after that plus ``amends``; it is routed on its own, never
+        coalesced with other updates of the batch, so each amendment reaches the clients.
+        """
+        amend = update.amend or _bare_amend(update)
+        matched, last = self.trades.amend(state.symbol, amend)
+        if last is not None:
+            state.last_price, state.last_size = last
+        state.seq = update.seq or state.seq + 1
+        state.timestamp = update.timestamp
+        state.data_type = update.kind
+        state.cached_at = self._enc.now_iso()
+        amended = AmendedState(**msgspec.structs.asdict(state), amends=msgspec.structs.replace(amend, matched=matched))
+        frame = self._enc.encode(amended)
+        self._route(state.symbol, frame, state.seq)
+        if state.symbol in self.delivery.routes:
+            self.delivery.publish_break(state.symbol, amended)
+        if self._keep:
+            self._remember(state.symbol, frame)
 
     def _remember(self, symbol: str, frame: bytes) -> None:
         history = self._history.get(symbol)
@@ -545,6 +598,11 @@ class Hub:
             self.send_control(client, self._symbol_status("stale", stale))
         if self.upstream_status is not None and new:
             self.send_control(client, {**self.upstream_status, "symbols": new})
+        if self.refused:
+            for s in new:
+                message = self.refused.get(s)
+                if message is not None:
+                    self.send_control(client, {**message, "symbols": [s]})
         return new
 
     def _replays(
@@ -679,6 +737,28 @@ class Hub:
             if client.symbols:
                 self.send_control(client, {**message, "symbols": sorted(client.symbols)})
 
+    def symbols_refused(self, symbols: list[str], provider: str, reason: str) -> None:
+        """The provider refused these symbols: tell each client holding some of them, and later ones.
+
+        ``{"type":"status","scope":"symbols","state":"refused","symbols":[...],"provider":..,"reason":..}``
+        """
+        message = control("status", scope="symbols", state="refused", provider=provider, reason=reason)
+        for symbol in symbols:
+            self.refused[symbol] = message
+        self._notify_each(set(symbols), message)
+
+    def refusals_cleared(self, symbols: list[str]) -> None:
+        """Asked for again (another provider): ``state: "retrying"`` to the clients holding them."""
+        for symbol in symbols:
+            self.refused.pop(symbol, None)
+        self._notify_each(set(symbols), control("status", scope="symbols", state="retrying"))
+
+    def _notify_each(self, symbols: set[str], message: dict[str, Any]) -> None:
+        for client in list(self.clients.values()):
+            mine = sorted(client.symbols & symbols)
+            if mine:
+                self.send_control(client, {**message, "symbols": mine})
+
     def _symbol_status(self, state: str, symbols: list[str]) -> dict[str, Any]:
         return control(
             "status", scope="symbols", state=state, symbols=symbols, stale_after=self.config.symbol_stale_after
@@ -754,6 +834,8 @@ class Hub:
                 forget = list(self._evicted_seq)[: MAX_EVICTED_SEQS // 2]
                 self._seq_floor = max(self._seq_floor, *(self._evicted_seq.pop(s) for s in forget))
         self._history.pop(symbol, None)
+        self.trades.forget(symbol)
+        self.refused.pop(symbol, None)
         self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:

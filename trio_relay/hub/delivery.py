@@ -147,6 +147,9 @@ class Feed:
         body: dict[str, Any] = {"type": "price_update"}
         for name in self.fields:
             body[name] = getattr(state, name)
+        amends = getattr(state, "amends", None)  # an amendment (AmendedState): always with what it amends
+        if amends is not None:
+            body["amends"] = amends
         return ws_text_frame(self._encode.encode(body))
 
     def emit(self, state: PriceState, now: float) -> int:
@@ -254,9 +257,8 @@ class Delivery:
                     self._sleep.deadline = feed.due
 
     def publish_break(self, symbol: str, state: PriceState) -> None:
-        """A trade break: a full message to every subscriber at once, never deferred or conflated.
-
-        It is not the symbol's state (the last trade stays), so the delta chain restarts after it.
+        """An amendment (break, cancel, correction; its ``amends`` included): a full message to
+        every subscriber at once, never deferred or conflated. The delta chain restarts after it.
         """
         for feed in self.routes[symbol].values():
             frame = feed.full_frame(state)

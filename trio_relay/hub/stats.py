@@ -20,6 +20,7 @@ class Stats:
     coalesced: int = 0  # backlogged upstream updates merged into a later one before routing
     malformed: int = 0  # upstream frames that could not be decoded
     duplicates: int = 0  # numbered updates (relay, fleet) whose seq was already passed on
+    duplicate_trades: int = 0  # upstream trades dropped because their trade id was just seen
     callback_errors: int = 0
     callback_dropped: int = 0  # updates an async callback was too slow to take
     slow_clients_closed: int = 0

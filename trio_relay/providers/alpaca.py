@@ -16,11 +16,14 @@ Protocol (see shared/providers.md §3; field names checked against alpaca-trade-
   replies are matched in order to warn about symbols the server left out. Stock trades bring
   ``corrections`` and ``cancelErrors`` along automatically. Bars are not subscribed: an
   :class:`~trio_relay.model.Update` has no bar kind.
-- Data, by ``T``: ``t`` trade (``S p s t``; crypto sizes are fractional), ``q`` quote
-  (``S bp bs ap as t``), ``c`` correction (``S cp cs t``, plus the original ``oi op os oc`` we
-  do not need) → kind ``B`` carrying the corrected price and size; ``x`` cancel/error is
-  skipped (debug log); ``b u d s l i o n p`` (bars, statuses, LULD, imbalances, order books,
-  news, futures pricing) are skipped without looking at their fields.
+- Data, by ``T``: ``t`` trade (``S p s t``, trade id ``i``; crypto sizes are fractional), ``q``
+  quote (``S bp bs ap as t``), ``c`` correction (``S t``, the original trade ``oi op os`` and
+  the corrected one ``ci cp cs``) → kind ``C`` whose :class:`~trio_relay.model.Amend` names
+  both; ``x`` cancel/error (``S t``, the cancelled trade ``i p s``; action ``a`` is ``C`` cancel
+  or ``E`` error, both void the trade) → kind ``X``. Field names as alpaca-py's
+  ``TRADE_CORRECTION_MAPPING`` / ``TRADE_CANCEL_MAPPING`` (alpaca/data/mappings.py).
+  ``b u d s l i o n p`` (bars, statuses, LULD, imbalances, order books, news, futures pricing)
+  are skipped without looking at their fields.
 - ``t`` is RFC-3339 text with up to nanosecond precision (``2021-02-22T15:51:44.208123456Z``),
   turned into epoch ms (floor) by :func:`rfc3339_ms`: ``datetime.fromisoformat`` (C code,
   truncates past µs) minus the epoch, floor-divided by 1 ms, all integer arithmetic. Measured on
@@ -32,21 +35,20 @@ Protocol (see shared/providers.md §3; field names checked against alpaca-trade-
   unit UNCONFIRMED and we found no stored page either way, so no ×100 is applied). Crypto
   sizes are in the base asset with no lot multiplier (Alpaca changelog, crypto quote schema).
   A quote side with price 0 (an empty side) is reported as ``None``, not as a zero price.
-- Errors ``{"T":"error","code":N,"msg":...}`` (see :data:`FATAL_CODES` / :data:`RETRY_CODES`):
-  402 auth failed, 406 connection limit, 408 v2 not enabled, 409 insufficient subscription,
-  410 invalid subscribe action for this feed, 411 insufficient scope: :class:`AuthFailed`
-  (retrying soon cannot help). 404 auth timeout, 407 slow client, 500 internal error:
-  :class:`ProviderError` (normal backoff). 405 symbol limit exceeded: logged, the session goes
-  on with the set as it was (the symbols of that request are not subscribed upstream). 400
-  invalid syntax: logged. 401 not authenticated / 403 already authenticated: warnings. Any
-  other code (412 and 413 appear in no source we have) is logged as an error and the session
-  goes on: if it was fatal the server closes the socket, and that is a normal reconnect.
+- Errors ``{"T":"error","code":N,"msg":...}``: every documented code is classified in
+  :data:`ERRORS` (one table; see :class:`~trio_relay.providers.base.ErrorClass`): 402, 408,
+  409, 410, 411 (credentials, plan, feed) wait ``auth_retry_delay``; 406 connection limit is
+  retried quickly a few times first (our own previous connection may linger after a blip);
+  404, 407, 500 reconnect at the normal backoff; 405 symbol limit and 400 invalid syntax refuse
+  the symbols of the request they answer (reported through ``on_refused``, never subscribed
+  again until their demand changes) and the session goes on; 401 and 403 are warnings. Symbols
+  the subscription reply leaves out are refused the same way.
 - No application heartbeat, and nothing at all is sent while nothing trades, so silence does
   not mean a dead feed (``detects_stale = False``); the socket's own ping/pong is answered by
   :class:`~trio_relay.providers.wsclient.WsClient`.
 - Symbols: stock feeds pass tickers through (``AAPL``); the crypto feed speaks ``BTC/USD`` for
-  the client's ``BTCUSD`` and refuses anything not in its pair table (plus
-  ``[alpaca.symbols]``).
+  the client's ``BTCUSD``, by rule for every pair quoted in :data:`CRYPTO_QUOTES` (``BATUSD`` →
+  ``BAT/USD``), ``[alpaca.symbols]`` for exceptions; anything else (a stock ticker) is refused.
 """
 
 from __future__ import annotations
@@ -62,10 +64,21 @@ import attrs
 import msgspec
 import trio
 
-from ..model import BREAK, QUOTE, SYMBOL_RE, TRADE, Update, wall_ms
+from ..model import CANCEL, CORRECTION, QUOTE, SYMBOL_RE, TRADE, Amend, AmendAction, Update, wall_ms
 from ..settings import positive, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
-from .symbols import SymbolMap
+from .base import (
+    Credential,
+    ErrorClass,
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    ProviderError,
+    RefusalSink,
+    error_for,
+    ignore_malformed,
+    ignore_refused,
+)
+from .symbols import FOREX_PAIRS, PairRule, SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
@@ -75,10 +88,14 @@ __all__ = [
     "AlpacaSession",
     "AlpacaMessage",
     "rfc3339_ms",
-    "FATAL_CODES",
-    "RETRY_CODES",
+    "ERRORS",
     "error_outcome",
+    "error_class",
 ]
+
+#: The quote currencies of Alpaca's crypto pairs: "trading pairs are based on BTC, USD, USDT and
+#: USDC" (docs.alpaca.markets/docs/crypto-trading). Any BASEQUOTE with one of them maps to BASE/QUOTE.
+CRYPTO_QUOTES = ("USD", "USDT", "USDC", "BTC")
 
 ALPACA_HOSTS = {False: "wss://stream.data.alpaca.markets", True: "wss://stream.data.sandbox.alpaca.markets"}
 
@@ -125,17 +142,28 @@ MAX_MEMO = 20_000
 # Client symbols already warned about as unmapped; cleared when it reaches this size.
 MAX_WARNED = 10_000
 
-#: Codes after which retrying at the normal pace cannot help: credentials, plan or feed.
-FATAL_CODES: dict[int, str] = {
-    402: "auth failed",
-    406: "connection limit exceeded",
-    408: "v2 not enabled",
-    409: "insufficient subscription",
-    410: "invalid subscribe action for this feed",
-    411: "insufficient scope",
+#: Every error code Alpaca documents, and what the relay does about it (ErrorClass). Sources: the
+#: stream docs' error table (shared/providers.md section 3); alpaca-trade-api-go, which stops on
+#: 402/409/410/411 and retries anything else with a delay of 150 ms x the failures so far
+#: (marketdata/stream/{errors,client}.go); alpaca-py, which gives up only on "insufficient
+#: subscription" (alpaca/data/live/websocket.py). Any other code: NOTICE (if it was fatal, the
+#: server closes the socket, and that is a normal reconnect).
+ERRORS: dict[int, tuple[str, ErrorClass]] = {
+    400: ("invalid syntax", ErrorClass.SYMBOLS),  # also a badly formatted symbol: that request's symbols
+    401: ("not authenticated", ErrorClass.NOTICE),
+    402: ("auth failed", ErrorClass.AUTH),
+    403: ("already authenticated", ErrorClass.NOTICE),
+    404: ("auth timeout", ErrorClass.RETRY),
+    405: ("symbol limit exceeded", ErrorClass.SYMBOLS),  # the set stays as it was: that request's symbols
+    406: ("connection limit exceeded", ErrorClass.CONNECTION_LIMIT),  # often our own previous connection
+    407: ("slow client", ErrorClass.RETRY),
+    408: ("v2 not enabled", ErrorClass.AUTH),
+    409: ("insufficient subscription", ErrorClass.AUTH),
+    410: ("invalid subscribe action for this feed", ErrorClass.AUTH),
+    411: ("insufficient scope", ErrorClass.AUTH),
+    429: ("rate limit exceeded", ErrorClass.RATE_LIMIT),  # an HTTP 429 on the upgrade (any provider)
+    500: ("internal error", ErrorClass.RETRY),
 }
-#: Codes that end this connection; the next one may well work.
-RETRY_CODES: dict[int, str] = {404: "auth timeout", 407: "slow client", 500: "internal error"}
 
 # Message types we never turn into updates: bars, updated bars, daily bars, trading statuses,
 # LULD bands, order imbalances, crypto order books, news, perpetual-futures pricing.
@@ -147,7 +175,7 @@ class AlpacaMessage(msgspec.Struct, gc=False):
 
     Only fields whose JSON type is the same in every message type are declared (``c`` is a
     condition list in a trade but a price in a bar, ``i`` an int in a trade but a string in a
-    LULD): anything else is skipped by the decoder, so a message we skip can never make a
+    LULD, ``a`` a cancel's action but an order book's asks): anything else is skipped by the decoder, so a message we skip can never make a
     frame fail to decode.
     """
 
@@ -160,6 +188,12 @@ class AlpacaMessage(msgspec.Struct, gc=False):
     bs: int | float | None = None
     ap: int | float | None = None
     as_: int | float | None = msgspec.field(default=None, name="as")
+    # A trade's id (an int; a LULD's "i" is a string of indicators, never read there).
+    i: int | str | None = None
+    oi: int | str | None = None
+    op: int | float | None = None
+    os: int | float | None = None
+    ci: int | str | None = None
     cp: int | float | None = None
     cs: int | float | None = None
     code: int | None = None
@@ -189,14 +223,44 @@ def rfc3339_ms(text: str) -> int:
     return (_fromisoformat(text) - _EPOCH) // _MS
 
 
-def error_outcome(code: int | None, message: str) -> ProviderError | None:
-    """The exception an Alpaca error message ends the session with, or None to carry on."""
-    text = f"Alpaca error {code}: {message}"
-    if code in FATAL_CODES:
-        return AuthFailed(text)
-    if code in RETRY_CODES:
-        return ProviderError(text)
-    return None
+def error_class(code: int | None) -> ErrorClass:
+    """The class of an Alpaca error code (:data:`ERRORS`; unknown codes are NOTICE)."""
+    found = ERRORS.get(code) if code is not None else None
+    return found[1] if found is not None else ErrorClass.NOTICE
+
+
+def error_outcome(code: int | None, message: str, *, logged_in: bool = False) -> ProviderError | None:
+    """The exception an Alpaca error message ends the session with, or None to carry on.
+
+    A 406 while logging in may be our own previous connection (quick retries); in a session that
+    was logged in, another connection with the key took its place: an auth failure, so the two
+    never take turns kicking each other out.
+    """
+    cls = error_class(code)
+    if cls is ErrorClass.CONNECTION_LIMIT and logged_in:
+        cls = ErrorClass.AUTH
+    return error_for(cls, f"Alpaca error {code}: {message}")
+
+
+def _amendment(symbol: str, ts: int, m: AlpacaMessage) -> Update | None:
+    """A correction (``c``) or cancel/error (``x``) as an amendment update; None if unreadable."""
+    if m.T == "c":
+        if m.cp is None:
+            return None
+        amend = Amend(
+            action=AmendAction.CORRECTION,
+            trade_id=None if m.oi is None else str(m.oi),
+            price=m.op,
+            size=m.os,
+            corrected_id=None if m.ci is None else str(m.ci),
+            corrected_price=m.cp,
+            corrected_size=m.cs,
+        )
+        return Update(symbol, CORRECTION, ts, m.cp, m.cs, amend=amend)
+    if m.p is None and m.i is None:
+        return None
+    amend = Amend(action=AmendAction.CANCEL, trade_id=None if m.i is None else str(m.i), price=m.p, size=m.s)
+    return Update(symbol, CANCEL, ts, m.p, m.s, amend=amend)
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
@@ -227,8 +291,10 @@ class AlpacaSession:
         warned: set[str] | None = None,
         secrets: Sequence[str] = (),
         provider: str = "alpaca",
+        on_refused: RefusalSink = ignore_refused,
     ) -> None:
         self._ws = ws
+        self._on_refused = on_refused
         self._symbols = symbols
         self._on_malformed = on_malformed
         self._early = list(early)  # frames that came in the same read as the auth reply
@@ -253,6 +319,7 @@ class AlpacaSession:
             native = self._symbols.to_native(sym)
             if native is None:
                 self._warn_unmapped(sym)
+                self._on_refused([sym], f"{self._provider} has no symbol for it on this feed")
                 continue
             holders = self._wanted.setdefault(native, set())
             if not holders:
@@ -313,7 +380,7 @@ class AlpacaSession:
                 messages = self._salvage(raw)
             for m in messages:
                 kind = m.T
-                if kind == "q" or kind == "t" or kind == "c":
+                if kind == "q" or kind == "t" or kind == "c" or kind == "x":
                     native = m.S
                     if native is None:
                         self._malformed(f"{kind!r} message without S", raw)
@@ -347,16 +414,16 @@ class AlpacaSession:
                         if m.p is None:
                             self._malformed("trade without p", raw)
                             continue
-                        append(Update(symbol, TRADE, ts, m.p, m.s))
+                        trade_id = None if m.i is None else str(m.i)
+                        append(Update(symbol, TRADE, ts, m.p, m.s, trade_id=trade_id))
                     else:
-                        if m.cp is None:
-                            self._malformed("correction without cp", raw)
+                        update = _amendment(symbol, ts, m)
+                        if update is None:
+                            self._malformed("correction without cp" if kind == "c" else "cancel without p or i", raw)
                             continue
-                        append(Update(symbol, BREAK, ts, m.cp, m.cs))
+                        append(update)
                 elif kind in _SKIPPED:
                     continue
-                elif kind == "x":
-                    log.debug("[CANCEL] trade cancel/error for %s at %s skipped", m.S, m.t)
                 else:
                     self._control(m, raw)
         return updates
@@ -419,30 +486,36 @@ class AlpacaSession:
                 len(missing),
                 ",".join(missing[:20]) + (",…" if len(missing) > 20 else ""),
             )
+            self._refuse(missing, "left out of Alpaca's subscription reply (unknown symbol or not in the plan)")
+
+    def _refuse(self, natives: Sequence[str], reason: str) -> None:
+        """Forget ``natives`` (not subscribed upstream) and report their client symbols refused."""
+        clients: list[str] = []
+        for native in natives:
+            clients.extend(sorted(self._wanted.pop(native, ())))
+        if clients:
+            self._on_refused(clients, reason)
 
     def _error(self, code: int | None, message: str) -> None:
         message = _scrub(message, self._secrets)
-        outcome = error_outcome(code, message)
+        outcome = error_outcome(code, message, logged_in=True)
         if outcome is not None:
             raise outcome
-        if code == 405:
-            # The set stays as it was before the request: those symbols are not subscribed.
+        if error_class(code) is ErrorClass.SYMBOLS:
+            # 405: the set stays as it was before the request, so none of its symbols is
+            # subscribed. 400 answers a request Alpaca could not read: a badly formatted symbol.
             refused: tuple[str, ...] = ()
             if self._pending:
                 action, natives = self._pending.popleft()
                 if action == "subscribe":
                     refused = natives
-                    for native in natives:
-                        self._wanted.pop(native, None)
             log.error(
-                "[SUBSCRIBE] Alpaca error 405 (%s): not subscribed upstream: %s",
+                "[SUBSCRIBE] Alpaca error %s (%s): not subscribed upstream: %s",
+                code,
                 message,
                 ",".join(refused) if refused else "(unknown request)",
             )
-        elif code == 400:
-            if self._pending:
-                self._pending.popleft()
-            log.error("[CONTROL] Alpaca error 400 (%s): a request was refused", message)
+            self._refuse(refused, f"Alpaca error {code}: {message or 'refused'}")
         elif code in (401, 403):
             log.warning("[CONTROL] Alpaca error %s (%s)", code, message)
         else:
@@ -457,7 +530,12 @@ class AlpacaProvider:
         self.config = config
         self.connect_timeout = connect_timeout
         if config.feed == "crypto":
-            self.symbols = SymbolMap(crypto=lambda base, quote: f"{base}/{quote}", extra=config.symbols, stocks=None)
+            self.symbols = SymbolMap(
+                crypto=lambda base, quote: f"{base}/{quote}",
+                extra=config.symbols,
+                stocks=None,
+                rule=PairRule("/", CRYPTO_QUOTES, excluded=FOREX_PAIRS),
+            )
         else:
             self.symbols = SymbolMap(extra=config.symbols)
         self._warned: set[str] = set()  # unmapped client symbols already logged (once each)
@@ -467,7 +545,9 @@ class AlpacaProvider:
         return f"Alpaca {feed} at {self.config.resolved_url}"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[AlpacaSession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[AlpacaSession]:
         url = self.config.resolved_url
         async with WsClient.open(
             url,
@@ -485,6 +565,7 @@ class AlpacaProvider:
                 warned=self._warned,
                 secrets=(self.config.key_id, self.config.secret_key),
                 provider=self.name,
+                on_refused=on_refused,
             )
 
     async def _login(self, ws: WsClient, on_malformed: MalformedSink) -> list[str]:

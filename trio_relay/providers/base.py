@@ -9,6 +9,7 @@ registry, so nothing else changes when a provider is added.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,9 +26,15 @@ __all__ = [
     "Session",
     "ProviderError",
     "AuthFailed",
+    "ConnectionLimit",
+    "RateLimited",
+    "ErrorClass",
+    "error_for",
     "MalformedFrame",
     "MalformedSink",
     "ignore_malformed",
+    "RefusalSink",
+    "ignore_refused",
     "Credential",
     "ProviderEntry",
 ]
@@ -46,6 +53,54 @@ class AuthFailed(ProviderError):
     """
 
 
+class ConnectionLimit(ProviderError):
+    """The provider says the key already holds its allowed connections (Alpaca 406, Polygon
+    ``max_connections``).
+
+    Right after a network blip this is usually our own previous connection, which the vendor
+    has not noticed is gone yet; alpaca-trade-api-go retries it quickly (150 ms x the failures
+    so far). So the upstream retries it ``limit_retries`` times after ``limit_retry_delay`` x n
+    before treating it like a refused key (``auth_retry_delay``): another process using the key
+    is not fought every few seconds.
+    """
+
+
+class RateLimited(ProviderError):
+    """Too many requests (HTTP 429 on the upgrade): the next attempt waits at least ``retry_after``.
+
+    ``retry_after`` is the server's ``Retry-After`` when it sent one, else None and the upstream
+    waits the provider's documented minimum (or ``rate_limit_delay``).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ErrorClass(enum.StrEnum):
+    """What a provider's error means for the relay; each provider maps its errors in one table."""
+
+    AUTH = "auth"  # credentials, plan or feed entitlement: AuthFailed, wait auth_retry_delay
+    CONNECTION_LIMIT = "connection_limit"  # ConnectionLimit: a few quick retries, then auth_retry_delay
+    RATE_LIMIT = "rate_limit"  # RateLimited: wait Retry-After (or the documented minimum)
+    RETRY = "retry"  # ProviderError: this connection ends, reconnect at the normal backoff
+    SYMBOLS = "symbols"  # the request's symbols are refused (on_refused); the session goes on
+    NOTICE = "notice"  # logged; the session goes on
+
+
+def error_for(cls: ErrorClass, text: str) -> ProviderError | None:
+    """The exception that ends the session for an error of class ``cls`` (None: it goes on)."""
+    if cls is ErrorClass.AUTH:
+        return AuthFailed(text)
+    if cls is ErrorClass.CONNECTION_LIMIT:
+        return ConnectionLimit(text)
+    if cls is ErrorClass.RATE_LIMIT:
+        return RateLimited(text)
+    if cls is ErrorClass.RETRY:
+        return ProviderError(text)
+    return None
+
+
 class MalformedFrame(Exception):
     """One upstream frame could not be understood; it is counted and skipped."""
 
@@ -60,6 +115,16 @@ MalformedSink = Callable[[MalformedFrame], None]
 
 def ignore_malformed(_exc: MalformedFrame) -> None:
     """The sink that drops a malformed frame (for callers that count nothing, such as a probe)."""
+
+
+#: ``on_refused(client_symbols, reason)``: the provider will not serve these symbols on this
+#: connection (plan's symbol limit, unknown symbol, entitlement, or no provider spelling for it),
+#: while the connection and its other symbols go on. ``reason`` never contains a secret.
+RefusalSink = Callable[[Sequence[str], str], None]
+
+
+def ignore_refused(_symbols: Sequence[str], _reason: str) -> None:
+    """The sink that ignores refusals (for callers that subscribe nothing, such as a probe)."""
 
 
 class Session(Protocol):
@@ -83,8 +148,14 @@ class Provider(Protocol):
     #: True when silence on a subscribed feed means a dead connection (providers with heartbeats).
     detects_stale: bool
 
-    def session(self, on_malformed: MalformedSink) -> AbstractAsyncContextManager[Session]:
-        """Connect and log in; the context's exit closes the connection cleanly."""
+    def session(
+        self, on_malformed: MalformedSink = ..., on_refused: RefusalSink = ...
+    ) -> AbstractAsyncContextManager[Session]:
+        """Connect and log in; the context's exit closes the connection cleanly.
+
+        A symbol the provider refuses goes to ``on_refused`` (the session goes on); one it never
+        serves must be reported there too, so that its clients are not left waiting.
+        """
         ...
 
     def describe(self) -> str:

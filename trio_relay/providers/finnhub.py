@@ -56,7 +56,19 @@ import trio
 
 from ..model import SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
 from ..settings import no_query, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
+from .base import (
+    Credential,
+    ErrorClass,
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    ProviderError,
+    RateLimited,
+    RefusalSink,
+    error_for,
+    ignore_malformed,
+    ignore_refused,
+)
 from .symbols import SymbolMap
 from .wsclient import HandshakeRejected, WsClient
 
@@ -103,6 +115,19 @@ SILENCE_TIMEOUT = 300.0
 CLOSE_TIMEOUT = 5.0
 # Bounds of per-process / per-session memories that grow with distinct symbols seen.
 MAX_REMEMBERED = 4096
+# Least wait after an HTTP 429 without Retry-After: Finnhub's plan limits are per minute (free
+# plan: 60 API calls/minute, finnhub-js #2 quoting the docs) on top of 30 calls/second.
+RATE_LIMIT_WAIT = 60.0
+
+#: What an HTTP status on the upgrade means (any other: RETRY). A bad key is 401 (maintainer,
+#: Finnhub-API #465).
+HTTP_ERRORS: dict[int, ErrorClass] = {401: ErrorClass.AUTH, 403: ErrorClass.AUTH, 429: ErrorClass.RATE_LIMIT}
+#: What an ``{"type":"error","msg":..}`` means, by the start of its text (any other: NOTICE).
+#: Never fatal: the session goes on, the symbols concerned are refused.
+MESSAGE_ERRORS: dict[str, ErrorClass] = {
+    "invalid symbol": ErrorClass.SYMBOLS,  # "Invalid symbol X" (#472; older servers omit X)
+    "subscribing to too many symbols": ErrorClass.SYMBOLS,  # the plan's limit (does not say which)
+}
 
 
 # --------------------------------------------------------------------------- wire types
@@ -114,7 +139,7 @@ class FinnhubTrade(msgspec.Struct, gc=False):
     s: str
     p: float
     t: int | float
-    v: float | None = None
+    v: int | float | None = None  # a JSON integer stays an int (whole shares are not 100.0)
 
 
 class TradeFrame(msgspec.Struct, tag_field="type", tag="trade", gc=False):
@@ -205,9 +230,14 @@ class FinnhubDecoder:
         *,
         warned: _Remembered | None = None,
         scrub: Callable[[str], str] = str,
+        on_refused: RefusalSink = ignore_refused,
     ) -> None:
         self.symbols = symbols
         self.subscribed: set[str] = set()  # Finnhub spelling
+        # The same symbols in the order they were subscribed: a "too many symbols" error refuses
+        # the newest (Finnhub answers each subscribe in turn and never says which one it refused).
+        self._order: dict[str, None] = {}
+        self._on_refused = on_refused
         self.duplicates = 0
         self.too_many = 0
         self._last: dict[str, tuple[int | float, float, float | None]] = {}
@@ -218,7 +248,21 @@ class FinnhubDecoder:
     def forget(self, native: str) -> None:
         """``native`` was unsubscribed: drop its state (a later identical trade is new)."""
         self.subscribed.discard(native)
+        self._order.pop(native, None)
         self._last.pop(native, None)
+
+    def subscribed_to(self, native: str) -> None:
+        self.subscribed.add(native)
+        self._order[native] = None
+
+    def _refuse(self, native: str, reason: str) -> None:
+        self.forget(native)
+        client = self.symbols.to_client(native)
+        if client:
+            self._on_refused([client], reason)
+
+    def refuse_unmapped(self, symbols: list[str]) -> None:
+        self._on_refused(symbols, "finnhub has no symbol for it (add it to [finnhub.symbols])")
 
     def _client_symbol(self, native: str) -> str:
         client = self.symbols.to_client(native) or ""
@@ -278,7 +322,8 @@ class FinnhubDecoder:
         lowered = text.lower()
         if lowered.startswith(_INVALID_SYMBOL):
             native = text[len(_INVALID_SYMBOL) :].strip()
-            self.subscribed.discard(native)  # not a subscription: keep the count for "too many" true
+            if native in self.subscribed:
+                self._refuse(native, f"Finnhub: {text[:100]}")  # not a subscription: out of the count too
             if not native:
                 log.warning("[SUBSCRIBE] Finnhub: %s (it does not say which symbol)", text)
             elif self._warned.first_time(native):
@@ -296,6 +341,9 @@ class FinnhubDecoder:
                 "the plan's limit is lower, so some symbols get no data)",
                 len(self.subscribed),
             )
+            if self._order:
+                newest = next(reversed(self._order))
+                self._refuse(newest, "Finnhub: subscribing to too many symbols (the plan's limit)")
         else:
             log.warning("[PROVIDER] Finnhub error: %.200s", text)
 
@@ -340,12 +388,14 @@ class FinnhubSession:
         for sym in missing:
             if self._unmapped.first_time(sym):
                 log.warning("[SUBSCRIBE] finnhub has no symbol for %s; add it to [finnhub.symbols]", sym)
+        if missing:
+            self.decoder.refuse_unmapped(missing)
         subscribed = self.decoder.subscribed
         for native in mapped:
             if not subscribed:
                 self._heard_at = trio.current_time()  # silence counts from the first subscription
             await self._send("subscribe", native)
-            subscribed.add(native)
+            self.decoder.subscribed_to(native)
         self._rearm()
 
     async def unsubscribe(self, symbols: Sequence[str]) -> None:
@@ -370,6 +420,20 @@ class FinnhubSession:
 
 
 # --------------------------------------------------------------------------- provider
+
+
+def _handshake_error(exc: HandshakeRejected) -> ProviderError:
+    """The error an HTTP status on the upgrade ends the attempt with (:data:`HTTP_ERRORS`)."""
+    status = exc.status
+    cls = HTTP_ERRORS.get(status, ErrorClass.RETRY)
+    if cls is ErrorClass.RATE_LIMIT:
+        wait = exc.retry_after if exc.retry_after is not None else RATE_LIMIT_WAIT
+        return RateLimited(f"Finnhub refused the connection: HTTP {status} (too many requests)", max(wait, 0.0))
+    if cls is ErrorClass.AUTH:
+        text = f"Finnhub rejected the API key (HTTP {status} on the upgrade)"
+    else:
+        text = f"Finnhub refused the upgrade with HTTP {status}"
+    return error_for(cls, text) or ProviderError(text)
 
 
 def public_url(url: str) -> str:
@@ -434,12 +498,7 @@ class FinnhubProvider:
         except trio.TooSlowError:
             raise ProviderError(f"connect to {where} timed out after {self.connect_timeout:g}s") from None
         except HandshakeRejected as exc:
-            status = exc.status
-            if status in (401, 403):
-                raise AuthFailed(f"Finnhub rejected the API key (HTTP {status} on the upgrade)") from None
-            if status == 429:
-                raise ProviderError("Finnhub refused the connection: HTTP 429 (too many requests)") from None
-            raise ProviderError(f"Finnhub refused the upgrade with HTTP {status}") from None
+            raise _handshake_error(exc) from None
         except (ProviderError, OSError) as exc:
             # wsclient's messages name host and port only today; make sure no future one leaks.
             text = str(exc)
@@ -449,10 +508,12 @@ class FinnhubProvider:
             raise
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[FinnhubSession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[FinnhubSession]:
         ws = await self._connect()
         try:
-            decoder = FinnhubDecoder(self.symbols, warned=self._invalid, scrub=self.scrub)
+            decoder = FinnhubDecoder(self.symbols, warned=self._invalid, scrub=self.scrub, on_refused=on_refused)
             yield FinnhubSession(
                 ws, decoder, on_malformed, unmapped=self._unmapped, silence_timeout=self.silence_timeout
             )

@@ -21,9 +21,18 @@ import msgspec
 import trio
 
 from ..masking import mask_secrets
-from ..model import SYMBOL_RE, Update, normalize_epoch_ms, wall_ms
+from ..model import BREAK, SYMBOL_RE, Amend, AmendAction, Update, normalize_epoch_ms, wall_ms
 from ..settings import positive, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ignore_malformed
+from .base import (
+    AuthFailed,
+    Credential,
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    RefusalSink,
+    ignore_malformed,
+    ignore_refused,
+)
 from .wsclient import WsClient
 
 __all__ = ["FmpConfig", "ENTRY", "FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
@@ -112,6 +121,10 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
     if kind == "T" or kind == "B":
         if frame.lp is None:
             raise MalformedFrame(f"{kind} frame without lp", raw)
+        if kind == "B":
+            # A break voids the trade it carries (FMP gives no trade ids: the hub matches by price and size).
+            amend = Amend(action=AmendAction.BREAK, price=frame.lp, size=frame.ls)
+            return frame, Update(symbol, BREAK, ts, last_price=frame.lp, last_size=frame.ls, amend=amend)
         return frame, Update(symbol, kind, ts, last_price=frame.lp, last_size=frame.ls)
     if kind == "Q":
         if frame.bp is None and frame.ap is None:
@@ -186,7 +199,10 @@ class FmpProvider:
         return f"FMP {self.config.endpoint} at {self.config.resolved_url}"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[FmpSession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[FmpSession]:
+        # FMP documents no per-symbol refusal: every symbol is sent as it is (on_refused unused).
         url = self.config.resolved_url
         async with WsClient.open(url, connect_timeout=self.connect_timeout, max_message=MAX_FRAME) as ws:
             yield FmpSession(ws, await self._login(ws), on_malformed, (self.config.api_key,))

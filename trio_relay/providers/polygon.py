@@ -21,11 +21,20 @@ they go through :func:`normalize_epoch_ms` anyway):
 - ``C`` forex quote: ``p`` is the *pair* (``"EUR/USD"``), ``a`` ask, ``b`` bid, ``t``; no sizes.
 
 Aggregates (``A``/``AM``/``XA``/``CA``...) and every other event type are skipped without being
-looked at. Status ``auth_failed`` and ``max_connections`` (an account gets one connection per
-cluster; which connection the server drops is UNCONFIRMED, so both the refused new one and the
-kicked-out old one end here) are :class:`AuthFailed`: the upstream then waits its long
-``auth_retry_delay``, never a reconnect hot loop. There is no application-level heartbeat, so a
-quiet feed cannot be told from a dead one (``detects_stale = False``).
+looked at. Status events are classified in :data:`STATUSES` (one table, from the spec's status
+enums in ``.massive/websocket.json``): ``auth_failed`` waits ``auth_retry_delay``;
+``max_connections`` (an account gets one connection per cluster; right after a blip it is
+usually our own previous connection) is retried quickly a few times first, then waits
+``auth_retry_delay`` too, never a reconnect hot loop; ``auth_timeout``, ``force_disconnect`` and
+``slow_consumer`` reconnect at the normal backoff. The older wording of a refused key,
+``{"status":"error","message":"authentication failed"}`` (alpacahq/Alpaca-API #68), is an auth
+failure too (:data:`AUTH_TEXTS`), not a login timeout. There is no application-level heartbeat,
+so a quiet feed cannot be told from a dead one (``detects_stale = False``).
+
+Trade ids: ``i`` is unique per exchange ``x``, so a trade's id is ``"x:i"``; the upstream drops a
+trade whose id it has just seen for that symbol (the same trade twice in one frame). The spec
+documents no cancel or correction event, and no condition code we found documented as one, so
+nothing maps to an amendment.
 
 Symbols: stocks pass through unchanged; crypto pairs are ``BASE-QUOTE`` (``BTCUSD`` ↔
 ``BTC-USD``), forex ``BASE/QUOTE`` (``EURUSD`` ↔ ``EUR/USD``), plus ``[polygon.symbols]``. A
@@ -45,9 +54,20 @@ import msgspec
 import trio
 
 from ..model import QUOTE, SYMBOL_RE, TRADE, Update, normalize_epoch_ms, wall_ms
-from ..settings import positive, symbol_map, ws_url
-from .base import AuthFailed, Credential, MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
-from .symbols import SymbolMap
+from ..settings import ConfigError, positive, symbol_map, ws_url
+from .base import (
+    Credential,
+    ErrorClass,
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    ProviderError,
+    RefusalSink,
+    error_for,
+    ignore_malformed,
+    ignore_refused,
+)
+from .symbols import FOREX_CURRENCIES, FOREX_PAIRS, PairRule, SymbolMap
 from .wsclient import WsClient
 
 __all__ = [
@@ -62,15 +82,51 @@ __all__ = [
     "polygon_symbols",
 ]
 
+
+def _cluster(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value and value not in CLUSTERS:
+        raise ConfigError(f"{attribute.name}: unknown Polygon/Massive cluster {value!r} (one of {', '.join(CLUSTERS)})")
+
+
 POLYGON_HOSTS = {False: "wss://socket.massive.com", True: "wss://delayed.massive.com"}
+#: The vendor's own list of hosts (massive/websocket/models/common.py, ``Feed``), by the name a
+#: config uses: ``cluster = "business"`` connects to business.massive.com.
+CLUSTERS: Final[Mapping[str, str]] = {
+    "realtime": "socket.massive.com",
+    "delayed": "delayed.massive.com",
+    "nasdaq": "nasdaqfeed.massive.com",
+    "polyfeed": "polyfeed.massive.com",
+    "polyfeedplus": "polyfeedplus.massive.com",
+    "starterfeed": "starterfeed.massive.com",
+    "launchpad": "launchpad.massive.com",
+    "business": "business.massive.com",
+    "edgx-business": "edgx-business.massive.com",
+    "iex-business": "iex-business.massive.com",
+    "delayed-business": "delayed-business.massive.com",
+    "delayed-edgx-business": "delayed-edgx-business.massive.com",
+    "delayed-nasdaq-last-sale-business": "delayed-nasdaq-last-sale-business.massive.com",
+    "delayed-nasdaq-basic-business": "delayed-nasdaq-basic-business.massive.com",
+    "delayed-fullmarket-business": "delayed-fullmarket-business.massive.com",
+    "fullmarket-business": "fullmarket-business.massive.com",
+    "nasdaq-last-sale-business": "nasdaq-last-sale-business.massive.com",
+    "nasdaq-basic-business": "nasdaq-basic-business.massive.com",
+}
+#: Markets whose data exists only in real time: no delayed host serves them.
+REALTIME_ONLY: Final = frozenset({"crypto", "forex"})
 
 
 @attrs.frozen
 class PolygonConfig:
     api_key: str = attrs.field(default="", repr=False)
-    market: Literal["stocks", "crypto", "forex"] = "stocks"
-    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one.
+    # The market paths the vendor lists (options are not served: their tickers, O:..., are no
+    # client symbol).
+    market: Literal["stocks", "crypto", "forex", "indices"] = "stocks"
+    # The 15-minute delayed cluster (delayed.massive.com) instead of the real-time one (stocks
+    # and indices only: crypto and forex are real-time only).
     delayed: bool = False
+    # Another of the vendor's hosts by name (CLUSTERS: "business", "launchpad", "delayed-business"...);
+    # "" = socket.massive.com, or delayed.massive.com with delayed = true.
+    cluster: str = attrs.field(default="", validator=_cluster)
     # Overrides the URL built from market/delayed (tests and the local fake server use this).
     url: str = attrs.field(default="", validator=ws_url)
     # Seconds to wait for auth_success after sending the key.
@@ -79,13 +135,50 @@ class PolygonConfig:
 
     @property
     def resolved_url(self) -> str:
-        return self.url or f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+        if self.url:
+            return self.url
+        if self.cluster:
+            return f"wss://{CLUSTERS[self.cluster]}/{self.market}"
+        return f"{POLYGON_HOSTS[self.delayed]}/{self.market}"
+
+    @property
+    def is_delayed(self) -> bool:
+        return self.delayed or self.cluster.startswith("delayed")
+
+
+def _check(settings: PolygonConfig) -> str | None:
+    """A delayed host for a market that has none (the vendor lists crypto and forex real-time only)."""
+    if settings.market in REALTIME_ONLY and settings.is_delayed and not settings.url:
+        return f"delayed: Polygon/Massive serves {settings.market} in real time only (no delayed host)"
+    return None
 
 
 log = logging.getLogger("trio_relay.providers.polygon")
 
+#: What each status means (the spec's enums: auth, disconnect, subscribe). Others: NOTICE.
+STATUSES: Final[Mapping[str, ErrorClass]] = {
+    "connected": ErrorClass.NOTICE,
+    "auth_success": ErrorClass.NOTICE,
+    "success": ErrorClass.NOTICE,
+    "auth_failed": ErrorClass.AUTH,
+    "auth_timeout": ErrorClass.RETRY,
+    "max_connections": ErrorClass.CONNECTION_LIMIT,
+    "force_disconnect": ErrorClass.RETRY,
+    "slow_consumer": ErrorClass.RETRY,
+}
+#: Texts of an older refused-key answer under status "error" (lower case).
+AUTH_TEXTS: Final = ("authentication failed", "not authorized", "unauthorized", "invalid api key")
+
 #: The channels subscribed for each client symbol, by market.
-CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {"stocks": ("T", "Q"), "crypto": ("XT", "XQ"), "forex": ("C",)}
+CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {
+    "stocks": ("T", "Q"),
+    "crypto": ("XT", "XQ"),
+    "forex": ("C",),
+    "indices": ("V",),  # index values (no trades, no quotes): a price without a size
+}
+#: Quote currencies of Polygon's crypto pairs mapped by rule (BASEQUOTE ↔ BASE-QUOTE); others
+#: need a [polygon.symbols] entry. Its crypto tickers (X:BTCUSD, X:ETHEUR...) quote in these.
+CRYPTO_QUOTES: Final = ("USD", "USDT", "USDC", "EUR", "GBP", "JPY", "BTC", "ETH")
 #: One subscribe/unsubscribe message stays below this many bytes (a few thousand entries).
 MAX_SUBSCRIBE_BYTES: Final = 32 * 1024
 # WebSocket keepalive: Polygon sends nothing while nothing trades, so only pings can tell a quiet feed
@@ -116,6 +209,8 @@ class PolygonEvent(msgspec.Struct, gc=False, omit_defaults=True):
     pair: str | None = None
     p: Number | str | None = None
     s: Number | None = None
+    val: Number | None = None  # an index value (V)
+    T: str | None = None  # an index ticker (V): I:SPX
     t: Number | None = None
     bp: Number | None = None
     bs: Number | None = None
@@ -123,6 +218,8 @@ class PolygonEvent(msgspec.Struct, gc=False, omit_defaults=True):
     as_: Number | None = msgspec.field(default=None, name="as")
     a: Number | None = None
     b: Number | None = None
+    i: str | int | list[int] | None = None  # a trade's id (a string); a quote's or LULD's indicators (ints)
+    x: int | str | None = None  # the exchange of a trade
     status: str | None = None
     message: str | None = None
 
@@ -140,7 +237,7 @@ class _EventType(msgspec.Struct):
 
 _EVENT_TYPE = msgspec.json.Decoder(_EventType)
 # The events we read; any other may use our field names with other types (XL2's "a"/"b" are lists).
-_OURS: Final = frozenset({"T", "Q", "XT", "XQ", "C", "status", ""})
+_OURS: Final = frozenset({"T", "Q", "XT", "XQ", "C", "V", "status", ""})
 _ENCODER = msgspec.json.Encoder()
 _NO_STATUS: Final[tuple[PolygonEvent, ...]] = ()
 _NOT_OURS: Final = ""
@@ -150,12 +247,29 @@ _MS_HIGH: Final = 100_000_000_000_000
 
 
 def polygon_symbols(market: str, extra: Mapping[str, str] | None = None) -> SymbolMap:
-    """Client ↔ Polygon symbols for one market's cluster."""
+    """Client ↔ Polygon symbols for one market's cluster: pairs by rule, tables for exceptions."""
     if market == "crypto":
-        return SymbolMap(crypto=lambda b, q: f"{b}-{q}", extra=extra, stocks=None)
+        rule = PairRule("-", CRYPTO_QUOTES, excluded=FOREX_PAIRS)
+        return SymbolMap(crypto=lambda b, q: f"{b}-{q}", extra=extra, stocks=None, rule=rule)
     if market == "forex":
-        return SymbolMap(forex=lambda b, q: f"{b}/{q}", extra=extra, stocks=None)
+        rule = PairRule("/", FOREX_CURRENCIES, bases=FOREX_CURRENCIES)
+        return SymbolMap(forex=lambda b, q: f"{b}/{q}", extra=extra, stocks=None, rule=rule)
+    if market == "indices":
+        return SymbolMap(extra=extra, stocks=None, rule=IndexRule())
     return SymbolMap(extra=extra)
+
+
+class IndexRule(PairRule):
+    """Indices: the client's ``^SPX`` is Polygon's ``I:SPX``."""
+
+    def __init__(self) -> None:
+        super().__init__(":", ())
+
+    def to_native(self, symbol: str) -> str | None:
+        return f"I:{symbol[1:]}" if symbol.startswith("^") and len(symbol) > 1 else None
+
+    def to_client(self, native: str) -> str | None:
+        return f"^{native[2:]}" if native.upper().startswith("I:") and len(native) > 2 else None
 
 
 class FrameDecoder:
@@ -211,6 +325,8 @@ class FrameDecoder:
                     if pair is not None and not isinstance(pair, str):
                         raise MalformedFrame("C event whose p is not a pair", raw)
                     native = pair
+                elif kind == "V":
+                    native = event.T
                 elif kind == "status":
                     if statuses is None:
                         statuses = []
@@ -252,11 +368,16 @@ class FrameDecoder:
                     if event.a is None and event.b is None:
                         raise MalformedFrame("C event without a or b", raw)
                     append(Update(client, QUOTE, ts, ask_price=event.a, bid_price=event.b))
+                elif kind == "V":
+                    if event.val is None:
+                        raise MalformedFrame("V event without val", raw)
+                    append(Update(client, TRADE, ts, last_price=event.val))
                 else:
                     price = event.p
                     if price is None or isinstance(price, str):
                         raise MalformedFrame(f"{kind} event without a numeric p", raw)
-                    append(Update(client, TRADE, ts, last_price=price, last_size=event.s))
+                    trade_id = None if event.i is None or isinstance(event.i, list) else f"{event.x}:{event.i}"
+                    append(Update(client, TRADE, ts, last_price=price, last_size=event.s, trade_id=trade_id))
             except MalformedFrame as exc:
                 # The raw text given with the error is the event alone, not the whole frame.
                 exc.frame = _ENCODER.encode(event).decode()
@@ -292,8 +413,16 @@ class FrameDecoder:
 
 
 class PolygonSession:
-    def __init__(self, provider: PolygonProvider, ws: WsClient, early: list[str], on_malformed: MalformedSink) -> None:
+    def __init__(
+        self,
+        provider: PolygonProvider,
+        ws: WsClient,
+        early: list[str],
+        on_malformed: MalformedSink,
+        on_refused: RefusalSink = ignore_refused,
+    ) -> None:
         self._provider = provider
+        self._on_refused = on_refused
         self._ws = ws
         self._early = early  # frames that came with or before auth_success
         self._on_malformed = on_malformed
@@ -321,10 +450,13 @@ class PolygonSession:
         await self._ws.send_text(_ENCODER.encode({"action": action, "params": ",".join(entries)}).decode())
 
     async def subscribe(self, symbols: Sequence[str]) -> None:
-        await self._send("subscribe", self._provider.natives(symbols, warn=True))
+        natives, missing = self._provider.natives(symbols, warn=True)
+        if missing:
+            self._on_refused(missing, f"polygon has no symbol for it on the {self._provider.config.market} cluster")
+        await self._send("subscribe", natives)
 
     async def unsubscribe(self, symbols: Sequence[str]) -> None:
-        await self._send("unsubscribe", self._provider.natives(symbols, warn=False))
+        await self._send("unsubscribe", self._provider.natives(symbols, warn=False)[0])
 
     async def receive(self) -> list[Update]:
         if self._early:
@@ -337,7 +469,7 @@ class PolygonSession:
         for raw in raws:
             statuses = decode(raw, now, updates, self._on_malformed)
             for status in statuses:
-                self._provider.check_status(status)
+                self._provider.check_status(status, logged_in=True)
         return updates
 
 
@@ -352,11 +484,11 @@ class PolygonProvider:
         self._warned: set[str] = set()
 
     def describe(self) -> str:
-        feed = "delayed" if self.config.delayed else "real-time"
+        feed = "delayed" if self.config.is_delayed else "real-time"
         return f"Polygon/Massive {self.config.market} ({feed}) at {self.config.resolved_url}"
 
-    def natives(self, symbols: Sequence[str], *, warn: bool) -> list[str]:
-        """Polygon tickers for client symbols; those with none are left out (and warned about once)."""
+    def natives(self, symbols: Sequence[str], *, warn: bool) -> tuple[list[str], list[str]]:
+        """(Polygon tickers for client symbols, the client symbols with none: warned about once)."""
         natives, missing = self.symbols.split(symbols)
         if warn:
             for symbol in missing:
@@ -370,7 +502,7 @@ class PolygonProvider:
                     symbol,
                     self.config.market,
                 )
-        return natives
+        return natives, missing
 
     def _clean(self, text: str | None) -> str:
         """Server text fit for a log line or an exception: short, and never with the key."""
@@ -381,24 +513,40 @@ class PolygonProvider:
     def _text(self, event: PolygonEvent) -> str:
         return self._clean(event.message)
 
-    def check_status(self, event: PolygonEvent) -> str | None:
-        """Log a status event; raise :class:`AuthFailed` for a fatal one. Returns the status."""
+    def check_status(self, event: PolygonEvent, *, logged_in: bool = False) -> str | None:
+        """Log a status event; raise for one that ends the session (:data:`STATUSES`). Returns it.
+
+        ``max_connections`` while logging in may be our own previous connection, still counted
+        after a blip (quick retries); once logged in it means another connection with the key
+        took over, and fighting it would be a reconnect loop: an auth failure.
+        """
         status = event.status
-        if status == "success" or status == "connected" or status == "auth_success":
-            log.debug("[STATUS] %s: %s", status, self._text(event))  # several per subscribe: debug
-        elif status == "auth_failed":
-            raise AuthFailed(f"Polygon rejected the API key (auth_failed: {self._text(event) or 'no message'})")
-        elif status == "max_connections":
-            raise AuthFailed(
-                "Polygon connection limit reached: another connection uses this API key "
-                f"(max_connections: {self._text(event) or 'no message'})"
-            )
+        cls = STATUSES.get(status or "", ErrorClass.NOTICE)
+        if cls is ErrorClass.CONNECTION_LIMIT and logged_in:
+            cls = ErrorClass.AUTH
+        if status == "error" and any(text in (event.message or "").lower() for text in AUTH_TEXTS):
+            cls = ErrorClass.AUTH  # the older wording of auth_failed
+        if cls is ErrorClass.NOTICE:
+            if status in STATUSES:
+                log.debug("[STATUS] %s: %s", status, self._text(event))  # several per subscribe: debug
+            else:
+                log.info("[STATUS] Polygon says %s: %s", self._clean(status), self._text(event))
+            return status
+        said = self._text(event) or "no message"
+        if status == "max_connections":
+            text = f"Polygon connection limit reached: another connection uses this API key ({status}: {said})"
+        elif cls is ErrorClass.AUTH:
+            text = f"Polygon rejected the API key ({self._clean(status)}: {said})"
+        elif cls is ErrorClass.CONNECTION_LIMIT:
+            text = f"Polygon connection limit reached: another connection uses this API key ({status}: {said})"
         else:
-            log.info("[STATUS] Polygon says %s: %s", self._clean(status), self._text(event))
-        return status
+            text = f"Polygon ended the connection ({self._clean(status)}: {said})"
+        raise error_for(cls, text) or ProviderError(text)
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[PolygonSession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[PolygonSession]:
         url = self.config.resolved_url
         async with WsClient.open(
             url,
@@ -407,7 +555,7 @@ class PolygonProvider:
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
         ) as ws:
-            yield PolygonSession(self, ws, await self._login(ws), on_malformed)
+            yield PolygonSession(self, ws, await self._login(ws), on_malformed, on_refused)
 
     async def _login(self, ws: WsClient) -> list[str]:
         """Wait for ``connected``, send the key, wait for ``auth_success``: all within auth_timeout."""
@@ -453,4 +601,5 @@ ENTRY = ProviderEntry(
     build=lambda settings, upstream: PolygonProvider(settings, connect_timeout=upstream.connect_timeout),
     credentials=(Credential("api_key", ("POLYGON_API_KEY", "MASSIVE_API_KEY")),),
     aliases=("massive",),
+    check=_check,
 )

@@ -17,7 +17,7 @@ import msgspec
 
 from ..model import Update
 from ..settings import ws_url
-from .base import MalformedFrame, MalformedSink, ProviderEntry
+from .base import MalformedFrame, MalformedSink, ProviderEntry, RefusalSink, ignore_malformed, ignore_refused
 from .wsclient import WsClient
 
 __all__ = ["RelayConfig", "ENTRY", "RelayProvider"]
@@ -116,7 +116,9 @@ class RelayProvider:
         return f"upstream relay at {self.url}"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink) -> AsyncIterator[RelaySession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[RelaySession]:
         url = self.url + ("&" if "?" in self.url else "?") + "batch=1"
         async with WsClient.open(url, connect_timeout=self.connect_timeout) as ws:
             yield RelaySession(ws, on_malformed)

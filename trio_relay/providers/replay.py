@@ -36,7 +36,15 @@ import trio
 from ..model import Update, wall_ms
 from ..recording import DEMO, DEMO_RESOURCE, Recorded, RecordingError, RecordingHeader, RecordingReader, recording_path
 from ..settings import ConfigError, positive
-from .base import MalformedFrame, MalformedSink, ProviderEntry, ProviderError, ignore_malformed
+from .base import (
+    MalformedFrame,
+    MalformedSink,
+    ProviderEntry,
+    ProviderError,
+    RefusalSink,
+    ignore_malformed,
+    ignore_refused,
+)
 
 __all__ = ["ReplayConfig", "ENTRY", "ReplayProvider", "ReplaySession"]
 
@@ -226,7 +234,9 @@ class ReplayProvider:
         return f"replay of {self.label} at {self.config.speed:g}x{loop} ({stamps})"
 
     @asynccontextmanager
-    async def session(self, on_malformed: MalformedSink = ignore_malformed) -> AsyncIterator[ReplaySession]:
+    async def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AsyncIterator[ReplaySession]:
         with recording_path(self.config.file) as path:
             session = ReplaySession(path, self.config, self.header, on_malformed)
             try:

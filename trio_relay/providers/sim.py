@@ -285,7 +285,7 @@ class SimProvider:
         return f"simulated market (seed {self.market.seed}, {self.config.rate:g} updates/s per symbol)"
 
     @asynccontextmanager
-    async def session(self, on_malformed: object = None) -> AsyncIterator[SimSession]:
+    async def session(self, on_malformed: object = None, on_refused: object = None) -> AsyncIterator[SimSession]:
         yield SimSession(self.config, self.market)
 
 

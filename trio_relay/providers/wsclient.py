@@ -19,8 +19,10 @@ that send nothing while nothing trades need this to tell a quiet feed from a hal
 
 from __future__ import annotations
 
+import email.utils
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -30,9 +32,16 @@ import wsproto
 import wsproto.events as wse
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .base import ProviderError
+from .base import ProviderError, RateLimited
 
-__all__ = ["WsClient", "UpstreamClosed", "HandshakeRejected", "KeepaliveTimeout"]
+__all__ = [
+    "WsClient",
+    "UpstreamClosed",
+    "HandshakeRejected",
+    "HandshakeRateLimited",
+    "KeepaliveTimeout",
+    "retry_after_seconds",
+]
 
 RECEIVE_BYTES = 1 << 18
 # Most bytes taken in one turn: bounds the work (and the pause) of a single turn after a long stall.
@@ -49,11 +58,46 @@ class UpstreamClosed(ProviderError):
 
 
 class HandshakeRejected(ProviderError):
-    """The server answered the upgrade with an HTTP status instead of 101."""
+    """The server answered the upgrade with an HTTP status instead of 101.
 
-    def __init__(self, status: int) -> None:
+    ``retry_after``: the answer's ``Retry-After`` in seconds (delta-seconds or an HTTP date), or
+    None when it has none or it cannot be read.
+    """
+
+    def __init__(self, status: int, retry_after: float | None = None) -> None:
         super().__init__(f"handshake rejected with HTTP {status}")
         self.status = status
+        self.retry_after = retry_after
+
+
+class HandshakeRateLimited(HandshakeRejected, RateLimited):
+    """HTTP 429 on the upgrade: the upstream waits at least ``retry_after`` (or its own minimum)."""
+
+    def __init__(self, status: int, retry_after: float | None = None) -> None:
+        HandshakeRejected.__init__(self, status, retry_after)
+
+
+# Longest Retry-After honoured (an absurd one must not park the upstream for days).
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after_seconds(headers: list[tuple[bytes, bytes]], now: float | None = None) -> float | None:
+    """The ``Retry-After`` of an HTTP answer in seconds (RFC 9110 10.2.3), capped; None if absent or bad."""
+    for name, value in headers:
+        if name.lower() != b"retry-after":
+            continue
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            return min(float(text), MAX_RETRY_AFTER)
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return None
 
 
 class KeepaliveTimeout(ProviderError):
@@ -322,7 +366,10 @@ class WsClient:
                 if isinstance(event, wse.AcceptConnection):
                     return
                 if isinstance(event, wse.RejectConnection):
-                    raise HandshakeRejected(event.status_code)
+                    retry_after = retry_after_seconds(list(event.headers))
+                    if event.status_code == 429:
+                        raise HandshakeRateLimited(event.status_code, retry_after)
+                    raise HandshakeRejected(event.status_code, retry_after)
 
     async def _read(self) -> bytes:
         data = await self._transport.receive()

@@ -24,11 +24,12 @@ import trio
 
 from ..model import ProviderSwitched
 from ..providers import registry
+from ..providers.base import ignore_malformed, ignore_refused
 from .file import RecordingError, RecordingHeader, RecordingWriter
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..providers.base import MalformedSink, Provider, Session
+    from ..providers.base import MalformedSink, Provider, RefusalSink, Session
 
 __all__ = ["RecordSummary", "record", "add_record_parser", "run_record"]
 
@@ -115,12 +116,14 @@ class _RawTapProvider:
     def describe(self) -> str:
         return self._inner.describe()
 
-    def session(self, on_malformed: MalformedSink) -> AbstractAsyncContextManager[Session]:
-        return self._session(on_malformed)
+    def session(
+        self, on_malformed: MalformedSink = ignore_malformed, on_refused: RefusalSink = ignore_refused
+    ) -> AbstractAsyncContextManager[Session]:
+        return self._session(on_malformed, on_refused)
 
     @asynccontextmanager
-    async def _session(self, on_malformed: MalformedSink) -> AsyncIterator[Session]:
-        async with self._inner.session(on_malformed) as session:
+    async def _session(self, on_malformed: MalformedSink, on_refused: RefusalSink) -> AsyncIterator[Session]:
+        async with self._inner.session(on_malformed, on_refused) as session:
             ws = getattr(session, "_ws", None)
             if ws is None or not hasattr(ws, "receive_batch"):
                 raise RecordingError(

@@ -39,6 +39,7 @@ __all__ = [
     "trade_msg",
     "quote_msg",
     "correction_msg",
+    "cancel_msg",
     "frame",
 ]
 
@@ -102,6 +103,14 @@ def correction_msg(
     }  # fmt: skip
 
 
+def cancel_msg(symbol: str, *, trade_id: int, price: float, size: float, t: str, action: str = "C") -> dict[str, Any]:
+    """A trade cancel/error (``"T":"x"``) as alpaca-py's ``TRADE_CANCEL_MAPPING`` reads it.
+
+    ``action`` is ``C`` (cancel) or ``E`` (error); ``i``/``p``/``s`` are the cancelled trade's.
+    """
+    return {"T": "x", "S": symbol, "i": trade_id, "x": "V", "p": price, "s": size, "a": action, "z": "C", "t": t}
+
+
 def frame(*messages: Mapping[str, Any]) -> str:
     """Messages as one server frame (a JSON array)."""
     return _enc.encode(list(messages)).decode()
@@ -155,7 +164,9 @@ class FakeAlpacaServer(FakeServer[_Conn]):
         # (action, trades, quotes) of every subscribe/unsubscribe, in Alpaca spelling.
         self.history: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         self.received_credentials: list[tuple[str, str]] = []  # what clients sent (tests check no leak)
-        self._trade_ids = itertools.count(1)
+        # Ids of the streamed trades: large, like the real ones, so that a trade a test injects with
+        # a small id is never taken for a repeat of a streamed one (the relay drops repeats).
+        self._trade_ids = itertools.count(52_983_525_000_000)
         self._sub_ms = itertools.count(1)
 
     def _union(self, channel: str) -> set[str]:
@@ -180,6 +191,10 @@ class FakeAlpacaServer(FakeServer[_Conn]):
     async def send_correction(self, symbol: str, **fields: Any) -> None:
         """Inject a trade correction (keyword arguments of :func:`correction_msg`)."""
         await self.inject(frame(correction_msg(symbol, **fields)))
+
+    async def send_cancel(self, symbol: str, **fields: Any) -> None:
+        """Inject a trade cancel/error (keyword arguments of :func:`cancel_msg`)."""
+        await self.inject(frame(cancel_msg(symbol, **fields)))
 
     async def _accept(self, request: trio_websocket.WebSocketRequest) -> _Conn:
         return _Conn(await request.accept())

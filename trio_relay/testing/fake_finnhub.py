@@ -14,7 +14,8 @@ several symbols (``t`` in ms; ``v`` 0 for OANDA forex, which sends prices, not t
 
 On request it misbehaves: drop every connection abruptly (:meth:`drop_all`), go silent, pings
 included (:meth:`stall` / :meth:`resume`), push any raw frame (:meth:`inject`), reject every
-upgrade with a given HTTP status (``reject_status``, e.g. 429).
+upgrade with a given HTTP status (``reject_status``, e.g. 429, with ``retry_after`` as its
+``Retry-After`` header).
 
 What a client sent to the fake (malformed messages, a ``pong``) is answered with nothing but
 recorded in ``history``; the real server's answer to those is not documented.
@@ -89,6 +90,7 @@ class FakeFinnhubServer(FakeServer[_Conn]):
         invalid: Iterable[str] = (),
         max_symbols: int = 50,
         reject_status: int | None = None,
+        retry_after: str | None = None,
     ) -> None:
         super().__init__(rate=rate, tick=tick)
         self.api_keys = set(api_keys)
@@ -98,6 +100,7 @@ class FakeFinnhubServer(FakeServer[_Conn]):
         self.invalid = set(invalid)  # symbols answered with "Invalid symbol S"
         self.max_symbols = max_symbols
         self.reject_status = reject_status  # when set, every upgrade gets this HTTP status
+        self.retry_after = retry_after  # a Retry-After header for those rejections
         self.market = SimMarket(seed, trade_ratio=1.0)
         self.accept_times: list[float] = []  # trio time of each accepted upgrade
         self.rejected = 0  # upgrades refused (bad token or reject_status)
@@ -121,7 +124,9 @@ class FakeFinnhubServer(FakeServer[_Conn]):
             status = self.reject_status or 401
             self.rejected += 1
             self._notify()
-            await request.reject(status, body=b"Unauthorized" if status == 401 else b"Too Many Requests")
+            headers = [(b"Retry-After", self.retry_after.encode())] if self.retry_after is not None else None
+            body = b"Unauthorized" if status == 401 else b"Too Many Requests"
+            await request.reject(status, extra_headers=headers, body=body)
             return None
         conn = _Conn(await request.accept(), key=token)  # authenticated by the upgrade
         self.accept_times.append(trio.current_time())
@@ -189,6 +194,12 @@ class FakeFinnhubServer(FakeServer[_Conn]):
     def _trade(self, symbol: str) -> Trade:
         update = self.market.next(symbol)
         price = update.last_price if update.last_price is not None else 0.0
-        size = 0.0 if symbol.startswith("OANDA:") else float(update.last_size or 0)
+        # Stocks trade whole shares (a JSON integer); forex sends prices only (v 0); crypto fractions.
+        if symbol.startswith("OANDA:"):
+            size: float = 0.0
+        elif ":" in symbol:
+            size = float(update.last_size or 0) / 1000
+        else:
+            size = int(update.last_size or 0)
         self.last_trade[symbol] = (symbol, price, update.timestamp, size)
         return self.last_trade[symbol]

@@ -4,11 +4,12 @@ It serves one market's cluster (``stocks``, ``crypto`` or ``forex``), like the r
 ``/stocks``, ``/crypto`` and ``/forex`` paths: it greets with status ``connected``, checks the
 key of ``{"action":"auth","params":KEY}`` (``auth_success``, or ``auth_failed`` and a close),
 enforces a per-key connection limit (status ``max_connections`` then a 1008 close, for the new
-connection or, if asked, the oldest one), acknowledges every subscribe/unsubscribe entry
+connection or, if asked, the oldest one; ``auth_failure`` sets the refused-key answer, e.g. the
+older ``status: "error"`` wording), acknowledges every subscribe/unsubscribe entry
 separately (``"subscribed to: T.AAPL"``), and streams simulated ticks batched in JSON arrays with
 Polygon's fields: ``T``/``Q`` for stocks (quote sizes in round lots), ``XT``/``XQ`` for crypto,
 ``C`` for forex. It can misbehave on request: drop every connection abruptly, stall (send
-nothing), or push any raw frame.
+nothing), push any raw frame, or send every trade twice in its frame (``duplicate_trades``).
 
 Everything a test wants to observe is an attribute (``subscriptions`` in Polygon's own spelling,
 ``history``, ``logins``, ``received_keys``...) and :meth:`wait_until` waits for a condition without
@@ -71,7 +72,7 @@ def polygon_events(update: Update, ticker: str, market: str, seq: int) -> list[d
         if update.kind == TRADE:
             size = (update.last_size or 0) / 1000
             return [{"ev": "XT", "pair": ticker, "p": update.last_price, "t": t, "s": size, "c": [1],
-                     "i": str(seq), "x": 1, "r": t + 3}]  # fmt: skip
+                     "i": str(1_000_000_000 + seq), "x": 1, "r": t + 3}]  # fmt: skip
         return [
             {"ev": "XQ", "pair": ticker, "bp": update.bid_price, "bs": (update.bid_size or 0) / 1000,
              "ap": update.ask_price, "as": (update.ask_size or 0) / 1000, "t": t, "x": 1, "r": t + 3}
@@ -104,6 +105,8 @@ class FakePolygonServer(FakeServer[_Conn]):
         max_connections: int = 0,
         limit_drops: Literal["new", "old"] = "new",
         auth_reply: bool = True,
+        auth_failure: dict[str, str] | None = None,
+        duplicate_trades: bool = False,
     ) -> None:
         super().__init__(rate=rate, tick=tick)
         self.api_keys = set(api_keys)
@@ -112,6 +115,12 @@ class FakePolygonServer(FakeServer[_Conn]):
         self.max_connections = max_connections
         self.limit_drops = limit_drops
         self.auth_reply = auth_reply  # False: never answer the auth message (a login that hangs)
+        # The status event a bad key gets: auth_failed by default; an older server said
+        # {"status":"error","message":"authentication failed"} (alpacahq/Alpaca-API #68).
+        self.auth_failure = auth_failure or {"status": "auth_failed", "message": "authentication failed"}
+        # Each trade sent twice in the same frame (same id), as a duplicating feed does.
+        self.duplicate_trades = duplicate_trades
+        self.duplicates_sent = 0  # repeated trade events sent
         self.sim = SimMarket(seed)
         self.logins = 0
         self.failed_logins = 0
@@ -167,7 +176,7 @@ class FakePolygonServer(FakeServer[_Conn]):
                 if not isinstance(key, str) or key not in self.api_keys:
                     self.failed_logins += 1
                     self._notify()
-                    await self._send(conn, [_status("auth_failed", "authentication failed")])
+                    await self._send(conn, [_status(self.auth_failure["status"], self.auth_failure["message"])])
                     await conn.ws.aclose(1008, "authentication failed")
                     return False
                 same_key = self._with_key(key)
@@ -224,6 +233,9 @@ class FakePolygonServer(FakeServer[_Conn]):
             for event in polygon_events(self.sim.next(ticker), ticker, self.market, next(self._seq))
             if f"{event['ev']}.{ticker}" in conn.subscribed
         ]
+        if self.duplicate_trades:
+            events = [copy for event in events for copy in ((event, event) if event["ev"] in ("T", "XT") else (event,))]
+            self.duplicates_sent += sum(1 for event in events if event["ev"] in ("T", "XT")) // 2
         for i in range(0, len(events), MAX_BATCH):
             await self._send(conn, events[i : i + MAX_BATCH])
             self.frames_sent += 1
