@@ -57,6 +57,7 @@ __all__ = [
     "StaleFeed",
     "UpstreamGaveUp",
     "UpstreamState",
+    "ProviderState",
     "ProviderHealth",
     "Item",
     "RefusalListener",
@@ -79,6 +80,21 @@ class UpstreamState(enum.StrEnum):
     AUTH_FAILED = "auth_failed"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+class ProviderState(enum.StrEnum):
+    """A provider of the failover chain, as /status shows it (the active one shows the upstream's state)."""
+
+    STANDBY = "standby"  # not in use, not being probed
+    PROBING = "probing"  # a failback probe is proving it delivers
+    HEALTHY = "healthy"  # its probe holds: failback when it has held failback_after
+    HELD_OFF = "held_off"  # it failed soon after a failback: not probed for a while (flap guard)
+    DOWN = "down"  # its last probe failed
+    CONNECTED = UpstreamState.CONNECTED.value
+    STALE = UpstreamState.STALE.value
+    BACKOFF = UpstreamState.BACKOFF.value
+    AUTH_FAILED = UpstreamState.AUTH_FAILED.value
+    STOPPED = UpstreamState.STOPPED.value
 
 
 class StaleFeed(Exception):
@@ -152,7 +168,7 @@ class ProviderHealth:
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
-        self.state = "standby"
+        self.state = ProviderState.STANDBY
         self.last_error = ""
         self.healthy_since: float | None = None  # trio clock: its probe's first update (None: failed)
         self.auth_failed_at: float | None = None  # trio clock
@@ -457,7 +473,7 @@ class Upstream:
                 else:
                     self.state = UpstreamState.BACKOFF
                     self.last_error = self._describe(error) if error is not None else "connection ended"
-                health.state, health.last_error = self.state, self.last_error
+                health.state, health.last_error = ProviderState(self.state), self.last_error
                 if self.config.max_retries and failures >= self.config.max_retries:
                     self.state = UpstreamState.FAILED
                     log.error(
@@ -505,7 +521,7 @@ class Upstream:
                 self._wake = trio.Event()
         self.state = UpstreamState.STOPPED
         for health in self.chain:
-            health.state = UpstreamState.STOPPED
+            health.state = ProviderState.STOPPED
         log.info("[STOP] upstream closed")
 
     def _retry_delay(self, error: BaseException | None) -> float:
@@ -542,7 +558,7 @@ class Upstream:
         held = self._guard_flap(old)
         self._switch(target, reason)
         if held:
-            old.state = "held_off"
+            old.state = ProviderState.HELD_OFF
 
     def _fail_back(self, target: int) -> None:
         """Switch back to the preferred provider ``target`` (its probe delivered for ``failback_after``)."""
@@ -581,8 +597,8 @@ class Upstream:
 
     def _switch(self, target: int, reason: str) -> None:
         old = self.chain[self.active]
-        if old.state not in (UpstreamState.AUTH_FAILED,):
-            old.state = "standby"
+        if old.state is not ProviderState.AUTH_FAILED:
+            old.state = ProviderState.STANDBY
         self.active = target
         self._switch_to = None
         self._limit_retries = 0
@@ -706,7 +722,7 @@ class Upstream:
         """
         provider = health.provider
         health.probes += 1
-        health.state = "probing"
+        health.state = ProviderState.PROBING
         sample = self._probe_sample()
         try:
             async with provider.session(ignore_malformed, ignore_refused) as session:
@@ -714,15 +730,15 @@ class Upstream:
                     await session.subscribe(sample)
                     log.info("[FAILOVER] probing %s with %s", provider.name, _short(sample))
                 await self._prove(health, session, bool(sample))
-                health.state = "healthy"
+                health.state = ProviderState.HEALTHY
                 return True
         except AuthFailed as exc:
             health.auth_failed_at = trio.current_time()
-            health.state, health.last_error = UpstreamState.AUTH_FAILED, self._describe(exc)
+            health.state, health.last_error = ProviderState.AUTH_FAILED, self._describe(exc)
         except StaleFeed as exc:
-            health.state, health.last_error = UpstreamState.STALE, self._describe(exc)
+            health.state, health.last_error = ProviderState.STALE, self._describe(exc)
         except RETRYABLE as exc:
-            health.state, health.last_error = "down", self._describe(exc)
+            health.state, health.last_error = ProviderState.DOWN, self._describe(exc)
         health.healthy_since = None
         log.info("[FAILOVER] probe of %s failed: %s", provider.name, health.last_error)
         return False
@@ -792,13 +808,13 @@ class Upstream:
                 # The last session stalled: logging in again proves nothing. Stay "stale" (and
                 # keep clients told so) until data flows; _read ends this.
                 self.state = UpstreamState.STALE
-                health.state, health.auth_failed_at = UpstreamState.STALE, None
+                health.state, health.auth_failed_at = ProviderState.STALE, None
                 log.info("[CONNECT] connected to %s; stale until data flows again", self.provider.describe())
             else:
                 self._stalled = False
                 self.state = UpstreamState.CONNECTED
                 self.last_error = ""
-                health.state, health.last_error, health.auth_failed_at = UpstreamState.CONNECTED, "", None
+                health.state, health.last_error, health.auth_failed_at = ProviderState.CONNECTED, "", None
                 self._emit("up", "")
                 log.info("[CONNECT] connected to %s", self.provider.describe())
             async with trio.open_nursery() as nursery:
@@ -838,7 +854,7 @@ class Upstream:
         self._stalled = False
         self.state = UpstreamState.CONNECTED
         self.last_error = ""
-        self.chain[self.active].state, self.chain[self.active].last_error = UpstreamState.CONNECTED, ""
+        self.chain[self.active].state, self.chain[self.active].last_error = ProviderState.CONNECTED, ""
         self._emit("up", "")
         log.info("[CONNECT] %s: %s", self.provider.name, why)
 

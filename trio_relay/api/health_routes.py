@@ -16,6 +16,7 @@ import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ..upstream import UpstreamState
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import make_registry, render
 from .responses import PREFIX, json_response
@@ -73,10 +74,10 @@ def register_health(app: QuartTrio, ctx: RelayContext) -> None:
         )
         if not fresh:
             # "code" is for machines (alert rules), "reason" for people.
-            body.code = "stale" if upstream.state == "connected" else upstream.state
-            if upstream.state == "connected":
+            body.code = UpstreamState.STALE if upstream.state == UpstreamState.CONNECTED else upstream.state
+            if upstream.state == UpstreamState.CONNECTED:
                 body.reason = f"stale: no upstream message for {age or 0:.0f}s"
-            elif upstream.state == "auth_failed":
+            elif upstream.state == UpstreamState.AUTH_FAILED:
                 body.reason = f"auth_failed: {upstream.last_error}"
             elif upstream.last_error:
                 body.reason = f"{upstream.state}: {upstream.last_error}"
