@@ -15,7 +15,7 @@ import trio
 from ..config import UpstreamConfig
 from ..providers.base import Provider
 from ..upstream import NamedProvider, ProviderHealth, Upstream, UpstreamState
-from .schemas import FleetHealth, FleetPublished, FleetReceived, FleetStatus, RedisStatus
+from .schemas import FleetHealth, FleetPublished, FleetReceived, FleetRole, FleetStatus, RedisState, RedisStatus
 
 if TYPE_CHECKING:
     from .redis import RedisEngine
@@ -60,8 +60,8 @@ class FleetUpstream:
     @property
     def state(self) -> str:
         engine = self._engine
-        if engine.redis_state != "up":
-            return REDIS_DOWN if engine.redis_state == "down" else UpstreamState.CONNECTING
+        if engine.redis_state != RedisState.UP:
+            return REDIS_DOWN if engine.redis_state == RedisState.DOWN else UpstreamState.CONNECTING
         if self._local is not None:
             return self._local.state
         status = engine.holder_status
@@ -121,12 +121,12 @@ class FleetUpstream:
     @property
     def last_error(self) -> str:
         engine = self._engine
-        if engine.redis_state == "down":
+        if engine.redis_state == RedisState.DOWN:
             return f"Redis unreachable: {engine.redis_error}"
         if self._local is not None:
             return self._local.last_error
         if engine.holder_status is None:
-            return "no relay of the fleet holds the upstream" if engine.redis_state == "up" else ""
+            return "no relay of the fleet holds the upstream" if engine.redis_state == RedisState.UP else ""
         return str(engine.holder_status.get("last_error", ""))
 
     @property
@@ -147,7 +147,7 @@ class FleetUpstream:
 
     def is_fresh(self) -> bool:
         engine = self._engine
-        if engine.redis_state != "up":
+        if engine.redis_state != RedisState.UP:
             return False
         if self._local is not None:
             return self._local.is_fresh()
@@ -167,7 +167,7 @@ class FleetUpstream:
         """The ``fleet`` part of /status."""
         engine = self._engine
         status = engine.holder_status or {}
-        holding = engine.role == "holder"
+        holding = engine.role == FleetRole.HOLDER
         return FleetStatus(
             backend="redis",
             node=engine.node,
@@ -201,5 +201,5 @@ class FleetUpstream:
     def fleet_health(self) -> FleetHealth:
         """The ``fleet`` part of /health."""
         engine = self._engine
-        holder = engine.node if engine.role == "holder" else (engine.holder_status or {}).get("node")
+        holder = engine.node if engine.role == FleetRole.HOLDER else (engine.holder_status or {}).get("node")
         return FleetHealth(node=engine.node, role=engine.role, holder=holder, redis=self.redis_status())

@@ -64,7 +64,7 @@ from ..providers.base import Provider
 from ..upstream import Backoff, Item, Upstream, UpstreamState
 from .fleet_view import FleetUpstream
 from .redis_client import REDIS_ERRORS, REDIS_FAILURES, describe_failure, is_redis_failure, redis_client
-from .schemas import FleetHealth, FleetStatus
+from .schemas import FleetHealth, FleetRole, FleetStatus, RedisState
 
 __all__ = ["RedisEngine", "FleetBatch", "fleet_keys", "shard_of"]
 
@@ -236,12 +236,12 @@ class RedisEngine:
         self._view = FleetUpstream(self)
         self._channel0 = f"{self.keys.shard_prefix}0"
         # Redis connection state, for /health and /status.
-        self.redis_state = "connecting"
+        self.redis_state = RedisState.CONNECTING
         self.redis_error = ""
         self.redis_since: float | None = None  # wall clock of the last change
         self.redis_outages = 0
         # This relay's role; the lock's fencing token while it is the holder.
-        self.role = "follower"
+        self.role = FleetRole.FOLLOWER
         self.token = 0
         self.terms = 0  # times this relay became the holder
         self.upstream: Upstream | None = None  # the running upstream while holder
@@ -289,12 +289,12 @@ class RedisEngine:
         yield GaugeMetricFamily(
             "trio_relay_fleet_redis_up",
             "1 while this relay is connected to the fleet's Redis",
-            value=int(self.redis_state == "up"),
+            value=int(self.redis_state == RedisState.UP),
         )
         yield GaugeMetricFamily(
             "trio_relay_fleet_holder",
             "1 while this relay holds the fleet's upstream connection",
-            value=int(self.role == "holder"),
+            value=int(self.role == FleetRole.HOLDER),
         )
         for name, doc, value in (
             ("fleet_redis_outages", "Times this relay lost Redis", self.redis_outages),
@@ -373,7 +373,7 @@ class RedisEngine:
             nursery.start_soon(self._sessions)
             task_status.started()
             await self._stop.wait()
-            if self.role == "holder":
+            if self.role == FleetRole.HOLDER:
                 # The holder closes its upstream cleanly and hands the lock over (see _hold).
                 with trio.move_on_after(1.0):
                     await self._stepped_down.wait()
@@ -424,19 +424,19 @@ class RedisEngine:
             await trio.sleep(delay)
 
     def _redis_up(self) -> None:
-        if self.redis_state != "up":
-            if self.redis_state == "down":
+        if self.redis_state != RedisState.UP:
+            if self.redis_state == RedisState.DOWN:
                 log.warning("[FLEET] Redis is back (%s); node %s rejoins the fleet", self._where(), self.node)
             else:
                 log.info("[FLEET] node %s joined the fleet %r on %s", self.node, self.config.prefix, self._where())
-            self.redis_state, self.redis_error, self.redis_since = "up", "", time.time()
+            self.redis_state, self.redis_error, self.redis_since = RedisState.UP, "", time.time()
 
     def _redis_down(self, error: str) -> None:
-        if self.redis_state != "down":
+        if self.redis_state != RedisState.DOWN:
             self.redis_outages += 1
             self.redis_since = time.time()
             log.error("[FLEET] lost Redis (%s): %s; clients stay connected, retrying", self._where(), error)
-        self.redis_state, self.redis_error = "down", error
+        self.redis_state, self.redis_error = RedisState.DOWN, error
         self.holder_status = None
         self._give_signal("down", f"Redis unreachable ({error})")
 
@@ -683,7 +683,7 @@ class RedisEngine:
     async def _hold(self, redis: coredis.Redis[bytes], value: str) -> None:
         epoch, token_text, _owner = value.split("|", 2)
         token = int(token_text)
-        self.role, self.token = "holder", token
+        self.role, self.token = FleetRole.HOLDER, token
         self._stepped_down = trio.Event()
         self.terms += 1
         self._current(epoch, token)
@@ -726,7 +726,7 @@ class RedisEngine:
                 log.error("[FLEET] node %s lost the upstream lock; stepping down", self.node)
         finally:
             self.upstream = None
-            self.role, self.token = "follower", 0
+            self.role, self.token = FleetRole.FOLLOWER, 0
             self.fleet_symbols = set()
             released = await self._release(redis, value)
             self._stepped_down.set()

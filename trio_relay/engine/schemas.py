@@ -5,12 +5,28 @@ A leaf module: the API describes the fleet from these types without importing th
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-__all__ = ["FleetHealth", "FleetPublished", "FleetReceived", "FleetStatus", "RedisStatus"]
+__all__ = ["FleetHealth", "FleetPublished", "FleetReceived", "FleetRole", "FleetStatus", "RedisState", "RedisStatus"]
+
+
+class RedisState(enum.StrEnum):
+    """This relay's connection to the fleet's Redis."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+class FleetRole(enum.StrEnum):
+    """Whether this relay holds the fleet's upstream connection."""
+
+    HOLDER = "holder"
+    FOLLOWER = "follower"
 
 
 class RedisStatus(msgspec.Struct, forbid_unknown_fields=True):
