@@ -438,11 +438,7 @@ class Upstream:
                 if self._stop.is_set():
                     break
                 if not self._restart and self._switch_to is None:
-                    lost = auth_error or error
-                    kind = "stale" if isinstance(lost, StaleFeed) else "down"
-                    if isinstance(lost, StaleFeed):
-                        self._stalled = True
-                    self._emit(kind, self._describe(lost) if lost is not None else "connection ended")
+                    self._report_loss(auth_error or error)
                 if self._switch_to is not None:
                     # The prober found a preferred provider healthy: fail back to it now.
                     self._fail_back(self._switch_to)
@@ -462,18 +458,7 @@ class Upstream:
                 if isinstance(error, ConnectionLimit) and self._limit_retries >= self.config.limit_retries:
                     # Not our own lingering connection after all: another process holds the key.
                     auth_error, error = error, None
-                health = self.chain[self.active]
-                if auth_error is not None:
-                    self.state = UpstreamState.AUTH_FAILED
-                    self.last_error = self._describe(auth_error)
-                    health.auth_failed_at = trio.current_time()
-                elif error is None and self._failover_due():
-                    self.state = UpstreamState.BACKOFF
-                    self.last_error = f"no healthy connection for {self.config.failover_after:g}s"
-                else:
-                    self.state = UpstreamState.BACKOFF
-                    self.last_error = self._describe(error) if error is not None else "connection ended"
-                health.state, health.last_error = ProviderState(self.state), self.last_error
+                self._note_failure(error, auth_error)
                 if self.config.max_retries and failures >= self.config.max_retries:
                     self.state = UpstreamState.FAILED
                     log.error(
@@ -483,29 +468,7 @@ class Upstream:
                 if self.failover and self._failover_due():
                     self._fail_over()
                     continue
-                if auth_error is not None:
-                    # Slow and slightly jittered, so a fleet with one bad key does not sync up.
-                    delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
-                    log.error(
-                        "[AUTH] %s; state auth_failed, next attempt in %.0fs (check the API key)",
-                        self.last_error,
-                        delay,
-                    )
-                else:
-                    delay = self._retry_delay(error)
-                    log.warning(
-                        "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)",
-                        self.last_error,
-                        delay,
-                        self.attempts + 1,
-                    )
-                self.next_attempt_at = trio.current_time() + delay
-                wait_until = self.next_attempt_at
-                if self.failover and self._unhealthy_since is not None:
-                    wait_until = min(wait_until, self._unhealthy_since + self.config.failover_after)
-                with trio.move_on_at(wait_until):
-                    await self._wake.wait()  # stop() ends the wait; so does restart()
-                self.next_attempt_at = None
+                await self._wait_before_next(self._next_delay(error, auth_error))
                 if self._stop.is_set():
                     break
                 if self._switch_to is not None:
@@ -523,6 +486,51 @@ class Upstream:
         for health in self.chain:
             health.state = ProviderState.STOPPED
         log.info("[STOP] upstream closed")
+
+    def _report_loss(self, lost: BaseException | None) -> None:
+        """Tell the hub's clients the session ended (``stale`` for a stall, else ``down``)."""
+        if isinstance(lost, StaleFeed):
+            self._stalled = True
+        kind = "stale" if isinstance(lost, StaleFeed) else "down"
+        self._emit(kind, self._describe(lost) if lost is not None else "connection ended")
+
+    def _note_failure(self, error: BaseException | None, auth_error: BaseException | None) -> None:
+        """The upstream's state and error, and its provider's health, after a failed or ended session."""
+        health = self.chain[self.active]
+        if auth_error is not None:
+            self.state = UpstreamState.AUTH_FAILED
+            self.last_error = self._describe(auth_error)
+            health.auth_failed_at = trio.current_time()
+        elif error is None and self._failover_due():
+            self.state = UpstreamState.BACKOFF
+            self.last_error = f"no healthy connection for {self.config.failover_after:g}s"
+        else:
+            self.state = UpstreamState.BACKOFF
+            self.last_error = self._describe(error) if error is not None else "connection ended"
+        health.state, health.last_error = ProviderState(self.state), self.last_error
+
+    def _next_delay(self, error: BaseException | None, auth_error: BaseException | None) -> float:
+        """The wait before the next attempt (logged): the auth cool-down, or by the error's class."""
+        if auth_error is not None:
+            # Slow and slightly jittered, so a fleet with one bad key does not sync up.
+            delay = self.config.auth_retry_delay * self._rng.uniform(0.9, 1.1)
+            log.error("[AUTH] %s; state auth_failed, next attempt in %.0fs (check the API key)", self.last_error, delay)
+            return delay
+        delay = self._retry_delay(error)
+        log.warning(
+            "[RECONNECT] upstream lost: %s; retrying in %.2fs (attempt %d)", self.last_error, delay, self.attempts + 1
+        )
+        return delay
+
+    async def _wait_before_next(self, delay: float) -> None:
+        """Wait ``delay``, or less: until stop() or restart(), or until a failover is due."""
+        self.next_attempt_at = trio.current_time() + delay
+        wait_until = self.next_attempt_at
+        if self.failover and self._unhealthy_since is not None:
+            wait_until = min(wait_until, self._unhealthy_since + self.config.failover_after)
+        with trio.move_on_at(wait_until):
+            await self._wake.wait()  # stop() ends the wait; so does restart()
+        self.next_attempt_at = None
 
     def _retry_delay(self, error: BaseException | None) -> float:
         """The wait before the next attempt after ``error``, by its class (auth is the caller's).
