@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..model import ProviderSwitched
+from ..model import ProviderSwitched, UpstreamItem
 from ..providers import registry
 from ..providers.base import ignore_malformed, ignore_refused
 from .file import RecordingError, RecordingHeader, RecordingWriter
@@ -180,17 +180,10 @@ async def record(
     from ..hub import Demand, Stats
     from ..upstream import Item, Upstream, cancel_on
 
-    provider: Provider = registry.make_provider(config)
-    if raw and provider.name not in RAW_PROVIDERS:
-        raise RecordingError(
-            f"raw recording needs a network provider ({', '.join(sorted(RAW_PROVIDERS))}); "
-            f"{provider.name!r} has no upstream frames"
-        )
+    provider = _recording_provider(config, raw)
     wanted = list(dict.fromkeys(symbols))
     if not wanted:
         raise RecordingError("no symbols to record")
-    if len(config.provider_chain) > 1:
-        log.warning("[RECORD] failover is not used while recording: recording %s only", provider.name)
     clock = _ReceiveClock()
     path = Path(out_path)
     header = RecordingHeader.new(provider.name, wanted, clock.now_ms(), raw=raw)
@@ -202,24 +195,10 @@ async def record(
     writer = RecordingWriter(path, header, overwrite=overwrite)
     try:
         syncer = _Syncer(writer)
-
-        def write_batch(item: Item) -> None:
-            if isinstance(item, ProviderSwitched):
-                return  # there is one provider here
-            writer.write_updates(item, clock.now_ms())
-            summary.updates += len(item)
-            summary.per_symbol.update(u.symbol for u in item)
-            if writer.unsynced >= SYNC_LINES:
-                syncer.want()
-
-        def write_frames(frames: list[str]) -> None:
-            writer.write_raw(frames, clock.now_ms())
-            summary.raw_frames += len(frames)
-            if writer.unsynced >= SYNC_LINES:
-                syncer.want()
-
+        sink = _Sink(writer, summary, clock, syncer)
+        write_batch = sink.batch
         if raw:
-            provider = _RawTapProvider(provider, write_frames)
+            provider = _RawTapProvider(provider, sink.frames)
         upstream = Upstream(provider, demand, send, config.upstream, Stats())
         log.info("[RECORD] %s -> %s: %s", provider.describe(), path, ",".join(wanted))
         async with trio.open_nursery() as nursery:
@@ -244,6 +223,41 @@ async def record(
         summary.elapsed = trio.current_time() - summary.started_at
         log.info("[RECORD] %s", summary.describe())
     return summary
+
+
+def _recording_provider(config: Config, raw: bool) -> Provider:
+    """The config's first provider (failover is not used while recording); RecordingError if unfit."""
+    provider: Provider = registry.make_provider(config)
+    if raw and provider.name not in RAW_PROVIDERS:
+        raise RecordingError(
+            f"raw recording needs a network provider ({', '.join(sorted(RAW_PROVIDERS))}); "
+            f"{provider.name!r} has no upstream frames"
+        )
+    if len(config.provider_chain) > 1:
+        log.warning("[RECORD] failover is not used while recording: recording %s only", provider.name)
+    return provider
+
+
+class _Sink:
+    """Writes what the upstream hands over (updates, and raw frames when asked), counting it."""
+
+    def __init__(self, writer: RecordingWriter, summary: RecordSummary, clock: _ReceiveClock, syncer: _Syncer) -> None:
+        self.writer, self.summary, self.clock, self.syncer = writer, summary, clock, syncer
+
+    def batch(self, item: UpstreamItem) -> None:
+        if isinstance(item, ProviderSwitched):
+            return  # there is one provider here
+        self.writer.write_updates(item, self.clock.now_ms())
+        self.summary.updates += len(item)
+        self.summary.per_symbol.update(u.symbol for u in item)
+        if self.writer.unsynced >= SYNC_LINES:
+            self.syncer.want()
+
+    def frames(self, frames: list[str]) -> None:
+        self.writer.write_raw(frames, self.clock.now_ms())
+        self.summary.raw_frames += len(frames)
+        if self.writer.unsynced >= SYNC_LINES:
+            self.syncer.want()
 
 
 # --------------------------------------------------------------------------- command line
