@@ -580,19 +580,29 @@ class Hub:
                 ack["unrecovered"] = unrecovered
         self.send_control(client, control("subscribed", **ack))
         for s in new + changed:
-            frames = replay.get(s)
-            if frames is not None:
-                if options is not None:
-                    frames = self.delivery.frames_for(options, [_state_of(f) for f in frames])
-                for frame in frames:
-                    outbox.put_replay(s, frame)
-                continue
-            state = self.cache.get(s)
-            if state is not None and state.seq and state.seq > self._floors.get(s, {}).get(outbox, 0):
-                if options is None:
-                    outbox.put(s, self._enc.price_update(state))
-                else:
-                    outbox.put_replay(s, self.delivery.snapshot(options, state))
+            self._catch_up(outbox, s, replay.get(s), options)
+        self._tell_status(client, new)
+        return new
+
+    def _catch_up(
+        self, outbox: Outbox, symbol: str, frames: list[bytes] | None, options: DeliveryOptions | None
+    ) -> None:
+        """A new subscriber's first messages of ``symbol``: the missed ``frames``, else the snapshot."""
+        if frames is not None:
+            if options is not None:
+                frames = self.delivery.frames_for(options, [_state_of(f) for f in frames])
+            for frame in frames:
+                outbox.put_replay(symbol, frame)
+            return
+        state = self.cache.get(symbol)
+        if state is not None and state.seq and state.seq > self._floors.get(symbol, {}).get(outbox, 0):
+            if options is None:
+                outbox.put(symbol, self._enc.price_update(state))
+            else:
+                outbox.put_replay(symbol, self.delivery.snapshot(options, state))
+
+    def _tell_status(self, client: Client, new: list[str]) -> None:
+        """What a new subscriber of ``new`` must know at once: stale symbols, the upstream, refusals."""
         stale = [s for s in new if s in self.stale_symbols]
         if stale:
             self.send_control(client, self._symbol_status("stale", stale))
@@ -603,7 +613,6 @@ class Hub:
                 message = self.refused.get(s)
                 if message is not None:
                     self.send_control(client, {**message, "symbols": [s]})
-        return new
 
     def _replays(
         self, client: Client, new: list[str], since: dict[str, int] | None, epoch: str | None
