@@ -261,6 +261,10 @@ class Upstream:
         rng: random.Random | None = None,
         secrets: Sequence[str] = (),
     ) -> None:
+        """An idle upstream over the failover chain ``providers`` (one provider: no failover).
+
+        Long only by its state, one commented line per field (each is read by /status or the loop).
+        """
         chain = [providers] if not isinstance(providers, Sequence) else list(providers)
         # The configured keys and passwords (Config.secrets()): masked out of every provider's
         # error text before it is stored (last_error: /health, /status), logged or sent to clients.
@@ -415,6 +419,8 @@ class Upstream:
             raise gave_up
 
     async def _run(self) -> None:
+        """The session loop: attempt, note how it ended, then fail back, reload, give up, fail over
+        or wait and retry. Kept whole on purpose: each branch is a step of one decision, in order."""
         failures = 0
         self._unhealthy_since = trio.current_time()
         async with self._send:

@@ -367,6 +367,7 @@ class AlpacaSession:
         """The updates in ``raws`` (frames as read); handles control messages on the way.
 
         Raises :class:`AuthFailed` / :class:`ProviderError` for an error that ends the session.
+        Long on purpose: the feed's hot loop, each message kind's mapping inline.
         """
         updates: list[Update] = []
         append = updates.append

@@ -175,7 +175,7 @@ async def record(
     upstream is closed cleanly and what it already sent is written) or the task is cancelled
     (the file is closed as it is). ``raw`` also records the upstream frames (network providers
     only). ``started`` hands over the live :class:`RecordSummary`; the return value is the
-    final one, also logged.
+    final one, also logged. (Long by this contract; the body is the recording's lifetime.)
     """
     from ..hub import Demand, Stats
     from ..upstream import Item, Upstream, cancel_on
