@@ -548,10 +548,12 @@ def test_a_bad_symbol_is_refused_not_mangled(page: Page, sim_relay: Daemon) -> N
     page.click("#add")
     expect(page.locator("#rows tr")).to_have_count(3)
     assert page.evaluate("() => window.relayDashboard.symbols") == ["AAPL", "BRK.B", "^GSPC"]
-    # Change says since when.
-    expect(page.locator("#quotes thead th.change")).to_have_text(re.compile(r"^Change since \d\d:\d\d$"))
+    # Change says since when: on the day, as the simulated market gives each previous close.
+    expect(page.locator("#quotes thead th.change")).to_have_text(re.compile(r"^Change on the day$"))
     wait_updates(page, "AAPL", 3)
-    expect(row(page, "AAPL").locator("td.change")).to_have_attribute("title", re.compile(r"^since \d\d:\d\d:\d\d"))
+    expect(row(page, "AAPL").locator("td.change")).to_have_attribute(
+        "title", re.compile(r"^on the day: since the previous close, \d+\.\d\d$")
+    )
 
 
 # Counts the flashes that start: a class attribute that gains flash-up or flash-down.
@@ -751,7 +753,8 @@ def test_the_docs_browser_console_snippet_works_from_the_relays_page(
         page.evaluate(f"() => {{ {code} }}")  # as pasted into the console (its own scope)
         page.wait_for_function("() => window.logged.some((l) => l.includes('\"price_update\"'))")
         logged = page.evaluate("() => window.logged")
-        assert json.loads(logged[0]) == {"type": "subscribed", "symbols": ["AAPL"]}, logged
+        ack = json.loads(logged[0])
+        assert ack["type"] == "subscribed" and ack["symbols"] == ["AAPL"] and "AAPL" in ack["prev_close"], logged
         assert any(json.loads(line).get("symbol") == "AAPL" for line in logged[1:])
         page.context.close()
     assert errors == []

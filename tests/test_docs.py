@@ -648,7 +648,8 @@ async def test_python_client_example_runs_as_a_program(start_relay: Any) -> None
         [str(EXAMPLES / "python_client.py"), "--url", relay.ws_url, "--symbols", "aapl,MSFT", "--count", "6", "--batch"]
     )
     messages = [json.loads(line) for line in result.stdout.decode().splitlines()]
-    assert messages[0] == {"type": "subscribed", "symbols": ["AAPL", "MSFT"]}
+    assert messages[0]["type"] == "subscribed" and messages[0]["symbols"] == ["AAPL", "MSFT"]
+    assert set(messages[0]["prev_close"]) == {"AAPL", "MSFT"}  # the simulated market knows them
     prices = [m for m in messages if m["type"] == "price_update"]
     assert len(prices) == 6 and {p["symbol"] for p in prices} <= {"AAPL", "MSFT"}
 
@@ -1056,23 +1057,33 @@ async def real_messages(relay: Relay, ws_connect: Any, http: httpx.AsyncClient) 
     s = Session(await ws_connect(relay))
     await s.client.send({"action": "subscribe", "symbols": ["AAPL"]})
     got["subscribed"] = await s.next_of("subscribed")
-    got["price_update"] = first = await s.next_of("price_update", symbol="AAPL")
+    got["price_update"] = await s.next_of("price_update", symbol="AAPL")
     await s.client.send({"action": "subscribe", "symbols": ["BAD SYMBOL!"]})
     got["error"] = await s.next_of("error")
     await s.client.send({"action": "subscribe", "symbols": ["AAPL"], "channel": "bars", "interval": "1s"})
     got["bar"] = await s.next_of("bar")
-    # An alert: a level just above the price, which the walk crosses from below within seconds.
-    price = first["last_price"] or first["bid_price"]
-    rule = {"type": "above", "symbol": "AAPL", "level": round(price + 0.01, 2), "one_shot": False}
-    await s.client.send({"action": "alert_create", "rule": rule})
-    await s.next_of("alert_created")
-    got["alert"] = await s.next_of("alert")
+    got["alert"] = await _an_alert(relay, s, http)
     body = {"name": "main", "positions": [{"symbol": "AAPL", "quantity": 100, "cost_basis": 250}]}
     created = await http.post(api(relay, "/portfolios"), json=body)
     assert created.status_code == 200, created.text
     await s.client.send({"action": "subscribe", "channel": "portfolio", "portfolio": "main"})
     got["portfolio"] = await s.next_of("portfolio")
     return got
+
+
+async def _an_alert(relay: Relay, s: Session, http: httpx.AsyncClient) -> dict[str, Any]:
+    """A real fired alert: an `above` rule a cent over the last trade, moved to the price again
+    every 2 s until a trade crosses it (a random walk can drift away from one fixed level)."""
+    while True:
+        state = (await http.get(api(relay, "/cache/AAPL"))).json()
+        price = state["last_price"] or state["bid_price"]
+        rule = {"type": "above", "symbol": "AAPL", "level": round(price + 0.01, 2), "one_shot": False}
+        await s.client.send({"action": "alert_create", "rule": rule})
+        created = await s.next_of("alert_created")
+        with trio.move_on_after(2):
+            return await s.next_of("alert")
+        await s.client.send({"action": "alert_delete", "id": created["rule"]["id"]})
+        await s.next_of("alert_deleted")
 
 
 async def test_websocket_examples_match_the_relay(

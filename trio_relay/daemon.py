@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -37,7 +38,7 @@ from .hub import CLOSE_GOING_AWAY, Demand, Hub, Stats
 from .model import wall_ms
 from .portfolio import PortfolioStore
 from .portfolio.service import PortfolioService
-from .providers.base import Provider
+from .providers.base import PreviousCloses, Provider
 from .providers.registry import make_providers
 from .startup import bind_problem, check_data_dirs
 from .upstream import UpstreamView
@@ -196,6 +197,7 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
         async with hub_open as hub:
             # Chosen once, here: this relay's own upstream (memory) or a fleet's (redis).
             engine = open_engine(config, hub, providers, stats)
+            hub.previous_close = _previous_closes(engine.view)
             ctx = RelayContext(hub=hub, engine=engine, config=config, started_at=time.time(), security=Security(config))
             app_store = await _open_app_services(config, hub, ctx)
             front = FrontDoor(ctx, ssl_context)
@@ -244,6 +246,16 @@ async def run_relay(config: Config, *, task_status: trio.TaskStatus[Relay] = tri
     finally:
         listener.close()  # closed already once serving began; this is for a failed start
     log.info("[SHUTDOWN] done")
+
+
+def _previous_closes(view: UpstreamView) -> Callable[[str], float | None]:
+    """A symbol's previous close from the provider in use, where it knows one (else None)."""
+
+    def previous_close(symbol: str) -> float | None:
+        provider = view.provider
+        return provider.previous_close(symbol) if isinstance(provider, PreviousCloses) else None
+
+    return previous_close
 
 
 async def _open_app_services(config: Config, hub: Hub, ctx: RelayContext) -> AppStore | None:

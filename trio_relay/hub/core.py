@@ -152,6 +152,9 @@ class Hub:
         self.refused: dict[str, dict[str, Any]] = {}
         # The upstream's last state signal while it is not "up" (sent to new subscribers too).
         self.upstream_status: dict[str, Any] | None = None
+        # symbol -> its previous close, where the provider knows one (set by the daemon): the
+        # subscribe ack carries it, so a client can show the change on the day.
+        self.previous_close: Callable[[str], float | None] | None = None
         self.clients: dict[int, Client] = {}
         self._subs: dict[str, set[Outbox]] = {}
         # When the batch being published was received (wall clock, UTC epoch ms): set once per
@@ -573,6 +576,10 @@ class Hub:
         ack: dict[str, Any] = {"symbols": list(dict.fromkeys(symbols))}
         if options is not None:
             ack["options"] = options.as_json()
+        if self.previous_close is not None:
+            closes = {s: c for s in ack["symbols"] if (c := self.previous_close(s)) is not None}
+            if closes:
+                ack["prev_close"] = closes
         if since is not None:
             ack["epoch"] = self.epoch
             ack["recovered"] = not unrecovered

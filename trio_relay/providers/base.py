@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -141,6 +141,17 @@ class Session(Protocol):
         fatal provider messages raise :class:`AuthFailed` / :class:`ProviderError`.
         """
         ...
+
+
+@runtime_checkable
+class PreviousCloses(Protocol):
+    """A provider that knows each symbol's previous close (the simulated market does).
+
+    The relay hands it to clients in the ``subscribed`` ack (``prev_close``), so a front-end can
+    show the change on the day. Vendors' streams carry no previous close: for them it is absent.
+    """
+
+    def previous_close(self, symbol: str) -> float | None: ...
 
 
 class Provider(Protocol):

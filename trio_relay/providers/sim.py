@@ -284,6 +284,10 @@ class SimProvider:
     def describe(self) -> str:
         return f"simulated market (seed {self.market.seed}, {self.config.rate:g} updates/s per symbol)"
 
+    def previous_close(self, symbol: str) -> float | None:
+        """The symbol's previous close in this market (base.PreviousCloses)."""
+        return self.market.previous_close(symbol)
+
     @asynccontextmanager
     async def session(self, on_malformed: object = None, on_refused: object = None) -> AsyncIterator[SimSession]:
         yield SimSession(self.config, self.market)

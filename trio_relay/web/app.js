@@ -176,6 +176,15 @@ const feed = new RelayFeed(wsUrl.href, {
     requestRender();
   },
   subscribed(msg) {
+    for (const [symbol, close] of Object.entries(msg.prev_close ?? {})) {
+      const quote = quotes.get(symbol);
+      if (quote && typeof close === "number") {
+        quote.prevClose = close;
+        dirty.add(symbol);
+      }
+    }
+    syncChangeLabel();
+    requestRender();
     if (msg.recovered === false && msg.unrecovered?.length) {
       showNotice(`resumed from the current price (updates in between not available): ${msg.unrecovered.join(", ")}`);
     }
@@ -337,6 +346,7 @@ function addSymbols(symbols) {
   feed.add(added);
   saveSymbols();
   structureDirty = true;
+  syncChangeLabel();
   requestRender();
 }
 
@@ -351,6 +361,7 @@ function removeSymbols(symbols) {
   feed.remove(gone);
   saveSymbols();
   structureDirty = true;
+  syncChangeLabel();
   requestRender();
 }
 
@@ -692,9 +703,13 @@ function updateRow(row, quote, now) {
     setPart(row, "changeAbs", `${sign}${formatPrice(Math.abs(abs), row.digits)}`);
     const pctSign = Math.abs(pct) < 0.005 ? "" : sign;  // no "−0.00%": it rounds to nothing
     setPart(row, "changePct", `(${pctSign}${Math.abs(pct).toFixed(2)}%)`);
-    if (row.shown.since !== quote.firstAt) {
-      row.shown.since = quote.firstAt;
-      cell.title = `since ${formatTime(quote.firstAt)}, the first price this page saw (not the previous close)`;
+    const since = quote.prevClose !== null ? `close ${quote.prevClose}` : quote.firstAt;
+    if (row.shown.since !== since) {
+      row.shown.since = since;
+      cell.title =
+        quote.prevClose !== null
+          ? `on the day: since the previous close, ${formatPrice(quote.prevClose, row.digits)}`
+          : `since ${formatTime(quote.firstAt)}, the first price this page saw (no previous close known)`;
     }
   }
   const direction = change === null || change[0] === 0 ? "" : change[0] > 0 ? "pos" : "neg";
@@ -981,7 +996,13 @@ window.relayDashboard = {
 };
 
 const started = new Date();
-ui.changeSince.textContent = `since ${pad(started.getHours())}:${pad(started.getMinutes())}`;
+// "on the day" when every row knows its previous close, else since this page opened.
+function syncChangeLabel() {
+  const all = [...quotes.values()];
+  const onTheDay = all.length > 0 && all.every((q) => q.prevClose !== null);
+  ui.changeSince.textContent = onTheDay ? "on the day" : `since ${pad(started.getHours())}:${pad(started.getMinutes())}`;
+}
+syncChangeLabel();
 const initial = loadSymbols();
 for (const s of initial) quotes.set(s, new Quote(s));
 feed.add(initial);

@@ -9,7 +9,8 @@ export class Quote {
     this.last = null;
     this.bid = null;
     this.ask = null;
-    this.firstLast = null;  // first trade price seen this session: the reference for "change"
+    this.prevClose = null;  // the previous close, when the relay's provider knows it (subscribe ack)
+    this.firstLast = null;  // first trade price seen this session: the reference for "change" without one
     this.firstMid = null;  // the same for the mid, while no trade has been seen
     this.firstAt = null;  // when (epoch ms, event time) the page saw the reference price
     this.updatedAt = null;  // the update's event time, epoch ms
@@ -31,10 +32,15 @@ export class Quote {
   }
 
   /**
-   * The change since the first price this page saw (at `firstAt`): [absolute, percent], or
-   * null. Not the change on the day: the relay's updates carry no previous close.
+   * [absolute, percent], or null: the change on the day when the previous close is known (the
+   * relay's subscribe ack says it, where its provider knows it), else since the first price
+   * this page saw (at `firstAt`).
    */
   get change() {
+    const price = this.last ?? this.mid;
+    if (this.prevClose !== null && price !== null && this.prevClose !== 0) {
+      return [price - this.prevClose, ((price - this.prevClose) / this.prevClose) * 100];
+    }
     let now = this.last;
     let first = this.firstLast;
     if (now === null || first === null) {
