@@ -261,3 +261,18 @@ async def test_a_stalled_feed_is_503_and_stale_everywhere_until_data_flows(start
         await client.recv_until(lambda m: m.get("type") == "price_update")
         await wait_state(relay, "connected")
         assert (await http.get(api(relay, "/health"))).status_code == 200
+
+
+async def test_the_ack_has_a_previous_close_only_where_the_provider_knows_one(start_relay, fake_fmp, ws_connect):
+    """The simulated market knows each symbol's previous close and the ack says it; FMP's stream does not."""
+    fmp = await start_relay(**fmp_sections(fake_fmp))
+    sim = await start_relay(upstream={"provider": "sim"}, sim={"seed": 7})
+    with trio.fail_after(10):
+        from_fmp = await (await ws_connect(fmp)).request({"action": "subscribe", "symbols": ["AAPL"]}, "subscribed")
+        from_sim = await (await ws_connect(sim)).request(
+            {"action": "subscribe", "symbols": ["AAPL", "EURUSD"]}, "subscribed"
+        )
+    assert "prev_close" not in from_fmp
+    closes = from_sim["prev_close"]
+    assert set(closes) == {"AAPL", "EURUSD"}
+    assert 150 < closes["AAPL"] < 450 and 0.9 < closes["EURUSD"] < 1.5  # the instruments' levels
