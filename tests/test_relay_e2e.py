@@ -32,7 +32,8 @@ async def test_subscribe_ack_snapshot_then_live_updates(start_relay, ws_connect)
     with trio.fail_after(5):
         await client.send({"action": "subscribe", "symbols": ["aapl"]})
         ack = await client.recv()
-        assert ack == {"type": "subscribed", "symbols": ["AAPL"]}
+        assert ack == {"type": "subscribed", "symbols": ["AAPL"], "prev_close": {"AAPL": ack["prev_close"]["AAPL"]}}
+        assert isinstance(ack["prev_close"]["AAPL"], float)  # the simulated market's previous close
         snapshot = await client.recv()
         assert snapshot["type"] == "price_update" and snapshot["symbol"] == "AAPL"
         assert set(snapshot) == PRICE_FIELDS
@@ -162,7 +163,8 @@ async def test_batch_mode_sends_arrays(start_relay, ws_connect):
         frames = [await client.recv() for _ in range(20)]
     assert all(isinstance(f, list) and f for f in frames)
     flat = [m for f in frames for m in f]
-    assert flat[0] == {"type": "subscribed", "symbols": ["AAPL", "MSFT"]}
+    assert flat[0]["type"] == "subscribed" and flat[0]["symbols"] == ["AAPL", "MSFT"]
+    assert set(flat[0]["prev_close"]) == {"AAPL", "MSFT"}
     assert {m["symbol"] for m in _prices(flat)} == {"AAPL", "MSFT"}
 
 
