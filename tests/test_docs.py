@@ -587,7 +587,8 @@ async def wait_history(relay: Relay, http: httpx.AsyncClient, symbol: str) -> No
             body = (await http.get(api(relay, f"/history/{symbol}?start=-5m&limit=1000"))).json()
             if any(t["kind"] == "T" for t in body["ticks"]):
                 return
-            await trio.sleep(0.05)  # the writer flushes in its own time; nothing to wait on from here
+            assert relay.history_writer is not None
+            await relay.history_writer.changed()  # its next write, not a timer
 
 
 async def test_curl_examples(start_relay: Any, http: httpx.AsyncClient, tmp_path: Path) -> None:

@@ -540,7 +540,8 @@ async def test_retimed_replay_lands_now_in_the_tick_history(start_relay, ws_conn
             body = (await http.get(f"{relay.http_url}/api/v2/realtime/history/AAPL?start=-1m")).json()
             if body["ticks"]:
                 break
-            await trio.sleep(0.05)  # the writer flushes on its own schedule
+            assert relay.history_writer is not None
+            await relay.history_writer.changed()  # its next write, not a timer
     tick = body["ticks"][0]
     assert before - 1000 <= tick["timestamp"] <= wall_ms() + 60_000 and tick["provider"] == "replay"
 

@@ -28,6 +28,8 @@ __all__ = [
     "Tick",
     "TradeRow",
     "Batch",
+    "COLUMNS",
+    "row_of",
     "HistoryBackend",
     "HistoryConnection",
     "HistoryError",
@@ -45,6 +47,39 @@ __all__ = [
 # What the writer hands to a backend: each update with the wall-clock ms at which it arrived and
 # the provider it came from (stored as ``update.provider or provider``; None: not known).
 Batch = Sequence[tuple[Update, int, str | None]]
+
+# The columns a backend writes, in the order of :func:`row_of` (both backends' tables have them).
+COLUMNS: tuple[str, ...] = (
+    "symbol",
+    "ts",
+    "recv_ms",
+    "kind",
+    "last_price",
+    "last_size",
+    "bid_price",
+    "bid_size",
+    "ask_price",
+    "ask_size",
+    "provider",
+)
+
+
+def row_of(u: Update, recv_ms: int, provider: str | None) -> tuple[object, ...]:
+    """One update of a :data:`Batch` as a row of :data:`COLUMNS` (its own provider wins)."""
+    return (
+        u.symbol,
+        u.timestamp,
+        recv_ms,
+        u.kind,
+        u.last_price,
+        u.last_size,
+        u.bid_price,
+        u.bid_size,
+        u.ask_price,
+        u.ask_size,
+        u.provider or provider,
+    )
+
 
 # A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size, recv_ms).
 TradeRow = tuple[str, int, float, float | None, int]

@@ -21,6 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .base import (
+    COLUMNS,
     Batch,
     HistoryUnavailable,
     Position,
@@ -30,24 +31,12 @@ from .base import (
     TradeRow,
     check_identifier,
     redact,
+    row_of,
 )
 
 __all__ = ["PostgresBackend"]
 
 _ROW_ERRORS: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, TypeError, ValueError)
-_COLUMNS: Final = (
-    "symbol",
-    "ts",
-    "recv_ms",
-    "kind",
-    "last_price",
-    "last_size",
-    "bid_price",
-    "bid_size",
-    "ask_price",
-    "ask_size",
-    "provider",
-)
 _COPY_TYPES: Final = [
     "text",
     "int8",
@@ -168,7 +157,7 @@ class _PostgresConnection:
         self._conn = conn
         self._backend = backend
         t = table
-        names = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
+        names = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(t, names)
         columns = sql.SQL(
             "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
@@ -198,21 +187,7 @@ class _PostgresConnection:
                 copy.set_types(_COPY_TYPES)
                 write_row = copy.write_row
                 for u, r, p in batch:
-                    write_row(
-                        (
-                            u.symbol,
-                            u.timestamp,
-                            r,
-                            u.kind,
-                            u.last_price,
-                            u.last_size,
-                            u.bid_price,
-                            u.bid_size,
-                            u.ask_price,
-                            u.ask_size,
-                            u.provider or p,
-                        )
-                    )
+                    write_row(row_of(u, r, p))
         except _ROW_ERRORS as exc:
             if self._conn.broken:
                 raise self._backend._unavailable(exc) from None

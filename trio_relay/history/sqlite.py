@@ -19,7 +19,18 @@ from pathlib import Path
 from typing import Final
 
 from ..private_files import private_file
-from .base import Batch, HistoryUnavailable, Position, QueryTimeout, RejectedRows, Tick, TradeRow, check_identifier
+from .base import (
+    COLUMNS,
+    Batch,
+    HistoryUnavailable,
+    Position,
+    QueryTimeout,
+    RejectedRows,
+    Tick,
+    TradeRow,
+    check_identifier,
+    row_of,
+)
 
 __all__ = ["SqliteBackend", "SQLITE_FILENAME"]
 
@@ -118,10 +129,7 @@ class _SqliteConnection:
         self._conn = conn
         self._description = description
         t = table
-        self._insert = (
-            f'INSERT INTO "{t}" (symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,'
-            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
+        self._insert = f'INSERT INTO "{t}" ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})'
         columns = (
             "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
         )
@@ -154,22 +162,7 @@ class _SqliteConnection:
                 pass  # the failure being reported is the one that matters; the owner reconnects
 
     def write(self, batch: Batch) -> None:
-        rows = (
-            (
-                u.symbol,
-                u.timestamp,
-                r,
-                u.kind,
-                u.last_price,
-                u.last_size,
-                u.bid_price,
-                u.bid_size,
-                u.ask_price,
-                u.ask_size,
-                u.provider or p,
-            )
-            for u, r, p in batch
-        )
+        rows = (row_of(u, r, p) for u, r, p in batch)
         try:
             self._conn.execute("BEGIN")
             self._conn.executemany(self._insert, rows)
