@@ -29,6 +29,8 @@ as the previous frame went out (no timer).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,6 +42,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..auth import BROWSER_PARAM, AuthError, bearer_token, open_principal
 from ..hub import CLOSE_GRACE, CLOSE_POLICY, Client
+from ..hub.outbox import Outbox
 from ..model import CloseCode, ws_payload, ws_text_frame
 from .protocol import ProtocolError, flag, parse_symbols
 from .sessions import Actions, Session
@@ -125,12 +128,17 @@ class PriceSocketServer:
             " (batch)" if batch else "",
         )
         writer = _Writer(stream)
+        if writer.direct:
+            # The hub's flusher writes this client's frames (one task for all, no wake-up per
+            # client); this connection's sender only writes what the socket did not take at once.
+            _Sink(client, writer).attach(self.hub.flusher.mark)
         peer_gone = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     sender = trio.CancelScope()
-                    nursery.start_soon(self._send_loop, client, writer, sender)
+                    loop = self._rest_loop if writer.direct else self._send_loop
+                    nursery.start_soon(loop, client, writer, sender)
                     if self.security.auth.enabled:
                         nursery.start_soon(self.actions.guard, session)
                     # close() cancels only the reader: the sender must not be cut mid-frame.
@@ -154,6 +162,8 @@ class PriceSocketServer:
                     except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
                         pass
         finally:
+            writer.detach()
+            client.outbox.stop()
             # Only now: shutdown waits for the last client to be gone before it stops serving.
             if self.actions.portfolios is not None:
                 self.actions.portfolios.disconnect(client)
@@ -165,20 +175,23 @@ class PriceSocketServer:
         )
 
     async def _send_loop(self, client: Client, writer: _Writer, scope: trio.CancelScope) -> None:
+        """The sender of a TLS client (and of every client once it is closing): outbox → socket."""
+        with scope:
+            await _write_pending(client, writer)
+
+    async def _rest_loop(self, client: Client, writer: _Writer, scope: trio.CancelScope) -> None:
+        """The sender of a direct-mode client: writes what the flusher's write left, until closing."""
         outbox = client.outbox
         with scope:
-            while True:
-                frames = await outbox.get()
-                if not frames:
-                    return  # stopped
-                if client.batch:
-                    # One frame holding a JSON array of everything pending.
-                    body = b"[" + b",".join([ws_payload(f) for f in frames]) + b"]"
-                    await writer.write(ws_text_frame(body))
+            while not (outbox.stopped or outbox.finishing):
+                if writer.rest:
+                    await writer.write()  # the rest first; the writer then pokes the outbox
                 else:
-                    # Every pending message as its own frame, all in one socket write.
-                    await writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
-                outbox.progressed(len(frames))
+                    await outbox.wait()
+            if writer.rest and not outbox.stopped:
+                await writer.write()
+            # Closing: the last frames (an error, a notice) go out through this task, in order.
+            await _write_pending(client, writer)
 
     async def _read_loop(
         self,
@@ -269,21 +282,78 @@ def peer_ip(stream: trio.abc.Stream) -> str:
     return address[0] if address else "?"
 
 
+async def _write_pending(client: Client, writer: _Writer) -> None:
+    """Write the outbox's frames as they come, until it is stopped (or finished and empty)."""
+    outbox = client.outbox
+    while True:
+        frames = await outbox.get()
+        if not frames:
+            return  # stopped
+        await writer.write(wire(client.batch, frames))
+        outbox.progressed(len(frames))
+
+
+def wire(batch: bool, frames: list[bytes]) -> bytes:
+    """What one socket write sends for ``frames``: each its own frame, or (batch) one JSON array."""
+    if batch:
+        return ws_text_frame(b"[" + b",".join([ws_payload(f) for f in frames]) + b"]")
+    return frames[0] if len(frames) == 1 else b"".join(frames)
+
+
 class _Writer:
-    """Serialises writes to one client socket (the sender and the reader's pongs share it).
+    """Serialises writes to one client socket (the sender, the flusher and the reader's pongs share it).
 
     A write cancelled half-way leaves a torn frame on the wire: the writer is then ``broken`` and
     refuses further writes (no close frame may follow a torn one; the connection is just dropped).
+
+    On a plain socket (``direct``) the hub's flusher writes with :meth:`write_now`, which never
+    waits: what the socket does not take is kept in :attr:`rest`, and the next :meth:`write`
+    (the connection's sender task, or a pong) sends it before anything else, so frames are never
+    interleaved. ``on_free`` runs after each :meth:`write` (the flusher may have skipped the
+    outbox meanwhile).
     """
 
-    __slots__ = ("_stream", "_lock", "_in_write")
+    __slots__ = ("_stream", "_lock", "_in_write", "_fd", "rest", "on_free")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._lock = trio.Lock()
         self._in_write = False
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.rest = b""  # bytes of a frame write_now began and the socket did not take yet
+        self.on_free: Callable[[], object] | None = None
 
-    async def write(self, data: bytes) -> None:
+    @property
+    def direct(self) -> bool:
+        """True on a plain socket, where :meth:`write_now` may be used."""
+        return self._fd >= 0
+
+    def ready(self) -> bool:
+        """True if :meth:`write_now` may write: no write in progress and no rest waiting."""
+        return self._fd >= 0 and not self.rest and not self._lock.locked() and not self._in_write
+
+    def detach(self) -> None:
+        """The connection is over: never write to its descriptor again (it may be reused)."""
+        self._fd = -1
+
+    def write_now(self, data: bytes) -> bool:
+        """Write as much of ``data`` as the socket takes without waiting; True if it took all.
+
+        Call only when :meth:`ready`. A failed socket (reset, closed) keeps everything as the
+        rest: the sender's next :meth:`write` then raises it as trio's BrokenResourceError.
+        """
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return True
+        self.rest = data[sent:]
+        return False
+
+    async def write(self, data: bytes = b"") -> None:
         # Uncontended (nearly always: only pongs race the sender), take the lock without the
         # scheduler round-trip `async with` costs; send_all is this call's checkpoint.
         try:
@@ -293,8 +363,43 @@ class _Writer:
         try:
             if self._in_write:
                 raise trio.ClosedResourceError("an earlier write was abandoned mid-frame")
-            self._in_write = True
-            await self._stream.send_all(data)
-            self._in_write = False
+            if self.rest:  # a frame the flusher began goes out whole before anything else
+                data, self.rest = self.rest + data, b""
+            if data:
+                self._in_write = True
+                await self._stream.send_all(data)
+                self._in_write = False
         finally:
             self._lock.release()
+            if self.on_free is not None:
+                self.on_free()
+
+
+class _Sink:
+    """A direct-mode client as the hub's flusher sees it (:class:`~trio_relay.hub.outbox.DirectSink`)."""
+
+    __slots__ = ("_client", "_writer")
+
+    def __init__(self, client: Client, writer: _Writer) -> None:
+        self._client = client
+        self._writer = writer
+
+    def attach(self, mark: Callable[[Outbox], object]) -> None:
+        self._writer.on_free = self._freed
+        self._client.outbox.direct(self, mark)
+
+    def _freed(self) -> None:
+        # A write by the sender task or a pong ended: the flusher may have skipped this outbox.
+        if not self._writer.rest:
+            outbox = self._client.outbox
+            outbox.idle = not outbox
+            outbox.poke()
+
+    def ready(self) -> bool:
+        return self._writer.ready()
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        if self._writer.write_now(wire(self._client.batch, frames)):
+            return True
+        self._client.outbox.wake()  # the sender task writes the rest when the socket takes it
+        return False

@@ -48,6 +48,7 @@ from ..model import (
 from .client import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Client
 from .delivery import Delivery, DeliveryOptions
 from .demand import Demand
+from .flusher import Flusher
 from .outbox import Outbox
 from .stats import LatencyHistogram, Stats
 from .trades import TradeMemory
@@ -174,6 +175,8 @@ class Hub:
         self._no_clients = trio.Event()
         self._receive: trio.MemoryReceiveChannel[UpstreamItem] | None = None
         self.latency = LatencyHistogram()  # queued in an outbox → written to the socket, per flush
+        # Writes the frames of every direct-mode outbox (native WebSocket clients) after each turn.
+        self.flusher = Flusher()
         self._turns = 0  # consume turns taken (the watchdog's measure of progress)
         self._turns_seen = 0
         demand.on_removed = self._evict
@@ -199,6 +202,7 @@ class Hub:
             nursery.start_soon(hub._watch_symbols)
             nursery.start_soon(hub.bars.run)
             nursery.start_soon(hub.delivery.run)
+            nursery.start_soon(hub.flusher.run)
             try:
                 yield hub
             finally:

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from .stats import LatencyHistogram
 
-__all__ = ["Outbox"]
+__all__ = ["DirectSink", "Outbox"]
+
+
+class DirectSink(Protocol):
+    """Where the hub's flusher writes an outbox's frames without waiting (see :mod:`.flusher`)."""
+
+    def ready(self) -> bool:
+        """True if no write to the client is in progress (the flusher may write now)."""
+        ...
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` as far as the socket takes them now; True if all of it was written.
+
+        False: the sink's own task now owns the rest (and the connection until it is written).
+        """
+        ...
+
+
+def _unpark_sender(outbox: Outbox) -> None:
+    outbox._lot.unpark()
 
 
 class Outbox:
@@ -38,6 +59,9 @@ class Outbox:
         "oldest",
         "_taken_oldest",
         "latency",
+        "dirty",
+        "_wake",
+        "sink",
     )
 
     def __init__(self, capacity: int) -> None:
@@ -56,6 +80,11 @@ class Outbox:
         self.oldest = 0.0  # when the oldest pending frame was queued (trio clock)
         self._taken_oldest = 0.0
         self.latency: LatencyHistogram | None = None  # set by the hub: queued → written
+        # Set by the first put since the consumer last looked, which then calls _wake once: the
+        # sender task's unpark, or (direct mode) the hub flusher's mark. Later puts pay one test.
+        self.dirty = False
+        self._wake: Callable[[Outbox], object] = _unpark_sender
+        self.sink: DirectSink | None = None  # set in direct mode: the flusher writes to it
 
     def __len__(self) -> int:
         return len(self._queue) if self._latest is None else len(self._latest)
@@ -69,8 +98,9 @@ class Outbox:
                 if not queue:
                     self.oldest = trio.current_time()  # for the relay-latency histogram
                 queue.append((key, msg))
-                if self._lot:
-                    self._lot.unpark()
+                if not self.dirty:
+                    self.dirty = True
+                    self._wake(self)
                 return
             latest = self._latest = OrderedDict()
             for k, m in queue:
@@ -81,8 +111,39 @@ class Outbox:
         if key in latest:
             self.conflated += 1
         latest[key] = msg
-        if self._lot:
-            self._lot.unpark()
+        if not self.dirty:
+            self.dirty = True
+            self._wake(self)
+
+    def direct(self, sink: DirectSink, mark: Callable[[Outbox], object]) -> None:
+        """Direct mode: each put that finds the outbox clean calls ``mark(self)`` (the hub's
+        flusher), which takes the frames and writes them to ``sink`` without a task wake-up.
+
+        The sender task then only waits for :meth:`stop`/:meth:`finish` and for what the sink
+        hands it (a write the socket did not take at once).
+        """
+        self.sink = sink
+        self._wake = mark
+        if self:
+            self.dirty = True
+            mark(self)
+
+    def poke(self) -> None:
+        """Signal pending frames again (a direct sink that was busy when the flusher came)."""
+        if not self.dirty and (self._queue or self._latest):
+            self.dirty = True
+            self._wake(self)
+
+    async def wait(self) -> None:
+        """Park the sender task until :meth:`wake`, :meth:`stop` or :meth:`finish` (direct mode)."""
+        await self._lot.park()
+
+    def wake(self) -> None:
+        """Wake the sender task parked in :meth:`wait` (its sink has bytes for it to write)."""
+        self._lot.unpark_all()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue or self._latest)
 
     @property
     def conflating(self) -> bool:
@@ -139,10 +200,15 @@ class Outbox:
                 return []
             self.idle = True
             while not (self._queue or self._latest):
+                self.dirty = False  # the next put wakes this task
                 await self._lot.park()
                 if self.stopped or (self.finishing and not (self._queue or self._latest)):
                     self.stopped = True
                     return []
+        return self.take(limit)
+
+    def take(self, limit: int = 0) -> list[bytes]:
+        """Take pending frames in order without waiting: all of them, or at most ``limit``."""
         self.idle = False
         self.last_progress = now = trio.current_time()
         self._taken_oldest = self.oldest
