@@ -152,3 +152,27 @@ async def test_the_flusher_skips_a_busy_sink_until_poked_and_marks_each_outbox_o
     outbox.stop()
     flusher.flush()  # a stopped outbox is never written by the flusher
     assert len(sink.writes) == 2
+
+
+async def test_switching_to_batch_and_back_keeps_every_pending_update_in_order() -> None:
+    from trio_relay.config import ClientsConfig
+    from trio_relay.hub import Demand, Hub, Stats
+    from trio_relay.model import Update, ws_payload
+
+    async with Hub.open(ClientsConfig(outbox_size=64), Demand(linger=0.0), Stats()) as hub:
+        client = hub.connect()
+        hub.subscribe(client, ["A", "B"])
+        for i in range(5):
+            hub.publish(Update("A" if i % 2 else "B", "T", 1_700_000_000_000 + i, last_price=100.0 + i, last_size=1))
+        hub.set_batch(client, True)  # the pending frames become payloads
+        hub.publish(Update("A", "T", 1_700_000_000_010, last_price=110.0, last_size=1))  # routed as a payload
+        entries = await client.outbox.get()
+        batched = [json.loads(e) for e in entries]
+        assert [m["type"] for m in batched] == ["subscribed"] + ["price_update"] * 6
+        assert [m["last_price"] for m in batched[1:]] == [100.0, 101.0, 102.0, 103.0, 104.0, 110.0]
+        hub.publish(Update("B", "T", 1_700_000_000_011, last_price=111.0, last_size=1))
+        hub.set_batch(client, False)  # and back: the pending payload is a frame again
+        hub.publish(Update("A", "T", 1_700_000_000_012, last_price=112.0, last_size=1))
+        frames = await client.outbox.get()
+        assert [json.loads(ws_payload(f))["last_price"] for f in frames] == [111.0, 112.0]
+        assert hub.subscriber_count("A") == 1

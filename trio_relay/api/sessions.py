@@ -170,7 +170,7 @@ class Actions:
             return
         session.entitlement().require(action.symbols)  # before any snapshot is sent
         if action.batch is not None:
-            client.batch = action.batch
+            self.hub.set_batch(client, action.batch)
         try:
             if action.channel is Channel.BARS:
                 self.hub.bars.subscribe(client, action.symbols, action.interval or "")

@@ -236,7 +236,7 @@ class SsePriceServer:
                     return  # stopped
                 out: list[bytes] = []
                 for frame in frames:
-                    payload = ws_payload(frame)
+                    payload = frame if outbox.batch else ws_payload(frame)
                     head = _HEAD.decode(payload)
                     kind = head.type if isinstance(head.type, str) else ""
                     if kind == "price_update" and type(head.seq) is int and isinstance(head.symbol, str):

@@ -289,15 +289,16 @@ async def _write_pending(client: Client, writer: _Writer) -> None:
         frames = await outbox.get()
         if not frames:
             return  # stopped
-        await writer.write(wire(client.batch, frames))
+        await writer.write(wire(outbox.batch, frames))
         outbox.progressed(len(frames))
 
 
-def wire(batch: bool, frames: list[bytes]) -> bytes:
-    """What one socket write sends for ``frames``: each its own frame, or (batch) one JSON array."""
+def wire(batch: bool, entries: list[bytes]) -> bytes:
+    """What one socket write sends for an outbox's ``entries``: its frames, or one JSON array of
+    its payloads (a batched outbox holds payloads, see :class:`~trio_relay.hub.outbox.Outbox`)."""
     if batch:
-        return ws_text_frame(b"[" + b",".join([ws_payload(f) for f in frames]) + b"]")
-    return frames[0] if len(frames) == 1 else b"".join(frames)
+        return ws_text_frame(b"[" + b",".join(entries) + b"]")
+    return entries[0] if len(entries) == 1 else b"".join(entries)
 
 
 class _Writer:
@@ -399,7 +400,7 @@ class _Sink:
         return self._writer.ready()
 
     def write_now(self, frames: list[bytes]) -> bool:
-        if self._writer.write_now(wire(self._client.batch, frames)):
+        if self._writer.write_now(wire(self._client.outbox.batch, frames)):
             return True
         self._client.outbox.wake()  # the sender task writes the rest when the socket takes it
         return False

@@ -157,7 +157,10 @@ class Hub:
         # subscribe ack carries it, so a client can show the change on the day.
         self.previous_close: Callable[[str], float | None] | None = None
         self.clients: dict[int, Client] = {}
+        # symbol → the outboxes of its subscribers without options: per-frame clients get the
+        # shared frame, batched ones (_bsubs) the shared payload (sliced once per update).
         self._subs: dict[str, set[Outbox]] = {}
+        self._bsubs: dict[str, set[Outbox]] = {}
         # When the batch being published was received (wall clock, UTC epoch ms): set once per
         # turn, and what the bars and the history take as each update's arrival time.
         self.received_ms = 0
@@ -432,18 +435,26 @@ class Hub:
 
     def _route(self, symbol: str, msg: bytes, seq: int) -> None:
         outboxes = self._subs.get(symbol)
-        if outboxes:
+        batched = self._bsubs.get(symbol)
+        if outboxes or batched:
             floors = self._floors.get(symbol) if self._floors else None
             if floors is not None:
-                self._route_above(symbol, msg, seq, outboxes, floors)
+                self._route_above(symbol, msg, seq, floors)
                 return
-            for outbox in outboxes:
-                outbox.put(symbol, msg)
-            self.stats.messages_out += len(outboxes)
+            # The hot loop: one push per subscriber, of bytes shared by all of them.
+            if outboxes:
+                for outbox in outboxes:
+                    outbox.push(symbol, msg)
+                self.stats.messages_out += len(outboxes)
+            if batched:
+                payload = ws_payload(msg)
+                for outbox in batched:
+                    outbox.push(symbol, payload)
+                self.stats.messages_out += len(batched)
 
-    def _route_above(self, symbol: str, msg: bytes, seq: int, outboxes: set[Outbox], floors: dict[Outbox, int]) -> None:
+    def _route_above(self, symbol: str, msg: bytes, seq: int, floors: dict[Outbox, int]) -> None:
         """Route to each outbox unless it resumed at or beyond ``seq`` (it has that update)."""
-        for outbox in outboxes:
+        for outbox in [*self._subs.get(symbol, ()), *self._bsubs.get(symbol, ())]:
             floor = floors.get(outbox)
             if floor is not None:
                 if seq <= floor:
@@ -515,7 +526,7 @@ class Hub:
 
     # ----------------------------------------------------------------- clients
     def connect(self, *, batch: bool = False, remote: str = "") -> Client:
-        outbox = Outbox(self.config.outbox_size)
+        outbox = Outbox(self.config.outbox_size, batch=batch)
         outbox.latency = self.latency
         client = Client(
             id=next(self._ids),
@@ -646,9 +657,22 @@ class Hub:
                     replay[s] = frames
         return replay, unrecovered
 
+    def set_batch(self, client: Client, batch: bool) -> None:
+        """Switch a client to batched frames (JSON arrays) or back; nothing pending is lost."""
+        if batch == client.batch:
+            return
+        plain = [s for s in client.symbols if s not in client.options]
+        for symbol in plain:
+            self._unroute(client, symbol)  # from the set of the old form...
+        client.batch = batch
+        client.outbox.set_batch(batch)
+        for symbol in plain:
+            self._add_route(client, symbol, None)  # ...to the set of the new one
+
     def _add_route(self, client: Client, symbol: str, options: DeliveryOptions | None) -> None:
         if options is None:
-            self._subs.setdefault(symbol, set()).add(client.outbox)
+            subs = self._bsubs if client.outbox.batch else self._subs
+            subs.setdefault(symbol, set()).add(client.outbox)
         else:
             client.options[symbol] = options
             self.delivery.add(symbol, options, client.outbox)
@@ -658,11 +682,12 @@ class Hub:
         if options is not None:
             self.delivery.remove(symbol, options, client.outbox)
             return
-        outboxes = self._subs.get(symbol)
+        subs = self._bsubs if client.outbox.batch else self._subs
+        outboxes = subs.get(symbol)
         if outboxes is not None:
             outboxes.discard(client.outbox)
             if not outboxes:
-                del self._subs[symbol]
+                del subs[symbol]
 
     def check_capacity(self, client: Client, more: int) -> None:
         """Raise :class:`SubscriptionError` if ``more`` subscriptions (ticks or bars) exceed the cap."""
@@ -806,7 +831,7 @@ class Hub:
             went_stale: set[str] = set()
             came_back: set[str] = set()
             cache = self.cache
-            subscribed = self._subs.keys() | self.delivery.routes.keys()
+            subscribed = self._subs.keys() | self._bsubs.keys() | self.delivery.routes.keys()
             for symbol in subscribed:
                 state = cache.get(symbol)
                 seq = state.seq if state is not None else 0
@@ -859,7 +884,8 @@ class Hub:
         self.stale_symbols.discard(symbol)
 
     def subscriber_count(self, symbol: str) -> int:
-        return len(self._subs.get(symbol, ())) + self.delivery.subscriber_count(symbol)
+        plain = len(self._subs.get(symbol, ())) + len(self._bsubs.get(symbol, ()))
+        return plain + self.delivery.subscriber_count(symbol)
 
     def conflated_total(self) -> int:
         return self.stats.conflated + sum(c.outbox.conflated for c in self.clients.values())

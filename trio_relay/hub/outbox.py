@@ -9,6 +9,7 @@ from typing import Protocol
 
 import trio
 
+from ..model import ws_payload, ws_text_frame
 from .stats import LatencyHistogram
 
 __all__ = ["DirectSink", "Outbox"]
@@ -36,6 +37,11 @@ def _unpark_sender(outbox: Outbox) -> None:
 class Outbox:
     """A client's bounded queue of encoded WebSocket frames (bytes, shared between clients).
 
+    A batched client's outbox (``batch``) holds the frames' payloads instead (the hub routes one
+    payload, sliced once per update, to all of a symbol's batched subscribers): its sender joins
+    them into one JSON array without touching each message again. :meth:`put` takes a frame and
+    keeps what the mode needs; :meth:`push` takes the entry as it is (the hub's hot path).
+
     Up to ``capacity`` frames queue in order. When full it switches to conflation: one pending
     frame per symbol (the latest), so its size is bounded by the client's symbol count, and the
     client always gets the newest price of every symbol it wants, never a backlog. Replies
@@ -62,10 +68,12 @@ class Outbox:
         "dirty",
         "_wake",
         "sink",
+        "batch",
     )
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, batch: bool = False) -> None:
         self.capacity = capacity
+        self.batch = batch  # entries are payloads (one JSON array per write), not frames
         self._queue: deque[tuple[object, bytes]] = deque()
         self._latest: OrderedDict[object, bytes] | None = None  # not None while conflating
         self._lot = trio.lowlevel.ParkingLot()
@@ -89,8 +97,12 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue) if self._latest is None else len(self._latest)
 
-    def put(self, key: object, msg: bytes) -> None:
-        """Queue ``msg`` for symbol ``key``; never blocks."""
+    def put(self, key: object, frame: bytes) -> None:
+        """Queue ``frame`` (its payload, in batch mode) for symbol ``key``; never blocks."""
+        self.push(key, ws_payload(frame) if self.batch else frame)
+
+    def push(self, key: object, msg: bytes) -> None:
+        """Queue ``msg``, already in this outbox's form (frame or payload), for ``key``."""
         latest = self._latest
         if latest is None:
             queue = self._queue
@@ -149,6 +161,21 @@ class Outbox:
     def conflating(self) -> bool:
         """True while full: one pending frame per key, the latest."""
         return self._latest is not None
+
+    def set_batch(self, batch: bool) -> None:
+        """Switch the entries' form (frames ↔ payloads), the pending ones included, in place."""
+        if batch == self.batch:
+            return
+        self.batch = batch
+
+        def convert(msg: bytes) -> bytes:
+            return ws_payload(msg) if batch else ws_text_frame(msg)
+
+        if self._latest is not None:
+            for key, msg in self._latest.items():
+                self._latest[key] = convert(msg)
+        else:
+            self._queue = deque((k, convert(m)) for k, m in self._queue)
 
     def put_last(self, key: object, msg: bytes) -> None:
         """Queue ``msg`` for ``key`` after everything pending (a full state replacing an older one).
