@@ -43,7 +43,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from ..auth import BROWSER_PARAM, AuthError, bearer_token, open_principal
 from ..hub import CLOSE_GRACE, CLOSE_POLICY, Client
 from ..hub.outbox import Outbox
-from ..model import CloseCode, ws_payload, ws_text_frame
+from ..model import CloseCode, ws_text_frame
 from .protocol import ProtocolError, flag, parse_symbols
 from .sessions import Actions, Session
 
