@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -51,7 +51,8 @@ class Outbox:
 
     __slots__ = (
         "capacity",
-        "_queue",
+        "_msgs",
+        "_mkeys",
         "_latest",
         "_lot",
         "_controls",
@@ -74,7 +75,10 @@ class Outbox:
     def __init__(self, capacity: int, *, batch: bool = False) -> None:
         self.capacity = capacity
         self.batch = batch  # entries are payloads (one JSON array per write), not frames
-        self._queue: deque[tuple[object, bytes]] = deque()
+        # Below capacity: the pending entries in order, and their keys alongside (two lists, so
+        # a put makes no tuple and a take hands over the list itself).
+        self._msgs: list[bytes] = []
+        self._mkeys: list[object] = []
         self._latest: OrderedDict[object, bytes] | None = None  # not None while conflating
         self._lot = trio.lowlevel.ParkingLot()
         self._controls = 0
@@ -95,7 +99,7 @@ class Outbox:
         self.sink: DirectSink | None = None  # set in direct mode: the flusher writes to it
 
     def __len__(self) -> int:
-        return len(self._queue) if self._latest is None else len(self._latest)
+        return len(self._msgs) if self._latest is None else len(self._latest)
 
     def put(self, key: object, frame: bytes) -> None:
         """Queue ``frame`` (its payload, in batch mode) for symbol ``key``; never blocks."""
@@ -105,21 +109,22 @@ class Outbox:
         """Queue ``msg``, already in this outbox's form (frame or payload), for ``key``."""
         latest = self._latest
         if latest is None:
-            queue = self._queue
-            if len(queue) < self.capacity:
-                if not queue:
+            msgs = self._msgs
+            if len(msgs) < self.capacity:
+                if not msgs:
                     self.oldest = trio.current_time()  # for the relay-latency histogram
-                queue.append((key, msg))
+                msgs.append(msg)
+                self._mkeys.append(key)
                 if not self.dirty:
                     self.dirty = True
                     self._wake(self)
                 return
             latest = self._latest = OrderedDict()
-            for k, m in queue:
+            for k, m in zip(self._mkeys, msgs):
                 if k in latest:
                     self.conflated += 1
                 latest[k] = m
-            queue.clear()
+            self._msgs, self._mkeys = [], []
         if key in latest:
             self.conflated += 1
         latest[key] = msg
@@ -142,7 +147,7 @@ class Outbox:
 
     def poke(self) -> None:
         """Signal pending frames again (a direct sink that was busy when the flusher came)."""
-        if not self.dirty and (self._queue or self._latest):
+        if not self.dirty and (self._msgs or self._latest):
             self.dirty = True
             self._wake(self)
 
@@ -155,7 +160,7 @@ class Outbox:
         self._lot.unpark_all()
 
     def __bool__(self) -> bool:
-        return bool(self._queue or self._latest)
+        return bool(self._msgs or self._latest)
 
     @property
     def conflating(self) -> bool:
@@ -175,7 +180,7 @@ class Outbox:
             for key, msg in self._latest.items():
                 self._latest[key] = convert(msg)
         else:
-            self._queue = deque((k, convert(m)) for k, m in self._queue)
+            self._msgs = [convert(m) for m in self._msgs]
 
     def put_last(self, key: object, msg: bytes) -> None:
         """Queue ``msg`` for ``key`` after everything pending (a full state replacing an older one).
@@ -211,7 +216,9 @@ class Outbox:
             for k in [k for k in self._latest if of(k)]:
                 del self._latest[k]
         else:
-            self._queue = deque((k, m) for k, m in self._queue if not of(k))
+            kept = [(k, m) for k, m in zip(self._mkeys, self._msgs) if not of(k)]
+            self._mkeys = [k for k, _m in kept]
+            self._msgs = [m for _k, m in kept]
 
     async def get(self, limit: int = 0) -> list[bytes]:
         """Wait for pending frames and take them in order: all of them, or at most ``limit``.
@@ -221,23 +228,26 @@ class Outbox:
         """
         if self.stopped:
             return []
-        if not (self._queue or self._latest):
+        if not (self._msgs or self._latest):
             if self.finishing:
                 self.stopped = True
                 return []
             self.idle = True
-            while not (self._queue or self._latest):
+            while not (self._msgs or self._latest):
                 self.dirty = False  # the next put wakes this task
                 await self._lot.park()
-                if self.stopped or (self.finishing and not (self._queue or self._latest)):
+                if self.stopped or (self.finishing and not (self._msgs or self._latest)):
                     self.stopped = True
                     return []
         return self.take(limit)
 
-    def take(self, limit: int = 0) -> list[bytes]:
-        """Take pending frames in order without waiting: all of them, or at most ``limit``."""
+    def take(self, limit: int = 0, now: float | None = None) -> list[bytes]:
+        """Take pending frames in order without waiting: all of them, or at most ``limit``.
+
+        ``now`` is trio's clock if the caller has read it already (the flusher, once per round).
+        """
         self.idle = False
-        self.last_progress = now = trio.current_time()
+        self.last_progress = now = trio.current_time() if now is None else now
         self._taken_oldest = self.oldest
         self.oldest = now  # what stays behind was queued no earlier than... close enough
         latest = self._latest
@@ -247,16 +257,17 @@ class Outbox:
             else:
                 pairs = list(latest.items())
                 self._latest = None
+            keys: list[object] = [k for k, _m in pairs]
+            msgs = [m for _k, m in pairs]
+        elif limit and len(self._msgs) > limit:
+            keys, msgs = self._mkeys[:limit], self._msgs[:limit]
+            del self._mkeys[:limit], self._msgs[:limit]
         else:
-            queue = self._queue
-            if limit and len(queue) > limit:
-                pairs = [queue.popleft() for _ in range(limit)]
-            else:
-                pairs = list(queue)
-                queue.clear()
+            keys, msgs = self._mkeys, self._msgs
+            self._mkeys, self._msgs = [], []
         if self._controls:
-            self._controls -= sum(1 for k, _m in pairs if type(k) is int)
-        return [m for _k, m in pairs]
+            self._controls -= sum(1 for k in keys if type(k) is int)
+        return msgs
 
     def stop(self) -> None:
         """No more sending: :meth:`get` returns ``[]`` from now on, pending frames or not."""
