@@ -79,7 +79,9 @@ def check_in_seq_order(messages: list[dict[str, Any]]) -> int:
     return count
 
 
-async def test_a_paused_reader_gets_whole_frames_in_order_and_its_pong_and_others_keep_flowing(start_relay) -> None:
+async def test_a_paused_reader_gets_whole_frames_in_order_and_its_pong_and_others_keep_flowing(
+    start_relay, http
+) -> None:
     relay = await start_relay(sim={"rate": 2000.0}, clients={"outbox_size": 64, "stall_timeout": 30.0})
     paused = await RawClient.connect(relay.port)
     steady = await RawClient.connect(relay.port, "?batch=1")
@@ -104,7 +106,12 @@ async def test_a_paused_reader_gets_whole_frames_in_order_and_its_pong_and_other
             await paused.read_some()
     assert paused.messages[0]["type"] == "subscribed"
     assert stuck.outbox.conflated > 0
-    assert hub.flusher.writes > 0
+    metrics = (await http.get(f"{relay.http_url}/metrics")).text
+    counters = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("trio_relay_flush_")
+    }
+    assert counters["trio_relay_flush_writes_total"] >= counters["trio_relay_flush_deferred_total"] >= 1
+    assert counters["trio_relay_flush_rounds_total"] >= 1
     await paused.stream.aclose()
     await steady.stream.aclose()
 

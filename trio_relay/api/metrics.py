@@ -147,6 +147,13 @@ class RelayCollector(Collector):
             ("slow_clients_closed", "Clients closed for making no progress", stats.slow_clients_closed),
             ("bars_late", "Trades the bars' lateness rule left out of a live bar (once per interval)", hub.bars.late),
             ("clients_connected", "Client connections accepted", stats.clients_total),
+            (
+                "flush_rounds",
+                "Rounds of the single writer loop over the clients with pending frames",
+                hub.flusher.rounds,
+            ),
+            ("flush_writes", "Non-blocking client socket writes made by the single writer loop", hub.flusher.writes),
+            ("flush_deferred", "Of those, writes the socket did not take whole (a slow reader)", hub.flusher.deferred),
         ):
             yield CounterMetricFamily(f"trio_relay_{name}", doc, value=value)
 

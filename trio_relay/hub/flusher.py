@@ -34,13 +34,14 @@ class Flusher:
     frames itself) or whose sink is busy is skipped; the sink marks it again when it is free.
     """
 
-    __slots__ = ("_dirty", "_lot", "rounds", "writes")
+    __slots__ = ("_dirty", "_lot", "rounds", "writes", "deferred")
 
     def __init__(self) -> None:
         self._dirty: list[Outbox] = []
         self._lot = trio.lowlevel.ParkingLot()
-        self.rounds = 0
-        self.writes = 0
+        self.rounds = 0  # rounds that wrote (or looked at) something
+        self.writes = 0  # non-blocking socket writes
+        self.deferred = 0  # of which the socket did not take all (the rest went to the client's task)
 
     def mark(self, outbox: Outbox) -> None:
         """``outbox`` has frames to write (called once per flush by its first put)."""
@@ -63,7 +64,9 @@ class Flusher:
             if frames:
                 self.writes += 1
                 # Idle again unless the sink's task now holds the rest (the stall reaper's measure).
-                outbox.idle = sink.write_now(frames)
+                outbox.idle = whole = sink.write_now(frames)
+                if not whole:
+                    self.deferred += 1
                 outbox.progressed(len(frames))  # its own clock reading: the latency histogram's end
 
     async def run(self) -> None:
