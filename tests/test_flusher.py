@@ -183,3 +183,27 @@ async def test_switching_to_batch_and_back_keeps_every_pending_update_in_order()
         frames = await client.outbox.get()
         assert [json.loads(ws_payload(f))["last_price"] for f in frames] == [111.0, 112.0]
         assert hub.subscriber_count("A") == 1
+
+
+async def test_an_accepted_price_socket_keeps_no_handshake_state(start_relay) -> None:
+    """A price socket lives for hours: the edge's HTTP parser and wsproto's handshake must not."""
+    import gc
+
+    import h11
+
+    relay = await start_relay()
+    clients = [await RawClient.connect(relay.port) for _ in range(20)]
+    for client in clients:
+        await client.send(json.dumps({"action": "ping"}))
+    with trio.fail_after(10):
+        while len(relay.hub.clients) < 20:
+            await trio.sleep(0.01)
+        for client in clients:
+            while not client.messages:
+                await client.read_some()
+    gc.collect()
+    servers = [o for o in gc.get_objects() if isinstance(o, h11.Connection) and o.our_role is h11.SERVER]
+    handshakes = [o for o in gc.get_objects() if isinstance(o, wsproto.WSConnection) and not o.client]
+    assert len(servers) < 5 and len(handshakes) < 5, (len(servers), len(handshakes))
+    for client in clients:
+        await client.stream.aclose()

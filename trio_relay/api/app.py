@@ -51,7 +51,7 @@ from .connections import Admission, ConnectionTable, Entry
 from .rest import create_rest_app
 from .sessions import Actions
 from .sse import SSE_PATH, SsePriceServer
-from .ws import WS_PATH, PriceSocketServer, peer
+from .ws import WS_PATH, Handover, PriceSocketServer, peer
 
 __all__ = ["RelayContext", "FrontDoor", "create_rest_app", "tls_context"]
 
@@ -206,7 +206,11 @@ class FrontDoor:
                             return
                     if trio.current_time() >= deadline:
                         return
-                await self._serve(conn, entry, address, deadline)
+                handover = await self._serve(conn, entry, address, deadline)
+                if handover is not None:
+                    # Only now, with the HTTP parser's state and the head gone with their frames:
+                    # a connection holds the price socket for hours, its handshake need not live on.
+                    await self.ws.serve(conn, handover)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; grouped when it happened inside a connection's nursery
         except* Exception as group:
@@ -240,22 +244,27 @@ class FrontDoor:
 
     async def _serve(
         self, stream: trio.abc.Stream, entry: Entry, address: tuple[str, int] | None, deadline: float
-    ) -> None:
-        """Serve requests on one connection until it ends; the first head is due by ``deadline``."""
+    ) -> Handover | None:
+        """Serve requests on one connection until it ends; the first head is due by ``deadline``.
+
+        Returns the price socket's upgrade, accepted by nobody yet, for the caller to serve.
+        """
         server = self.server
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_size)
         while True:
             request = await self._read_head(stream, conn, deadline)
             if request is None:
-                return
+                return None
             self.table.busy(entry)
             upgraded, outcome = await self._route(stream, conn, request, address)
+            if isinstance(upgraded, Handover):
+                return upgraded
             if upgraded or outcome is Outcome.CLOSE or conn.our_state is not h11.DONE or self.closing:
-                return
+                return None
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
-                return  # the request or the response said connection: close
+                return None  # the request or the response said connection: close
             self.table.idle(entry)
             deadline = -1.0  # a kept-alive connection: keepalive_timeout for the next first byte
 
@@ -321,8 +330,9 @@ class FrontDoor:
 
     async def _route(
         self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, address: tuple[str, int] | None
-    ) -> tuple[bool, Outcome]:
-        """Serve one request; (True, _) when the connection became the price socket."""
+    ) -> tuple[bool | Handover, Outcome]:
+        """Serve one request; (True, _) when the connection was taken over (SSE), (handover, _)
+        when it is to become the price socket."""
         server, security = self.server, self.ctx.security
         head = _read_head(request, server, security)
         if isinstance(head, _Refusal):
@@ -332,8 +342,8 @@ class FrontDoor:
         path = target.split(b"?", 1)[0]
         upgrade = headers.get(b"upgrade", b"").lower()
         if path.rstrip(b"/") == WS_PATH.encode() and upgrade == b"websocket":
-            await self._upgrade(stream, conn, request, headers, target, host)
-            return True, Outcome.CLOSE
+            handover = await self._upgrade(stream, conn, request, headers, target, host)
+            return (handover or True), Outcome.CLOSE
         if path.rstrip(b"/") == SSE_PATH.encode() and request.method == b"GET":
             if await self._request_done(stream, conn):
                 await self.sse.serve(stream, target, headers, host)
@@ -380,29 +390,29 @@ class FrontDoor:
         headers: dict[bytes, bytes],
         target: bytes,
         host: str,
-    ) -> None:
+    ) -> Handover | None:
         """Hand a price-socket upgrade to wsproto, or refuse it with 400 (426 for a wrong version)."""
         if request.method != b"GET":
             await self._error(stream, conn, 400, "bad_request", "a WebSocket upgrade must be a GET")
-            return
+            return None
         if not _valid_key(headers.get(b"sec-websocket-key")):
             await self._error(
                 stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request: bad Sec-WebSocket-Key"
             )
-            return
+            return None
         # The rest of the request (a GET has no body): whatever follows is already WebSocket.
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError:
                 await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request")
-                return
+                return None
             if event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
                 if event is h11.PAUSED:
                     break
                 continue
             await self._error(stream, conn, 400, "bad_request", "a WebSocket upgrade request carries no body")
-            return
+            return None
         trailing, _ = conn.trailing_data
         ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         fields = [(name, value) for name, value in request.headers if name != b"host"]
@@ -416,13 +426,12 @@ class FrontDoor:
             await self._error(
                 stream, conn, status, "bad_request", f"not a valid WebSocket upgrade request: {exc}"[:200]
             )
-            return
+            return None
         if upgrade is None:
             await self._error(stream, conn, 400, "bad_request", "not a valid WebSocket upgrade request")
-            return
-        if trailing:
-            ws.receive_data(bytes(trailing))  # frames sent before our 101: read once accepted
-        await self.ws.serve(stream, ws, upgrade)
+            return None
+        # Frames sent before our 101 (trailing) are read once accepted.
+        return Handover(ws, upgrade, bytes(trailing))
 
 
 def _valid_key(key: bytes | None) -> bool:

@@ -38,6 +38,7 @@ import msgspec
 import trio
 import wsproto
 import wsproto.events as wse
+from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..auth import BROWSER_PARAM, AuthError, bearer_token, open_principal
@@ -47,11 +48,27 @@ from ..model import CloseCode, ws_text_frame
 from .protocol import ProtocolError, flag, parse_symbols
 from .sessions import Actions, Session
 
-__all__ = ["WS_PATH", "PriceSocketServer", "ProtocolError", "parse_symbols", "peer", "peer_ip", "reject"]
+__all__ = ["WS_PATH", "Handover", "PriceSocketServer", "ProtocolError", "parse_symbols", "peer", "peer_ip", "reject"]
 
 log = logging.getLogger("trio_relay.api.ws")
 
 WS_PATH = "/api/v2/realtime/ws/prices"
+
+
+class Handover:
+    """A price-socket upgrade the edge parsed and checked, not answered yet: taken once."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, handshake: wsproto.WSConnection, request: wse.Request, trailing: bytes) -> None:
+        self._parts: tuple[wsproto.WSConnection, wse.Request, bytes] | None = (handshake, request, trailing)
+
+    def take(self) -> tuple[wsproto.WSConnection, wse.Request, bytes]:
+        """The handshake, its request and the bytes after it; the holder keeps nothing of them."""
+        parts, self._parts = self._parts, None
+        if parts is None:
+            raise RuntimeError("the upgrade was already taken")
+        return parts
 
 
 class PriceSocketServer:
@@ -70,12 +87,29 @@ class PriceSocketServer:
         self.hub = actions.hub  # hub.config holds the client limits (and changes on reload)
         self.security = actions.security
 
-    async def serve(self, stream: trio.abc.Stream, conn: wsproto.WSConnection, request: wse.Request) -> None:
-        """Take over a connection whose upgrade ``request`` the edge parsed into ``conn``.
+    async def serve(self, stream: trio.abc.Stream, handover: Handover) -> None:
+        """Take over a connection whose upgrade the edge parsed and checked (``handover``).
 
         The edge has checked the Host, the handshake headers and the per-address cap; this
         checks the origin and the token, then answers 101 (or an HTTP error and the end of the
-        connection).
+        connection) and serves the price socket until it closes.
+        """
+        accepted = await self._accept(stream, *handover.take())
+        if accepted is None:
+            return
+        conn, session, batch = accepted
+        try:
+            await self._serve_accepted(stream, conn, session, batch)
+        finally:
+            session.release_user()
+
+    async def _accept(
+        self, stream: trio.abc.Stream, handshake: wsproto.WSConnection, request: wse.Request, trailing: bytes
+    ) -> tuple[Connection, Session, bool] | None:
+        """Check the origin and the token and answer 101; None if refused (the answer is sent).
+
+        What the handshake needed (its headers, wsproto's handshake state) ends with this call:
+        the connection then lives on a bare frame-level :class:`wsproto.connection.Connection`.
         """
         query = parse_qs(urlsplit(request.target).query)
         batch = flag(query.get("batch", [""])[-1])
@@ -84,14 +118,14 @@ class PriceSocketServer:
         if not security.origin_allowed(headers.get(b"origin"), request.host):
             log.warning("[CLIENT] refused: origin %.100r is not allowed", headers.get(b"origin"))
             await reject(stream, 403, "forbidden_origin", "this page's origin may not open the price socket")
-            return
+            return None
         session = Session(security)
         if not security.auth.enabled:
             try:  # with auth off, a browser's own id (if it sends one) owns its alerts and portfolios
                 session.principal = open_principal(query.get(BROWSER_PARAM, [""])[-1])
             except AuthError as exc:
                 await reject(stream, 400, "invalid_browser", exc.reason)
-                return
+                return None
         else:
             token = query.get("token", [""])[-1] or bearer_token(headers.get(b"authorization"))
             if token:
@@ -100,22 +134,21 @@ class PriceSocketServer:
                 except AuthError as exc:
                     log.info("[AUTH] WebSocket refused: %s", exc.reason)
                     await reject(stream, 401, "unauthorized", exc.reason, bearer=True)
-                    return
+                    return None
+        if session.principal is not None and not session.claim_user():
+            cap = security.per_user.cap
+            await reject(stream, 429, "too_many_connections", f"at most {cap} connections per user")
+            return None
         try:
-            if session.principal is not None and not session.claim_user():
-                cap = security.per_user.cap
-                await reject(stream, 429, "too_many_connections", f"at most {cap} connections per user")
-                return
             # No extensions offered back: permessage-deflate stays off (it would cost a
             # compression per client per frame, and our frames are encoded once for everyone).
-            await stream.send_all(conn.send(wse.AcceptConnection()))
-            await self._serve_accepted(stream, conn, session, batch)
-        finally:
+            await stream.send_all(handshake.send(wse.AcceptConnection()))
+        except BaseException:
             session.release_user()
+            raise
+        return Connection(ConnectionType.SERVER, trailing_data=trailing), session, batch
 
-    async def _serve_accepted(
-        self, stream: trio.abc.Stream, conn: wsproto.WSConnection, session: Session, batch: bool
-    ) -> None:
+    async def _serve_accepted(self, stream: trio.abc.Stream, conn: Connection, session: Session, batch: bool) -> None:
         address = peer(stream)
         remote = f"{address[0]}:{address[1]}" if address else "?"
         client = self.hub.connect(batch=batch, remote=remote)
@@ -197,7 +230,7 @@ class PriceSocketServer:
         self,
         client: Client,
         stream: trio.abc.Stream,
-        conn: wsproto.WSConnection,
+        conn: Connection,
         writer: _Writer,
         session: Session,
     ) -> bool:
