@@ -412,28 +412,31 @@ class _Writer:
 class _Sink:
     """A direct-mode client as the hub's flusher sees it (:class:`~trio_relay.hub.outbox.DirectSink`)."""
 
-    __slots__ = ("_client", "_writer")
+    __slots__ = ("_outbox", "_writer", "ready")
 
     def __init__(self, client: Client, writer: _Writer) -> None:
-        self._client = client
+        self._outbox = client.outbox
         self._writer = writer
+        self.ready = writer.ready  # bound once: the flusher asks for every write
 
     def attach(self, mark: Callable[[Outbox], object]) -> None:
         self._writer.on_free = self._freed
-        self._client.outbox.direct(self, mark)
+        self._outbox.direct(self, mark)
 
     def _freed(self) -> None:
         # A write by the sender task or a pong ended: the flusher may have skipped this outbox.
         if not self._writer.rest:
-            outbox = self._client.outbox
+            outbox = self._outbox
             outbox.idle = not outbox
             outbox.poke()
 
-    def ready(self) -> bool:
-        return self._writer.ready()
-
     def write_now(self, frames: list[bytes]) -> bool:
-        if self._writer.write_now(wire(self._client.outbox.batch, frames)):
+        # wire(), inlined: this runs once per client write of the whole relay.
+        if self._outbox.batch:
+            data = ws_text_frame(b"[" + b",".join(frames) + b"]")
+        else:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if self._writer.write_now(data):
             return True
-        self._client.outbox.wake()  # the sender task writes the rest when the socket takes it
+        self._outbox.wake()  # the sender task writes the rest when the socket takes it
         return False
