@@ -168,9 +168,14 @@ def time_websockets(pieces: list[bytes], count: int) -> float:
     return elapsed
 
 
-def summary(samples: list[float], count: int) -> dict[str, float]:
-    per = sorted(s / count * 1e6 for s in samples)
-    return {"median": round(statistics.median(per), 3), "min": round(per[0], 3), "max": round(per[-1], 3)}
+def summary(samples: list[float], count: int) -> dict[str, Any]:
+    per = [s / count * 1e6 for s in samples]
+    return {
+        "median": round(statistics.median(per), 3),
+        "min": round(min(per), 3),
+        "max": round(max(per), 3),
+        "runs": [round(x, 3) for x in per],
+    }
 
 
 def main() -> None:
@@ -198,7 +203,7 @@ def main() -> None:
         timers["wsproto"] = time_wsproto
         timers["websockets"] = time_websockets
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     print(f"WsClient of {origin} (on {client_lib}); {args.frames:,} frames per run, {args.runs} runs, µs/frame")
     print(f"{'shape':<12} {'bytes/frame':>11} {'path':<11} {'median':>8} {'range':>18}")
     for shape, messages in shapes.items():

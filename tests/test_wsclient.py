@@ -682,3 +682,9 @@ async def test_keepalive_settings_are_checked_before_connecting():
     for bad in ({"ping_interval": 0.0}, {"ping_interval": 10.0, "ping_timeout": -1.0}):
         with pytest.raises(ValueError, match="ping_"):
             await WsClient.connect("ws://127.0.0.1:9/", **bad)  # port 9 (discard) is never dialled
+
+
+async def test_a_url_with_a_bad_port_is_a_provider_error_that_does_not_quote_the_url():
+    with pytest.raises(ProviderError) as info:
+        await WsClient.connect("ws://127.0.0.1:99999/feed?token=secret")
+    assert str(info.value) == "not a WebSocket URL: bad port for 127.0.0.1"
