@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
 """The upstream frame path, in one process, no sockets: µs per WebSocket frame (issue 25).
 
-    .venv/bin/python bench/upstream_frames.py [--frames 40000] [--runs 5] [--checkout PATH]
+    .venv/bin/python bench/upstream_frames.py [--frames 40000] [--runs 5] [--before FILE]
 
 What it times, for two shapes of upstream frame (one FMP tick per frame, as FMP sends them; a
 Finnhub ``trade`` frame holding ``--trades`` trades):
 
-- ``WsClient``: the relay's upstream client (``trio_relay.providers.wsclient``) parsing the
+- ``wsclient``: the relay's upstream client (``trio_relay.providers.wsclient``) parsing the
   frames of a whole feed, ``receive_batch()`` after ``receive_batch()``, each read handing it one
   256 KiB chunk of the byte stream (cut anywhere, as TCP does). Only the socket is left out: the
   client's transport is replaced by one that replays the server's handshake reply and the
-  chunks, so the same code runs as in production from the handshake on. ``--checkout PATH``
-  times the ``trio_relay`` of another checkout (e.g. one on the commit before issue 25's port,
-  for the wsproto client): same frames, same method.
+  chunks, so the same code runs as in production from the handshake on.
+- ``before`` (with ``--before FILE``): the same for the ``wsclient.py`` of another revision, loaded
+  beside the current one, e.g. the wsproto client from before issue 25::
+
+      git show aa419d3:trio_relay/providers/wsclient.py > /tmp/wsclient_wsproto.py
+      .venv/bin/python bench/upstream_frames.py --before /tmp/wsclient_wsproto.py
 - ``wsproto`` and ``websockets``: each library's own parser alone (``Connection(CLIENT)``
   ``receive_data`` + ``events()``; ``Protocol(CLIENT, state=OPEN)`` ``receive_data`` +
   ``events_received()``), fed the same chunks: what the client adds on top of its parser.
 
 Each figure: the median and range over ``--runs`` runs (one discarded warm-up before them), in
-µs per frame. Prints a table and, last, one JSON line.
+µs per frame. The paths take turns run by run, so a machine that gets busier half-way through
+disturbs them alike. Prints a table and, last, one JSON line (every run's figure included).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -178,41 +183,54 @@ def summary(samples: list[float], count: int) -> dict[str, Any]:
     }
 
 
+def load_wsclient(path: Path) -> Any:
+    """``path`` (a wsclient.py) imported as a sibling module of the current one, so its relative
+    imports (``.base``) resolve to this checkout's package."""
+    spec = importlib.util.spec_from_file_location("trio_relay.providers._wsclient_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=40_000, help="frames per run and shape (default 40,000)")
     p.add_argument("--trades", type=int, default=10, help="trades per Finnhub frame (default 10)")
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--checkout", type=Path, help="time the trio_relay package of this checkout instead")
-    p.add_argument("--only", choices=["wsclient", "parsers"], help="time only the client, or only the parsers")
+    p.add_argument("--before", type=Path, help="also time the WsClient of this wsclient.py (another revision's)")
     args = p.parse_args()
-    if args.checkout is not None:
-        sys.path.insert(0, str(args.checkout.resolve()))
     wsclient = importlib.import_module("trio_relay.providers.wsclient")
-    origin = Path(wsclient.__file__).resolve().parents[2]
-    client_lib = "wsproto" if hasattr(wsclient, "wsproto") else "websockets"
+    timers: dict[str, Callable[[list[bytes], int], float]] = {}
+    libs = {"wsclient": "wsproto" if hasattr(wsclient, "wsproto") else "websockets"}
+    timers["wsclient"] = lambda pieces, n: time_wsclient(wsclient, pieces, n)
+    if args.before is not None:
+        before = load_wsclient(args.before)
+        libs["before"] = "wsproto" if hasattr(before, "wsproto") else "websockets"
+        timers["before"] = lambda pieces, n: time_wsclient(before, pieces, n)
+    timers["wsproto"] = time_wsproto
+    timers["websockets"] = time_websockets
 
     shapes = {
         "fmp": fmp_frames(args.frames),
         f"finnhub{args.trades}": finnhub_frames(args.frames, args.trades),
     }
-    timers: dict[str, Callable[[list[bytes], int], float]] = {}
-    if args.only != "parsers":
-        timers["wsclient"] = lambda pieces, n: time_wsclient(wsclient, pieces, n)
-    if args.only != "wsclient":
-        timers["wsproto"] = time_wsproto
-        timers["websockets"] = time_websockets
-
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    print(f"WsClient of {origin} (on {client_lib}); {args.frames:,} frames per run, {args.runs} runs, µs/frame")
+    on = ", ".join(f"{name} on {lib}" for name, lib in libs.items())
+    print(f"{on}; {args.frames:,} frames per run, {args.runs} runs, µs/frame")
     print(f"{'shape':<12} {'bytes/frame':>11} {'path':<11} {'median':>8} {'range':>18}")
     for shape, messages in shapes.items():
         stream = server_stream(messages)
         pieces = chunks(stream)
-        for name, timer in timers.items():
+        samples: dict[str, list[float]] = {name: [] for name in timers}
+        for timer in timers.values():
             timer(pieces, len(messages))  # warm-up
-            s = summary([timer(pieces, len(messages)) for _ in range(args.runs)], len(messages))
-            results.setdefault(shape, {})[name] = s
+        for _ in range(args.runs):
+            for name, timer in timers.items():
+                samples[name].append(timer(pieces, len(messages)))
+        for name in timers:
+            s = results.setdefault(shape, {})[name] = summary(samples[name], len(messages))
             print(
                 f"{shape:<12} {len(stream) / len(messages):>11.0f} {name:<11} {s['median']:>8.2f} "
                 f"{'[' + format(s['min'], '.2f') + '..' + format(s['max'], '.2f') + ']':>18}"
@@ -221,9 +239,9 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "upstream_frames",
-                "checkout": str(origin),
-                "wsclient_on": client_lib,
+                "libraries": libs,
                 "frames": args.frames,
+                "trades_per_finnhub_frame": args.trades,
                 "runs": args.runs,
                 "us_per_frame": results,
             }
