@@ -10,10 +10,13 @@ time, so every ping and every timeout is checked at its exact virtual instant.
 
 from __future__ import annotations
 
+import email.utils
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -22,8 +25,15 @@ import trustme
 import wsproto
 import wsproto.events as wse
 
-from trio_relay.providers.base import ProviderError
-from trio_relay.providers.wsclient import HandshakeRejected, KeepaliveTimeout, UpstreamClosed, WsClient
+from trio_relay.providers.base import ProviderError, RateLimited
+from trio_relay.providers.wsclient import (
+    MAX_RETRY_AFTER,
+    HandshakeRateLimited,
+    HandshakeRejected,
+    KeepaliveTimeout,
+    UpstreamClosed,
+    WsClient,
+)
 
 EXACT = 1e-6  # virtual seconds
 GUARD = 3600.0  # virtual seconds any keepalive test may take
@@ -33,14 +43,28 @@ Script = Callable[[trio.SocketStream, wsproto.WSConnection], Awaitable[None]]
 
 class Peer:
     def __init__(
-        self, script: Script, reject: int | None = None, tls: ssl.SSLContext | None = None, answer_pings: bool = False
+        self,
+        script: Script,
+        reject: int | None = None,
+        tls: ssl.SSLContext | None = None,
+        answer_pings: bool = False,
+        *,
+        reject_headers: list[tuple[bytes, bytes]] | None = None,
+        accept_with: list[wse.Event] | None = None,
+        raw_reply: bytes | None = None,
     ) -> None:
         self.script = script
         self.reject = reject
+        self.reject_headers = reject_headers or []  # sent with the refusal
+        self.accept_with = accept_with or []  # events sent in the same write as the 101 reply
+        self.raw_reply = raw_reply  # sent instead of any handshake reply, then EOF
         self.tls = tls
         self.answer_pings = answer_pings
+        self.request: wse.Request | None = None  # the client's upgrade request
         self.received: list[str] = []
+        self.received_bytes: list[bytes] = []
         self.pongs = 0
+        self.pong_payloads: list[bytes] = []
         self.pings: list[tuple[float, bytes]] = []  # (virtual time, payload) of each ping the client sent
         self.closed_with: int | None = None
         self.done = trio.Event()
@@ -61,10 +85,15 @@ class Peer:
                 request = next((e for e in conn.events() if isinstance(e, wse.Request)), None)
                 if request is not None:
                     break
-            if self.reject is not None:
-                await stream.send_all(conn.send(wse.RejectConnection(status_code=self.reject)))
+            self.request = request
+            if self.raw_reply is not None:
+                await stream.send_all(self.raw_reply)
                 return
-            await stream.send_all(conn.send(wse.AcceptConnection()))
+            if self.reject is not None:
+                refusal = wse.RejectConnection(status_code=self.reject, headers=self.reject_headers)
+                await stream.send_all(conn.send(refusal))
+                return
+            await stream.send_all(conn.send(wse.AcceptConnection()) + b"".join(conn.send(e) for e in self.accept_with))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, stream, conn)
                 await self.script(stream, conn)
@@ -78,8 +107,11 @@ class Peer:
             for event in conn.events():
                 if isinstance(event, wse.TextMessage):
                     self.received.append(event.data)
+                elif isinstance(event, wse.BytesMessage):
+                    self.received_bytes.append(bytes(event.data))
                 elif isinstance(event, wse.Pong):
                     self.pongs += 1
+                    self.pong_payloads.append(bytes(event.payload))
                 elif isinstance(event, wse.Ping):
                     self.pings.append((trio.current_time(), bytes(event.payload)))
                     if self.answer_pings:
@@ -94,9 +126,13 @@ class Peer:
 
 @asynccontextmanager
 async def peer(
-    script: Script, reject: int | None = None, tls: ssl.SSLContext | None = None, answer_pings: bool = False
+    script: Script,
+    reject: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    answer_pings: bool = False,
+    **options: Any,
 ) -> AsyncIterator[tuple[Peer, str]]:
-    p = Peer(script, reject, tls, answer_pings)
+    p = Peer(script, reject, tls, answer_pings, **options)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), p.handle, 0)
         scheme = "wss" if tls else "ws"
@@ -214,6 +250,288 @@ async def test_wss_reads_in_bulk_over_tls_and_checks_the_certificate():
     assert [m.split(":")[0] for m in got] == [str(i) for i in range(50)]
     assert all(len(m) == len(str(i)) + 1 + 20_000 for i, m in enumerate(got))
     assert p.received == ["over tls"]
+
+
+# =========================================================================== what the protocol engine decides
+# (the frame parser is websockets' sans-I/O protocol since issue 25; these pin down what it may not change)
+
+
+async def nothing(stream: trio.abc.Stream, conn: wsproto.WSConnection) -> None:
+    """A script for peers that never get as far as running one."""
+
+
+@pytest.mark.parametrize(("status", "error"), [(429, HandshakeRateLimited), (503, HandshakeRejected)])
+async def test_a_refusal_with_retry_after_as_an_http_date_reports_the_seconds(status, error):
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    headers = [(b"Retry-After", when.encode())]
+    async with peer(nothing, reject=status, reject_headers=headers) as (_p, url):
+        with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+            await WsClient.connect(url)
+    assert type(info.value) is error and info.value.status == status
+    assert isinstance(info.value, RateLimited) == (status == 429)
+    assert info.value.retry_after == pytest.approx(120, abs=3)  # whole seconds, on the wall clock
+
+
+@pytest.mark.parametrize(
+    ("header", "wait"),
+    [(b"7", 7.0), (b"99999", MAX_RETRY_AFTER), (b"Wed, 21 Oct 2015 07:28:00 GMT", 0.0), (b"soon", None), (None, None)],
+    ids=["delta", "capped", "past-date", "unreadable", "absent"],
+)
+async def test_a_refusal_reports_its_retry_after_capped_or_none(header, wait):
+    headers = [] if header is None else [(b"retry-after", header)]
+    async with peer(nothing, reject=429, reject_headers=headers) as (_p, url):
+        with trio.fail_after(5), pytest.raises(HandshakeRateLimited) as info:
+            await WsClient.connect(url)
+    assert info.value.retry_after == wait and str(info.value) == "handshake rejected with HTTP 429"
+
+
+async def test_a_refusal_whose_body_ends_with_the_connection_is_still_a_refusal():
+    # No Content-Length, no chunks: the body is delimited by the end of the connection.
+    reply = (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Type: text/plain\r\n\r\nbusy, come back later"
+    )
+    async with peer(nothing, raw_reply=reply) as (_p, url):
+        with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+            await WsClient.connect(url)
+    assert info.value.status == 503 and info.value.retry_after == 30.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "text"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n", ProviderError, "bad handshake reply: did not receive a valid HTTP response"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n", UpstreamClosed, "closed during the handshake"),
+        (b"", UpstreamClosed, "closed during the handshake"),
+    ],
+    ids=["not-http", "cut-short", "nothing"],
+)
+async def test_a_broken_handshake_reply_is_a_clear_error(reply, error, text):
+    async with peer(nothing, raw_reply=reply) as (_p, url):
+        with trio.fail_after(5), pytest.raises(ProviderError) as info:
+            await WsClient.connect(url)
+    assert type(info.value) is error and text in str(info.value)
+    if error is UpstreamClosed:
+        assert info.value.code == 1006
+
+
+async def test_an_upgrade_without_the_right_accept_key_is_refused():
+    reply = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    async with peer(nothing, raw_reply=reply) as (_p, url):
+        with trio.fail_after(5), pytest.raises(ProviderError, match="bad handshake reply.*Sec-WebSocket-Accept"):
+            await WsClient.connect(url)
+
+
+async def test_the_request_carries_the_extra_headers_and_offers_no_extension_or_subprotocol():
+    async with peer(silent) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url, extra_headers=[(b"X-Api-Key", b"k-123"), (b"User-Agent", b"relay")])
+            await ws.aclose()
+            await p.done.wait()
+    assert p.request is not None
+    assert p.request.target == "/feed?x=1" and p.request.host == f"127.0.0.1:{url.split(':')[2].split('/')[0]}"
+    sent = {bytes(k).lower(): bytes(v) for k, v in p.request.extra_headers}
+    assert sent[b"x-api-key"] == b"k-123" and sent[b"user-agent"] == b"relay"
+    assert p.request.extensions == [] and p.request.subprotocols == []  # no permessage-deflate, as before
+
+
+async def test_a_message_over_the_limit_closes_with_1009_after_the_messages_before_it():
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(wse.Message(data="small")) + conn.send(wse.Message(data="x" * 5000)))
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url, max_message=1000)
+            got = await ws.receive_batch()
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert got == ["small"]
+    assert info.value.code == 1009 and "message too big" in str(info.value)
+    assert p.closed_with == 1009  # the server is told why
+
+
+async def test_fragments_adding_up_past_the_limit_close_with_1009():
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        pieces = [conn.send(wse.Message(data="y" * 300, message_finished=False)) for _ in range(5)]
+        await stream.send_all(b"".join(pieces) + conn.send(wse.Message(data="end", message_finished=True)))
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url, max_message=1000)
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert info.value.code == 1009 and p.closed_with == 1009
+
+
+async def test_a_message_over_the_limit_right_behind_the_handshake_reply_closes_with_1009():
+    # The too-big frame arrives in the same read as the 101: the connection is open (and already
+    # closing) when connect returns, and the first read reports it.
+    async with peer(silent, accept_with=[wse.Message(data="z" * 5000)]) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url, max_message=1000)
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert info.value.code == 1009 and p.closed_with == 1009
+
+
+async def test_frames_that_came_with_the_handshake_reply_are_returned_first():
+    early = [wse.Message(data="one"), wse.Ping(payload=b"early"), wse.Message(data="two")]
+
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(wse.Message(data="three")))
+
+    async with peer(script, accept_with=early) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            got: list[str] = []
+            while len(got) < 3:
+                got += await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert got == ["one", "two", "three"] and p.pong_payloads == [b"early"]
+
+
+async def test_a_fragmented_text_message_is_joined_even_across_a_utf8_character():
+    text = "prix: 10€ – 12€"
+    data = text.encode()
+    cut = data.index("€".encode()) + 1  # inside the euro sign's three bytes
+
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        # wsproto sends str fragments whole, so the frames are built from raw bytes: FIN=0 text, FIN=1 continuation.
+        first, rest = data[:cut], data[cut:]
+        await stream.send_all(bytes([0x01, len(first)]) + first)
+        await trio.sleep(0)  # a separate write: a separate read, most likely
+        await stream.send_all(bytes([0x80, len(rest)]) + rest + conn.send(wse.Message(data="next")))
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            got: list[str] = []
+            while len(got) < 2:
+                got += await ws.receive_batch()
+            await ws.aclose()
+    assert got == [text, "next"]
+
+
+async def test_binary_messages_whole_or_fragmented_come_out_as_text():
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(
+            conn.send(wse.Message(data=b'{"a":1}'))
+            + conn.send(wse.Message(data=b'{"b":', message_finished=False))
+            + conn.send(wse.Message(data=b"2}", message_finished=True))
+            + conn.send(wse.Message(data=b"\xff bad"))
+        )
+
+    async with peer(script) as (_p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            got: list[str] = []
+            while len(got) < 3:
+                got += await ws.receive_batch()
+            await ws.aclose()
+    assert got == ['{"a":1}', '{"b":2}', "\ufffd bad"]  # undecodable bytes replaced, as before
+
+
+async def test_a_text_message_that_is_not_utf8_closes_with_1007_after_the_messages_before_it():
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        bad = b"\xc3\x28"  # an invalid two-byte sequence
+        await stream.send_all(conn.send(wse.Message(data="fine")) + bytes([0x81, len(bad)]) + bad)
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            got = await ws.receive_batch()
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert got == ["fine"]
+    assert info.value.code == 1007 and p.closed_with == 1007
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"\xc1\x02hi", b"\x83\x00", b"\x81\x82abcdhi", b"\x00\x02hi"],
+    ids=["reserved-bit", "reserved-opcode", "masked-by-server", "continuation-out-of-the-blue"],
+)
+async def test_a_frame_against_the_protocol_closes_with_1002(frame):
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(wse.Message(data="before")) + frame)
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            got = await ws.receive_batch()
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            await ws.aclose()
+            await p.done.wait()
+    assert got == ["before"]
+    assert info.value.code == 1002 and str(info.value).startswith("connection closed (code 1002, protocol error")
+    assert p.closed_with == 1002
+
+
+async def test_a_ping_from_the_server_is_answered_with_its_payload_and_never_returned():
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(wse.Ping(payload=b"are you there")) + conn.send(wse.Ping(payload=b"")))
+        await stream.send_all(conn.send(wse.Message(data="data")))
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            assert await ws.receive_batch() == ["data"]
+            await ws.aclose()
+            await p.done.wait()
+    assert p.pong_payloads == [b"are you there", b""]
+
+
+@pytest.mark.parametrize(
+    ("close", "code", "reason"),
+    [(wse.CloseConnection(code=1001, reason="restarting"), 1001, "restarting"), (None, 1005, "")],
+    ids=["with-code", "empty"],
+)
+async def test_a_close_from_the_server_is_echoed_and_reported(close, code, reason):
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(close) if close is not None else b"\x88\x00")
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(url)
+            with pytest.raises(UpstreamClosed) as info:
+                await ws.receive_batch()
+            with pytest.raises(UpstreamClosed):
+                await ws.send_text("too late")  # closed is closed
+            await ws.aclose()
+            await p.done.wait()
+    assert (info.value.code, info.value.reason) == (code, reason)
+    assert p.closed_with == code and p.received == []  # the echo, and nothing after it
+
+
+async def test_debug_logging_never_shows_the_url_query_or_what_is_sent(all_logs):
+    secret = "s3cr3t-k3y-0123456789"
+
+    async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
+        await stream.send_all(conn.send(wse.Message(data="ok")))
+
+    async with peer(script) as (p, url):
+        with trio.fail_after(5):
+            ws = await WsClient.connect(f"{url}&token={secret}")
+            await ws.send_text(f'{{"event":"login","data":{{"apiKey":"{secret}"}}}}')
+            assert await ws.receive_batch() == ["ok"]
+            await ws.aclose()
+            await p.done.wait()
+    assert p.request is not None and secret in p.request.target and len(p.received) == 1  # it was sent...
+    logged = "\n".join(f"{r.name} {r.getMessage()}" for r in all_logs.records)
+    assert secret[:8] not in logged  # ...and never logged, not even cut short
+    assert not [r for r in all_logs.records if r.name.startswith("websockets")]
 
 
 # =========================================================================== keepalive
@@ -364,3 +682,9 @@ async def test_keepalive_settings_are_checked_before_connecting():
     for bad in ({"ping_interval": 0.0}, {"ping_interval": 10.0, "ping_timeout": -1.0}):
         with pytest.raises(ValueError, match="ping_"):
             await WsClient.connect("ws://127.0.0.1:9/", **bad)  # port 9 (discard) is never dialled
+
+
+async def test_a_url_with_a_bad_port_is_a_provider_error_that_does_not_quote_the_url():
+    with pytest.raises(ProviderError) as info:
+        await WsClient.connect("ws://127.0.0.1:99999/feed?token=secret")
+    assert str(info.value) == "not a WebSocket URL: bad port for 127.0.0.1"

@@ -1,4 +1,5 @@
-"""A small client WebSocket built for bulk reading of one upstream feed (wsproto over Trio).
+"""A small client WebSocket built for bulk reading of one upstream feed (websockets' sans-I/O
+protocol over Trio).
 
 Why not trio-websocket here: its reader task hands over every message through a memory channel,
 one scheduler checkpoint per message. When the relay is busy sending to thousands of clients,
@@ -11,6 +12,13 @@ however long the scheduler's rounds get, each turn of the reader catches up with
 done with :class:`ssl.SSLObject` on memory BIOs so ``wss://`` gets the same bulk reads. The
 connection is driven by its one reader (the caller): no background task.
 
+Why websockets' sans-I/O :class:`~websockets.client.ClientProtocol` and not wsproto (which the
+relay's own client-facing server keeps): its frame parser costs about a third of wsproto's per
+frame (bench/upstream_frames.py; issue 25 in bench/RESULTS.md), and at tens of thousands of
+upstream frames/s wsproto's parser was a quarter of the relay's core. It answers pings and echoes
+a close frame by itself; it enforces ``max_message`` from each frame's header, before the payload
+is buffered; it does no UTF-8 check of text messages, which this module does once per message.
+
 Keepalive follows from that: with ``ping_interval`` set, :meth:`WsClient.receive_batch` itself
 sends a Ping once it has waited that long without receiving a single byte, and raises
 :class:`KeepaliveTimeout` if nothing at all arrives ``ping_timeout`` seconds after it. Providers
@@ -20,17 +28,28 @@ that send nothing while nothing trades need this to tell a quiet feed from a hal
 from __future__ import annotations
 
 import email.utils
+import logging
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import trio
-import wsproto
-import wsproto.events as wse
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from websockets.client import ClientProtocol
+from websockets.exceptions import (
+    InvalidHeaderValue,
+    InvalidMessage,
+    InvalidState,
+    InvalidStatus,
+    PayloadTooBig,
+    ProtocolError,
+)
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import WebSocketURI
 
 from .base import ProviderError, RateLimited
 
@@ -252,26 +271,85 @@ class _Transport:
         self._sock.close()
 
 
+class _NoDebugLog(logging.LoggerAdapter[logging.Logger]):
+    """The protocol's logger, never enabled for DEBUG.
+
+    At DEBUG, websockets logs the request line (Finnhub's carries the token in its query) and
+    every frame sent (FMP's and Polygon's login frames carry the key, cut to a length where the
+    log filter's masking may no longer recognise it). Its warnings and errors still come through.
+    """
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+_PROTOCOL_LOG = _NoDebugLog(logging.getLogger("trio_relay.providers.wsclient"))
+
+
+class _Parsed(Protocol):
+    """A frame as websockets' parser hands it out: ``data`` is the bytearray the stream reader cut.
+
+    (``Frame.data`` is typed for anything bytes-like: a memoryview could only come from an
+    extension's decoder, and none is negotiated. ``bytearray.decode`` is twice as fast as
+    ``str(buffer, "utf-8")`` on a tick-sized frame.)
+    """
+
+    opcode: Opcode
+    data: bytearray
+    fin: bool
+
+
+_TEXT, _BINARY, _CONT, _CLOSE, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.CLOSE, Opcode.PONG
+
+
+def _closed_by(exc: Exception) -> UpstreamClosed:
+    """What the protocol's parser failing with ``exc`` ends the connection with (the code it sent)."""
+    if isinstance(exc, EOFError):
+        return UpstreamClosed(1006, "connection lost (EOF)")
+    if isinstance(exc, PayloadTooBig):
+        return UpstreamClosed(1009, f"message too big: {exc}")
+    if isinstance(exc, UnicodeDecodeError):  # a close frame's reason
+        return UpstreamClosed(1007, f"invalid UTF-8: {exc.reason}")
+    if isinstance(exc, ProtocolError):
+        return UpstreamClosed(1002, f"protocol error: {exc}")
+    return UpstreamClosed(1011, "cannot parse the stream")  # logged by websockets, with its traceback
+
+
+def _handshake_error(exc: Exception) -> ProviderError:
+    """The error a failed upgrade ends :meth:`WsClient.connect` with."""
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.raw_items()]
+        retry_after = retry_after_seconds(headers)
+        if response.status_code == 429:
+            return HandshakeRateLimited(response.status_code, retry_after)
+        return HandshakeRejected(response.status_code, retry_after)
+    cause = exc.__cause__
+    if isinstance(exc, InvalidMessage) and isinstance(cause, EOFError):
+        return UpstreamClosed(1006, "closed during the handshake")
+    return ProviderError(f"bad handshake reply: {exc}{f' ({cause})' if cause is not None else ''}")
+
+
 class WsClient:
     """One client WebSocket connection. Not safe for two concurrent readers (by design).
 
     Sending (:meth:`send_text`) from other tasks while one task reads is fine: every write,
-    pongs and keepalive pings included, goes through the transport's send lock.
+    pongs and keepalive pings included, goes through the transport's send lock, and each takes
+    the bytes of its own frame from the protocol before it awaits anything.
     """
 
     def __init__(
         self,
         transport: _Transport,
-        conn: wsproto.WSConnection,
-        max_message: int,
+        protocol: ClientProtocol,
         ping_interval: float | None = None,
         ping_timeout: float = 20.0,
     ) -> None:
         self._transport = transport
-        self._conn = conn
-        self._max_message = max_message
-        self._partial: list[str] = []
-        self._partial_len = 0
+        self._proto = protocol
+        self._early: list[_Parsed] = []  # frames that came with the handshake reply, not yet handed out
+        self._partial: list[bytearray] = []  # the fragments of an unfinished message
+        self._partial_text = False  # whether that message is a text message
         self._closed: UpstreamClosed | None = None
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -293,8 +371,11 @@ class WsClient:
     ) -> WsClient:
         """Open TCP (TLS for wss://), do the upgrade. The caller bounds the time it may take.
 
-        ``ping_interval`` (seconds, None for no keepalive) and ``ping_timeout``: see
-        :meth:`receive_batch`.
+        ``max_message``: the largest message accepted, in bytes (all its fragments together);
+        a larger one is refused from its frame header, before its payload is buffered, and ends
+        the connection with 1009. ``ping_interval`` (seconds, None for no keepalive) and
+        ``ping_timeout``: see :meth:`receive_batch`. No extension (permessage-deflate) and no
+        subprotocol is offered. Errors never quote the URL's path or query (they may hold a key).
         """
         if ping_interval is not None and not ping_interval > 0:
             raise ValueError(f"ping_interval must be > 0 or None, not {ping_interval!r}")
@@ -304,7 +385,21 @@ class WsClient:
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ProviderError(f"not a WebSocket URL: {parts.scheme}://{parts.hostname}")
         secure = parts.scheme == "wss"
-        port = parts.port or (443 if secure else 80)
+        try:
+            port = parts.port or (443 if secure else 80)
+        except ValueError:
+            raise ProviderError(f"not a WebSocket URL: bad port for {parts.hostname}") from None
+        # Built from the URL's parts, not websockets' parse_uri: user info and fragment are
+        # ignored as they always were (parse_uri would turn user info into Basic auth).
+        uri = WebSocketURI(secure, parts.hostname, port, parts.path, parts.query)
+        protocol = ClientProtocol(uri, max_size=max_message, logger=_PROTOCOL_LOG)
+        request = protocol.connect()
+        for name, value in extra_headers or []:
+            try:
+                request.headers[name.decode("latin-1")] = value.decode("latin-1")
+            except InvalidHeaderValue:
+                raise ProviderError(f"bad value for the {name.decode('latin-1')!r} header") from None
+        protocol.send_request(request)
         context = (ssl_context or ssl.create_default_context()) if secure else None
         try:
             transport = await _Transport.connect(parts.hostname, port, context)
@@ -313,13 +408,8 @@ class WsClient:
         except OSError as exc:
             raise ProviderError(f"cannot connect to {parts.hostname}:{port}: {exc.strerror or exc}") from None
         try:
-            conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-            await transport.send_all(
-                conn.send(wse.Request(host=host, target=target, extra_headers=extra_headers or []))
-            )
-            client = cls(transport, conn, max_message, ping_interval, ping_timeout)
+            client = cls(transport, protocol, ping_interval, ping_timeout)
+            await client._write(b"".join(protocol.data_to_send()))
             await client._await_accept()
             return client
         except BaseException:
@@ -354,22 +444,28 @@ class WsClient:
             await ws.aclose()
 
     async def _await_accept(self) -> None:
+        """Read the server's answer to the upgrade: return once open, else raise what it said.
+
+        A refusal is reported once its body is read (websockets reads it whole, up to 1 MiB, as
+        delimited by its Content-Length, its chunks or the end of the connection).
+        """
+        protocol = self._proto
         while True:
             data = await self._read()
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()
+            events = protocol.events_received()
+            if protocol.handshake_exc is not None:
+                raise _handshake_error(protocol.handshake_exc)
+            if protocol.state is not State.CONNECTING:
+                # Open, or already closing if a frame right behind the reply broke a rule (too big):
+                # events[0] is the reply, those frames come next, and the first read reports them.
+                self._early = cast(list[_Parsed], events[1:])
+                return
             if not data:
                 raise UpstreamClosed(1006, "closed during the handshake")
-            try:
-                self._conn.receive_data(data)
-            except RemoteProtocolError as exc:
-                raise ProviderError(f"bad handshake reply: {exc}") from None
-            for event in self._conn.events():
-                if isinstance(event, wse.AcceptConnection):
-                    return
-                if isinstance(event, wse.RejectConnection):
-                    retry_after = retry_after_seconds(list(event.headers))
-                    if event.status_code == 429:
-                        raise HandshakeRateLimited(event.status_code, retry_after)
-                    raise HandshakeRejected(event.status_code, retry_after)
 
     async def _read(self) -> bytes:
         data = await self._transport.receive()
@@ -390,9 +486,10 @@ class WsClient:
                 self._pings += 1
                 self._ping_payload = b"trio-relay %d" % self._pings
                 try:
-                    ping = self._conn.send(wse.Ping(payload=self._ping_payload))
-                except LocalProtocolError:
+                    self._proto.send_ping(self._ping_payload)
+                except InvalidState:
                     raise UpstreamClosed(1006, "connection is closing") from None
+                ping = b"".join(self._proto.data_to_send())
             else:
                 ping = b""  # sent by an earlier call, cancelled while it waited for the answer
             # The ping's send is under the deadline too: a dead peer may have let the send buffer fill.
@@ -409,56 +506,87 @@ class WsClient:
         if self._closed is not None:
             raise self._closed
         try:
-            data = self._conn.send(wse.Message(data=text))
-        except LocalProtocolError:
+            self._proto.send_text(text.encode())
+        except InvalidState:
             raise UpstreamClosed(1006, "connection is closing") from None
-        await self._write(data)
+        await self._write(b"".join(self._proto.data_to_send()))
 
     async def receive_batch(self) -> list[str]:
-        """Every complete text message received so far (at least one); raises UpstreamClosed.
+        """Every complete message received so far (at least one); raises UpstreamClosed.
+
+        Text messages as sent; binary ones decoded as UTF-8 (undecodable bytes replaced). A text
+        message that is not UTF-8 ends the connection with 1007, one over ``max_message`` bytes
+        with 1009, a frame that breaks the protocol with 1002: each after the messages before it
+        were returned. Pings are answered as they are read; pongs are never returned.
 
         With ``ping_interval`` set, once this has waited ``ping_interval`` seconds without
         receiving anything (no frame of any kind), it sends a Ping and waits on; if still nothing
         has arrived ``ping_timeout`` seconds after that, it raises :class:`KeepaliveTimeout`. Any
-        bytes received reset the clock, so a busy feed is never pinged. Pongs are never returned.
+        bytes received reset the clock, so a busy feed is never pinged.
         """
         while True:
-            # Bytes already fed to wsproto (e.g. frames that came with the handshake reply) first.
+            # Frames already parsed (e.g. those that came with the handshake reply) first.
             out = await self._process_events()
             if out:
                 return out  # a close frame after data: the next call raises
             if self._closed is not None:
                 raise self._closed
             data = await self._read_or_ping()
-            try:
-                self._conn.receive_data(data or None)
-            except RemoteProtocolError as exc:
-                self._closed = UpstreamClosed(1002, f"protocol error: {exc}")
-                raise self._closed from None
-            if not data:
+            if data:
+                self._proto.receive_data(data)
+            else:
+                self._proto.receive_eof()
                 await self._process_events()
                 if self._closed is None:
                     self._closed = UpstreamClosed(1006, "connection lost (EOF)")
 
     async def _process_events(self) -> list[str]:
+        """The messages of the frames parsed since the last call; sends what the protocol answered.
+
+        The hot path of the relay's ingest: one pass over the frames, one decode per message.
+        """
+        protocol = self._proto
+        frames = cast(list[_Parsed], protocol.events_received())
+        if self._early:
+            frames = self._early + frames
+            self._early = []
         out: list[str] = []
-        reply = b""
-        for event in self._conn.events():
-            if isinstance(event, wse.TextMessage):
-                self._collect(event.data, event.message_finished, out)
-            elif isinstance(event, wse.BytesMessage):
-                self._collect(bytes(event.data).decode("utf-8", "replace"), event.message_finished, out)
-            elif isinstance(event, wse.Ping):
-                reply += self._conn.send(event.response())
-            elif isinstance(event, wse.Pong):
-                if event.payload == self._ping_payload:
-                    self._ping_payload = b""  # ours; any other pong is unsolicited, and ignored too
-            elif isinstance(event, wse.CloseConnection) and self._closed is None:
-                self._closed = UpstreamClosed(event.code, event.reason or "")
+        for frame in frames:
+            opcode = frame.opcode
+            if opcode is _TEXT and frame.fin:
                 try:
-                    reply += self._conn.send(event.response())
-                except LocalProtocolError:
-                    pass
+                    out.append(frame.data.decode())
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8 in a text message")
+                    break
+            elif opcode is _TEXT or opcode is _BINARY:
+                if frame.fin:
+                    out.append(frame.data.decode("utf-8", "replace"))
+                else:
+                    self._partial = [frame.data]
+                    self._partial_text = opcode is _TEXT
+            elif opcode is _CONT:
+                # The protocol checked the order of fragments and their total size (max_message).
+                self._partial.append(frame.data)
+                if frame.fin:
+                    whole = b"".join(self._partial)
+                    self._partial = []
+                    try:
+                        out.append(whole.decode() if self._partial_text else whole.decode("utf-8", "replace"))
+                    except UnicodeDecodeError:
+                        self._fail(1007, "invalid UTF-8 in a text message")
+                        break
+            elif opcode is _PONG:
+                if frame.data == self._ping_payload:
+                    self._ping_payload = b""  # ours; any other pong is unsolicited, and ignored too
+            elif opcode is _CLOSE and self._closed is None:
+                received = protocol.close_rcvd  # the protocol has queued its echo
+                assert received is not None
+                self._closed = UpstreamClosed(received.code, received.reason)
+            # A ping: the protocol has queued the pong.
+        if protocol.parser_exc is not None and self._closed is None:
+            self._closed = _closed_by(protocol.parser_exc)
+        reply = b"".join(protocol.data_to_send())
         if reply:
             try:
                 await self._write(reply)
@@ -466,29 +594,18 @@ class WsClient:
                 pass
         return out
 
-    def _collect(self, piece: str, finished: bool, out: list[str]) -> None:
-        if not finished or self._partial:
-            self._partial.append(piece)
-            self._partial_len += len(piece)
-            if self._partial_len > self._max_message:
-                self._closed = UpstreamClosed(1009, "message too big")
-                raise self._closed
-            if not finished:
-                return
-            piece = "".join(self._partial)
-            self._partial.clear()
-            self._partial_len = 0
-        elif len(piece) > self._max_message:
-            self._closed = UpstreamClosed(1009, "message too big")
-            raise self._closed
-        out.append(piece)
+    def _fail(self, code: int, reason: str) -> None:
+        """End the connection for what this module found wrong: close frame queued, nothing more parsed."""
+        self._proto.fail(code, reason)
+        self._closed = UpstreamClosed(code, reason)
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame (if we can) and close the socket; never raises for a dead peer."""
         try:
-            if self._conn.state is wsproto.connection.ConnectionState.OPEN:
-                await self._write(self._conn.send(wse.CloseConnection(code=code, reason=reason)))
-        except (UpstreamClosed, LocalProtocolError):
+            if self._proto.state is State.OPEN:
+                self._proto.send_close(code, reason)
+                await self._write(b"".join(self._proto.data_to_send()))
+        except (UpstreamClosed, InvalidState, ProtocolError):
             pass
         finally:
             self._transport.close()
