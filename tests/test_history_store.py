@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import socket
 import sqlite3
 import threading
@@ -168,6 +169,29 @@ async def test_round_trip_keeps_every_field_and_none(
         ]
         assert await store.trades("AAPL", T0 - 10, T0 + 10, limit=1) == [("AAPL", T0 - 5, -1.5e-300, 1e300, T0 + 1005)]
     await writer.aclose()
+
+
+async def test_sqlite_stores_what_an_update_does_not_have_as_null(tmp_path: Path) -> None:
+    """SQL NULL in the file (what any reader of it sees), not NaN or a number; a NaN the provider sent too."""
+    conn = await trio.to_thread.run_sync(SqliteBackend(tmp_path).connect)
+    try:
+        batch = [
+            (Update("AAPL", "T", T0, last_price=1.5, last_size=10.0), T0, None),
+            (Update("AAPL", "Q", T0 + 1, bid_price=1.25, ask_size=0.0), T0, "sim"),
+            (Update("AAPL", "T", T0 + 2, last_price=math.nan, last_size=math.inf), T0, "sim"),
+        ]
+        await trio.to_thread.run_sync(conn.write, batch)
+        query = (
+            "SELECT typeof(last_price), typeof(last_size), typeof(bid_price), typeof(bid_size), typeof(ask_price),"
+            " typeof(ask_size), typeof(provider), ask_size, last_size FROM ticks ORDER BY id"
+        )
+        assert conn._conn.execute(query).fetchall() == [  # white box: the stored types
+            ("real", "real", "null", "null", "null", "null", "null", None, 10.0),
+            ("null", "null", "real", "null", "null", "real", "text", 0.0, None),
+            ("null", "real", "null", "null", "null", "null", "text", None, math.inf),
+        ]
+    finally:
+        conn.close()
 
 
 async def test_pagination_has_no_duplicate_and_no_gap(

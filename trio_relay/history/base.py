@@ -29,7 +29,7 @@ __all__ = [
     "TradeRow",
     "Batch",
     "COLUMNS",
-    "row_of",
+    "rows_of",
     "HistoryBackend",
     "HistoryConnection",
     "HistoryError",
@@ -48,7 +48,7 @@ __all__ = [
 # the provider it came from (stored as ``update.provider or provider``; None: not known).
 Batch = Sequence[tuple[Update, int, str | None]]
 
-# The columns a backend writes, in the order of :func:`row_of` (both backends' tables have them).
+# The columns a backend writes, in the order of :func:`rows_of` (both backends' tables have them).
 COLUMNS: tuple[str, ...] = (
     "symbol",
     "ts",
@@ -64,21 +64,31 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-def row_of(u: Update, recv_ms: int, provider: str | None) -> tuple[object, ...]:
-    """One update of a :data:`Batch` as a row of :data:`COLUMNS` (its own provider wins)."""
-    return (
-        u.symbol,
-        u.timestamp,
-        recv_ms,
-        u.kind,
-        u.last_price,
-        u.last_size,
-        u.bid_price,
-        u.bid_size,
-        u.ask_price,
-        u.ask_size,
-        u.provider or provider,
-    )
+def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...]]:
+    """Every update of ``batch`` as a row of :data:`COLUMNS`, in order (its own provider wins).
+
+    A price or size the update does not have (None) is put as ``absent``: SQLite's writer passes
+    NaN, which ``sqlite3`` binds as a plain double and SQLite stores as NULL (what it does with
+    any NaN), because binding None itself costs ``sqlite3`` an adaptation lookup per value (a
+    failed attribute lookup, with its exception, under the GIL): about a third of SQLite's cost
+    per row. PostgreSQL keeps NaN as NaN, so its writer passes None.
+    """
+    return [
+        (
+            u.symbol,
+            u.timestamp,
+            recv_ms,
+            u.kind,
+            absent if (v := u.last_price) is None else v,
+            absent if (v := u.last_size) is None else v,
+            absent if (v := u.bid_price) is None else v,
+            absent if (v := u.bid_size) is None else v,
+            absent if (v := u.ask_price) is None else v,
+            absent if (v := u.ask_size) is None else v,
+            u.provider or provider,
+        )
+        for u, recv_ms, provider in batch
+    ]
 
 
 # A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size, recv_ms).

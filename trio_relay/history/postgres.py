@@ -31,7 +31,7 @@ from .base import (
     TradeRow,
     check_identifier,
     redact,
-    row_of,
+    rows_of,
 )
 
 __all__ = ["PostgresBackend"]
@@ -186,8 +186,8 @@ class _PostgresConnection:
             with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(self._copy) as copy:
                 copy.set_types(_COPY_TYPES)
                 write_row = copy.write_row
-                for u, r, p in batch:
-                    write_row(row_of(u, r, p))
+                for row in rows_of(batch):
+                    write_row(row)
         except _ROW_ERRORS as exc:
             if self._conn.broken:
                 raise self._backend._unavailable(exc) from None

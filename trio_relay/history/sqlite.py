@@ -11,6 +11,7 @@ index range scan, and so is retention (``symbol = ? AND ts < ?``).
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import time
@@ -29,7 +30,7 @@ from .base import (
     Tick,
     TradeRow,
     check_identifier,
-    row_of,
+    rows_of,
 )
 
 __all__ = ["SqliteBackend", "SQLITE_FILENAME"]
@@ -47,6 +48,9 @@ _ROW_ERRORS: Final = (
     ValueError,  # includes UnicodeEncodeError (a lone surrogate)
 )
 
+
+# An absent price or size as bound: SQLite stores a NaN as NULL (see rows_of).
+_ABSENT: Final = math.nan
 
 # Virtual-machine steps between two deadline checks of a streamed query (a few µs of work).
 _PROGRESS_STEPS: Final = 10_000
@@ -162,8 +166,8 @@ class _SqliteConnection:
                 pass  # the failure being reported is the one that matters; the owner reconnects
 
     def write(self, batch: Batch) -> None:
-        rows = (row_of(u, r, p) for u, r, p in batch)
         try:
+            rows = rows_of(batch, _ABSENT)
             self._conn.execute("BEGIN")
             self._conn.executemany(self._insert, rows)
             self._conn.execute("COMMIT")
