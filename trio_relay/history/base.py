@@ -67,11 +67,12 @@ COLUMNS: tuple[str, ...] = (
 def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...]]:
     """Every update of ``batch`` as a row of :data:`COLUMNS`, in order (its own provider wins).
 
-    A price or size the update does not have (None) is put as ``absent``: SQLite's writer passes
-    NaN, which ``sqlite3`` binds as a plain double and SQLite stores as NULL (what it does with
-    any NaN), because binding None itself costs ``sqlite3`` an adaptation lookup per value (a
-    failed attribute lookup, with its exception, under the GIL): about a third of SQLite's cost
-    per row. PostgreSQL keeps NaN as NaN, so its writer passes None.
+    A value the update does not have (None: a price, a size, the provider) is put as ``absent``.
+    SQLite's writer passes NaN, which ``sqlite3`` binds as a plain double and SQLite stores as
+    NULL, whatever the column (it binds any NaN as NULL), because binding None itself costs
+    ``sqlite3`` an adaptation lookup per value (a failed attribute lookup, with its exception,
+    under the GIL): about a third of SQLite's cost per row. PostgreSQL keeps a NaN as NaN, so
+    its writer passes None.
     """
     return [
         (
@@ -85,7 +86,7 @@ def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...
             absent if (v := u.bid_size) is None else v,
             absent if (v := u.ask_price) is None else v,
             absent if (v := u.ask_size) is None else v,
-            u.provider or provider,
+            absent if (p := u.provider or provider) is None else p,
         )
         for u, recv_ms, provider in batch
     ]
