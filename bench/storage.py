@@ -13,6 +13,9 @@
 2. write, paced: the same at a fixed ``--rate`` (the issue's target, 50,000/s), offered every
    10 ms, over ``--paced-seconds``: written/s, updates dropped and the most ever pending (the
    rate is sustained when nothing is dropped and pending stays far below the 200,000 bound).
+   Both runs also give the process's CPU time (every thread: the producer, Trio, the writer's
+   worker thread, SQLite's own work) per row written in the window: what the history costs the
+   relay's core, which the writer shares with everything else when the relay is pinned.
 3. a day of one symbol: 86,400 ticks (one a second, 1 trade : 2 quotes) of each of
    ``--day-symbols`` symbols, interleaved in time as they would arrive, written through a backend
    connection; then, through :class:`HistoryStore` (worker thread, Tick objects included): the
@@ -85,12 +88,14 @@ async def write_rate(
         window_start = begin + args.warmup
         window_end = window_start + seconds
         written0 = dropped0 = 0
+        cpu0 = 0.0
         measuring = False
         next_tick = begin
         while True:
             now = trio.current_time()
             if not measuring and now >= window_start:
                 measuring, written0, dropped0, offered0 = True, writer.written, writer.dropped, offered
+                cpu0 = time.process_time()
             if now >= window_end:
                 break
             recv = time.time_ns() // 1_000_000
@@ -116,6 +121,7 @@ async def write_rate(
         written = writer.written - written0
         dropped = writer.dropped - dropped0
         elapsed = trio.current_time() - window_start
+        cpu = time.process_time() - cpu0
         await writer.aclose()
     return {
         "written_per_s": written / elapsed,
@@ -123,6 +129,7 @@ async def write_rate(
         "accepted_per_s": (offered - offered0 - dropped) / elapsed,
         "dropped": float(dropped),
         "max_pending": float(max_pending),
+        "cpu_us_per_row": cpu / max(written, 1) * 1e6,
     }
 
 
@@ -225,11 +232,13 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
                 f"{name}_write_ticks_per_s": sat["written_per_s"],
                 f"{name}_write_accepted_per_s": sat["accepted_per_s"],
                 f"{name}_write_dropped": sat["dropped"],
+                f"{name}_write_cpu_us_per_row": sat["cpu_us_per_row"],
                 f"{name}_paced_rate": args.rate,
                 f"{name}_paced_offered_per_s": paced["offered_per_s"],
                 f"{name}_paced_written_per_s": paced["written_per_s"],
                 f"{name}_paced_dropped": paced["dropped"],
                 f"{name}_paced_max_pending": paced["max_pending"],
+                f"{name}_paced_cpu_us_per_row": paced["cpu_us_per_row"],
                 f"{name}_day_fill_rows_per_s": fill,
                 **{f"{name}_{k}": v for k, v in queries.items()},
             }
@@ -266,10 +275,12 @@ def main() -> None:
         ("write, saturated: written ticks/s", "write_ticks_per_s", "{:,.0f}"),
         ("  accepted/s (waits 1 ms when full)", "write_accepted_per_s", "{:,.0f}"),
         ("  dropped (full buffer) in the window", "write_dropped", "{:,.0f}"),
+        ("  CPU µs per written row (process)", "write_cpu_us_per_row", "{:,.2f}"),
         (f"write, paced at {args.rate:,.0f}/s: offered/s", "paced_offered_per_s", "{:,.0f}"),
         ("  written/s", "paced_written_per_s", "{:,.0f}"),
         ("  dropped", "paced_dropped", "{:,.0f}"),
         ("  most pending", "paced_max_pending", "{:,.0f}"),
+        ("  CPU µs per written row (process)", "paced_cpu_us_per_row", "{:,.2f}"),
         (f"day fill ({args.day_symbols} × 86,400 rows), rows/s", "day_fill_rows_per_s", "{:,.0f}"),
         ("day of 1 symbol, one page of 86,400: ms", "day_all_ms", "{:,.1f}"),
         ("day, first page of 1,000: ms", "day_page_ms", "{:,.2f}"),
