@@ -237,8 +237,10 @@ class HistoryConfig:
     # Updates waiting for the database. When it is slow or down and this fills, new updates are
     # dropped (counted, /health says degraded): live relaying never waits on the database.
     queue_size: int = attrs.field(default=200_000, validator=_positive)
-    # Most updates written in one transaction, and the longest a written update waits.
-    batch_size: int = attrs.field(default=10_000, validator=_positive)
+    # Most updates written in one transaction, and the longest a written update waits. A commit
+    # writes out every page the batch touched (SQLite: one index page per symbol at least), so
+    # fewer, larger transactions cost less per row, the more so with many symbols (issue 25).
+    batch_size: int = attrs.field(default=50_000, validator=_positive)
     flush_interval: float = attrs.field(default=0.5, validator=_positive)
     # Queries (/history, /bars) run in worker threads, each on a database connection of its own:
     # at most query_concurrency at once; a request waits at most query_queue_timeout seconds for

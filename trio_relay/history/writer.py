@@ -79,7 +79,7 @@ class HistoryWriter:
         backend: HistoryBackend,
         *,
         queue_size: int = 200_000,
-        batch_size: int = 10_000,
+        batch_size: int = 50_000,
         flush_interval: float = 0.5,
         retention_days: float = 7.0,
         retention_interval: float = 300.0,
