@@ -64,7 +64,7 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...]]:
+def rows_of(batch: Batch, absent: float | None = None) -> Iterator[tuple[object, ...]]:
     """Every update of ``batch`` as a row of :data:`COLUMNS`, in order (its own provider wins).
 
     A value the update does not have (None: a price, a size, the provider) is put as ``absent``.
@@ -73,9 +73,12 @@ def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...
     ``sqlite3`` an adaptation lookup per value (a failed attribute lookup, with its exception,
     under the GIL): about a third of SQLite's cost per row. PostgreSQL keeps a NaN as NaN, so
     its writer passes None.
+
+    A generator: each row is consumed as it is made (a list of them costs more, in allocation
+    and in the garbage collector's passes over the young tuples).
     """
-    return [
-        (
+    for u, recv_ms, provider in batch:
+        yield (
             u.symbol,
             u.timestamp,
             recv_ms,
@@ -88,8 +91,6 @@ def rows_of(batch: Batch, absent: float | None = None) -> list[tuple[object, ...
             absent if (v := u.ask_size) is None else v,
             absent if (p := u.provider or provider) is None else p,
         )
-        for u, recv_ms, provider in batch
-    ]
 
 
 # A stored trade, as trio_relay.bars.TradeRow: (symbol, timestamp epoch ms, price, size, recv_ms).
