@@ -70,9 +70,9 @@ def rows_of(batch: Batch, absent: float | None = None) -> Iterator[tuple[object,
     A value the update does not have (None: a price, a size, the provider) is put as ``absent``.
     SQLite's writer passes NaN, which ``sqlite3`` binds as a plain double and SQLite stores as
     NULL, whatever the column (it binds any NaN as NULL), because binding None itself costs
-    ``sqlite3`` an adaptation lookup per value (a failed attribute lookup, with its exception,
-    under the GIL): about a third of SQLite's cost per row. PostgreSQL keeps a NaN as NaN, so
-    its writer passes None.
+    ``sqlite3`` an adaptation per value (CPython 3.11: a registry lookup, then a failed attribute
+    lookup that formats its exception, all under the GIL): a third of SQLite's cost per row
+    (issue 25 in bench/RESULTS.md). PostgreSQL keeps a NaN as NaN, so its writer passes None.
 
     A generator: each row is consumed as it is made (a list of them costs more, in allocation
     and in the garbage collector's passes over the young tuples).

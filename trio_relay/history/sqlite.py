@@ -2,7 +2,9 @@
 
 WAL lets the query connection read while the writer's connection writes; ``synchronous=NORMAL``
 makes a commit cost no fsync (the WAL is synced at checkpoints): a power cut may lose the last
-commits, never corrupt the file. Each batch is one ``executemany`` in one transaction.
+commits, never corrupt the file. Each batch is one ``executemany`` in one transaction; a value an
+update does not have is bound as NaN, which SQLite stores as NULL (cheaper to bind than None:
+see :func:`~trio_relay.history.base.rows_of`).
 
 ``id`` is the rowid (monotonic: rows are only ever deleted from the old end, per symbol), and
 the ``(symbol, ts)`` index carries the rowid, so ``ORDER BY ts, id`` of one symbol is a plain
