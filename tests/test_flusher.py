@@ -89,8 +89,10 @@ async def test_a_paused_reader_gets_whole_frames_in_order_and_its_pong_and_other
     await steady.send(SUBSCRIBE)
     hub = relay.hub
     with trio.fail_after(30):
-        while len(hub.clients) < 2 or not all(c.symbols for c in hub.clients.values()):
-            await trio.sleep(0.01)
+        # Each ack is queued after the hub applied the subscribe: both are in place once read.
+        for client in (paused, steady):
+            while not any(m.get("type") == "subscribed" for m in client.messages):
+                await client.read_some()
         stuck = next(c for c in hub.clients.values() if not c.batch)
         # The paused client's socket fills: the flusher's last write left a rest for its task,
         # and its outbox, skipped since, fills and conflates.
@@ -196,11 +198,10 @@ async def test_an_accepted_price_socket_keeps_no_handshake_state(start_relay) ->
     for client in clients:
         await client.send(json.dumps({"action": "ping"}))
     with trio.fail_after(10):
-        while len(relay.hub.clients) < 20:
-            await trio.sleep(0.01)
-        for client in clients:
+        for client in clients:  # a pong back: the connection is accepted and served
             while not client.messages:
                 await client.read_some()
+    assert len(relay.hub.clients) == 20
     gc.collect()
     servers = [o for o in gc.get_objects() if isinstance(o, h11.Connection) and o.our_role is h11.SERVER]
     handshakes = [o for o in gc.get_objects() if isinstance(o, wsproto.WSConnection) and not o.client]

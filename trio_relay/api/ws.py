@@ -221,9 +221,7 @@ class PriceSocketServer:
                     await writer.write()  # the rest first; the writer then pokes the outbox
                 else:
                     await outbox.wait()
-            if writer.rest and not outbox.stopped:
-                await writer.write()
-            # Closing: the last frames (an error, a notice) go out through this task, in order.
+            # Closing (the close frame's write sends any rest first): the last frames (an error, a notice) go out through this task, in order.
             await _write_pending(client, writer)
 
     async def _read_loop(
@@ -378,9 +376,7 @@ class _Writer:
         """
         try:
             sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        except OSError:  # EAGAIN (the socket is full) or the socket failed: all of it is the rest
             sent = 0
         if sent == len(data):
             return True
@@ -431,12 +427,7 @@ class _Sink:
             outbox.poke()
 
     def write_now(self, frames: list[bytes]) -> bool:
-        # wire(), inlined: this runs once per client write of the whole relay.
-        if self._outbox.batch:
-            data = ws_text_frame(b"[" + b",".join(frames) + b"]")
-        else:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if self._writer.write_now(data):
+        if self._writer.write_now(wire(self._outbox.batch, frames)):
             return True
         self._outbox.wake()  # the sender task writes the rest when the socket takes it
         return False

@@ -32,7 +32,6 @@ class Client:
 
     id: int
     outbox: Outbox
-    batch: bool = False
     remote: str = ""
     symbols: set[str] = attrs.Factory(set)
     connected_at: float = 0.0
@@ -47,6 +46,11 @@ class Client:
     # and portfolio valuations reaching this client go through it.
     entitlement: Entitlement | None = None
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    @property
+    def batch(self) -> bool:
+        """True when this client gets batched frames (JSON arrays); its outbox holds the mode."""
+        return self.outbox.batch
 
     def close(self, code: int, reason: str) -> None:
         """Ask the client's handler to close the socket with ``code``; idempotent.

@@ -531,7 +531,6 @@ class Hub:
         client = Client(
             id=next(self._ids),
             outbox=outbox,
-            batch=batch,
             remote=remote,
             connected_at=trio.current_time(),
         )
@@ -664,7 +663,6 @@ class Hub:
         plain = [s for s in client.symbols if s not in client.options]
         for symbol in plain:
             self._unroute(client, symbol)  # from the set of the old form...
-        client.batch = batch
         client.outbox.set_batch(batch)
         for symbol in plain:
             self._add_route(client, symbol, None)  # ...to the set of the new one
