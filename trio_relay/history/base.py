@@ -48,7 +48,7 @@ __all__ = [
 # the provider it came from (stored as ``update.provider or provider``; None: not known).
 Batch = Sequence[tuple[Update, int, str | None]]
 
-# The columns a backend writes, in the order of :func:`rows_of` (both backends' tables have them).
+# The columns of a stored tick, in the order of :func:`rows_of` (PostgreSQL's table; SQLite's view).
 COLUMNS: tuple[str, ...] = (
     "symbol",
     "ts",
@@ -64,15 +64,8 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-def rows_of(batch: Batch, absent: float | None = None) -> Iterator[tuple[object, ...]]:
+def rows_of(batch: Batch) -> Iterator[tuple[object, ...]]:
     """Every update of ``batch`` as a row of :data:`COLUMNS`, in order (its own provider wins).
-
-    A value the update does not have (None: a price, a size, the provider) is put as ``absent``.
-    SQLite's writer passes NaN, which ``sqlite3`` binds as a plain double and SQLite stores as
-    NULL, whatever the column (it binds any NaN as NULL), because binding None itself costs
-    ``sqlite3`` an adaptation per value (CPython 3.11: a registry lookup, then a failed attribute
-    lookup that formats its exception, all under the GIL): a third of SQLite's cost per row
-    (issue 25 in bench/RESULTS.md). PostgreSQL keeps a NaN as NaN, so its writer passes None.
 
     A generator: each row is consumed as it is made (a list of them costs more, in allocation
     and in the garbage collector's passes over the young tuples).
@@ -83,13 +76,13 @@ def rows_of(batch: Batch, absent: float | None = None) -> Iterator[tuple[object,
             u.timestamp,
             recv_ms,
             u.kind,
-            absent if (v := u.last_price) is None else v,
-            absent if (v := u.last_size) is None else v,
-            absent if (v := u.bid_price) is None else v,
-            absent if (v := u.bid_size) is None else v,
-            absent if (v := u.ask_price) is None else v,
-            absent if (v := u.ask_size) is None else v,
-            absent if (p := u.provider or provider) is None else p,
+            u.last_price,
+            u.last_size,
+            u.bid_price,
+            u.bid_size,
+            u.ask_price,
+            u.ask_size,
+            u.provider or provider,
         )
 
 

@@ -1,29 +1,54 @@
-"""The embedded backend: one SQLite file, ``<data_dir>/history.sqlite3``, in WAL mode.
+"""The embedded backend: one SQLite file, ``<data_dir>/history.sqlite3``, in WAL mode, ticks in blocks.
 
 WAL lets the query connection read while the writer's connection writes; ``synchronous=NORMAL``
 makes a commit cost no fsync (the WAL is synced at checkpoints): a power cut may lose the last
-commits, never corrupt the file. Each batch is one ``executemany`` in one transaction; a value an
-update does not have is bound as NaN, which SQLite stores as NULL (cheaper to bind than None:
-see :func:`~trio_relay.history.base.rows_of`).
+commits, never corrupt the file.
 
-``id`` is the rowid (monotonic: rows are only ever deleted from the old end, per symbol), and
-the ``(symbol, ts)`` index carries the rowid, so ``ORDER BY ts, id`` of one symbol is a plain
-index range scan, and so is retention (``symbol = ? AND ts < ?``).
+**Blocks, not a row per tick.** A row and its index entry cost SQLite ~3.3 µs per tick, and the
+GIL hand-offs of a per-row ``executemany`` as much again on a relay's busy core: at 40,000 ticks/s
+the history took a quarter of the core and held deliveries to 60 % of demand (issue 25 in
+bench/RESULTS.md). So one write stores, per symbol and per :data:`BUCKET_MS` of event time, one
+row of ``<table>_blocks``: the ticks as one JSON array (``msgspec``, in C), sorted by event time
+(ties in arrival order), with the block's first and last ``ts``. A batch of 20,000 ticks over 500
+symbols is ~500 inserts.
+
+* **Order and cursors.** A tick's id is ``block_id * 65536 + its index`` in the block (a block
+  holds at most :data:`BLOCK_ROWS`): blocks are numbered in write order and a block is sorted
+  stably, so ``(ts, id)`` orders ticks exactly as a row per tick did (event time, then arrival),
+  and a cursor ``(ts, id)`` stays valid while the block is trimmed by retention (``first`` counts
+  the ticks trimmed from its front).
+* **Reads.** A query reads the blocks of one symbol whose bucket can hold ``[start, end)`` (an
+  index range on ``(symbol, ts_min)``: every tick of a block lies in one bucket) and merges their
+  ticks by ``(ts, id)``; it holds at most the ticks of the blocks that overlap in time.
+* **Retention** deletes whole blocks older than the cutoff and trims the front of a block that
+  straddles it: exact to the tick, as before.
+* **Plain SQL still works**: the view ``<table>`` shows one row per tick with the columns a row
+  per tick had (``id, symbol, ts, recv_ms, kind, last_price, ...``), for ``sqlite3`` and any tool.
+* **Values**: JSON has no NaN or infinity; a non-finite price or size is stored as null, which
+  the relay stored as NULL already for NaN.
+
+A file made by an older relay (a ``<table>`` table, a row per tick) is converted at start, in
+chunks of :data:`CONVERT_CHUNK` rows, each its own transaction (an interrupted conversion goes
+on at the next start); while it runs, queries see the ticks converted so far.
 """
 
 from __future__ import annotations
 
-import math
+import heapq
+import itertools
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import Final
 
+import msgspec
+
 from ..private_files import private_file
 from .base import (
-    COLUMNS,
     Batch,
     HistoryUnavailable,
     Position,
@@ -32,12 +57,23 @@ from .base import (
     Tick,
     TradeRow,
     check_identifier,
-    rows_of,
 )
 
-__all__ = ["SqliteBackend", "SQLITE_FILENAME"]
+__all__ = ["SqliteBackend", "SQLITE_FILENAME", "BUCKET_MS", "BLOCK_ROWS"]
+
+log = logging.getLogger(__name__)
 
 SQLITE_FILENAME: Final = "history.sqlite3"
+
+#: Event time one block spans at most: every tick of a block has ``ts // BUCKET_MS`` in common.
+#: Bounds what a query must look at before its start, and what it holds while merging.
+BUCKET_MS: Final = 10_000
+
+#: Ticks in one block at most: a tick's id is ``block_id * 65536 + index``.
+BLOCK_ROWS: Final = 65_536
+
+#: Legacy rows converted per transaction at start.
+CONVERT_CHUNK: Final = 100_000
 
 # Errors that come from the rows of a batch, not from the database being unusable.
 _ROW_ERRORS: Final = (
@@ -45,17 +81,28 @@ _ROW_ERRORS: Final = (
     sqlite3.DataError,
     sqlite3.InterfaceError,
     sqlite3.ProgrammingError,  # "Error binding parameter": an unsupported type
+    msgspec.EncodeError,
     OverflowError,  # an int beyond 64 bits
     TypeError,
     ValueError,  # includes UnicodeEncodeError (a lone surrogate)
 )
 
-
-# An absent price or size as bound: SQLite stores a NaN as NULL (see rows_of).
-_ABSENT: Final = math.nan
-
 # Virtual-machine steps between two deadline checks of a streamed query (a few µs of work).
 _PROGRESS_STEPS: Final = 10_000
+
+# One stored tick: ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,
+# ask_size, provider (the table order of the row-per-tick layout, without symbol and id).
+_Row = tuple[
+    int, int, str, float | None, float | None, float | None, float | None, float | None, float | None, str | None
+]
+_ENCODE: Final = msgspec.json.Encoder().encode
+_DECODE: Final = msgspec.json.Decoder(list[_Row]).decode
+_BY_TS: Final = itemgetter(0)
+
+# The view's columns, as the row-per-tick table had them.
+_VIEW_COLUMNS: Final = (
+    "ts", "recv_ms", "kind", "last_price", "last_size", "bid_price", "bid_size", "ask_price", "ask_size", "provider"
+)  # fmt: skip
 
 
 class SqliteBackend:
@@ -68,7 +115,7 @@ class SqliteBackend:
         filename: str = SQLITE_FILENAME,
         table: str = "ticks",
         busy_timeout: float = 5.0,
-        cache_mb: int = 64,
+        cache_mb: int = 16,
         wal_checkpoint_mb: int = 64,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -76,12 +123,10 @@ class SqliteBackend:
         self.table = check_identifier(table, "table")
         # How long a statement waits for a lock held by another process before it fails.
         self.busy_timeout = busy_timeout
-        # Page cache per connection (allocated as used). Inserts touch the tail leaf page of every
-        # symbol in the (symbol, ts) index: with SQLite's default 2 MB, 500 symbols already thrash
-        # it (58k rows/s here, against 130k with 64 MB).
+        # Page cache per connection (allocated as used).
         self.cache_mb = cache_mb
         # WAL size that triggers a checkpoint (SQLite's default: 4 MB); the file is truncated back
-        # to it afterwards. Fewer, larger checkpoints: about 1.5x the write rate with many symbols.
+        # to it afterwards. Fewer, larger checkpoints cost less per byte written.
         self.wal_checkpoint_mb = wal_checkpoint_mb
 
     @property
@@ -107,77 +152,158 @@ class SqliteBackend:
             conn.execute(f"PRAGMA journal_size_limit={self.wal_checkpoint_mb * 1024 * 1024}")
             t = self.table
             conn.execute(
-                f'CREATE TABLE IF NOT EXISTS "{t}" ('
-                "id INTEGER PRIMARY KEY, symbol TEXT NOT NULL, ts INTEGER NOT NULL, recv_ms INTEGER NOT NULL,"
-                " kind TEXT NOT NULL, last_price REAL, last_size REAL, bid_price REAL, bid_size REAL,"
-                " ask_price REAL, ask_size REAL, provider TEXT)"
+                f'CREATE TABLE IF NOT EXISTS "{t}_blocks" (id INTEGER PRIMARY KEY, symbol TEXT NOT NULL,'
+                " ts_min INTEGER NOT NULL, ts_max INTEGER NOT NULL, first INTEGER NOT NULL, n INTEGER NOT NULL,"
+                " rows TEXT NOT NULL)"
             )
-            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_symbol_ts" ON "{t}" (symbol, ts)')
-            _migrate(conn, t)
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_blocks_symbol_ts" ON "{t}_blocks" (symbol, ts_min)')
+            connection = _SqliteConnection(conn, t, self.description)
+            _convert_legacy(conn, connection, t)
+            values = ", ".join(f"j.value ->> {i} AS {c}" for i, c in enumerate(_VIEW_COLUMNS))
+            conn.execute(
+                f'CREATE VIEW IF NOT EXISTS "{t}" AS SELECT b.id * {BLOCK_ROWS} + b.first + j.key AS id,'
+                f' b.symbol AS symbol, {values} FROM "{t}_blocks" AS b, json_each(b.rows) AS j'
+            )
         except sqlite3.Error as exc:
             conn.close()
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
-        return _SqliteConnection(conn, self.table, self.description)
+        return connection
 
 
-def _migrate(conn: sqlite3.Connection, table: str) -> None:
-    """Bring a table made by an older relay up to date: the ``provider`` column (NULL in old rows)."""
-    columns = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
-    if "provider" not in columns:
-        conn.execute(f'ALTER TABLE "{table}" ADD COLUMN provider TEXT')  # instant: no row is rewritten
+def _convert_legacy(conn: sqlite3.Connection, into: _SqliteConnection, table: str) -> None:
+    """Move the rows of an older relay's row-per-tick table into blocks, then drop the table.
+
+    The table is renamed ``<table>_rows`` first (its name becomes the view's). Rows go in id
+    order, so blocks keep their arrival order; each chunk is one transaction that also deletes
+    the rows it moved, so a conversion cut short goes on where it stopped.
+    """
+    legacy = f'"{table}_rows"'
+    conn.execute("BEGIN IMMEDIATE")  # two connections starting at once: one converts, one waits
+    try:
+        kinds = dict(
+            conn.execute("SELECT name, type FROM sqlite_master WHERE name IN (?, ?)", (table, f"{table}_rows"))
+        )
+        if kinds.get(table) == "table":
+            conn.execute(f'ALTER TABLE "{table}" RENAME TO {legacy}')
+            kinds[f"{table}_rows"] = "table"
+        conn.execute("COMMIT")
+    except BaseException:
+        into.rollback()
+        raise
+    if kinds.get(f"{table}_rows") != "table":
+        return
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({legacy})")}
+    provider = "provider" if "provider" in columns else "NULL"  # a table made before the column
+    select = (
+        f"SELECT id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size,"
+        f" {provider} FROM {legacy} ORDER BY id LIMIT {CONVERT_CHUNK}"
+    )
+    (remaining,) = conn.execute(f"SELECT count(*) FROM {legacy}").fetchone()
+    if remaining:
+        log.warning("[HISTORY] converting %d ticks of %s to blocks (once, after an upgrade)", remaining, table)
+    moved, started = 0, time.monotonic()
+    while True:
+        conn.execute("BEGIN IMMEDIATE")  # the chunk is read, moved and deleted under one write lock
+        try:
+            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (f"{table}_rows",))
+            rows = conn.execute(select).fetchall() if exists.fetchone() else []  # done by another connection
+            if rows:
+                groups: dict[str, list[_Row]] = {}
+                for r in rows:
+                    groups.setdefault(r[1], []).append(r[2:])
+                into.insert_blocks(groups)
+                conn.execute(f"DELETE FROM {legacy} WHERE id <= ?", (rows[-1][0],))
+            else:
+                conn.execute(f"DROP TABLE IF EXISTS {legacy}")
+            conn.execute("COMMIT")
+        except BaseException:
+            into.rollback()
+            raise
+        if not rows:
+            break
+        moved += len(rows)
+    if moved:
+        log.warning("[HISTORY] converted %d ticks to blocks in %.1f s", moved, time.monotonic() - started)
 
 
 class _SqliteConnection:
     def __init__(self, conn: sqlite3.Connection, table: str, description: str) -> None:
         self._conn = conn
         self._description = description
-        t = table
-        self._insert = f'INSERT INTO "{t}" ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})'
-        columns = (
-            "id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
-        )
-        self._ticks = f'SELECT {columns} FROM "{t}" WHERE symbol = ? AND ts >= ? AND ts < ? ORDER BY ts, id LIMIT ?'
-        # After a cursor (ts0, id0): ts >= max(start, ts0) bounds the index range, the OR trims ts0's rows.
-        self._ticks_after = (
-            f'SELECT {columns} FROM "{t}" WHERE symbol = ? AND ts >= ? AND ts < ? AND (ts > ? OR id > ?)'
-            " ORDER BY ts, id LIMIT ?"
-        )
-        self._trades = (
-            f'SELECT symbol, ts, last_price, last_size, recv_ms FROM "{t}"'
-            " WHERE symbol = ? AND ts >= ? AND ts < ? AND kind = 'T' AND last_price IS NOT NULL ORDER BY ts, id LIMIT ?"
+        b = f'"{table}_blocks"'
+        self._insert = f"INSERT INTO {b} (symbol, ts_min, ts_max, first, n, rows) VALUES (?, ?, ?, 0, ?, ?)"
+        # Every block whose bucket can hold a tick at or after `lo` (its ts_min is at most one
+        # bucket before: see BUCKET_MS), before `end`, in ts_min order.
+        self._blocks = (
+            f"SELECT id, ts_min, first, rows FROM {b}"
+            " WHERE symbol = ? AND ts_min >= ? AND ts_min < ? AND ts_max >= ? ORDER BY ts_min, id"
         )
         # Every symbol in the table, one index seek each (a "loose index scan").
         self._symbols = (
-            f'WITH RECURSIVE s(symbol) AS (SELECT (SELECT min(symbol) FROM "{t}")'
-            f' UNION ALL SELECT (SELECT min(symbol) FROM "{t}" WHERE symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL)'
+            f"WITH RECURSIVE s(symbol) AS (SELECT (SELECT min(symbol) FROM {b})"
+            f" UNION ALL SELECT (SELECT min(symbol) FROM {b} WHERE symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL)"
             " SELECT symbol FROM s WHERE symbol IS NOT NULL"
         )
-        self._delete = f'DELETE FROM "{t}" WHERE id IN (SELECT id FROM "{t}" WHERE symbol = ? AND ts < ? LIMIT ?)'
+        self._old = (
+            f"SELECT id, ts_max, first, n, rows FROM {b} WHERE symbol = ? AND ts_min < ? ORDER BY ts_min, id LIMIT ?"
+        )
+        self._delete = f"DELETE FROM {b} WHERE id = ?"
+        self._trim = f"UPDATE {b} SET ts_min = ?, first = ?, n = ?, rows = ? WHERE id = ?"
 
     def _unavailable(self, exc: BaseException) -> HistoryUnavailable:
         return HistoryUnavailable(f"{self._description}: {exc}")
 
-    def _rollback(self) -> None:
+    def rollback(self) -> None:
         if self._conn.in_transaction:
             try:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the failure being reported is the one that matters; the owner reconnects
 
+    def insert_blocks(self, groups: dict[str, list[_Row]]) -> None:
+        """Insert each symbol's rows (in arrival order) as blocks: per bucket, sorted by ts.
+
+        Inside the caller's transaction. The rows' order among equal ``ts`` is kept (a stable
+        sort); the lists are sorted in place.
+        """
+        blocks = []
+        for symbol, rows in groups.items():
+            rows.sort(key=_BY_TS)
+            if rows[0][0] // BUCKET_MS == rows[-1][0] // BUCKET_MS and len(rows) <= BLOCK_ROWS:
+                blocks.append((symbol, rows[0][0], rows[-1][0], len(rows), _ENCODE(rows)))
+                continue  # the common case: one write's ticks of a symbol lie in one bucket
+            for _bucket, same in itertools.groupby(rows, key=lambda r: r[0] // BUCKET_MS):
+                part = list(same)
+                for i in range(0, len(part), BLOCK_ROWS):
+                    chunk = part[i : i + BLOCK_ROWS]
+                    blocks.append((symbol, chunk[0][0], chunk[-1][0], len(chunk), _ENCODE(chunk)))
+        self._conn.executemany(self._insert, blocks)
+
     def write(self, batch: Batch) -> None:
+        # Grouped here, in one loop with no call per tick: this loop is most of the history's
+        # cost on the relay's core (~1 µs a tick, against ~6 for a row each).
+        groups: dict[str, list[_Row]] = {}
+        get = groups.get
+        for u, recv_ms, provider in batch:
+            row = (u.timestamp, recv_ms, u.kind, u.last_price, u.last_size, u.bid_price, u.bid_size,
+                   u.ask_price, u.ask_size, u.provider or provider)  # fmt: skip
+            group = get(u.symbol)
+            if group is None:
+                groups[u.symbol] = [row]
+            else:
+                group.append(row)
         try:
-            rows = rows_of(batch, _ABSENT)
             self._conn.execute("BEGIN")
-            self._conn.executemany(self._insert, rows)
+            self.insert_blocks(groups)
             self._conn.execute("COMMIT")
         except _ROW_ERRORS as exc:
-            self._rollback()
+            self.rollback()
             raise RejectedRows(f"{self._description}: {exc}") from exc
         except sqlite3.Error as exc:
-            self._rollback()
+            self.rollback()
             raise self._unavailable(exc) from exc
 
     def delete_before(self, cutoff_ms: int, max_rows: int) -> int:
@@ -186,54 +312,127 @@ class _SqliteConnection:
             symbols = [row[0] for row in self._conn.execute(self._symbols)]
             self._conn.execute("BEGIN")
             for symbol in symbols:
-                deleted += self._conn.execute(self._delete, (symbol, cutoff_ms, max_rows - deleted)).rowcount
+                deleted += self._delete_symbol(symbol, cutoff_ms, max_rows - deleted)
                 if deleted >= max_rows:
                     break
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
+            self.rollback()
             raise self._unavailable(exc) from exc
         return deleted
+
+    def _delete_symbol(self, symbol: str, cutoff_ms: int, budget: int) -> int:
+        """Up to ``budget`` ticks of ``symbol`` before the cutoff: whole blocks, then a block's front."""
+        deleted = 0
+        # A block holds at least one tick: `budget` blocks are enough to find `budget` ticks.
+        for block_id, ts_max, first, n, blob in self._conn.execute(self._old, (symbol, cutoff_ms, budget)).fetchall():
+            if ts_max < cutoff_ms and n <= budget - deleted:
+                self._conn.execute(self._delete, (block_id,))
+                deleted += n
+            else:
+                rows = _DECODE(blob)
+                cut = 0
+                while cut < n and rows[cut][0] < cutoff_ms and deleted + cut < budget:
+                    cut += 1
+                if cut == n:
+                    self._conn.execute(self._delete, (block_id,))
+                elif cut:
+                    rest = rows[cut:]
+                    self._conn.execute(self._trim, (rest[0][0], first + cut, n - cut, _ENCODE(rest), block_id))
+                deleted += cut
+            if deleted >= budget:
+                break
+        return deleted
+
+    def _merged(
+        self, symbol: str, start_ms: int, end_ms: int, after: Position | None, deadline: float | None = None
+    ) -> Generator[tuple[int, int, _Row], None, None]:
+        """``(ts, id, row)`` of every tick of ``symbol`` in ``[start_ms, end_ms)`` after ``after``, by (ts, id).
+
+        Blocks come in ``ts_min`` order; a tick is final once the next block starts after it
+        (every later block starts there or later), so the heap holds only ticks of blocks that
+        overlap in time.
+        """
+        lo = start_ms if after is None else max(start_ms, after[0])
+        cur = self._conn.execute(self._blocks, (symbol, lo - lo % BUCKET_MS, end_ms, lo))
+        heap: list[tuple[int, int, _Row]] = []
+        try:
+            while blocks := cur.fetchmany(64):
+                for block_id, ts_min, first, blob in blocks:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise QueryTimeout("the query ran past its time budget")
+                    while heap and heap[0][0] < ts_min:
+                        yield heapq.heappop(heap)
+                    base = block_id * BLOCK_ROWS + first
+                    for i, row in enumerate(_DECODE(blob)):
+                        ts = row[0]
+                        if ts < lo or ts >= end_ms:
+                            continue
+                        if after is not None and ts == after[0] and base + i <= after[1]:
+                            continue
+                        heapq.heappush(heap, (ts, base + i, row))
+            while heap:
+                yield heapq.heappop(heap)
+        finally:
+            cur.close()
 
     def ticks(
         self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None
     ) -> list[tuple[Tick, Position]]:
+        out: list[tuple[Tick, Position]] = []
+        if limit <= 0:
+            return out
+        merged = self._merged(symbol, start_ms, end_ms, after)
         try:
-            if after is None:
-                cur = self._conn.execute(self._ticks, (symbol, start_ms, end_ms, limit))
-            else:
-                ts0, id0 = after
-                cur = self._conn.execute(self._ticks_after, (symbol, max(start_ms, ts0), end_ms, ts0, id0, limit))
-            rows = cur.fetchall()
+            for ts, i, (_, rv, k, lp, ls, bp, bz, ap, az, pv) in merged:
+                # Rows are in table order (bid before ask); Tick is in Update order (ask before bid).
+                out.append((Tick(symbol, k, ts, rv, lp, ls, ap, az, bp, bz, pv), (ts, i)))
+                if len(out) >= limit:
+                    break
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
-        # Columns are in table order (bid before ask); Tick is in Update order (ask before bid).
-        return [
-            (Tick(s, k, ts, rv, lp, ls, ap, az, bp, bz, pv), (ts, i))
-            for i, s, ts, rv, k, lp, ls, bp, bz, ap, az, pv in rows
-        ]
+        finally:
+            merged.close()
+        return out
+
+    def _trade_rows(
+        self, symbol: str, start_ms: int, end_ms: int, deadline: float | None
+    ) -> Generator[TradeRow, None, None]:
+        for ts, _i, (_, rv, kind, lp, ls, *_rest) in self._merged(symbol, start_ms, end_ms, None, deadline):
+            if kind == "T" and lp is not None:
+                yield (symbol, ts, lp, ls, rv)
 
     def trades(self, symbol: str, start_ms: int, end_ms: int, limit: int | None) -> list[TradeRow]:
+        rows = self._trade_rows(symbol, start_ms, end_ms, None)
+        out: list[TradeRow] = []
         try:
-            params = (symbol, start_ms, end_ms, -1 if limit is None else limit)  # LIMIT -1: no limit
-            rows: list[TradeRow] = self._conn.execute(self._trades, params).fetchall()
+            for row in rows:
+                out.append(row)
+                if limit is not None and len(out) >= limit:
+                    break
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
-        return rows
+        finally:
+            rows.close()
+        return out
 
     def trade_batches(
         self, symbol: str, start_ms: int, end_ms: int, batch: int, deadline: float
     ) -> Iterator[list[TradeRow]]:
         # SQLite calls the handler every N virtual-machine steps: a non-zero answer interrupts the
-        # statement, so a scan that finds no trades for seconds still stops at the deadline.
+        # statement, so a scan of blocks stops at the deadline inside SQLite too; between blocks
+        # the merge checks it itself.
         self._conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
+        rows = self._trade_rows(symbol, start_ms, end_ms, deadline)
         try:
-            cur = self._conn.execute(self._trades, (symbol, start_ms, end_ms, -1))
-            try:
-                while rows := cur.fetchmany(batch):
-                    yield rows
-            finally:
-                cur.close()
+            out: list[TradeRow] = []
+            for row in rows:
+                out.append(row)
+                if len(out) >= batch:
+                    yield out
+                    out = []
+            if out:
+                yield out
         except sqlite3.OperationalError as exc:
             if time.monotonic() > deadline:
                 raise QueryTimeout(f"the query ran past its time budget ({exc})") from None
@@ -241,6 +440,7 @@ class _SqliteConnection:
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         finally:
+            rows.close()
             self._conn.set_progress_handler(None, 0)
 
     def close(self) -> None:
