@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trio_relay.history import sqlite as sqlite_mod
-from trio_relay.history.base import Batch, HistoryUnavailable
+from trio_relay.history.base import Batch
 from trio_relay.history.sqlite import BUCKET_MS, SqliteBackend
 from trio_relay.model import Update
 
@@ -133,10 +133,11 @@ def old_file(path: Path, arrivals: list[tuple[Update, int]]) -> None:
         raw.execute(OLD_TABLE)
         raw.execute("CREATE INDEX ticks_symbol_ts ON ticks (symbol, ts)")
         raw.executemany(
-            "INSERT INTO ticks (symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,"
-            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'old')",
-            [
+            "INSERT INTO ticks (id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,"
+            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'old')",
+            [  # ids of a relay that wrote for a long time
                 (
+                    10**10 + i,
                     u.symbol,
                     u.timestamp,
                     r,
@@ -148,36 +149,43 @@ def old_file(path: Path, arrivals: list[tuple[Update, int]]) -> None:
                     u.ask_price,
                     u.ask_size,
                 )
-                for u, r in arrivals
-            ],
+                for i, (u, r) in enumerate(arrivals)
+            ],  # fmt: skip
         )
 
 
-def test_an_older_file_is_converted_in_chunks_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, arrivals = ticks_in_batches(11, n=500)
-    old_file(tmp_path, arrivals)
-    monkeypatch.setattr(sqlite_mod, "CONVERT_CHUNK", 37)
-    calls = 0
-    real = sqlite_mod._SqliteConnection.insert_blocks
+def test_an_older_file_is_read_with_the_blocks_in_order(tmp_path: Path) -> None:
+    """A file of a row per tick (an older relay's): kept as it is, read and retained with the new blocks.
 
-    def cut_short(self: sqlite_mod._SqliteConnection, ticks: object) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 4:
-            raise sqlite3.OperationalError("disk I/O error")  # the relay stops mid-conversion
-        real(self, ticks)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sqlite_mod._SqliteConnection, "insert_blocks", cut_short)
-    with pytest.raises(HistoryUnavailable):
-        SqliteBackend(tmp_path).connect()
-    monkeypatch.setattr(sqlite_mod._SqliteConnection, "insert_blocks", real)
-    conn = SqliteBackend(tmp_path).connect()  # goes on where it stopped: nothing twice, nothing lost
+    At equal times its ticks come first (they arrived first), pages cross from one to the other
+    without a gap or a duplicate, and the view shows both.
+    """
+    batches, arrivals = ticks_in_batches(11, n=1200, batches=4)
+    old, new = arrivals[:500], arrivals[500:]
+    old_file(tmp_path, old)
+    conn = SqliteBackend(tmp_path).connect()
     try:
+        conn.write([(u, r, "old") for u, r in new])
+        rng = random.Random(5)
         for symbol in "ABC":
-            got = [(t.timestamp, t.recv_ms, t.provider) for t, _ in conn.ticks(symbol, 0, 1 << 62, 10**6, None)]
-            assert got == [(ts, r, "old") for ts, r in reference(arrivals, symbol, 0, 1 << 62)]
+            want = reference(arrivals, symbol, 0, 1 << 62)
+            assert walk(conn, symbol, 0, 1 << 62, rng) == want
+            page = conn.ticks(symbol, T0 + 5_000, T0 + 30_000, 10**6, None)
+            assert [(t.timestamp, t.recv_ms) for t, _ in page] == reference(arrivals, symbol, T0 + 5_000, T0 + 30_000)
+            assert {t.provider for t, _ in page} == {"old"}
         names = dict(conn._conn.execute("SELECT name, type FROM sqlite_master WHERE name LIKE 'ticks%'"))
-        assert names == {"ticks": "view", "ticks_blocks": "table", "ticks_blocks_symbol_ts": "index"}
+        assert names["ticks"] == "view" and names["ticks_rows"] == "table" and names["ticks_blocks"] == "table"
+        view = conn._conn.execute("SELECT ts, recv_ms FROM ticks WHERE symbol = 'B' ORDER BY ts, id").fetchall()
+        assert view == reference(arrivals, "B", 0, 1 << 62)
+        cutoff = T0 + 2 * BUCKET_MS + 250
+        done = 0
+        while n := conn.delete_before(cutoff, 77):
+            assert n <= 77
+            done += n
+        assert done == sum(1 for u, _ in arrivals if u.timestamp < cutoff)
+        for symbol in "ABC":
+            got = [(t.timestamp, t.recv_ms) for t, _ in conn.ticks(symbol, 0, 1 << 62, 10**6, None)]
+            assert got == reference(arrivals, symbol, cutoff, 1 << 62)
     finally:
         conn.close()
-    SqliteBackend(tmp_path).connect().close()  # a second start finds nothing to convert
+    SqliteBackend(tmp_path).connect().close()  # a second start: nothing to rename, the view is there

@@ -12,8 +12,8 @@ row of ``<table>_blocks``: the ticks as one JSON array (``msgspec``, in C), sort
 (ties in arrival order), with the block's first and last ``ts``. A batch of 20,000 ticks over 500
 symbols is ~500 inserts.
 
-* **Order and cursors.** A tick's id is ``block_id * 65536 + its index`` in the block (a block
-  holds at most :data:`BLOCK_ROWS`): blocks are numbered in write order and a block is sorted
+* **Order and cursors.** A tick's id is ``ID_BASE + block_id * 65536 + its index`` in the block
+  (a block holds at most :data:`BLOCK_ROWS`): blocks are numbered in write order and a block is sorted
   stably, so ``(ts, id)`` orders ticks exactly as a row per tick did (event time, then arrival),
   and a cursor ``(ts, id)`` stays valid while the block is trimmed by retention (``first`` counts
   the ticks trimmed from its front).
@@ -27,9 +27,11 @@ symbols is ~500 inserts.
 * **Values**: JSON has no NaN or infinity; a non-finite price or size is stored as null, which
   the relay stored as NULL already for NaN.
 
-A file made by an older relay (a ``<table>`` table, a row per tick) is converted at start, in
-chunks of :data:`CONVERT_CHUNK` rows, each its own transaction (an interrupted conversion goes
-on at the next start); while it runs, queries see the ticks converted so far.
+A file made by an older relay (``<table>``, a table of a row per tick) is not converted (that
+would take minutes for a week of ticks, and the history would stop meanwhile): at start the table
+is renamed ``<table>_rows`` (instant), and reads merge its rows, by the old index, with the
+blocks'. Its ids are rowids, below :data:`ID_BASE`: at equal times its ticks come first, as they
+arrived first, and a cursor an older relay gave goes on. Retention empties it like the blocks.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from .base import (
     check_identifier,
 )
 
-__all__ = ["SqliteBackend", "SQLITE_FILENAME", "BUCKET_MS", "BLOCK_ROWS"]
+__all__ = ["SqliteBackend", "SQLITE_FILENAME", "BUCKET_MS", "BLOCK_ROWS", "ID_BASE"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,8 @@ BUCKET_MS: Final = 10_000
 #: Ticks in one block at most: a tick's id is ``block_id * 65536 + index``.
 BLOCK_ROWS: Final = 65_536
 
-#: Legacy rows converted per transaction at start.
-CONVERT_CHUNK: Final = 100_000
+#: The first id of a tick in a block: above any rowid of an older relay's row-per-tick table.
+ID_BASE: Final = 1 << 50
 
 # Errors that come from the rows of a batch, not from the database being unusable.
 _ROW_ERRORS: Final = (
@@ -157,80 +159,61 @@ class SqliteBackend:
                 " rows TEXT NOT NULL)"
             )
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_blocks_symbol_ts" ON "{t}_blocks" (symbol, ts_min)')
-            connection = _SqliteConnection(conn, t, self.description)
-            _convert_legacy(conn, connection, t)
-            values = ", ".join(f"j.value ->> {i} AS {c}" for i, c in enumerate(_VIEW_COLUMNS))
-            conn.execute(
-                f'CREATE VIEW IF NOT EXISTS "{t}" AS SELECT b.id * {BLOCK_ROWS} + b.first + j.key AS id,'
-                f' b.symbol AS symbol, {values} FROM "{t}_blocks" AS b, json_each(b.rows) AS j'
+            legacy = _adopt_legacy(conn, t)
+            blocks = ", ".join(f"j.value ->> {i} AS {c}" for i, c in enumerate(_VIEW_COLUMNS))
+            view = (
+                f"SELECT {ID_BASE} + b.id * {BLOCK_ROWS} + b.first + j.key AS id, b.symbol AS symbol, {blocks}"
+                f' FROM "{t}_blocks" AS b, json_each(b.rows) AS j'
             )
+            if legacy:
+                view = f'SELECT id, symbol, {", ".join(_VIEW_COLUMNS)} FROM "{t}_rows" UNION ALL {view}'
+            conn.execute(f'CREATE VIEW IF NOT EXISTS "{t}" AS {view}')
         except sqlite3.Error as exc:
             conn.close()
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
-        return connection
+        return _SqliteConnection(conn, t, self.description, legacy)
 
 
-def _convert_legacy(conn: sqlite3.Connection, into: _SqliteConnection, table: str) -> None:
-    """Move the rows of an older relay's row-per-tick table into blocks, then drop the table.
+def _adopt_legacy(conn: sqlite3.Connection, table: str) -> bool:
+    """Rename an older relay's row-per-tick ``<table>`` to ``<table>_rows``; True if that table exists.
 
-    The table is renamed ``<table>_rows`` first (its name becomes the view's). Rows go in id
-    order, so blocks keep their arrival order; each chunk is one transaction that also deletes
-    the rows it moved, so a conversion cut short goes on where it stopped.
+    It gets the ``provider`` column if it predates it (instant: no row is rewritten).
     """
-    legacy = f'"{table}_rows"'
-    conn.execute("BEGIN IMMEDIATE")  # two connections starting at once: one converts, one waits
+    conn.execute("BEGIN IMMEDIATE")  # two connections starting at once: one renames, one waits
     try:
         kinds = dict(
             conn.execute("SELECT name, type FROM sqlite_master WHERE name IN (?, ?)", (table, f"{table}_rows"))
         )
         if kinds.get(table) == "table":
-            conn.execute(f'ALTER TABLE "{table}" RENAME TO {legacy}')
+            conn.execute(f'ALTER TABLE "{table}" RENAME TO "{table}_rows"')
             kinds[f"{table}_rows"] = "table"
+        legacy = kinds.get(f"{table}_rows") == "table"
+        if legacy:
+            columns = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}_rows")')}
+            if "provider" not in columns:
+                conn.execute(f'ALTER TABLE "{table}_rows" ADD COLUMN provider TEXT')
         conn.execute("COMMIT")
     except BaseException:
-        into.rollback()
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    if kinds.get(f"{table}_rows") != "table":
-        return
-    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({legacy})")}
-    provider = "provider" if "provider" in columns else "NULL"  # a table made before the column
-    select = (
-        f"SELECT id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size,"
-        f" {provider} FROM {legacy} ORDER BY id LIMIT {CONVERT_CHUNK}"
+    return legacy
+
+
+def _loose_scan(table: str) -> str:
+    """Every symbol of ``table`` (indexed on symbol first), one index seek each (a "loose index scan")."""
+    return (
+        f"WITH RECURSIVE s(symbol) AS (SELECT (SELECT min(symbol) FROM {table})"
+        f" UNION ALL SELECT (SELECT min(symbol) FROM {table} WHERE symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL)"
+        " SELECT symbol FROM s WHERE symbol IS NOT NULL"
     )
-    (remaining,) = conn.execute(f"SELECT count(*) FROM {legacy}").fetchone()
-    if remaining:
-        log.warning("[HISTORY] converting %d ticks of %s to blocks (once, after an upgrade)", remaining, table)
-    moved, started = 0, time.monotonic()
-    while True:
-        conn.execute("BEGIN IMMEDIATE")  # the chunk is read, moved and deleted under one write lock
-        try:
-            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (f"{table}_rows",))
-            rows = conn.execute(select).fetchall() if exists.fetchone() else []  # done by another connection
-            if rows:
-                groups: dict[str, list[_Row]] = {}
-                for r in rows:
-                    groups.setdefault(r[1], []).append(r[2:])
-                into.insert_blocks(groups)
-                conn.execute(f"DELETE FROM {legacy} WHERE id <= ?", (rows[-1][0],))
-            else:
-                conn.execute(f"DROP TABLE IF EXISTS {legacy}")
-            conn.execute("COMMIT")
-        except BaseException:
-            into.rollback()
-            raise
-        if not rows:
-            break
-        moved += len(rows)
-    if moved:
-        log.warning("[HISTORY] converted %d ticks to blocks in %.1f s", moved, time.monotonic() - started)
 
 
 class _SqliteConnection:
-    def __init__(self, conn: sqlite3.Connection, table: str, description: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, table: str, description: str, legacy: bool) -> None:
         self._conn = conn
         self._description = description
         b = f'"{table}_blocks"'
@@ -241,17 +224,22 @@ class _SqliteConnection:
             f"SELECT id, ts_min, first, rows FROM {b}"
             " WHERE symbol = ? AND ts_min >= ? AND ts_min < ? AND ts_max >= ? ORDER BY ts_min, id"
         )
-        # Every symbol in the table, one index seek each (a "loose index scan").
-        self._symbols = (
-            f"WITH RECURSIVE s(symbol) AS (SELECT (SELECT min(symbol) FROM {b})"
-            f" UNION ALL SELECT (SELECT min(symbol) FROM {b} WHERE symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL)"
-            " SELECT symbol FROM s WHERE symbol IS NOT NULL"
-        )
+        self._symbols = _loose_scan(b)
         self._old = (
             f"SELECT id, ts_max, first, n, rows FROM {b} WHERE symbol = ? AND ts_min < ? ORDER BY ts_min, id LIMIT ?"
         )
         self._delete = f"DELETE FROM {b} WHERE id = ?"
         self._trim = f"UPDATE {b} SET ts_min = ?, first = ?, n = ?, rows = ? WHERE id = ?"
+        # An older relay's rows (see _adopt_legacy), by its (symbol, ts) index; after a cursor
+        # (ts0, id0): ts >= max(start, ts0) bounds the index range, the OR trims ts0's rows.
+        self._legacy = legacy
+        r = f'"{table}_rows"'
+        self._legacy_rows = (
+            f"SELECT ts, id, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price, ask_size, provider"
+            f" FROM {r} WHERE symbol = ? AND ts >= ? AND ts < ? AND (ts > ? OR id > ?) ORDER BY ts, id"
+        )
+        self._legacy_symbols = _loose_scan(r)
+        self._legacy_delete = f"DELETE FROM {r} WHERE id IN (SELECT id FROM {r} WHERE symbol = ? AND ts < ? LIMIT ?)"
 
     def _unavailable(self, exc: BaseException) -> HistoryUnavailable:
         return HistoryUnavailable(f"{self._description}: {exc}")
@@ -309,12 +297,20 @@ class _SqliteConnection:
     def delete_before(self, cutoff_ms: int, max_rows: int) -> int:
         deleted = 0
         try:
+            if self._legacy:
+                legacy = [row[0] for row in self._conn.execute(self._legacy_symbols)]
             symbols = [row[0] for row in self._conn.execute(self._symbols)]
             self._conn.execute("BEGIN")
+            if self._legacy:
+                for symbol in legacy:
+                    args = (symbol, cutoff_ms, max_rows - deleted)
+                    deleted += self._conn.execute(self._legacy_delete, args).rowcount
+                    if deleted >= max_rows:
+                        break
             for symbol in symbols:
-                deleted += self._delete_symbol(symbol, cutoff_ms, max_rows - deleted)
                 if deleted >= max_rows:
                     break
+                deleted += self._delete_symbol(symbol, cutoff_ms, max_rows - deleted)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.rollback()
@@ -349,11 +345,32 @@ class _SqliteConnection:
     ) -> Generator[tuple[int, int, _Row], None, None]:
         """``(ts, id, row)`` of every tick of ``symbol`` in ``[start_ms, end_ms)`` after ``after``, by (ts, id).
 
+        The blocks' ticks, merged with an older relay's rows when the file has them. Close it to
+        stop early: its cursors close with it.
+        """
+        lo = start_ms if after is None else max(start_ms, after[0])
+        blocks = self._from_blocks(symbol, lo, end_ms, after, deadline)
+        if not self._legacy:
+            yield from blocks
+            return
+        ts0, id0 = after if after is not None else (lo, -1)
+        cur = self._conn.execute(self._legacy_rows, (symbol, lo, end_ms, ts0, id0))
+        legacy: Iterator[tuple[int, int, _Row]] = ((r[0], r[1], (r[0], *r[2:])) for r in iter(cur.fetchone, None))
+        try:
+            yield from heapq.merge(legacy, blocks)  # ids are unique: rows are never compared
+        finally:
+            blocks.close()
+            cur.close()
+
+    def _from_blocks(
+        self, symbol: str, lo: int, end_ms: int, after: Position | None, deadline: float | None
+    ) -> Generator[tuple[int, int, _Row], None, None]:
+        """The blocks' ticks in ``[lo, end_ms)`` after ``after``, by (ts, id).
+
         Blocks come in ``ts_min`` order; a tick is final once the next block starts after it
         (every later block starts there or later), so the heap holds only ticks of blocks that
         overlap in time.
         """
-        lo = start_ms if after is None else max(start_ms, after[0])
         cur = self._conn.execute(self._blocks, (symbol, lo - lo % BUCKET_MS, end_ms, lo))
         heap: list[tuple[int, int, _Row]] = []
         try:
@@ -363,7 +380,7 @@ class _SqliteConnection:
                         raise QueryTimeout("the query ran past its time budget")
                     while heap and heap[0][0] < ts_min:
                         yield heapq.heappop(heap)
-                    base = block_id * BLOCK_ROWS + first
+                    base = ID_BASE + block_id * BLOCK_ROWS + first
                     for i, row in enumerate(_DECODE(blob)):
                         ts = row[0]
                         if ts < lo or ts >= end_ms:
