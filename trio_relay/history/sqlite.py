@@ -160,14 +160,7 @@ class SqliteBackend:
             )
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_blocks_symbol_ts" ON "{t}_blocks" (symbol, ts_min)')
             legacy = _adopt_legacy(conn, t)
-            blocks = ", ".join(f"j.value ->> {i} AS {c}" for i, c in enumerate(_VIEW_COLUMNS))
-            view = (
-                f"SELECT {ID_BASE} + b.id * {BLOCK_ROWS} + b.first + j.key AS id, b.symbol AS symbol, {blocks}"
-                f' FROM "{t}_blocks" AS b, json_each(b.rows) AS j'
-            )
-            if legacy:
-                view = f'SELECT id, symbol, {", ".join(_VIEW_COLUMNS)} FROM "{t}_rows" UNION ALL {view}'
-            conn.execute(f'CREATE VIEW IF NOT EXISTS "{t}" AS {view}')
+            _create_view(conn, t, legacy)
         except sqlite3.Error as exc:
             conn.close()
             raise HistoryUnavailable(f"{self.description}: {exc}") from exc
@@ -175,6 +168,22 @@ class SqliteBackend:
             conn.close()
             raise
         return _SqliteConnection(conn, t, self.description, legacy)
+
+
+def _create_view(conn: sqlite3.Connection, table: str, legacy: bool) -> None:
+    """The view ``<table>``: a row per tick, for SQL readers. A convenience: without SQLite's JSON
+    functions (a build without JSON1) the relay logs it and goes on without the view."""
+    blocks = ", ".join(f"json_extract(j.value, '$[{i}]') AS {c}" for i, c in enumerate(_VIEW_COLUMNS))
+    view = (
+        f"SELECT {ID_BASE} + b.id * {BLOCK_ROWS} + b.first + j.key AS id, b.symbol AS symbol, {blocks}"
+        f' FROM "{table}_blocks" AS b, json_each(b.rows) AS j'
+    )
+    if legacy:
+        view = f'SELECT id, symbol, {", ".join(_VIEW_COLUMNS)} FROM "{table}_rows" UNION ALL {view}'
+    try:
+        conn.execute(f'CREATE VIEW IF NOT EXISTS "{table}" AS {view}')
+    except sqlite3.OperationalError as exc:
+        log.warning("[HISTORY] no SQL view %r of the ticks (%s); the history itself is unaffected", table, exc)
 
 
 def _adopt_legacy(conn: sqlite3.Connection, table: str) -> bool:
