@@ -230,7 +230,7 @@ class _SqliteConnection:
         # Every block whose bucket can hold a tick at or after `lo` (its ts_min is at most one
         # bucket before: see BUCKET_MS), before `end`, in ts_min order.
         self._blocks = (
-            f"SELECT id, ts_min, first, rows FROM {b}"
+            f"SELECT id, ts_min, ts_max, first, rows FROM {b}"
             " WHERE symbol = ? AND ts_min >= ? AND ts_min < ? AND ts_max >= ? ORDER BY ts_min, id"
         )
         self._symbols = _loose_scan(b)
@@ -376,31 +376,45 @@ class _SqliteConnection:
     ) -> Generator[tuple[int, int, _Row], None, None]:
         """The blocks' ticks in ``[lo, end_ms)`` after ``after``, by (ts, id).
 
-        Blocks come in ``ts_min`` order; a tick is final once the next block starts after it
-        (every later block starts there or later), so the heap holds only ticks of blocks that
-        overlap in time.
+        Blocks come in ``ts_min`` order and are cut into runs that overlap in time (a block that
+        starts after every tick before it starts a new run): a run of one block (the usual case:
+        writes follow the clock) is its ticks as stored, a longer one is merged. Memory holds one
+        run's ticks.
         """
         cur = self._conn.execute(self._blocks, (symbol, lo - lo % BUCKET_MS, end_ms, lo))
-        heap: list[tuple[int, int, _Row]] = []
+        run: list[tuple[int, int, int, int, str]] = []
+        run_max = 0
         try:
             while blocks := cur.fetchmany(64):
-                for block_id, ts_min, first, blob in blocks:
+                for block in blocks:
                     if deadline is not None and time.monotonic() > deadline:
                         raise QueryTimeout("the query ran past its time budget")
-                    while heap and heap[0][0] < ts_min:
-                        yield heapq.heappop(heap)
-                    base = ID_BASE + block_id * BLOCK_ROWS + first
-                    for i, row in enumerate(_DECODE(blob)):
-                        ts = row[0]
-                        if ts < lo or ts >= end_ms:
-                            continue
-                        if after is not None and ts == after[0] and base + i <= after[1]:
-                            continue
-                        heapq.heappush(heap, (ts, base + i, row))
-            while heap:
-                yield heapq.heappop(heap)
+                    if run and block[1] > run_max:
+                        yield from self._run(run, lo, end_ms, after)
+                        run = []
+                    run_max = block[2] if not run else max(run_max, block[2])
+                    run.append(block)
+            if run:
+                yield from self._run(run, lo, end_ms, after)
         finally:
             cur.close()
+
+    @staticmethod
+    def _run(
+        run: list[tuple[int, int, int, int, str]], lo: int, end_ms: int, after: Position | None
+    ) -> Iterator[tuple[int, int, _Row]]:
+        """The ticks of blocks ``(id, ts_min, ts_max, first, rows)`` in ``[lo, end_ms)`` after ``after``, by (ts, id)."""
+        parts = []
+        for block_id, ts_min, ts_max, first, blob in run:
+            rows = _DECODE(blob)
+            base = ID_BASE + block_id * BLOCK_ROWS + first
+            ticks: Iterator[tuple[int, int, _Row]] = zip(map(_BY_TS, rows), itertools.count(base), rows)
+            if ts_min < lo or ts_max >= end_ms or (after is not None and ts_min <= after[0]):
+                ticks = (
+                    t for t in ticks if lo <= t[0] < end_ms and (after is None or t[0] > after[0] or t[1] > after[1])
+                )  # fmt: skip
+            parts.append(ticks)
+        return parts[0] if len(parts) == 1 else heapq.merge(*parts)
 
     def ticks(
         self, symbol: str, start_ms: int, end_ms: int, limit: int, after: Position | None
