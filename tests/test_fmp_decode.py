@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_relay.model import Amend, AmendAction, Update, normalize_epoch_ms
 from trio_relay.providers import fmp
@@ -290,3 +292,26 @@ def test_normalize_epoch_ms_same_instant_in_every_unit() -> None:
     assert normalize_epoch_ms(ms) == ms
     assert normalize_epoch_ms(ms * 1000 + 999) == ms
     assert normalize_epoch_ms(ms * 1_000_000 + 999_999) == ms
+
+
+def _by_float_bounds(t: int | float) -> int:
+    """The rule as first written: every bound a float (what the int branch must agree with)."""
+    if t >= 1e17:
+        return int(t // 1_000_000)
+    if t >= 1e14:
+        return int(t // 1_000)
+    if t >= 1e11:
+        return int(t)
+    return int(t * 1000)
+
+
+@given(
+    st.one_of(
+        st.integers(min_value=-(10**20), max_value=10**20),
+        *(st.integers(min_value=b - 2, max_value=b + 2) for b in (10**11, 10**14, 10**17)),
+    )
+)
+def test_normalize_epoch_ms_of_an_int_is_the_float_rules(t: int) -> None:
+    result = normalize_epoch_ms(t)
+    assert result == _by_float_bounds(t)
+    assert type(result) is int

@@ -218,7 +218,21 @@ def wall_ms() -> int:
 
 
 def normalize_epoch_ms(t: int | float) -> int:
-    """Epoch timestamp of unknown unit → ms, by magnitude (ns ≥ 1e17, µs ≥ 1e14, ms ≥ 1e11, else s)."""
+    """Epoch timestamp of unknown unit → ms, by magnitude (ns ≥ 1e17, µs ≥ 1e14, ms ≥ 1e11, else s).
+
+    Runs once per upstream update. An int (what the feeds send) is compared with int bounds and
+    divided without a float in between (a comparison of an int with a float costs more, and
+    ``int()`` of an int is a call for nothing); the results are those of the float branch,
+    whose bounds are the same numbers exactly.
+    """
+    if type(t) is int:
+        if t >= 100_000_000_000_000_000:
+            return t // 1_000_000
+        if t >= 100_000_000_000_000:
+            return t // 1_000
+        if t >= 100_000_000_000:
+            return t
+        return t * 1000
     if t >= 1e17:
         return int(t // 1_000_000)
     if t >= 1e14:

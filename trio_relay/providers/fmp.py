@@ -135,15 +135,17 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
     symbol = _SYMBOLS.get(frame.s)
     if symbol is None:
         symbol = _new_symbol(frame.s, raw)
-    ts = normalize_epoch_ms(frame.t) if frame.t is not None and frame.t > 0 else now_ms
+    t = frame.t
+    ts = normalize_epoch_ms(t) if t is not None and t > 0 else now_ms
     if kind == "T" or kind == "B":
-        if frame.lp is None:
+        lp = frame.lp
+        if lp is None:
             raise MalformedFrame(f"{kind} frame without lp", raw)
         if kind == "B":
             # A break voids the trade it carries (FMP gives no trade ids: the hub matches by price and size).
-            amend = Amend(action=AmendAction.BREAK, price=frame.lp, size=frame.ls)
-            return frame, Update(symbol, BREAK, ts, last_price=frame.lp, last_size=frame.ls, amend=amend)
-        return frame, Update(symbol, kind, ts, last_price=frame.lp, last_size=frame.ls)
+            amend = Amend(action=AmendAction.BREAK, price=lp, size=frame.ls)
+            return frame, Update(symbol, BREAK, ts, last_price=lp, last_size=frame.ls, amend=amend)
+        return frame, Update(symbol, kind, ts, last_price=lp, last_size=frame.ls)
     if kind == "Q":
         if frame.bp is None and frame.ap is None:
             raise MalformedFrame("Q frame without bp or ap", raw)
