@@ -55,11 +55,14 @@ def test_now_iso_is_the_clocks_millisecond_whatever_came_before() -> None:
 
 
 def test_now_iso_same_millisecond_same_string() -> None:
-    clock = FakeClock(BASE_NS + 5_000_000)
+    clock = FakeClock(BASE_NS + 5_400_000)
     encoder = Encoder(clock)
     first = encoder.now_iso()
-    clock.ns += 999_999 - 5_000_000 % 1_000_000
-    assert encoder.now_iso() is first  # memoized, not formatted again
+    for ns in (BASE_NS + 5_000_000, BASE_NS + 5_999_999, BASE_NS + 5_400_000):  # ms 5's first and last ns
+        clock.ns = ns
+        assert encoder.now_iso() is first  # memoized, not formatted again
+    clock.ns = BASE_NS + 6_000_000
+    assert encoder.now_iso() == "2023-11-09T21:20:00.006Z"
 
 
 def test_now_iso_default_clock_is_the_wall_clock() -> None:
