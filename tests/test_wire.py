@@ -5,7 +5,10 @@ from __future__ import annotations
 import calendar
 import time
 
-from trio_relay.model import Encoder
+import pytest
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from trio_relay.model import Encoder, ws_payload, ws_text_frame
 
 # 2023-11-09T21:20:00.000Z in epoch nanoseconds.
 BASE_NS = 1_699_564_800 * 1_000_000_000
@@ -72,3 +75,36 @@ def test_now_iso_default_clock_is_the_wall_clock() -> None:
     stamp = time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")
     ms = calendar.timegm(stamp) * 1000 + int(iso[20:23])
     assert before <= ms <= after
+
+
+# --------------------------------------------------------------------------- text frames
+
+
+def rfc6455_frame(payload: bytes) -> bytes:
+    """RFC 6455 §5.2 written out: FIN + text opcode, no mask, the length in its shortest form."""
+    n = len(payload)
+    if n <= 125:
+        return bytes([0x81, n]) + payload
+    if n <= 0xFFFF:
+        return bytes([0x81, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([0x81, 127]) + n.to_bytes(8, "big") + payload
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 255, 256, 281, 1023, 1024, 1025, 65535, 65536, 70_000])
+def test_text_frame_is_rfc6455_and_its_payload_reads_back(n: int) -> None:
+    payload = bytes(i % 251 for i in range(n))
+    frame = ws_text_frame(payload)
+    assert frame == rfc6455_frame(payload)
+    assert type(frame) is bytes
+    assert ws_payload(frame) == payload
+
+
+def test_text_frame_read_by_a_websocket_library() -> None:
+    # wsproto (the relay's server side is built on it) reads every length form back as one text message.
+    reader = FrameProtocol(client=True, extensions=[])
+    payloads = [b"x" * n for n in (5, 126, 281, 1024, 65536)]
+    reader.receive_bytes(b"".join(ws_text_frame(p) for p in payloads))
+    frames = list(reader.received_frames())
+    assert [(f.opcode, f.message_finished, f.payload) for f in frames] == [
+        (Opcode.TEXT, True, p.decode()) for p in payloads
+    ]
