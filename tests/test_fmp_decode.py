@@ -6,8 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_relay.model import Amend, AmendAction, Update, normalize_epoch_ms
+from trio_relay.providers import fmp
 from trio_relay.providers.base import MalformedFrame
 from trio_relay.providers.fmp import decode_frame
 
@@ -216,6 +219,41 @@ def test_malformed_reasons_are_specific() -> None:
     assert "Q frame" in reason('{"s": "aapl", "type": "Q"}')
 
 
+# --------------------------------------------------------------------------- the symbol memo
+
+
+@pytest.fixture
+def empty_memo(monkeypatch: pytest.MonkeyPatch) -> dict[str | None, str]:
+    """The decoder's symbol memo, emptied for the test (and restored after it)."""
+    memo: dict[str | None, str] = {}
+    monkeypatch.setattr(fmp, "_SYMBOLS", memo)
+    return memo
+
+
+def test_memo_holds_valid_symbols_only(empty_memo: dict[str | None, str]) -> None:
+    for _ in range(2):  # the second time from the memo: the same answers
+        assert decode({"s": "brk.b", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
+        assert decode({"s": "BRK.B", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
+        for bad in ["not a symbol", "a" * 21, "", None, "aapl;", "-aapl"]:
+            with pytest.raises(MalformedFrame, match="symbol"):
+                decode({"s": bad, "type": "T", "lp": 1.0})
+    assert empty_memo == {"brk.b": "BRK.B", "BRK.B": "BRK.B"}  # bad symbols never enter
+
+
+def test_memo_is_bounded_and_a_full_memo_still_decodes(
+    empty_memo: dict[str | None, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fmp, "MAX_SYMBOL_MEMO", 3)
+    symbols = [f"s{i}" for i in range(10)]
+    for _ in range(2):
+        for s in symbols:
+            update = decode({"s": s, "type": "T", "lp": 1.0})
+            assert update is not None and update.symbol == s.upper()
+        with pytest.raises(MalformedFrame, match="symbol"):
+            decode({"s": "not a symbol", "type": "T", "lp": 1.0})
+    assert empty_memo == {"s0": "S0", "s1": "S1", "s2": "S2"}  # the first three, never more
+
+
 # --------------------------------------------------------------------------- normalize_epoch_ms
 
 
@@ -254,3 +292,26 @@ def test_normalize_epoch_ms_same_instant_in_every_unit() -> None:
     assert normalize_epoch_ms(ms) == ms
     assert normalize_epoch_ms(ms * 1000 + 999) == ms
     assert normalize_epoch_ms(ms * 1_000_000 + 999_999) == ms
+
+
+def _by_float_bounds(t: int | float) -> int:
+    """The rule as first written: every bound a float (what the int branch must agree with)."""
+    if t >= 1e17:
+        return int(t // 1_000_000)
+    if t >= 1e14:
+        return int(t // 1_000)
+    if t >= 1e11:
+        return int(t)
+    return int(t * 1000)
+
+
+@given(
+    st.one_of(
+        st.integers(min_value=-(10**20), max_value=10**20),
+        *(st.integers(min_value=b - 2, max_value=b + 2) for b in (10**11, 10**14, 10**17)),
+    )
+)
+def test_normalize_epoch_ms_of_an_int_is_the_float_rules(t: int) -> None:
+    result = normalize_epoch_ms(t)
+    assert result == _by_float_bounds(t)
+    assert type(result) is int

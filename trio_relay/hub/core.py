@@ -32,6 +32,7 @@ from ..model import (
     AMENDS,
     CANCEL,
     CORRECTION,
+    QUOTE,
     TRADE,
     Amend,
     AmendAction,
@@ -171,6 +172,9 @@ class Hub:
         self.trades = TradeMemory()
         self._recent_trades = self.trades.by_symbol
         self._enc = Encoder()
+        # Its two methods of the hot path, bound once (not per update).
+        self._now_iso = self._enc.now_iso
+        self._price_frame = self._enc.price_update
         self._ids = itertools.count(1)
         self._sync_callbacks: list[SyncCallback] = []
         self._async_callbacks: dict[int, trio.MemorySendChannel[Update]] = {}
@@ -277,27 +281,60 @@ class Hub:
 
     # ----------------------------------------------------------------- hot path
     def publish(self, update: Update) -> None:
-        """Cache, number, encode once, route. Never blocks."""
+        """Cache, number, encode once, route. Never blocks.
+
+        The common update (a trade or quote of a cached symbol, without an upstream's epoch or a
+        whole state) is merged here, inline: the same merge as :meth:`PriceState.apply` and the
+        trade memory's append (what :meth:`_apply` does for it), without the two calls. Every
+        other update goes through :meth:`_apply`.
+        """
         self.stats.updates_in += 1
-        if update.symbol not in self.demand.wanted:
+        symbol = update.symbol
+        if symbol not in self.demand.wanted:
             self.stats.dropped += 1  # late data for a symbol nobody wants any more
             return
         if update.seq and self._delivered(update):
             return
-        state = self._apply(update)
+        kind = update.kind
+        state = self.cache.get(symbol)
+        if state is None or update.merged or update.epoch is not None or (kind != QUOTE and kind != TRADE):
+            state = self._apply(update)
+        else:
+            state.provider = update.provider or self.source
+            state.seq = update.seq or state.seq + 1
+            state.timestamp = update.timestamp
+            state.data_type = kind
+            state.cached_at = self._now_iso()
+            if kind == TRADE:
+                state.last_price = update.last_price
+                state.last_size = update.last_size
+                recent = self._recent_trades.get(symbol)
+                if recent is None:
+                    recent = self.trades.start(symbol)
+                recent.append(update)
+            else:
+                if update.bid_price is not None:
+                    state.bid_price = update.bid_price
+                    state.bid_size = update.bid_size
+                if update.ask_price is not None:
+                    state.ask_price = update.ask_price
+                    state.ask_size = update.ask_size
         if state is not None:
-            frame = self._enc.price_update(state)
-            self._route(update.symbol, frame, state.seq)
+            frame = self._price_frame(state)
+            outboxes = self._subs.get(symbol)
+            batched = self._bsubs.get(symbol)
+            if outboxes or batched:  # _route, inlined (one call less per update)
+                self._route_to(symbol, frame, state.seq, outboxes, batched)
             routes = self.delivery.routes
-            if routes and update.symbol in routes:
-                self.delivery.publish(update.symbol, state)
+            if routes and symbol in routes:
+                self.delivery.publish(symbol, state)
             if self._keep:
-                history = self._history.get(update.symbol)
+                history = self._history.get(symbol)
                 if history is None:
-                    history = self._history[update.symbol] = deque(maxlen=self._keep)
+                    history = self._history[symbol] = deque(maxlen=self._keep)
                 history.append(frame)
         bar_symbols = self.bars.symbols
-        if bar_symbols and update.symbol in bar_symbols:
+        if bar_symbols and symbol in bar_symbols:
             self.bars.feed(update)
         if self._sync_callbacks:
             self._run_sync_callbacks(update)
@@ -434,23 +471,30 @@ class Hub:
         self._history = {s: deque(h, maxlen=size) for s, h in self._history.items()} if size else {}
 
     def _route(self, symbol: str, msg: bytes, seq: int) -> None:
+        """Hand ``msg`` (the frame of ``symbol`` numbered ``seq``) to its plain subscribers."""
         outboxes = self._subs.get(symbol)
         batched = self._bsubs.get(symbol)
         if outboxes or batched:
-            floors = self._floors.get(symbol) if self._floors else None
-            if floors is not None:
-                self._route_above(symbol, msg, seq, floors)
-                return
-            # The hot loop: one push per subscriber, of bytes shared by all of them.
-            if outboxes:
-                for outbox in outboxes:
-                    outbox.push(symbol, msg)
-                self.stats.messages_out += len(outboxes)
-            if batched:
-                payload = ws_payload(msg)
-                for outbox in batched:
-                    outbox.push(symbol, payload)
-                self.stats.messages_out += len(batched)
+            self._route_to(symbol, msg, seq, outboxes, batched)
+
+    def _route_to(
+        self, symbol: str, msg: bytes, seq: int, outboxes: set[Outbox] | None, batched: set[Outbox] | None
+    ) -> None:
+        """:meth:`_route` once the subscribers are known: per-frame ``outboxes``, ``batched`` ones."""
+        floors = self._floors.get(symbol) if self._floors else None
+        if floors is not None:
+            self._route_above(symbol, msg, seq, floors)
+            return
+        # The hot loop: one push per subscriber, of bytes shared by all of them.
+        if outboxes:
+            for outbox in outboxes:
+                outbox.push(symbol, msg)
+            self.stats.messages_out += len(outboxes)
+        if batched:
+            payload = ws_payload(msg)
+            for outbox in batched:
+                outbox.push(symbol, payload)
+            self.stats.messages_out += len(batched)
 
     def _route_above(self, symbol: str, msg: bytes, seq: int, floors: dict[Outbox, int]) -> None:
         """Route to each outbox unless it resumed at or beyond ``seq`` (it has that update)."""

@@ -89,6 +89,14 @@ class FmpFrame(msgspec.Struct, gc=False):
 _DECODER = msgspec.json.Decoder(FmpFrame)  # immutable, safe to share
 _ENCODER = msgspec.json.Encoder()
 
+#: Most raw symbols :data:`_SYMBOLS` holds. An upstream may send any symbol, so the memo is
+#: bounded: once full, a symbol not in it is validated on every frame instead (still correct).
+MAX_SYMBOL_MEMO = 65_536
+#: Raw ``s`` → its client symbol (upper case, valid), for symbols seen in data frames: a known
+#: symbol costs one lookup instead of ``upper()`` and the regex. Only valid symbols enter, and
+#: nothing leaves: the mapping never changes, so an entry can never go stale.
+_SYMBOLS: dict[str | None, str] = {}
+
 _FATAL_TEXTS = ("unauthorized", "not authorized", "connected from another location", "invalid api key")
 
 
@@ -103,6 +111,16 @@ def _fatal(frame: FmpFrame) -> str | None:
     return None
 
 
+def _new_symbol(s: str | None, raw: str | bytes) -> str:
+    """The client symbol of a raw ``s`` not in the memo (added while there is room); MalformedFrame if invalid."""
+    symbol = s.upper() if s else ""
+    if not symbol or not SYMBOL_RE.match(symbol):
+        raise MalformedFrame(f"missing or invalid symbol {s!r}", raw)
+    if len(_SYMBOLS) < MAX_SYMBOL_MEMO:
+        _SYMBOLS[s] = symbol
+    return symbol
+
+
 def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None]:
     """Decode one FMP frame. Returns the frame and its update (None for control frames)."""
     try:
@@ -114,18 +132,20 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
     if frame.event is not None:
         return frame, None
     kind = frame.type
-    symbol = frame.s.upper() if frame.s else ""
-    if not symbol or not SYMBOL_RE.match(symbol):
-        raise MalformedFrame(f"missing or invalid symbol {frame.s!r}", raw)
-    ts = normalize_epoch_ms(frame.t) if frame.t is not None and frame.t > 0 else now_ms
+    symbol = _SYMBOLS.get(frame.s)
+    if symbol is None:
+        symbol = _new_symbol(frame.s, raw)
+    t = frame.t
+    ts = normalize_epoch_ms(t) if t is not None and t > 0 else now_ms
     if kind == "T" or kind == "B":
-        if frame.lp is None:
+        lp = frame.lp
+        if lp is None:
             raise MalformedFrame(f"{kind} frame without lp", raw)
         if kind == "B":
             # A break voids the trade it carries (FMP gives no trade ids: the hub matches by price and size).
-            amend = Amend(action=AmendAction.BREAK, price=frame.lp, size=frame.ls)
-            return frame, Update(symbol, BREAK, ts, last_price=frame.lp, last_size=frame.ls, amend=amend)
-        return frame, Update(symbol, kind, ts, last_price=frame.lp, last_size=frame.ls)
+            amend = Amend(action=AmendAction.BREAK, price=lp, size=frame.ls)
+            return frame, Update(symbol, BREAK, ts, last_price=lp, last_size=frame.ls, amend=amend)
+        return frame, Update(symbol, kind, ts, last_price=lp, last_size=frame.ls)
     if kind == "Q":
         if frame.bp is None and frame.ap is None:
             raise MalformedFrame("Q frame without bp or ap", raw)
