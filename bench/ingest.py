@@ -29,7 +29,7 @@ import trio
 
 from trio_relay.config import ClientsConfig
 from trio_relay.hub import Demand, Hub, Stats
-from trio_relay.providers.fmp import decode_frame
+from trio_relay.providers.fmp import SymbolMemo, decode_frame
 
 
 def frames(symbols: list[str], count: int) -> list[bytes]:
@@ -56,11 +56,12 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     clients = ClientsConfig(resume_history=args.resume_history)
     async with Hub.open(clients, Demand(0, symbols), Stats()) as hub:
         publish = hub.publish
+        memo = SymbolMemo()  # as a session keeps it
         gc.collect()
         start = time.perf_counter()
         now = time.time_ns() // 1_000_000
         for r in raw:
-            _frame, update = decode_frame(r, now)
+            _frame, update = decode_frame(r, now, memo)
             if update is not None:
                 publish(update)
         elapsed = time.perf_counter() - start

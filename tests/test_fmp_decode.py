@@ -222,36 +222,32 @@ def test_malformed_reasons_are_specific() -> None:
 # --------------------------------------------------------------------------- the symbol memo
 
 
-@pytest.fixture
-def empty_memo(monkeypatch: pytest.MonkeyPatch) -> dict[str | None, str]:
-    """The decoder's symbol memo, emptied for the test (and restored after it)."""
-    memo: dict[str | None, str] = {}
-    monkeypatch.setattr(fmp, "_SYMBOLS", memo)
-    return memo
+def decode_with(memo: fmp.SymbolMemo, obj: Any) -> Update | None:
+    return decode_frame(json.dumps(obj), NOW_MS, memo)[1]
 
 
-def test_memo_holds_valid_symbols_only(empty_memo: dict[str | None, str]) -> None:
+def test_memo_holds_valid_symbols_only() -> None:
+    memo = fmp.SymbolMemo()
     for _ in range(2):  # the second time from the memo: the same answers
-        assert decode({"s": "brk.b", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
-        assert decode({"s": "BRK.B", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
-        for bad in ["not a symbol", "a" * 21, "", None, "aapl;", "-aapl"]:
+        assert decode_with(memo, {"s": "brk.b", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
+        assert decode_with(memo, {"s": "BRK.B", "type": "T", "lp": 1.0}) == Update("BRK.B", "T", NOW_MS, last_price=1.0)
+        for bad in ["not a symbol", "a" * 21, "", None, "aapl;", "-aapl", "aapl\n"]:
             with pytest.raises(MalformedFrame, match="symbol"):
-                decode({"s": bad, "type": "T", "lp": 1.0})
-    assert empty_memo == {"brk.b": "BRK.B", "BRK.B": "BRK.B"}  # bad symbols never enter
+                decode_with(memo, {"s": bad, "type": "T", "lp": 1.0})
+    assert memo.known == {"brk.b": "BRK.B", "BRK.B": "BRK.B"}  # bad symbols never enter
 
 
-def test_memo_is_bounded_and_a_full_memo_still_decodes(
-    empty_memo: dict[str | None, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_memo_is_bounded_and_a_full_memo_still_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fmp, "MAX_SYMBOL_MEMO", 3)
+    memo = fmp.SymbolMemo()
     symbols = [f"s{i}" for i in range(10)]
     for _ in range(2):
         for s in symbols:
-            update = decode({"s": s, "type": "T", "lp": 1.0})
+            update = decode_with(memo, {"s": s, "type": "T", "lp": 1.0})
             assert update is not None and update.symbol == s.upper()
         with pytest.raises(MalformedFrame, match="symbol"):
-            decode({"s": "not a symbol", "type": "T", "lp": 1.0})
-    assert empty_memo == {"s0": "S0", "s1": "S1", "s2": "S2"}  # the first three, never more
+            decode_with(memo, {"s": "not a symbol", "type": "T", "lp": 1.0})
+    assert memo.known == {"s0": "S0", "s1": "S1", "s2": "S2"}  # the first three, never more
 
 
 # --------------------------------------------------------------------------- normalize_epoch_ms

@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 # Upper-case letters and digits, then also . - / ^ = (BRK.B, BRK-B, BTC/USD, ^GSPC, EURUSD=X).
-SYMBOL_RE: Final = re.compile(r"^[A-Z0-9^][A-Z0-9./^=\-]{0,19}$")
+# \Z, not $: a $ also matches before a final newline, and "AAPL\n" is no symbol.
+SYMBOL_RE: Final = re.compile(r"^[A-Z0-9^][A-Z0-9./^=\-]{0,19}\Z")
 
 TRADE: Final = "T"
 QUOTE: Final = "Q"

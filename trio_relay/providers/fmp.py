@@ -35,7 +35,7 @@ from .base import (
 )
 from .wsclient import WsClient
 
-__all__ = ["FmpConfig", "ENTRY", "FmpProvider", "FmpSession", "decode_frame", "FmpFrame"]
+__all__ = ["FmpConfig", "ENTRY", "FmpProvider", "FmpSession", "SymbolMemo", "decode_frame", "FmpFrame"]
 
 FMP_URLS = {
     "stocks": "wss://websockets.financialmodelingprep.com",
@@ -89,13 +89,35 @@ class FmpFrame(msgspec.Struct, gc=False):
 _DECODER = msgspec.json.Decoder(FmpFrame)  # immutable, safe to share
 _ENCODER = msgspec.json.Encoder()
 
-#: Most raw symbols :data:`_SYMBOLS` holds. An upstream may send any symbol, so the memo is
+#: Most raw symbols a :class:`SymbolMemo` holds. An upstream may send any symbol, so the memo is
 #: bounded: once full, a symbol not in it is validated on every frame instead (still correct).
 MAX_SYMBOL_MEMO = 65_536
-#: Raw ``s`` → its client symbol (upper case, valid), for symbols seen in data frames: a known
-#: symbol costs one lookup instead of ``upper()`` and the regex. Only valid symbols enter, and
-#: nothing leaves: the mapping never changes, so an entry can never go stale.
-_SYMBOLS: dict[str | None, str] = {}
+
+
+class SymbolMemo:
+    """Raw ``s`` → its client symbol (upper case, valid), for the symbols seen in data frames.
+
+    A known symbol costs one dict lookup instead of ``upper()`` and the regex. Only valid symbols
+    enter, at most :data:`MAX_SYMBOL_MEMO`, and nothing leaves: the mapping is a pure function of
+    the raw symbol, so an entry never goes stale. One per session (no state shared between them).
+    """
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: dict[str | None, str] = {}
+
+    def symbol(self, s: str | None, raw: str | bytes) -> str:
+        """The client symbol of ``s``; :class:`MalformedFrame` if it is not a valid one."""
+        symbol = self.known.get(s)
+        if symbol is None:
+            symbol = s.upper() if s else ""
+            if not symbol or not SYMBOL_RE.match(symbol):
+                raise MalformedFrame(f"missing or invalid symbol {s!r}", raw)
+            if len(self.known) < MAX_SYMBOL_MEMO:
+                self.known[s] = symbol
+        return symbol
+
 
 _FATAL_TEXTS = ("unauthorized", "not authorized", "connected from another location", "invalid api key")
 
@@ -111,18 +133,11 @@ def _fatal(frame: FmpFrame) -> str | None:
     return None
 
 
-def _new_symbol(s: str | None, raw: str | bytes) -> str:
-    """The client symbol of a raw ``s`` not in the memo (added while there is room); MalformedFrame if invalid."""
-    symbol = s.upper() if s else ""
-    if not symbol or not SYMBOL_RE.match(symbol):
-        raise MalformedFrame(f"missing or invalid symbol {s!r}", raw)
-    if len(_SYMBOLS) < MAX_SYMBOL_MEMO:
-        _SYMBOLS[s] = symbol
-    return symbol
+def decode_frame(raw: str | bytes, now_ms: int, symbols: SymbolMemo | None = None) -> tuple[FmpFrame, Update | None]:
+    """Decode one FMP frame. Returns the frame and its update (None for control frames).
 
-
-def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None]:
-    """Decode one FMP frame. Returns the frame and its update (None for control frames)."""
+    ``symbols``: the session's memo of validated symbols (None: a fresh one, for a single frame).
+    """
     try:
         frame = _DECODER.decode(raw)
     except msgspec.ValidationError as exc:
@@ -132,9 +147,8 @@ def decode_frame(raw: str | bytes, now_ms: int) -> tuple[FmpFrame, Update | None
     if frame.event is not None:
         return frame, None
     kind = frame.type
-    symbol = _SYMBOLS.get(frame.s)
-    if symbol is None:
-        symbol = _new_symbol(frame.s, raw)
+    memo = symbols if symbols is not None else SymbolMemo()
+    symbol = memo.known.get(frame.s) or memo.symbol(frame.s, raw)  # a known one: one lookup
     t = frame.t
     ts = normalize_epoch_ms(t) if t is not None and t > 0 else now_ms
     if kind == "T" or kind == "B":
@@ -169,6 +183,7 @@ class FmpSession:
         self._secrets = secrets  # masked out of FMP's messages (a refusal may quote the key)
         self._early = early  # frames that arrived while we waited for the login reply
         self._on_malformed = on_malformed
+        self._symbols = SymbolMemo()
 
     async def _send(self, event: str, symbols: Sequence[str]) -> None:
         for i in range(0, len(symbols), SUBSCRIBE_CHUNK):
@@ -190,7 +205,7 @@ class FmpSession:
         updates: list[Update] = []
         for raw in raws:
             try:
-                frame, update = decode_frame(raw, now)
+                frame, update = decode_frame(raw, now, self._symbols)
             except MalformedFrame as exc:
                 self._on_malformed(exc)  # counted and logged; the rest of the batch goes on
                 continue
