@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trio_relay.history import sqlite as sqlite_mod
-from trio_relay.history.base import Batch
+from trio_relay.history.base import Batch, rows_of
 from trio_relay.history.sqlite import BUCKET_MS, SqliteBackend
 from trio_relay.model import Update
 
@@ -134,23 +134,9 @@ def old_file(path: Path, arrivals: list[tuple[Update, int]]) -> None:
         raw.execute("CREATE INDEX ticks_symbol_ts ON ticks (symbol, ts)")
         raw.executemany(
             "INSERT INTO ticks (id, symbol, ts, recv_ms, kind, last_price, last_size, bid_price, bid_size, ask_price,"
-            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'old')",
-            [  # ids of a relay that wrote for a long time
-                (
-                    10**10 + i,
-                    u.symbol,
-                    u.timestamp,
-                    r,
-                    u.kind,
-                    u.last_price,
-                    u.last_size,
-                    u.bid_price,
-                    u.bid_size,
-                    u.ask_price,
-                    u.ask_size,
-                )
-                for i, (u, r) in enumerate(arrivals)
-            ],  # fmt: skip
+            " ask_size, provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            # Ids of a relay that wrote for a long time; the columns as the row-per-tick writer made them.
+            [(10**10 + i, *row) for i, row in enumerate(rows_of([(u, r, "old") for u, r in arrivals]))],
         )
 
 
