@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import uuid
 from typing import Any
 
@@ -220,3 +221,43 @@ async def test_postgres_backend_end_to_end(start_relay, http):
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+async def test_an_older_relays_history_file_is_served_with_the_new_ticks(start_relay, http, tmp_path):
+    """Upgrading over a file of a row per tick (an older relay's): its ticks are served at once,
+    before and in the same pages as the ticks the new relay stores, and /bars reads both."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    now = wall_ms()
+    old = [("AAPL", now - 60_000 + i * 100, now - 60_000 + i * 100, "T", 200.0 + i, 10.0) for i in range(50)]
+    with sqlite3.connect(data / "history.sqlite3") as raw:
+        raw.execute(
+            "CREATE TABLE ticks (id INTEGER PRIMARY KEY, symbol TEXT NOT NULL, ts INTEGER NOT NULL,"
+            " recv_ms INTEGER NOT NULL, kind TEXT NOT NULL, last_price REAL, last_size REAL, bid_price REAL,"
+            " bid_size REAL, ask_price REAL, ask_size REAL, provider TEXT)"
+        )
+        raw.execute("CREATE INDEX ticks_symbol_ts ON ticks (symbol, ts)")
+        raw.executemany(
+            "INSERT INTO ticks (symbol, ts, recv_ms, kind, last_price, last_size) VALUES (?, ?, ?, ?, ?, ?)", old
+        )
+    relay = await start_relay(**sqlite_sections(tmp_path))
+    with trio.fail_after(15):
+        await written_at_least(relay, 100)
+        params = {"start": now - 70_000, "end": "now", "limit": 30}
+        pages = [(await http.get(api(relay, "/history/AAPL"), params=params)).json()]
+        while pages[-1]["next_cursor"] and len(pages) < 10:
+            more = {**params, "start": pages[0]["start"], "end": pages[0]["end"], "cursor": pages[-1]["next_cursor"]}
+            pages.append((await http.get(api(relay, "/history/AAPL"), params=more)).json())
+        bars = (
+            await http.get(
+                api(relay, "/bars/AAPL"), params={"interval": "1m", "start": now - 60_000, "end": now - 55_000}
+            )
+        ).json()
+    ticks = [t for page in pages for t in page["ticks"]]
+    assert [(t["timestamp"], t["last_price"], t["provider"]) for t in ticks[:50]] == [
+        (ts, p, None) for _s, ts, _r, _k, p, _z in old
+    ]
+    assert len(ticks) > 50 and {t["provider"] for t in ticks[50:]} == {"sim"}  # the new relay's, after them
+    assert [t["timestamp"] for t in ticks] == sorted(t["timestamp"] for t in ticks)
+    assert len({(t["timestamp"], t["recv_ms"], t["kind"]) for t in ticks}) == len(ticks)  # no tick twice
+    assert bars["bars"][0]["open"] == 200.0 and sum(b["trades"] for b in bars["bars"]) == 50
