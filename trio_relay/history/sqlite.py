@@ -125,7 +125,8 @@ class SqliteBackend:
         self.table = check_identifier(table, "table")
         # How long a statement waits for a lock held by another process before it fails.
         self.busy_timeout = busy_timeout
-        # Page cache per connection (allocated as used).
+        # Page cache per connection (allocated as used). A write touches one index page per
+        # block, not per tick, so SQLite's working set is small (it was 64 MB for a row per tick).
         self.cache_mb = cache_mb
         # WAL size that triggers a checkpoint (SQLite's default: 4 MB); the file is truncated back
         # to it afterwards. Fewer, larger checkpoints cost less per byte written.
@@ -227,8 +228,9 @@ class _SqliteConnection:
         self._description = description
         b = f'"{table}_blocks"'
         self._insert = f"INSERT INTO {b} (symbol, ts_min, ts_max, first, n, rows) VALUES (?, ?, ?, 0, ?, ?)"
-        # Every block whose bucket can hold a tick at or after `lo` (its ts_min is at most one
-        # bucket before: see BUCKET_MS), before `end`, in ts_min order.
+        # Every block that can hold a tick in [lo, end), in ts_min order: a block with a tick at
+        # or after `lo` lies in lo's bucket or a later one (BUCKET_MS), so its ts_min is at least
+        # that bucket's start, an index bound; ts_max >= lo drops the rest of that bucket.
         self._blocks = (
             f"SELECT id, ts_min, ts_max, first, rows FROM {b}"
             " WHERE symbol = ? AND ts_min >= ? AND ts_min < ? AND ts_max >= ? ORDER BY ts_min, id"
