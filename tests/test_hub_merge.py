@@ -1,9 +1,9 @@
 """The hub's merge of an update into the cache, checked against :meth:`PriceState.apply`.
 
-``Hub.publish`` merges the common update (a trade or quote of a cached symbol) inline, not
-through ``PriceState.apply``; these tests hold the two to the same result over arbitrary update
-sequences, including the updates that take the general path (a first update, a whole state,
-an upstream's numbering) in between.
+``Hub.publish`` takes a short path for the common update (a trade or quote of a cached symbol)
+and ``Hub._apply`` for the rest; these tests hold the cache, seq, provider, trade memory and
+routed frame to a plain ``PriceState.apply`` over arbitrary update sequences, the updates that
+take the general path (a first update, a whole state, an upstream's numbering) in between.
 """
 
 from __future__ import annotations

@@ -140,6 +140,17 @@ async def peer(
         nursery.cancel_scope.cancel()
 
 
+async def closing_error(ws: WsClient, p: Peer | None = None) -> UpstreamClosed:
+    """What the next read raises (it must be :class:`UpstreamClosed`); then the client is closed
+    and, given the peer, its script has ended."""
+    with pytest.raises(UpstreamClosed) as info:
+        await ws.receive_batch()
+    await ws.aclose()
+    if p is not None:
+        await p.done.wait()
+    return info.value
+
+
 async def test_batch_holds_every_message_of_one_read_and_joins_fragments():
     async def script(stream: trio.SocketStream, conn: wsproto.WSConnection) -> None:
         data = b"".join(conn.send(wse.Message(data=f"m{i}")) for i in range(300))
@@ -198,10 +209,8 @@ async def test_oversized_message_ends_the_connection_with_1009():
     async with peer(script) as (_p, url):
         with trio.fail_after(5):
             ws = await WsClient.connect(url, max_message=1000)
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-    assert info.value.code == 1009
+            closed = await closing_error(ws)
+    assert closed.code == 1009
 
 
 async def test_refused_upgrade_reports_the_http_status():
@@ -345,12 +354,9 @@ async def test_a_message_over_the_limit_closes_with_1009_after_the_messages_befo
         with trio.fail_after(5):
             ws = await WsClient.connect(url, max_message=1000)
             got = await ws.receive_batch()
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-            await p.done.wait()
+            closed = await closing_error(ws, p)
     assert got == ["small"]
-    assert info.value.code == 1009 and "message too big" in str(info.value)
+    assert closed.code == 1009 and "message too big" in str(closed)
     assert p.closed_with == 1009  # the server is told why
 
 
@@ -362,11 +368,8 @@ async def test_fragments_adding_up_past_the_limit_close_with_1009():
     async with peer(script) as (p, url):
         with trio.fail_after(5):
             ws = await WsClient.connect(url, max_message=1000)
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-            await p.done.wait()
-    assert info.value.code == 1009 and p.closed_with == 1009
+            closed = await closing_error(ws, p)
+    assert closed.code == 1009 and p.closed_with == 1009
 
 
 async def test_a_message_over_the_limit_right_behind_the_handshake_reply_closes_with_1009():
@@ -375,11 +378,8 @@ async def test_a_message_over_the_limit_right_behind_the_handshake_reply_closes_
     async with peer(silent, accept_with=[wse.Message(data="z" * 5000)]) as (p, url):
         with trio.fail_after(5):
             ws = await WsClient.connect(url, max_message=1000)
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-            await p.done.wait()
-    assert info.value.code == 1009 and p.closed_with == 1009
+            closed = await closing_error(ws, p)
+    assert closed.code == 1009 and p.closed_with == 1009
 
 
 async def test_frames_that_came_with_the_handshake_reply_are_returned_first():
@@ -408,7 +408,7 @@ async def test_a_fragmented_text_message_is_joined_even_across_a_utf8_character(
         # wsproto sends str fragments whole, so the frames are built from raw bytes: FIN=0 text, FIN=1 continuation.
         first, rest = data[:cut], data[cut:]
         await stream.send_all(bytes([0x01, len(first)]) + first)
-        await trio.sleep(0)  # a separate write: a separate read, most likely
+        await trio.lowlevel.checkpoint()  # a separate write: a separate read, most likely
         await stream.send_all(bytes([0x80, len(rest)]) + rest + conn.send(wse.Message(data="next")))
 
     async with peer(script) as (p, url):
@@ -449,12 +449,9 @@ async def test_a_text_message_that_is_not_utf8_closes_with_1007_after_the_messag
         with trio.fail_after(5):
             ws = await WsClient.connect(url)
             got = await ws.receive_batch()
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-            await p.done.wait()
+            closed = await closing_error(ws, p)
     assert got == ["fine"]
-    assert info.value.code == 1007 and p.closed_with == 1007
+    assert closed.code == 1007 and p.closed_with == 1007
 
 
 @pytest.mark.parametrize(
@@ -470,12 +467,9 @@ async def test_a_frame_against_the_protocol_closes_with_1002(frame):
         with trio.fail_after(5):
             ws = await WsClient.connect(url)
             got = await ws.receive_batch()
-            with pytest.raises(UpstreamClosed) as info:
-                await ws.receive_batch()
-            await ws.aclose()
-            await p.done.wait()
+            closed = await closing_error(ws, p)
     assert got == ["before"]
-    assert info.value.code == 1002 and str(info.value).startswith("connection closed (code 1002, protocol error")
+    assert closed.code == 1002 and str(closed).startswith("connection closed (code 1002, protocol error")
     assert p.closed_with == 1002
 
 

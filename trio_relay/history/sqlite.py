@@ -262,7 +262,7 @@ class _SqliteConnection:
             except sqlite3.Error:
                 pass  # the failure being reported is the one that matters; the owner reconnects
 
-    def insert_blocks(self, groups: dict[str, list[_Row]]) -> None:
+    def _insert_blocks(self, groups: dict[str, list[_Row]]) -> None:
         """Insert each symbol's rows (in arrival order) as blocks: per bucket, sorted by ts.
 
         Inside the caller's transaction. The rows' order among equal ``ts`` is kept (a stable
@@ -296,7 +296,7 @@ class _SqliteConnection:
                 group.append(row)
         try:
             self._conn.execute("BEGIN")
-            self.insert_blocks(groups)
+            self._insert_blocks(groups)
             self._conn.execute("COMMIT")
         except _ROW_ERRORS as exc:
             self.rollback()

@@ -284,9 +284,10 @@ class Hub:
         """Cache, number, encode once, route. Never blocks.
 
         The common update (a trade or quote of a cached symbol, without an upstream's epoch or a
-        whole state) is merged here, inline: the same merge as :meth:`PriceState.apply` and the
-        trade memory's append (what :meth:`_apply` does for it), without the two calls. Every
-        other update goes through :meth:`_apply`.
+        whole state) skips :meth:`_apply`'s other cases: :meth:`PriceState.apply` and the trade
+        memory's append. Every other update goes through :meth:`_apply`. (Repeating apply's
+        branches here saved 0.18 µs more per update, ~8 % of this method; not worth two copies of
+        the merge.)
         """
         self.stats.updates_in += 1
         symbol = update.symbol
@@ -301,24 +302,12 @@ class Hub:
             state = self._apply(update)
         else:
             state.provider = update.provider or self.source
-            state.seq = update.seq or state.seq + 1
-            state.timestamp = update.timestamp
-            state.data_type = kind
-            state.cached_at = self._now_iso()
+            state.apply(update, self._now_iso())
             if kind == TRADE:
-                state.last_price = update.last_price
-                state.last_size = update.last_size
                 recent = self._recent_trades.get(symbol)
                 if recent is None:
                     recent = self.trades.start(symbol)
                 recent.append(update)
-            else:
-                if update.bid_price is not None:
-                    state.bid_price = update.bid_price
-                    state.bid_size = update.bid_size
-                if update.ask_price is not None:
-                    state.ask_price = update.ask_price
-                    state.ask_size = update.ask_size
         if state is not None:
             frame = self._price_frame(state)
             outboxes = self._subs.get(symbol)
