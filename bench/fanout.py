@@ -443,6 +443,13 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
             raise RuntimeError(f"upstream did not start; see {out_dir / f'upstream-{label}.log'}")
         up_port = hello["port"]
         # ---------------------------------------------------------------- relay
+        # Noisy neighbours first, so a calibration run sees the same share of the core.
+        for i in range(args.relay_neighbours):
+            kids.start(f"neighbour-{i}", [sys.executable, "-c", "while True: pass"], cpu=relay_cpu, log=None)
+        if args.relay_neighbours:
+            notes.append(
+                f"{args.relay_neighbours} busy neighbour(s) on the relay's CPU: it had ~1/{args.relay_neighbours + 1} of it"
+            )
         relay_port = args.relay_port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_") and k != "FMP_API_KEY"}
         env["FMP_API_KEY"] = "bench"
@@ -695,6 +702,7 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         "other_cpu_pct": other,
         "cpu_busy_pct": cpu_busy,
         "pinning": {"relay": relay_cpu or "any", "loadgen": lg_cpu or "any", "upstream": up_cpu or "any"},
+        "relay_neighbours": args.relay_neighbours,
         "window_s": result["window_s"],
         "connect_seconds": result["connect_seconds"],
         "relay_counters": {k: msgs.get(k) for k in ("in", "out", "dropped", "conflated", "malformed")}
@@ -949,6 +957,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen-cpu", default="1")
     p.add_argument("--upstream-cpu", default="1", help="the upstream shares a core (default: the loadgen's)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    p.add_argument(
+        "--relay-neighbours",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N busy-looping processes pinned to the relay's CPU (the relay gets ~1/(N+1) of its core): "
+        "overloads a relay that one load-generator core could not otherwise outrun",
+    )
     p.add_argument("--sample-period", type=float, default=0.2, help="seconds between /proc samples")
     p.add_argument(
         "--connect-under-load",
