@@ -443,13 +443,15 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
             raise RuntimeError(f"upstream did not start; see {out_dir / f'upstream-{label}.log'}")
         up_port = hello["port"]
         # ---------------------------------------------------------------- relay
-        # Noisy neighbours first, so a calibration run sees the same share of the core.
-        for i in range(args.relay_neighbours):
+        # Noisy neighbours first, so a calibration run sees the same share of the core. Unpinned
+        # they would share every core rather than the relay's: then none are started.
+        neighbours = args.relay_neighbours if relay_cpu else 0
+        for i in range(neighbours):
             kids.start(f"neighbour-{i}", [sys.executable, "-c", "while True: pass"], cpu=relay_cpu, log=None)
-        if args.relay_neighbours:
-            notes.append(
-                f"{args.relay_neighbours} busy neighbour(s) on the relay's CPU: it had ~1/{args.relay_neighbours + 1} of it"
-            )
+        if neighbours:
+            notes.append(f"{neighbours} busy neighbour(s) on the relay's CPU: it had ~1/{neighbours + 1} of it")
+        elif args.relay_neighbours:
+            notes.append("--relay-neighbours ignored: the relay is not pinned to a CPU")
         relay_port = args.relay_port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_") and k != "FMP_API_KEY"}
         env["FMP_API_KEY"] = "bench"
@@ -499,6 +501,8 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
             args.sample_period,
             None if cfg["clients"] > 3000 else {up_port, *relay_ports},
         )
+        for i in range(neighbours):  # their CPU is the benchmark's own, not "other load"
+            sampler.pids[f"neighbour-{i}"] = kids.procs[f"neighbour-{i}"].pid
         sampler.start()
         lg_cmd = [
             sys.executable,
@@ -581,7 +585,10 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
     lg_pct = cpu_pct("loadgen")
     if lg_pct is None:
         lg_pct = result["loadgen_cpu_pct"]
-    ours = sum(v for v in (cpu_pct("relay"), cpu_pct("upstream"), lg_pct, cpu_pct("fanout")) if v is not None)
+    neighbours_pct = sum(v for i in range(neighbours) if (v := cpu_pct(f"neighbour-{i}")) is not None)
+    ours = neighbours_pct + sum(
+        v for v in (cpu_pct("relay"), cpu_pct("upstream"), lg_pct, cpu_pct("fanout")) if v is not None
+    )
     total_busy = sum(v for v in cpu_busy.values() if v is not None)
     other = round(max(0.0, total_busy - ours), 1)
     if other > 10:
@@ -702,7 +709,8 @@ def run_once(cfg: dict, args: argparse.Namespace, out_dir: Path, label: str, qui
         "other_cpu_pct": other,
         "cpu_busy_pct": cpu_busy,
         "pinning": {"relay": relay_cpu or "any", "loadgen": lg_cpu or "any", "upstream": up_cpu or "any"},
-        "relay_neighbours": args.relay_neighbours,
+        "relay_neighbours": neighbours,
+        "neighbours_cpu_pct": round(neighbours_pct, 1),
         "window_s": result["window_s"],
         "connect_seconds": result["connect_seconds"],
         "relay_counters": {k: msgs.get(k) for k in ("in", "out", "dropped", "conflated", "malformed")}
